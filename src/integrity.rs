@@ -1,0 +1,112 @@
+//! Integrity: per-chunk CRC32 (transport errors) and the whole-file BLAKE3 (end-to-end), built
+//! from per-chunk subtree chaining values so that chunks can be hashed as they arrive, in any
+//! order, on any connection, and never in a second pass over the file.
+//!
+//! Chunk sizes are powers of two of at least 1 KiB, so every chunk is a complete BLAKE3 subtree.
+
+use blake3::hazmat::{
+    left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+};
+
+use crate::protocol::chunk_count;
+
+/// The BLAKE3 contribution of chunk `index` of a file of `file_size` bytes. For a file of at
+/// most one chunk this is already the file's root hash.
+pub fn chunk_cv(data: &[u8], index: u32, chunk_size: u32, file_size: u64) -> ChainingValue {
+    if chunk_count(file_size, chunk_size) <= 1 {
+        return *blake3::hash(data).as_bytes();
+    }
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(index as u64 * chunk_size as u64);
+    h.update(data);
+    h.finalize_non_root()
+}
+
+/// The whole-file BLAKE3 from every chunk's [`chunk_cv`], in chunk order.
+pub fn root_hash(cvs: &[ChainingValue], chunk_size: u32, file_size: u64) -> [u8; 32] {
+    debug_assert_eq!(cvs.len(), chunk_count(file_size, chunk_size) as usize);
+    match cvs.len() {
+        0 => *blake3::hash(b"").as_bytes(),
+        1 => cvs[0],
+        _ => {
+            let (l, r) = split(cvs, chunk_size, file_size);
+            *merge_subtrees_root(&l, &r, Mode::Hash).as_bytes()
+        }
+    }
+}
+
+/// Chaining values of the left and right subtrees of `cvs` covering `len` bytes (>= 2 chunks).
+fn split(cvs: &[ChainingValue], chunk_size: u32, len: u64) -> (ChainingValue, ChainingValue) {
+    let left_len = left_subtree_len(len);
+    let n = (left_len / chunk_size as u64) as usize;
+    (
+        subtree(&cvs[..n], chunk_size, left_len),
+        subtree(&cvs[n..], chunk_size, len - left_len),
+    )
+}
+
+fn subtree(cvs: &[ChainingValue], chunk_size: u32, len: u64) -> ChainingValue {
+    if cvs.len() == 1 {
+        return cvs[0];
+    }
+    let (l, r) = split(cvs, chunk_size, len);
+    merge_subtrees_non_root(&l, &r, Mode::Hash)
+}
+
+/// CRC32 and BLAKE3 chaining value of one chunk, computed in one place so that server and
+/// client agree.
+pub fn hash_chunk(
+    data: &[u8],
+    index: u32,
+    chunk_size: u32,
+    file_size: u64,
+) -> (u32, ChainingValue) {
+    (
+        crc32fast::hash(data),
+        chunk_cv(data, index, chunk_size, file_size),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::chunk_len;
+
+    fn check(size: usize, chunk_size: u32) {
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 1000) as u8).collect();
+        let n = chunk_count(size as u64, chunk_size);
+        // Hash the chunks in reverse order to show order does not matter.
+        let mut cvs = vec![[0u8; 32]; n as usize];
+        for i in (0..n).rev() {
+            let start = i as usize * chunk_size as usize;
+            let len = chunk_len(size as u64, chunk_size, i) as usize;
+            cvs[i as usize] = chunk_cv(&data[start..start + len], i, chunk_size, size as u64);
+        }
+        assert_eq!(
+            root_hash(&cvs, chunk_size, size as u64),
+            *blake3::hash(&data).as_bytes(),
+            "size {size} chunk {chunk_size}"
+        );
+    }
+
+    #[test]
+    fn root_matches_plain_blake3() {
+        for &cs in &[1024u32, 4096, 65536] {
+            for &size in &[
+                0usize,
+                1,
+                1023,
+                1024,
+                1025,
+                2048,
+                3 * 1024 + 5,
+                5 * 4096,
+                7 * 4096 - 1,
+                300_000,
+                1 << 20,
+            ] {
+                check(size, cs);
+            }
+        }
+    }
+}
