@@ -100,6 +100,8 @@ pub enum ErrorCode {
     Io = 25,
     /// A bug or an unexpected state.
     Internal = 26,
+    /// The stream was reset by CANCEL.
+    Cancelled = 27,
 }
 
 impl ErrorCode {
@@ -119,7 +121,7 @@ impl ErrorCode {
 
     pub fn from_u32(code: u32) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 26] = [
+        const ALL: [ErrorCode; 27] = [
             BadRequest,
             UnsupportedVersion,
             UnknownCommand,
@@ -146,6 +148,7 @@ impl ErrorCode {
             Timeout,
             Io,
             Internal,
+            Cancelled,
         ];
         ALL.into_iter().find(|c| *c as u32 == code)
     }

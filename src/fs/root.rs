@@ -1,0 +1,1 @@
+//! placeholder: confined root (being written)
