@@ -4,7 +4,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
-    println!("cargo:rerun-if-changed=proto/fsd.proto");
-    prost_build::Config::new().compile_protos(&["proto/fsd.proto"], &["proto/"])?;
+    println!("cargo:rerun-if-changed=proto");
+    prost_build::Config::new()
+        .compile_protos(&["proto/fsd.proto", "proto/state.proto"], &["proto/"])?;
     Ok(())
 }

@@ -6,3 +6,10 @@
 pub mod fs;
 pub mod integrity;
 pub mod protocol;
+pub mod server;
+
+/// Server-private records persisted in the state directory (proto/state.proto).
+#[allow(missing_docs, clippy::all)]
+pub(crate) mod state {
+    include!(concat!(env!("OUT_DIR"), "/fsd.state.rs"));
+}

@@ -1,1 +1,145 @@
-fn main() {}
+//! `fsd`: command-line arguments -> server configuration -> `fsd::server::run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use fsd::server::{self, Config, Credentials};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Serve a directory over the fsd protocol: resumable, verified, zero-copy file transfer.
+///
+/// Example:
+///   fsd --root /data --listen 0.0.0.0:9000 --token-file /etc/fsd/tokens
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// Directory to serve; nothing outside it is reachable.
+    #[arg(long)]
+    root: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "0.0.0.0:9000")]
+    listen: SocketAddr,
+    /// Read-write token for the whole root.
+    #[arg(long, env = "FSD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Token file: one `NAME TOKEN read|rw [PREFIX]` per line.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Server state (upload data, manifests). Default: ROOT/.fsd-state, hidden from clients.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Base chunk size in bytes (power of two, 64 KiB..16 MiB).
+    #[arg(long, default_value_t = fsd::protocol::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    #[arg(long, default_value_t = server::MAX_CONNECTIONS)]
+    max_connections: usize,
+    #[arg(long, default_value_t = server::MAX_STREAMS)]
+    max_streams: usize,
+    #[arg(long, default_value_t = server::MAX_HANDLES)]
+    max_handles: usize,
+    /// Largest DATA payload accepted, in bytes.
+    #[arg(long, default_value_t = server::MAX_FRAME)]
+    max_frame: u32,
+    /// Seconds an authenticated connection may sit idle.
+    #[arg(long, default_value_t = server::IDLE_TIMEOUT.as_secs())]
+    idle_timeout: u64,
+    /// Seconds a new connection has to authenticate.
+    #[arg(long, default_value_t = server::AUTH_TIMEOUT.as_secs())]
+    auth_timeout: u64,
+    /// Seconds an unfinished upload is kept after its last activity.
+    #[arg(long, default_value_t = server::UPLOAD_TTL.as_secs())]
+    upload_ttl: u64,
+    /// Seconds in-flight transfers get to finish on SIGINT/SIGTERM.
+    #[arg(long, default_value_t = server::SHUTDOWN_GRACE.as_secs())]
+    shutdown_grace: u64,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
+    let (credentials, generated) = match (&args.token, &args.token_file) {
+        (Some(t), _) => (Credentials::single(t), false),
+        (None, Some(f)) => (Credentials::load(f).map_err(anyhow::Error::msg)?, false),
+        (None, None) => (Credentials::random(), true),
+    };
+    anyhow::ensure!(
+        args.chunk_size.is_power_of_two()
+            && (fsd::protocol::MIN_CHUNK_SIZE..=fsd::protocol::MAX_CHUNK_SIZE)
+                .contains(&args.chunk_size),
+        "--chunk-size must be a power of two between 64 KiB and 16 MiB"
+    );
+    let config = Config {
+        state_dir: args.state_dir.clone(),
+        chunk_size: args.chunk_size,
+        max_connections: args.max_connections,
+        max_streams: args.max_streams,
+        max_handles: args.max_handles,
+        max_frame: args.max_frame.max(args.chunk_size),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        auth_timeout: Duration::from_secs(args.auth_timeout),
+        upload_ttl: Duration::from_secs(args.upload_ttl),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        ..Config::new(args.root.clone(), credentials.clone())
+    };
+    let srv = server::Server::new(config)
+        .with_context(|| format!("cannot serve {}", args.root.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!("fsd: listening on {addr}, serving {}", args.root.display());
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            "serving without TLS on a non-loopback address: tokens and data travel in cleartext"
+        );
+    }
+    if generated {
+        let token = &credentials.entries()[0].token;
+        let host = if addr.ip().is_unspecified() {
+            "HOST".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        eprintln!("fsd: no credentials configured; generated a read-write token for this run:");
+        eprintln!("  export FSC_TOKEN={token}");
+        eprintln!("  fsc ls {host}:{}", addr.port());
+    }
+
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    server::run(listener, srv, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

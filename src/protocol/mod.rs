@@ -5,7 +5,7 @@
 mod codec;
 mod frame;
 
-pub use codec::{CodecError, FrameCodec};
+pub use codec::{BadChecksum, CodecError, FrameCodec};
 pub use frame::{flags, Cmd, Frame, Header, HEADER_LEN, MAGIC, VERSION};
 
 /// Generated from proto/fsd.proto.

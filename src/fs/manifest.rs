@@ -1,0 +1,223 @@
+//! Chunk manifests: the CRC32 of every chunk and the whole-file BLAKE3 of one file version,
+//! computed in a single pass the first time a version is opened, then served from memory or
+//! from the state directory. A cached manifest is what lets DATA frames go out by sendfile with
+//! their checksum already known.
+
+use std::collections::HashMap;
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+
+use crate::protocol::{chunk_count, chunk_len};
+use crate::state::ManifestRecord;
+
+/// Cached manifests kept in memory; beyond this the cache is cleared (cheap to reload from disk).
+const MEMORY_ENTRIES: usize = 4096;
+
+/// CRC32s and BLAKE3 of one version of one file.
+#[derive(Debug)]
+pub struct Manifest {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub chunk_size: u32,
+    pub crcs: Vec<u32>,
+    pub blake3: [u8; 32],
+    /// Opaque version id sent to clients: changes whenever the content may have changed.
+    pub identity: String,
+}
+
+/// What identifies a file version: if any of these changed, the content may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Version {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    chunk_size: u32,
+}
+
+impl Version {
+    fn of(meta: &Metadata, chunk_size: u32) -> Version {
+        Version {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            chunk_size,
+        }
+    }
+
+    fn identity(&self) -> String {
+        format!(
+            "{:x}-{:x}-{}-{}-{}",
+            self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns
+        )
+    }
+
+    fn file_name(&self) -> String {
+        format!("{:x}-{:x}-{}", self.dev, self.ino, self.chunk_size)
+    }
+}
+
+/// Identity string of a file version (also used for files published by uploads).
+pub fn identity_of(meta: &Metadata) -> String {
+    Version::of(meta, 0).identity()
+}
+
+/// Counters a test or /metrics can read.
+#[derive(Debug, Default)]
+pub struct ManifestStats {
+    pub computed: AtomicU64,
+    pub memory_hits: AtomicU64,
+    pub disk_hits: AtomicU64,
+}
+
+/// The manifest cache: memory first, then `dir` (one small file per file version).
+pub struct ManifestCache {
+    mem: Mutex<HashMap<Version, Arc<Manifest>>>,
+    dir: PathBuf,
+    pub stats: ManifestStats,
+}
+
+impl ManifestCache {
+    pub fn new(dir: PathBuf) -> io::Result<ManifestCache> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(ManifestCache {
+            mem: Mutex::new(HashMap::new()),
+            dir,
+            stats: ManifestStats::default(),
+        })
+    }
+
+    /// The manifest of `file` as it is now. Blocking: call from a blocking thread.
+    pub fn get(&self, file: &File, meta: &Metadata, chunk_size: u32) -> io::Result<Arc<Manifest>> {
+        let v = Version::of(meta, chunk_size);
+        if let Some(m) = self.mem.lock().unwrap().get(&v) {
+            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(m.clone());
+        }
+        let m = match self.load(&v) {
+            Some(m) => {
+                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                m
+            }
+            None => {
+                let m = compute(file, &v)?;
+                self.stats.computed.fetch_add(1, Ordering::Relaxed);
+                // Only cache if the file did not change while we read it.
+                if Version::of(&file.metadata()?, chunk_size) != v {
+                    return Ok(Arc::new(m));
+                }
+                self.store(&v, &m);
+                m
+            }
+        };
+        let m = Arc::new(m);
+        let mut mem = self.mem.lock().unwrap();
+        if mem.len() >= MEMORY_ENTRIES {
+            mem.clear();
+        }
+        mem.insert(v, m.clone());
+        Ok(m)
+    }
+
+    fn load(&self, v: &Version) -> Option<Manifest> {
+        let bytes = std::fs::read(self.dir.join(v.file_name())).ok()?;
+        let r = ManifestRecord::decode(&bytes[..]).ok()?;
+        let matches = r.dev == v.dev
+            && r.ino == v.ino
+            && r.size == v.size
+            && r.mtime_ns == v.mtime_ns
+            && r.ctime_ns == v.ctime_ns
+            && r.chunk_size == v.chunk_size
+            && r.crc32.len() == chunk_count(v.size, v.chunk_size) as usize
+            && r.blake3.len() == 32;
+        matches.then(|| Manifest {
+            size: v.size,
+            mtime_ns: v.mtime_ns,
+            chunk_size: v.chunk_size,
+            crcs: r.crc32,
+            blake3: r.blake3.try_into().unwrap(),
+            identity: v.identity(),
+        })
+    }
+
+    /// Best effort: a manifest that fails to persist is recomputed next time.
+    fn store(&self, v: &Version, m: &Manifest) {
+        let r = ManifestRecord {
+            dev: v.dev,
+            ino: v.ino,
+            size: v.size,
+            mtime_ns: v.mtime_ns,
+            ctime_ns: v.ctime_ns,
+            chunk_size: v.chunk_size,
+            crc32: m.crcs.clone(),
+            blake3: m.blake3.to_vec(),
+        };
+        let path = self.dir.join(v.file_name());
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let res =
+            std::fs::write(&tmp, r.encode_to_vec()).and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not persist manifest");
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+/// One pass over the file: CRC32 per chunk and the whole-file BLAKE3 (multi-threaded).
+fn compute(file: &File, v: &Version) -> io::Result<Manifest> {
+    let n = chunk_count(v.size, v.chunk_size);
+    let mut crcs = Vec::with_capacity(n as usize);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; v.chunk_size as usize];
+    for i in 0..n {
+        let len = chunk_len(v.size, v.chunk_size, i) as usize;
+        file.read_exact_at(&mut buf[..len], i as u64 * v.chunk_size as u64)?;
+        crcs.push(crc32fast::hash(&buf[..len]));
+        hasher.update_rayon(&buf[..len]);
+    }
+    Ok(Manifest {
+        size: v.size,
+        mtime_ns: v.mtime_ns,
+        chunk_size: v.chunk_size,
+        crcs,
+        blake3: *hasher.finalize().as_bytes(),
+        identity: v.identity(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn computes_once_then_hits_memory_then_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = File::open(&path).unwrap();
+        let meta = f.metadata().unwrap();
+        let cache = ManifestCache::new(dir.path().join("m")).unwrap();
+        let m = cache.get(&f, &meta, 65536).unwrap();
+        assert_eq!(m.crcs.len(), 5);
+        assert_eq!(m.crcs[4], crc32fast::hash(&data[4 * 65536..]));
+        assert_eq!(m.blake3, *blake3::hash(&data).as_bytes());
+        cache.get(&f, &meta, 65536).unwrap();
+        assert_eq!(cache.stats.computed.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.stats.memory_hits.load(Ordering::Relaxed), 1);
+        let cache2 = ManifestCache::new(dir.path().join("m")).unwrap();
+        let m2 = cache2.get(&f, &meta, 65536).unwrap();
+        assert_eq!(m2.crcs, m.crcs);
+        assert_eq!(cache2.stats.disk_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(cache2.stats.computed.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,497 @@
+//! Resumable uploads: per upload a data file, a state record and a lock file in the state
+//! directory. A chunk counts as present across restarts only once its bytes were fdatasync'ed
+//! and the record saying so was renamed into place; on load every such chunk is re-verified
+//! against its CRC32. Commit publishes by renaming the data file onto the destination beneath
+//! the root, so nothing ever exists at the final path before the whole file is verified.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use prost::Message;
+
+use super::manifest::identity_of;
+use super::root::{FsError, Root};
+use crate::integrity::{chunk_cv, root_hash};
+use crate::protocol::{chunk_count, chunk_len, chunk_size_for, ErrorCode};
+use crate::state::UploadRecord;
+
+/// Sync policy: fdatasync after this many unsynced bytes...
+pub const SYNC_BYTES: u64 = 64 * 1024 * 1024;
+/// ...or when this long has passed since the last sync, whichever comes first.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("upload {id} is in use by another server process")]
+    Busy { id: String },
+    #[error("chunk {chunk} out of range (upload has {count} chunks)")]
+    BadChunk { chunk: u32, count: u32 },
+    #[error("chunk {chunk} is {got} bytes, expected {want}")]
+    BadLength { chunk: u32, got: usize, want: u32 },
+    #[error("{missing} of {count} chunks missing")]
+    Incomplete { missing: u32, count: u32 },
+    #[error("whole-file BLAKE3 mismatch: client {client}, server {server}")]
+    HashMismatch { client: String, server: String },
+    #[error("{0}")]
+    Fs(#[from] FsError),
+    #[error("upload {id}: {source}")]
+    Io { id: String, source: io::Error },
+}
+
+impl UploadError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            UploadError::Busy { .. } => ErrorCode::Busy,
+            UploadError::BadChunk { .. } | UploadError::BadLength { .. } => ErrorCode::BadRequest,
+            UploadError::Incomplete { .. } => ErrorCode::Incomplete,
+            UploadError::HashMismatch { .. } => ErrorCode::HashMismatch,
+            UploadError::Fs(e) => e.code(),
+            UploadError::Io { source, .. } => io_code(source),
+        }
+    }
+}
+
+fn io_code(e: &io::Error) -> ErrorCode {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::NoSpace,
+        _ => ErrorCode::Io,
+    }
+}
+
+/// What a client asks for when it opens an upload.
+#[derive(Debug, Clone)]
+pub struct UploadParams {
+    pub owner: String,
+    pub path: String,
+    pub size: u64,
+    pub resume_key: String,
+    pub base_chunk_size: u32,
+    pub restart: bool,
+    pub mode_bits: u32,
+    pub mtime_ns: i64,
+    pub no_clobber: bool,
+}
+
+impl UploadParams {
+    /// Same credential, destination, size and source key: same upload.
+    pub fn id(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        for part in [
+            &self.owner,
+            &self.path,
+            &self.size.to_string(),
+            &self.resume_key,
+        ] {
+            h.update(part.as_bytes());
+            h.update(&[0]);
+        }
+        h.finalize().to_hex()[..32].to_string()
+    }
+}
+
+/// The uploads directory.
+pub struct UploadStore {
+    dir: PathBuf,
+    dir_fd: File,
+    ttl: Duration,
+    live: Mutex<HashMap<String, Weak<Upload>>>,
+}
+
+impl UploadStore {
+    pub fn new(dir: PathBuf, ttl: Duration) -> io::Result<UploadStore> {
+        std::fs::create_dir_all(&dir)?;
+        let dir_fd = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&dir)?;
+        Ok(UploadStore {
+            dir,
+            dir_fd,
+            ttl,
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Opens (resuming when possible) or creates the upload for `p`. Blocking.
+    pub fn open(&self, p: &UploadParams) -> Result<Arc<Upload>, UploadError> {
+        let id = p.id();
+        let io_err = |source| UploadError::Io {
+            id: id.clone(),
+            source,
+        };
+        let mut live = self.live.lock().unwrap();
+        if let Some(u) = live.get(&id).and_then(Weak::upgrade) {
+            // Another handle in this process has it: share it (chunks are idempotent).
+            if p.restart {
+                return Err(UploadError::Busy { id });
+            }
+            return Ok(u);
+        }
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path(&id, "lock"))
+            .map_err(io_err)?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| UploadError::Busy { id: id.clone() })?;
+
+        let record = if p.restart {
+            None
+        } else {
+            std::fs::read(self.path(&id, "state"))
+                .ok()
+                .and_then(|b| UploadRecord::decode(&b[..]).ok())
+                .filter(|r| r.path == p.path && r.size == p.size)
+        };
+        let fresh = record.is_none();
+        let data = OpenOptions::new()
+            .create(true)
+            .truncate(fresh)
+            .read(true)
+            .write(true)
+            .open(self.path(&id, "data"))
+            .map_err(io_err)?;
+        let chunk_size = record
+            .as_ref()
+            .map(|r| r.chunk_size)
+            .unwrap_or_else(|| chunk_size_for(p.size, p.base_chunk_size));
+        let count = chunk_count(p.size, chunk_size);
+        if fresh {
+            let _ = std::fs::remove_file(self.path(&id, "state"));
+            // Sparse: space is taken chunk by chunk, so ENOSPC surfaces on the chunk that hits it.
+            data.set_len(p.size).map_err(io_err)?;
+        }
+        let mut inner = Inner {
+            written: vec![false; count as usize],
+            durable: vec![false; count as usize],
+            crcs: vec![0; count as usize],
+            cvs: vec![[0; 32]; count as usize],
+            unsynced: 0,
+            last_sync: Instant::now(),
+            committed: None,
+        };
+        if let Some(r) = &record {
+            verify_record(&data, r, p.size, chunk_size, &mut inner);
+            tracing::info!(upload = %id, present = inner.written.iter().filter(|b| **b).count(), "resumed upload");
+        }
+        let upload = Arc::new(Upload {
+            id: id.clone(),
+            params: UploadParams {
+                mode_bits: record
+                    .as_ref()
+                    .map_or(p.mode_bits, |r| r.mode_bits.max(p.mode_bits)),
+                ..p.clone()
+            },
+            chunk_size,
+            count,
+            data,
+            dir: self.dir.clone(),
+            dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
+            _lock: lock,
+            inner: Mutex::new(inner),
+        });
+        if fresh {
+            upload
+                .persist(&upload.inner.lock().unwrap())
+                .map_err(io_err)?;
+        }
+        live.insert(id, Arc::downgrade(&upload));
+        Ok(upload)
+    }
+
+    fn path(&self, id: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("{id}.{ext}"))
+    }
+
+    /// Removes uploads idle longer than the TTL that no process holds. Returns how many.
+    pub fn collect_garbage(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let now = unix_now();
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".state") else {
+                continue;
+            };
+            let Some(r) = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| UploadRecord::decode(&b[..]).ok())
+            else {
+                continue;
+            };
+            if now - r.last_activity_unix < self.ttl.as_secs() as i64 {
+                continue;
+            }
+            let Ok(lock_file) = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.path(id, "lock"))
+            else {
+                continue;
+            };
+            if let Ok(_lock) = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+                for ext in ["data", "state", "lock"] {
+                    let _ = std::fs::remove_file(self.path(id, ext));
+                }
+                tracing::info!(upload = id, "expired upload removed");
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// Trust a recorded chunk only if its bytes still match the recorded CRC32.
+fn verify_record(data: &File, r: &UploadRecord, size: u64, chunk_size: u32, inner: &mut Inner) {
+    let mut buf = vec![0u8; chunk_size as usize];
+    for i in 0..inner.written.len() {
+        let present = r.bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+        if !present || r.crc32.len() <= i || r.cvs.len() < (i + 1) * 32 {
+            continue;
+        }
+        let len = chunk_len(size, chunk_size, i as u32) as usize;
+        if data
+            .read_exact_at(&mut buf[..len], i as u64 * chunk_size as u64)
+            .is_err()
+            || crc32fast::hash(&buf[..len]) != r.crc32[i]
+        {
+            tracing::warn!(
+                chunk = i,
+                "recorded chunk failed its CRC32 on reload; will be re-sent"
+            );
+            continue;
+        }
+        inner.written[i] = true;
+        inner.durable[i] = true;
+        inner.crcs[i] = r.crc32[i];
+        inner.cvs[i].copy_from_slice(&r.cvs[i * 32..(i + 1) * 32]);
+    }
+}
+
+struct Inner {
+    written: Vec<bool>,
+    durable: Vec<bool>,
+    crcs: Vec<u32>,
+    cvs: Vec<[u8; 32]>,
+    unsynced: u64,
+    last_sync: Instant,
+    committed: Option<(u64, String)>,
+}
+
+/// One open upload, shared by every handle on it in this process.
+pub struct Upload {
+    pub id: String,
+    pub params: UploadParams,
+    pub chunk_size: u32,
+    pub count: u32,
+    data: File,
+    dir: PathBuf,
+    dir_fd: File,
+    _lock: Flock<File>,
+    inner: Mutex<Inner>,
+}
+
+impl Upload {
+    /// Chunks held (bit i of byte i/8).
+    pub fn bitmap(&self) -> Vec<u8> {
+        to_bitmap(&self.inner.lock().unwrap().written)
+    }
+
+    /// CRC32 per chunk, 0 where absent.
+    pub fn crcs(&self) -> Vec<u32> {
+        self.inner.lock().unwrap().crcs.clone()
+    }
+
+    /// Stores chunk `index` whose CRC32 `crc` the codec already verified. Returns whether the
+    /// chunk is durable now. Blocking.
+    pub fn write_chunk(&self, index: u32, data: &[u8], crc: u32) -> Result<bool, UploadError> {
+        if index >= self.count {
+            return Err(UploadError::BadChunk {
+                chunk: index,
+                count: self.count,
+            });
+        }
+        let want = chunk_len(self.params.size, self.chunk_size, index);
+        if data.len() != want as usize {
+            return Err(UploadError::BadLength {
+                chunk: index,
+                got: data.len(),
+                want,
+            });
+        }
+        let cv = chunk_cv(data, index, self.chunk_size, self.params.size);
+        self.data
+            .write_all_at(data, index as u64 * self.chunk_size as u64)
+            .map_err(|source| self.io(source))?;
+        let due = {
+            let mut inner = self.inner.lock().unwrap();
+            let i = index as usize;
+            inner.written[i] = true;
+            inner.durable[i] = false;
+            inner.crcs[i] = crc;
+            inner.cvs[i] = cv;
+            inner.unsynced += data.len() as u64;
+            inner.unsynced >= SYNC_BYTES || inner.last_sync.elapsed() >= SYNC_INTERVAL
+        };
+        if due {
+            self.sync()?;
+        }
+        Ok(self.inner.lock().unwrap().durable[index as usize])
+    }
+
+    /// Makes every written chunk durable and records it.
+    pub fn sync(&self) -> Result<(), UploadError> {
+        let snapshot = self.inner.lock().unwrap().written.clone();
+        nix::unistd::fdatasync(self.data.as_fd()).map_err(|e| self.io(e.into()))?;
+        let mut inner = self.inner.lock().unwrap();
+        for (d, w) in inner.durable.iter_mut().zip(&snapshot) {
+            *d |= *w;
+        }
+        inner.unsynced = 0;
+        inner.last_sync = Instant::now();
+        self.persist(&inner).map_err(|e| self.io(e))
+    }
+
+    /// Writes the record (durable chunks only) atomically: tmp file, fdatasync, rename.
+    fn persist(&self, inner: &Inner) -> io::Result<()> {
+        let r = UploadRecord {
+            path: self.params.path.clone(),
+            size: self.params.size,
+            chunk_size: self.chunk_size,
+            bitmap: to_bitmap(&inner.durable),
+            crc32: inner
+                .crcs
+                .iter()
+                .zip(&inner.durable)
+                .map(|(c, d)| if *d { *c } else { 0 })
+                .collect(),
+            cvs: inner.cvs.concat(),
+            owner: self.params.owner.clone(),
+            last_activity_unix: unix_now(),
+            mode_bits: self.params.mode_bits,
+            mtime_ns: self.params.mtime_ns,
+            no_clobber: self.params.no_clobber,
+        };
+        let path = self.dir.join(format!("{}.state", self.id));
+        let tmp = self.dir.join(format!("{}.state.tmp", self.id));
+        let f = File::create(&tmp)?;
+        f.write_all_at(&r.encode_to_vec(), 0)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Verifies and publishes the upload at its destination beneath `root`. Blocking.
+    /// Idempotent: a second commit with the same hash returns the first result.
+    pub fn commit(&self, expected: &[u8], root: &Root) -> Result<(u64, String), UploadError> {
+        if let Some(done) = &self.inner.lock().unwrap().committed {
+            return Ok(done.clone());
+        }
+        let missing = self
+            .inner
+            .lock()
+            .unwrap()
+            .written
+            .iter()
+            .filter(|w| !**w)
+            .count() as u32;
+        if missing > 0 {
+            return Err(UploadError::Incomplete {
+                missing,
+                count: self.count,
+            });
+        }
+        let server = root_hash(
+            &self.inner.lock().unwrap().cvs,
+            self.chunk_size,
+            self.params.size,
+        );
+        if expected != server {
+            return Err(UploadError::HashMismatch {
+                client: hex::encode(expected),
+                server: hex::encode(server),
+            });
+        }
+        let mode = if self.params.mode_bits == 0 {
+            0o644
+        } else {
+            self.params.mode_bits & 0o7777
+        };
+        nix::sys::stat::fchmod(
+            self.data.as_fd(),
+            nix::sys::stat::Mode::from_bits_truncate(mode),
+        )
+        .map_err(|e| self.io(e.into()))?;
+        if self.params.mtime_ns != 0 {
+            let t = nix::sys::time::TimeSpec::new(
+                self.params.mtime_ns.div_euclid(1_000_000_000),
+                self.params.mtime_ns.rem_euclid(1_000_000_000),
+            );
+            nix::sys::stat::futimens(self.data.as_fd(), &t, &t).map_err(|e| self.io(e.into()))?;
+        }
+        self.data.sync_all().map_err(|e| self.io(e))?;
+        let name = CString::new(format!("{}.data", self.id)).unwrap();
+        root.publish(
+            self.dir_fd.as_fd(),
+            &name,
+            &self.params.path,
+            self.params.no_clobber,
+        )?;
+        for ext in ["state", "lock"] {
+            let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
+        }
+        let identity = identity_of(&self.data.metadata().map_err(|e| self.io(e))?);
+        let done = (self.params.size, identity);
+        let mut inner = self.inner.lock().unwrap();
+        inner.committed = Some(done.clone());
+        inner.unsynced = 0;
+        Ok(done)
+    }
+
+    fn io(&self, source: io::Error) -> UploadError {
+        UploadError::Io {
+            id: self.id.clone(),
+            source,
+        }
+    }
+}
+
+impl Drop for Upload {
+    /// Last handle gone (client closed, connection dropped, shutdown): keep what arrived.
+    fn drop(&mut self) {
+        let pending = {
+            let inner = self.inner.lock().unwrap();
+            inner.committed.is_none() && inner.unsynced > 0
+        };
+        if pending {
+            if let Err(e) = self.sync() {
+                tracing::warn!(upload = %self.id, error = %e, "could not persist upload on close");
+            }
+        }
+    }
+}
+
+fn to_bitmap(bits: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; bits.len().div_ceil(8)];
+    for (i, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
+        out[i / 8] |= 1 << (i % 8);
+    }
+    out
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

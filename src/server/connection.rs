@@ -1,0 +1,613 @@
+//! One connection: the reader loop (decode, authenticate, dispatch) and the streams it runs.
+//! Each request runs as its own task; replies go through the writer task.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::writer::{self, Outgoing, WriteSide};
+use super::{files, transfer, Credential, Server, MAX_AUTH_FAILURES};
+use crate::fs::root::{FsError, Root};
+use crate::fs::upload::UploadError;
+use crate::protocol::{
+    flags, msg, Cmd, CodecError, ErrorCode, Frame, FrameCodec, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    VERSION,
+};
+
+/// Frames queued for the writer per connection: bounds memory, and its FIFO interleaves streams.
+const WRITER_QUEUE: usize = 32;
+
+/// A request that failed: the one place a server error becomes a wire status.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<FsError> for Failure {
+    fn from(e: FsError) -> Failure {
+        Failure::new(e.code(), e.to_string())
+    }
+}
+
+impl From<UploadError> for Failure {
+    fn from(e: UploadError) -> Failure {
+        Failure::new(e.code(), e.to_string())
+    }
+}
+
+impl From<prost::DecodeError> for Failure {
+    fn from(e: prost::DecodeError) -> Failure {
+        Failure::new(ErrorCode::BadRequest, format!("malformed message: {e}"))
+    }
+}
+
+impl From<tokio::task::JoinError> for Failure {
+    fn from(e: tokio::task::JoinError) -> Failure {
+        Failure::new(ErrorCode::Internal, format!("handler failed: {e}"))
+    }
+}
+
+/// Streams in use on a connection, each with the token that cancels it.
+type Streams = Arc<Mutex<HashMap<u32, CancellationToken>>>;
+
+/// The sending side of one stream. `finish` releases the stream id *before* queueing the final
+/// frame, so a client that reuses the id as soon as it sees END never races the bookkeeping.
+pub struct StreamTx {
+    pub stream_id: u32,
+    pub cmd: Cmd,
+    pub cancel: CancellationToken,
+    tx: mpsc::Sender<Outgoing>,
+    streams: Streams,
+}
+
+impl StreamTx {
+    /// Queues an intermediate item. False if the connection is gone.
+    pub async fn send(&self, item: Outgoing) -> bool {
+        self.tx.send(item).await.is_ok()
+    }
+
+    pub async fn finish(self, item: Outgoing) {
+        self.streams.lock().unwrap().remove(&self.stream_id);
+        let _ = self.tx.send(item).await;
+    }
+
+    pub async fn reply(self, m: &impl prost::Message) {
+        let f = Frame::message(self.cmd, self.stream_id, flags::END, m);
+        self.finish(Outgoing::Frame(f)).await
+    }
+
+    pub async fn fail(self, e: Failure) {
+        tracing::debug!(code = ?e.code, message = %e.message, "request failed");
+        let f = Frame::error(self.cmd, self.stream_id, &e.code.msg(e.message));
+        self.finish(Outgoing::Frame(f)).await
+    }
+}
+
+impl Drop for StreamTx {
+    /// A handler that ended without finishing (panic, abort) still frees its id.
+    fn drop(&mut self) {
+        self.streams.lock().unwrap().remove(&self.stream_id);
+    }
+}
+
+/// What an authenticated connection may do and where.
+pub struct Session {
+    pub server: Arc<Server>,
+    pub cred: Credential,
+    /// The credential's prefix directory, when it has one.
+    sub_root: Option<Root>,
+    pub base_chunk_size: u32,
+    /// Largest DATA payload the client accepts.
+    pub client_max_frame: u32,
+    pub handles: Mutex<transfer::Handles>,
+}
+
+impl Session {
+    /// Where this session's paths resolve: the root, or the credential's prefix beneath it.
+    pub fn root(&self) -> &Root {
+        self.sub_root.as_ref().unwrap_or(&self.server.root)
+    }
+
+    /// Maps a client path (relative to the server root) to one relative to `self.root`,
+    /// refusing paths outside the credential's prefix.
+    pub fn path<'a>(&self, path: &'a str) -> Result<&'a str, Failure> {
+        self.server.root.check(path)?;
+        let prefix = &self.cred.prefix;
+        if prefix.is_empty() {
+            return Ok(path);
+        }
+        if path == prefix.as_str() {
+            return Ok("");
+        }
+        path.strip_prefix(prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .ok_or_else(|| {
+                Failure::new(
+                    ErrorCode::PermissionDenied,
+                    format!("{path:?} is outside this credential's prefix {prefix:?}"),
+                )
+            })
+    }
+
+    pub fn require_write(&self) -> Result<(), Failure> {
+        if self.cred.writable {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                ErrorCode::PermissionDenied,
+                format!("credential {:?} is read-only", self.cred.name),
+            ))
+        }
+    }
+}
+
+struct Conn {
+    server: Arc<Server>,
+    peer: SocketAddr,
+    tx: mpsc::Sender<Outgoing>,
+    streams: Streams,
+    /// WRITE requests waiting for their DATA frame.
+    pending_writes: HashMap<u32, msg::WriteRequest>,
+    session: Option<Arc<Session>>,
+    base_chunk_size: u32,
+    client_max_frame: u32,
+    auth_failures: u32,
+    /// Cancelled when the connection ends: stops every stream.
+    done: CancellationToken,
+}
+
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    shutdown: CancellationToken,
+) {
+    let span = tracing::info_span!("conn", %peer);
+    async move {
+        tracing::debug!("connected");
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let writer = tokio::spawn(writer::run(WriteSide::Tcp(wr), rx, server.stats.clone()));
+        let mut conn = Conn {
+            base_chunk_size: server.config.chunk_size,
+            client_max_frame: MAX_CHUNK_SIZE,
+            server: server.clone(),
+            peer,
+            tx,
+            streams: Arc::default(),
+            pending_writes: HashMap::new(),
+            session: None,
+            auth_failures: 0,
+            done: CancellationToken::new(),
+        };
+        let reason = conn
+            .read_loop(
+                FramedRead::new(rd, FrameCodec::new(server.config.max_frame)),
+                &shutdown,
+            )
+            .await;
+        tracing::debug!(reason, "closing");
+        if shutdown.is_cancelled() {
+            // Let in-flight streams finish within the grace period, then cut them.
+            let deadline = Instant::now() + server.config.shutdown_grace;
+            while !conn.streams.lock().unwrap().is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        conn.done.cancel();
+        drop(conn);
+        match tokio::time::timeout(Duration::from_secs(10), writer).await {
+            Ok(Ok(Err(e))) if !is_disconnect(&e) => tracing::warn!(error = %e, "write failed"),
+            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "peer went away"),
+            _ => {}
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// A peer hanging up is normal: log it at debug, not as an error.
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+    )
+}
+
+impl Conn {
+    async fn read_loop(
+        &mut self,
+        mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        shutdown: &CancellationToken,
+    ) -> &'static str {
+        let server = self.server.clone();
+        let cfg = &server.config;
+        let mut deadline = Instant::now() + cfg.auth_timeout;
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.send_error(Cmd::PING, 0, ErrorCode::ShuttingDown, "server shutting down").await;
+                    return "shutdown";
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    if self.session.is_none() {
+                        self.send_error(Cmd::AUTH, 0, ErrorCode::Timeout, "authentication timed out").await;
+                        return "auth timeout";
+                    }
+                    if self.streams.lock().unwrap().is_empty() {
+                        self.send_error(Cmd::PING, 0, ErrorCode::Timeout, "idle timeout").await;
+                        return "idle timeout";
+                    }
+                    deadline = Instant::now() + cfg.idle_timeout;
+                    continue;
+                }
+                f = frames.next() => f,
+            };
+            match next {
+                None => return "eof",
+                Some(Err(e)) => {
+                    if !matches!(e, CodecError::Io(_)) {
+                        tracing::warn!(error = %e, "protocol violation");
+                    }
+                    if let Some((cmd, sid)) = e.reply_to() {
+                        let code = match e {
+                            CodecError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+                            CodecError::TooLarge { .. } => ErrorCode::LimitExceeded,
+                            _ => ErrorCode::BadRequest,
+                        };
+                        self.send_error(cmd, sid, code, e.to_string()).await;
+                    } else if let CodecError::BadMagic(_) = e {
+                        self.send_error(Cmd::HELLO, 0, ErrorCode::BadRequest, e.to_string())
+                            .await;
+                    }
+                    return "bad frame";
+                }
+                Some(Ok(Err(bad))) => {
+                    self.server
+                        .stats
+                        .crc_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    let sid = bad.header.stream_id;
+                    tracing::warn!(stream = sid, "payload checksum mismatch");
+                    if self.pending_writes.remove(&sid).is_some() {
+                        self.streams.lock().unwrap().remove(&sid);
+                    }
+                    self.send_error(
+                        bad.header.cmd,
+                        sid,
+                        ErrorCode::ChecksumMismatch,
+                        "payload checksum mismatch",
+                    )
+                    .await;
+                }
+                Some(Ok(Ok(frame))) => {
+                    if self.session.is_some() {
+                        deadline = Instant::now() + cfg.idle_timeout;
+                    }
+                    if let Some(why) = self.dispatch(frame, frames.decoder_mut()).await {
+                        return why;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_error(&self, cmd: Cmd, sid: u32, code: ErrorCode, message: impl Into<String>) {
+        let _ = self
+            .tx
+            .send(Outgoing::Frame(Frame::error(cmd, sid, &code.msg(message))))
+            .await;
+    }
+
+    async fn send(&self, f: Frame) {
+        let _ = self.tx.send(Outgoing::Frame(f)).await;
+    }
+
+    /// Routes one frame. Returns a reason when the connection must close.
+    async fn dispatch(&mut self, f: Frame, codec: &mut FrameCodec) -> Option<&'static str> {
+        let (cmd, sid) = (f.cmd(), f.stream_id());
+        if f.header.is_data() {
+            self.server
+                .stats
+                .bytes_received
+                .fetch_add(f.payload.len() as u64, Ordering::Relaxed);
+            match (cmd, self.pending_writes.remove(&sid), &self.session) {
+                (Cmd::WRITE, Some(req), Some(session)) => {
+                    let st = self.stream_tx(sid, cmd);
+                    let session = session.clone();
+                    let span = tracing::debug_span!("stream", id = sid, %cmd);
+                    tokio::spawn(transfer::write(session, req, f, st).instrument(span));
+                }
+                _ => {
+                    self.send_error(
+                        cmd,
+                        sid,
+                        ErrorCode::BadStream,
+                        "DATA frame without a pending WRITE on this stream",
+                    )
+                    .await
+                }
+            }
+            return None;
+        }
+        match cmd {
+            Cmd::HELLO => self.hello(f, codec).await,
+            Cmd::AUTH => return self.auth(f).await,
+            Cmd::PING => match f.decode::<msg::Ping>() {
+                Ok(p) => {
+                    self.send(Frame::message(Cmd::PING, sid, flags::END, &p))
+                        .await
+                }
+                Err(e) => {
+                    self.send_error(cmd, sid, ErrorCode::BadRequest, e.to_string())
+                        .await
+                }
+            },
+            Cmd::CANCEL => {
+                if self.pending_writes.remove(&sid).is_some() {
+                    self.streams.lock().unwrap().remove(&sid);
+                    self.send_error(Cmd::WRITE, sid, ErrorCode::Cancelled, "cancelled")
+                        .await;
+                } else if let Some(t) = self.streams.lock().unwrap().get(&sid) {
+                    t.cancel();
+                }
+            }
+            _ if cmd.name().is_none() => {
+                tracing::warn!(%cmd, "unknown command");
+                self.send_error(
+                    cmd,
+                    sid,
+                    ErrorCode::UnknownCommand,
+                    format!("unknown command {cmd}"),
+                )
+                .await
+            }
+            _ => {
+                let Some(session) = self.session.clone() else {
+                    self.send_error(cmd, sid, ErrorCode::NotAuthenticated, "authenticate first")
+                        .await;
+                    return None;
+                };
+                if let Err(e) = self.open_stream(sid) {
+                    // Never answer on a stream that is in use: that would corrupt it.
+                    if e.code != ErrorCode::BadStream || sid == 0 {
+                        self.send_error(cmd, sid, e.code, e.message).await;
+                    } else {
+                        tracing::warn!(stream = sid, "request on a stream in use; closing");
+                        return Some("stream reuse");
+                    }
+                    return None;
+                }
+                if cmd == Cmd::WRITE {
+                    match f.decode::<msg::WriteRequest>() {
+                        Ok(req) => {
+                            self.pending_writes.insert(sid, req);
+                        }
+                        Err(e) => {
+                            self.streams.lock().unwrap().remove(&sid);
+                            self.send_error(cmd, sid, ErrorCode::BadRequest, e.to_string())
+                                .await;
+                        }
+                    }
+                    return None;
+                }
+                let st = self.stream_tx(sid, cmd);
+                let span = tracing::debug_span!("stream", id = sid, %cmd);
+                tokio::spawn(handle(session, f, st).instrument(span));
+            }
+        }
+        None
+    }
+
+    fn open_stream(&self, sid: u32) -> Result<(), Failure> {
+        let mut streams = self.streams.lock().unwrap();
+        if sid == 0 || streams.contains_key(&sid) {
+            return Err(Failure::new(
+                ErrorCode::BadStream,
+                format!("stream {sid} is in use or reserved"),
+            ));
+        }
+        if streams.len() >= self.server.config.max_streams {
+            return Err(Failure::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "more than {} concurrent streams",
+                    self.server.config.max_streams
+                ),
+            ));
+        }
+        streams.insert(sid, self.done.child_token());
+        Ok(())
+    }
+
+    fn stream_tx(&self, sid: u32, cmd: Cmd) -> StreamTx {
+        let cancel = self
+            .streams
+            .lock()
+            .unwrap()
+            .get(&sid)
+            .cloned()
+            .unwrap_or_else(|| self.done.child_token());
+        StreamTx {
+            stream_id: sid,
+            cmd,
+            cancel,
+            tx: self.tx.clone(),
+            streams: self.streams.clone(),
+        }
+    }
+
+    async fn hello(&mut self, f: Frame, codec: &mut FrameCodec) {
+        let h = match f.decode::<msg::Hello>() {
+            Ok(h) => h,
+            Err(e) => {
+                return self
+                    .send_error(
+                        Cmd::HELLO,
+                        f.stream_id(),
+                        ErrorCode::BadRequest,
+                        e.to_string(),
+                    )
+                    .await
+            }
+        };
+        if h.version < VERSION as u32 {
+            return self
+                .send_error(
+                    Cmd::HELLO,
+                    f.stream_id(),
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "version {} unsupported; this server speaks {VERSION}",
+                        h.version
+                    ),
+                )
+                .await;
+        }
+        let cs = h.chunk_size;
+        if cs.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+            self.base_chunk_size = cs;
+        }
+        if h.max_frame > 0 {
+            self.client_max_frame = h.max_frame;
+        }
+        codec.set_max_data(self.server.config.max_frame);
+        let reply = msg::Hello {
+            version: VERSION as u32,
+            max_frame: self.server.config.max_frame,
+            chunk_size: self.base_chunk_size,
+            max_streams: self.server.config.max_streams as u32,
+            agent: concat!("fsd/", env!("CARGO_PKG_VERSION")).into(),
+        };
+        self.send(Frame::message(
+            Cmd::HELLO,
+            f.stream_id(),
+            flags::END,
+            &reply,
+        ))
+        .await;
+    }
+
+    async fn auth(&mut self, f: Frame) -> Option<&'static str> {
+        let sid = f.stream_id();
+        let token = match f.decode::<msg::Auth>() {
+            Ok(a) => a.token,
+            Err(e) => {
+                self.send_error(Cmd::AUTH, sid, ErrorCode::BadRequest, e.to_string())
+                    .await;
+                return None;
+            }
+        };
+        let cred = self.server.config.credentials.check(&token).cloned();
+        let Some(cred) = cred else {
+            self.server
+                .stats
+                .auth_failures
+                .fetch_add(1, Ordering::Relaxed);
+            self.auth_failures += 1;
+            let delay = self.server.auth_penalty(self.peer.ip());
+            tracing::warn!(
+                failures = self.auth_failures,
+                ?delay,
+                "authentication failed"
+            );
+            tokio::time::sleep(delay).await;
+            self.send_error(
+                Cmd::AUTH,
+                sid,
+                ErrorCode::AuthFailed,
+                "authentication failed",
+            )
+            .await;
+            return (self.auth_failures >= MAX_AUTH_FAILURES).then_some("too many auth failures");
+        };
+        let sub_root = if cred.prefix.is_empty() {
+            Ok(None)
+        } else {
+            self.server.root.sub(&cred.prefix).map(Some)
+        };
+        let sub_root = match sub_root {
+            Ok(r) => r,
+            Err(e) => {
+                let e = Failure::from(e);
+                self.send_error(
+                    Cmd::AUTH,
+                    sid,
+                    e.code,
+                    format!("credential prefix unusable: {}", e.message),
+                )
+                .await;
+                return None;
+            }
+        };
+        tracing::info!(name = %cred.name, "authenticated");
+        let ok = msg::AuthOk {
+            name: cred.name.clone(),
+            writable: cred.writable,
+            prefix: cred.prefix.clone(),
+        };
+        self.session = Some(Arc::new(Session {
+            server: self.server.clone(),
+            cred,
+            sub_root,
+            base_chunk_size: self.base_chunk_size,
+            client_max_frame: self.client_max_frame,
+            handles: Mutex::new(transfer::Handles::default()),
+        }));
+        self.send(Frame::message(Cmd::AUTH, sid, flags::END, &ok))
+            .await;
+        None
+    }
+}
+
+/// Runs one request to completion and sends its final frame.
+async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
+    let payload: Bytes = f.payload.clone();
+    let result = match f.cmd() {
+        Cmd::LIST => files::list(&session, payload).await,
+        Cmd::STAT => files::stat(&session, payload).await,
+        Cmd::MKDIR => files::mkdir(&session, payload).await,
+        Cmd::REMOVE => files::remove(&session, payload).await,
+        Cmd::RENAME => files::rename(&session, payload).await,
+        Cmd::OPEN => transfer::open(&session, payload).await,
+        Cmd::MANIFEST => transfer::manifest(&session, payload).await,
+        Cmd::COMMIT => transfer::commit(&session, payload).await,
+        Cmd::CLOSE => transfer::close(&session, payload).await,
+        Cmd::READ => return transfer::read(&session, payload, st).await,
+        _ => Err(Failure::new(
+            ErrorCode::UnknownCommand,
+            format!("{} is not a request", f.cmd()),
+        )),
+    };
+    match result {
+        Ok(frame_payload) => {
+            let f = Frame::new(st.cmd, st.stream_id, flags::END, frame_payload);
+            st.finish(Outgoing::Frame(f)).await
+        }
+        Err(e) => st.fail(e).await,
+    }
+}

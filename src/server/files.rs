@@ -1,0 +1,100 @@
+//! Namespace commands: List, Stat, Mkdir, Remove, Rename. File-system calls block, so they run
+//! on the blocking pool.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::connection::{Failure, Session};
+use crate::protocol::msg;
+
+/// Entries per List page unless the client asks for fewer; and the most it may ask for.
+const LIST_PAGE: usize = 1000;
+const LIST_PAGE_MAX: usize = 4096;
+
+/// Runs `f` on the blocking pool with the session.
+pub async fn blocking<T: Send + 'static>(
+    session: &Arc<Session>,
+    f: impl FnOnce(&Session) -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    let s = session.clone();
+    tokio::task::spawn_blocking(move || f(&s)).await?
+}
+
+fn ok() -> Result<Bytes, Failure> {
+    Ok(Bytes::from(msg::Ok {}.encode_to_vec()))
+}
+
+pub async fn list(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::ListRequest::decode(payload)?;
+    let limit = match req.limit as usize {
+        0 => LIST_PAGE,
+        n => n.min(LIST_PAGE_MAX),
+    };
+    let path = if req.path == "." {
+        String::new()
+    } else {
+        req.path
+    };
+    blocking(session, move |s| {
+        let p = s.path(&path)?;
+        let (entries, more) = s.root().list(p, &req.after, limit)?;
+        Ok(Bytes::from(
+            msg::ListResponse { entries, more }.encode_to_vec(),
+        ))
+    })
+    .await
+}
+
+pub async fn stat(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::StatRequest::decode(payload)?;
+    blocking(session, move |s| {
+        let p = s.path(&req.path)?;
+        let mut entry = s.root().stat(p)?;
+        entry.name = req.path.clone();
+        Ok(Bytes::from(
+            msg::StatResponse { entry: Some(entry) }.encode_to_vec(),
+        ))
+    })
+    .await
+}
+
+pub async fn mkdir(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::MkdirRequest::decode(payload)?;
+    blocking(session, move |s| {
+        s.require_write()?;
+        let mode = if req.mode_bits == 0 {
+            0o755
+        } else {
+            req.mode_bits & 0o7777
+        };
+        s.root().mkdir(s.path(&req.path)?, req.parents, mode)?;
+        tracing::info!(path = %req.path, "mkdir");
+        ok()
+    })
+    .await
+}
+
+pub async fn remove(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::RemoveRequest::decode(payload)?;
+    blocking(session, move |s| {
+        s.require_write()?;
+        s.root().remove(s.path(&req.path)?, req.recursive)?;
+        tracing::info!(path = %req.path, recursive = req.recursive, "removed");
+        ok()
+    })
+    .await
+}
+
+pub async fn rename(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::RenameRequest::decode(payload)?;
+    blocking(session, move |s| {
+        s.require_write()?;
+        s.root()
+            .rename(s.path(&req.from)?, s.path(&req.to)?, req.no_clobber)?;
+        tracing::info!(from = %req.from, to = %req.to, "renamed");
+        ok()
+    })
+    .await
+}

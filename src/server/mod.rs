@@ -1,0 +1,241 @@
+//! The server: accept loop, per-connection reader and writer tasks, the dispatcher and one
+//! handler module per command family.
+//!
+//! Data flows one way: socket -> codec -> frame -> dispatcher -> handler -> fs -> reply
+//! (a frame, or a file range) -> writer task -> socket.
+
+pub mod auth;
+mod connection;
+mod files;
+mod transfer;
+mod writer;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::{Credential, Credentials};
+
+use crate::fs::manifest::ManifestCache;
+use crate::fs::root::Root;
+use crate::fs::upload::UploadStore;
+use crate::protocol::{ErrorCode, Frame, MAX_CHUNK_SIZE};
+
+/// Default limits; each has a flag on `fsd`.
+pub const MAX_CONNECTIONS: usize = 1024;
+pub const MAX_STREAMS: usize = 64;
+pub const MAX_HANDLES: usize = 128;
+pub const MAX_FRAME: u32 = MAX_CHUNK_SIZE;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+pub const UPLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long in-flight streams may run after shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Failed Auth attempts per connection before it is closed.
+pub const MAX_AUTH_FAILURES: u32 = 3;
+/// Name of the state directory when it lives inside the root (then invisible to clients).
+pub const STATE_DIR_NAME: &str = ".fsd-state";
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub root: PathBuf,
+    /// Defaults to `root/.fsd-state`.
+    pub state_dir: Option<PathBuf>,
+    pub credentials: Credentials,
+    /// Base chunk size offered to clients that do not ask for one.
+    pub chunk_size: u32,
+    pub max_connections: usize,
+    pub max_streams: usize,
+    pub max_handles: usize,
+    pub max_frame: u32,
+    pub idle_timeout: Duration,
+    pub auth_timeout: Duration,
+    pub upload_ttl: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    pub fn new(root: PathBuf, credentials: Credentials) -> Config {
+        Config {
+            root,
+            state_dir: None,
+            credentials,
+            chunk_size: crate::protocol::DEFAULT_CHUNK_SIZE,
+            max_connections: MAX_CONNECTIONS,
+            max_streams: MAX_STREAMS,
+            max_handles: MAX_HANDLES,
+            max_frame: MAX_FRAME,
+            idle_timeout: IDLE_TIMEOUT,
+            auth_timeout: AUTH_TIMEOUT,
+            upload_ttl: UPLOAD_TTL,
+            shutdown_grace: SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub bytes_sendfile: AtomicU64,
+    pub bytes_copied: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub chunks_sent: AtomicU64,
+    pub crc_failures: AtomicU64,
+    pub uploads_committed: AtomicU64,
+}
+
+/// State shared by all connections.
+pub struct Server {
+    pub config: Config,
+    pub root: Root,
+    pub manifests: ManifestCache,
+    pub uploads: UploadStore,
+    pub stats: Arc<Stats>,
+    /// Auth failures per source address: (count, last failure), for the growing penalty.
+    penalties: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl Server {
+    /// Opens the root and the state directory. Fails if the kernel lacks openat2.
+    #[allow(clippy::disallowed_methods)] // the state dir is the server's own, not a client path
+    pub fn new(config: Config) -> io::Result<Arc<Server>> {
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| config.root.join(STATE_DIR_NAME));
+        std::fs::create_dir_all(&state_dir)?;
+        let reserved = state_dir
+            .parent()
+            .and_then(|p| std::fs::canonicalize(p).ok())
+            .filter(|p| std::fs::canonicalize(&config.root).ok().as_ref() == Some(p))
+            .and_then(|_| state_dir.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        let root = Root::open(&config.root, reserved).map_err(io::Error::other)?;
+        let uploads = UploadStore::new(state_dir.join("uploads"), config.upload_ttl)?;
+        let manifests = ManifestCache::new(state_dir.join("manifests"))?;
+        Ok(Arc::new(Server {
+            config,
+            root,
+            manifests,
+            uploads,
+            stats: Arc::new(Stats::default()),
+            penalties: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Delay before answering a failed Auth from `ip`: doubles with each recent failure.
+    fn auth_penalty(&self, ip: IpAddr) -> Duration {
+        let mut p = self.penalties.lock().unwrap();
+        if p.len() > 100_000 {
+            p.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(600));
+        }
+        let e = p.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() > Duration::from_secs(600) {
+            e.0 = 0;
+        }
+        e.0 += 1;
+        e.1 = Instant::now();
+        Duration::from_millis(100 << e.0.min(6)).min(Duration::from_secs(5))
+    }
+}
+
+/// Serves `listener` until `shutdown` is cancelled, then lets in-flight streams finish within
+/// the grace period.
+pub async fn run(
+    listener: TcpListener,
+    server: Arc<Server>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let permits = Arc::new(Semaphore::new(server.config.max_connections));
+    let tracker = TaskTracker::new();
+    let gc = {
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let every = (server.config.upload_ttl / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(600));
+            loop {
+                let s = server.clone();
+                let _ = tokio::task::spawn_blocking(move || s.uploads.collect_garbage()).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        })
+    };
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            server
+                .stats
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracker.spawn(refuse(stream, peer));
+            continue;
+        };
+        server
+            .stats
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            server
+                .stats
+                .connections_open
+                .fetch_add(1, Ordering::Relaxed);
+            connection::serve(stream, peer, server.clone(), shutdown).await;
+            server
+                .stats
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(gc);
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Over the connection limit: say so, then close.
+async fn refuse(mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    tracing::warn!(%peer, "connection refused: limit reached");
+    let f = Frame::error(
+        crate::protocol::Cmd::HELLO,
+        0,
+        &ErrorCode::LimitExceeded.msg("too many connections"),
+    );
+    let mut buf = bytes::BytesMut::new();
+    f.header.encode(&mut buf);
+    buf.extend_from_slice(&f.payload);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+}

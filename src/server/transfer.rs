@@ -1,0 +1,337 @@
+//! Transfer commands: Open, Manifest, Read, Write, Commit, Close, and the per-connection
+//! handle table they share.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::connection::{Failure, Session, StreamTx};
+use super::files::blocking;
+use super::writer::Outgoing;
+use crate::fs::manifest::Manifest;
+use crate::fs::upload::{Upload, UploadParams};
+use crate::protocol::{chunk_len, chunk_size_for, msg, ErrorCode, Frame, Header, MANIFEST_PAGE};
+
+/// Most chunks one READ may ask for.
+pub const MAX_READ_CHUNKS: u32 = 1024;
+
+/// An open handle.
+#[derive(Clone)]
+pub enum Handle {
+    /// The fd stays open, so a file replaced mid-transfer keeps serving its old content.
+    Read {
+        file: Arc<File>,
+        manifest: Arc<Manifest>,
+    },
+    Write(Arc<Upload>),
+}
+
+/// The handles of one connection.
+#[derive(Default)]
+pub struct Handles {
+    map: HashMap<u32, Handle>,
+    next: u32,
+}
+
+impl Handles {
+    fn insert(&mut self, h: Handle, max: usize) -> Result<u32, Failure> {
+        if self.map.len() >= max {
+            return Err(Failure::new(
+                ErrorCode::LimitExceeded,
+                format!("more than {max} open handles"),
+            ));
+        }
+        loop {
+            self.next = self.next.wrapping_add(1).max(1);
+            if !self.map.contains_key(&self.next) {
+                self.map.insert(self.next, h);
+                return Ok(self.next);
+            }
+        }
+    }
+}
+
+fn get(session: &Session, id: u32) -> Result<Handle, Failure> {
+    session
+        .handles
+        .lock()
+        .unwrap()
+        .map
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| {
+            Failure::new(
+                ErrorCode::BadHandle,
+                format!("no handle {id} on this connection"),
+            )
+        })
+}
+
+fn encoded(m: impl Message) -> Result<Bytes, Failure> {
+    Ok(Bytes::from(m.encode_to_vec()))
+}
+
+pub async fn open(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::OpenRequest::decode(payload)?;
+    match msg::OpenMode::try_from(req.mode) {
+        Ok(msg::OpenMode::OpenRead) => open_read(session, req).await,
+        Ok(msg::OpenMode::OpenWrite) => open_write(session, req).await,
+        Err(_) => Err(Failure::new(
+            ErrorCode::BadRequest,
+            format!("unknown open mode {}", req.mode),
+        )),
+    }
+}
+
+async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Bytes, Failure> {
+    blocking(session, move |s| {
+        let (file, meta) = s.root().open_read(s.path(&req.path)?)?;
+        let chunk_size = chunk_size_for(meta.size(), s.base_chunk_size);
+        if chunk_size > s.client_max_frame {
+            return Err(Failure::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "file needs {chunk_size}-byte chunks; client accepts {}",
+                    s.client_max_frame
+                ),
+            ));
+        }
+        let manifest = s
+            .server
+            .manifests
+            .get(&file, &meta, chunk_size)
+            .map_err(|e| Failure::new(ErrorCode::Io, format!("{}: {e}", req.path)))?;
+        let reply = msg::OpenResponse {
+            size: manifest.size,
+            mtime_ns: manifest.mtime_ns,
+            identity: manifest.identity.clone(),
+            chunk_size,
+            chunk_count: manifest.crcs.len() as u32,
+            blake3: manifest.blake3.to_vec(),
+            mode: meta.mode() & 0o7777,
+            handle: 0,
+            upload_id: String::new(),
+            bitmap: Vec::new(),
+        };
+        let handle = Handle::Read {
+            file: Arc::new(file),
+            manifest,
+        };
+        let id = s
+            .handles
+            .lock()
+            .unwrap()
+            .insert(handle, s.server.config.max_handles)?;
+        tracing::info!(path = %req.path, handle = id, size = reply.size, "opened for read");
+        encoded(msg::OpenResponse {
+            handle: id,
+            ..reply
+        })
+    })
+    .await
+}
+
+async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Bytes, Failure> {
+    blocking(session, move |s| {
+        s.require_write()?;
+        let path = s.path(&req.path)?.to_string();
+        if path.is_empty() {
+            return Err(Failure::new(ErrorCode::InvalidPath, "cannot upload onto the root"));
+        }
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            let e = s.root().stat(parent)?;
+            if e.kind != msg::Kind::Dir as i32 {
+                return Err(Failure::new(ErrorCode::NotADirectory, format!("{parent:?} is not a directory")));
+            }
+        }
+        if req.no_clobber && s.root().exists(&path)? {
+            return Err(Failure::new(ErrorCode::AlreadyExists, format!("{} exists", req.path)));
+        }
+        let params = UploadParams {
+            owner: s.cred.name.clone(),
+            path,
+            size: req.size,
+            resume_key: req.resume_key.clone(),
+            base_chunk_size: s.base_chunk_size,
+            restart: req.restart,
+            mode_bits: req.mode_bits,
+            mtime_ns: req.mtime_ns,
+            no_clobber: req.no_clobber,
+        };
+        let upload = s.server.uploads.open(&params)?;
+        if upload.chunk_size > s.server.config.max_frame {
+            return Err(Failure::new(ErrorCode::LimitExceeded, "file too large for this server's max frame"));
+        }
+        let reply = msg::OpenResponse {
+            handle: 0,
+            size: req.size,
+            mtime_ns: req.mtime_ns,
+            identity: String::new(),
+            chunk_size: upload.chunk_size,
+            chunk_count: upload.count,
+            blake3: Vec::new(),
+            upload_id: upload.id.clone(),
+            bitmap: upload.bitmap(),
+            mode: 0,
+        };
+        let id = s.handles.lock().unwrap().insert(Handle::Write(upload), s.server.config.max_handles)?;
+        tracing::info!(path = %req.path, handle = id, upload = %reply.upload_id, "opened for write");
+        encoded(msg::OpenResponse { handle: id, ..reply })
+    })
+    .await
+}
+
+pub async fn manifest(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::ManifestRequest::decode(payload)?;
+    let crcs = match get(session, req.handle)? {
+        Handle::Read { manifest, .. } => manifest.crcs.clone(),
+        Handle::Write(u) => u.crcs(),
+    };
+    let count = match req.count {
+        0 => MANIFEST_PAGE,
+        n => n.min(MANIFEST_PAGE),
+    } as usize;
+    let first = (req.first_chunk as usize).min(crcs.len());
+    let end = (first + count).min(crcs.len());
+    encoded(msg::ManifestResponse {
+        first_chunk: first as u32,
+        crc32: crcs[first..end].to_vec(),
+    })
+}
+
+/// Answers a READ with one DATA frame per chunk, sent by the writer from the open fd. Each
+/// chunk waits its turn in the writer queue, so streams interleave chunk by chunk.
+pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
+    let (file, manifest, req) = match prepare_read(session, payload).await {
+        Ok(x) => x,
+        Err(e) => return st.fail(e).await,
+    };
+    let last = req.first_chunk + req.count - 1;
+    for i in req.first_chunk..=last {
+        if st.cancel.is_cancelled() {
+            return st
+                .fail(Failure::new(ErrorCode::Cancelled, "cancelled"))
+                .await;
+        }
+        let len = chunk_len(manifest.size, manifest.chunk_size, i);
+        let item = Outgoing::File {
+            header: Header::data(
+                st.cmd,
+                st.stream_id,
+                len,
+                manifest.crcs[i as usize],
+                i == last,
+            ),
+            file: file.clone(),
+            offset: i as u64 * manifest.chunk_size as u64,
+        };
+        if i == last {
+            return st.finish(item).await;
+        }
+        if !st.send(item).await {
+            return;
+        }
+    }
+}
+
+async fn prepare_read(
+    session: &Arc<Session>,
+    payload: Bytes,
+) -> Result<(Arc<File>, Arc<Manifest>, msg::ReadRequest), Failure> {
+    let req = msg::ReadRequest::decode(payload)?;
+    let Handle::Read { file, manifest } = get(session, req.handle)? else {
+        return Err(Failure::new(ErrorCode::BadHandle, "READ on a write handle"));
+    };
+    let n = manifest.crcs.len() as u32;
+    if req.count == 0
+        || req.count > MAX_READ_CHUNKS
+        || req
+            .first_chunk
+            .checked_add(req.count)
+            .is_none_or(|end| end > n)
+    {
+        return Err(Failure::new(
+            ErrorCode::BadRequest,
+            format!(
+                "chunks {}+{} outside 0..{n} or over {MAX_READ_CHUNKS}",
+                req.first_chunk, req.count
+            ),
+        ));
+    }
+    // Content changed in place since the manifest was made: say so rather than send chunks
+    // whose checksums cannot match.
+    let meta = file
+        .metadata()
+        .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?;
+    let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+    if meta.size() != manifest.size || mtime_ns != manifest.mtime_ns {
+        return Err(Failure::new(
+            ErrorCode::Changed,
+            "file changed since it was opened",
+        ));
+    }
+    Ok((file, manifest, req))
+}
+
+/// Stores one uploaded chunk (already CRC-checked by the codec) and acknowledges it.
+pub async fn write(session: Arc<Session>, req: msg::WriteRequest, data: Frame, st: StreamTx) {
+    let result = async {
+        let Handle::Write(upload) = get(&session, req.handle)? else {
+            return Err(Failure::new(ErrorCode::BadHandle, "WRITE on a read handle"));
+        };
+        let crc = data.header.checksum;
+        let durable =
+            tokio::task::spawn_blocking(move || upload.write_chunk(req.chunk, &data.payload, crc))
+                .await??;
+        Ok(msg::WriteAck {
+            chunk: req.chunk,
+            durable,
+        })
+    }
+    .await;
+    match result {
+        Ok(ack) => st.reply(&ack).await,
+        Err(e) => st.fail(e).await,
+    }
+}
+
+pub async fn commit(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::CommitRequest::decode(payload)?;
+    let Handle::Write(upload) = get(session, req.handle)? else {
+        return Err(Failure::new(
+            ErrorCode::BadHandle,
+            "COMMIT on a read handle",
+        ));
+    };
+    let (size, identity) =
+        blocking(session, move |s| Ok(upload.commit(&req.blake3, s.root())?)).await?;
+    session.handles.lock().unwrap().map.remove(&req.handle);
+    session
+        .server
+        .stats
+        .uploads_committed
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(handle = req.handle, size, "upload committed");
+    encoded(msg::CommitResponse { size, identity })
+}
+
+pub async fn close(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::CloseRequest::decode(payload)?;
+    let h = session.handles.lock().unwrap().map.remove(&req.handle);
+    if h.is_none() {
+        return Err(Failure::new(
+            ErrorCode::BadHandle,
+            format!("no handle {}", req.handle),
+        ));
+    }
+    // Dropping the last reference to an upload syncs it off the reactor.
+    if let Some(Handle::Write(u)) = h {
+        tokio::task::spawn_blocking(move || drop(u));
+    }
+    encoded(msg::Ok {})
+}

@@ -1,0 +1,353 @@
+//! Integration-test harness shared by every test file: real `fsd` processes on 127.0.0.1:0 with
+//! a temp root, the real `fsc` binary, raw protocol connections, and file helpers.
+#![allow(dead_code, clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use fsd::protocol::{flags, msg, Cmd, Frame, FrameCodec};
+use prost::Message;
+use tokio_util::codec::Decoder;
+
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+pub fn fsd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fsd"))
+}
+
+/// The fsc binary sits beside fsd in the same target dir (built by `cargo test --workspace`).
+pub fn fsc_bin() -> PathBuf {
+    let p = fsd_bin().with_file_name("fsc");
+    assert!(
+        p.exists(),
+        "{} missing: run the tests with `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// A running fsd process.
+pub struct Fsd {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    extra: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fsd {
+    /// fsd on a fresh temp root.
+    pub fn start() -> Fsd {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let mut s = Fsd::start_on(&root, &[]);
+        s._dir = Some(dir);
+        s
+    }
+
+    /// fsd serving `root` with extra arguments (default token unless --token-file is given).
+    pub fn start_on(root: &Path, extra: &[&str]) -> Fsd {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Fsd::spawn(root, "127.0.0.1:0", extra)
+    }
+
+    fn spawn(root: &Path, listen: &str, extra: Vec<String>) -> Fsd {
+        let log = std::env::temp_dir().join(format!(
+            "fsd-test-{}-{}.log",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let mut cmd = Command::new(fsd_bin());
+        cmd.arg("--root").arg(root).arg("--listen").arg(listen);
+        if !extra.iter().any(|a| a == "--token-file" || a == "--token") {
+            cmd.arg("--token").arg(TOKEN);
+        }
+        cmd.args(&extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("FSD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn fsd");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log_path = log.clone();
+        // Forward fsd's stderr to a log file; report the bound address from its first line.
+        std::thread::spawn(move || {
+            let mut out = std::fs::File::create(&log_path).unwrap();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("fsd: listening on ") {
+                    let addr = rest.split(',').next().unwrap().to_string();
+                    let _ = tx.send(addr);
+                }
+                let _ = writeln!(out, "{line}");
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "fsd did not start; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let state = extra
+            .iter()
+            .position(|a| a == "--state-dir")
+            .map(|i| PathBuf::from(&extra[i + 1]))
+            .unwrap_or_else(|| root.join(".fsd-state"));
+        Fsd {
+            child,
+            addr: addr.parse().unwrap(),
+            root: root.to_path_buf(),
+            state,
+            log,
+            extra,
+            _dir: None,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL, then start again on the same port with the same root and arguments.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let listen = self.addr.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let new = loop {
+            match std::panic::catch_unwind(|| Fsd::spawn(&self.root, &listen, self.extra.clone())) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => std::panic::resume_unwind(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let mut old = std::mem::replace(self, new);
+        self._dir = old._dir.take();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Fsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- fsd log ({}) ----\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) ^ (Instant::now().elapsed().as_nanos() as u64)
+}
+
+/// `fsc` with the test token.
+pub fn fsc(args: &[&str]) -> Command {
+    let mut c = Command::new(fsc_bin());
+    c.args(args)
+        .env("FSC_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs fsc and asserts success, returning stdout.
+pub fn fsc_ok(args: &[&str]) -> Output {
+    let out = fsc(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fsc {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// NDJSON events printed by `fsc --json`.
+pub fn events(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write_random(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let data = random_bytes(len, seed);
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+pub fn assert_same_file(a: &Path, b: &Path) {
+    let x = std::fs::read(a).unwrap_or_else(|e| panic!("{}: {e}", a.display()));
+    let y = std::fs::read(b).unwrap_or_else(|e| panic!("{}: {e}", b.display()));
+    assert!(
+        x.len() == y.len() && x == y,
+        "{} ({} bytes) != {} ({} bytes)",
+        a.display(),
+        x.len(),
+        b.display(),
+        y.len()
+    );
+}
+
+/// A raw protocol connection for tests that misbehave on purpose.
+pub struct Raw {
+    pub sock: TcpStream,
+    codec: FrameCodec,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Raw {
+            sock,
+            codec: FrameCodec::new(16 << 20),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connected, Hello'd and authenticated.
+    pub fn authed(addr: SocketAddr) -> Raw {
+        let mut r = Raw::connect(addr);
+        r.send_msg(
+            Cmd::HELLO,
+            0,
+            flags::END,
+            &msg::Hello {
+                version: 1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.recv().unwrap().cmd(), Cmd::HELLO);
+        let f = r.call(
+            Cmd::AUTH,
+            1,
+            &msg::Auth {
+                token: TOKEN.into(),
+            },
+        );
+        assert!(!f.header.is_error(), "auth failed");
+        r
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.sock.write_all(b)
+    }
+
+    pub fn send(&mut self, f: &Frame) -> std::io::Result<()> {
+        let mut b = BytesMut::new();
+        f.header.encode(&mut b);
+        b.extend_from_slice(&f.payload);
+        self.sock.write_all(&b)
+    }
+
+    pub fn send_msg(&mut self, cmd: Cmd, sid: u32, fl: u8, m: &impl Message) {
+        self.send(&Frame::message(cmd, sid, fl, m)).unwrap();
+    }
+
+    /// Next frame; None on EOF, timeout or a decode error.
+    pub fn recv(&mut self) -> Option<Frame> {
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(Ok(f))) => return Some(f),
+                Ok(Some(Err(_))) | Err(_) => return None,
+                Ok(None) => {}
+            }
+            let mut tmp = [0u8; 65536];
+            match self.sock.read(&mut tmp) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    /// Sends a request with END and returns its single reply.
+    pub fn call(&mut self, cmd: Cmd, sid: u32, m: &impl Message) -> Frame {
+        self.send_msg(cmd, sid, flags::END, m);
+        self.recv().expect("reply")
+    }
+
+    /// Whether the server closed the connection (EOF within the read timeout).
+    pub fn closed(&mut self) -> bool {
+        let mut tmp = [0u8; 1024];
+        loop {
+            match self.sock.read(&mut tmp) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// The error carried by an ERROR frame.
+pub fn error_of(f: &Frame) -> msg::Error {
+    assert!(
+        f.header.is_error(),
+        "expected an error frame, got {:?}",
+        f.header
+    );
+    msg::Error::decode(f.payload.clone()).unwrap()
+}
+
+pub fn payload(m: &impl Message) -> Bytes {
+    Bytes::from(m.encode_to_vec())
+}

@@ -1,0 +1,418 @@
+//! fsd over raw frames: the handshake, namespace commands, reads and writes, and every kind of
+//! bad input, each refused with its error while the server keeps serving.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame, Header, HEADER_LEN, MAGIC};
+
+fn code(f: &Frame) -> ErrorCode {
+    ErrorCode::from_u32(error_of(f).code).unwrap()
+}
+
+/// Opens `path` for reading and pulls every chunk, returning the bytes.
+fn download(r: &mut Raw, path: &str, sid: u32) -> (msg::OpenResponse, Vec<u8>) {
+    let f = r.call(
+        Cmd::OPEN,
+        sid,
+        &msg::OpenRequest {
+            path: path.into(),
+            ..Default::default()
+        },
+    );
+    assert!(!f.header.is_error(), "open {path}: {:?}", error_of(&f));
+    let open: msg::OpenResponse = f.decode().unwrap();
+    let mut data = Vec::new();
+    if open.chunk_count > 0 {
+        r.send_msg(
+            Cmd::READ,
+            sid,
+            flags::END,
+            &msg::ReadRequest {
+                handle: open.handle,
+                first_chunk: 0,
+                count: open.chunk_count,
+            },
+        );
+        for i in 0..open.chunk_count {
+            let f = r.recv().unwrap();
+            assert!(f.header.is_data(), "chunk {i}: {:?}", f.header);
+            assert_eq!(f.header.is_end(), i + 1 == open.chunk_count);
+            data.extend_from_slice(&f.payload);
+        }
+    }
+    (open, data)
+}
+
+#[test]
+fn handshake_list_stat_and_download() {
+    let s = Fsd::start();
+    let data = write_random(&s.root.join("dir/a.bin"), 3 * 1024 * 1024 + 17, 1);
+    std::fs::write(s.root.join("b.txt"), "hello").unwrap();
+    std::os::unix::fs::symlink("b.txt", s.root.join("link")).unwrap();
+    let mut r = Raw::connect(s.addr);
+    r.send_msg(
+        Cmd::HELLO,
+        0,
+        flags::END,
+        &msg::Hello {
+            version: 1,
+            chunk_size: 1 << 20,
+            ..Default::default()
+        },
+    );
+    let hello: msg::Hello = r.recv().unwrap().decode().unwrap();
+    assert_eq!((hello.version, hello.chunk_size), (1, 1 << 20));
+    // Nothing but Hello/Auth/Ping before Auth.
+    assert_eq!(
+        code(&r.call(Cmd::LIST, 1, &msg::ListRequest::default())),
+        ErrorCode::NotAuthenticated
+    );
+    let pong: msg::Ping = r
+        .call(Cmd::PING, 1, &msg::Ping { nonce: 42 })
+        .decode()
+        .unwrap();
+    assert_eq!(pong.nonce, 42);
+    assert!(!r
+        .call(
+            Cmd::AUTH,
+            1,
+            &msg::Auth {
+                token: TOKEN.into()
+            }
+        )
+        .header
+        .is_error());
+
+    let list: msg::ListResponse = r
+        .call(Cmd::LIST, 2, &msg::ListRequest::default())
+        .decode()
+        .unwrap();
+    let names: Vec<_> = list
+        .entries
+        .iter()
+        .map(|e| (e.name.as_str(), e.kind))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("b.txt", msg::Kind::File as i32),
+            ("dir", msg::Kind::Dir as i32),
+            ("link", msg::Kind::Symlink as i32)
+        ]
+    );
+    let st: msg::StatResponse = r
+        .call(
+            Cmd::STAT,
+            2,
+            &msg::StatRequest {
+                path: "dir/a.bin".into(),
+            },
+        )
+        .decode()
+        .unwrap();
+    assert_eq!(st.entry.unwrap().size, data.len() as u64);
+
+    let (open, got) = download(&mut r, "dir/a.bin", 3);
+    assert_eq!(open.chunk_count, 4);
+    assert_eq!(open.blake3, blake3::hash(&data).as_bytes().to_vec());
+    assert!(got == data);
+    let m: msg::ManifestResponse = r
+        .call(
+            Cmd::MANIFEST,
+            3,
+            &msg::ManifestRequest {
+                handle: open.handle,
+                first_chunk: 0,
+                count: 0,
+            },
+        )
+        .decode()
+        .unwrap();
+    assert_eq!(m.crc32[3], crc32fast::hash(&data[3 << 20..]));
+    assert!(!r
+        .call(
+            Cmd::CLOSE,
+            3,
+            &msg::CloseRequest {
+                handle: open.handle
+            }
+        )
+        .header
+        .is_error());
+    assert_eq!(
+        code(&r.call(
+            Cmd::CLOSE,
+            3,
+            &msg::CloseRequest {
+                handle: open.handle
+            }
+        )),
+        ErrorCode::BadHandle
+    );
+}
+
+#[test]
+fn upload_write_commit_publishes_atomically() {
+    let s = Fsd::start();
+    let data = random_bytes(2 * 1024 * 1024 + 5, 2);
+    let mut r = Raw::authed(s.addr);
+    let open: msg::OpenResponse = r
+        .call(
+            Cmd::OPEN,
+            1,
+            &msg::OpenRequest {
+                path: "up.bin".into(),
+                mode: msg::OpenMode::OpenWrite as i32,
+                size: data.len() as u64,
+                resume_key: "k".into(),
+                ..Default::default()
+            },
+        )
+        .decode()
+        .unwrap();
+    assert_eq!(open.chunk_count, 3);
+    assert_eq!(open.bitmap, vec![0]);
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        r.send_msg(
+            Cmd::WRITE,
+            5,
+            0,
+            &msg::WriteRequest {
+                handle: open.handle,
+                chunk: i as u32,
+            },
+        );
+        r.send(&Frame::new(
+            Cmd::WRITE,
+            5,
+            flags::DATA | flags::END,
+            Bytes::copy_from_slice(chunk),
+        ))
+        .unwrap();
+        let ack: msg::WriteAck = r.recv().unwrap().decode().unwrap();
+        assert_eq!(ack.chunk, i as u32);
+        assert!(
+            !s.root.join("up.bin").exists(),
+            "nothing at the final path before commit"
+        );
+    }
+    // A wrong hash is refused and publishes nothing.
+    let bad = r.call(
+        Cmd::COMMIT,
+        1,
+        &msg::CommitRequest {
+            handle: open.handle,
+            blake3: vec![0; 32],
+        },
+    );
+    assert_eq!(code(&bad), ErrorCode::HashMismatch);
+    assert!(!s.root.join("up.bin").exists());
+    let ok: msg::CommitResponse = r
+        .call(
+            Cmd::COMMIT,
+            1,
+            &msg::CommitRequest {
+                handle: open.handle,
+                blake3: blake3::hash(&data).as_bytes().to_vec(),
+            },
+        )
+        .decode()
+        .unwrap();
+    assert_eq!(ok.size, data.len() as u64);
+    assert!(std::fs::read(s.root.join("up.bin")).unwrap() == data);
+}
+
+#[test]
+fn bad_input_gets_its_error_and_the_server_keeps_serving() {
+    let s = Fsd::start();
+    std::fs::write(s.root.join("f"), "x").unwrap();
+
+    // Unknown command: error, connection stays usable.
+    let mut r = Raw::authed(s.addr);
+    assert_eq!(
+        code(&r.call(Cmd(0x7777), 9, &msg::Ok {})),
+        ErrorCode::UnknownCommand
+    );
+    // Malformed protobuf.
+    r.send(&Frame::new(
+        Cmd::STAT,
+        9,
+        flags::END,
+        Bytes::from_static(&[0xff, 0xff, 0xff]),
+    ))
+    .unwrap();
+    assert_eq!(code(&r.recv().unwrap()), ErrorCode::BadRequest);
+    // Wrong checksum: framing survives, the stream gets ChecksumMismatch.
+    let mut f = Frame::message(
+        Cmd::STAT,
+        9,
+        flags::END,
+        &msg::StatRequest { path: "f".into() },
+    );
+    f.header.checksum ^= 1;
+    r.send(&f).unwrap();
+    assert_eq!(code(&r.recv().unwrap()), ErrorCode::ChecksumMismatch);
+    // Paths that escape.
+    for p in [
+        "../etc/passwd",
+        "/etc/passwd",
+        "a/../../x",
+        "a\0b",
+        ".fsd-state/uploads",
+    ] {
+        let f = r.call(Cmd::STAT, 9, &msg::StatRequest { path: p.into() });
+        assert_eq!(code(&f), ErrorCode::InvalidPath, "{p:?}");
+    }
+    // DATA without a WRITE; READ on a bogus handle.
+    r.send(&Frame::new(
+        Cmd::WRITE,
+        11,
+        flags::DATA | flags::END,
+        Bytes::from_static(b"zz"),
+    ))
+    .unwrap();
+    assert_eq!(code(&r.recv().unwrap()), ErrorCode::BadStream);
+    assert_eq!(
+        code(&r.call(
+            Cmd::READ,
+            12,
+            &msg::ReadRequest {
+                handle: 999,
+                first_chunk: 0,
+                count: 1
+            }
+        )),
+        ErrorCode::BadHandle
+    );
+    let st = r.call(Cmd::STAT, 13, &msg::StatRequest { path: "f".into() });
+    assert!(!st.header.is_error());
+
+    // Huge length: LimitExceeded, then close, without allocating it.
+    let mut r2 = Raw::authed(s.addr);
+    let h = Header {
+        version: 1,
+        flags: 0,
+        cmd: Cmd::STAT,
+        stream_id: 3,
+        payload_len: u32::MAX,
+        checksum: 0,
+    };
+    r2.send_bytes(&h.to_bytes()).unwrap();
+    assert_eq!(code(&r2.recv().unwrap()), ErrorCode::LimitExceeded);
+    assert!(r2.closed());
+    // Wrong version: UnsupportedVersion, then close.
+    let mut r3 = Raw::connect(s.addr);
+    let h = Header {
+        version: 9,
+        flags: 0,
+        cmd: Cmd::HELLO,
+        stream_id: 0,
+        payload_len: 0,
+        checksum: 0,
+    };
+    r3.send_bytes(&h.to_bytes()).unwrap();
+    assert_eq!(code(&r3.recv().unwrap()), ErrorCode::UnsupportedVersion);
+    assert!(r3.closed());
+    // Garbage: closed.
+    let mut r4 = Raw::connect(s.addr);
+    r4.send_bytes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(r4.recv().is_some_and(|f| f.header.is_error()));
+    assert!(r4.closed());
+    // Truncated header, then hang up: nothing breaks.
+    let mut r5 = Raw::connect(s.addr);
+    r5.send_bytes(&MAGIC.to_be_bytes()[..3]).unwrap();
+    drop(r5);
+
+    // The first connection still works.
+    let st = r.call(Cmd::STAT, 14, &msg::StatRequest { path: "f".into() });
+    assert!(!st.header.is_error());
+    let _ = HEADER_LEN;
+}
+
+#[test]
+fn failed_auth_is_slowed_and_closed_after_three() {
+    let s = Fsd::start();
+    let mut r = Raw::connect(s.addr);
+    let t0 = Instant::now();
+    for i in 0..3 {
+        let f = r.call(
+            Cmd::AUTH,
+            1,
+            &msg::Auth {
+                token: format!("wrong{i}"),
+            },
+        );
+        assert_eq!(code(&f), ErrorCode::AuthFailed);
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "failures must be delayed"
+    );
+    assert!(r.closed());
+}
+
+#[test]
+fn unauthenticated_connections_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Fsd::start_on(dir.path(), &["--auth-timeout", "1"]);
+    let mut r = Raw::connect(s.addr);
+    let f = r.recv().expect("timeout error");
+    assert_eq!(code(&f), ErrorCode::Timeout);
+    assert!(r.closed());
+}
+
+#[test]
+fn stream_and_handle_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random(&dir.path().join("big"), 64 << 20, 3);
+    let s = Fsd::start_on(dir.path(), &["--max-streams", "2", "--max-handles", "2"]);
+    let mut r = Raw::authed(s.addr);
+    let open = |r: &mut Raw| {
+        r.call(
+            Cmd::OPEN,
+            1,
+            &msg::OpenRequest {
+                path: "big".into(),
+                ..Default::default()
+            },
+        )
+    };
+    let h1: msg::OpenResponse = open(&mut r).decode().unwrap();
+    let _h2: msg::OpenResponse = open(&mut r).decode().unwrap();
+    assert_eq!(code(&open(&mut r)), ErrorCode::LimitExceeded);
+    // Two long reads occupy both streams; a third request is refused, not queued.
+    for sid in [10, 11] {
+        r.send_msg(
+            Cmd::READ,
+            sid,
+            flags::END,
+            &msg::ReadRequest {
+                handle: h1.handle,
+                first_chunk: 0,
+                count: 64,
+            },
+        );
+    }
+    r.send_msg(
+        Cmd::STAT,
+        12,
+        flags::END,
+        &msg::StatRequest { path: "big".into() },
+    );
+    let mut limited = false;
+    let mut ends = 0;
+    while ends < 2 {
+        let f = r.recv().unwrap();
+        if f.stream_id() == 12 {
+            limited = code(&f) == ErrorCode::LimitExceeded;
+        } else if f.header.is_end() {
+            ends += 1;
+        }
+    }
+    assert!(limited);
+}
