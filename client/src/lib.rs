@@ -1,1 +1,59 @@
+//! fsc: the client library and CLI for fsd.
+//!
+//! Downloads and uploads that resume, verify and show their progress, over fsd's framed
+//! protocol (docs/PROTOCOL.md). The `fsc` binary is a thin layer over [`Client`]:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fsc::Error> {
+//! use std::sync::Arc;
+//! let opts = fsc::Options {
+//!     token: std::env::var("FSC_TOKEN").ok(),
+//!     connections: 4,
+//!     on_event: Some(Arc::new(|e: &fsc::Event| eprintln!("{e:?}"))),
+//!     ..Default::default()
+//! };
+//! let client = fsc::Client::connect("127.0.0.1:7070", opts).await?;
+//! client.download("data/big.bin", "big.bin".as_ref()).await?;
+//! client.upload("notes.txt".as_ref(), "inbox/notes.txt", &fsc::UploadOptions::default()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules:
+//! - `conn`: one multiplexed connection (reader/writer tasks, stream ids, stall watchdog).
+//! - `client`: [`Client`], its connection pool, retries with backoff, list/stat/mkdir/rm/mv.
+//! - `download`: pipelined, verified, resumable downloads into `NAME.fsc-part` + a state file.
+//! - `upload`: resumable uploads driven by the server's chunk bitmap.
+//! - `state`: the `.fsc-state` file of a partial download.
+//! - `tree`: `-r` transfers; downloads write only beneath their destination directory.
+//! - [`progress`]: [`Event`]s and the CLI's [`progress::Reporter`] (bars, NDJSON, quiet).
+//!
+//! # Integrity
+//! Every chunk is checked by CRC32 as it arrives (a bad one is fetched again) and the whole file
+//! by BLAKE3, built from per-chunk subtree hashes as data arrives (`fsd::integrity`), never in
+//! a second pass. A download appears under its final name only once verified and synced.
+//!
+//! # Exit codes of `fsc`
+//! | code | meaning |
+//! |---|---|
+//! | 0 | everything arrived and verified |
+//! | 1 | usage or local error |
+//! | 2 | the server refused (not found, permission, exists, invalid path, ...) |
+//! | 3 | integrity failure after retries |
+//! | 4 | connection failed (refused, lost, stalled) after retries |
 
+mod client;
+mod conn;
+mod download;
+mod error;
+pub mod progress;
+mod state;
+mod tree;
+mod upload;
+
+pub use client::{Client, Entry, Kind, Options, Transfer};
+pub use conn::MAX_DATA_FRAME;
+pub use download::Dest;
+pub use error::{Error, Result};
+pub use progress::{Event, EventFn};
+pub use tree::TreeSummary;
+pub use upload::UploadOptions;

@@ -1,1 +1,450 @@
-fn main() {}
+//! fsc: the command-line client of fsd. A thin layer over the `fsc` library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use fsc::progress::{Mode, Reporter};
+use fsc::{Client, Dest, Event, Options, TreeSummary, UploadOptions};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  everything arrived and verified
+  1  usage or local error
+  2  the server refused (not found, permission denied, exists, invalid path, ...)
+  3  integrity failure after retries
+  4  connection failed (refused, lost, stalled) after retries";
+
+/// Resumable, verified file transfers with an fsd server.
+#[derive(Parser, Debug)]
+#[command(name = "fsc", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Access token (or set FSC_TOKEN).
+    #[arg(long, env = "FSC_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Print NDJSON events (one object per line, with an "event" field) instead of bars.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress output.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// Retries after a lost connection, a stall or a retryable server error.
+    #[arg(long, default_value_t = 5, global = true, value_name = "N")]
+    retries: u32,
+    /// Seconds without any data (while waiting for some) before a connection is dropped.
+    #[arg(long, default_value_t = 30.0, global = true, value_name = "SECS")]
+    stall_timeout: f64,
+}
+
+#[derive(Args, Debug)]
+struct Transfer {
+    /// Transfer a directory tree.
+    #[arg(short, long)]
+    recursive: bool,
+    /// Parallel connections: one big file is split across them, many files spread over them.
+    #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Download a file (or a directory with -r); re-run to resume.
+    #[command(after_help = "Examples:
+  fsc download 127.0.0.1:7070 isos/big.iso            # -> ./big.iso
+  fsc download -j 4 127.0.0.1:7070 isos/big.iso /tmp/big.iso
+  fsc download 127.0.0.1:7070 logs/today.log - | less  # to stdout
+  fsc download -r 127.0.0.1:7070 photos ./photos")]
+    Download {
+        /// Server address.
+        #[arg(value_name = "HOST:PORT")]
+        server: String,
+        /// Remote path.
+        remote: String,
+        /// Local path (default: the remote base name in the current directory; `-`: stdout).
+        local: Option<String>,
+        #[command(flatten)]
+        t: Transfer,
+    },
+    /// Upload a file (or a directory with -r); re-run to resume.
+    #[command(after_help = "Examples:
+  fsc upload 127.0.0.1:7070 big.iso isos/big.iso
+  fsc upload -r -j 4 127.0.0.1:7070 ./photos backup/photos")]
+    Upload {
+        #[arg(value_name = "HOST:PORT")]
+        server: String,
+        /// Local file or directory.
+        local: PathBuf,
+        /// Remote path (default: the local base name, at the root).
+        remote: Option<String>,
+        /// Fail instead of replacing an existing remote file.
+        #[arg(long)]
+        no_clobber: bool,
+        #[command(flatten)]
+        t: Transfer,
+    },
+    /// List a remote directory.
+    #[command(after_help = "Example:\n  fsc ls 127.0.0.1:7070 isos")]
+    Ls {
+        #[arg(value_name = "HOST:PORT")]
+        server: String,
+        /// Remote directory (default: the root).
+        #[arg(default_value = "")]
+        path: String,
+    },
+    /// Show a remote path's metadata.
+    #[command(after_help = "Example:\n  fsc stat 127.0.0.1:7070 isos/big.iso")]
+    Stat {
+        #[arg(value_name = "HOST:PORT")]
+        server: String,
+        path: String,
+    },
+    /// Create a remote directory.
+    #[command(after_help = "Example:\n  fsc mkdir -p 127.0.0.1:7070 backup/2026/11")]
+    Mkdir {
+        #[arg(value_name = "HOST:PORT")]
+        server: String,
+        path: String,
+        /// Create missing parents; no error if it exists.
+        #[arg(short, long)]
+        parents: bool,
+    },
+    /// Remove a remote file or directory.
+    #[command(after_help = "Example:\n  fsc rm -r 127.0.0.1:7070 backup/old")]
+    Rm {
+        #[arg(value_name = "HOST:PORT")]
+        server: String,
+        path: String,
+        /// Remove a directory and everything in it.
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Rename a remote path.
+    #[command(after_help = "Example:\n  fsc mv 127.0.0.1:7070 inbox/a.txt archive/a.txt")]
+    Mv {
+        #[arg(value_name = "HOST:PORT")]
+        server: String,
+        from: String,
+        to: String,
+        /// Fail if the destination exists.
+        #[arg(long)]
+        no_clobber: bool,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  fsc completions bash > /etc/bash_completion.d/fsc")]
+    Completions { shell: clap_complete::Shell },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version are not errors; usage errors exit 1 (2 means "remote refused").
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    ExitCode::from(rt.block_on(run(cli)) as u8)
+}
+
+/// Runs the command; returns the exit code.
+async fn run(cli: Cli) -> i32 {
+    let data_on_stdout = matches!(&cli.cmd, Cmd::Download { local: Some(l), .. } if l == "-");
+    let mode = if cli.global.json {
+        Mode::Json {
+            to_stderr: data_on_stdout,
+        }
+    } else if cli.global.quiet || !std::io::stderr().is_terminal() {
+        Mode::Quiet
+    } else {
+        Mode::Bars
+    };
+    let reporter = Reporter::new(mode);
+    let r = dispatch(cli, &reporter).await;
+    reporter.finish();
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<fsc::Error>()
+                .map_or(1, fsc::Error::exit_code);
+            if let Mode::Json { .. } = mode {
+                reporter.event(&Event::Error {
+                    path: String::new(),
+                    code,
+                    message: format!("{e:#}"),
+                });
+            }
+            eprintln!("fsc: {e:#}");
+            code
+        }
+    }
+}
+
+fn options(g: &Global, jobs: u16, reporter: &std::sync::Arc<Reporter>) -> anyhow::Result<Options> {
+    anyhow::ensure!(
+        g.stall_timeout.is_finite() && g.stall_timeout > 0.0,
+        "--stall-timeout must be positive"
+    );
+    Ok(Options {
+        token: g.token.clone(),
+        connections: jobs as usize,
+        retries: g.retries,
+        stall_timeout: Duration::from_secs_f64(g.stall_timeout),
+        on_event: Some(reporter.callback()),
+        ..Options::default()
+    })
+}
+
+async fn connect(server: &str, opts: Options) -> anyhow::Result<Client> {
+    Ok(Client::connect(server, opts).await?)
+}
+
+/// Exit code of a transfer whose per-file errors were already reported as events.
+fn reported(r: fsc::Result<()>, path: &str, quiet: bool) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            if !quiet {
+                eprintln!("fsc: {path}: {e}");
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn tree_code(s: &TreeSummary, quiet: bool) -> i32 {
+    if !quiet {
+        for (path, e) in &s.failed {
+            eprintln!("fsc: {path}: {e}");
+        }
+    }
+    s.exit_code()
+}
+
+async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Result<i32> {
+    let g = &cli.global;
+    // In JSON mode the error events already say it; don't say it twice on stderr.
+    let quiet = g.json;
+    match cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "fsc", &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Download {
+            server,
+            remote,
+            local,
+            t,
+        } => {
+            let client = connect(&server, options(g, t.jobs, reporter)?).await?;
+            let default_local = || -> anyhow::Result<PathBuf> {
+                let base = remote
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("");
+                anyhow::ensure!(
+                    !base.is_empty() && base != "." && base != "..",
+                    "{remote:?} has no base name: give a local path"
+                );
+                Ok(PathBuf::from(base))
+            };
+            if t.recursive {
+                let local = match local {
+                    Some(l) if l == "-" => anyhow::bail!("-r cannot write to stdout"),
+                    Some(l) => PathBuf::from(l),
+                    None => default_local()?,
+                };
+                let s = client.download_tree(&remote, &local).await?;
+                return Ok(tree_code(&s, quiet));
+            }
+            let dest = match local {
+                Some(l) if l == "-" => Dest::Stdout,
+                Some(l) => Dest::Path(l.into()),
+                None => Dest::Path(default_local()?),
+            };
+            let r = client.download_to(&remote, dest).await.map(|_| ());
+            Ok(reported(r, &remote, quiet))
+        }
+        Cmd::Upload {
+            server,
+            local,
+            remote,
+            no_clobber,
+            t,
+        } => {
+            let remote = match remote {
+                Some(r) => r,
+                None => local
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_string)
+                    .with_context(|| format!("{}: no usable base name", local.display()))?,
+            };
+            let client = connect(&server, options(g, t.jobs, reporter)?).await?;
+            let opts = UploadOptions { no_clobber };
+            if t.recursive {
+                let s = client.upload_tree(&local, &remote, &opts).await?;
+                return Ok(tree_code(&s, quiet));
+            }
+            let r = client.upload(&local, &remote, &opts).await.map(|_| ());
+            Ok(reported(r, &remote, quiet))
+        }
+        Cmd::Ls { server, path } => {
+            let client = connect(&server, options(g, 1, reporter)?).await?;
+            for e in client.list(&path).await? {
+                if g.json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    println!("{}", format_entry(&e));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Stat { server, path } => {
+            let client = connect(&server, options(g, 1, reporter)?).await?;
+            let e = client.stat(&path).await?;
+            if g.json {
+                println!("{}", serde_json::to_string(&e)?);
+            } else {
+                println!("{}", format_entry(&e));
+            }
+            Ok(0)
+        }
+        Cmd::Mkdir {
+            server,
+            path,
+            parents,
+        } => {
+            let client = connect(&server, options(g, 1, reporter)?).await?;
+            client.mkdir(&path, parents, 0).await?;
+            Ok(0)
+        }
+        Cmd::Rm {
+            server,
+            path,
+            recursive,
+        } => {
+            let client = connect(&server, options(g, 1, reporter)?).await?;
+            client.remove(&path, recursive).await?;
+            Ok(0)
+        }
+        Cmd::Mv {
+            server,
+            from,
+            to,
+            no_clobber,
+        } => {
+            let client = connect(&server, options(g, 1, reporter)?).await?;
+            client.rename(&from, &to, no_clobber).await?;
+            Ok(0)
+        }
+    }
+}
+
+/// `drwxr-xr-x     4096 2026-11-22 10:00:00 name/`
+fn format_entry(e: &fsc::Entry) -> String {
+    let kind = match e.kind {
+        fsc::Kind::Dir => 'd',
+        fsc::Kind::Symlink => 'l',
+        fsc::Kind::File => '-',
+        fsc::Kind::Other => '?',
+    };
+    let mut perms = String::with_capacity(9);
+    for shift in [6, 3, 0] {
+        let b = (e.mode >> shift) & 7;
+        perms.push(if b & 4 != 0 { 'r' } else { '-' });
+        perms.push(if b & 2 != 0 { 'w' } else { '-' });
+        perms.push(if b & 1 != 0 { 'x' } else { '-' });
+    }
+    let secs = e.mtime_ns.div_euclid(1_000_000_000);
+    let name = match (&e.kind, &e.target) {
+        (fsc::Kind::Dir, _) => format!("{}/", e.name),
+        (fsc::Kind::Symlink, Some(t)) => format!("{} -> {t}", e.name),
+        _ => e.name.clone(),
+    };
+    format!("{kind}{perms} {:>12} {} {name}", e.size, utc(secs))
+}
+
+/// A Unix time as `YYYY-MM-DD HH:MM:SS` (UTC), without a date crate.
+fn utc(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dates_format_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let c = Cli::try_parse_from([
+            "fsc",
+            "download",
+            "-j",
+            "4",
+            "h:1",
+            "a/b",
+            "--json",
+            "--retries",
+            "2",
+        ])
+        .unwrap();
+        assert!(c.global.json);
+        assert_eq!(c.global.retries, 2);
+        assert!(matches!(
+            c.cmd,
+            Cmd::Download {
+                t: Transfer { jobs: 4, .. },
+                ..
+            }
+        ));
+    }
+}

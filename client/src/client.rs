@@ -1,0 +1,353 @@
+//! [`Client`]: a pool of connections to one server, the retry policy, and the small commands
+//! (list, stat, mkdir, remove, rename). Transfers live in `download`, `upload` and `tree`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fsd::protocol::{msg, Cmd};
+use serde::Serialize;
+use tracing::debug;
+
+use crate::conn::{Conn, ConnOptions};
+use crate::error::{Error, Result};
+use crate::progress::{Event, EventFn};
+
+/// How a [`Client`] connects, retries and reports.
+#[derive(Clone)]
+pub struct Options {
+    /// Bearer token sent in Auth.
+    pub token: Option<String>,
+    /// Parallel connections (`-j`): one big file is split across them, many files spread over
+    /// them.
+    pub connections: usize,
+    /// Retries after a recoverable failure (connection lost, stall, retryable server error),
+    /// with exponential backoff; the count restarts whenever a retry made progress.
+    pub retries: u32,
+    /// First backoff delay; it doubles up to [`Options::max_backoff`].
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Drop a connection that received nothing for this long while requests were outstanding.
+    pub stall_timeout: Duration,
+    /// Per-connection window: bytes requested and not yet on disk (downloads) or sent and not
+    /// yet acknowledged (uploads).
+    pub window_bytes: u32,
+    /// Called with every [`Event`].
+    pub on_event: Option<EventFn>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            token: None,
+            connections: 1,
+            retries: 5,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(30),
+            window_bytes: ConnOptions::default().window_bytes,
+            on_event: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("connections", &self.connections)
+            .field("retries", &self.retries)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("window_bytes", &self.window_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Kind of a remote directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// A remote file, directory or link, as listed or stat'ed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// Base name (list) or the requested path (stat).
+    pub name: String,
+    pub kind: Kind,
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Symlinks: the link text (never followed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+impl From<msg::Entry> for Entry {
+    fn from(e: msg::Entry) -> Entry {
+        let kind = match msg::Kind::try_from(e.kind) {
+            Ok(msg::Kind::File) => Kind::File,
+            Ok(msg::Kind::Dir) => Kind::Dir,
+            Ok(msg::Kind::Symlink) => Kind::Symlink,
+            _ => Kind::Other,
+        };
+        Entry {
+            name: e.name,
+            kind,
+            size: e.size,
+            mtime_ns: e.mtime_ns,
+            mode: e.mode & 0o7777,
+            target: (kind == Kind::Symlink).then_some(e.target),
+        }
+    }
+}
+
+/// The outcome of one verified file transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// Remote path.
+    pub path: String,
+    /// File size.
+    pub bytes: u64,
+    /// Payload bytes moved over the network in this run (resumed chunks are not counted).
+    pub transferred: u64,
+    /// Whole-file BLAKE3, verified end to end.
+    pub blake3: [u8; 32],
+}
+
+/// A client for one fsd server: a pool of `connections` multiplexed connections, opened on
+/// demand and replaced when they fail.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), fsc::Error> {
+/// let opts = fsc::Options { token: Some("secret".into()), ..Default::default() };
+/// let client = fsc::Client::connect("127.0.0.1:7070", opts).await?;
+/// for e in client.list("").await? {
+///     println!("{} {}", e.name, e.size);
+/// }
+/// let t = client.download("big.iso", std::path::Path::new("big.iso")).await?;
+/// println!("{} bytes, {} over the network", t.bytes, t.transferred);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    addr: String,
+    pub(crate) opts: Options,
+    conn_opts: ConnOptions,
+    slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
+    /// Round-robin cursor for work that needs one connection.
+    next_slot: AtomicUsize,
+}
+
+impl Client {
+    /// Connects (with retries) and authenticates the first connection, so that a wrong address
+    /// or token fails here; the others open when a transfer first needs them.
+    pub async fn connect(addr: &str, opts: Options) -> Result<Client> {
+        let conn_opts = ConnOptions {
+            token: opts.token.clone(),
+            stall_timeout: opts.stall_timeout,
+            window_bytes: opts.window_bytes,
+        };
+        let n = opts.connections.max(1);
+        let client = Client {
+            shared: Arc::new(Shared {
+                addr: addr.to_string(),
+                opts,
+                conn_opts,
+                slots: (0..n).map(|_| tokio::sync::Mutex::new(None)).collect(),
+                next_slot: AtomicUsize::new(0),
+            }),
+        };
+        let mut backoff = client.backoff();
+        loop {
+            match client.conn(0).await {
+                Ok(_) => return Ok(client),
+                Err(e) => backoff.wait(e, addr).await?,
+            }
+        }
+    }
+
+    /// Number of connections in the pool.
+    pub fn connections(&self) -> usize {
+        self.shared.slots.len()
+    }
+
+    /// Connection `slot`, reconnecting if it failed. One attempt: callers own the retry loop.
+    pub(crate) async fn conn(&self, slot: usize) -> Result<Conn> {
+        let mut guard = self.shared.slots[slot % self.shared.slots.len()]
+            .lock()
+            .await;
+        if let Some(c) = guard.as_ref().filter(|c| c.is_alive()) {
+            return Ok(c.clone());
+        }
+        debug!(slot, addr = %self.shared.addr, "connecting");
+        let c = Conn::connect(&self.shared.addr, &self.shared.conn_opts).await?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A slot for work that uses one connection, spreading such work over the pool.
+    pub(crate) fn pick_slot(&self) -> usize {
+        self.shared.next_slot.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len()
+    }
+
+    pub(crate) fn emit(&self, e: Event) {
+        if let Some(f) = &self.shared.opts.on_event {
+            f(&e);
+        }
+    }
+
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff {
+            client: self.clone(),
+            attempt: 0,
+            delay: self.shared.opts.backoff,
+        }
+    }
+
+    /// A control request on connection 0, retried on recoverable failures.
+    async fn control<Q, R>(&self, cmd: Cmd, req: &Q, what: &str) -> Result<R>
+    where
+        Q: prost::Message,
+        R: prost::Message + Default,
+    {
+        let mut backoff = self.backoff();
+        loop {
+            let r = match self.conn(0).await {
+                Ok(c) => c.request(cmd, req).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) => backoff.wait(e, what).await?,
+            }
+        }
+    }
+
+    /// Lists a remote directory ("" is the root), all pages, sorted by name.
+    pub async fn list(&self, path: &str) -> Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let req = msg::ListRequest {
+                path: path.to_string(),
+                after: after.clone(),
+                limit: 0,
+            };
+            let page: msg::ListResponse = self.control(Cmd::LIST, &req, path).await?;
+            let n = page.entries.len();
+            for e in page.entries {
+                // Pages must move forward, or a hostile server could keep us here forever.
+                if e.name <= after && !after.is_empty() {
+                    return Err(Error::Protocol(format!(
+                        "list of {path:?} went backwards at {:?}",
+                        e.name
+                    )));
+                }
+                after = e.name.clone();
+                out.push(Entry::from(e));
+            }
+            if !page.more {
+                return Ok(out);
+            }
+            if n == 0 {
+                return Err(Error::Protocol(format!(
+                    "list of {path:?}: empty page with more=true"
+                )));
+            }
+        }
+    }
+
+    /// Metadata of one remote path (a final symlink is not followed).
+    pub async fn stat(&self, path: &str) -> Result<Entry> {
+        let req = msg::StatRequest {
+            path: path.to_string(),
+        };
+        let r: msg::StatResponse = self.control(Cmd::STAT, &req, path).await?;
+        r.entry
+            .map(Entry::from)
+            .ok_or_else(|| Error::Protocol("stat reply without an entry".into()))
+    }
+
+    /// Creates a remote directory (`parents`: also missing parents, and no error if it exists).
+    pub async fn mkdir(&self, path: &str, parents: bool, mode_bits: u32) -> Result<()> {
+        let req = msg::MkdirRequest {
+            path: path.to_string(),
+            parents,
+            mode_bits,
+        };
+        let _: msg::Ok = self.control(Cmd::MKDIR, &req, path).await?;
+        Ok(())
+    }
+
+    /// Removes a remote file or (empty, unless `recursive`) directory.
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
+        let req = msg::RemoveRequest {
+            path: path.to_string(),
+            recursive,
+        };
+        let _: msg::Ok = self.control(Cmd::REMOVE, &req, path).await?;
+        Ok(())
+    }
+
+    /// Renames a remote path (`no_clobber`: fail if `to` exists).
+    pub async fn rename(&self, from: &str, to: &str, no_clobber: bool) -> Result<()> {
+        let req = msg::RenameRequest {
+            from: from.to_string(),
+            to: to.to_string(),
+            no_clobber,
+        };
+        let _: msg::Ok = self.control(Cmd::RENAME, &req, from).await?;
+        Ok(())
+    }
+}
+
+/// Exponential backoff between retries of one piece of work.
+pub(crate) struct Backoff {
+    client: Client,
+    attempt: u32,
+    delay: Duration,
+}
+
+impl Backoff {
+    /// Sleeps before the next retry of `what` if `err` is recoverable and retries remain;
+    /// otherwise returns `err`.
+    pub async fn wait(&mut self, err: Error, what: &str) -> Result<()> {
+        let opts = &self.client.shared.opts;
+        if !err.is_retryable() || self.attempt >= opts.retries {
+            return Err(err);
+        }
+        self.attempt += 1;
+        self.client.emit(Event::Retry {
+            path: what.to_string(),
+            attempt: self.attempt,
+            delay_ms: self.delay.as_millis() as u64,
+            error: err.to_string(),
+        });
+        debug!(
+            what,
+            attempt = self.attempt,
+            "retry after {:?}: {err}",
+            self.delay
+        );
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(opts.max_backoff);
+        Ok(())
+    }
+
+    /// The last attempt made progress: the next failure starts a fresh series of retries.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+        self.delay = self.client.shared.opts.backoff;
+    }
+}

@@ -1,0 +1,736 @@
+//! One multiplexed connection to fsd.
+//!
+//! A reader task decodes frames and routes each, by stream id, to that stream's channel; a writer
+//! task owns the write half and sends the frames queued by every stream; a watchdog task drops the
+//! connection when nothing has arrived for the stall timeout while requests are outstanding.
+//! Stream ids are handed out from 1 up and reused only after the server ended the stream (END or
+//! ERROR seen), so a late frame can never be taken for a reply to a newer request.
+//!
+//! The transport is any `AsyncRead + AsyncWrite` pair, so TLS can be layered in later.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use fsd::protocol::{flags, msg, Cmd, Frame, FrameCodec, Header, VERSION};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+
+/// What the reader hands a stream: a frame, or a frame whose payload failed its CRC32 (the
+/// header, and so the chunk it carried, is still known).
+pub(crate) type Incoming = <FrameCodec as Decoder>::Item;
+
+/// Largest DATA payload this client accepts (announced in Hello). Chunks are at most 16 MiB
+/// except for files beyond 16 TiB; the limit only bounds what one frame may make us allocate.
+pub const MAX_DATA_FRAME: u32 = 64 << 20;
+/// Streams used when the server's Hello does not say (and the most we ever use).
+const DEFAULT_MAX_STREAMS: u32 = 64;
+/// Frames queued for the writer task before senders wait.
+const WRITE_QUEUE: usize = 256;
+/// Small payloads are copied into the write buffer; larger ones are written straight from their
+/// `Bytes` to avoid a copy.
+const INLINE_PAYLOAD: usize = 16 * 1024;
+
+/// Settings of one connection.
+#[derive(Debug, Clone)]
+pub struct ConnOptions {
+    /// Bearer token for Auth; `None` skips Auth (the server will then refuse most commands).
+    pub token: Option<String>,
+    /// Drop the connection when no frame arrived for this long while requests were outstanding.
+    pub stall_timeout: Duration,
+    /// Bytes of DATA requested but not yet written to disk (downloads), or sent but not yet
+    /// acknowledged (uploads), per connection.
+    pub window_bytes: u32,
+}
+
+impl Default for ConnOptions {
+    fn default() -> Self {
+        ConnOptions {
+            token: None,
+            stall_timeout: Duration::from_secs(30),
+            window_bytes: 32 << 20,
+        }
+    }
+}
+
+/// A connection handle. Cloning is cheap; the connection closes when the last clone (and every
+/// stream) is gone, or when it fails.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    inner: Arc<Inner>,
+    _close: Arc<CloseOnDrop>,
+}
+
+struct CloseOnDrop(CancellationToken);
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+struct Inner {
+    out: mpsc::Sender<Frame>,
+    table: Mutex<Table>,
+    /// One permit per stream the server allows; a stream's permit is returned when it ends.
+    streams: Arc<Semaphore>,
+    window: Arc<Semaphore>,
+    window_total: u32,
+    shutdown: CancellationToken,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last received frame (or of the first request after idle).
+    activity: AtomicU64,
+    stall: Duration,
+    /// Set once by the Hello exchange.
+    server: Mutex<msg::Hello>,
+}
+
+#[derive(Default)]
+struct Table {
+    routes: HashMap<u32, Route>,
+    next_id: u32,
+    dead: Option<Dead>,
+}
+
+struct Route {
+    tx: mpsc::UnboundedSender<Incoming>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Clone)]
+enum Dead {
+    Lost(String),
+    Stalled(Duration),
+}
+
+impl Dead {
+    fn error(&self) -> Error {
+        match self {
+            Dead::Lost(why) => Error::ConnectionLost(why.clone()),
+            Dead::Stalled(d) => Error::Stalled(*d),
+        }
+    }
+}
+
+impl Conn {
+    /// Connects over TCP, exchanges Hello and authenticates.
+    pub async fn connect(addr: &str, opts: &ConnOptions) -> Result<Conn> {
+        let connect = TcpStream::connect(addr);
+        let tcp = match tokio::time::timeout(opts.stall_timeout, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )),
+        }
+        .map_err(|source| Error::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        // Frames are batched by the writer task; never let Nagle delay a small request.
+        let _ = tcp.set_nodelay(true);
+        let (r, w) = tcp.into_split();
+        Conn::handshake(r, w, opts).await
+    }
+
+    /// Starts the reader, writer and watchdog tasks over any transport, then Hello and Auth.
+    pub async fn handshake<R, W>(r: R, w: W, opts: &ConnOptions) -> Result<Conn>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (out, out_rx) = mpsc::channel(WRITE_QUEUE);
+        let window_total = opts.window_bytes.max(1);
+        let inner = Arc::new(Inner {
+            out,
+            table: Mutex::new(Table {
+                next_id: 1,
+                ..Table::default()
+            }),
+            streams: Arc::new(Semaphore::new(0)),
+            window: Arc::new(Semaphore::new(window_total as usize)),
+            window_total,
+            shutdown: CancellationToken::new(),
+            epoch: Instant::now(),
+            activity: AtomicU64::new(0),
+            stall: opts.stall_timeout,
+            server: Mutex::new(msg::Hello::default()),
+        });
+        tokio::spawn(reader(inner.clone(), r));
+        tokio::spawn(writer(inner.clone(), w, out_rx));
+        tokio::spawn(watchdog(inner.clone()));
+        let conn = Conn {
+            _close: Arc::new(CloseOnDrop(inner.shutdown.clone())),
+            inner,
+        };
+        // The handshake must not hang on a silent peer either.
+        match tokio::time::timeout(opts.stall_timeout, conn.hello_and_auth(opts)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::Stalled(opts.stall_timeout)),
+        }
+        Ok(conn)
+    }
+
+    async fn hello_and_auth(&self, opts: &ConnOptions) -> Result<()> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.table().routes.insert(0, Route { tx, _permit: None });
+        let mut s = Stream {
+            conn: self.clone(),
+            id: 0,
+            rx,
+            state: StreamState::Open,
+        };
+        let hello = msg::Hello {
+            version: VERSION as u32,
+            max_frame: MAX_DATA_FRAME,
+            chunk_size: 0,
+            max_streams: 0,
+            agent: concat!("fsc/", env!("CARGO_PKG_VERSION")).to_string(),
+        };
+        s.send_msg(Cmd::HELLO, flags::END, &hello).await?;
+        let server: msg::Hello = s.reply(Cmd::HELLO).await?;
+        if server.version != VERSION as u32 {
+            return Err(Error::Protocol(format!(
+                "server speaks protocol version {}",
+                server.version
+            )));
+        }
+        let max_streams = match server.max_streams {
+            0 => DEFAULT_MAX_STREAMS,
+            n => n.min(DEFAULT_MAX_STREAMS),
+        };
+        debug!(?server, "hello");
+        *self.inner.server.lock().unwrap() = server;
+        self.inner.streams.add_permits(max_streams as usize);
+        if let Some(token) = &opts.token {
+            let ok: msg::AuthOk = self
+                .request(
+                    Cmd::AUTH,
+                    &msg::Auth {
+                        token: token.clone(),
+                    },
+                )
+                .await?;
+            debug!(name = %ok.name, writable = ok.writable, "authenticated");
+        }
+        Ok(())
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.inner.table.lock().unwrap()
+    }
+
+    /// Largest DATA payload the server accepts.
+    pub fn server_max_frame(&self) -> u32 {
+        self.inner.server.lock().unwrap().max_frame
+    }
+
+    /// False once the connection failed or was dropped; a dead connection is replaced.
+    pub fn is_alive(&self) -> bool {
+        !self.inner.shutdown.is_cancelled()
+    }
+
+    /// Opens a new stream, waiting while the server's stream limit is reached.
+    pub async fn open(&self) -> Result<Stream> {
+        let permit = match self.inner.streams.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return Err(self.dead_error()),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut t = self.table();
+        if let Some(d) = &t.dead {
+            return Err(d.error());
+        }
+        if t.routes.is_empty() {
+            // The stall clock starts with the first outstanding request, not at the last frame.
+            self.inner.touch();
+        }
+        let id = loop {
+            let id = t.next_id;
+            t.next_id = t.next_id.checked_add(1).unwrap_or(1);
+            if !t.routes.contains_key(&id) {
+                break id;
+            }
+        };
+        t.routes.insert(
+            id,
+            Route {
+                tx,
+                _permit: Some(permit),
+            },
+        );
+        Ok(Stream {
+            conn: self.clone(),
+            id,
+            rx,
+            state: StreamState::Unsent,
+        })
+    }
+
+    /// Sends `req` on a new stream and returns the decoded reply.
+    pub async fn request<Q, R>(&self, cmd: Cmd, req: &Q) -> Result<R>
+    where
+        Q: prost::Message,
+        R: prost::Message + Default,
+    {
+        let mut s = self.open().await?;
+        s.send_msg(cmd, flags::END, req).await?;
+        s.reply(cmd).await
+    }
+
+    /// Sends `req` without waiting for the reply (e.g. Close); the stream id is freed when the
+    /// server ends the stream.
+    pub async fn send_detached<Q: prost::Message>(&self, cmd: Cmd, req: &Q) -> Result<()> {
+        let mut s = self.open().await?;
+        s.send_msg(cmd, flags::END, req).await?;
+        s.state = StreamState::Detached;
+        Ok(())
+    }
+
+    /// Reserves `bytes` of this connection's window (capped at the whole window, so one huge
+    /// chunk cannot wait forever).
+    pub async fn window(&self, bytes: u64) -> Result<Window> {
+        let n = bytes.min(self.inner.window_total as u64) as u32;
+        match self.inner.window.clone().acquire_many_owned(n).await {
+            Ok(p) => {
+                p.forget();
+                Ok(Window {
+                    sem: self.inner.window.clone(),
+                    held: n,
+                })
+            }
+            Err(_) => Err(self.dead_error()),
+        }
+    }
+
+    fn dead_error(&self) -> Error {
+        match &self.table().dead {
+            Some(d) => d.error(),
+            None => Error::ConnectionLost("connection closed".into()),
+        }
+    }
+}
+
+impl Inner {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.activity.store(ms, Ordering::Relaxed);
+    }
+
+    /// Marks the connection dead, wakes every stream with the reason and stops the tasks.
+    fn kill(&self, why: Dead) {
+        let routes = {
+            let mut t = self.table.lock().unwrap();
+            if t.dead.is_none() {
+                match &why {
+                    Dead::Lost(m) => debug!("connection closed: {m}"),
+                    Dead::Stalled(d) => warn!("connection stalled for {d:?}; dropping it"),
+                }
+                t.dead = Some(why);
+            }
+            std::mem::take(&mut t.routes)
+        };
+        drop(routes);
+        self.streams.close();
+        self.window.close();
+        self.shutdown.cancel();
+    }
+
+    fn route(&self, item: Incoming) {
+        self.touch();
+        let h = match &item {
+            Ok(f) => f.header,
+            Err(bad) => bad.header,
+        };
+        let mut t = self.table.lock().unwrap();
+        let Some(route) = t.routes.get(&h.stream_id) else {
+            // Not a stream we opened: bytes we did not ask for are dropped, never used.
+            warn!(stream = h.stream_id, cmd = %h.cmd, "frame on a stream that is not open; dropped");
+            return;
+        };
+        let _ = route.tx.send(item);
+        if h.is_end() {
+            t.routes.remove(&h.stream_id);
+        }
+    }
+}
+
+async fn reader<R: AsyncRead + Unpin>(inner: Arc<Inner>, r: R) {
+    // Room for a few frames so that a 1 MiB chunk is read in large pieces.
+    let mut framed = FramedRead::with_capacity(r, FrameCodec::new(MAX_DATA_FRAME), 256 * 1024);
+    let why = loop {
+        let item = tokio::select! {
+            biased;
+            _ = inner.shutdown.cancelled() => break Dead::Lost("connection closed".into()),
+            item = framed.next() => item,
+        };
+        match item {
+            Some(Ok(incoming)) => inner.route(incoming),
+            Some(Err(e)) => break Dead::Lost(e.to_string()),
+            None => break Dead::Lost("closed by the server".into()),
+        }
+    };
+    inner.kill(why);
+}
+
+async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut w: W, mut rx: mpsc::Receiver<Frame>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let result: std::io::Result<()> = async {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = inner.shutdown.cancelled() => return Ok(()),
+                f = rx.recv() => match f { Some(f) => f, None => return Ok(()) },
+            };
+            put(&mut w, &mut buf, frame).await?;
+            // Batch whatever else is queued into the same writes.
+            while let Ok(f) = rx.try_recv() {
+                put(&mut w, &mut buf, f).await?;
+            }
+            if !buf.is_empty() {
+                w.write_all_buf(&mut buf).await?;
+            }
+            w.flush().await?;
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        inner.kill(Dead::Lost(format!("write: {e}")));
+    }
+    let _ = w.shutdown().await;
+}
+
+async fn put<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+    f: Frame,
+) -> std::io::Result<()> {
+    f.header.encode(buf);
+    if f.payload.len() <= INLINE_PAYLOAD {
+        buf.extend_from_slice(&f.payload);
+    } else {
+        w.write_all_buf(buf).await?;
+        w.write_all(&f.payload).await?;
+    }
+    Ok(())
+}
+
+async fn watchdog(inner: Arc<Inner>) {
+    let tick = (inner.stall / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let busy = !inner.table.lock().unwrap().routes.is_empty();
+        let idle =
+            inner.epoch.elapsed().as_millis() as u64 - inner.activity.load(Ordering::Relaxed);
+        if busy && idle > inner.stall.as_millis() as u64 {
+            inner.kill(Dead::Stalled(inner.stall));
+            return;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    /// Nothing sent: dropping frees the id at once.
+    Unsent,
+    /// Request sent, END not yet seen: dropping sends CANCEL.
+    Open,
+    /// The server ended the stream.
+    Ended,
+    /// Fire and forget: the reader frees the id when the reply arrives.
+    Detached,
+}
+
+/// One request/response exchange on a connection.
+pub(crate) struct Stream {
+    conn: Conn,
+    id: u32,
+    rx: mpsc::UnboundedReceiver<Incoming>,
+    state: StreamState,
+}
+
+impl Stream {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub async fn send(&mut self, frame: Frame) -> Result<()> {
+        debug_assert_eq!(frame.header.stream_id, self.id);
+        if self.state == StreamState::Unsent {
+            self.state = StreamState::Open;
+        }
+        if self.conn.inner.out.send(frame).await.is_err() {
+            return Err(self.conn.dead_error());
+        }
+        if !self.conn.is_alive() {
+            return Err(self.conn.dead_error());
+        }
+        Ok(())
+    }
+
+    pub async fn send_msg(&mut self, cmd: Cmd, fl: u8, m: &impl prost::Message) -> Result<()> {
+        let f = Frame::message(cmd, self.id(), fl, m);
+        self.send(f).await
+    }
+
+    /// Sends a DATA frame whose CRC32 is already known (no second pass over the payload).
+    pub async fn send_data(&mut self, cmd: Cmd, payload: Bytes, crc: u32) -> Result<()> {
+        let header = Header::data(cmd, self.id, payload.len() as u32, crc, true);
+        self.send(Frame { header, payload }).await
+    }
+
+    /// The next frame on this stream, or the reason the connection died.
+    pub async fn recv(&mut self) -> Result<Incoming> {
+        if self.state == StreamState::Ended {
+            return Err(Error::Protocol(format!("stream {} already ended", self.id)));
+        }
+        match self.rx.recv().await {
+            Some(item) => {
+                let h = match &item {
+                    Ok(f) => f.header,
+                    Err(bad) => bad.header,
+                };
+                if h.is_end() {
+                    self.state = StreamState::Ended;
+                }
+                Ok(item)
+            }
+            None => Err(self.conn.dead_error()),
+        }
+    }
+
+    /// The next frame, with ERROR frames turned into [`Error::Remote`] and a bad checksum into
+    /// [`Error::Corrupt`].
+    pub async fn recv_frame(&mut self, cmd: Cmd) -> Result<Frame> {
+        let f = self.recv().await?.map_err(|_| Error::Corrupt(cmd))?;
+        if f.header.is_error() {
+            let e: msg::Error = f
+                .decode()
+                .map_err(|e| Error::Protocol(format!("{cmd} error reply: {e}")))?;
+            return Err(Error::from_wire(e));
+        }
+        if f.cmd() != cmd {
+            return Err(Error::Protocol(format!(
+                "reply to {cmd} carries cmd {}",
+                f.cmd()
+            )));
+        }
+        Ok(f)
+    }
+
+    /// A single-frame reply: the next frame must end the stream and decode as `M`.
+    pub async fn reply<M: prost::Message + Default>(&mut self, cmd: Cmd) -> Result<M> {
+        let f = self.recv_frame(cmd).await?;
+        if !f.header.is_end() || f.header.is_data() {
+            return Err(Error::Protocol(format!("unexpected frame in {cmd} reply")));
+        }
+        f.decode()
+            .map_err(|e| Error::Protocol(format!("{cmd} reply: {e}")))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        match self.state {
+            StreamState::Ended | StreamState::Detached => {}
+            StreamState::Unsent => {
+                self.conn.table().routes.remove(&self.id);
+            }
+            StreamState::Open => {
+                // Abandoned mid-reply: ask the server to stop. The id stays reserved until the
+                // server's END or ERROR arrives.
+                let f = Frame::message(Cmd::CANCEL, self.id, flags::END, &msg::Cancel {});
+                if let Err(mpsc::error::TrySendError::Full(f)) = self.conn.inner.out.try_send(f) {
+                    let out = self.conn.inner.out.clone();
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        rt.spawn(async move { out.send(f).await });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes reserved in a connection's window; released as chunks land, the rest on drop.
+pub(crate) struct Window {
+    sem: Arc<Semaphore>,
+    held: u32,
+}
+
+impl Window {
+    pub fn release(&mut self, bytes: u32) {
+        let n = bytes.min(self.held);
+        self.held -= n;
+        self.sem.add_permits(n as usize);
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.sem.add_permits(self.held as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fsd::protocol::ErrorCode;
+    use tokio::io::{duplex, DuplexStream};
+    use tokio_util::codec::Framed;
+
+    type Peer = Framed<DuplexStream, FrameCodec>;
+
+    /// A client connected to an in-memory fake server that has answered Hello.
+    async fn pair(opts: ConnOptions) -> (Conn, Peer) {
+        let (a, b) = duplex(1 << 20);
+        let mut peer = Framed::new(b, FrameCodec::new(MAX_DATA_FRAME));
+        let server = tokio::spawn(async move {
+            let f = peer.next().await.unwrap().unwrap().unwrap();
+            assert_eq!(f.cmd(), Cmd::HELLO);
+            let hello = msg::Hello {
+                version: 1,
+                max_frame: 16 << 20,
+                chunk_size: 1 << 20,
+                max_streams: 4,
+                agent: "fake".into(),
+            };
+            use futures::SinkExt;
+            peer.send(Frame::message(Cmd::HELLO, 0, flags::END, &hello))
+                .await
+                .unwrap();
+            peer
+        });
+        let (r, w) = tokio::io::split(a);
+        let conn = Conn::handshake(r, w, &opts).await.unwrap();
+        (conn, server.await.unwrap())
+    }
+
+    async fn next(peer: &mut Peer) -> Frame {
+        peer.next().await.unwrap().unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_are_routed_by_stream_and_errors_decoded() {
+        use futures::SinkExt;
+        let (conn, mut peer) = pair(ConnOptions::default()).await;
+        let c2 = conn.clone();
+        let a = tokio::spawn(async move {
+            c2.request::<_, msg::StatResponse>(Cmd::STAT, &msg::StatRequest { path: "a".into() })
+                .await
+        });
+        let c3 = conn.clone();
+        let b = tokio::spawn(async move {
+            c3.request::<_, msg::StatResponse>(Cmd::STAT, &msg::StatRequest { path: "b".into() })
+                .await
+        });
+        let f1 = next(&mut peer).await;
+        let f2 = next(&mut peer).await;
+        assert_ne!(f1.stream_id(), f2.stream_id());
+        assert!(f1.stream_id() >= 1 && f2.stream_id() >= 1);
+        // Answer in reverse order: one success, one error.
+        for f in [f2, f1] {
+            let req: msg::StatRequest = f.decode().unwrap();
+            let reply = if req.path == "a" {
+                Frame::message(
+                    Cmd::STAT,
+                    f.stream_id(),
+                    flags::END,
+                    &msg::StatResponse {
+                        entry: Some(msg::Entry {
+                            name: "a".into(),
+                            ..Default::default()
+                        }),
+                    },
+                )
+            } else {
+                Frame::error(Cmd::STAT, f.stream_id(), &ErrorCode::NotFound.msg("b"))
+            };
+            peer.send(reply).await.unwrap();
+        }
+        let ra = a.await.unwrap().unwrap();
+        assert_eq!(ra.entry.unwrap().name, "a");
+        let rb = b.await.unwrap().unwrap_err();
+        assert_eq!(rb.remote_code(), Some(ErrorCode::NotFound));
+        assert_eq!(rb.exit_code(), 2);
+    }
+
+    #[tokio::test]
+    async fn stream_ids_are_reused_only_after_end() {
+        use futures::SinkExt;
+        let (conn, mut peer) = pair(ConnOptions::default()).await;
+        let mut s1 = conn.open().await.unwrap();
+        s1.send_msg(Cmd::PING, flags::END, &msg::Ping { nonce: 1 })
+            .await
+            .unwrap();
+        let id1 = s1.id();
+        drop(s1); // abandoned: a CANCEL goes out and the id stays reserved
+        let f = next(&mut peer).await;
+        assert_eq!(f.cmd(), Cmd::PING);
+        let f = next(&mut peer).await;
+        assert_eq!((f.cmd(), f.stream_id()), (Cmd::CANCEL, id1));
+        let s2 = conn.open().await.unwrap();
+        assert_ne!(s2.id(), id1);
+        drop(s2); // unsent: freed at once
+                  // id1 still holds one of the 4 streams: only 3 more open.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(conn.open().await.unwrap());
+        }
+        assert!(held.iter().all(|s| s.id() != id1));
+        let fourth = tokio::time::timeout(Duration::from_millis(100), conn.open()).await;
+        assert!(fourth.is_err(), "a 5th stream must wait");
+        // Once the server ends id1, its slot is free again.
+        peer.send(Frame::error(
+            Cmd::PING,
+            id1,
+            &ErrorCode::Cancelled.msg("cancelled"),
+        ))
+        .await
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), conn.open())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn silent_peer_trips_the_watchdog() {
+        let opts = ConnOptions {
+            stall_timeout: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let (conn, _peer) = pair(opts).await;
+        let err = conn
+            .request::<_, msg::Ping>(Cmd::PING, &msg::Ping { nonce: 7 })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Stalled(_)), "{err}");
+        assert!(err.is_retryable());
+        assert!(!conn.is_alive());
+    }
+
+    #[tokio::test]
+    async fn peer_hangup_fails_outstanding_requests() {
+        let (conn, peer) = pair(ConnOptions::default()).await;
+        let c = conn.clone();
+        let t = tokio::spawn(async move {
+            c.request::<_, msg::Ping>(Cmd::PING, &msg::Ping { nonce: 7 })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(peer);
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::ConnectionLost(_)), "{err}");
+    }
+}

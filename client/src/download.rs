@@ -1,0 +1,1044 @@
+//! Downloads: pipelined, verified as data arrives, resumable.
+//!
+//! One file: OPEN(READ) gives size, identity, chunk size and the whole-file BLAKE3; MANIFEST
+//! gives every chunk's CRC32. Chunks land in `NAME.fsc-part` (preallocated, one pwrite per
+//! chunk) while `NAME.fsc-state` records which ones are there. Each connection runs a few
+//! *lanes*, each keeping one READ of up to [`RUN`] chunks outstanding, so the link never drains;
+//! `-j N` connections pull from one shared queue of missing chunks. A chunk whose CRC32 fails is
+//! queued again. When all are in: BLAKE3 (built from per-chunk subtree hashes) is compared with
+//! the server's, the part is synced and renamed over the final name, and the state removed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blake3::hazmat::ChainingValue;
+use bytes::Bytes;
+use fsd::integrity::{chunk_cv, root_hash};
+use fsd::protocol::{chunk_count, chunk_len, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE};
+use nix::unistd::Whence;
+use tracing::{debug, warn};
+
+use crate::client::{Client, Transfer};
+use crate::conn::{Conn, Window};
+use crate::error::{Error, Result};
+use crate::progress::Event;
+use crate::state::{Bitmap, PartState, PART_SUFFIX, STATE_SUFFIX};
+use crate::tree::{check_name, remote_basename, LocalDir};
+
+/// Chunks asked for by one READ.
+const RUN: u32 = 4;
+/// READs kept outstanding per connection for one file.
+const LANES: usize = 4;
+/// Write the resume state at most this often (each write costs an fdatasync of the part).
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// A chunk that fails its CRC32 this many times in one attempt fails the attempt.
+const MAX_CORRUPT: u32 = 8;
+
+/// Where a download goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    /// A local path; an existing directory receives the remote file's base name.
+    Path(std::path::PathBuf),
+    /// Standard output, in order (no part or state file: not resumable).
+    Stdout,
+}
+
+/// The local side of one file download.
+#[derive(Clone)]
+pub(crate) enum Out {
+    File { dir: LocalDir, name: String },
+    Stdout,
+}
+
+/// Which connections a file may use.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Slots {
+    /// Every connection of the pool (a big file is split across them).
+    All,
+    /// Just this one (small files in a tree are spread instead).
+    One(usize),
+}
+
+impl Client {
+    /// Downloads `remote` to `local` (a file path, or an existing directory to put it in),
+    /// resuming a previous partial download there.
+    pub async fn download(&self, remote: &str, local: &Path) -> Result<Transfer> {
+        self.download_to(remote, Dest::Path(local.to_path_buf()))
+            .await
+    }
+
+    /// Downloads `remote` to a [`Dest`].
+    pub async fn download_to(&self, remote: &str, dest: Dest) -> Result<Transfer> {
+        let out = match dest {
+            Dest::Stdout => Out::Stdout,
+            Dest::Path(p) => resolve_local(remote, &p)?,
+        };
+        self.download_file(remote, out, Slots::All).await
+    }
+
+    /// One file, with retries; emits Start/Progress/Done or Error events.
+    pub(crate) async fn download_file(
+        &self,
+        remote: &str,
+        out: Out,
+        slots: Slots,
+    ) -> Result<Transfer> {
+        let job = Job {
+            client: self.clone(),
+            remote: remote.to_string(),
+            local: match &out {
+                Out::File { dir, name } => dir.display(name),
+                Out::Stdout => "-".into(),
+            },
+            out,
+            slots,
+            transferred: AtomicU64::new(0),
+        };
+        let r = job.run().await;
+        match &r {
+            Ok(t) => self.emit(Event::Done {
+                path: t.path.clone(),
+                local: job.local.clone(),
+                bytes: t.bytes,
+                transferred: t.transferred,
+                blake3: hex::encode(t.blake3),
+            }),
+            Err(e) => self.emit(Event::Error {
+                path: remote.to_string(),
+                code: e.exit_code(),
+                message: e.to_string(),
+            }),
+        }
+        r
+    }
+}
+
+/// `local` as a directory and a leaf name.
+fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
+    let (dir, name) = if local.is_dir() {
+        let base = remote_basename(remote);
+        check_name(base)
+            .map_err(|_| Error::Usage(format!("{remote:?} has no file name; give a local path")))?;
+        (local.to_path_buf(), base.to_string())
+    } else {
+        let name = local
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::Usage(format!("{}: not a file path", local.display())))?;
+        let parent = match local.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => ".".into(),
+        };
+        (parent, name.to_string())
+    };
+    let d = LocalDir::open(&dir).map_err(|e| Error::io(dir.display(), e))?;
+    Ok(Out::File { dir: d, name })
+}
+
+struct Job {
+    client: Client,
+    remote: String,
+    local: String,
+    out: Out,
+    slots: Slots,
+    transferred: AtomicU64,
+}
+
+/// What OPEN(READ) said about the file.
+#[derive(Debug, Clone)]
+struct Meta {
+    handle: u32,
+    size: u64,
+    mtime_ns: i64,
+    identity: String,
+    chunk_size: u32,
+    count: u32,
+    blake3: [u8; 32],
+    mode: u32,
+}
+
+/// Why an attempt did not finish.
+enum Stop {
+    /// The remote file changed: start over from nothing.
+    Changed,
+    /// Every chunk arrived but the whole-file BLAKE3 differs: start over once.
+    BadHash(String),
+    Fail(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Stop {
+        if e.remote_code() == Some(ErrorCode::Changed) {
+            Stop::Changed
+        } else {
+            Stop::Fail(e)
+        }
+    }
+}
+
+impl Job {
+    async fn run(&self) -> Result<Transfer> {
+        let mut backoff = self.client.backoff();
+        let mut sink: Option<Arc<Sink>> = None;
+        let (mut changes, mut bad_hashes) = (0, 0);
+        loop {
+            let before = sink.as_ref().map_or(0, |s| s.done_chunks());
+            let stdout = matches!(self.out, Out::Stdout);
+            let reason = match self.attempt(&mut sink).await {
+                Ok(t) => return Ok(t),
+                Err(Stop::Fail(e)) => {
+                    if sink.as_ref().map_or(0, |s| s.done_chunks()) > before {
+                        backoff.reset();
+                    }
+                    backoff.wait(e, &self.remote).await?;
+                    continue;
+                }
+                Err(Stop::Changed) => {
+                    changes += 1;
+                    // Bytes already written to stdout cannot be taken back.
+                    let emitted = stdout && before > 0;
+                    if emitted || changes > self.client.shared.opts.retries + 1 {
+                        return Err(Error::Remote {
+                            code: ErrorCode::Changed,
+                            message: format!("{} changed during the download", self.remote),
+                            retryable: false,
+                        });
+                    }
+                    "remote file changed".to_string()
+                }
+                Err(Stop::BadHash(detail)) => {
+                    bad_hashes += 1;
+                    if bad_hashes > 1 || stdout {
+                        return Err(Error::Integrity {
+                            path: self.remote.clone(),
+                            detail,
+                        });
+                    }
+                    detail
+                }
+            };
+            if let Some(s) = sink.take() {
+                s.discard();
+            }
+            self.client.emit(Event::Restart {
+                path: self.remote.clone(),
+                reason,
+            });
+        }
+    }
+
+    fn slot_list(&self) -> Vec<usize> {
+        match self.slots {
+            Slots::One(s) => vec![s],
+            Slots::All => (0..self.client.connections()).collect(),
+        }
+    }
+
+    async fn attempt(&self, sink: &mut Option<Arc<Sink>>) -> Result<Transfer, Stop> {
+        let slots = self.slot_list();
+        let conn0 = self.client.conn(slots[0]).await?;
+        let meta = open_read(&conn0, &self.remote).await?;
+        let handles = Handles::new(vec![(conn0.clone(), meta.handle)]);
+        if let Some(s) = sink.as_ref() {
+            if !s.same_version(&meta) {
+                return Err(Stop::Changed);
+            }
+        }
+        if sink.is_none() {
+            *sink = Some(self.prepare(&conn0, &meta).await?);
+        }
+        let sink = sink.as_ref().unwrap().clone();
+        let queue = Queue::new(sink.missing());
+        self.client.emit(Event::Start {
+            path: self.remote.clone(),
+            local: self.local.clone(),
+            size: meta.size,
+            resumed: sink.done_bytes(),
+        });
+
+        // Every connection gets its own handle; one whose identity differs means a change.
+        let mut conns = vec![(conn0, meta.handle)];
+        let wanted_conns = (queue.len() as usize).div_ceil(RUN as usize * LANES);
+        for &slot in slots.iter().skip(1).take(wanted_conns.saturating_sub(1)) {
+            let opened = async {
+                let c = self.client.conn(slot).await?;
+                let m = open_read(&c, &self.remote).await?;
+                Ok::<_, Error>((c, m))
+            }
+            .await;
+            match opened {
+                Ok((c, m)) => {
+                    handles.push(c.clone(), m.handle);
+                    if m.identity != meta.identity {
+                        return Err(Stop::Changed);
+                    }
+                    conns.push((c, m.handle));
+                }
+                // The others can do the work; a retry will try this connection again.
+                Err(e) => debug!(slot, "extra connection unavailable: {e}"),
+            }
+        }
+
+        let corrupt = Mutex::new(HashMap::new());
+        let lanes = conns.iter().flat_map(|(c, h)| {
+            let runs = queue.len().div_ceil(RUN) as usize;
+            (0..LANES.min(runs)).map(|_| self.lane(&sink, c, *h, &queue, &corrupt))
+        });
+        let results = futures::future::join_all(lanes).await;
+        drop(handles);
+
+        let mut first_err = None;
+        for r in results {
+            if let Err(e) = r {
+                if !matches!(e, Stop::Fail(_)) {
+                    return Err(e);
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+        if !sink.is_complete() {
+            return Err(first_err.unwrap_or_else(|| {
+                Stop::Fail(Error::Protocol("download ended with chunks missing".into()))
+            }));
+        }
+        let s = sink.clone();
+        let blake3 = spawn_blocking(move || s.finish())
+            .await
+            .map_err(|e| match e {
+                Error::Integrity { detail, .. } => Stop::BadHash(detail),
+                e => Stop::Fail(e),
+            })?;
+        Ok(Transfer {
+            path: self.remote.clone(),
+            bytes: meta.size,
+            transferred: self.transferred.load(Ordering::Relaxed),
+            blake3,
+        })
+    }
+
+    /// Loads or creates the local side: reuses a matching partial download after verifying it.
+    async fn prepare(&self, conn: &Conn, meta: &Meta) -> Result<Arc<Sink>> {
+        let (state, out) = match &self.out {
+            Out::File { dir, name } => {
+                let (dir, name) = (dir.clone(), name.clone());
+                let st = spawn_blocking(move || Ok(PartState::load(&dir, &name))).await?;
+                (st, self.out.clone())
+            }
+            Out::Stdout => (None, Out::Stdout),
+        };
+        let state = match state {
+            Some(s) if s.matches(&meta.identity, meta.size, meta.chunk_size, &meta.blake3) => {
+                Some(s)
+            }
+            Some(_) => {
+                self.client.emit(Event::Restart {
+                    path: self.remote.clone(),
+                    reason: "remote file changed since the partial download".into(),
+                });
+                None
+            }
+            None => None,
+        };
+        let crcs = match state.as_ref().and_then(|s| s.crcs(meta.count)) {
+            Some(c) => c,
+            // A single chunk is checked by its frame CRC and the whole-file BLAKE3.
+            None if meta.count <= 1 => Vec::new(),
+            None => manifest(conn, meta.handle, meta.count).await?,
+        };
+        let remote = self.remote.clone();
+        let meta = meta.clone();
+        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state)).await
+    }
+
+    /// Keeps one READ outstanding on `conn` until the queue is empty.
+    async fn lane(
+        &self,
+        sink: &Arc<Sink>,
+        conn: &Conn,
+        handle: u32,
+        queue: &Queue,
+        corrupt: &Mutex<HashMap<u32, u32>>,
+    ) -> Result<(), Stop> {
+        while let Some((first, count)) = queue.take(RUN) {
+            let bytes = (first..first + count)
+                .map(|i| sink.chunk_len(i) as u64)
+                .sum();
+            let mut window = match conn.window(bytes).await {
+                Ok(w) => w,
+                Err(e) => {
+                    queue.requeue(first, first + count);
+                    return Err(e.into());
+                }
+            };
+            let mut next = first;
+            let r = self
+                .read_run(
+                    sink,
+                    conn,
+                    handle,
+                    first,
+                    count,
+                    &mut window,
+                    &mut next,
+                    queue,
+                    corrupt,
+                )
+                .await;
+            // Whatever was not received goes back for another lane or attempt.
+            queue.requeue(next, first + count);
+            r?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn read_run(
+        &self,
+        sink: &Arc<Sink>,
+        conn: &Conn,
+        handle: u32,
+        first: u32,
+        count: u32,
+        window: &mut Window,
+        next: &mut u32,
+        queue: &Queue,
+        corrupt: &Mutex<HashMap<u32, u32>>,
+    ) -> Result<(), Stop> {
+        let end = first + count;
+        let mut s = conn.open().await?;
+        let req = msg::ReadRequest {
+            handle,
+            first_chunk: first,
+            count,
+        };
+        s.send_msg(Cmd::READ, flags::END, &req).await?;
+        while *next < end {
+            let i = *next;
+            let len = sink.chunk_len(i);
+            let (header, payload) = match s.recv().await? {
+                Ok(f) if f.header.is_error() => {
+                    let e: msg::Error = f
+                        .decode()
+                        .map_err(|e| Error::Protocol(format!("read error reply: {e}")))?;
+                    return Err(Error::from_wire(e).into());
+                }
+                Ok(f) => (f.header, Some(f.payload)),
+                Err(bad) => (bad.header, None),
+            };
+            if !header.is_data() || header.cmd != Cmd::READ {
+                return Err(
+                    Error::Protocol(format!("unexpected frame in read of chunk {i}")).into(),
+                );
+            }
+            self.transferred
+                .fetch_add(header.payload_len as u64, Ordering::Relaxed);
+            let good = payload.filter(|p| {
+                p.len() == len as usize && sink.crc(i).map_or(true, |c| c == header.checksum)
+            });
+            *next += 1;
+            match good {
+                Some(p) => sink.put(i, p).await?,
+                None => {
+                    self.client.emit(Event::Corrupt {
+                        path: self.remote.clone(),
+                        chunk: i,
+                    });
+                    let n = {
+                        let mut c = corrupt.lock().unwrap();
+                        let n = c.entry(i).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    warn!(remote = %self.remote, chunk = i, "chunk failed its CRC32; fetching it again");
+                    if n >= MAX_CORRUPT {
+                        return Err(Stop::Fail(Error::Integrity {
+                            path: self.remote.clone(),
+                            detail: format!("chunk {i} failed its CRC32 {n} times"),
+                        }));
+                    }
+                    queue.requeue(i, i + 1);
+                }
+            }
+            window.release(len);
+            self.client.emit(Event::Progress {
+                path: self.remote.clone(),
+                done: sink.done_bytes(),
+                size: sink.size,
+                transferred: self.transferred.load(Ordering::Relaxed),
+            });
+            if header.is_end() && *next < end {
+                return Err(Error::Protocol(format!("read ended early at chunk {i}")).into());
+            }
+            if !header.is_end() && *next == end {
+                return Err(Error::Protocol("read sent more chunks than asked".into()).into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Handles opened in this attempt, closed (without waiting) when dropped.
+struct Handles(Mutex<Vec<(Conn, u32)>>);
+
+impl Handles {
+    fn new(v: Vec<(Conn, u32)>) -> Handles {
+        Handles(Mutex::new(v))
+    }
+    fn push(&self, c: Conn, h: u32) {
+        self.0.lock().unwrap().push((c, h));
+    }
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        for (c, handle) in self.0.lock().unwrap().drain(..) {
+            if c.is_alive() {
+                tokio::spawn(async move {
+                    let _ = c
+                        .send_detached(Cmd::CLOSE, &msg::CloseRequest { handle })
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+async fn spawn_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// OPEN(READ), with the reply checked for internal consistency.
+async fn open_read(conn: &Conn, remote: &str) -> Result<Meta> {
+    let req = msg::OpenRequest {
+        path: remote.to_string(),
+        mode: msg::OpenMode::OpenRead as i32,
+        ..Default::default()
+    };
+    let r: msg::OpenResponse = conn.request(Cmd::OPEN, &req).await?;
+    let bad = |what: &str| Error::Protocol(format!("open {remote}: {what}"));
+    let cs = r.chunk_size;
+    if !cs.is_power_of_two() || cs < 1024 {
+        return Err(bad(&format!(
+            "chunk size {cs} is not a power of two >= 1024"
+        )));
+    }
+    if cs > crate::conn::MAX_DATA_FRAME {
+        return Err(bad(&format!("chunk size {cs} exceeds our frame limit")));
+    }
+    if r.chunk_count != chunk_count(r.size, cs) {
+        return Err(bad("chunk count does not match size"));
+    }
+    let blake3: [u8; 32] = r
+        .blake3
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad("BLAKE3 is not 32 bytes"))?;
+    Ok(Meta {
+        handle: r.handle,
+        size: r.size,
+        mtime_ns: r.mtime_ns,
+        identity: r.identity,
+        chunk_size: cs,
+        count: r.chunk_count,
+        blake3,
+        mode: r.mode,
+    })
+}
+
+/// Every chunk's CRC32, pages fetched concurrently.
+async fn manifest(conn: &Conn, handle: u32, count: u32) -> Result<Vec<u32>> {
+    let pages = (0..count)
+        .step_by(MANIFEST_PAGE as usize)
+        .map(|first| async move {
+            let n = MANIFEST_PAGE.min(count - first);
+            let req = msg::ManifestRequest {
+                handle,
+                first_chunk: first,
+                count: n,
+            };
+            let r: msg::ManifestResponse = conn.request(Cmd::MANIFEST, &req).await?;
+            if r.first_chunk != first || r.crc32.len() != n as usize {
+                return Err(Error::Protocol(format!(
+                    "manifest page at {first}: got {} CRCs from {}",
+                    r.crc32.len(),
+                    r.first_chunk
+                )));
+            }
+            Ok(r.crc32)
+        });
+    let pages = futures::future::try_join_all(pages).await?;
+    Ok(pages.concat())
+}
+
+/// Missing chunks, taken in runs of consecutive indices.
+struct Queue(Mutex<VecDeque<u32>>);
+
+impl Queue {
+    fn new(missing: Vec<u32>) -> Queue {
+        Queue(Mutex::new(missing.into()))
+    }
+
+    fn len(&self) -> u32 {
+        self.0.lock().unwrap().len() as u32
+    }
+
+    /// Up to `max` consecutive chunks from the front.
+    fn take(&self, max: u32) -> Option<(u32, u32)> {
+        let mut q = self.0.lock().unwrap();
+        let first = q.pop_front()?;
+        let mut count = 1;
+        while count < max && q.front() == Some(&(first + count)) {
+            q.pop_front();
+            count += 1;
+        }
+        Some((first, count))
+    }
+
+    /// Puts `[from, to)` back at the front, to be fetched next.
+    fn requeue(&self, from: u32, to: u32) {
+        let mut q = self.0.lock().unwrap();
+        for i in (from..to).rev() {
+            q.push_front(i);
+        }
+    }
+}
+
+/// The local side of one download: the part file (or stdout), the chunks present and their
+/// BLAKE3 chaining values, and the resume state.
+struct Sink {
+    remote: String,
+    identity: String,
+    size: u64,
+    chunk_size: u32,
+    count: u32,
+    blake3: [u8; 32],
+    mode: u32,
+    mtime_ns: i64,
+    /// Manifest CRCs; empty for files of at most one chunk.
+    crcs: Vec<u32>,
+    out: SinkOut,
+    st: Mutex<Have>,
+    /// Serializes checkpoints (fdatasync + state write).
+    saving: Mutex<()>,
+}
+
+enum SinkOut {
+    File {
+        dir: LocalDir,
+        name: String,
+        part: File,
+        /// Whether a state file is kept (multi-chunk files only).
+        stateful: bool,
+    },
+    Stdout(Mutex<Reorder>),
+}
+
+struct Have {
+    have: Bitmap,
+    cvs: Vec<ChainingValue>,
+    done_bytes: u64,
+    unsaved: u32,
+    last_save: Instant,
+}
+
+/// Chunks that arrived ahead of the next one stdout needs.
+struct Reorder {
+    next: u32,
+    pending: BTreeMap<u32, Bytes>,
+}
+
+impl Sink {
+    /// Opens or creates the part file; with a matching `state`, keeps every chunk already on
+    /// disk that passes its CRC32 (claimed in the state or not: data written just before a
+    /// kill is in the page cache even if the state did not yet claim it).
+    fn create(
+        remote: String,
+        m: Meta,
+        crcs: Vec<u32>,
+        out: Out,
+        state: Option<PartState>,
+    ) -> Result<Arc<Sink>> {
+        let mut have = Have {
+            have: Bitmap::new(m.count),
+            cvs: vec![[0; 32]; m.count as usize],
+            done_bytes: 0,
+            unsaved: 0,
+            last_save: Instant::now(),
+        };
+        let out = match out {
+            Out::Stdout => SinkOut::Stdout(Mutex::new(Reorder {
+                next: 0,
+                pending: BTreeMap::new(),
+            })),
+            Out::File { dir, name } => {
+                let part_name = format!("{name}{PART_SUFFIX}");
+                let err = |e| Error::io(dir.display(&part_name), e);
+                let part = dir.open_rw(&part_name, state.is_none()).map_err(err)?;
+                let stateful = m.count > 1;
+                if let Some(st) = &state {
+                    let claimed = st.bitmap(m.count);
+                    verify_part(&part, &m, &crcs, &claimed, &mut have).map_err(err)?;
+                    debug!(%remote, chunks = have.have.count(), "resuming");
+                }
+                part.set_len(m.size).map_err(err)?;
+                if state.is_none() && m.size > 0 {
+                    // Reserve the space now: fewer fragments and an early ENOSPC.
+                    if let Err(e) = nix::fcntl::posix_fallocate(&part, 0, m.size as i64) {
+                        debug!("fallocate: {e}");
+                    }
+                }
+                SinkOut::File {
+                    dir,
+                    name,
+                    part,
+                    stateful,
+                }
+            }
+        };
+        let sink = Sink {
+            remote,
+            identity: m.identity,
+            size: m.size,
+            chunk_size: m.chunk_size,
+            count: m.count,
+            blake3: m.blake3,
+            mode: m.mode,
+            mtime_ns: m.mtime_ns,
+            crcs,
+            out,
+            st: Mutex::new(have),
+            saving: Mutex::new(()),
+        };
+        if let SinkOut::File { stateful: true, .. } = sink.out {
+            // Record what the part belongs to before any chunk is written into it.
+            sink.checkpoint()?;
+        }
+        Ok(Arc::new(sink))
+    }
+
+    fn same_version(&self, m: &Meta) -> bool {
+        self.identity == m.identity
+            && self.size == m.size
+            && self.chunk_size == m.chunk_size
+            && self.blake3 == m.blake3
+    }
+
+    fn chunk_len(&self, i: u32) -> u32 {
+        chunk_len(self.size, self.chunk_size, i)
+    }
+
+    fn crc(&self, i: u32) -> Option<u32> {
+        self.crcs.get(i as usize).copied()
+    }
+
+    fn missing(&self) -> Vec<u32> {
+        let st = self.st.lock().unwrap();
+        (0..self.count).filter(|&i| !st.have.get(i)).collect()
+    }
+
+    fn done_bytes(&self) -> u64 {
+        self.st.lock().unwrap().done_bytes
+    }
+
+    fn done_chunks(&self) -> u32 {
+        self.st.lock().unwrap().have.count()
+    }
+
+    fn is_complete(&self) -> bool {
+        self.st.lock().unwrap().have.is_full()
+    }
+
+    /// Writes chunk `i` (off the reactor: disk and hashing block).
+    async fn put(self: &Arc<Self>, i: u32, data: Bytes) -> Result<()> {
+        let me = self.clone();
+        spawn_blocking(move || me.put_blocking(i, data)).await
+    }
+
+    fn put_blocking(&self, i: u32, data: Bytes) -> Result<()> {
+        let cv = chunk_cv(&data, i, self.chunk_size, self.size);
+        let len = data.len() as u64;
+        match &self.out {
+            SinkOut::File {
+                dir, name, part, ..
+            } => {
+                let off = i as u64 * self.chunk_size as u64;
+                part.write_all_at(&data, off)
+                    .map_err(|e| Error::io(dir.display(&format!("{name}{PART_SUFFIX}")), e))?;
+            }
+            SinkOut::Stdout(r) => {
+                let mut r = r.lock().unwrap();
+                if i >= r.next {
+                    r.pending.insert(i, data);
+                }
+                while let Some(d) = {
+                    let n = r.next;
+                    r.pending.remove(&n)
+                } {
+                    write_stdout(&d)?;
+                    r.next += 1;
+                }
+            }
+        }
+        let checkpoint = {
+            let mut st = self.st.lock().unwrap();
+            if st.have.get(i) {
+                return Ok(());
+            }
+            st.have.set(i);
+            st.cvs[i as usize] = cv;
+            st.done_bytes += len;
+            st.unsaved += 1;
+            matches!(self.out, SinkOut::File { stateful: true, .. })
+                && st.last_save.elapsed() >= SAVE_EVERY
+        };
+        if checkpoint {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Syncs the part, then records the chunks it now holds.
+    fn checkpoint(&self) -> Result<()> {
+        let SinkOut::File {
+            dir, name, part, ..
+        } = &self.out
+        else {
+            return Ok(());
+        };
+        let Ok(_one_at_a_time) = self.saving.try_lock() else {
+            return Ok(());
+        };
+        // Snapshot before the sync: every chunk marked present was written before it.
+        let have = {
+            let mut st = self.st.lock().unwrap();
+            st.unsaved = 0;
+            st.last_save = Instant::now();
+            st.have.clone()
+        };
+        let err = |e| Error::io(dir.display(&format!("{name}{STATE_SUFFIX}")), e);
+        part.sync_data().map_err(err)?;
+        PartState::new(
+            &self.remote,
+            &self.identity,
+            self.size,
+            self.chunk_size,
+            &self.blake3,
+            &self.crcs,
+            &have,
+        )
+        .save(dir, name)
+        .map_err(err)
+    }
+
+    /// Verifies the whole-file BLAKE3 and publishes: metadata, fsync, rename, state removed.
+    fn finish(&self) -> Result<[u8; 32]> {
+        let root = {
+            let st = self.st.lock().unwrap();
+            root_hash(&st.cvs, self.chunk_size, self.size)
+        };
+        if root != self.blake3 {
+            return Err(Error::Integrity {
+                path: self.remote.clone(),
+                detail: format!(
+                    "whole-file BLAKE3 {} differs from the server's {}",
+                    hex::encode(root),
+                    hex::encode(self.blake3)
+                ),
+            });
+        }
+        match &self.out {
+            SinkOut::Stdout(_) => {}
+            SinkOut::File {
+                dir, name, part, ..
+            } => {
+                let part_name = format!("{name}{PART_SUFFIX}");
+                let err = |e| Error::io(dir.display(name), e);
+                crate::tree::set_meta(part, self.mode, self.mtime_ns).map_err(err)?;
+                part.sync_all().map_err(err)?;
+                dir.rename(&part_name, name).map_err(err)?;
+                dir.sync().map_err(err)?;
+                dir.remove(&format!("{name}{STATE_SUFFIX}")).map_err(err)?;
+            }
+        }
+        Ok(root)
+    }
+
+    /// Deletes the part and state files (before starting over).
+    fn discard(&self) {
+        if let SinkOut::File { dir, name, .. } = &self.out {
+            let _ = dir.remove(&format!("{name}{STATE_SUFFIX}"));
+            let _ = dir.remove(&format!("{name}{PART_SUFFIX}"));
+        }
+    }
+}
+
+fn write_stdout(data: &[u8]) -> Result<()> {
+    use std::os::fd::FromRawFd;
+    // Raw fd 1: no line buffering scanning binary data for newlines.
+    let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
+    f.write_all(data).map_err(|e| Error::io("<stdout>", e))
+}
+
+/// One pass over an existing part file: keeps chunks whose CRC32 matches the manifest.
+/// Unclaimed chunks are read only if the file holds data there (SEEK_DATA), so a fresh
+/// preallocated region costs nothing.
+fn verify_part(
+    part: &File,
+    m: &Meta,
+    crcs: &[u32],
+    claimed: &Bitmap,
+    have: &mut Have,
+) -> std::io::Result<()> {
+    let file_len = part.metadata()?.len();
+    let mut buf = vec![0u8; m.chunk_size as usize];
+    for i in 0..m.count {
+        let off = i as u64 * m.chunk_size as u64;
+        let len = chunk_len(m.size, m.chunk_size, i) as usize;
+        if off + len as u64 > file_len {
+            break;
+        }
+        if !claimed.get(i) && !has_data(part, off, len as u64) {
+            continue;
+        }
+        let data = &mut buf[..len];
+        part.read_exact_at(data, off)?;
+        let ok = match crcs.get(i as usize) {
+            Some(&c) => crc32fast::hash(data) == c,
+            None => false,
+        };
+        if ok {
+            have.have.set(i);
+            have.cvs[i as usize] = chunk_cv(data, i, m.chunk_size, m.size);
+            have.done_bytes += len as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `[off, off+len)` of the file contains data (not only a hole).
+fn has_data(f: &File, off: u64, len: u64) -> bool {
+    match nix::unistd::lseek(f, off as i64, Whence::SeekData) {
+        Ok(pos) => (pos as u64) < off + len,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_hands_out_consecutive_runs_and_takes_back_failures() {
+        let q = Queue::new(vec![0, 1, 2, 3, 4, 7, 8, 10]);
+        assert_eq!(q.take(4), Some((0, 4)));
+        assert_eq!(q.take(4), Some((4, 1)));
+        q.requeue(2, 4);
+        assert_eq!(q.take(4), Some((2, 2)));
+        assert_eq!(q.take(4), Some((7, 2)));
+        assert_eq!(q.take(4), Some((10, 1)));
+        assert_eq!(q.take(4), None);
+    }
+
+    fn meta(size: u64, chunk_size: u32, data: &[u8]) -> Meta {
+        Meta {
+            handle: 1,
+            size,
+            mtime_ns: 1_600_000_000_123_456_789,
+            identity: "v1".into(),
+            chunk_size,
+            count: chunk_count(size, chunk_size),
+            blake3: *blake3::hash(data).as_bytes(),
+            mode: 0o640,
+        }
+    }
+
+    fn chunks(data: &[u8], cs: u32) -> Vec<Bytes> {
+        data.chunks(cs as usize)
+            .map(Bytes::copy_from_slice)
+            .collect()
+    }
+
+    #[test]
+    fn sink_writes_resumes_verifies_and_publishes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let cs = 1024;
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 / 7) as u8).collect();
+        let m = meta(data.len() as u64, cs, &data);
+        let crcs: Vec<u32> = chunks(&data, cs)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let out = Out::File {
+            dir: dir.clone(),
+            name: "f".into(),
+        };
+        // First run: chunks 0, 3 and 9 land, then the process "dies" (no finish).
+        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out.clone(), None).unwrap();
+        for i in [0u32, 3, 9] {
+            s.put_blocking(i, chunks(&data, cs)[i as usize].clone())
+                .unwrap();
+        }
+        s.checkpoint().unwrap();
+        s.put_blocking(5, chunks(&data, cs)[5].clone()).unwrap(); // written, never claimed
+                                                                  // Corrupt chunk 3 on disk.
+        let part = tmp.path().join("f.fsc-part");
+        let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
+        f.write_all_at(b"X", 3 * 1024 + 10).unwrap();
+        drop((s, f));
+        assert!(!tmp.path().join("f").exists());
+
+        // Second run: the state matches; 0, 5 and 9 verify, 3 does not.
+        let st = PartState::load(&dir, "f").unwrap();
+        assert!(st.matches("v1", m.size, cs, &m.blake3));
+        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out, Some(st)).unwrap();
+        let missing = s.missing();
+        assert_eq!(missing, vec![1, 2, 3, 4, 6, 7, 8]);
+        for i in missing {
+            s.put_blocking(i, chunks(&data, cs)[i as usize].clone())
+                .unwrap();
+        }
+        assert!(s.is_complete());
+        assert_eq!(s.finish().unwrap(), m.blake3);
+        assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), data);
+        assert!(!part.exists());
+        assert!(!tmp.path().join("f.fsc-state").exists());
+        let md = std::fs::metadata(tmp.path().join("f")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(md.mode() & 0o7777, 0o640);
+        assert_eq!(md.mtime_nsec(), 123_456_789);
+    }
+
+    #[test]
+    fn a_wrong_whole_file_hash_is_an_integrity_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let data = vec![7u8; 3000];
+        let mut m = meta(3000, 1024, &data);
+        m.blake3[0] ^= 1;
+        let crcs = chunks(&data, 1024)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let out = Out::File {
+            dir,
+            name: "g".into(),
+        };
+        let s = Sink::create("g".into(), m, crcs, out, None).unwrap();
+        for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
+            s.put_blocking(i as u32, c).unwrap();
+        }
+        assert!(matches!(s.finish(), Err(Error::Integrity { .. })));
+        assert!(!tmp.path().join("g").exists());
+    }
+}

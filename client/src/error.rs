@@ -1,0 +1,106 @@
+//! The client's error type, its retry classification and the CLI exit code each maps to.
+
+use fsd::protocol::ErrorCode;
+
+/// Anything that can go wrong in the client library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// TCP connect (or name resolution) failed.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// The connection broke (EOF, reset, codec failure) while something was outstanding.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// Nothing arrived for the stall timeout while requests were outstanding.
+    #[error("connection stalled: no data for {0:?}")]
+    Stalled(std::time::Duration),
+    /// The server answered a request with an Error frame.
+    #[error("server: {code}: {message}")]
+    Remote {
+        code: ErrorCode,
+        message: String,
+        retryable: bool,
+    },
+    /// The server broke the protocol (unexpected frame, bad sizes, malformed message).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A control frame arrived with a bad checksum; the request can be retried.
+    #[error("corrupted {0} reply (checksum mismatch)")]
+    Corrupt(fsd::protocol::Cmd),
+    /// The server named a file we did not ask for, or an unsafe name (`..`, `/`, NUL).
+    #[error("refused remote name {0:?}: not a plain file name")]
+    UnsafeName(String),
+    /// The data did not verify end to end (whole-file BLAKE3), even after a retry from scratch.
+    #[error("{path}: integrity check failed: {detail}")]
+    Integrity { path: String, detail: String },
+    /// A local file-system operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Bad arguments to a library call (e.g. a remote path that cannot be a local name).
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Result with the client [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether retrying (after a reconnect and backoff) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. }
+            | Error::ConnectionLost(_)
+            | Error::Stalled(_)
+            | Error::Corrupt(_) => true,
+            Error::Remote { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+
+    /// The `fsc` exit code for this error: 2 remote refusal, 3 integrity, 4 connection, 1 other.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Remote {
+                retryable: false, ..
+            }
+            | Error::UnsafeName(_) => 2,
+            Error::Integrity { .. } => 3,
+            Error::Connect { .. }
+            | Error::ConnectionLost(_)
+            | Error::Stalled(_)
+            | Error::Corrupt(_)
+            | Error::Remote { .. } => 4,
+            Error::Protocol(_) | Error::Io { .. } | Error::Usage(_) => 1,
+        }
+    }
+
+    /// The wire error code, for remote errors.
+    pub fn remote_code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(path: impl std::fmt::Display, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn from_wire(e: fsd::protocol::msg::Error) -> Error {
+        let code = ErrorCode::from_u32(e.code).unwrap_or(ErrorCode::Internal);
+        Error::Remote {
+            code,
+            message: e.message,
+            retryable: e.retryable,
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Transfer events and the three ways fsc shows them: indicatif bars on a terminal, NDJSON with
+//! `--json`, nothing otherwise. The library only emits [`Event`]s through a callback; the
+//! [`Reporter`] is what the CLI plugs in.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+/// Something that happened during a transfer. Serialized as one NDJSON object per line with an
+/// `"event"` field naming the variant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A tree transfer found its work: `files` files, `bytes` bytes in total.
+    Plan { files: u64, bytes: u64 },
+    /// A file transfer started; `resumed` bytes were already in place (verified).
+    Start {
+        path: String,
+        local: String,
+        size: u64,
+        resumed: u64,
+    },
+    /// `done` of `size` bytes are in place; `transferred` bytes moved over the network so far.
+    Progress {
+        path: String,
+        done: u64,
+        size: u64,
+        transferred: u64,
+    },
+    /// A chunk failed its CRC32 (or arrived malformed) and is fetched again.
+    Corrupt { path: String, chunk: u32 },
+    /// The remote file changed since the partial download began: starting over.
+    Restart { path: String, reason: String },
+    /// A recoverable failure; the transfer resumes after `delay_ms`.
+    Retry {
+        path: String,
+        attempt: u32,
+        delay_ms: u64,
+        error: String,
+    },
+    /// An entry that is not transferred (symlink, special file).
+    Skip { path: String, reason: String },
+    /// The file arrived complete and verified: `bytes` is its size, `transferred` the bytes
+    /// moved over the network in this run, `blake3` its whole-file hash.
+    Done {
+        path: String,
+        local: String,
+        bytes: u64,
+        transferred: u64,
+        blake3: String,
+    },
+    /// The file failed for good.
+    Error {
+        path: String,
+        code: i32,
+        message: String,
+    },
+}
+
+/// The callback type the library calls with each event. It must be cheap: it runs on the
+/// transfer's tasks.
+pub type EventFn = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// How the CLI shows events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Bars on stderr (only meaningful when stderr is a terminal).
+    Bars,
+    /// NDJSON events to stdout, or to stderr when stdout carries the data.
+    Json { to_stderr: bool },
+    /// Nothing.
+    Quiet,
+}
+
+/// Renders [`Event`]s for a terminal or as NDJSON.
+pub struct Reporter {
+    mode: Mode,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    multi: Option<MultiProgress>,
+    total: Option<ProgressBar>,
+    bars: HashMap<String, ProgressBar>,
+    /// Last progress event written per file, to throttle NDJSON progress lines.
+    last_json: HashMap<String, Instant>,
+}
+
+/// NDJSON progress lines per file at most this often (start, done and errors are never dropped).
+const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+impl Reporter {
+    pub fn new(mode: Mode) -> Arc<Reporter> {
+        let mut state = State::default();
+        if mode == Mode::Bars {
+            state.multi = Some(MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        }
+        Arc::new(Reporter {
+            mode,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The callback to hand to [`crate::Options::on_event`].
+    pub fn callback(self: &Arc<Self>) -> EventFn {
+        let me = self.clone();
+        Arc::new(move |e| me.event(e))
+    }
+
+    /// Prints one event.
+    pub fn event(&self, e: &Event) {
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::Json { to_stderr } => self.json(e, to_stderr),
+            Mode::Bars => self.bars(e),
+        }
+    }
+
+    fn json(&self, e: &Event, to_stderr: bool) {
+        if let Event::Progress { path, .. } = e {
+            let mut st = self.state.lock().unwrap();
+            let now = Instant::now();
+            match st.last_json.get(path) {
+                Some(t) if now.duration_since(*t) < JSON_PROGRESS_EVERY => return,
+                _ => st.last_json.insert(path.clone(), now),
+            };
+        }
+        if let Event::Done { path, .. } | Event::Error { path, .. } = e {
+            self.state.lock().unwrap().last_json.remove(path);
+        }
+        let mut line = serde_json::to_vec(e).expect("events serialize");
+        line.push(b'\n');
+        // One write per line so concurrent events never interleave inside a line.
+        let _ = if to_stderr {
+            std::io::stderr().lock().write_all(&line)
+        } else {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&line).and_then(|_| out.flush())
+        };
+    }
+
+    fn bars(&self, e: &Event) {
+        let mut st = self.state.lock().unwrap();
+        let Some(multi) = st.multi.clone() else {
+            return;
+        };
+        match e {
+            Event::Plan { bytes, files } => {
+                let bar = multi.add(ProgressBar::new(*bytes));
+                bar.set_style(style());
+                bar.set_message(format!("{files} files"));
+                st.total = Some(bar);
+            }
+            Event::Start {
+                path,
+                size,
+                resumed,
+                ..
+            } => {
+                let bar = match &st.total {
+                    // Keep the total bar last.
+                    Some(total) => multi.insert_before(total, ProgressBar::new(*size)),
+                    None => multi.add(ProgressBar::new(*size)),
+                };
+                bar.set_style(style());
+                bar.set_message(short(path));
+                bar.set_position(*resumed);
+                if let Some(t) = &st.total {
+                    t.inc(*resumed);
+                }
+                st.bars.insert(path.clone(), bar);
+            }
+            Event::Progress { path, done, .. } => {
+                if let Some(bar) = st.bars.get(path) {
+                    let delta = done.saturating_sub(bar.position());
+                    bar.set_position(*done);
+                    if let Some(t) = &st.total {
+                        t.inc(delta);
+                    }
+                }
+            }
+            Event::Done { path, bytes, .. } => {
+                if let Some(bar) = st.bars.remove(path) {
+                    if let Some(t) = &st.total {
+                        t.inc(bytes.saturating_sub(bar.position()));
+                    }
+                    bar.finish_and_clear();
+                    if st.total.is_none() {
+                        let _ = multi.println(format!("{path}: {bytes} bytes, verified"));
+                    }
+                }
+            }
+            Event::Error { path, message, .. } => {
+                if let Some(bar) = st.bars.remove(path) {
+                    bar.abandon();
+                }
+                let _ = multi.println(format!("{path}: {message}"));
+            }
+            Event::Retry { path, error, .. } => {
+                let _ = multi.println(format!("{path}: {error}; retrying"));
+            }
+            Event::Restart { path, reason } => {
+                let _ = multi.println(format!("{path}: {reason}; starting over"));
+                if let Some(bar) = st.bars.get(path) {
+                    bar.set_position(0);
+                }
+            }
+            Event::Skip { path, reason } => {
+                let _ = multi.println(format!("{path}: skipped ({reason})"));
+            }
+            Event::Corrupt { .. } => {}
+        }
+    }
+
+    /// Clears the bars (call before printing a final message).
+    pub fn finish(&self) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(t) = st.total.take() {
+            t.finish_and_clear();
+        }
+        for (_, b) in st.bars.drain() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ")
+}
+
+/// The last 24 characters of a path, for the bar label.
+fn short(path: &str) -> String {
+    let n = path.chars().count();
+    if n <= 24 {
+        path.to_string()
+    } else {
+        let tail: String = path.chars().skip(n - 23).collect();
+        format!("…{tail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialize_with_an_event_field() {
+        let e = Event::Done {
+            path: "a/b".into(),
+            local: "b".into(),
+            bytes: 5,
+            transferred: 3,
+            blake3: "ab".into(),
+        };
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["event"], "done");
+        assert_eq!(v["bytes"], 5);
+        assert_eq!(v["transferred"], 3);
+        let e = Event::Error {
+            path: "x".into(),
+            code: 2,
+            message: "nope".into(),
+        };
+        assert_eq!(serde_json::to_value(&e).unwrap()["event"], "error");
+    }
+}

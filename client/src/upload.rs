@@ -1,0 +1,485 @@
+//! Uploads, resumable through the server's chunk bitmap.
+//!
+//! OPEN(WRITE) names the upload by path, size and a resume key derived from the local file's
+//! identity (canonical path, size, mtime, inode, device), and answers with the chunks the server
+//! already holds. One reader thread goes through the file once, in large sequential reads,
+//! computing every chunk's CRC32 and BLAKE3 chaining value (skipped chunks too: the whole-file
+//! hash needs them) and handing the missing chunks to lanes that each keep one WRITE
+//! outstanding, on every connection of `-j`. COMMIT carries the whole-file BLAKE3; the server
+//! verifies it and publishes atomically.
+
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use blake3::hazmat::ChainingValue;
+use bytes::Bytes;
+use fsd::integrity::{hash_chunk, root_hash};
+use fsd::protocol::{chunk_count, chunk_len, msg, Cmd, ErrorCode};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::client::{Client, Transfer};
+use crate::conn::Conn;
+use crate::download::Slots;
+use crate::error::{Error, Result};
+use crate::progress::Event;
+use crate::state::Bitmap;
+
+/// WRITEs kept outstanding per connection.
+const LANES: usize = 8;
+/// Chunks read ahead of the lanes.
+const READ_AHEAD: usize = 4;
+
+/// Options of an upload.
+#[derive(Debug, Clone, Default)]
+pub struct UploadOptions {
+    /// Refuse to replace an existing remote file (checked at Open and at Commit).
+    pub no_clobber: bool,
+}
+
+impl Client {
+    /// Uploads the local file `local` to `remote`, resuming an interrupted upload of the same
+    /// file. The remote file appears only once complete and verified.
+    pub async fn upload(
+        &self,
+        local: &Path,
+        remote: &str,
+        opts: &UploadOptions,
+    ) -> Result<Transfer> {
+        self.upload_file(local, remote, opts, Slots::All).await
+    }
+
+    pub(crate) async fn upload_file(
+        &self,
+        local: &Path,
+        remote: &str,
+        opts: &UploadOptions,
+        slots: Slots,
+    ) -> Result<Transfer> {
+        let r = async {
+            let src = Source::open(local)?;
+            let job = UpJob {
+                client: self.clone(),
+                remote: remote.to_string(),
+                opts: opts.clone(),
+                slots,
+                transferred: AtomicU64::new(0),
+                cvs: Mutex::new(Vec::new()),
+                src,
+            };
+            job.run().await
+        }
+        .await;
+        match &r {
+            Ok(t) => self.emit(Event::Done {
+                path: remote.to_string(),
+                local: local.display().to_string(),
+                bytes: t.bytes,
+                transferred: t.transferred,
+                blake3: hex::encode(t.blake3),
+            }),
+            Err(e) => self.emit(Event::Error {
+                path: remote.to_string(),
+                code: e.exit_code(),
+                message: e.to_string(),
+            }),
+        }
+        r
+    }
+}
+
+/// The local file being uploaded.
+struct Source {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+    mtime_ns: i64,
+    mode: u32,
+    resume_key: String,
+}
+
+impl Source {
+    fn open(path: &Path) -> Result<Source> {
+        let err = |e| Error::io(path.display(), e);
+        let file = File::open(path).map_err(err)?;
+        let md = file.metadata().map_err(err)?;
+        if !md.is_file() {
+            return Err(Error::Usage(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
+        }
+        let canonical = std::fs::canonicalize(path).map_err(err)?;
+        let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        // Same file, same version => same key => the server resumes the same upload.
+        let mut h = blake3::Hasher::new();
+        h.update(canonical.as_os_str().as_bytes());
+        for part in [
+            md.len().to_le_bytes(),
+            mtime_ns.to_le_bytes(),
+            md.ino().to_le_bytes(),
+            md.dev().to_le_bytes(),
+        ] {
+            h.update(&[0]);
+            h.update(&part);
+        }
+        Ok(Source {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            size: md.len(),
+            mtime_ns,
+            mode: md.mode() & 0o7777,
+            resume_key: h.finalize().to_hex().to_string(),
+        })
+    }
+
+    /// Fails if the file changed since it was opened (its hash would not be what we send).
+    fn check_unchanged(&self) -> Result<()> {
+        let md = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(self.path.display(), e))?;
+        let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        if md.len() != self.size || mtime_ns != self.mtime_ns {
+            return Err(Error::Usage(format!(
+                "{}: changed during the upload",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct UpJob {
+    client: Client,
+    remote: String,
+    opts: UploadOptions,
+    slots: Slots,
+    src: Source,
+    transferred: AtomicU64,
+    /// Chaining value of every chunk hashed so far, kept across attempts.
+    cvs: Mutex<Vec<Option<ChainingValue>>>,
+}
+
+/// What OPEN(WRITE) answered.
+struct Upload {
+    handle: u32,
+    upload_id: String,
+    chunk_size: u32,
+    count: u32,
+    present: Bitmap,
+}
+
+enum Stop {
+    /// COMMIT said the hash differs: start the upload again from nothing, once.
+    BadHash,
+    Fail(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Stop {
+        if e.remote_code() == Some(ErrorCode::HashMismatch) {
+            Stop::BadHash
+        } else {
+            Stop::Fail(e)
+        }
+    }
+}
+
+impl UpJob {
+    async fn run(&self) -> Result<Transfer> {
+        let mut backoff = self.client.backoff();
+        let mut restart = false;
+        loop {
+            let before = self.transferred.load(Ordering::Relaxed);
+            match self.attempt(restart).await {
+                Ok(t) => return Ok(t),
+                Err(Stop::BadHash) if !restart => {
+                    restart = true;
+                    self.cvs.lock().unwrap().clear();
+                    self.client.emit(Event::Restart {
+                        path: self.remote.clone(),
+                        reason: "server's hash differs: uploading again from the start".into(),
+                    });
+                }
+                Err(Stop::BadHash) => {
+                    return Err(Error::Integrity {
+                        path: self.remote.clone(),
+                        detail: "the server's whole-file BLAKE3 differs after a fresh upload"
+                            .into(),
+                    })
+                }
+                Err(Stop::Fail(e)) => {
+                    if self.transferred.load(Ordering::Relaxed) > before {
+                        backoff.reset();
+                    }
+                    backoff.wait(e, &self.remote).await?;
+                }
+            }
+        }
+    }
+
+    fn open_request(&self, restart: bool) -> msg::OpenRequest {
+        msg::OpenRequest {
+            path: self.remote.clone(),
+            mode: msg::OpenMode::OpenWrite as i32,
+            size: self.src.size,
+            resume_key: self.src.resume_key.clone(),
+            no_clobber: self.opts.no_clobber,
+            restart,
+            mode_bits: self.src.mode,
+            mtime_ns: self.src.mtime_ns,
+        }
+    }
+
+    async fn open(&self, conn: &Conn, restart: bool) -> Result<Upload> {
+        let r: msg::OpenResponse = conn.request(Cmd::OPEN, &self.open_request(restart)).await?;
+        let bad =
+            |what: String| Error::Protocol(format!("open {} for writing: {what}", self.remote));
+        let cs = r.chunk_size;
+        if !cs.is_power_of_two() || cs < 1024 {
+            return Err(bad(format!(
+                "chunk size {cs} is not a power of two >= 1024"
+            )));
+        }
+        if cs > conn.server_max_frame() {
+            return Err(bad(format!(
+                "chunk size {cs} exceeds the server's frame limit"
+            )));
+        }
+        let count = chunk_count(self.src.size, cs);
+        if r.chunk_count != count {
+            return Err(bad(format!("{} chunks, expected {count}", r.chunk_count)));
+        }
+        Ok(Upload {
+            handle: r.handle,
+            upload_id: r.upload_id,
+            chunk_size: cs,
+            count,
+            present: Bitmap::from_bytes(&r.bitmap, count),
+        })
+    }
+
+    fn slot_list(&self) -> Vec<usize> {
+        match self.slots {
+            Slots::One(s) => vec![s],
+            Slots::All => (0..self.client.connections()).collect(),
+        }
+    }
+
+    async fn attempt(&self, restart: bool) -> Result<Transfer, Stop> {
+        let slots = self.slot_list();
+        let conn0 = self.client.conn(slots[0]).await?;
+        let up = self.open(&conn0, restart).await?;
+        let (cs, count, size) = (up.chunk_size, up.count, self.src.size);
+        {
+            let mut cvs = self.cvs.lock().unwrap();
+            if cvs.len() != count as usize {
+                *cvs = vec![None; count as usize];
+            }
+        }
+        let present_bytes: u64 = (0..count)
+            .filter(|&i| up.present.get(i))
+            .map(|i| chunk_len(size, cs, i) as u64)
+            .sum();
+        self.client.emit(Event::Start {
+            path: self.remote.clone(),
+            local: self.src.path.display().to_string(),
+            size,
+            resumed: present_bytes,
+        });
+        let missing = count - up.present.count();
+        debug!(remote = %self.remote, id = %up.upload_id, missing, "upload open");
+
+        // More connections only when there is enough to split.
+        let mut conns = vec![(conn0.clone(), up.handle)];
+        let wanted = (missing as usize).div_ceil(LANES);
+        for &slot in slots.iter().skip(1).take(wanted.saturating_sub(1)) {
+            let extra = async {
+                let c = self.client.conn(slot).await?;
+                let u = self.open(&c, false).await?;
+                Ok::<_, Error>((c, u))
+            }
+            .await;
+            match extra {
+                Ok((c, u)) if u.upload_id == up.upload_id => conns.push((c, u.handle)),
+                Ok((c, u)) => close(&c, u.handle).await,
+                Err(e) => debug!(slot, "extra connection unavailable: {e}"),
+            }
+        }
+
+        let (tx, rx) = mpsc::channel::<(u32, Bytes, u32)>(READ_AHEAD);
+        let reader = {
+            let file = self.src.file.clone();
+            let present = up.present.clone();
+            let cvs: Vec<_> = self.cvs.lock().unwrap().clone();
+            tokio::task::spawn_blocking(move || read_chunks(&file, size, cs, &present, cvs, tx))
+        };
+        let rx = tokio::sync::Mutex::new(rx);
+        let done = AtomicU64::new(present_bytes);
+        let lanes = conns.iter().flat_map(|(c, h)| {
+            (0..LANES.min(missing as usize)).map(|_| self.lane(c, *h, &rx, &done))
+        });
+        let results: Vec<Result<u32>> = futures::future::join_all(lanes).await;
+        drop(rx);
+        for (c, h) in &conns[1..] {
+            close(c, *h).await;
+        }
+        let (cvs, read_err) = reader.await.expect("reader thread");
+        *self.cvs.lock().unwrap() = cvs.clone();
+        let acked: u32 = results.iter().filter_map(|r| r.as_ref().ok()).sum();
+        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+            return Err(e.into());
+        }
+        if let Some(e) = read_err {
+            return Err(Stop::Fail(e));
+        }
+        if acked != missing {
+            return Err(Stop::Fail(Error::Protocol(format!(
+                "{acked} of {missing} chunks acknowledged"
+            ))));
+        }
+        self.src.check_unchanged()?;
+        let cvs: Vec<ChainingValue> = cvs.into_iter().map(|c| c.expect("all hashed")).collect();
+        let blake3 = root_hash(&cvs, cs, size);
+        let req = msg::CommitRequest {
+            handle: up.handle,
+            blake3: blake3.to_vec(),
+        };
+        let r: msg::CommitResponse = conn0.request(Cmd::COMMIT, &req).await?;
+        if r.size != size {
+            return Err(Stop::Fail(Error::Protocol(format!(
+                "commit published {} bytes, sent {size}",
+                r.size
+            ))));
+        }
+        Ok(Transfer {
+            path: self.remote.clone(),
+            bytes: size,
+            transferred: self.transferred.load(Ordering::Relaxed),
+            blake3,
+        })
+    }
+
+    /// Sends chunks from the reader until it is exhausted; returns how many were acknowledged.
+    async fn lane(
+        &self,
+        conn: &Conn,
+        handle: u32,
+        rx: &tokio::sync::Mutex<mpsc::Receiver<(u32, Bytes, u32)>>,
+        done: &AtomicU64,
+    ) -> Result<u32> {
+        let mut acked = 0;
+        loop {
+            let next = rx.lock().await.recv().await;
+            let Some((i, data, crc)) = next else {
+                return Ok(acked);
+            };
+            let len = data.len() as u64;
+            let _window = conn.window(len).await?;
+            let mut s = conn.open().await?;
+            s.send_msg(Cmd::WRITE, 0, &msg::WriteRequest { handle, chunk: i })
+                .await?;
+            s.send_data(Cmd::WRITE, data, crc).await?;
+            let ack: msg::WriteAck = s.reply(Cmd::WRITE).await?;
+            if ack.chunk != i {
+                return Err(Error::Protocol(format!(
+                    "write of chunk {i} acknowledged as chunk {}",
+                    ack.chunk
+                )));
+            }
+            acked += 1;
+            let transferred = self.transferred.fetch_add(len, Ordering::Relaxed) + len;
+            self.client.emit(Event::Progress {
+                path: self.remote.clone(),
+                done: done.fetch_add(len, Ordering::Relaxed) + len,
+                size: self.src.size,
+                transferred,
+            });
+        }
+    }
+}
+
+/// Releases a handle without waiting for the reply.
+async fn close(conn: &Conn, handle: u32) {
+    let _ = conn
+        .send_detached(Cmd::CLOSE, &msg::CloseRequest { handle })
+        .await;
+}
+
+/// Reads the file once, in order: hashes every chunk whose chaining value is not yet known and
+/// sends the ones the server lacks. Returns the chaining values and any read error.
+fn read_chunks(
+    file: &File,
+    size: u64,
+    cs: u32,
+    present: &Bitmap,
+    mut cvs: Vec<Option<ChainingValue>>,
+    tx: mpsc::Sender<(u32, Bytes, u32)>,
+) -> (Vec<Option<ChainingValue>>, Option<Error>) {
+    for i in 0..chunk_count(size, cs) {
+        let send = !present.get(i);
+        if !send && cvs[i as usize].is_some() {
+            continue;
+        }
+        let len = chunk_len(size, cs, i) as usize;
+        let mut buf = vec![0u8; len];
+        if let Err(e) = file.read_exact_at(&mut buf, i as u64 * cs as u64) {
+            return (cvs, Some(Error::io("read", e)));
+        }
+        let (crc, cv) = hash_chunk(&buf, i, cs, size);
+        cvs[i as usize] = Some(cv);
+        if send && tx.blocking_send((i, Bytes::from(buf), crc)).is_err() {
+            // Every lane stopped; the attempt reports why.
+            break;
+        }
+    }
+    (cvs, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_key_depends_on_the_file_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("f");
+        std::fs::write(&p, b"hello").unwrap();
+        let a = Source::open(&p).unwrap();
+        let b = Source::open(&p).unwrap();
+        assert_eq!(a.resume_key, b.resume_key);
+        std::fs::write(&p, b"hello, world").unwrap();
+        let c = Source::open(&p).unwrap();
+        assert_ne!(a.resume_key, c.resume_key);
+        assert!(a.check_unchanged().is_err());
+        c.check_unchanged().unwrap();
+    }
+
+    #[test]
+    fn reader_hashes_all_chunks_and_sends_only_missing_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("f");
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let mut present = Bitmap::new(5);
+        present.set(1);
+        present.set(3);
+        let (tx, mut rx) = mpsc::channel(8);
+        let (cvs, err) = read_chunks(&f, 5000, 1024, &present, vec![None; 5], tx);
+        assert!(err.is_none());
+        let mut sent = Vec::new();
+        while let Ok((i, d, crc)) = rx.try_recv() {
+            assert_eq!(crc, crc32fast::hash(&d));
+            sent.push(i);
+        }
+        assert_eq!(sent, vec![0, 2, 4]);
+        let cvs: Vec<_> = cvs.into_iter().map(Option::unwrap).collect();
+        assert_eq!(root_hash(&cvs, 1024, 5000), *blake3::hash(&data).as_bytes());
+    }
+}
