@@ -1,0 +1,270 @@
+//! fsd as a library, in-process: proves sendfile serves plain-TCP reads, that a second download
+//! of the same file computes no CRC, that many clients with many streams each get identical
+//! bytes, and that shutdown drains in-flight transfers.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use fsd::protocol::{flags, msg, Cmd};
+use fsd::server::{self, Config, Credentials, Server};
+use tokio_util::sync::CancellationToken;
+
+struct InProc {
+    server: Arc<Server>,
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    done: std::sync::mpsc::Receiver<()>,
+    _rt: std::thread::JoinHandle<()>,
+}
+
+fn start(root: &std::path::Path) -> InProc {
+    let server = Server::new(Config::new(root.to_path_buf(), Credentials::single(TOKEN))).unwrap();
+    let shutdown = CancellationToken::new();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let (s, sd) = (server.clone(), shutdown.clone());
+    let rt = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(l.local_addr().unwrap()).unwrap();
+            server::run(l, s, sd).await.unwrap();
+        });
+        let _ = done_tx.send(());
+    });
+    InProc {
+        server,
+        addr: addr_rx.recv().unwrap(),
+        shutdown,
+        done,
+        _rt: rt,
+    }
+}
+
+/// Downloads several files at once over one connection, one stream per file, pulling every
+/// chunk with one READ per file so the server interleaves them.
+/// With `expect_interleaving`, asserts that the server alternated between streams.
+fn download_many(
+    r: &mut Raw,
+    paths: &[String],
+    expect_interleaving: bool,
+) -> HashMap<String, Vec<u8>> {
+    let mut opens = HashMap::new();
+    for (i, p) in paths.iter().enumerate() {
+        let sid = 100 + i as u32;
+        let o: msg::OpenResponse = r
+            .call(
+                Cmd::OPEN,
+                sid,
+                &msg::OpenRequest {
+                    path: p.clone(),
+                    ..Default::default()
+                },
+            )
+            .decode()
+            .unwrap();
+        opens.insert(sid, (p.clone(), o));
+    }
+    let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
+    for (sid, (_, o)) in &opens {
+        r.send_msg(
+            Cmd::READ,
+            *sid,
+            flags::END,
+            &msg::ReadRequest {
+                handle: o.handle,
+                first_chunk: 0,
+                count: o.chunk_count,
+            },
+        );
+    }
+    let mut open_streams = opens.len();
+    let mut interleaved = false;
+    let mut last_sid = 0;
+    while open_streams > 0 {
+        let f = r.recv().expect("frame");
+        assert!(f.header.is_data(), "{:?}", f.header);
+        let sid = f.stream_id();
+        interleaved |= last_sid != 0
+            && sid != last_sid
+            && data
+                .get(&last_sid)
+                .is_some_and(|d| (d.len() as u64) < opens[&last_sid].1.size);
+        last_sid = sid;
+        data.entry(sid).or_default().extend_from_slice(&f.payload);
+        if f.header.is_end() {
+            open_streams -= 1;
+        }
+    }
+    if expect_interleaving {
+        assert!(
+            interleaved,
+            "streams were served one after the other, not interleaved"
+        );
+    }
+    opens
+        .into_iter()
+        .map(|(sid, (p, _))| (p, data.remove(&sid).unwrap()))
+        .collect()
+}
+
+#[test]
+fn reads_use_sendfile_and_the_manifest_is_computed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_random(&dir.path().join("f.bin"), 5 << 20, 7);
+    let s = start(dir.path());
+    for _ in 0..2 {
+        let mut r = Raw::authed(s.addr);
+        let got = download_many(&mut r, &["f.bin".to_string()], false);
+        assert!(got["f.bin"] == data);
+    }
+    let st = &s.server.stats;
+    assert_eq!(
+        st.bytes_sendfile.load(Ordering::Relaxed),
+        2 * data.len() as u64
+    );
+    assert_eq!(st.bytes_copied.load(Ordering::Relaxed), 0);
+    let m = &s.server.manifests.stats;
+    assert_eq!(
+        m.computed.load(Ordering::Relaxed),
+        1,
+        "second download must not compute CRCs"
+    );
+    assert_eq!(m.memory_hits.load(Ordering::Relaxed), 1);
+    s.shutdown.cancel();
+    s.done.recv_timeout(Duration::from_secs(10)).unwrap();
+
+    // A restarted server finds the manifest persisted in the state directory.
+    let s2 = start(dir.path());
+    let mut r = Raw::authed(s2.addr);
+    assert!(download_many(&mut r, &["f.bin".to_string()], false)["f.bin"] == data);
+    let m = &s2.server.manifests.stats;
+    assert_eq!(
+        (
+            m.computed.load(Ordering::Relaxed),
+            m.disk_hits.load(Ordering::Relaxed)
+        ),
+        (0, 1)
+    );
+}
+
+#[test]
+fn sixteen_clients_each_moving_several_files_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = HashMap::new();
+    for i in 0..8 {
+        let name = format!("d{}/f{i}.bin", i % 3);
+        let len = [
+            0,
+            1,
+            1 << 20,
+            (1 << 20) + 1,
+            3 << 20,
+            12345,
+            2 << 20,
+            (4 << 20) - 1,
+        ][i];
+        files.insert(
+            name.clone(),
+            write_random(&dir.path().join(&name), len, i as u64),
+        );
+    }
+    let s = start(dir.path());
+    let files = Arc::new(files);
+    let clients: Vec<_> = (0..16)
+        .map(|c| {
+            let files = files.clone();
+            let addr = s.addr;
+            std::thread::spawn(move || {
+                let mut r = Raw::authed(addr);
+                // Each client takes 4 different non-empty files at once.
+                let mut names: Vec<String> = files
+                    .keys()
+                    .filter(|k| !files[*k].is_empty())
+                    .cloned()
+                    .collect();
+                names.sort();
+                let n = names.len();
+                names.rotate_left(c % n);
+                names.truncate(4);
+                let got = download_many(&mut r, &names, false);
+                for n in &names {
+                    assert!(got[n] == files[n], "client {c}: {n} differs");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(s.server.stats.connections_total.load(Ordering::Relaxed), 16);
+}
+
+#[test]
+fn big_reads_on_one_connection_interleave() {
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
+    let data: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| write_random(&dir.path().join(n), 16 << 20, i as u64))
+        .collect();
+    let s = start(dir.path());
+    let mut r = Raw::authed(s.addr);
+    let got = download_many(&mut r, &names, true);
+    for (n, d) in names.iter().zip(&data) {
+        assert!(&got[n] == d);
+    }
+}
+
+#[test]
+fn shutdown_lets_in_flight_reads_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_random(&dir.path().join("big"), 32 << 20, 9);
+    let s = start(dir.path());
+    let mut r = Raw::authed(s.addr);
+    let o: msg::OpenResponse = r
+        .call(
+            Cmd::OPEN,
+            1,
+            &msg::OpenRequest {
+                path: "big".into(),
+                ..Default::default()
+            },
+        )
+        .decode()
+        .unwrap();
+    r.send_msg(
+        Cmd::READ,
+        2,
+        flags::END,
+        &msg::ReadRequest {
+            handle: o.handle,
+            first_chunk: 0,
+            count: o.chunk_count,
+        },
+    );
+    let first = r.recv().unwrap();
+    s.shutdown.cancel();
+    let mut got = first.payload.to_vec();
+    loop {
+        let f = r.recv().expect("stream cut before its end");
+        if f.stream_id() == 0 {
+            continue; // the connection-level "shutting down" notice
+        }
+        got.extend_from_slice(&f.payload);
+        if f.header.is_end() {
+            break;
+        }
+    }
+    assert!(got == data);
+    s.done
+        .recv_timeout(Duration::from_secs(10))
+        .expect("run() returns after draining");
+}
