@@ -351,3 +351,4 @@ pub fn error_of(f: &Frame) -> msg::Error {
 pub fn payload(m: &impl Message) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
+pub mod proxy;

@@ -1,0 +1,114 @@
+//! A fault-injecting TCP proxy for tests: sits between fsc and fsd on loopback and damages the
+//! server-to-client byte stream of the first connection in one chosen way. Later connections
+//! pass through untouched, so a client that retries can finish.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Pass everything through.
+    None,
+    /// Flip one bit of the byte at this offset of the server->client stream.
+    FlipBitAt(u64),
+    /// Close both directions after this many server->client bytes.
+    CutAfter(u64),
+    /// After this many server->client bytes, stop forwarding: the link goes silent for 60 s.
+    StallAfter(u64),
+    /// Forward server->client bytes in pieces of at most 7 bytes.
+    Tiny,
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    pub fn start(upstream: SocketAddr, fault: Fault) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (stop2, conns) = (stop.clone(), connections.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let n = conns.fetch_add(1, Ordering::Relaxed);
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let fault = if n == 0 { fault } else { Fault::None };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || pump(c2, s2, Fault::None));
+                let stop3 = stop2.clone();
+                std::thread::spawn(move || {
+                    pump(server, client, fault);
+                    drop(stop3);
+                });
+            }
+        });
+        Proxy {
+            addr,
+            stop,
+            connections,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `to`, applying `fault`; closes both when either side ends.
+fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pos: u64 = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        let end = pos + n as u64;
+        let ok = match fault {
+            Fault::FlipBitAt(at) if (pos..end).contains(&at) => {
+                chunk[(at - pos) as usize] ^= 0x10;
+                to.write_all(chunk).is_ok()
+            }
+            Fault::CutAfter(at) if end >= at => {
+                let _ = to.write_all(&chunk[..(at - pos.min(at)) as usize]);
+                false
+            }
+            Fault::StallAfter(at) if end >= at => {
+                let _ = to.write_all(&chunk[..(at - pos.min(at)) as usize]);
+                // Silent (bounded): the client's watchdog must give up on us first.
+                std::thread::sleep(Duration::from_secs(60));
+                false
+            }
+            Fault::Tiny => chunk.chunks(7).all(|p| to.write_all(p).is_ok()),
+            _ => to.write_all(chunk).is_ok(),
+        };
+        pos = end;
+        if !ok {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
