@@ -439,7 +439,7 @@ impl Job {
             self.transferred
                 .fetch_add(header.payload_len as u64, Ordering::Relaxed);
             let good = payload.filter(|p| {
-                p.len() == len as usize && sink.crc(i).map_or(true, |c| c == header.checksum)
+                p.len() == len as usize && sink.crc(i).is_none_or(|c| c == header.checksum)
             });
             *next += 1;
             match good {

@@ -23,10 +23,11 @@ use crate::integrity::{chunk_cv, root_hash};
 use crate::protocol::{chunk_count, chunk_len, chunk_size_for, ErrorCode};
 use crate::state::UploadRecord;
 
-/// Sync policy: fdatasync after this many unsynced bytes...
-pub const SYNC_BYTES: u64 = 64 * 1024 * 1024;
+/// Sync policy: fdatasync after this many unsynced bytes (about one client window, so a crash
+/// costs a resend of at most that much)...
+pub const SYNC_BYTES: u64 = 8 * 1024 * 1024;
 /// ...or when this long has passed since the last sync, whichever comes first.
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {

@@ -207,12 +207,7 @@ mod tests {
             let max = 4096u32;
             let mut codec = FrameCodec::new(max);
             let mut buf = BytesMut::from(&bytes[..]);
-            loop {
-                match codec.decode(&mut buf) {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
             // Never reserves more than one header plus the largest permitted payload beyond input.
             prop_assert!(buf.capacity() <= bytes.len().max(HEADER_LEN) + MAX_CONTROL_PAYLOAD as usize + HEADER_LEN);
         }

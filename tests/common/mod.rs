@@ -38,6 +38,7 @@ pub struct Fsd {
     pub state: PathBuf,
     pub log: PathBuf,
     extra: Vec<String>,
+    wrapper: Vec<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -55,16 +56,30 @@ impl Fsd {
     /// fsd serving `root` with extra arguments (default token unless --token-file is given).
     pub fn start_on(root: &Path, extra: &[&str]) -> Fsd {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Fsd::spawn(root, "127.0.0.1:0", extra)
+        Fsd::spawn(root, "127.0.0.1:0", extra, Vec::new())
     }
 
-    fn spawn(root: &Path, listen: &str, extra: Vec<String>) -> Fsd {
+    /// fsd started through a wrapper command line (e.g. `unshare ... sh -c '...; exec "$0" "$@"'`)
+    /// that ends by exec'ing its arguments: the fsd binary and its flags.
+    pub fn start_wrapped(wrapper: &[&str], root: &Path) -> Fsd {
+        let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        Fsd::spawn(root, "127.0.0.1:0", Vec::new(), wrapper)
+    }
+
+    fn spawn(root: &Path, listen: &str, extra: Vec<String>, wrapper: Vec<String>) -> Fsd {
         let log = std::env::temp_dir().join(format!(
             "fsd-test-{}-{}.log",
             std::process::id(),
             rand_suffix()
         ));
-        let mut cmd = Command::new(fsd_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(fsd_bin());
+                c
+            }
+            None => Command::new(fsd_bin()),
+        };
         cmd.arg("--root").arg(root).arg("--listen").arg(listen);
         if !extra.iter().any(|a| a == "--token-file" || a == "--token") {
             cmd.arg("--token").arg(TOKEN);
@@ -112,6 +127,7 @@ impl Fsd {
             state,
             log,
             extra,
+            wrapper,
             _dir: None,
         }
     }
@@ -136,7 +152,14 @@ impl Fsd {
         let listen = self.addr.to_string();
         let deadline = Instant::now() + Duration::from_secs(10);
         let new = loop {
-            match std::panic::catch_unwind(|| Fsd::spawn(&self.root, &listen, self.extra.clone())) {
+            match std::panic::catch_unwind(|| {
+                Fsd::spawn(
+                    &self.root,
+                    &listen,
+                    self.extra.clone(),
+                    self.wrapper.clone(),
+                )
+            }) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() > deadline => std::panic::resume_unwind(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),

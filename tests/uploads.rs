@@ -1,0 +1,198 @@
+//! Resumable uploads under crashes: fsd SIGKILLed at ten points of one upload, a full disk, and
+//! an upload begun on one fsd and finished on another serving the same root.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::proxy::{Fault, Proxy};
+use common::*;
+
+const MIB: u64 = 1 << 20;
+/// What one crash may cost: the client's un-acknowledged chunks (8) plus the server's unsynced
+/// batch (fsd::fs::upload::SYNC_BYTES, 8 MiB).
+const WINDOW: u64 = 16 * MIB;
+
+#[test]
+fn fsd_killed_at_ten_points_of_an_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let src = dir.path().join("src.bin");
+    let size = 256 * MIB;
+    write_random(&src, size as usize, 21);
+    let mut s = Fsd::start_on(&root, &[]);
+    // fsd restarts on the same port, so the one fsc process retries and resumes each time.
+    let kills = 10u64;
+    let addr = s.addr();
+    let mut child = fsc(&[
+        "--json",
+        "--retries",
+        "50",
+        "upload",
+        &addr,
+        src.to_str().unwrap(),
+        "dst.bin",
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut done_event = None;
+    let mut killed = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while let Some(Ok(line)) = lines.next() {
+        assert!(Instant::now() < deadline, "upload did not finish in time");
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if e["event"] == "done" {
+            done_event = Some(e);
+            break;
+        }
+        let Some(done) = e["done"].as_u64() else {
+            continue;
+        };
+        // Kill points spread over the file: after 8%, 16%, ... of it is in place.
+        if killed < kills && done >= (killed + 1) * size / (kills + 2) {
+            s.kill9();
+            assert!(
+                !root.join("dst.bin").exists(),
+                "partial file at the final path"
+            );
+            s.restart();
+            killed += 1;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "fsc failed: {status}");
+    assert_eq!(killed, kills);
+    let done = done_event.expect("done event");
+    assert_same_file(&src, &root.join("dst.bin"));
+    let transferred = done["transferred"].as_u64().unwrap();
+    eprintln!("10 kills: transferred {transferred} bytes for a {size}-byte file");
+    assert!(
+        transferred <= size + kills * WINDOW,
+        "transferred {transferred} > {size} + {kills} x {WINDOW}"
+    );
+}
+
+#[test]
+fn enospc_is_a_clear_retryable_error_and_resumes_after_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("small");
+    std::fs::create_dir(&root).unwrap();
+    // A 32 MiB tmpfs, mounted in a private user+mount namespace around fsd.
+    let probe = Command::new("unshare").args(["-Urm", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot create a user+mount namespace here (unshare -Urm), so no small tmpfs for ENOSPC");
+        return;
+    }
+    let s = Fsd::start_wrapped(
+        &[
+            "unshare",
+            "-Urm",
+            "sh",
+            "-c",
+            &format!(
+                "mount -t tmpfs -o size=32m none {} && exec \"$0\" \"$@\"",
+                root.display()
+            ),
+        ],
+        &root,
+    );
+    let local = tempfile::tempdir().unwrap();
+    let filler = local.path().join("filler");
+    write_random(&filler, 16 * MIB as usize, 30);
+    fsc_ok(&[
+        "-q",
+        "upload",
+        &s.addr(),
+        filler.to_str().unwrap(),
+        "filler",
+    ]);
+    let big = local.path().join("big");
+    write_random(&big, 24 * MIB as usize, 31);
+    let out = fsc(&[
+        "--json",
+        "--retries",
+        "0",
+        "upload",
+        &s.addr(),
+        big.to_str().unwrap(),
+        "big",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success(), "upload must fail on a full disk");
+    let errors: Vec<_> = events(&out.stdout)
+        .into_iter()
+        .filter(|e| e["event"] == "error")
+        .collect();
+    let text = format!("{errors:?} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("NoSpace") || text.contains("space"),
+        "no clear ENOSPC error: {text}"
+    );
+    assert!(!root.join("big").exists());
+    // Free space through the protocol, then the same command resumes and commits.
+    fsc_ok(&["rm", &s.addr(), "filler"]);
+    let out = fsc_ok(&["--json", "upload", &s.addr(), big.to_str().unwrap(), "big"]);
+    let done = events(&out.stdout)
+        .into_iter()
+        .find(|e| e["event"] == "done")
+        .unwrap();
+    assert!(
+        done["transferred"].as_u64().unwrap() < 24 * MIB,
+        "did not resume: {done}"
+    );
+    // The file lives inside the namespace's tmpfs: download it to compare.
+    let back = local.path().join("back");
+    fsc_ok(&["-q", "download", &s.addr(), "big", back.to_str().unwrap()]);
+    assert_same_file(&big, &back);
+}
+
+#[test]
+fn an_upload_begun_on_one_fsd_is_finished_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("shared");
+    std::fs::create_dir(&root).unwrap();
+    let a = Fsd::start_on(&root, &[]);
+    let b = Fsd::start_on(&root, &[]);
+    let src = dir.path().join("src");
+    write_random(&src, 128 * MIB as usize, 40);
+    // Begin against A through a slow proxy, kill the client part-way.
+    let proxy = Proxy::start(a.addr, Fault::Tiny);
+    let mut child = fsc(&[
+        "--json",
+        "upload",
+        &proxy.addr(),
+        src.to_str().unwrap(),
+        "dst",
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.map_while(Result::ok) {
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if e["done"].as_u64().is_some_and(|d| d >= 40 * MIB) {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // A notices the hang-up and releases the upload
+    assert!(!root.join("dst").exists());
+    let out = fsc_ok(&["--json", "upload", &b.addr(), src.to_str().unwrap(), "dst"]);
+    let done = events(&out.stdout)
+        .into_iter()
+        .find(|e| e["event"] == "done")
+        .unwrap();
+    assert!(
+        done["transferred"].as_u64().unwrap() <= 128 * MIB - 24 * MIB,
+        "B did not resume A's upload: {done}"
+    );
+    assert_same_file(&src, &root.join("dst"));
+}
