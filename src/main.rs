@@ -64,6 +64,16 @@ struct Args {
     shutdown_grace: u64,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// TLS 1.3 certificate chain (PEM); with --tls-key turns on TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS. A token-file entry
+    /// `NAME cert:COMMON_NAME rw` authenticates such a client by its certificate.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -90,7 +100,15 @@ async fn main() -> Result<()> {
                 .contains(&args.chunk_size),
         "--chunk-size must be a power of two between 64 KiB and 16 MiB"
     );
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            server::tls::server_config(cert, key, args.client_ca.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
     let config = Config {
+        tls: tls.clone(),
         state_dir: args.state_dir.clone(),
         chunk_size: args.chunk_size,
         max_connections: args.max_connections,
@@ -109,8 +127,12 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    eprintln!("fsd: listening on {addr}, serving {}", args.root.display());
-    if !addr.ip().is_loopback() {
+    let scheme = if tls.is_some() { "TLS" } else { "plain TCP" };
+    eprintln!(
+        "fsd: listening on {addr}, serving {} ({scheme})",
+        args.root.display()
+    );
+    if tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
             "serving without TLS on a non-loopback address: tokens and data travel in cleartext"
         );

@@ -25,9 +25,11 @@ fn fsd_killed_at_ten_points_of_an_upload() {
     let size = 256 * MIB;
     write_random(&src, size as usize, 21);
     let mut s = Fsd::start_on(&root, &[]);
-    // fsd restarts on the same port, so the one fsc process retries and resumes each time.
+    // fsd restarts on the same port, so the one fsc process retries and resumes each time. The
+    // proxy paces the upload (48 MiB/s) so that every kill point is reached while it runs.
     let kills = 10u64;
-    let addr = s.addr();
+    let proxy = Proxy::throttled(s.addr, 48 * MIB);
+    let addr = proxy.addr();
     let mut child = fsc(&[
         "--json",
         "--retries",

@@ -9,7 +9,10 @@ use subtle::ConstantTimeEq;
 pub struct Credential {
     /// Shown in logs and used as the owner of uploads; never the secret.
     pub name: String,
+    /// The secret; empty for a credential bound to a client certificate.
     pub token: String,
+    /// Subject common name of a client certificate (mutual TLS) this credential is bound to.
+    pub subject: Option<String>,
     pub writable: bool,
     /// Paths this credential may touch: this directory and beneath ("" = the whole root).
     pub prefix: String,
@@ -31,6 +34,7 @@ impl Credentials {
         Credentials::new(vec![Credential {
             name: "default".into(),
             token: token.into(),
+            subject: None,
             writable: true,
             prefix: String::new(),
         }])
@@ -49,7 +53,10 @@ impl Credentials {
     /// time, so timing reveals neither which entry matched nor how much of a token was right.
     pub fn check(&self, token: &str) -> Option<&Credential> {
         let mut found = None;
-        for c in &self.entries {
+        if token.is_empty() {
+            return None;
+        }
+        for c in self.entries.iter().filter(|c| c.subject.is_none()) {
             let same = c.token.as_bytes().ct_eq(token.as_bytes());
             if bool::from(same) && found.is_none() {
                 found = Some(c);
@@ -58,7 +65,15 @@ impl Credentials {
         found
     }
 
-    /// Parses a token file: one credential per line, `NAME TOKEN read|rw [PREFIX]`; `#` comments.
+    /// The credential bound to a verified client certificate with this subject common name.
+    pub fn check_subject(&self, subject: &str) -> Option<&Credential> {
+        self.entries
+            .iter()
+            .find(|c| c.subject.as_deref() == Some(subject))
+    }
+
+    /// Parses a token file: one credential per line, `NAME TOKEN read|rw [PREFIX]`, where TOKEN
+    /// may be `cert:COMMON_NAME` to bind the entry to a client certificate; `#` comments.
     pub fn parse(text: &str) -> Result<Credentials, String> {
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate() {
@@ -77,13 +92,22 @@ impl Credentials {
                 "rw" | "read-write" => true,
                 _ => return Err(bad("rights must be read or rw")),
             };
-            if f[1].len() < 16 {
+            let subject = f[1].strip_prefix("cert:").map(str::to_string);
+            if subject.as_deref() == Some("") {
+                return Err(bad("empty certificate subject"));
+            }
+            if subject.is_none() && f[1].len() < 16 {
                 return Err(bad("token shorter than 16 characters"));
             }
             let prefix = f.get(3).map_or("", |p| p.trim_matches('/')).to_string();
             entries.push(Credential {
                 name: f[0].into(),
-                token: f[1].into(),
+                token: if subject.is_some() {
+                    String::new()
+                } else {
+                    f[1].into()
+                },
+                subject,
                 writable,
                 prefix,
             });
@@ -119,5 +143,12 @@ mod tests {
         assert!(c.check("").is_none());
         assert!(Credentials::parse("x short rw").is_err());
         assert!(Credentials::parse("x 0123456789abcdef0 admin").is_err());
+        let c = Credentials::parse("carol cert:carol.example rw\n").unwrap();
+        assert_eq!(c.check_subject("carol.example").unwrap().name, "carol");
+        assert!(
+            c.check("cert:carol.example").is_none(),
+            "a subject is not a secret"
+        );
+        assert!(c.check("").is_none());
     }
 }

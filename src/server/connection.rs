@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -170,11 +171,62 @@ struct Conn {
     /// WRITE requests waiting for their DATA frame.
     pending_writes: HashMap<u32, msg::WriteRequest>,
     session: Option<Arc<Session>>,
+    /// Subject of the verified TLS client certificate, if any.
+    subject: Option<String>,
     base_chunk_size: u32,
     client_max_frame: u32,
     auth_failures: u32,
     /// Cancelled when the connection ends: stops every stream.
     done: CancellationToken,
+}
+
+/// The read half of a connection, whatever the transport.
+type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
+
+/// Sets up the transport: plain TCP (sendfile path) or TLS (copy path). Returns None when the
+/// connection ends before it can speak the protocol.
+async fn transport(
+    stream: TcpStream,
+    server: &Server,
+) -> Option<(ReadSide, WriteSide, Option<String>)> {
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = server.config.tls.clone() else {
+        let (rd, wr) = stream.into_split();
+        return Some((Box::new(rd), WriteSide::Tcp(wr), None));
+    };
+    // A cleartext fsd client on a TLS port: tell it so in its own protocol, then close.
+    let mut first = [0u8; 4];
+    let peeked = tokio::time::timeout(server.config.auth_timeout, stream.peek(&mut first)).await;
+    if matches!(peeked, Ok(Ok(4))) && u32::from_be_bytes(first) == crate::protocol::MAGIC {
+        tracing::warn!("cleartext client on a TLS port");
+        let (_, wr) = stream.into_split();
+        let f = Frame::error(
+            Cmd::HELLO,
+            0,
+            &ErrorCode::BadRequest.msg("this server requires TLS (use fsc --tls)"),
+        );
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.send(Outgoing::Frame(f)).await;
+        drop(tx);
+        let _ = writer::run(WriteSide::Tcp(wr), rx, server.stats.clone()).await;
+        return None;
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let stream =
+        match tokio::time::timeout(server.config.auth_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!("TLS handshake timed out");
+                return None;
+            }
+        };
+    let subject = super::tls::peer_subject(stream.get_ref().1);
+    let (rd, wr) = tokio::io::split(stream);
+    Some((Box::new(rd), WriteSide::Stream(Box::new(wr)), subject))
 }
 
 pub async fn serve(
@@ -186,10 +238,11 @@ pub async fn serve(
     let span = tracing::info_span!("conn", %peer);
     async move {
         tracing::debug!("connected");
-        let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
+        let Some((rd, wr, subject)) = transport(stream, &server).await else {
+            return;
+        };
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let writer = tokio::spawn(writer::run(WriteSide::Tcp(wr), rx, server.stats.clone()));
+        let writer = tokio::spawn(writer::run(wr, rx, server.stats.clone()));
         let mut conn = Conn {
             base_chunk_size: server.config.chunk_size,
             client_max_frame: MAX_CHUNK_SIZE,
@@ -199,6 +252,7 @@ pub async fn serve(
             streams: Arc::default(),
             pending_writes: HashMap::new(),
             session: None,
+            subject,
             auth_failures: 0,
             done: CancellationToken::new(),
         };
@@ -240,7 +294,7 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 impl Conn {
     async fn read_loop(
         &mut self,
-        mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        mut frames: FramedRead<ReadSide, FrameCodec>,
         shutdown: &CancellationToken,
     ) -> &'static str {
         let server = self.server.clone();
@@ -280,7 +334,12 @@ impl Conn {
                             _ => ErrorCode::BadRequest,
                         };
                         self.send_error(cmd, sid, code, e.to_string()).await;
-                    } else if let CodecError::BadMagic(_) = e {
+                    } else if let CodecError::BadMagic(m) = e {
+                        if m >> 24 == 0x16 {
+                            // A TLS ClientHello: anything we send would only confuse its parser.
+                            tracing::warn!("TLS client on a cleartext port");
+                            return "tls on plain port";
+                        }
                         self.send_error(Cmd::HELLO, 0, ErrorCode::BadRequest, e.to_string())
                             .await;
                     }
@@ -522,7 +581,12 @@ impl Conn {
                 return None;
             }
         };
-        let cred = self.server.config.credentials.check(&token).cloned();
+        let creds = &self.server.config.credentials;
+        let cred = match (&self.subject, token.is_empty()) {
+            (Some(subject), true) => creds.check_subject(subject),
+            _ => creds.check(&token),
+        }
+        .cloned();
         let Some(cred) = cred else {
             self.server
                 .stats

@@ -7,6 +7,7 @@
 pub mod auth;
 mod connection;
 mod files;
+pub mod tls;
 mod transfer;
 mod writer;
 
@@ -62,6 +63,8 @@ pub struct Config {
     pub auth_timeout: Duration,
     pub upload_ttl: Duration,
     pub shutdown_grace: Duration,
+    /// TLS settings; None serves plain TCP (and file data by sendfile).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Config {
@@ -79,6 +82,7 @@ impl Config {
             auth_timeout: AUTH_TIMEOUT,
             upload_ttl: UPLOAD_TTL,
             shutdown_grace: SHUTDOWN_GRACE,
+            tls: None,
         }
     }
 }

@@ -38,7 +38,6 @@ pub enum WriteSide {
     /// Plain TCP: file payloads go by sendfile.
     Tcp(OwnedWriteHalf),
     /// Anything else (TLS): file payloads are read and copied.
-    #[allow(dead_code)] // constructed once TLS lands
     Stream(Box<dyn AsyncWrite + Send + Unpin>),
 }
 

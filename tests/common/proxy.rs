@@ -30,6 +30,16 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: SocketAddr, fault: Fault) -> Proxy {
+        Proxy::start_with(upstream, fault, None)
+    }
+
+    /// A proxy that paces every connection's client->server bytes to `bytes_per_sec`, e.g. to
+    /// keep an upload running long enough to be interrupted at chosen points.
+    pub fn throttled(upstream: SocketAddr, bytes_per_sec: u64) -> Proxy {
+        Proxy::start_with(upstream, Fault::None, Some(bytes_per_sec))
+    }
+
+    fn start_with(upstream: SocketAddr, fault: Fault, rate: Option<u64>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -49,10 +59,10 @@ impl Proxy {
                 };
                 let fault = if n == 0 { fault } else { Fault::None };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pump(c2, s2, Fault::None));
+                std::thread::spawn(move || pump(c2, s2, Fault::None, rate));
                 let stop3 = stop2.clone();
                 std::thread::spawn(move || {
-                    pump(server, client, fault);
+                    pump(server, client, fault, None);
                     drop(stop3);
                 });
             }
@@ -76,9 +86,10 @@ impl Drop for Proxy {
 }
 
 /// Copies `from` to `to`, applying `fault`; closes both when either side ends.
-fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault) {
+fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, rate: Option<u64>) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut pos: u64 = 0;
+    let started = std::time::Instant::now();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -107,6 +118,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault) {
         pos = end;
         if !ok {
             break;
+        }
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(pos as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
         }
     }
     let _ = from.shutdown(Shutdown::Both);
