@@ -181,7 +181,7 @@ struct Conn {
 }
 
 /// The read half of a connection, whatever the transport.
-type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
+pub type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
 
 /// Sets up the transport: plain TCP (sendfile path) or TLS (copy path). Returns None when the
 /// connection ends before it can speak the protocol.
@@ -238,48 +238,57 @@ pub async fn serve(
     let span = tracing::info_span!("conn", %peer);
     async move {
         tracing::debug!("connected");
-        let Some((rd, wr, subject)) = transport(stream, &server).await else {
-            return;
-        };
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let writer = tokio::spawn(writer::run(wr, rx, server.stats.clone()));
-        let mut conn = Conn {
-            base_chunk_size: server.config.chunk_size,
-            client_max_frame: MAX_CHUNK_SIZE,
-            server: server.clone(),
-            peer,
-            tx,
-            streams: Arc::default(),
-            pending_writes: HashMap::new(),
-            session: None,
-            subject,
-            auth_failures: 0,
-            done: CancellationToken::new(),
-        };
-        let reason = conn
-            .read_loop(
-                FramedRead::new(rd, FrameCodec::new(server.config.max_frame)),
-                &shutdown,
-            )
-            .await;
-        tracing::debug!(reason, "closing");
-        if shutdown.is_cancelled() {
-            // Let in-flight streams finish within the grace period, then cut them.
-            let deadline = Instant::now() + server.config.shutdown_grace;
-            while !conn.streams.lock().unwrap().is_empty() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        conn.done.cancel();
-        drop(conn);
-        match tokio::time::timeout(Duration::from_secs(10), writer).await {
-            Ok(Ok(Err(e))) if !is_disconnect(&e) => tracing::warn!(error = %e, "write failed"),
-            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "peer went away"),
-            _ => {}
+        if let Some((rd, wr, subject)) = transport(stream, &server).await {
+            run(rd, wr, subject, peer, server, shutdown).await;
         }
     }
     .instrument(span)
     .await
+}
+
+/// Speaks the protocol over an established transport until either side ends it. Public so that
+/// fuzzers and tests can drive a connection over an in-memory pipe.
+#[doc(hidden)]
+pub async fn run(
+    rd: ReadSide,
+    wr: WriteSide,
+    subject: Option<String>,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    shutdown: CancellationToken,
+) {
+    let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+    let writer = tokio::spawn(writer::run(wr, rx, server.stats.clone()));
+    let mut conn = Conn {
+        base_chunk_size: server.config.chunk_size,
+        client_max_frame: MAX_CHUNK_SIZE,
+        server: server.clone(),
+        peer,
+        tx,
+        streams: Arc::default(),
+        pending_writes: HashMap::new(),
+        session: None,
+        subject,
+        auth_failures: 0,
+        done: CancellationToken::new(),
+    };
+    let frames = FramedRead::new(rd, FrameCodec::new(server.config.max_frame));
+    let reason = conn.read_loop(frames, &shutdown).await;
+    tracing::debug!(reason, "closing");
+    if shutdown.is_cancelled() {
+        // Let in-flight streams finish within the grace period, then cut them.
+        let deadline = Instant::now() + server.config.shutdown_grace;
+        while !conn.streams.lock().unwrap().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    conn.done.cancel();
+    drop(conn);
+    match tokio::time::timeout(Duration::from_secs(10), writer).await {
+        Ok(Ok(Err(e))) if !is_disconnect(&e) => tracing::warn!(error = %e, "write failed"),
+        Ok(Ok(Err(e))) => tracing::debug!(error = %e, "peer went away"),
+        _ => {}
+    }
 }
 
 /// A peer hanging up is normal: log it at debug, not as an error.

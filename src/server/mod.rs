@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{Credential, Credentials};
+#[doc(hidden)]
+pub use connection::{run as run_connection, ReadSide};
+pub use writer::WriteSide;
 
 use crate::fs::manifest::ManifestCache;
 use crate::fs::root::Root;
