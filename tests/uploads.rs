@@ -198,3 +198,73 @@ fn an_upload_begun_on_one_fsd_is_finished_on_another() {
     );
     assert_same_file(&src, &root.join("dst"));
 }
+
+#[test]
+fn two_uploads_to_one_path_leave_exactly_one_of_them() {
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let (a, b) = (local.path().join("a"), local.path().join("b"));
+    let da = write_random(&a, 40 * MIB as usize, 50);
+    let db = write_random(&b, 40 * MIB as usize, 51);
+    let spawn = |p: &std::path::Path| {
+        fsc(&["-q", "upload", &s.addr(), p.to_str().unwrap(), "same"])
+            .spawn()
+            .unwrap()
+    };
+    let (mut ca, mut cb) = (spawn(&a), spawn(&b));
+    let (ra, rb) = (ca.wait().unwrap(), cb.wait().unwrap());
+    assert!(
+        ra.success() && rb.success(),
+        "both uploads complete: {ra} {rb}"
+    );
+    let got = std::fs::read(s.root.join("same")).unwrap();
+    assert!(
+        got == da || got == db,
+        "the final file is exactly one of the two uploads"
+    );
+    // With --no-clobber the second upload is refused and the file is untouched.
+    let out = fsc(&[
+        "upload",
+        "--no-clobber",
+        &s.addr(),
+        a.to_str().unwrap(),
+        "same",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(std::fs::read(s.root.join("same")).unwrap() == got);
+}
+
+#[test]
+fn idle_uploads_expire_after_the_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Fsd::start_on(dir.path(), &["--upload-ttl", "1"]);
+    let data = random_bytes(3 * MIB as usize, 60);
+    let mut r = Raw::authed(s.addr);
+    let open: fsd::protocol::msg::OpenResponse = r
+        .call(
+            fsd::protocol::Cmd::OPEN,
+            1,
+            &fsd::protocol::msg::OpenRequest {
+                path: "abandoned".into(),
+                mode: fsd::protocol::msg::OpenMode::OpenWrite as i32,
+                size: data.len() as u64,
+                resume_key: "k".into(),
+                ..Default::default()
+            },
+        )
+        .decode()
+        .unwrap();
+    assert!(!open.upload_id.is_empty());
+    let uploads = s.state.join("uploads");
+    let count = || std::fs::read_dir(&uploads).unwrap().count();
+    assert!(count() > 0, "upload state exists while the upload is open");
+    drop(r); // the client goes away without committing
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(count(), 0, "expired upload was not collected");
+    assert!(!s.root.join("abandoned").exists());
+}
