@@ -403,3 +403,27 @@ fn four_connections_on_one_big_file() {
     ]);
     assert_same_file(&dst, &s.root.join("big2"));
 }
+
+#[test]
+fn transfers_through_a_slow_link_in_tiny_pieces_stay_identical() {
+    let s = Fsd::start();
+    write_random(&s.root.join("f"), 3 * CHUNK + 5, 15);
+    let local = tempfile::tempdir().unwrap();
+    for (i, fault) in [Fault::Delay(Duration::from_millis(5)), Fault::Tiny]
+        .into_iter()
+        .enumerate()
+    {
+        let proxy = Proxy::start(s.addr, fault);
+        let dst = local.path().join(format!("f{i}"));
+        fsc_ok(&["-q", "download", &proxy.addr(), "f", dst.to_str().unwrap()]);
+        assert_same_file(&s.root.join("f"), &dst);
+        fsc_ok(&[
+            "-q",
+            "upload",
+            &proxy.addr(),
+            dst.to_str().unwrap(),
+            &format!("back{i}"),
+        ]);
+        assert_same_file(&dst, &s.root.join(format!("back{i}")));
+    }
+}

@@ -20,6 +20,8 @@ pub enum Fault {
     StallAfter(u64),
     /// Forward server->client bytes in pieces of at most 7 bytes.
     Tiny,
+    /// Hold each server->client read for this long before forwarding it (added latency).
+    Delay(Duration),
 }
 
 pub struct Proxy {
@@ -113,6 +115,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, rate: Option<u64>)
                 false
             }
             Fault::Tiny => chunk.chunks(7).all(|p| to.write_all(p).is_ok()),
+            Fault::Delay(d) => {
+                std::thread::sleep(d);
+                to.write_all(chunk).is_ok()
+            }
             _ => to.write_all(chunk).is_ok(),
         };
         pos = end;
