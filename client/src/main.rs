@@ -191,10 +191,10 @@ async fn run(cli: Cli) -> i32 {
                 reporter.event(&Event::Error {
                     path: String::new(),
                     code,
-                    message: format!("{e:#}"),
+                    message: e.to_string(),
                 });
             }
-            eprintln!("fsc: {e:#}");
+            eprintln!("fsc: {e}");
             code
         }
     }
