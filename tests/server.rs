@@ -416,3 +416,119 @@ fn stream_and_handle_limits() {
     }
     assert!(limited);
 }
+
+#[test]
+fn an_authenticated_connection_is_not_cut_at_the_auth_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "x").unwrap();
+    let s = Fsd::start_on(dir.path(), &["--auth-timeout", "1", "--idle-timeout", "30"]);
+    let mut r = Raw::authed(s.addr);
+    std::thread::sleep(Duration::from_millis(1600));
+    let st = r.call(Cmd::STAT, 2, &msg::StatRequest { path: "f".into() });
+    assert!(!st.header.is_error(), "{:?}", error_of(&st));
+    // Hello after Auth would change nothing: refused.
+    let f = r.call(
+        Cmd::HELLO,
+        0,
+        &msg::Hello {
+            version: 1,
+            chunk_size: 65536,
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(&f), ErrorCode::BadRequest);
+}
+
+#[test]
+fn list_pages_stay_within_the_control_frame_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..1100 {
+        std::fs::write(dir.path().join(format!("{i:05}{}", "n".repeat(240))), "").unwrap();
+    }
+    let s = Fsd::start_on(dir.path(), &[]);
+    let mut r = Raw::authed(s.addr);
+    let (mut seen, mut after, mut pages) = (0, String::new(), 0);
+    loop {
+        let f = r.call(
+            Cmd::LIST,
+            3,
+            &msg::ListRequest {
+                path: String::new(),
+                after: after.clone(),
+                limit: 0,
+            },
+        );
+        assert!(f.payload.len() <= fsd::protocol::MAX_CONTROL_PAYLOAD as usize);
+        let page: msg::ListResponse = f.decode().unwrap();
+        seen += page.entries.len();
+        pages += 1;
+        after = page.entries.last().unwrap().name.clone();
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(
+        seen, 1100,
+        "every file and nothing else (the state dir is hidden)"
+    );
+    assert!(pages >= 2);
+}
+
+#[test]
+fn a_corrupt_write_request_ends_its_stream_exactly_once() {
+    let s = Fsd::start();
+    let mut r = Raw::authed(s.addr);
+    let open: msg::OpenResponse = r
+        .call(
+            Cmd::OPEN,
+            1,
+            &msg::OpenRequest {
+                path: "u".into(),
+                mode: msg::OpenMode::OpenWrite as i32,
+                size: 10,
+                resume_key: "k".into(),
+                ..Default::default()
+            },
+        )
+        .decode()
+        .unwrap();
+    let mut req = Frame::message(
+        Cmd::WRITE,
+        7,
+        0,
+        &msg::WriteRequest {
+            handle: open.handle,
+            chunk: 0,
+        },
+    );
+    req.header.checksum ^= 0xdead;
+    r.send(&req).unwrap();
+    r.send(&Frame::new(
+        Cmd::WRITE,
+        7,
+        flags::DATA | flags::END,
+        Bytes::from_static(b"0123456789"),
+    ))
+    .unwrap();
+    assert_eq!(code(&r.recv().unwrap()), ErrorCode::ChecksumMismatch);
+    // Stream 7 is free again and nothing else was sent on it.
+    r.send_msg(
+        Cmd::WRITE,
+        7,
+        0,
+        &msg::WriteRequest {
+            handle: open.handle,
+            chunk: 0,
+        },
+    );
+    r.send(&Frame::new(
+        Cmd::WRITE,
+        7,
+        flags::DATA | flags::END,
+        Bytes::from_static(b"0123456789"),
+    ))
+    .unwrap();
+    let ack = r.recv().unwrap();
+    assert_eq!(ack.stream_id(), 7);
+    assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
+}

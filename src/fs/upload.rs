@@ -142,8 +142,22 @@ impl UploadStore {
             .write(true)
             .open(self.path(&id, "lock"))
             .map_err(io_err)?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| UploadError::Busy { id: id.clone() })?;
+        // If this process held the upload a moment ago, its last handle may still be syncing it
+        // on drop: wait for that (briefly) instead of answering Busy.
+        let ours = live.contains_key(&id);
+        let mut lock_file = lock_file;
+        let mut tries = if ours { 40 } else { 1 };
+        let lock = loop {
+            match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((f, _)) if tries > 1 => {
+                    tries -= 1;
+                    lock_file = f;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(_) => return Err(UploadError::Busy { id }),
+            }
+        };
 
         let record = if p.restart {
             None
@@ -186,12 +200,8 @@ impl UploadStore {
         }
         let upload = Arc::new(Upload {
             id: id.clone(),
-            params: UploadParams {
-                mode_bits: record
-                    .as_ref()
-                    .map_or(p.mode_bits, |r| r.mode_bits.max(p.mode_bits)),
-                ..p.clone()
-            },
+            // The latest request decides mode and mtime of the published file.
+            params: p.clone(),
             chunk_size,
             count,
             data,
@@ -211,6 +221,14 @@ impl UploadStore {
 
     fn path(&self, id: &str, ext: &str) -> PathBuf {
         self.dir.join(format!("{id}.{ext}"))
+    }
+
+    /// Uploads open in this process (held by at least one handle). Also forgets the entries of
+    /// uploads no longer open, which nothing else removes.
+    pub fn live_count(&self) -> usize {
+        let mut live = self.live.lock().unwrap();
+        live.retain(|_, u| u.strong_count() > 0);
+        live.len()
     }
 
     /// Removes uploads idle longer than the TTL that no process holds. Returns how many.

@@ -116,6 +116,7 @@ impl Drop for StreamTx {
 pub struct Session {
     pub server: Arc<Server>,
     pub cred: Credential,
+    pub peer: SocketAddr,
     /// The credential's prefix directory, when it has one.
     sub_root: Option<Root>,
     pub base_chunk_size: u32,
@@ -170,6 +171,8 @@ struct Conn {
     streams: Streams,
     /// WRITE requests waiting for their DATA frame.
     pending_writes: HashMap<u32, msg::WriteRequest>,
+    /// Streams whose WRITE request failed its checksum: their DATA frame is dropped unanswered.
+    discard_data: std::collections::HashSet<u32>,
     session: Option<Arc<Session>>,
     /// Subject of the verified TLS client certificate, if any.
     subject: Option<String>,
@@ -267,6 +270,7 @@ pub async fn run(
         tx,
         streams: Arc::default(),
         pending_writes: HashMap::new(),
+        discard_data: Default::default(),
         session: None,
         subject,
         auth_failures: 0,
@@ -283,7 +287,10 @@ pub async fn run(
         }
     }
     conn.done.cancel();
+    let session = conn.session.take();
     drop(conn);
+    // The last reference to an open upload syncs it on drop: keep that off the reactor.
+    tokio::task::spawn_blocking(move || drop(session));
     match tokio::time::timeout(Duration::from_secs(10), writer).await {
         Ok(Ok(Err(e))) if !is_disconnect(&e) => tracing::warn!(error = %e, "write failed"),
         Ok(Ok(Err(e))) => tracing::debug!(error = %e, "peer went away"),
@@ -363,6 +370,13 @@ impl Conn {
                     tracing::warn!(stream = sid, "payload checksum mismatch");
                     if self.pending_writes.remove(&sid).is_some() {
                         self.streams.lock().unwrap().remove(&sid);
+                    } else if bad.header.cmd == Cmd::WRITE && !bad.header.is_data() {
+                        // Its DATA frame follows: drop it quietly, this error ends the stream.
+                        self.discard_data.insert(sid);
+                    } else if let Some(t) = self.streams.lock().unwrap().get(&sid) {
+                        // A request is running on this stream: it sends the final frame.
+                        t.cancel();
+                        continue;
                     }
                     self.send_error(
                         bad.header.cmd,
@@ -373,11 +387,12 @@ impl Conn {
                     .await;
                 }
                 Some(Ok(Ok(frame))) => {
-                    if self.session.is_some() {
-                        deadline = Instant::now() + cfg.idle_timeout;
-                    }
                     if let Some(why) = self.dispatch(frame, frames.decoder_mut()).await {
                         return why;
+                    }
+                    // After Auth, any frame restarts the idle clock (the Auth frame included).
+                    if self.session.is_some() {
+                        deadline = Instant::now() + cfg.idle_timeout;
                     }
                 }
             }
@@ -403,6 +418,9 @@ impl Conn {
                 .stats
                 .bytes_received
                 .fetch_add(f.payload.len() as u64, Ordering::Relaxed);
+            if self.discard_data.remove(&sid) {
+                return None;
+            }
             match (cmd, self.pending_writes.remove(&sid), &self.session) {
                 (Cmd::WRITE, Some(req), Some(session)) => {
                     let st = self.stream_tx(sid, cmd);
@@ -410,7 +428,10 @@ impl Conn {
                     let span = tracing::debug_span!("stream", id = sid, %cmd);
                     tokio::spawn(transfer::write(session, req, f, st).instrument(span));
                 }
-                _ => {
+                (_, pending, _) => {
+                    if pending.is_some() {
+                        self.streams.lock().unwrap().remove(&sid);
+                    }
                     self.send_error(
                         cmd,
                         sid,
@@ -422,7 +443,19 @@ impl Conn {
             }
             return None;
         }
+        // Requests handled here are timed here; the others time themselves in their tasks.
+        let _timer = matches!(cmd, Cmd::HELLO | Cmd::AUTH | Cmd::PING | Cmd::CANCEL)
+            .then(|| self.server.metrics.request(cmd));
         match cmd {
+            Cmd::HELLO if self.session.is_some() => {
+                self.send_error(
+                    cmd,
+                    sid,
+                    ErrorCode::BadRequest,
+                    "Hello must come before Auth",
+                )
+                .await
+            }
             Cmd::HELLO => self.hello(f, codec).await,
             Cmd::AUTH => return self.auth(f).await,
             Cmd::PING => match f.decode::<msg::Ping>() {
@@ -646,6 +679,7 @@ impl Conn {
         self.session = Some(Arc::new(Session {
             server: self.server.clone(),
             cred,
+            peer: self.peer,
             sub_root,
             base_chunk_size: self.base_chunk_size,
             client_max_frame: self.client_max_frame,
@@ -659,6 +693,7 @@ impl Conn {
 
 /// Runs one request to completion and sends its final frame.
 async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
+    let _timer = session.server.metrics.request(f.cmd());
     let payload: Bytes = f.payload.clone();
     let result = match f.cmd() {
         Cmd::LIST => files::list(&session, payload).await,

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::connection::{Failure, Session};
-use crate::protocol::msg;
+use crate::protocol::{msg, MAX_CONTROL_PAYLOAD};
 
 /// Entries per List page unless the client asks for fewer; and the most it may ask for.
 const LIST_PAGE: usize = 1000;
@@ -39,7 +39,17 @@ pub async fn list(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
     };
     blocking(session, move |s| {
         let p = s.path(&path)?;
-        let (entries, more) = s.root().list(p, &req.after, limit)?;
+        let (mut entries, mut more) = s.root().list(p, &req.after, limit)?;
+        // Long names and symlink targets could push a page past the control-frame limit: end
+        // the page early instead (the client pages on with `after`).
+        let mut total = 16;
+        if let Some(fit) = entries.iter().position(|e| {
+            total += e.encoded_len() + 8;
+            total > MAX_CONTROL_PAYLOAD as usize
+        }) {
+            entries.truncate(fit.max(1));
+            more = true;
+        }
         Ok(Bytes::from(
             msg::ListResponse { entries, more }.encode_to_vec(),
         ))

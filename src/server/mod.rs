@@ -7,6 +7,7 @@
 pub mod auth;
 mod connection;
 mod files;
+pub mod metrics;
 pub mod tls;
 mod transfer;
 mod writer;
@@ -103,6 +104,7 @@ pub struct Stats {
     pub chunks_sent: AtomicU64,
     pub crc_failures: AtomicU64,
     pub uploads_committed: AtomicU64,
+    pub uploads_expired: AtomicU64,
 }
 
 /// State shared by all connections.
@@ -112,6 +114,8 @@ pub struct Server {
     pub manifests: ManifestCache,
     pub uploads: UploadStore,
     pub stats: Arc<Stats>,
+    /// Request counters and latencies, active transfers (for --metrics).
+    pub metrics: metrics::Metrics,
     /// Auth failures per source address: (count, last failure), for the growing penalty.
     penalties: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
@@ -125,12 +129,26 @@ impl Server {
             .clone()
             .unwrap_or_else(|| config.root.join(STATE_DIR_NAME));
         std::fs::create_dir_all(&state_dir)?;
-        let reserved = state_dir
-            .parent()
-            .and_then(|p| std::fs::canonicalize(p).ok())
-            .filter(|p| std::fs::canonicalize(&config.root).ok().as_ref() == Some(p))
-            .and_then(|_| state_dir.file_name())
+        // A state dir inside the root is hidden by name: that name is refused as any path
+        // component and left out of listings, at every depth (over-broad, never leaky).
+        let root_abs = std::fs::canonicalize(&config.root)?;
+        let state_abs = std::fs::canonicalize(&state_dir)?;
+        let reserved = state_abs
+            .strip_prefix(&root_abs)
+            .ok()
+            .and_then(|_| state_abs.file_name())
             .map(|n| n.to_string_lossy().into_owned());
+        // Uploads are published by rename(2), which cannot cross file systems.
+        {
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&root_abs)?.dev() != std::fs::metadata(&state_abs)?.dev() {
+                return Err(io::Error::other(format!(
+                    "--state-dir {} must be on the same file system as --root {} (uploads are published by rename)",
+                    state_abs.display(),
+                    root_abs.display()
+                )));
+            }
+        }
         let root = Root::open(&config.root, reserved).map_err(io::Error::other)?;
         let uploads = UploadStore::new(state_dir.join("uploads"), config.upload_ttl)?;
         let manifests = ManifestCache::new(state_dir.join("manifests"))?;
@@ -140,6 +158,7 @@ impl Server {
             manifests,
             uploads,
             stats: Arc::new(Stats::default()),
+            metrics: metrics::Metrics::default(),
             penalties: Mutex::new(HashMap::new()),
         }))
     }
@@ -177,7 +196,14 @@ pub async fn run(
                 .clamp(Duration::from_secs(1), Duration::from_secs(600));
             loop {
                 let s = server.clone();
-                let _ = tokio::task::spawn_blocking(move || s.uploads.collect_garbage()).await;
+                if let Ok(n) =
+                    tokio::task::spawn_blocking(move || s.uploads.collect_garbage()).await
+                {
+                    server
+                        .stats
+                        .uploads_expired
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(every) => {}
@@ -204,7 +230,9 @@ pub async fn run(
                 .stats
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
-            tracker.spawn(refuse(stream, peer));
+            if server.config.tls.is_none() {
+                tracker.spawn(refuse(stream, peer));
+            } // A TLS client could not read a cleartext refusal: just close.
             continue;
         };
         server

@@ -12,10 +12,13 @@ use prost::Message;
 
 use super::connection::{Failure, Session, StreamTx};
 use super::files::blocking;
+use super::metrics::{Direction, Tracked, Transfer, TransferInfo};
 use super::writer::Outgoing;
 use crate::fs::manifest::Manifest;
 use crate::fs::upload::{Upload, UploadParams};
-use crate::protocol::{chunk_len, chunk_size_for, msg, ErrorCode, Frame, Header, MANIFEST_PAGE};
+use crate::protocol::{
+    chunk_count, chunk_len, chunk_size_for, msg, ErrorCode, Frame, Header, MANIFEST_PAGE,
+};
 
 /// Most chunks one READ may ask for.
 pub const MAX_READ_CHUNKS: u32 = 1024;
@@ -36,10 +39,12 @@ pub enum Handle {
 pub struct Handles {
     map: HashMap<u32, Handle>,
     next: u32,
+    /// Each handle's entry in the server's active-transfer table.
+    tracked: HashMap<u32, Tracked>,
 }
 
 impl Handles {
-    fn insert(&mut self, h: Handle, max: usize) -> Result<u32, Failure> {
+    fn insert(&mut self, h: Handle, max: usize, tracked: Tracked) -> Result<u32, Failure> {
         if self.map.len() >= max {
             return Err(Failure::new(
                 ErrorCode::LimitExceeded,
@@ -50,10 +55,34 @@ impl Handles {
             self.next = self.next.wrapping_add(1).max(1);
             if !self.map.contains_key(&self.next) {
                 self.map.insert(self.next, h);
+                self.tracked.insert(self.next, tracked);
                 return Ok(self.next);
             }
         }
     }
+
+    fn remove(&mut self, id: u32) -> Option<Handle> {
+        self.tracked.remove(&id);
+        self.map.remove(&id)
+    }
+}
+
+/// Lists a transfer opened by this session (until its handle goes).
+fn track(s: &Session, direction: Direction, path: &str, size: u64, done: u64) -> Tracked {
+    s.server.metrics.transfers.start(TransferInfo {
+        peer: s.peer,
+        token_name: s.cred.name.clone(),
+        path: path.to_string(),
+        direction,
+        size,
+        done,
+    })
+}
+
+/// Where handle `id` counts its progress.
+fn progress(session: &Session, id: u32) -> Option<Arc<Transfer>> {
+    let handles = session.handles.lock().unwrap();
+    handles.tracked.get(&id).map(|t| t.transfer().clone())
 }
 
 fn get(session: &Session, id: u32) -> Result<Handle, Failure> {
@@ -70,6 +99,18 @@ fn get(session: &Session, id: u32) -> Result<Handle, Failure> {
                 format!("no handle {id} on this connection"),
             )
         })
+}
+
+/// Bytes of the chunks marked in `bitmap` (bit i of byte i/8): what a resumed upload has.
+fn present_bytes(bitmap: &[u8], size: u64, chunk_size: u32) -> u64 {
+    (0..chunk_count(size, chunk_size))
+        .filter(|&i| {
+            bitmap
+                .get(i as usize / 8)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+        })
+        .map(|i| chunk_len(size, chunk_size, i) as u64)
+        .sum()
 }
 
 fn encoded(m: impl Message) -> Result<Bytes, Failure> {
@@ -122,11 +163,12 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byte
             file: Arc::new(file),
             manifest,
         };
+        let tracked = track(s, Direction::Download, &req.path, reply.size, 0);
         let id = s
             .handles
             .lock()
             .unwrap()
-            .insert(handle, s.server.config.max_handles)?;
+            .insert(handle, s.server.config.max_handles, tracked)?;
         tracing::info!(path = %req.path, handle = id, size = reply.size, "opened for read");
         encoded(msg::OpenResponse {
             handle: id,
@@ -163,10 +205,10 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
             mtime_ns: req.mtime_ns,
             no_clobber: req.no_clobber,
         };
-        let upload = s.server.uploads.open(&params)?;
-        if upload.chunk_size > s.server.config.max_frame {
+        if chunk_size_for(req.size, s.base_chunk_size) > s.server.config.max_frame {
             return Err(Failure::new(ErrorCode::LimitExceeded, "file too large for this server's max frame"));
         }
+        let upload = s.server.uploads.open(&params)?;
         let reply = msg::OpenResponse {
             handle: 0,
             size: req.size,
@@ -179,7 +221,9 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
             bitmap: upload.bitmap(),
             mode: 0,
         };
-        let id = s.handles.lock().unwrap().insert(Handle::Write(upload), s.server.config.max_handles)?;
+        let done = present_bytes(&reply.bitmap, req.size, upload.chunk_size);
+        let tracked = track(s, Direction::Upload, &req.path, req.size, done);
+        let id = s.handles.lock().unwrap().insert(Handle::Write(upload), s.server.config.max_handles, tracked)?;
         tracing::info!(path = %req.path, handle = id, upload = %reply.upload_id, "opened for write");
         encoded(msg::OpenResponse { handle: id, ..reply })
     })
@@ -211,6 +255,7 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
         Ok(x) => x,
         Err(e) => return st.fail(e).await,
     };
+    let progress = progress(session, req.handle);
     let last = req.first_chunk + req.count - 1;
     for i in req.first_chunk..=last {
         if st.cancel.is_cancelled() {
@@ -231,10 +276,17 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
             offset: i as u64 * manifest.chunk_size as u64,
         };
         if i == last {
+            // finish() cannot tell whether the connection is gone: count the chunk as queued.
+            if let Some(p) = &progress {
+                p.add(len as u64);
+            }
             return st.finish(item).await;
         }
         if !st.send(item).await {
             return;
+        }
+        if let Some(p) = &progress {
+            p.add(len as u64);
         }
     }
 }
@@ -280,14 +332,19 @@ async fn prepare_read(
 
 /// Stores one uploaded chunk (already CRC-checked by the codec) and acknowledges it.
 pub async fn write(session: Arc<Session>, req: msg::WriteRequest, data: Frame, st: StreamTx) {
+    let _timer = session.server.metrics.request(st.cmd);
     let result = async {
         let Handle::Write(upload) = get(&session, req.handle)? else {
             return Err(Failure::new(ErrorCode::BadHandle, "WRITE on a read handle"));
         };
         let crc = data.header.checksum;
+        let len = data.payload.len() as u64;
         let durable =
             tokio::task::spawn_blocking(move || upload.write_chunk(req.chunk, &data.payload, crc))
                 .await??;
+        if let Some(p) = progress(&session, req.handle) {
+            p.add(len);
+        }
         Ok(msg::WriteAck {
             chunk: req.chunk,
             durable,
@@ -310,7 +367,7 @@ pub async fn commit(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fai
     };
     let (size, identity) =
         blocking(session, move |s| Ok(upload.commit(&req.blake3, s.root())?)).await?;
-    session.handles.lock().unwrap().map.remove(&req.handle);
+    session.handles.lock().unwrap().remove(req.handle);
     session
         .server
         .stats
@@ -322,7 +379,7 @@ pub async fn commit(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fai
 
 pub async fn close(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
     let req = msg::CloseRequest::decode(payload)?;
-    let h = session.handles.lock().unwrap().map.remove(&req.handle);
+    let h = session.handles.lock().unwrap().remove(req.handle);
     if h.is_none() {
         return Err(Failure::new(
             ErrorCode::BadHandle,
