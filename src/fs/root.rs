@@ -1,7 +1,7 @@
 //! Confinement of every client path beneath the server's --root, enforced by the kernel.
 //!
 //! Checking a path as a string and then opening it by name loses a race against a client that
-//! swaps a directory for a symlink in between (SECURITY.md: a naive check-then-open escaped
+//! swaps a directory for a symlink in between (../shared/SECURITY.md: a naive check-then-open escaped
 //! 11–28% of swaps on this machine). So every path is resolved by `openat2` with
 //! `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS` against an open directory handle, and every change
 //! (mkdir, unlink, rename) acts on one checked leaf name inside a parent directory opened that
