@@ -1,0 +1,905 @@
+#!/usr/bin/env bash
+# Benchmarks fsd/fsc on loopback against anchors started here: nginx (sendfile on) + curl, an
+# rsync daemon, and iperf3 as the ceiling (issue 7; method and results in docs/BENCHMARKS.md).
+#
+#   scripts/bench.sh                 # full run: 1 GiB, 10,000 small files, 5 runs per case (~15 min)
+#   scripts/bench.sh --quick         # smoke test: 256 MiB, 1,000 small files, 1 run per case
+#   scripts/bench.sh --cases a,b,p   # some cases; p (perf profiles) runs only when asked for
+#
+# Cases: a 1 GiB download to a file (fsc, rsync daemon, nginx+curl); b to stdout > /dev/null
+# (fsc, curl, iperf3 -R); c 1 GiB upload (fsc, rsync push); d 10,000 x 4 KiB recursive download
+# and upload (fsc, rsync); e -j 1/2/4; f resume after kill -9 at 50%; g 100 concurrent downloads
+# of 100 different files (fsd vs nginx CPU per GiB and peak RSS); p perf profiles of fsd and fsc.
+#
+# Each case does one untimed warm-up per tool (it also builds fsd's manifests), then RUNS timed
+# runs alternating the tools (rotating the order each run). The source is re-read right before
+# every run (this VM evicts page cache idle for ~30 s), every run writes to a fresh directory,
+# and written data is removed and synced before the next run. Client CPU and peak RSS come from
+# /usr/bin/time; server CPU from /proc/PID/stat (utime+stime+cutime+cstime deltas) and server
+# peak RSS from VmHWM after resetting it (clear_refs 5); the rsync daemon forks a child per
+# connection, so it is started per run under /usr/bin/time instead.
+#
+# Needs root for apt-get (skipped with --no-install when everything is there) and for
+# clear_refs. Stops only the processes it started, by pid.
+set -euo pipefail
+export LC_ALL=C
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  cat <<'EOF'
+Options:
+  --quick            1 run per case, 256 MiB file, 1,000 small files, 100 x 4 MiB for (g)
+  --cases LIST       comma-separated subset of a,b,c,d,e,f,g,p (default a,b,c,d,e,f,g)
+  --profile          also run p (perf record -e cpu-clock -g of fsd and fsc)
+  --runs N           timed runs per tool and case (default 5; 1 with --quick)
+  --workdir DIR      data and scratch (default /var/tmp/fsbench); data is kept for reuse
+  --results FILE     also write the Markdown report to FILE
+  --no-install       do not apt-get anything
+  --no-build         do not run cargo build (binaries: $FSD_BIN / $FSC_BIN or target/release)
+  --clean            delete the generated data at the end
+Environment: FSD_BIN, FSC_BIN (binaries to test; default target/release/{fsd,fsc} after a build);
+BENCH_REV (how the report names the binaries' version).
+EOF
+}
+
+quick=0
+cases=a,b,c,d,e,f,g
+runs=
+work=/var/tmp/fsbench
+results_out=
+install=1
+build=1
+clean=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) quick=1 ;;
+    --cases) cases=${2:?--cases needs a list}; shift ;;
+    --cases=*) cases=${1#*=} ;;
+    --profile) cases=$cases,p ;;
+    --runs) runs=${2:?}; shift ;;
+    --workdir) work=${2:?}; shift ;;
+    --results) results_out=${2:?}; shift ;;
+    --no-install) install=0 ;;
+    --no-build) build=0 ;;
+    --clean) clean=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 1 ;;
+  esac
+  shift
+done
+has_case() { [[ ",$cases," == *",$1,"* ]]; }
+
+if [ "$quick" = 1 ]; then
+  big=$((256 << 20)); big_h="256 MiB"
+  small_n=1000
+  g_n=100; g_size=$((4 << 20)); g_h="4 MiB"
+  runs=${runs:-1}
+else
+  big=$((1 << 30)); big_h="1 GiB"
+  small_n=10000
+  g_n=100; g_size=$((64 << 20)); g_h="64 MiB"
+  runs=${runs:-5}
+fi
+small_dirs=20
+small_size=4096
+[ "$runs" -ge 1 ] && [ "$runs" -le 50 ] || { echo "bench.sh: --runs must be 1..50" >&2; exit 1; }
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+
+# ---------------------------------------------------------------- tools
+install_tools() {
+  local need=() c
+  for c in nginx:nginx-light rsync:rsync iperf3:iperf3 curl:curl /usr/bin/time:time; do
+    command -v "${c%%:*}" >/dev/null 2>&1 || [ -x "${c%%:*}" ] || need+=("${c#*:}")
+  done
+  if has_case p && ! command -v perf >/dev/null 2>&1; then need+=(linux-perf); fi
+  [ ${#need[@]} -eq 0 ] && return
+  [ "$install" = 1 ] || die "missing ${need[*]} and --no-install given"
+  log "installing ${need[*]}"
+  # Keep the packages' own services (nginx on :80, an iperf3 daemon) from starting: only the
+  # anchors this script starts, on its own ports, should run.
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || {
+    [ "$made_policy" = 1 ] && rm -f "$policy"
+    die "apt-get install ${need[*]} failed"
+  }
+  [ "$made_policy" = 1 ] && rm -f "$policy"
+  return 0
+}
+install_tools
+[ -r /proc/self/io ] || die "/proc/PID/io is needed"
+
+if [ -n "${FSD_BIN:-}" ] || [ -n "${FSC_BIN:-}" ]; then
+  fsd_bin=${FSD_BIN:?set both FSD_BIN and FSC_BIN}
+  fsc_bin=${FSC_BIN:?set both FSD_BIN and FSC_BIN}
+else
+  fsd_bin=$repo/target/release/fsd
+  fsc_bin=$repo/target/release/fsc
+  if [ "$build" = 1 ]; then
+    log "cargo build --release --workspace --bins"
+    (cd "$repo" && cargo build --release --workspace --bins) >&2
+  fi
+fi
+[ -x "$fsd_bin" ] && [ -x "$fsc_bin" ] || die "no fsd/fsc binaries ($fsd_bin, $fsc_bin)"
+if [ -n "${BENCH_REV:-}" ]; then
+  rev=$BENCH_REV
+elif [ -n "${FSC_BIN:-}" ]; then
+  rev="binaries $fsd_bin, $fsc_bin"
+else
+  rev="git $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  if [ -n "$(cd "$repo" && git status --porcelain --untracked-files=no -- src client Cargo.toml Cargo.lock 2>/dev/null)" ]; then
+    rev="$rev + uncommitted changes in src/client"
+  fi
+fi
+
+# ---------------------------------------------------------------- processes we own
+W=$work/run.$$
+data=$work/data
+mkdir -p "$W" "$W/out" "$data"
+LOG=$W/bench.log
+: > "$LOG"
+RAW=$W/raw.tsv
+: > "$RAW"
+FANOUT_PIDS=$W/fanout.pids
+: > "$FANOUT_PIDS"
+declare -A pids=()   # pid -> what it runs: every background process this script started
+own() { pids[$1]=$2; }     # own PID NAME
+forget() { unset "pids[$1]"; }
+
+# kill_ours PID NAME: stops PID if it is still one of ours (alive, and its command line
+# mentions NAME, so a recycled pid is left alone).
+kill_ours() {
+  local pid=$1 name=$2 cmd i st
+  [ -r "/proc/$pid/cmdline" ] || return 0
+  cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || return 0
+  [ -n "$cmd" ] && [[ "$cmd" == *"$name"* ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 50; i++)); do
+    st=$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null) || return 0
+    [ "$st" = Z ] && return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? p
+  trap - EXIT INT TERM
+  if [ -s "$FANOUT_PIDS" ]; then
+    while read -r p; do kill_ours "$p" "$fanout_name"; done < "$FANOUT_PIDS" || true
+  fi
+  for p in "${!pids[@]}"; do kill_ours "$p" "${pids[$p]}" || true; done
+  for p in "${!pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$W/out" "$data/up" "$W/sleep.fifo"
+  if [ "$clean" = 1 ]; then rm -rf "$data"; fi
+  if [ $rc -ne 0 ]; then
+    log "exit $rc; log: $LOG"
+    tail -n 20 "$LOG" >&2 || true
+  fi
+  exit $rc
+}
+fanout_name=fsc
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A fork-free sleep for polling loops: read with a timeout from a FIFO nobody writes.
+mkfifo "$W/sleep.fifo"
+exec {sleep_fd}<>"$W/sleep.fifo"
+nap() { read -r -t "$1" -u "$sleep_fd" _ || true; }
+
+# ---------------------------------------------------------------- data
+randfile() { # randfile PATH BYTES SEED
+  if command -v openssl >/dev/null 2>&1; then
+    openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:fsbench-$3" < /dev/zero 2>/dev/null \
+      | head -c "$2" > "$1" || true
+  else
+    head -c "$2" /dev/urandom > "$1"
+  fi
+  [ "$(stat -c %s "$1")" = "$2" ] || die "could not write $2 bytes to $1"
+}
+
+make_data() {
+  local i d per
+  if [ "$(stat -c %s "$data/big.bin" 2>/dev/null || echo 0)" != "$big" ]; then
+    log "making $big_h random file"
+    randfile "$data/big.bin" "$big" big
+  fi
+  per=$((small_n / small_dirs))
+  if [ ! -e "$data/.small-complete-$small_n" ]; then
+    log "making $small_n x $small_size-byte files in $small_dirs directories"
+    rm -rf "$data/small"
+    for ((i = 0; i < small_dirs; i++)); do
+      d=$(printf '%s/small/d%02d' "$data" "$i")
+      mkdir -p "$d"
+      head -c $((per * small_size)) /dev/urandom | (cd "$d" && split -b "$small_size" -d -a 5 - f)
+    done
+    [ "$(find "$data/small" -type f | wc -l)" = "$small_n" ] || die "small files: wrong count"
+    touch "$data/.small-complete-$small_n"
+  fi
+  if has_case g || has_case p; then
+    mkdir -p "$data/g"
+    for ((i = 0; i < g_n; i++)); do
+      f=$(printf '%s/g/f%03d' "$data" "$i")
+      if [ "$(stat -c %s "$f" 2>/dev/null || echo 0)" != "$g_size" ]; then
+        [ "$i" = 0 ] || [ -e "$W/g.msg" ] || { log "making $g_n x $g_h files"; touch "$W/g.msg"; }
+        randfile "$f" "$g_size" "g$i"
+      fi
+    done
+    : > "$W/g.list"
+    for ((i = 0; i < g_n; i++)); do printf 'g/f%03d\n' "$i" >> "$W/g.list"; done
+  fi
+  rm -rf "$data/up" "$data/.fsd-state"
+  mkdir -p "$data/up"
+}
+
+# Page cache on this VM is evicted after ~30 s idle: re-read sources right before each run.
+warm_big() { cat "$data/big.bin" > /dev/null; }
+warm_small() { find "$data/small" -type f -exec cat {} + > /dev/null; }
+warm_g() { (cd "$data" && xargs cat < "$W/g.list" > /dev/null); }
+
+# ---------------------------------------------------------------- ports and servers
+declare -A used_ports=()
+scan_ports() {
+  local f loc p
+  for f in /proc/net/tcp /proc/net/tcp6; do
+    [ -r "$f" ] || continue
+    while read -r _ loc _; do
+      p=${loc##*:}
+      if [[ $p =~ ^[0-9A-Fa-f]{4}$ ]]; then used_ports[$((16#$p))]=1; fi
+    done < "$f"
+  done
+  return 0
+}
+pick_port() { # sets PORT to a free loopback port
+  local p tries
+  scan_ports
+  p=$((20000 + RANDOM % 20000))
+  for ((tries = 0; tries < 1000; tries++)); do
+    if [ -z "${used_ports[$p]:-}" ]; then used_ports[$p]=1; PORT=$p; return 0; fi
+    p=$((p + 1))
+  done
+  die "no free port"
+}
+port_listening() { # port_listening PORT
+  local hex st loc f
+  printf -v hex '%04X' "$1"
+  for f in /proc/net/tcp /proc/net/tcp6; do
+    [ -r "$f" ] || continue
+    while read -r _ loc _ st _; do
+      if [ "${loc##*:}" = "$hex" ] && [ "$st" = 0A ]; then return 0; fi
+    done < "$f"
+  done
+  return 1
+}
+wait_port() { # wait_port PORT PID WHAT
+  local i
+  for ((i = 0; i < 200; i++)); do
+    port_listening "$1" && return 0
+    [ -e "/proc/$2" ] || die "$3 exited; see $LOG"
+    nap 0.05
+  done
+  die "$3 did not listen on $1"
+}
+
+declare -A srv_pids=()
+export FSC_TOKEN="bench-$RANDOM$RANDOM$RANDOM"
+
+start_fsd() {
+  local i
+  "$fsd_bin" --root "$data" --listen 127.0.0.1:0 --token "$FSC_TOKEN" 2> "$W/fsd.log" &
+  fsd_pid=$!
+  own "$fsd_pid" "$fsd_bin"
+  fsd_addr=
+  for ((i = 0; i < 200; i++)); do
+    fsd_addr=$(sed -n 's/^fsd: listening on \([^,]*\),.*/\1/p' "$W/fsd.log")
+    [ -n "$fsd_addr" ] && break
+    [ -e "/proc/$fsd_pid" ] || { cat "$W/fsd.log" >&2; die "fsd exited"; }
+    nap 0.05
+  done
+  [ -n "$fsd_addr" ] || die "fsd did not print its address"
+  srv_pids[fsd]=$fsd_pid
+}
+
+start_nginx() {
+  local w
+  pick_port; nginx_port=$PORT
+  mkdir -p "$W/nginx/tmp"
+  cat > "$W/nginx/nginx.conf" <<EOF
+daemon off;
+user root;
+worker_processes 2;
+pid $W/nginx/nginx.pid;
+error_log $W/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_timeout 5;
+  default_type application/octet-stream;
+  client_body_temp_path $W/nginx/tmp/body;
+  proxy_temp_path $W/nginx/tmp/proxy;
+  server {
+    listen 127.0.0.1:$nginx_port;
+    root $data;
+    location / { }
+  }
+}
+EOF
+  nginx -p "$W/nginx" -c "$W/nginx/nginx.conf" -e "$W/nginx/error.log" 2>> "$LOG" &
+  nginx_pid=$!
+  own "$nginx_pid" nginx
+  wait_port "$nginx_port" "$nginx_pid" nginx
+  nap 0.2
+  w=$(pgrep -P "$nginx_pid" | tr '\n' ' ')
+  [ -n "$w" ] || die "nginx has no workers"
+  srv_pids[nginx]="$nginx_pid $w"
+}
+
+start_iperf3() {
+  pick_port; iperf_port=$PORT
+  iperf3 -s -B 127.0.0.1 -p "$iperf_port" > /dev/null 2>> "$LOG" &
+  iperf_pid=$!
+  own "$iperf_pid" iperf3
+  wait_port "$iperf_port" "$iperf_pid" iperf3
+  srv_pids[iperf3]=$iperf_pid
+}
+
+setup_rsyncd() {
+  pick_port; rsync_port=$PORT
+  cat > "$W/rsyncd.conf" <<EOF
+pid file = $W/rsyncd.pid
+log file = $W/rsyncd.log
+use chroot = no
+[data]
+  path = $data
+  read only = no
+  uid = root
+  gid = root
+EOF
+}
+# The rsync daemon forks per connection and its children are gone by the time we look, so it
+# runs per measured run under /usr/bin/time, which sees the children's CPU and peak RSS.
+rsyncd_start() {
+  local i
+  rm -f "$W/rsyncd.pid" "$W/rsyncd.time"
+  /usr/bin/time -o "$W/rsyncd.time" -f '%e %U %S %M' \
+    rsync --daemon --no-detach --config="$W/rsyncd.conf" --address=127.0.0.1 --port="$rsync_port" \
+    2>> "$LOG" &
+  rsyncd_time_pid=$!
+  own "$rsyncd_time_pid" rsync
+  wait_port "$rsync_port" "$rsyncd_time_pid" "rsync daemon"
+  for ((i = 0; i < 100; i++)); do [ -s "$W/rsyncd.pid" ] && break; nap 0.02; done
+  rsyncd_pid=$(cat "$W/rsyncd.pid" 2>/dev/null || pgrep -P "$rsyncd_time_pid" | head -n1)
+}
+rsyncd_stop() {
+  local i
+  for ((i = 0; i < 500; i++)); do  # let the per-connection children finish and be reaped
+    pgrep -P "$rsyncd_pid" > /dev/null || break
+    nap 0.01
+  done
+  kill_ours "$rsyncd_pid" rsync
+  wait "$rsyncd_time_pid" 2>/dev/null || true
+  forget "$rsyncd_time_pid"
+}
+
+# ---------------------------------------------------------------- measuring
+clk_tck=$(getconf CLK_TCK)
+proc_ticks() { # REPLY = utime+stime+cutime+cstime of PID, in ticks
+  local s a
+  REPLY=0
+  read -r s < "/proc/$1/stat" 2>/dev/null || return 0
+  s=${s##*) }
+  read -r -a a <<< "$s"
+  REPLY=$((a[11] + a[12] + a[13] + a[14]))
+}
+proc_hwm() { # REPLY = VmHWM of PID in kB
+  local k v _u
+  REPLY=0
+  while read -r k v _u; do
+    [ "$k" = "VmHWM:" ] && { REPLY=$v; return 0; }
+  done < "/proc/$1/status" 2>/dev/null || true
+}
+to_ms() { # to_ms 1.23 -> REPLY=1230
+  local s=$1 i f
+  i=${s%%.*}; f=
+  [[ $s == *.* ]] && f=${s#*.}
+  f=${f}000; f=${f:0:3}
+  REPLY=$((10#${i:-0} * 1000 + 10#$f))
+}
+
+srv_begin() {
+  local p
+  s_t0=0
+  case $1 in
+    none) ;;
+    rsync) rsyncd_start ;;
+    *) for p in ${srv_pids[$1]}; do
+         echo 5 > "/proc/$p/clear_refs" 2>/dev/null || true
+         proc_ticks "$p"; s_t0=$((s_t0 + REPLY))
+       done ;;
+  esac
+}
+srv_end() {
+  local p t1=0 hwm=0 a
+  m_scpu_ms=0; m_srss_kb=0
+  case $1 in
+    none) ;;
+    rsync)
+      rsyncd_stop
+      mapfile -t a < "$W/rsyncd.time"
+      read -r _ u s m <<< "${a[-1]}"
+      to_ms "$u"; m_scpu_ms=$REPLY; to_ms "$s"; m_scpu_ms=$((m_scpu_ms + REPLY)); m_srss_kb=$m ;;
+    *) for p in ${srv_pids[$1]}; do
+         proc_ticks "$p"; t1=$((t1 + REPLY))
+         proc_hwm "$p"; [ "$REPLY" -gt "$hwm" ] && hwm=$REPLY
+       done
+       m_scpu_ms=$(((t1 - s_t0) * 1000 / clk_tck)); m_srss_kb=$hwm ;;
+  esac
+}
+
+# measure SERVER STDOUT CMD...: one timed run. Sets m_ok m_wall_us m_ccpu_ms m_crss_kb m_scpu_ms m_srss_kb.
+measure() {
+  local srv=$1 out=$2 rc=0 t0 t1 a u s m
+  shift 2
+  srv_begin "$srv"
+  t0=$EPOCHREALTIME
+  /usr/bin/time -o "$W/time.out" -f '%U %S %M' "$@" > "$out" 2>> "$LOG" || rc=$?
+  t1=$EPOCHREALTIME
+  srv_end "$srv"
+  m_wall_us=$((${t1/./} - ${t0/./}))
+  mapfile -t a < "$W/time.out"
+  read -r u s m <<< "${a[-1]}"
+  to_ms "$u"; m_ccpu_ms=$REPLY; to_ms "$s"; m_ccpu_ms=$((m_ccpu_ms + REPLY)); m_crss_kb=$m
+  m_ok=1
+  if [ "$rc" -ne 0 ]; then
+    m_ok=0
+    log "  FAILED (exit $rc): $*"
+    tail -n 5 "$LOG" >&2
+  fi
+  return 0
+}
+
+# record CASE LABEL TOOL RUN BYTES FILES [EXTRA]: run 0 is the warm-up and is not recorded.
+record() {
+  local c=$1 label=$2 tool=$3 run=$4 bytes=$5 files=$6 extra=${7:-}
+  if [ "$run" -eq 0 ]; then
+    log "  $c warm-up $tool: $(fmt_us "$m_wall_us") s${extra:+ $extra}"
+    return 0
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$label" "$tool" "$run" \
+    "$m_ok" "$m_wall_us" "$m_ccpu_ms" "$m_crss_kb" "$m_scpu_ms" "$m_srss_kb" "$bytes" "$files" \
+    "$extra" >> "$RAW"
+  log "  $c run $run/$runs $tool: $(fmt_us "$m_wall_us") s, client $m_ccpu_ms ms cpu $((m_crss_kb / 1024)) MiB, server $m_scpu_ms ms cpu $((m_srss_kb / 1024)) MiB${extra:+, $extra}"
+}
+fmt_us() { printf '%d.%03d' $(($1 / 1000000)) $((($1 / 1000) % 1000)); }
+
+# rotate RUN TOOL...: prints the tools rotated by RUN (alternates who goes first).
+rotate() {
+  local r=$1 n i
+  shift
+  n=$#
+  local t=("$@")
+  for ((i = 0; i < n; i++)); do printf '%s\n' "${t[$(((i + r) % n))]}"; done
+}
+
+fresh() { # fresh NAME: a new empty directory under out/
+  FRESH=$W/out/$1
+  rm -rf "$FRESH"
+  mkdir -p "$FRESH"
+}
+done_with() { rm -rf "$@"; sync; }
+
+check_file() { # check_file PATH: in warm-ups, the download must be byte-identical
+  cmp -s "$data/big.bin" "$1" || die "$1 differs from the source"
+}
+
+fsc() { "$fsc_bin" "$@"; }
+nurl() { printf 'http://127.0.0.1:%s/%s' "$nginx_port" "$1"; }
+rurl() { printf 'rsync://127.0.0.1:%s/data/%s' "$rsync_port" "$1"; }
+
+# ---------------------------------------------------------------- cases
+case_a() {
+  local label="$big_h download → file" r t
+  log "case a: $label"
+  for ((r = 0; r <= runs; r++)); do
+    for t in $(rotate "$r" fsc rsync curl); do
+      warm_big; fresh "a-$t-$r"
+      case $t in
+        fsc) measure fsd /dev/null "$fsc_bin" -q download "$fsd_addr" big.bin "$FRESH/big.bin"
+             record a "$label" fsc "$r" "$big" 1 ;;
+        rsync) measure rsync /dev/null rsync --whole-file "$(rurl big.bin)" "$FRESH/big.bin"
+             record a "$label" "rsync daemon" "$r" "$big" 1 ;;
+        curl) measure nginx /dev/null curl -sS -o "$FRESH/big.bin" "$(nurl big.bin)"
+             record a "$label" "nginx+curl" "$r" "$big" 1 ;;
+      esac
+      [ "$r" -gt 0 ] || check_file "$FRESH/big.bin"
+      done_with "$FRESH"
+    done
+  done
+}
+
+case_b() {
+  local label="$big_h download → /dev/null" r t
+  log "case b: $label"
+  for ((r = 0; r <= runs; r++)); do
+    for t in $(rotate "$r" fsc curl iperf3); do
+      warm_big
+      case $t in
+        fsc) measure fsd /dev/null "$fsc_bin" -q download "$fsd_addr" big.bin -
+             record b "$label" fsc "$r" "$big" 1 ;;
+        curl) measure nginx /dev/null curl -sS "$(nurl big.bin)"
+             record b "$label" "nginx+curl" "$r" "$big" 1 ;;
+        iperf3) measure iperf3 /dev/null iperf3 -c 127.0.0.1 -p "$iperf_port" -R -n "$big"
+             record b "$label" "iperf3 -R (ceiling)" "$r" "$big" 1 ;;
+      esac
+    done
+  done
+}
+
+case_c() {
+  local label="$big_h upload" r t
+  log "case c: $label"
+  for ((r = 0; r <= runs; r++)); do
+    for t in $(rotate "$r" fsc rsync); do
+      warm_big
+      case $t in
+        fsc) measure fsd /dev/null "$fsc_bin" -q upload "$fsd_addr" "$data/big.bin" "up/c-fsc-$r.bin"
+             record c "$label" fsc "$r" "$big" 1
+             [ "$r" -gt 0 ] || check_file "$data/up/c-fsc-$r.bin"
+             done_with "$data/up/c-fsc-$r.bin" ;;
+        rsync) measure rsync /dev/null rsync --whole-file "$data/big.bin" "$(rurl "up/c-rsync-$r.bin")"
+             record c "$label" "rsync push" "$r" "$big" 1
+             [ "$r" -gt 0 ] || check_file "$data/up/c-rsync-$r.bin"
+             done_with "$data/up/c-rsync-$r.bin" ;;
+      esac
+    done
+  done
+}
+
+count_files() { # count_files DIR EXPECTED
+  local n
+  n=$(find "$1" -type f | wc -l)
+  [ "$n" = "$2" ] || die "$1 has $n files, expected $2"
+}
+
+# small_runs CASE LABEL-SUFFIX JOBS...: recursive download and upload of the small tree.
+small_down() { # small_down CASE LABEL TOOL RUN JOBS
+  local c=$1 label=$2 tool=$3 r=$4 j=$5
+  warm_small; fresh "$c-down-$tool-$j-$r"
+  local dst=$FRESH/tree
+  case $tool in
+    fsc) measure fsd /dev/null "$fsc_bin" -q download -r -j "$j" "$fsd_addr" small "$dst"
+         record "$c" "$label" "fsc${6:-}" "$r" $((small_n * small_size)) "$small_n" ;;
+    rsync) measure rsync /dev/null rsync -r --whole-file "$(rurl small/)" "$dst/"
+         record "$c" "$label" rsync "$r" $((small_n * small_size)) "$small_n" ;;
+  esac
+  [ "$r" -gt 0 ] || count_files "$dst" "$small_n"
+  # Each run writes to a fresh directory; all are deleted at the end of the case.
+}
+small_up() { # small_up CASE LABEL TOOL RUN JOBS [SUFFIX]
+  local c=$1 label=$2 tool=$3 r=$4 j=$5
+  warm_small
+  local dst=up/$c-$tool-$j-$r
+  case $tool in
+    fsc) measure fsd /dev/null "$fsc_bin" -q upload -r -j "$j" "$fsd_addr" "$data/small" "$dst"
+         record "$c" "$label" "fsc${6:-}" "$r" $((small_n * small_size)) "$small_n" ;;
+    rsync) measure rsync /dev/null rsync -r --whole-file "$data/small/" "$(rurl "$dst/")"
+         record "$c" "$label" rsync "$r" $((small_n * small_size)) "$small_n" ;;
+  esac
+  [ "$r" -gt 0 ] || count_files "$data/$dst" "$small_n"
+}
+
+case_d() {
+  local r t ld="$small_n × 4 KiB download -r" lu="$small_n × 4 KiB upload -r"
+  log "case d: $ld / $lu"
+  for ((r = 0; r <= runs; r++)); do
+    for t in $(rotate "$r" fsc rsync); do small_down d "$ld" "$t" "$r" 1; done
+    for t in $(rotate "$r" fsc rsync); do small_up d "$lu" "$t" "$r" 1; done
+  done
+  done_with "$W/out/"d-* "$data/up/"d-*
+}
+
+case_e() {
+  local r j lf="$big_h download → file" ln="$big_h download → /dev/null" lu="$big_h upload"
+  local sd="$small_n × 4 KiB download -r" su="$small_n × 4 KiB upload -r"
+  log "case e: -j 1/2/4"
+  for ((r = 0; r <= runs; r++)); do
+    for j in $(rotate "$r" 1 2 4); do
+      warm_big; fresh "e-$j-$r"
+      measure fsd /dev/null "$fsc_bin" -q download -j "$j" "$fsd_addr" big.bin "$FRESH/big.bin"
+      record e "$lf" "fsc -j $j" "$r" "$big" 1
+      [ "$r" -gt 0 ] || check_file "$FRESH/big.bin"
+      done_with "$FRESH"
+    done
+    for j in $(rotate "$r" 1 2 4); do
+      warm_big
+      measure fsd /dev/null "$fsc_bin" -q download -j "$j" "$fsd_addr" big.bin -
+      record e "$ln" "fsc -j $j" "$r" "$big" 1
+    done
+    for j in $(rotate "$r" 1 2 4); do
+      warm_big
+      measure fsd /dev/null "$fsc_bin" -q upload -j "$j" "$fsd_addr" "$data/big.bin" "up/e-$j-$r.bin"
+      record e "$lu" "fsc -j $j" "$r" "$big" 1
+      done_with "$data/up/e-$j-$r.bin"
+    done
+    for j in $(rotate "$r" 1 4); do small_down e "$sd" fsc "$r" "$j" " -j $j"; done
+    for j in $(rotate "$r" 1 4); do small_up e "$su" fsc "$r" "$j" " -j $j"; done
+  done
+  done_with "$W/out/"e-* "$data/up/"e-*
+}
+
+# kill_at_half VICTIM WATCHED BASE: polls /proc/WATCHED/io until WATCHED has written half of
+# the big file (wchar - BASE), then stops VICTIM (SIGSTOP: its in-flight writes complete, so
+# the count is exact), reads the count again into `held`, and kills VICTIM with SIGKILL.
+io_wchar() { # REPLY = wchar of PID
+  local k v
+  REPLY=0
+  while read -r k v; do
+    if [ "$k" = "wchar:" ]; then REPLY=$v; break; fi
+  done < "/proc/$1/io" 2>/dev/null || true
+}
+kill_at_half() {
+  local victim=$1 watched=$2 base=$3 i st
+  held=0
+  for ((i = 0; i < 60000; i++)); do  # 1 ms naps: at most ~60 s
+    io_wchar "$watched"
+    held=$((REPLY - base))
+    [ "$held" -ge $((big / 2)) ] && break
+    [ -e "/proc/$victim" ] || break
+    nap 0.001
+  done
+  kill -STOP "$victim" 2>/dev/null || true
+  for ((i = 0; i < 1000; i++)); do
+    read -r _ _ st _ < "/proc/$victim/stat" 2>/dev/null || break
+    [ "$st" = T ] && break
+    nap 0.001
+  done
+  io_wchar "$watched"
+  held=$((REPLY - base))
+  kill -KILL "$victim" 2>/dev/null || true
+  wait "$victim" 2>/dev/null || true
+  forget "$victim"
+}
+json_num() { # json_num FILE EVENT FIELD: FIELD of the last EVENT line of an NDJSON file
+  grep "\"event\":\"$2\"" "$1" | tail -n1 | sed -n "s/.*\"$3\":\([0-9]*\).*/\1/p"
+}
+
+case_f() {
+  local r pid base ev resumed transferred lost ld="resume download at 50%" lu="resume upload at 50%"
+  log "case f: $ld / $lu"
+  for ((r = 0; r <= runs; r++)); do
+    # Reference: the same download without an interruption.
+    warm_big; fresh "f-full-$r"
+    measure fsd /dev/null "$fsc_bin" -q download "$fsd_addr" big.bin "$FRESH/big.bin"
+    record f "$ld" "fsc uninterrupted" "$r" "$big" 1
+    done_with "$FRESH"
+
+    warm_big; fresh "f-resume-$r"
+    ev=$W/out/f-ev-$r
+    "$fsc_bin" --json download "$fsd_addr" big.bin "$FRESH/big.bin" > "$ev.1" 2>> "$LOG" &
+    pid=$!; own "$pid" fsc
+    kill_at_half "$pid" "$pid" 0
+    [ -e "$FRESH/big.bin" ] && die "download finished before it could be interrupted"
+    measure fsd "$ev.2" "$fsc_bin" --json download "$fsd_addr" big.bin "$FRESH/big.bin"
+    resumed=$(json_num "$ev.2" start resumed); transferred=$(json_num "$ev.2" "done" transferred)
+    lost=$((held - ${resumed:-0}))
+    record f "$ld" "fsc resume" "$r" "$big" 1 \
+      "killed_at=$held resumed=${resumed:-?} transferred=${transferred:-?} lost=$lost"
+    [ "$r" -gt 0 ] || check_file "$FRESH/big.bin"
+    done_with "$FRESH" "$ev".*
+
+    # Upload: kill fsc once fsd has written half of the file.
+    warm_big
+    measure fsd /dev/null "$fsc_bin" -q upload "$fsd_addr" "$data/big.bin" "up/f-full-$r.bin"
+    record f "$lu" "fsc uninterrupted" "$r" "$big" 1
+    done_with "$data/up/f-full-$r.bin"
+
+    warm_big
+    ev=$W/out/f-uev-$r
+    io_wchar "$fsd_pid"; base=$REPLY
+    "$fsc_bin" --json upload "$fsd_addr" "$data/big.bin" "up/f-$r.bin" > "$ev.1" 2>> "$LOG" &
+    pid=$!; own "$pid" fsc
+    kill_at_half "$pid" "$fsd_pid" "$base"
+    nap 0.3   # fsd stores what was already in its socket: count that as held too
+    io_wchar "$fsd_pid"; held=$((REPLY - base))
+    measure fsd "$ev.2" "$fsc_bin" --json upload "$fsd_addr" "$data/big.bin" "up/f-$r.bin"
+    resumed=$(json_num "$ev.2" start resumed); transferred=$(json_num "$ev.2" "done" transferred)
+    lost=$((held - ${resumed:-0}))
+    record f "$lu" "fsc resume" "$r" "$big" 1 \
+      "killed_at=$held resumed=${resumed:-?} transferred=${transferred:-?} lost=$lost"
+    [ "$r" -gt 0 ] || check_file "$data/up/f-$r.bin"
+    done_with "$data/up/f-$r.bin" "$ev".*
+  done
+}
+
+case_g() {
+  local label="$g_n × $g_h concurrent → /dev/null" r t
+  log "case g: $label"
+  for ((r = 0; r <= runs; r++)); do
+    for t in $(rotate "$r" fsc curl); do
+      warm_g
+      case $t in
+        fsc) fanout_name=fsc
+             measure fsd /dev/null bash "$here/bench/fanout.sh" "$FANOUT_PIDS" "$W/g.list" \
+               "$fsc_bin" -q download "$fsd_addr" @F@ -
+             record g "$label" "fsc ×$g_n" "$r" $((g_n * g_size)) "$g_n" ;;
+        curl) fanout_name=curl
+             measure nginx /dev/null bash "$here/bench/fanout.sh" "$FANOUT_PIDS" "$W/g.list" \
+               curl -sS "http://127.0.0.1:$nginx_port/@F@"
+             record g "$label" "nginx+curl ×$g_n" "$r" $((g_n * g_size)) "$g_n" ;;
+      esac
+      : > "$FANOUT_PIDS"
+    done
+  done
+}
+
+# perf profiles: fsd attached by pid, fsc run under perf, for the main transfer shapes.
+profile_one() { # profile_one NAME CMD...
+  local name=$1 ppid
+  shift
+  mkdir -p "$W/perf"
+  perf record -q -e cpu-clock -g -p "$fsd_pid" -o "$W/perf/fsd-$name.data" > /dev/null 2>> "$LOG" &
+  ppid=$!; own "$ppid" perf
+  nap 0.5
+  perf record -q -e cpu-clock -g -o "$W/perf/fsc-$name.data" -- "$@" > /dev/null 2>> "$LOG" || log "profile $name: command failed"
+  kill -INT "$ppid" 2>/dev/null || true
+  wait "$ppid" 2>/dev/null || true
+  forget "$ppid"
+  local side
+  for side in fsd fsc; do
+    {
+      echo "#### $side — $name (perf record -e cpu-clock -g; self time, top symbols)"
+      echo
+      echo '```'
+      perf report -i "$W/perf/$side-$name.data" --no-children -g none --sort dso,sym --stdio \
+        --percent-limit 1.5 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 18
+      echo '```'
+      echo
+    } >> "$W/profiles.md"
+  done
+}
+case_p() {
+  log "case p: perf profiles"
+  : > "$W/profiles.md"
+  warm_big; fresh p-file
+  profile_one "download $big_h → file" "$fsc_bin" -q download "$fsd_addr" big.bin "$FRESH/big.bin"
+  done_with "$FRESH"
+  warm_big
+  profile_one "download $big_h → stdout" "$fsc_bin" -q download "$fsd_addr" big.bin -
+  warm_big
+  profile_one "upload $big_h" "$fsc_bin" -q upload "$fsd_addr" "$data/big.bin" up/p.bin
+  done_with "$data/up/p.bin"
+  warm_small; fresh p-small
+  profile_one "download -r $small_n small files" "$fsc_bin" -q download -r "$fsd_addr" small "$FRESH/t"
+  warm_small
+  profile_one "upload -r $small_n small files" "$fsc_bin" -q upload -r "$fsd_addr" "$data/small" up/p-small
+  done_with "$FRESH" "$data/up/p-small"
+  warm_g
+  profile_one "$g_n concurrent downloads of $g_h → /dev/null" \
+    bash "$here/bench/fanout.sh" "$FANOUT_PIDS" "$W/g.list" "$fsc_bin" -q download "$fsd_addr" @F@ -
+  : > "$FANOUT_PIDS"
+}
+
+# ---------------------------------------------------------------- main
+started=$(date -u '+%Y-%m-%d %H:%M UTC')
+make_data
+start_fsd
+if has_case a || has_case b || has_case g; then start_nginx; fi
+if has_case b; then start_iperf3; fi
+if has_case a || has_case c || has_case d; then setup_rsyncd; fi
+log "fsd $fsd_addr (pid $fsd_pid)${nginx_port:+, nginx :$nginx_port}${iperf_port:+, iperf3 :$iperf_port}${rsync_port:+, rsyncd :$rsync_port}; $runs run(s) per case"
+
+for c in a b c d e f g p; do
+  if has_case "$c"; then "case_$c"; fi
+done
+
+# ---------------------------------------------------------------- report
+SUM=$W/summary.tsv
+table=$(awk -v sumfile="$SUM" -f "$here/bench/summary.awk" "$RAW")
+
+med() { # med CASE LABEL TOOL FIELD -> median (µs for wall, ms for cpu, kB for rss)
+  awk -F'\t' -v c="$1" -v l="$2" -v t="$3" -v f="$4" \
+    'BEGIN{col["wall"]=6;col["ccpu"]=7;col["crss"]=8;col["scpu"]=9;col["srss"]=10}
+     $1==c && $2==l && $3==t {print $(col[f]); exit}' "$SUM"
+}
+verdict() { # verdict LABEL VALUE OP LIMIT
+  awk -v l="$1" -v v="$2" -v op="$3" -v lim="$4" 'BEGIN{
+    if (v == "" || v < 0) { printf "| %s | — | %s %s | not measured |\n", l, op, lim; exit }
+    ok = (op == "≤") ? (v <= lim) : (v >= lim)
+    printf "| %s | %.2f | %s %s | %s |\n", l, v, op, lim, ok ? "met" : "MISSED" }'
+}
+ratio() { # ratio A B -> A/B
+  awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || a <= 0 || b <= 0) print -1; else printf "%.4f", a / b }'
+}
+targets() {
+  local a f r c u
+  echo "| target | value | limit | result |"
+  echo "|---|---|---|---|"
+  if has_case a; then
+    a="$big_h download → file"; f=$(med a "$a" fsc wall)
+    verdict "(a) fsc ÷ rsync daemon, to a file" "$(ratio "$f" "$(med a "$a" "rsync daemon" wall)")" "≤" 0.8
+    verdict "(a) fsc ÷ nginx+curl, to a file" "$(ratio "$f" "$(med a "$a" nginx+curl wall)")" "≤" 0.5
+  fi
+  if has_case b; then
+    a="$big_h download → /dev/null"; f=$(med b "$a" fsc wall)
+    verdict "(b) fsc ÷ nginx+curl, to /dev/null" "$(ratio "$f" "$(med b "$a" nginx+curl wall)")" "≤" 1.0
+    verdict "(b) fsc rate ÷ iperf3 rate" "$(ratio "$(med b "$a" "iperf3 -R (ceiling)" wall)" "$f")" "≥" 0.7
+  fi
+  if has_case c; then
+    a="$big_h upload"
+    verdict "(c) fsc ÷ rsync push, upload" "$(ratio "$(med c "$a" fsc wall)" "$(med c "$a" "rsync push" wall)")" "≤" 1.0
+  fi
+  if has_case d; then
+    a="$small_n × 4 KiB download -r"
+    verdict "(d) fsc ÷ rsync, small files download" "$(ratio "$(med d "$a" fsc wall)" "$(med d "$a" rsync wall)")" "≤" 0.5
+    a="$small_n × 4 KiB upload -r"
+    verdict "(d) fsc ÷ rsync, small files upload" "$(ratio "$(med d "$a" fsc wall)" "$(med d "$a" rsync wall)")" "≤" 0.5
+  fi
+  if has_case f; then
+    local lost
+    for a in "resume download at 50%" "resume upload at 50%"; do
+      lost=$(awk -F'\t' -v l="$a" '$1=="f" && $2==l && $3=="fsc resume" {
+               n = split($13, kv, " "); for (i = 1; i <= n; i++) if (kv[i] ~ /^lost=/) { v = substr(kv[i], 6) + 0; if (v > m) m = v }
+             } END { printf "%d", m }' "$RAW")
+      # One chunk per stream: the client keeps 4 READs (lanes) outstanding on one connection.
+      verdict "(f) $a: most bytes re-sent, in chunks (MiB)" "$(awk -v l="$lost" -v c="${f_chunk:-1048576}" 'BEGIN{printf "%.2f", l / c}')" "≤" 4
+    done
+  fi
+  if has_case g; then
+    a="$g_n × $g_h concurrent → /dev/null"
+    local gib fs ns
+    gib=$(awk -v b=$((g_n * g_size)) 'BEGIN{printf "%.4f", b / 1073741824}')
+    fs=$(med g "$a" "fsc ×$g_n" scpu); ns=$(med g "$a" "nginx+curl ×$g_n" scpu)
+    verdict "(g) fsd peak RSS, MiB" "$(awk -v k="$(med g "$a" "fsc ×$g_n" srss)" 'BEGIN{printf "%.1f", k / 1024}')" "≤" 64
+    verdict "(g) fsd CPU s per GiB served" "$(awk -v m="$fs" -v g="$gib" 'BEGIN{printf "%.3f", m / 1000 / g}')" "≤" \
+      "$(awk -v m="$ns" -v g="$gib" 'BEGIN{printf "%.3f", m / 1000 / g}') (nginx)"
+  fi
+}
+
+resume_detail() {
+  awk -F'\t' '$1=="f" && $3=="fsc resume" {
+    printf "| %s | %s | %.3f | %s |\n", $2, $4, $6 / 1e6, $13 }' "$RAW"
+}
+
+report=$W/report.md
+{
+  echo "## Results ($started)"
+  echo
+  echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM."
+  echo "fsd/fsc: $("$fsc_bin" --version 2>/dev/null | head -n1), $rev."
+  echo "Anchors: $(nginx -v 2>&1 | sed 's/.*: //'), rsync $(rsync --version | head -n1 | awk '{print $3}'), $(iperf3 --version | head -n1 | awk '{print "iperf3 "$2}'), curl $(curl --version | head -n1 | awk '{print $2}')."
+  echo "Command: \`scripts/bench.sh$( [ "$quick" = 1 ] && echo " --quick") --cases $cases --runs $runs\`; medians of $runs run(s) after one warm-up."
+  echo
+  echo "$table"
+  echo
+  echo "### Targets"
+  echo
+  targets
+  if has_case f; then
+    echo
+    echo "### Resume runs (bytes; killed_at = bytes the killed process had written, resumed = kept and verified)"
+    echo
+    echo "| case | run | resume s | detail |"
+    echo "|---|---|---|---|"
+    resume_detail
+  fi
+  if has_case p && [ -s "$W/profiles.md" ]; then
+    echo
+    echo "### Profiles"
+    echo
+    cat "$W/profiles.md"
+  fi
+} > "$report"
+cat "$report"
+[ -z "$results_out" ] || cp "$report" "$results_out"
+log "raw results: $RAW; report: $report; log: $LOG"
