@@ -74,6 +74,10 @@ struct Args {
     /// `NAME cert:COMMON_NAME rw` authenticates such a client by its certificate.
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Serve /metrics (Prometheus), /transfers (JSON) and /healthz over HTTP on this address
+    /// (port 0 picks a free port; the bound address is printed). Off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -127,6 +131,17 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    // Printed before the "listening on" line, which tells scripts that fsd is up.
+    let metrics = match args.metrics {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot serve metrics on {a}"))?;
+            eprintln!("fsd: metrics on {}", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
     let scheme = if tls.is_some() { "TLS" } else { "plain TCP" };
     eprintln!(
         "fsd: listening on {addr}, serving {} ({scheme})",
@@ -161,6 +176,9 @@ async fn main() -> Result<()> {
         tracing::info!("shutting down");
         on_signal.cancel();
     });
+    if let Some(l) = metrics {
+        tokio::spawn(server::metrics::serve(l, srv.clone(), shutdown.clone()));
+    }
     server::run(listener, srv, shutdown).await?;
     tracing::info!("stopped");
     Ok(())

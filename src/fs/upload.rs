@@ -223,12 +223,11 @@ impl UploadStore {
         self.dir.join(format!("{id}.{ext}"))
     }
 
-    /// Uploads open in this process (held by at least one handle). Also forgets the entries of
-    /// uploads no longer open, which nothing else removes.
+    /// Uploads open in this process (held by at least one handle). Counts without pruning:
+    /// `open` reads a dead entry as "held here a moment ago".
     pub fn live_count(&self) -> usize {
-        let mut live = self.live.lock().unwrap();
-        live.retain(|_, u| u.strong_count() > 0);
-        live.len()
+        let live = self.live.lock().unwrap();
+        live.values().filter(|u| u.strong_count() > 0).count()
     }
 
     /// Removes uploads idle longer than the TTL that no process holds. Returns how many.
