@@ -24,7 +24,9 @@ fn frames(c: &mut Criterion) {
         })
     });
     let mut wire = BytesMut::new();
-    FrameCodec::new(DEFAULT_CHUNK_SIZE).encode(frame.clone(), &mut wire).unwrap();
+    FrameCodec::new(DEFAULT_CHUNK_SIZE)
+        .encode(frame.clone(), &mut wire)
+        .unwrap();
     g.bench_function("decode + verify 1 MiB data frame", |b| {
         let mut codec = FrameCodec::new(DEFAULT_CHUNK_SIZE);
         b.iter(|| {
@@ -32,7 +34,12 @@ fn frames(c: &mut Criterion) {
             codec.decode(&mut buf).unwrap().unwrap().unwrap()
         })
     });
-    let small = Frame::new(Cmd::STAT, 3, flags::END, Bytes::from_static(b"\x0a\x08some/path"));
+    let small = Frame::new(
+        Cmd::STAT,
+        3,
+        flags::END,
+        Bytes::from_static(b"\x0a\x08some/path"),
+    );
     g.throughput(Throughput::Elements(1));
     g.bench_function("encode+decode small control frame", |b| {
         let mut codec = FrameCodec::new(DEFAULT_CHUNK_SIZE);
@@ -46,7 +53,9 @@ fn frames(c: &mut Criterion) {
 }
 
 fn hashing(c: &mut Criterion) {
-    let data: Vec<u8> = (0..GIB).map(|i| (i as u32).wrapping_mul(2654435761) as u8).collect();
+    let data: Vec<u8> = (0..GIB)
+        .map(|i| (i as u32).wrapping_mul(2654435761) as u8)
+        .collect();
     let cs = DEFAULT_CHUNK_SIZE as usize;
     let mut g = c.benchmark_group("1 GiB");
     g.sample_size(10);
