@@ -630,6 +630,9 @@ struct Sink {
     st: Mutex<Have>,
     /// Serializes checkpoints (fdatasync + state write).
     saving: Mutex<()>,
+    /// Serializes pwrites: buffered writes to one file contend on its inode lock anyway, and
+    /// a futex wait is cheaper than the kernel's spinning on 2 cores.
+    writing: Mutex<()>,
 }
 
 enum SinkOut {
@@ -718,6 +721,7 @@ impl Sink {
             out,
             st: Mutex::new(have),
             saving: Mutex::new(()),
+            writing: Mutex::new(()),
         };
         if let SinkOut::File { stateful: true, .. } = sink.out {
             // Record what the part belongs to before any chunk is written into it.
@@ -772,6 +776,7 @@ impl Sink {
                 dir, name, part, ..
             } => {
                 let off = i as u64 * self.chunk_size as u64;
+                let _one_writer = self.writing.lock().unwrap();
                 part.write_all_at(&data, off)
                     .map_err(|e| Error::io(dir.display(&format!("{name}{PART_SUFFIX}")), e))?;
             }
