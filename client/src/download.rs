@@ -37,6 +37,8 @@ const RUN: u32 = 4;
 const LANES: usize = 4;
 /// Write the resume state at most this often (each write costs an fdatasync of the part).
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// Chunks up to this size are written on the async thread (see `Sink::put`).
+const INLINE_WRITE: usize = 64 * 1024;
 /// A chunk that fails its CRC32 this many times in one attempt fails the attempt.
 const MAX_CORRUPT: u32 = 8;
 
@@ -52,7 +54,12 @@ pub enum Dest {
 /// The local side of one file download.
 #[derive(Clone)]
 pub(crate) enum Out {
-    File { dir: LocalDir, name: String },
+    File {
+        dir: LocalDir,
+        name: String,
+        /// fsync the directory after the rename (a tree syncs each directory once instead).
+        sync_dir: bool,
+    },
     Stdout,
 }
 
@@ -93,7 +100,7 @@ impl Client {
             client: self.clone(),
             remote: remote.to_string(),
             local: match &out {
-                Out::File { dir, name } => dir.display(name),
+                Out::File { dir, name, .. } => dir.display(name),
                 Out::Stdout => "-".into(),
             },
             out,
@@ -138,7 +145,11 @@ fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
         (parent, name.to_string())
     };
     let d = LocalDir::open(&dir).map_err(|e| Error::io(dir.display(), e))?;
-    Ok(Out::File { dir: d, name })
+    Ok(Out::File {
+        dir: d,
+        name,
+        sync_dir: true,
+    })
 }
 
 struct Job {
@@ -325,7 +336,9 @@ impl Job {
     /// Loads or creates the local side: reuses a matching partial download after verifying it.
     async fn prepare(&self, conn: &Conn, meta: &Meta) -> Result<Arc<Sink>> {
         let (state, out) = match &self.out {
-            Out::File { dir, name } => {
+            // Nothing to resume in a file of at most one chunk: no state to look for.
+            Out::File { .. } if meta.count <= 1 => (None, self.out.clone()),
+            Out::File { dir, name, .. } => {
                 let (dir, name) = (dir.clone(), name.clone());
                 let st = spawn_blocking(move || Ok(PartState::load(&dir, &name))).await?;
                 (st, self.out.clone())
@@ -353,6 +366,10 @@ impl Job {
         };
         let remote = self.remote.clone();
         let meta = meta.clone();
+        if meta.count <= 1 {
+            // Just an open: cheaper here than a hop to a blocking thread (many small files).
+            return Sink::create(remote, meta, crcs, out, None);
+        }
         spawn_blocking(move || Sink::create(remote, meta, crcs, out, state)).await
     }
 
@@ -642,6 +659,7 @@ enum SinkOut {
         part: File,
         /// Whether a state file is kept (multi-chunk files only).
         stateful: bool,
+        sync_dir: bool,
     },
     Stdout(Mutex<Reorder>),
 }
@@ -683,7 +701,11 @@ impl Sink {
                 next: 0,
                 pending: BTreeMap::new(),
             })),
-            Out::File { dir, name } => {
+            Out::File {
+                dir,
+                name,
+                sync_dir,
+            } => {
                 let part_name = format!("{name}{PART_SUFFIX}");
                 let err = |e| Error::io(dir.display(&part_name), e);
                 let part = dir.open_rw(&part_name, state.is_none()).map_err(err)?;
@@ -693,8 +715,10 @@ impl Sink {
                     verify_part(&part, &m, &crcs, &claimed, &mut have).map_err(err)?;
                     debug!(%remote, chunks = have.have.count(), "resuming");
                 }
-                part.set_len(m.size).map_err(err)?;
-                if state.is_none() && m.size > 0 {
+                if stateful {
+                    part.set_len(m.size).map_err(err)?;
+                }
+                if stateful && state.is_none() {
                     // Reserve the space now: fewer fragments and an early ENOSPC.
                     if let Err(e) = nix::fcntl::posix_fallocate(&part, 0, m.size as i64) {
                         debug!("fallocate: {e}");
@@ -705,6 +729,7 @@ impl Sink {
                     name,
                     part,
                     stateful,
+                    sync_dir,
                 }
             }
         };
@@ -764,6 +789,18 @@ impl Sink {
 
     /// Writes chunk `i` (off the reactor: disk and hashing block).
     async fn put(self: &Arc<Self>, i: u32, data: Bytes) -> Result<()> {
+        if data.len() <= INLINE_WRITE
+            && matches!(
+                self.out,
+                SinkOut::File {
+                    stateful: false,
+                    ..
+                }
+            )
+        {
+            // A few KiB into the page cache costs less than the hop to a blocking thread.
+            return self.put_blocking(i, data);
+        }
         let me = self.clone();
         spawn_blocking(move || me.put_blocking(i, data)).await
     }
@@ -864,15 +901,24 @@ impl Sink {
         match &self.out {
             SinkOut::Stdout(_) => {}
             SinkOut::File {
-                dir, name, part, ..
+                dir,
+                name,
+                part,
+                stateful,
+                sync_dir,
             } => {
                 let part_name = format!("{name}{PART_SUFFIX}");
                 let err = |e| Error::io(dir.display(name), e);
                 crate::tree::set_meta(part, self.mode, self.mtime_ns).map_err(err)?;
+                // Data durable before the name points at it; then the rename itself.
                 part.sync_all().map_err(err)?;
                 dir.rename(&part_name, name).map_err(err)?;
-                dir.sync().map_err(err)?;
-                dir.remove(&format!("{name}{STATE_SUFFIX}")).map_err(err)?;
+                if *sync_dir {
+                    dir.sync().map_err(err)?;
+                }
+                if *stateful {
+                    dir.remove(&format!("{name}{STATE_SUFFIX}")).map_err(err)?;
+                }
             }
         }
         Ok(root)
@@ -987,6 +1033,7 @@ mod tests {
         let out = Out::File {
             dir: dir.clone(),
             name: "f".into(),
+            sync_dir: true,
         };
         // First run: chunks 0, 3 and 9 land, then the process "dies" (no finish).
         let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out.clone(), None).unwrap();
@@ -1038,6 +1085,7 @@ mod tests {
         let out = Out::File {
             dir,
             name: "g".into(),
+            sync_dir: true,
         };
         let s = Sink::create("g".into(), m, crcs, out, None).unwrap();
         for (i, c) in chunks(&data, 1024).into_iter().enumerate() {

@@ -218,7 +218,7 @@ pub struct TreeSummary {
 
 /// Files in flight per connection during a tree transfer: enough that per-file round trips
 /// (open, read, close) overlap instead of adding up.
-const FILES_PER_CONN: usize = 16;
+const FILES_PER_CONN: usize = 48;
 /// Directory listings in flight at once.
 const LISTS_IN_FLIGHT: usize = 16;
 /// Files up to this size use one connection; bigger ones are split across all of them.
@@ -322,6 +322,7 @@ impl Client {
                 let out = Out::File {
                     dir: f.dir,
                     name: f.name,
+                    sync_dir: false,
                 };
                 (
                     f.remote.clone(),
@@ -332,9 +333,10 @@ impl Client {
         summary.collect(results).await;
 
         // Directory metadata last, deepest first: creating entries changes a directory's mtime.
+        // Each directory is synced once here rather than after every rename in it.
         dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
         for (_, dir, mode, mtime_ns) in dirs {
-            if let Err(e) = dir.set_meta(mode, mtime_ns) {
+            if let Err(e) = dir.sync().and_then(|_| dir.set_meta(mode, mtime_ns)) {
                 let e = Error::io(dir.display(""), e);
                 summary.failed.push((dir.display(""), e));
             }
