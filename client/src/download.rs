@@ -226,6 +226,9 @@ impl Job {
                 Err(Stop::BadHash(detail)) => {
                     bad_hashes += 1;
                     if bad_hashes > 1 || stdout {
+                        if let Some(s) = sink.take() {
+                            s.discard();
+                        }
                         return Err(Error::Integrity {
                             path: self.remote.clone(),
                             detail,
@@ -306,11 +309,14 @@ impl Job {
 
         let mut first_err = None;
         for r in results {
-            if let Err(e) = r {
-                if !matches!(e, Stop::Fail(_)) {
-                    return Err(e);
+            match r {
+                Ok(()) => {}
+                // A broken promise (extra chunks, bad replies) fails even a complete download.
+                Err(Stop::Fail(e)) if !e.is_retryable() => return Err(Stop::Fail(e)),
+                Err(Stop::Fail(e)) => {
+                    first_err.get_or_insert(Stop::Fail(e));
                 }
-                first_err.get_or_insert(e);
+                Err(e) => return Err(e),
             }
         }
         if !sink.is_complete() {
