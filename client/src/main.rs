@@ -10,13 +10,17 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use fsc::progress::{Mode, Reporter};
 use fsc::{Client, Dest, Event, Options, TreeSummary, UploadOptions};
 
-const EXIT_CODES: &str = "\
-Exit codes:
+macro_rules! exit_codes {
+    () => {
+        "Exit codes:
   0  everything arrived and verified
   1  usage or local error
   2  the server refused (not found, permission denied, exists, invalid path, ...)
   3  integrity failure after retries
-  4  connection failed (refused, lost, stalled) after retries";
+  4  connection failed (refused, lost, stalled) after retries"
+    };
+}
+const EXIT_CODES: &str = exit_codes!();
 
 /// Resumable, verified file transfers with an fsd server.
 #[derive(Parser, Debug)]
@@ -61,11 +65,13 @@ struct Transfer {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Download a file (or a directory with -r); re-run to resume.
-    #[command(after_help = "Examples:
+    #[command(after_help = concat!("Examples:
   fsc download 127.0.0.1:7070 isos/big.iso            # -> ./big.iso
   fsc download -j 4 127.0.0.1:7070 isos/big.iso /tmp/big.iso
   fsc download 127.0.0.1:7070 logs/today.log - | less  # to stdout
-  fsc download -r 127.0.0.1:7070 photos ./photos")]
+  fsc download -r 127.0.0.1:7070 photos ./photos
+
+", exit_codes!()))]
     Download {
         /// Server address.
         #[arg(value_name = "HOST:PORT")]
@@ -78,9 +84,11 @@ enum Cmd {
         t: Transfer,
     },
     /// Upload a file (or a directory with -r); re-run to resume.
-    #[command(after_help = "Examples:
+    #[command(after_help = concat!("Examples:
   fsc upload 127.0.0.1:7070 big.iso isos/big.iso
-  fsc upload -r -j 4 127.0.0.1:7070 ./photos backup/photos")]
+  fsc upload -r -j 4 127.0.0.1:7070 ./photos backup/photos
+
+", exit_codes!()))]
     Upload {
         #[arg(value_name = "HOST:PORT")]
         server: String,
@@ -245,11 +253,22 @@ fn reported(r: fsc::Result<()>, path: &str, quiet: bool) -> i32 {
     }
 }
 
-fn tree_code(s: &TreeSummary, quiet: bool) -> i32 {
+fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
     if !quiet {
         for (path, e) in &s.failed {
             eprintln!("fsc: {path}: {e}");
         }
+    }
+    if reporter.mode() == Mode::Bars {
+        reporter.finish();
+        eprintln!(
+            "{} files, {} bytes verified ({} over the network), {} skipped, {} failed",
+            s.files,
+            s.bytes,
+            s.transferred,
+            s.skipped,
+            s.failed.len()
+        );
     }
     s.exit_code()
 }
@@ -289,7 +308,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
                     None => default_local()?,
                 };
                 let s = client.download_tree(&remote, &local).await?;
-                return Ok(tree_code(&s, quiet));
+                return Ok(tree_code(&s, quiet, reporter));
             }
             let dest = match local {
                 Some(l) if l == "-" => Dest::Stdout,
@@ -318,7 +337,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             let opts = UploadOptions { no_clobber };
             if t.recursive {
                 let s = client.upload_tree(&local, &remote, &opts).await?;
-                return Ok(tree_code(&s, quiet));
+                return Ok(tree_code(&s, quiet, reporter));
             }
             let r = client.upload(&local, &remote, &opts).await.map(|_| ());
             Ok(reported(r, &remote, quiet))

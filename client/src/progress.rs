@@ -91,6 +91,8 @@ struct State {
     last_json: HashMap<String, Instant>,
 }
 
+/// In a tree, files smaller than this get no bar of their own.
+const OWN_BAR_MIN: u64 = 1 << 20;
 /// NDJSON progress lines per file at most this often (start, done and errors are never dropped).
 const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
@@ -104,6 +106,10 @@ impl Reporter {
             mode,
             state: Mutex::new(state),
         })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// The callback to hand to [`crate::Options::on_event`].
@@ -162,6 +168,10 @@ impl Reporter {
                 resumed,
                 ..
             } => {
+                if st.total.is_some() && *size < OWN_BAR_MIN {
+                    // Small files in a tree only move the total bar (at Done).
+                    return;
+                }
                 let bar = match &st.total {
                     // Keep the total bar last.
                     Some(total) => multi.insert_before(total, ProgressBar::new(*size)),
@@ -185,12 +195,13 @@ impl Reporter {
                 }
             }
             Event::Done { path, bytes, .. } => {
-                if let Some(bar) = st.bars.remove(path) {
-                    if let Some(t) = &st.total {
-                        t.inc(bytes.saturating_sub(bar.position()));
-                    }
+                let shown = st.bars.remove(path).map_or(0, |bar| {
                     bar.finish_and_clear();
-                    if st.total.is_none() {
+                    bar.position()
+                });
+                match &st.total {
+                    Some(t) => t.inc(bytes.saturating_sub(shown)),
+                    None => {
                         let _ = multi.println(format!("{path}: {bytes} bytes, verified"));
                     }
                 }
