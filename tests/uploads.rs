@@ -105,8 +105,35 @@ fn enospc_is_a_clear_retryable_error_and_resumes_after_space_is_freed() {
         &root,
     );
     let local = tempfile::tempdir().unwrap();
+    let big = local.path().join("big");
+    write_random(&big, 24 * MIB as usize, 31);
     let filler = local.path().join("filler");
     write_random(&filler, 16 * MIB as usize, 30);
+    // The big upload starts while it fits (paced by a proxy); a filler lands meanwhile and the
+    // disk runs out under the big upload's feet.
+    let proxy = Proxy::throttled(s.addr, 8 * MIB);
+    let mut child = fsc(&[
+        "--json",
+        "--retries",
+        "0",
+        "upload",
+        &proxy.addr(),
+        big.to_str().unwrap(),
+        "big",
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref().map_while(Result::ok) {
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let started = e["done"].as_u64().is_some_and(|d| d >= 6 * MIB);
+        seen.push(e);
+        if started {
+            break;
+        }
+    }
     fsc_ok(&[
         "-q",
         "upload",
@@ -114,28 +141,20 @@ fn enospc_is_a_clear_retryable_error_and_resumes_after_space_is_freed() {
         filler.to_str().unwrap(),
         "filler",
     ]);
-    let big = local.path().join("big");
-    write_random(&big, 24 * MIB as usize, 31);
-    let out = fsc(&[
-        "--json",
-        "--retries",
-        "0",
-        "upload",
-        &s.addr(),
-        big.to_str().unwrap(),
-        "big",
-    ])
-    .output()
-    .unwrap();
-    assert!(!out.status.success(), "upload must fail on a full disk");
-    let errors: Vec<_> = events(&out.stdout)
-        .into_iter()
-        .filter(|e| e["event"] == "error")
-        .collect();
-    let text = format!("{errors:?} {}", String::from_utf8_lossy(&out.stderr));
+    seen.extend(
+        lines
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok()),
+    );
+    assert!(
+        !child.wait().unwrap().success(),
+        "upload must fail on a full disk"
+    );
+    let errors: Vec<_> = seen.iter().filter(|e| e["event"] == "error").collect();
+    let text = format!("{errors:?}");
     assert!(
         text.contains("NoSpace") || text.contains("space"),
-        "no clear ENOSPC error: {text}"
+        "no clear ENOSPC error: {seen:?}"
     );
     assert!(!root.join("big").exists());
     // Free space through the protocol, then the same command resumes and commits.

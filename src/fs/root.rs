@@ -21,7 +21,7 @@ use std::collections::BinaryHeap;
 use std::ffi::{CStr, CString};
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -295,6 +295,9 @@ pub struct Root {
     dir: OwnedFd,
     /// Refused as any path component and hidden from listings (the server's state directory).
     reserved: Option<String>,
+    /// The state directory's absolute path when it lies inside the root: a symlink elsewhere in
+    /// the root could still lead into it, so every resolved fd is checked against it.
+    hidden: Option<std::path::PathBuf>,
 }
 
 impl Root {
@@ -317,7 +320,11 @@ impl Root {
         // resolve flags or struct size. Opening "." beneath a directory we hold cannot otherwise
         // fail this way.
         match openat2(&dir, c".", beneath(OFlag::O_PATH | OFlag::O_DIRECTORY)) {
-            Ok(_) => Ok(Root { dir, reserved }),
+            Ok(_) => Ok(Root {
+                dir,
+                reserved,
+                hidden: None,
+            }),
             Err(e @ (Errno::ENOSYS | Errno::EPERM | Errno::EINVAL | Errno::E2BIG)) => {
                 Err(FsError::Unsupported {
                     path: shown_path,
@@ -336,7 +343,15 @@ impl Root {
         Ok(Root {
             dir,
             reserved: self.reserved.clone(),
+            hidden: self.hidden.clone(),
         })
+    }
+
+    /// Makes the directory `dir` (absolute, canonical) and everything beneath it unreachable,
+    /// even through symlinks inside the root that lead there.
+    pub fn hide(mut self, dir: std::path::PathBuf) -> Root {
+        self.hidden = Some(dir);
+        self
     }
 
     /// Lexical check of a client path: relative, no NUL, ≤ 4096 bytes, components separated by
@@ -596,7 +611,19 @@ impl Root {
     /// openat2 of a checked path beneath the root.
     fn open_beneath(&self, path: &str, flags: OFlag) -> Result<OwnedFd, FsError> {
         self.check(path)?;
-        openat2(&self.dir, &c_path(path), beneath(flags)).map_err(errno(path))
+        let fd = openat2(&self.dir, &c_path(path), beneath(flags)).map_err(errno(path))?;
+        if let Some(hidden) = &self.hidden {
+            // Where the kernel actually landed, whatever symlinks led there.
+            let landed = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(|e| FsError::from_io(path, e))?;
+            if landed.starts_with(hidden) {
+                return Err(FsError::InvalidPath {
+                    path: shown(path),
+                    reason: "leads into the server's state directory",
+                });
+            }
+        }
+        Ok(fd)
     }
 
     /// The parent directory of a (non-root) path, opened beneath the root with `flags` |

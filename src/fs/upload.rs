@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use prost::Message;
@@ -63,6 +64,7 @@ impl UploadError {
 fn io_code(e: &io::Error) -> ErrorCode {
     match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::NoSpace,
+        _ if e.kind() == io::ErrorKind::StorageFull => ErrorCode::NoSpace,
         _ => ErrorCode::Io,
     }
 }
@@ -168,6 +170,17 @@ impl UploadStore {
                 .filter(|r| r.path == p.path && r.size == p.size)
         };
         let fresh = record.is_none();
+        if fresh {
+            // Fail fast, before any data moves, when the file cannot fit.
+            let fs = nix::sys::statvfs::fstatvfs(&self.dir_fd).map_err(|e| io_err(e.into()))?;
+            let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+            if p.size > free {
+                return Err(io_err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("{} bytes do not fit: {free} bytes free", p.size),
+                )));
+            }
+        }
         let data = OpenOptions::new()
             .create(true)
             .truncate(fresh)
@@ -181,9 +194,17 @@ impl UploadStore {
             .unwrap_or_else(|| chunk_size_for(p.size, p.base_chunk_size));
         let count = chunk_count(p.size, chunk_size);
         if fresh {
-            let _ = std::fs::remove_file(self.path(&id, "state"));
             // Sparse: space is taken chunk by chunk, so ENOSPC surfaces on the chunk that hits it.
             data.set_len(p.size).map_err(io_err)?;
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(self.path(&id, "log"))
+            .map_err(io_err)?;
+        if fresh {
+            log.set_len(0).map_err(io_err)?;
         }
         let mut inner = Inner {
             written: vec![false; count as usize],
@@ -194,8 +215,8 @@ impl UploadStore {
             last_sync: Instant::now(),
             committed: None,
         };
-        if let Some(r) = &record {
-            verify_record(&data, r, p.size, chunk_size, &mut inner);
+        if record.is_some() {
+            replay_log(&log, &data, p.size, chunk_size, &mut inner).map_err(io_err)?;
             tracing::info!(upload = %id, present = inner.written.iter().filter(|b| **b).count(), "resumed upload");
         }
         let upload = Arc::new(Upload {
@@ -205,15 +226,14 @@ impl UploadStore {
             chunk_size,
             count,
             data,
+            log,
             dir: self.dir.clone(),
             dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
             _lock: lock,
             inner: Mutex::new(inner),
         });
         if fresh {
-            upload
-                .persist(&upload.inner.lock().unwrap())
-                .map_err(io_err)?;
+            upload.write_header().map_err(io_err)?;
         }
         live.insert(id, Arc::downgrade(&upload));
         Ok(upload)
@@ -235,20 +255,19 @@ impl UploadStore {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
-        let now = unix_now();
         let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(".state") else {
                 continue;
             };
-            let Some(r) = std::fs::read(e.path())
-                .ok()
-                .and_then(|b| UploadRecord::decode(&b[..]).ok())
-            else {
-                continue;
-            };
-            if now - r.last_activity_unix < self.ttl.as_secs() as i64 {
+            // Last activity: the newest write to the header or the chunk log.
+            let idle = ["state", "log"]
+                .iter()
+                .filter_map(|ext| std::fs::metadata(self.path(id, ext)).ok()?.modified().ok())
+                .max()
+                .and_then(|t| t.elapsed().ok());
+            if idle.is_none_or(|idle| idle < self.ttl) {
                 continue;
             }
             let Ok(lock_file) = File::options()
@@ -260,7 +279,7 @@ impl UploadStore {
                 continue;
             };
             if let Ok(_lock) = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-                for ext in ["data", "state", "lock"] {
+                for ext in ["data", "state", "log", "lock"] {
                     let _ = std::fs::remove_file(self.path(id, ext));
                 }
                 tracing::info!(upload = id, "expired upload removed");
@@ -271,31 +290,58 @@ impl UploadStore {
     }
 }
 
-/// Trust a recorded chunk only if its bytes still match the recorded CRC32.
-fn verify_record(data: &File, r: &UploadRecord, size: u64, chunk_size: u32, inner: &mut Inner) {
-    let mut buf = vec![0u8; chunk_size as usize];
-    for i in 0..inner.written.len() {
-        let present = r.bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
-        if !present || r.crc32.len() <= i || r.cvs.len() < (i + 1) * 32 {
-            continue;
+/// One chunk-log entry: chunk index, CRC32 and BLAKE3 chaining value, fixed size so that a torn
+/// final entry (a crash mid-append) is recognisable and ignored.
+const LOG_ENTRY: usize = 4 + 4 + 32;
+
+fn log_entry(index: u32, crc: u32, cv: &[u8; 32]) -> [u8; LOG_ENTRY] {
+    let mut e = [0u8; LOG_ENTRY];
+    e[..4].copy_from_slice(&index.to_le_bytes());
+    e[4..8].copy_from_slice(&crc.to_le_bytes());
+    e[8..].copy_from_slice(cv);
+    e
+}
+
+/// Rebuilds the durable chunks from the log, trusting an entry only if the chunk's bytes still
+/// match its CRC32. Later entries for the same chunk win.
+fn replay_log(
+    log: &File,
+    data: &File,
+    size: u64,
+    chunk_size: u32,
+    inner: &mut Inner,
+) -> io::Result<()> {
+    let mut bytes = Vec::new();
+    (&*log).read_to_end(&mut bytes)?;
+    let mut latest = HashMap::new();
+    for e in bytes.chunks_exact(LOG_ENTRY) {
+        let index = u32::from_le_bytes(e[..4].try_into().unwrap());
+        if (index as usize) < inner.written.len() {
+            latest.insert(index, e);
         }
-        let len = chunk_len(size, chunk_size, i as u32) as usize;
-        if data
-            .read_exact_at(&mut buf[..len], i as u64 * chunk_size as u64)
-            .is_err()
-            || crc32fast::hash(&buf[..len]) != r.crc32[i]
-        {
+    }
+    let mut buf = vec![0u8; chunk_size as usize];
+    for (index, e) in latest {
+        let crc = u32::from_le_bytes(e[4..8].try_into().unwrap());
+        let len = chunk_len(size, chunk_size, index) as usize;
+        let ok = data
+            .read_exact_at(&mut buf[..len], index as u64 * chunk_size as u64)
+            .is_ok()
+            && crc32fast::hash(&buf[..len]) == crc;
+        if !ok {
             tracing::warn!(
-                chunk = i,
-                "recorded chunk failed its CRC32 on reload; will be re-sent"
+                chunk = index,
+                "logged chunk failed its CRC32 on reload; will be re-sent"
             );
             continue;
         }
+        let i = index as usize;
         inner.written[i] = true;
         inner.durable[i] = true;
-        inner.crcs[i] = r.crc32[i];
-        inner.cvs[i].copy_from_slice(&r.cvs[i * 32..(i + 1) * 32]);
+        inner.crcs[i] = crc;
+        inner.cvs[i].copy_from_slice(&e[8..]);
     }
+    Ok(())
 }
 
 struct Inner {
@@ -315,6 +361,8 @@ pub struct Upload {
     pub chunk_size: u32,
     pub count: u32,
     data: File,
+    /// Append-only log of durable chunks (`LOG_ENTRY` bytes each).
+    log: File,
     dir: PathBuf,
     dir_fd: File,
     _lock: Flock<File>,
@@ -369,35 +417,39 @@ impl Upload {
         Ok(self.inner.lock().unwrap().durable[index as usize])
     }
 
-    /// Makes every written chunk durable and records it.
+    /// Makes every written chunk durable and records it: fdatasync the data, then append the
+    /// newly durable chunks to the log and fdatasync that. A crash between the two only loses
+    /// log entries, never claims bytes that are not on disk.
     pub fn sync(&self) -> Result<(), UploadError> {
         let snapshot = self.inner.lock().unwrap().written.clone();
         nix::unistd::fdatasync(self.data.as_fd()).map_err(|e| self.io(e.into()))?;
         let mut inner = self.inner.lock().unwrap();
+        let mut entries = Vec::new();
+        for (i, w) in snapshot.iter().enumerate() {
+            if *w && !inner.durable[i] {
+                entries.extend_from_slice(&log_entry(i as u32, inner.crcs[i], &inner.cvs[i]));
+            }
+        }
+        if !entries.is_empty() {
+            (&self.log).write_all(&entries).map_err(|e| self.io(e))?;
+            nix::unistd::fdatasync(self.log.as_fd()).map_err(|e| self.io(e.into()))?;
+        }
         for (d, w) in inner.durable.iter_mut().zip(&snapshot) {
             *d |= *w;
         }
         inner.unsynced = 0;
         inner.last_sync = Instant::now();
-        self.persist(&inner).map_err(|e| self.io(e))
+        Ok(())
     }
 
-    /// Writes the record (durable chunks only) atomically: tmp file, fdatasync, rename.
-    fn persist(&self, inner: &Inner) -> io::Result<()> {
+    /// Writes the upload's header record (what it is, not which chunks it has) atomically:
+    /// tmp file, fdatasync, rename. Once, when the upload is created.
+    fn write_header(&self) -> io::Result<()> {
         let r = UploadRecord {
             path: self.params.path.clone(),
             size: self.params.size,
             chunk_size: self.chunk_size,
-            bitmap: to_bitmap(&inner.durable),
-            crc32: inner
-                .crcs
-                .iter()
-                .zip(&inner.durable)
-                .map(|(c, d)| if *d { *c } else { 0 })
-                .collect(),
-            cvs: inner.cvs.concat(),
             owner: self.params.owner.clone(),
-            last_activity_unix: unix_now(),
             mode_bits: self.params.mode_bits,
             mtime_ns: self.params.mtime_ns,
             no_clobber: self.params.no_clobber,
@@ -444,7 +496,8 @@ impl Upload {
         let mode = if self.params.mode_bits == 0 {
             0o644
         } else {
-            self.params.mode_bits & 0o7777
+            // Permission bits only: a client never gets setuid, setgid or sticky files.
+            self.params.mode_bits & 0o777
         };
         nix::sys::stat::fchmod(
             self.data.as_fd(),
@@ -466,7 +519,7 @@ impl Upload {
             &self.params.path,
             self.params.no_clobber,
         )?;
-        for ext in ["state", "lock"] {
+        for ext in ["state", "log", "lock"] {
             let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
         }
         let identity = identity_of(&self.data.metadata().map_err(|e| self.io(e))?);
@@ -506,10 +559,4 @@ fn to_bitmap(bits: &[bool]) -> Vec<u8> {
         out[i / 8] |= 1 << (i % 8);
     }
     out
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }

@@ -74,9 +74,14 @@ impl FrameCodec {
         }
     }
 
-    /// Changes the DATA limit (after Hello negotiation).
+    /// Changes the DATA limit (e.g. once the peer has authenticated).
     pub fn set_max_data(&mut self, max_data: u32) {
         self.max_data = max_data;
+    }
+
+    /// Changes the control-payload limit (never above [`MAX_CONTROL_PAYLOAD`] on the wire).
+    pub fn set_max_control(&mut self, max_control: u32) {
+        self.max_control = max_control;
     }
 
     fn check_header(&self, magic: u32, h: &Header) -> Result<(), CodecError> {

@@ -26,6 +26,9 @@ use crate::protocol::{
     VERSION,
 };
 
+/// Largest control payload accepted before Auth (Hello and Auth are tiny).
+const PRE_AUTH_CONTROL: u32 = 16 * 1024;
+
 /// Frames queued for the writer per connection: bounds memory, and its FIFO interleaves streams.
 const WRITER_QUEUE: usize = 32;
 
@@ -276,7 +279,11 @@ pub async fn run(
         auth_failures: 0,
         done: CancellationToken::new(),
     };
-    let frames = FramedRead::new(rd, FrameCodec::new(server.config.max_frame));
+    // Until Auth succeeds: no DATA at all and only small control frames, so an unauthenticated
+    // peer cannot make the server buffer anything big.
+    let mut codec = FrameCodec::new(0);
+    codec.set_max_control(PRE_AUTH_CONTROL);
+    let frames = FramedRead::new(rd, codec);
     let reason = conn.read_loop(frames, &shutdown).await;
     tracing::debug!(reason, "closing");
     if shutdown.is_cancelled() {
@@ -457,7 +464,13 @@ impl Conn {
                 .await
             }
             Cmd::HELLO => self.hello(f, codec).await,
-            Cmd::AUTH => return self.auth(f).await,
+            Cmd::AUTH => {
+                let close = self.auth(f).await;
+                if self.session.is_some() {
+                    codec.set_max_control(crate::protocol::MAX_CONTROL_PAYLOAD);
+                }
+                return close;
+            }
             Cmd::PING => match f.decode::<msg::Ping>() {
                 Ok(p) => {
                     self.send(Frame::message(Cmd::PING, sid, flags::END, &p))

@@ -149,7 +149,11 @@ impl Server {
                 )));
             }
         }
-        let root = Root::open(&config.root, reserved).map_err(io::Error::other)?;
+        let hidden = reserved.is_some().then(|| state_abs.clone());
+        let mut root = Root::open(&config.root, reserved).map_err(io::Error::other)?;
+        if let Some(dir) = hidden {
+            root = root.hide(dir);
+        }
         let uploads = UploadStore::new(state_dir.join("uploads"), config.upload_ttl)?;
         let manifests = ManifestCache::new(state_dir.join("manifests"))?;
         Ok(Arc::new(Server {

@@ -20,6 +20,10 @@ use crate::protocol::{
     chunk_count, chunk_len, chunk_size_for, msg, ErrorCode, Frame, Header, MANIFEST_PAGE,
 };
 
+/// Uploads one connection may hold open at once: each pins per-chunk state sized by the size
+/// the client declared, so a peer cannot multiply that by the handle limit.
+pub const MAX_UPLOADS_PER_CONNECTION: usize = 16;
+
 /// Most chunks one READ may ask for.
 pub const MAX_READ_CHUNKS: u32 = 1024;
 
@@ -207,6 +211,10 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
         };
         if chunk_size_for(req.size, s.base_chunk_size) > s.server.config.max_frame {
             return Err(Failure::new(ErrorCode::LimitExceeded, "file too large for this server's max frame"));
+        }
+        let uploads = s.handles.lock().unwrap().map.values().filter(|h| matches!(h, Handle::Write(_))).count();
+        if uploads >= MAX_UPLOADS_PER_CONNECTION {
+            return Err(Failure::new(ErrorCode::LimitExceeded, format!("more than {MAX_UPLOADS_PER_CONNECTION} uploads open on one connection")));
         }
         let upload = s.server.uploads.open(&params)?;
         let reply = msg::OpenResponse {
