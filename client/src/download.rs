@@ -279,14 +279,15 @@ impl Job {
         // Every connection gets its own handle; one whose identity differs means a change.
         let mut conns = vec![(conn0, meta.handle)];
         let wanted_conns = (queue.len() as usize).div_ceil(RUN as usize * LANES);
-        for &slot in slots.iter().skip(1).take(wanted_conns.saturating_sub(1)) {
-            let opened = async {
-                let c = self.client.conn(slot).await?;
-                let m = open_read(&c, &self.remote).await?;
-                Ok::<_, Error>((c, m))
-            }
-            .await;
-            match opened {
+        let extra = slots.iter().skip(1).take(wanted_conns.saturating_sub(1));
+        let opened = futures::future::join_all(extra.map(|&slot| async move {
+            let c = self.client.conn(slot).await?;
+            let m = open_read(&c, &self.remote).await?;
+            Ok::<_, Error>((c, m))
+        }))
+        .await;
+        for r in opened {
+            match r {
                 Ok((c, m)) => {
                     handles.push(c.clone(), m.handle);
                     if m.identity != meta.identity {
@@ -295,7 +296,7 @@ impl Job {
                     conns.push((c, m.handle));
                 }
                 // The others can do the work; a retry will try this connection again.
-                Err(e) => debug!(slot, "extra connection unavailable: {e}"),
+                Err(e) => debug!("extra connection unavailable: {e}"),
             }
         }
 

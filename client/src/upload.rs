@@ -298,17 +298,18 @@ impl UpJob {
         // More connections only when there is enough to split.
         let mut conns = vec![(conn0.clone(), up.handle)];
         let wanted = (missing as usize).div_ceil(LANES);
-        for &slot in slots.iter().skip(1).take(wanted.saturating_sub(1)) {
-            let extra = async {
-                let c = self.client.conn(slot).await?;
-                let u = self.open(&c, false).await?;
-                Ok::<_, Error>((c, u))
-            }
-            .await;
-            match extra {
+        let extra = slots.iter().skip(1).take(wanted.saturating_sub(1));
+        let opened = futures::future::join_all(extra.map(|&slot| async move {
+            let c = self.client.conn(slot).await?;
+            let u = self.open(&c, false).await?;
+            Ok::<_, Error>((c, u))
+        }))
+        .await;
+        for r in opened {
+            match r {
                 Ok((c, u)) if u.upload_id == up.upload_id => conns.push((c, u.handle)),
                 Ok((c, u)) => close(&c, u.handle).await,
-                Err(e) => debug!(slot, "extra connection unavailable: {e}"),
+                Err(e) => debug!("extra connection unavailable: {e}"),
             }
         }
 
