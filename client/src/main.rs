@@ -216,6 +216,9 @@ async fn run(cli: Cli) -> i32 {
                 });
             }
             eprintln!("fsc: {e}");
+            if let Some(e) = e.downcast_ref::<fsc::Error>() {
+                hint(e);
+            }
             code
         }
     }
@@ -247,9 +250,17 @@ fn reported(r: fsc::Result<()>, path: &str, quiet: bool) -> i32 {
         Err(e) => {
             if !quiet {
                 eprintln!("fsc: {path}: {e}");
+                hint(&e);
             }
             e.exit_code()
         }
+    }
+}
+
+/// A next step for errors that have an obvious one.
+fn hint(e: &fsc::Error) {
+    if e.remote_code() == Some(fsd::protocol::ErrorCode::NotAuthenticated) {
+        eprintln!("fsc: hint: pass --token or set FSC_TOKEN");
     }
 }
 
