@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fanout.sh PIDFILE LISTFILE CMD [ARG...]
-# Starts CMD once per line of LISTFILE, all at once, with every argument equal to @F@ replaced
-# by that line; records each child's pid in PIDFILE (so bench.sh can stop exactly those), waits
+# Starts CMD once per line of LISTFILE, all at once, with @F@ in any argument replaced by that
+# line; records each child's pid in PIDFILE (so bench.sh can stop exactly those), waits
 # for all of them and exits 1 if any failed. The children inherit stdout/stderr.
 set -euo pipefail
 pidfile=$1 list=$2
@@ -10,9 +10,7 @@ pids=()
 while IFS= read -r f; do
   [ -n "$f" ] || continue
   args=()
-  for a in "$@"; do
-    if [ "$a" = "@F@" ]; then args+=("$f"); else args+=("$a"); fi
-  done
+  for a in "$@"; do args+=("${a//@F@/$f}"); done
   "${args[@]}" &
   pids+=("$!")
   echo "$!" >> "$pidfile"

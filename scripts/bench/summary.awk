@@ -1,5 +1,6 @@
 # Summarizes bench.sh's raw results (TSV) into medians and a Markdown table.
 # Input columns: case label tool run ok wall_us ccpu_ms crss_kb scpu_ms srss_kb bytes files extra
+#   other_ms (CPU used by the rest of the machine during the run)
 # Writes the summary TSV to `sumfile`:
 #   case label tool n_ok n_fail wall_us ccpu_ms crss_kb scpu_ms srss_kb bytes files
 # (medians of wall and CPU over the successful runs; RSS is the largest peak seen), and prints
@@ -43,7 +44,7 @@ function rate(g, us,    b, f) {
   bytes[g] = $11; files[g] = $12
   if ($5 == 1) {
     ok[g]++
-    push(g SUBSEP "wall", $6); push(g SUBSEP "ccpu", $7); push(g SUBSEP "scpu", $9)
+    push(g SUBSEP "wall", $6); push(g SUBSEP "ccpu", $7); push(g SUBSEP "scpu", $9); push(g SUBSEP "other", $14 + 0)
     if ($8 > crss[g]) crss[g] = $8
     if ($10 > srss[g]) srss[g] = $10
   } else {
@@ -52,8 +53,8 @@ function rate(g, us,    b, f) {
 }
 
 END {
-  print "| case | what | tool | runs | median s | rate | fsc ÷ other | client CPU s | client peak RSS MiB | server CPU s | server peak RSS MiB |"
-  print "|---|---|---|---|---|---|---|---|---|---|---|"
+  print "| case | what | tool | runs | median s | rate | fsc ÷ other | client CPU s | client peak RSS MiB | server CPU s | server peak RSS MiB | rest of machine CPU s (kernel threads, other users) |"
+  print "|---|---|---|---|---|---|---|---|---|---|---|---|"
   for (i = 1; i <= ng; i++) {
     g = order[i]
     split(g, p, SUBSEP)
@@ -64,7 +65,7 @@ END {
     split(g, p, SUBSEP)
     gk = p[1] SUBSEP p[2]
     w = med[g]
-    cc = median(g SUBSEP "ccpu"); sc = median(g SUBSEP "scpu")
+    cc = median(g SUBSEP "ccpu"); sc = median(g SUBSEP "scpu"); oc = median(g SUBSEP "other")
     runs = (ok[g] + 0) ""
     if (bad[g] > 0) runs = runs " (+" bad[g] " failed)"
     ratio = ""
@@ -80,10 +81,11 @@ END {
         if (o > 0) ratio = ratio (ratio == "" ? "" : "; ") sprintf("%.2f× %s", w / o, t)
       }
     }
-    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", p[1], p[2], p[3], runs,
+    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", p[1], p[2], p[3], runs,
       fmt_s(w), rate(g, w), ratio,
       (cc < 0 ? "—" : sprintf("%.2f", cc / 1000)), (crss[g] > 0 ? sprintf("%.1f", crss[g] / 1024) : "—"),
-      (sc < 0 ? "—" : sprintf("%.2f", sc / 1000)), (srss[g] > 0 ? sprintf("%.1f", srss[g] / 1024) : "—")
+      (sc < 0 ? "—" : sprintf("%.2f", sc / 1000)), (srss[g] > 0 ? sprintf("%.1f", srss[g] / 1024) : "—"),
+      (oc < 0 ? "—" : sprintf("%.2f", oc / 1000))
     if (sumfile != "")
       print p[1], p[2], p[3], ok[g] + 0, bad[g] + 0, w, cc, crss[g] + 0, sc, srss[g] + 0, bytes[g], files[g] > sumfile
   }
