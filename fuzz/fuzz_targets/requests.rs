@@ -44,15 +44,22 @@ fn env() -> &'static Env {
     })
 }
 
+fn peer() -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(1);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::net::SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 | (n & 0x00ff_ffff)), 1))
+}
+
 fn frames(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut push = |f: Frame| {
-        f.header.encode(&mut out);
+    fn push(out: &mut Vec<u8>, f: Frame) {
+        f.header.encode(out);
         out.extend_from_slice(&f.payload);
-    };
+    }
     let hello = msg::Hello { version: 1, chunk_size: 64 * 1024, ..Default::default() };
-    push(Frame::message(Cmd::HELLO, 0, flags::END, &hello));
-    push(Frame::message(Cmd::AUTH, 1, flags::END, &msg::Auth { token: TOKEN.into() }));
+    push(&mut out, Frame::message(Cmd::HELLO, 0, flags::END, &hello));
+    push(&mut out, Frame::message(Cmd::AUTH, 1, flags::END, &msg::Auth { token: TOKEN.into() }));
     let mut rest = data;
     while rest.len() >= 4 {
         let (head, tail) = rest.split_at(4);
@@ -64,7 +71,7 @@ fn frames(data: &[u8]) -> Vec<u8> {
             continue;
         }
         let cmd = CMDS[head[0] as usize % CMDS.len()];
-        push(Frame::new(cmd, head[2] as u32 % 8, head[1] & flags::KNOWN, Bytes::copy_from_slice(payload)));
+        push(&mut out, Frame::new(cmd, head[2] as u32 % 8, head[1] & flags::KNOWN, Bytes::copy_from_slice(payload)));
     }
     out
 }
@@ -79,7 +86,9 @@ fuzz_target!(|data: &[u8]| {
             Box::new(rd),
             WriteSide::Stream(Box::new(wr)),
             None,
-            "127.0.0.1:1".parse().unwrap(),
+            // A fresh source address per input: failed AUTHs are slowed per address, and the
+            // penalty must not pile up across inputs.
+            peer(),
             env.server.clone(),
             CancellationToken::new(),
         ));
@@ -90,7 +99,8 @@ fuzz_target!(|data: &[u8]| {
         });
         let _ = cwr.write_all(&input).await;
         let _ = cwr.shutdown().await;
-        let done = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+        // At most three failed AUTHs (0.2 + 0.4 + 0.8 s of penalty) before the server hangs up.
+        let done = tokio::time::timeout(std::time::Duration::from_secs(8), conn).await;
         assert!(done.is_ok(), "connection did not end after the client hung up");
         drain.abort();
     });

@@ -172,6 +172,10 @@ impl Server {
         let mut p = self.penalties.lock().unwrap();
         if p.len() > 100_000 {
             p.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(600));
+            if p.len() > 100_000 {
+                // Many sources at once (an IPv6 sweep): forget rather than grow without bound.
+                p.clear();
+            }
         }
         let e = p.entry(ip).or_insert((0, Instant::now()));
         if e.1.elapsed() > Duration::from_secs(600) {
