@@ -206,6 +206,8 @@ fn sixteen_clients_each_moving_several_files_concurrently() {
     assert_eq!(s.server.stats.connections_total.load(Ordering::Relaxed), 16);
 }
 
+/// 64 chunks per file is more than the writer queue (32) holds, so the queue must fill and its
+/// FIFO then alternates between the streams.
 #[test]
 fn big_reads_on_one_connection_interleave() {
     let dir = tempfile::tempdir().unwrap();
@@ -213,7 +215,7 @@ fn big_reads_on_one_connection_interleave() {
     let data: Vec<_> = names
         .iter()
         .enumerate()
-        .map(|(i, n)| write_random(&dir.path().join(n), 16 << 20, i as u64))
+        .map(|(i, n)| write_random(&dir.path().join(n), 64 << 20, i as u64))
         .collect();
     let s = start(dir.path());
     let mut r = Raw::authed(s.addr);
