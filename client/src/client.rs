@@ -12,12 +12,17 @@ use tracing::debug;
 use crate::conn::{Conn, ConnOptions};
 use crate::error::{Error, Result};
 use crate::progress::{Event, EventFn};
+use crate::tls::{self, Tls};
 
 /// How a [`Client`] connects, retries and reports.
 #[derive(Clone)]
 pub struct Options {
-    /// Bearer token sent in Auth.
+    /// Bearer token sent in Auth. Without one, a client that presents a TLS client certificate
+    /// sends an empty token: the server's credential bound to that certificate.
     pub token: Option<String>,
+    /// Speak TLS 1.3 to the server. An `fss://HOST:PORT` address selects TLS by itself (with
+    /// the built-in web roots when this is `None`).
+    pub tls: Option<Tls>,
     /// Parallel connections (`-j`): one big file is split across them, many files spread over
     /// them.
     pub connections: usize,
@@ -40,6 +45,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             token: None,
+            tls: None,
             connections: 1,
             retries: 5,
             backoff: Duration::from_millis(200),
@@ -55,6 +61,7 @@ impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Options")
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("tls", &self.tls)
             .field("connections", &self.connections)
             .field("retries", &self.retries)
             .field("stall_timeout", &self.stall_timeout)
@@ -152,9 +159,27 @@ pub(crate) struct Shared {
 impl Client {
     /// Connects (with retries) and authenticates the first connection, so that a wrong address
     /// or token fails here; the others open when a transfer first needs them.
-    pub async fn connect(addr: &str, opts: Options) -> Result<Client> {
+    ///
+    /// `addr` is `HOST:PORT` (plain TCP, or TLS if [`Options::tls`] is set) or
+    /// `fss://HOST:PORT` (TLS). With TLS the server's certificate must be valid for HOST, a DNS
+    /// name or an IP address. A TLS handshake failure is not retried ([`Error::Tls`]).
+    pub async fn connect(addr: &str, mut opts: Options) -> Result<Client> {
+        let (addr, scheme_tls) = tls::strip_scheme(addr);
+        if scheme_tls && opts.tls.is_none() {
+            opts.tls = Some(Tls::new(None, None)?);
+        }
+        if opts.tls.is_some() {
+            // A bad server name is a usage error, found before any connection.
+            tls::server_name(addr)?;
+        }
+        let token = match (&opts.token, &opts.tls) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(t)) if t.has_client_certificate() => Some(String::new()),
+            (None, _) => None,
+        };
         let conn_opts = ConnOptions {
-            token: opts.token.clone(),
+            token,
+            tls: opts.tls.clone(),
             stall_timeout: opts.stall_timeout,
             window_bytes: opts.window_bytes,
         };

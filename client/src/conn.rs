@@ -6,7 +6,8 @@
 //! Stream ids are handed out from 1 up and reused only after the server ended the stream (END or
 //! ERROR seen), so a late frame can never be taken for a reply to a newer request.
 //!
-//! The transport is any `AsyncRead + AsyncWrite` pair, so TLS can be layered in later.
+//! The transport is any `AsyncRead + AsyncWrite` pair: [`Conn::connect`] opens TCP and, when
+//! TLS is configured, runs the TLS handshake over it; everything after that is the same code.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use fsd::protocol::{flags, msg, Cmd, Frame, FrameCodec, Header, VERSION};
+use fsd::protocol::{flags, msg, Cmd, CodecError, Frame, FrameCodec, Header, VERSION};
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
+use crate::tls::{self, Tls};
 
 /// What the reader hands a stream: a frame, or a frame whose payload failed its CRC32 (the
 /// header, and so the chunk it carried, is still known).
@@ -44,7 +46,10 @@ const INLINE_PAYLOAD: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct ConnOptions {
     /// Bearer token for Auth; `None` skips Auth (the server will then refuse most commands).
+    /// `Some("")` authenticates by the TLS client certificate.
     pub token: Option<String>,
+    /// TLS over the TCP connection, or plain TCP.
+    pub tls: Option<Tls>,
     /// Drop the connection when no frame arrived for this long while requests were outstanding.
     pub stall_timeout: Duration,
     /// Bytes of DATA requested but not yet written to disk (downloads), or sent but not yet
@@ -56,6 +61,7 @@ impl Default for ConnOptions {
     fn default() -> Self {
         ConnOptions {
             token: None,
+            tls: None,
             stall_timeout: Duration::from_secs(30),
             window_bytes: 32 << 20,
         }
@@ -91,6 +97,8 @@ struct Inner {
     stall: Duration,
     /// Set once by the Hello exchange.
     server: Mutex<msg::Hello>,
+    /// Host we connected to, for error messages.
+    host: String,
 }
 
 #[derive(Default)]
@@ -109,6 +117,9 @@ struct Route {
 enum Dead {
     Lost(String),
     Stalled(Duration),
+    /// A TLS error from rustls (e.g. the server's alert refusing our client certificate, which
+    /// in TLS 1.3 arrives after the client's side of the handshake has completed).
+    Tls(String),
 }
 
 impl Dead {
@@ -116,12 +127,15 @@ impl Dead {
         match self {
             Dead::Lost(why) => Error::ConnectionLost(why.clone()),
             Dead::Stalled(d) => Error::Stalled(*d),
+            // Once the connection worked, a TLS failure is like any other lost connection.
+            Dead::Tls(why) => Error::ConnectionLost(format!("TLS: {why}")),
         }
     }
 }
 
 impl Conn {
-    /// Connects over TCP, exchanges Hello and authenticates.
+    /// Connects over TCP (then TLS, if configured), exchanges Hello and authenticates. `addr` is
+    /// `HOST:PORT`; with TLS the server's certificate must be valid for HOST.
     pub async fn connect(addr: &str, opts: &ConnOptions) -> Result<Conn> {
         let connect = TcpStream::connect(addr);
         let tcp = match tokio::time::timeout(opts.stall_timeout, connect).await {
@@ -137,12 +151,25 @@ impl Conn {
         })?;
         // Frames are batched by the writer task; never let Nagle delay a small request.
         let _ = tcp.set_nodelay(true);
-        let (r, w) = tcp.into_split();
-        Conn::handshake(r, w, opts).await
+        let host = tls::host_of(addr);
+        let Some(tls) = &opts.tls else {
+            let (r, w) = tcp.into_split();
+            return Conn::handshake(r, w, opts, host).await;
+        };
+        let name = tls::server_name(addr)?;
+        let handshake = tls.connector().connect(name, tcp);
+        let stream = match tokio::time::timeout(opts.stall_timeout, handshake).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(tls::handshake_error(host, &e)),
+            Err(_) => return Err(Error::Stalled(opts.stall_timeout)),
+        };
+        let (r, w) = tokio::io::split(stream);
+        Conn::handshake(r, w, opts, host).await
     }
 
     /// Starts the reader, writer and watchdog tasks over any transport, then Hello and Auth.
-    pub async fn handshake<R, W>(r: R, w: W, opts: &ConnOptions) -> Result<Conn>
+    /// `host` names the server in error messages.
+    pub async fn handshake<R, W>(r: R, w: W, opts: &ConnOptions, host: &str) -> Result<Conn>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -163,6 +190,7 @@ impl Conn {
             activity: AtomicU64::new(0),
             stall: opts.stall_timeout,
             server: Mutex::new(msg::Hello::default()),
+            host: host.to_string(),
         });
         tokio::spawn(reader(inner.clone(), r));
         tokio::spawn(writer(inner.clone(), w, out_rx));
@@ -173,7 +201,19 @@ impl Conn {
         };
         // The handshake must not hang on a silent peer either.
         match tokio::time::timeout(opts.stall_timeout, conn.hello_and_auth(opts)).await {
-            Ok(r) => r?,
+            Ok(Ok(())) => {}
+            // The server refused the TLS session after our side of the handshake (in TLS 1.3
+            // a refused client certificate shows up here): not a connection to retry.
+            Ok(Err(e @ Error::ConnectionLost(_))) => match &conn.table().dead {
+                Some(Dead::Tls(why)) => {
+                    return Err(Error::Tls {
+                        host: conn.inner.host.clone(),
+                        reason: why.clone(),
+                    })
+                }
+                _ => return Err(e),
+            },
+            Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::Stalled(opts.stall_timeout)),
         }
         Ok(conn)
@@ -332,6 +372,7 @@ impl Inner {
             if t.dead.is_none() {
                 match &why {
                     Dead::Lost(m) => debug!("connection closed: {m}"),
+                    Dead::Tls(m) => debug!("connection closed: TLS: {m}"),
                     Dead::Stalled(d) => warn!("connection stalled for {d:?}; dropping it"),
                 }
                 t.dead = Some(why);
@@ -374,6 +415,9 @@ async fn reader<R: AsyncRead + Unpin>(inner: Arc<Inner>, r: R) {
         };
         match item {
             Some(Ok(incoming)) => inner.route(incoming),
+            Some(Err(CodecError::Io(e))) if tls::rustls_error(&e).is_some() => {
+                break Dead::Tls(tls::rustls_error(&e).map(tls::explain).unwrap_or_default())
+            }
             Some(Err(e)) => break Dead::Lost(e.to_string()),
             None => break Dead::Lost("closed by the server".into()),
         }
@@ -470,10 +514,11 @@ impl Stream {
         if self.state == StreamState::Unsent {
             self.state = StreamState::Open;
         }
-        if self.conn.inner.out.send(frame).await.is_err() {
-            return Err(self.conn.dead_error());
-        }
-        if !self.conn.is_alive() {
+        // A server may answer and hang up before we get here (an Error frame, then close; or a
+        // connection-level error on stream 0 sent unasked): when a frame is already queued on
+        // this stream, let the caller read it rather than lose it to "connection lost".
+        let sent = self.conn.inner.out.send(frame).await.is_ok();
+        if (!sent || !self.conn.is_alive()) && self.rx.is_empty() {
             return Err(self.conn.dead_error());
         }
         Ok(())
@@ -612,7 +657,7 @@ mod tests {
             peer
         });
         let (r, w) = tokio::io::split(a);
-        let conn = Conn::handshake(r, w, &opts).await.unwrap();
+        let conn = Conn::handshake(r, w, &opts, "fake").await.unwrap();
         (conn, server.await.unwrap())
     }
 
@@ -702,6 +747,30 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_came_before_the_hangup_is_read_not_lost() {
+        // Like fsd on a TLS port answering a cleartext client: an Error frame, then close, all
+        // before the request's send() returned.
+        use futures::SinkExt;
+        let (conn, mut peer) = pair(ConnOptions::default()).await;
+        let mut s = conn.open().await.unwrap();
+        let msg = ErrorCode::BadRequest.msg("this server requires TLS (use fsc --tls)");
+        peer.send(Frame::error(Cmd::PING, s.id(), &msg))
+            .await
+            .unwrap();
+        drop(peer);
+        while conn.is_alive() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s.send_msg(Cmd::PING, flags::END, &msg::Ping { nonce: 1 })
+            .await
+            .unwrap();
+        let err = s.reply::<msg::Ping>(Cmd::PING).await.unwrap_err();
+        assert_eq!(err.remote_code(), Some(ErrorCode::BadRequest), "{err}");
+        // A new request on the dead connection fails at once.
+        assert!(conn.open().await.is_err());
     }
 
     #[tokio::test]

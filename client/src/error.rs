@@ -11,6 +11,10 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
+    /// The TLS handshake failed: the server's certificate did not verify, the server refused
+    /// ours, or the peer does not speak TLS. Not retried: retrying cannot fix it.
+    #[error("TLS handshake with {host} failed: {reason}")]
+    Tls { host: String, reason: String },
     /// The connection broke (EOF, reset, codec failure) while something was outstanding.
     #[error("connection lost: {0}")]
     ConnectionLost(String),
@@ -63,7 +67,8 @@ impl Error {
         }
     }
 
-    /// The `fsc` exit code for this error: 2 remote refusal, 3 integrity, 4 connection, 1 other.
+    /// The `fsc` exit code for this error: 2 remote refusal, 3 integrity, 4 connection (a TLS
+    /// handshake failure included), 1 other.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Remote {
@@ -72,6 +77,7 @@ impl Error {
             | Error::UnsafeName(_) => 2,
             Error::Integrity { .. } => 3,
             Error::Connect { .. }
+            | Error::Tls { .. }
             | Error::ConnectionLost(_)
             | Error::Stalled(_)
             | Error::Corrupt(_)

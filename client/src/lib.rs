@@ -18,6 +18,26 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # TLS
+//! fsd serves TLS 1.3 when started with `--tls-cert`/`--tls-key` (docs/PROTOCOL.md §6.1). The
+//! client speaks TLS when [`Options::tls`] is set ([`Tls::new`]: the CAs to trust, an optional
+//! client certificate) or when the address is `fss://HOST:PORT`; a bare `HOST:PORT` without
+//! [`Options::tls`] is plain TCP. The server's certificate must be valid for HOST (a DNS name,
+//! or an IP address as an IP SAN). With a client certificate and no token, Auth carries an empty
+//! token: the server's credential bound to the certificate's subject CN (`NAME cert:CN rw`).
+//! A failed TLS handshake (untrusted or expired certificate, wrong name, client certificate
+//! refused, a plain-TCP server) is [`Error::Tls`], reported at once, never retried. A
+//! cleartext client on a TLS port gets fsd's refusal "this server requires TLS" as
+//! [`Error::Remote`] (BadRequest, not retryable).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fsc::Error> {
+//! let tls = fsc::Tls::new(Some("ca.pem".as_ref()), None)?;
+//! let opts = fsc::Options { token: Some("secret".into()), tls: Some(tls), ..Default::default() };
+//! let client = fsc::Client::connect("files.example.com:7070", opts).await?;
+//! # let _ = client; Ok(()) }
+//! ```
+//!
 //! Modules:
 //! - `conn`: one multiplexed connection (reader/writer tasks, stream ids, stall watchdog).
 //! - `client`: [`Client`], its connection pool, retries with backoff, list/stat/mkdir/rm/mv.
@@ -25,6 +45,7 @@
 //! - `upload`: resumable uploads driven by the server's chunk bitmap.
 //! - `state`: the `.fsc-state` file of a partial download.
 //! - `tree`: `-r` transfers; downloads write only beneath their destination directory.
+//! - `tls`: [`Tls`] (rustls client configuration), server names, handshake error messages.
 //! - [`progress`]: [`Event`]s and the CLI's [`progress::Reporter`] (bars, NDJSON, quiet).
 //!
 //! # Integrity
@@ -39,7 +60,7 @@
 //! | 1 | usage or local error |
 //! | 2 | the server refused (not found, permission, exists, invalid path, ...) |
 //! | 3 | integrity failure after retries |
-//! | 4 | connection failed (refused, lost, stalled) after retries |
+//! | 4 | connection failed (refused, lost, stalled) after retries; a TLS handshake failure at once (not retried) |
 
 mod client;
 mod conn;
@@ -47,6 +68,7 @@ mod download;
 mod error;
 pub mod progress;
 mod state;
+mod tls;
 mod tree;
 mod upload;
 
@@ -55,5 +77,6 @@ pub use conn::MAX_DATA_FRAME;
 pub use download::Dest;
 pub use error::{Error, Result};
 pub use progress::{Event, EventFn};
+pub use tls::{Tls, TLS_SCHEME};
 pub use tree::TreeSummary;
 pub use upload::UploadOptions;

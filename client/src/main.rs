@@ -17,14 +17,31 @@ macro_rules! exit_codes {
   1  usage or local error
   2  the server refused (not found, permission denied, exists, invalid path, ...)
   3  integrity failure after retries
-  4  connection failed (refused, lost, stalled) after retries"
+  4  connection failed (refused, lost, stalled) after retries; a failed TLS
+     handshake (untrusted, expired or misnamed certificate, client certificate
+     refused, server not speaking TLS) at once: it is not retried"
     };
 }
-const EXIT_CODES: &str = exit_codes!();
+macro_rules! transport {
+    () => {
+        "Server address and TLS:
+  HOST:PORT        plain TCP (or TLS with --tls, --ca or --cert)
+  fss://HOST:PORT  TLS 1.3; the server's certificate must be valid for HOST
+                   (a DNS name or an IP address)
+  --tls            verify the server against the built-in web roots (Mozilla's)
+  --ca FILE        trust only the CA certificate(s) in FILE (PEM) instead
+  --cert FILE --key FILE
+                   present a client certificate (mutual TLS); without --token
+                   or FSC_TOKEN it authenticates as the server's credential
+                   bound to the certificate (token file: NAME cert:CN rw)
+  Without TLS on a TLS port, fsd answers \"this server requires TLS\" (exit 2)."
+    };
+}
+const AFTER_HELP: &str = concat!(transport!(), "\n\n", exit_codes!());
 
 /// Resumable, verified file transfers with an fsd server.
 #[derive(Parser, Debug)]
-#[command(name = "fsc", version, after_help = EXIT_CODES)]
+#[command(name = "fsc", version, after_help = AFTER_HELP)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -49,6 +66,18 @@ struct Global {
     /// Seconds without any data (while waiting for some) before a connection is dropped.
     #[arg(long, default_value_t = 30.0, global = true, value_name = "SECS")]
     stall_timeout: f64,
+    /// Speak TLS 1.3; verify the server against the built-in web roots (same as fss://).
+    #[arg(long, global = true)]
+    tls: bool,
+    /// Trust the CA certificate(s) in this PEM file instead of the web roots (implies --tls).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS (implies --tls; needs --key).
+    #[arg(long, global = true, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -70,10 +99,12 @@ enum Cmd {
   fsc download -j 4 127.0.0.1:7070 isos/big.iso /tmp/big.iso
   fsc download 127.0.0.1:7070 logs/today.log - | less  # to stdout
   fsc download -r 127.0.0.1:7070 photos ./photos
+  fsc download --ca ca.pem fss://files.example.com:7070 isos/big.iso
+  fsc download --ca ca.pem --cert me.pem --key me.key fss://10.0.0.5:7070 a.bin
 
-", exit_codes!()))]
+", transport!(), "\n\n", exit_codes!()))]
     Download {
-        /// Server address.
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         /// Remote path.
@@ -87,9 +118,11 @@ enum Cmd {
     #[command(after_help = concat!("Examples:
   fsc upload 127.0.0.1:7070 big.iso isos/big.iso
   fsc upload -r -j 4 127.0.0.1:7070 ./photos backup/photos
+  fsc upload --tls fss://files.example.com:7070 big.iso isos/big.iso
 
-", exit_codes!()))]
+", transport!(), "\n\n", exit_codes!()))]
     Upload {
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         /// Local file or directory.
@@ -105,6 +138,7 @@ enum Cmd {
     /// List a remote directory.
     #[command(after_help = "Example:\n  fsc ls 127.0.0.1:7070 isos")]
     Ls {
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         /// Remote directory (default: the root).
@@ -114,6 +148,7 @@ enum Cmd {
     /// Show a remote path's metadata.
     #[command(after_help = "Example:\n  fsc stat 127.0.0.1:7070 isos/big.iso")]
     Stat {
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         path: String,
@@ -121,6 +156,7 @@ enum Cmd {
     /// Create a remote directory.
     #[command(after_help = "Example:\n  fsc mkdir -p 127.0.0.1:7070 backup/2026/11")]
     Mkdir {
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         path: String,
@@ -131,6 +167,7 @@ enum Cmd {
     /// Remove a remote file or directory.
     #[command(after_help = "Example:\n  fsc rm -r 127.0.0.1:7070 backup/old")]
     Rm {
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         path: String,
@@ -141,6 +178,7 @@ enum Cmd {
     /// Rename a remote path.
     #[command(after_help = "Example:\n  fsc mv 127.0.0.1:7070 inbox/a.txt archive/a.txt")]
     Mv {
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         from: String,
@@ -229,8 +267,15 @@ fn options(g: &Global, jobs: u16, reporter: &std::sync::Arc<Reporter>) -> anyhow
         g.stall_timeout.is_finite() && g.stall_timeout > 0.0,
         "--stall-timeout must be positive"
     );
+    let tls = if g.tls || g.ca.is_some() || g.cert.is_some() {
+        let identity = g.cert.as_deref().zip(g.key.as_deref());
+        Some(fsc::Tls::new(g.ca.as_deref(), identity)?)
+    } else {
+        None
+    };
     Ok(Options {
         token: g.token.clone(),
+        tls,
         connections: jobs as usize,
         retries: g.retries,
         stall_timeout: Duration::from_secs_f64(g.stall_timeout),
@@ -259,8 +304,17 @@ fn reported(r: fsc::Result<()>, path: &str, quiet: bool) -> i32 {
 
 /// A next step for errors that have an obvious one.
 fn hint(e: &fsc::Error) {
-    if e.remote_code() == Some(fsd::protocol::ErrorCode::NotAuthenticated) {
-        eprintln!("fsc: hint: pass --token or set FSC_TOKEN");
+    use fsd::protocol::ErrorCode;
+    match e {
+        fsc::Error::Remote { code, .. } if *code == ErrorCode::NotAuthenticated => {
+            eprintln!("fsc: hint: pass --token or set FSC_TOKEN (or --cert/--key for a certificate-bound credential)");
+        }
+        fsc::Error::Remote { code, message, .. }
+            if *code == ErrorCode::BadRequest && message.contains("requires TLS") =>
+        {
+            eprintln!("fsc: hint: add --tls (--ca FILE for a private CA) or use fss://HOST:PORT");
+        }
+        _ => {}
     }
 }
 
