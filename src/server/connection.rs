@@ -205,7 +205,21 @@ async fn transport(
     let peeked = tokio::time::timeout(server.config.auth_timeout, stream.peek(&mut first)).await;
     if matches!(peeked, Ok(Ok(4))) && u32::from_be_bytes(first) == crate::protocol::MAGIC {
         tracing::warn!("cleartext client on a TLS port");
-        let (_, wr) = stream.into_split();
+        let (mut rd, wr) = stream.into_split();
+        // Read what the client already sent (its Hello): closing with unread input would reset
+        // the connection and could discard our reply before it arrives.
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_millis(100), async {
+            use tokio::io::AsyncReadExt;
+            let mut drained = 0;
+            while drained < 64 * 1024 {
+                match rd.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        })
+        .await;
         let f = Frame::error(
             Cmd::HELLO,
             0,

@@ -100,11 +100,13 @@ impl Fsd {
         std::thread::spawn(move || {
             let mut out = std::fs::File::create(&log_path).unwrap();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Log first, so a test reading the log after start sees this line.
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
                 if let Some(rest) = line.strip_prefix("fsd: listening on ") {
                     let addr = rest.split(',').next().unwrap().to_string();
                     let _ = tx.send(addr);
                 }
-                let _ = writeln!(out, "{line}");
             }
         });
         let addr = rx
@@ -194,10 +196,11 @@ impl Drop for Fsd {
     }
 }
 
+/// Unique within this test process (the pid makes it unique across processes).
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed) ^ (Instant::now().elapsed().as_nanos() as u64)
+    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// `fsc` with the test token.
