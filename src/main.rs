@@ -87,7 +87,10 @@ async fn main() -> Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A closed or broken stderr must not turn a log line into a panic (tracing reports
+        // its own write errors with eprintln!, which panics on EPIPE).
+        .log_internal_errors(false);
     match args.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -173,8 +176,8 @@ async fn main() -> Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down");
         on_signal.cancel();
+        tracing::info!("shutting down");
     });
     if let Some(l) = metrics {
         tokio::spawn(server::metrics::serve(l, srv.clone(), shutdown.clone()));

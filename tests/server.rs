@@ -532,3 +532,36 @@ fn a_corrupt_write_request_ends_its_stream_exactly_once() {
     assert_eq!(ack.stream_id(), 7);
     assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
 }
+
+/// SIGTERM stops fsd promptly, even when nobody reads its stderr any more (a log line must not
+/// turn into a panic that kills the shutdown path).
+#[test]
+fn sigterm_stops_fsd_even_with_a_closed_stderr() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(fsd_bin())
+        .args(["--listen", "127.0.0.1:0", "--token", TOKEN, "--root"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.starts_with("fsd: listening on"), "{line}");
+    drop(stderr);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fsd ignored SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
