@@ -12,9 +12,9 @@ use common::proxy::{Fault, Proxy};
 use common::*;
 
 const MIB: u64 = 1 << 20;
-/// What one crash may cost: the client's un-acknowledged chunks (8) plus the server's unsynced
-/// batch (fsd::fs::upload::SYNC_BYTES, 8 MiB).
-const WINDOW: u64 = 16 * MIB;
+/// What one crash may cost: the client's un-acknowledged chunks (8 x 1 MiB) plus what the server
+/// has stored but not yet synced, which fsd bounds at fsd::fs::upload::MAX_UNSYNCED (32 MiB).
+const WINDOW: u64 = 8 * MIB + fsd::fs::upload::MAX_UNSYNCED;
 
 #[test]
 fn fsd_killed_at_ten_points_of_an_upload() {

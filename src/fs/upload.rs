@@ -27,8 +27,11 @@ use crate::state::UploadRecord;
 /// Sync policy: fdatasync after this many unsynced bytes (about one client window, so a crash
 /// costs a resend of at most that much)...
 pub const SYNC_BYTES: u64 = 8 * 1024 * 1024;
-/// ...or when this long has passed since the last sync, whichever comes first.
+/// ...or when this long has passed since the last sync, whichever comes first. Syncs run in the
+/// background, off the write path.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// Writers wait for a sync when this much is unsynced (the disk fell behind the network).
+pub const MAX_UNSYNCED: u64 = 4 * SYNC_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -213,6 +216,7 @@ impl UploadStore {
             cvs: vec![[0; 32]; count as usize],
             unsynced: 0,
             last_sync: Instant::now(),
+            syncing: false,
             committed: None,
         };
         if record.is_some() {
@@ -227,12 +231,13 @@ impl UploadStore {
             count,
             data,
             log,
+            sync_lock: Mutex::new(()),
             dir: self.dir.clone(),
             dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
             _lock: lock,
             inner: Mutex::new(inner),
         });
-        if fresh {
+        if fresh && upload.resumable() {
             upload.write_header().map_err(io_err)?;
         }
         live.insert(id, Arc::downgrade(&upload));
@@ -258,11 +263,11 @@ impl UploadStore {
         let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".state") else {
+            let Some(id) = name.strip_suffix(".data") else {
                 continue;
             };
-            // Last activity: the newest write to the header or the chunk log.
-            let idle = ["state", "log"]
+            // Last activity: the newest write to the data, the header or the chunk log.
+            let idle = ["data", "state", "log"]
                 .iter()
                 .filter_map(|ext| std::fs::metadata(self.path(id, ext)).ok()?.modified().ok())
                 .max()
@@ -351,7 +356,17 @@ struct Inner {
     cvs: Vec<[u8; 32]>,
     unsynced: u64,
     last_sync: Instant,
+    /// A background sync is running.
+    syncing: bool,
     committed: Option<(u64, String)>,
+}
+
+/// What storing a chunk did.
+pub struct Written {
+    /// The chunk is already durable (a sync covered it).
+    pub durable: bool,
+    /// A sync is due: the caller runs [`Upload::background_sync`] on a blocking thread.
+    pub start_sync: bool,
 }
 
 /// One open upload, shared by every handle on it in this process.
@@ -363,6 +378,8 @@ pub struct Upload {
     data: File,
     /// Append-only log of durable chunks (`LOG_ENTRY` bytes each).
     log: File,
+    /// Serializes syncs (background and foreground).
+    sync_lock: Mutex<()>,
     dir: PathBuf,
     dir_fd: File,
     _lock: Flock<File>,
@@ -382,7 +399,7 @@ impl Upload {
 
     /// Stores chunk `index` whose CRC32 `crc` the codec already verified. Returns whether the
     /// chunk is durable now. Blocking.
-    pub fn write_chunk(&self, index: u32, data: &[u8], crc: u32) -> Result<bool, UploadError> {
+    pub fn write_chunk(&self, index: u32, data: &[u8], crc: u32) -> Result<Written, UploadError> {
         if index >= self.count {
             return Err(UploadError::BadChunk {
                 chunk: index,
@@ -401,7 +418,7 @@ impl Upload {
         self.data
             .write_all_at(data, index as u64 * self.chunk_size as u64)
             .map_err(|source| self.io(source))?;
-        let due = {
+        let (start_sync, must_wait) = {
             let mut inner = self.inner.lock().unwrap();
             let i = index as usize;
             inner.written[i] = true;
@@ -409,19 +426,49 @@ impl Upload {
             inner.crcs[i] = crc;
             inner.cvs[i] = cv;
             inner.unsynced += data.len() as u64;
-            inner.unsynced >= SYNC_BYTES || inner.last_sync.elapsed() >= SYNC_INTERVAL
+            let due = self.resumable()
+                && (inner.unsynced >= SYNC_BYTES || inner.last_sync.elapsed() >= SYNC_INTERVAL);
+            let start = due && !inner.syncing;
+            if start {
+                inner.syncing = true;
+            }
+            (start, inner.unsynced >= MAX_UNSYNCED)
         };
-        if due {
+        if must_wait {
+            // The disk is slower than the network: hold this writer until a sync catches up,
+            // which bounds what a crash can lose.
             self.sync()?;
         }
-        Ok(self.inner.lock().unwrap().durable[index as usize])
+        Ok(Written {
+            durable: self.inner.lock().unwrap().durable[index as usize],
+            start_sync,
+        })
+    }
+
+    /// Runs the sync that [`Written::start_sync`] asked for (on a blocking thread, off the
+    /// write path). A failure is only logged: the chunks stay non-durable and the next sync,
+    /// or COMMIT's, tries again and reports.
+    pub fn background_sync(&self) {
+        if let Err(e) = self.sync() {
+            tracing::warn!(upload = %self.id, error = %e, "background sync failed");
+        }
+        self.inner.lock().unwrap().syncing = false;
+    }
+
+    /// Uploads of more than one chunk keep resumable state; a single chunk is simply re-sent.
+    fn resumable(&self) -> bool {
+        self.count > 1
     }
 
     /// Makes every written chunk durable and records it: fdatasync the data, then append the
     /// newly durable chunks to the log and fdatasync that. A crash between the two only loses
     /// log entries, never claims bytes that are not on disk.
     pub fn sync(&self) -> Result<(), UploadError> {
-        let snapshot = self.inner.lock().unwrap().written.clone();
+        let _one_at_a_time = self.sync_lock.lock().unwrap();
+        let (snapshot, pending) = {
+            let inner = self.inner.lock().unwrap();
+            (inner.written.clone(), inner.unsynced)
+        };
         nix::unistd::fdatasync(self.data.as_fd()).map_err(|e| self.io(e.into()))?;
         let mut inner = self.inner.lock().unwrap();
         let mut entries = Vec::new();
@@ -430,14 +477,14 @@ impl Upload {
                 entries.extend_from_slice(&log_entry(i as u32, inner.crcs[i], &inner.cvs[i]));
             }
         }
-        if !entries.is_empty() {
+        if !entries.is_empty() && self.resumable() {
             (&self.log).write_all(&entries).map_err(|e| self.io(e))?;
             nix::unistd::fdatasync(self.log.as_fd()).map_err(|e| self.io(e.into()))?;
         }
         for (d, w) in inner.durable.iter_mut().zip(&snapshot) {
             *d |= *w;
         }
-        inner.unsynced = 0;
+        inner.unsynced = inner.unsynced.saturating_sub(pending);
         inner.last_sync = Instant::now();
         Ok(())
     }
@@ -543,7 +590,7 @@ impl Drop for Upload {
     fn drop(&mut self) {
         let pending = {
             let inner = self.inner.lock().unwrap();
-            inner.committed.is_none() && inner.unsynced > 0
+            inner.committed.is_none() && inner.unsynced > 0 && self.resumable()
         };
         if pending {
             if let Err(e) = self.sync() {

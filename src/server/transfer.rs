@@ -347,15 +347,19 @@ pub async fn write(session: Arc<Session>, req: msg::WriteRequest, data: Frame, s
         };
         let crc = data.header.checksum;
         let len = data.payload.len() as u64;
-        let durable =
-            tokio::task::spawn_blocking(move || upload.write_chunk(req.chunk, &data.payload, crc))
+        let up = upload.clone();
+        let written =
+            tokio::task::spawn_blocking(move || up.write_chunk(req.chunk, &data.payload, crc))
                 .await??;
+        if written.start_sync {
+            tokio::task::spawn_blocking(move || upload.background_sync());
+        }
         if let Some(p) = progress(&session, req.handle) {
             p.add(len);
         }
         Ok(msg::WriteAck {
             chunk: req.chunk,
-            durable,
+            durable: written.durable,
         })
     }
     .await;
