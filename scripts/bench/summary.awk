@@ -6,7 +6,7 @@
 # (medians of wall and CPU over the successful runs; RSS is the largest peak seen), and prints
 # the Markdown table on stdout. In each (case, label) group the tools whose name starts with
 # "fsc" get their ratio to every other tool of the group; a group of fsc tools only (-j runs)
-# is compared with its first tool. mawk-compatible (no asort).
+# is compared with its "-j 1" tool (else its first). mawk-compatible (no asort).
 BEGIN { FS = "\t"; OFS = "\t" }
 
 function median(key,    n, i, j, t, v) {
@@ -72,11 +72,13 @@ END {
     if (p[3] ~ /^fsc/ && w > 0) {
       anchors = 0
       for (k = 1; k <= ntools[gk]; k++) if (tool_at[gk, k] !~ /^fsc/) anchors++
+      base = tool_at[gk, 1]
+      for (k = 1; k <= ntools[gk]; k++) if (tool_at[gk, k] ~ /-j 1$/) base = tool_at[gk, k]
       for (k = 1; k <= ntools[gk]; k++) {
         t = tool_at[gk, k]
         if (t == p[3]) continue
         if (anchors > 0 && t ~ /^fsc/) continue
-        if (anchors == 0 && k != 1) continue
+        if (anchors == 0 && t != base) continue
         o = med[gk SUBSEP t]
         if (o > 0) ratio = ratio (ratio == "" ? "" : "; ") sprintf("%.2f× %s", w / o, t)
       }
