@@ -144,6 +144,7 @@ fi
 # ---------------------------------------------------------------- processes we own
 W=$work/run.$$
 data=$work/data
+[ "$quick" = 1 ] && data=$work/data-quick   # so a smoke test does not replace the full data
 mkdir -p "$W" "$W/out" "$data"
 LOG=$W/bench.log
 : > "$LOG"
@@ -216,7 +217,7 @@ make_data() {
   per=$((small_n / small_dirs))
   if [ ! -e "$data/.small-complete-$small_n" ]; then
     log "making $small_n x $small_size-byte files in $small_dirs directories"
-    rm -rf "$data/small"
+    rm -rf "$data/small" "$data"/.small-complete-*
     for ((i = 0; i < small_dirs; i++)); do
       d=$(printf '%s/small/d%02d' "$data" "$i")
       mkdir -p "$d"
