@@ -32,7 +32,7 @@ usage() {
   cat <<'EOF'
 Options:
   --quick            1 run per case, 256 MiB file, 1,000 small files, 100 x 4 MiB for (g)
-  --cases LIST       comma-separated subset of a,b,c,d,e,f,g,p (default a,b,c,d,e,f,g)
+  --cases LIST       comma-separated subset of a,b,c,d,e,f,g,t,p (default a,b,c,d,e,f,g,t; t = TLS vs scp)
   --profile          also run p (perf record -e cpu-clock -g of fsd and fsc)
   --runs N           timed runs per tool and case (default 5; 1 with --quick)
   --workdir DIR      data and scratch (default /var/tmp/fsbench); data is kept for reuse
@@ -46,7 +46,7 @@ EOF
 }
 
 quick=0
-cases=a,b,c,d,e,f,g
+cases=a,b,c,d,e,f,g,t
 runs=
 work=/var/tmp/fsbench
 results_out=
@@ -814,6 +814,12 @@ profile_one() { # profile_one NAME CLIENT CMD...
     } >> "$W/profiles.md"
   done
 }
+case_t() { # TLS: fsc over TLS 1.3 vs scp (aes128-gcm) from a private sshd; see bench/tls.sh
+  log "case t: $big_h download over TLS vs scp"
+  FSD_BIN=$fsd_bin FSC_BIN=$fsc_bin BENCH_TLS_WORKDIR=$work/tls \
+    bash "$here/bench/tls.sh" "$runs" $((big >> 20)) > "$W/tls.md"
+}
+
 case_p() {
   log "case p: perf profiles"
   : > "$W/profiles.md"
@@ -854,7 +860,7 @@ if has_case a || has_case c || has_case d; then setup_rsyncd; fi
 log "fsd $fsd_addr (pid $fsd_pid)${nginx_port:+, nginx :$nginx_port}${iperf_port:+, iperf3 :$iperf_port}${rsync_port:+, rsyncd :$rsync_port}; $runs run(s) per case"
 
 prev=
-for c in a b c d e f g p; do
+for c in a b c d e f g t p; do
   has_case "$c" || continue
   [ -z "$prev" ] || restart_fsd "$prev"
   "case_$c"
@@ -966,6 +972,12 @@ report=$W/report.md
     echo "| case | VmRSS MiB | threads |"
     echo "|---|---|---|"
     awk -F'\t' '{printf "| %s | %.1f | %s |\n", $1, $2 / 1024, $3}' "$W/fsd-retained.tsv"
+  fi
+  if has_case t && [ -s "$W/tls.md" ]; then
+    echo
+    echo "### (t) $big_h download over TLS: fsc (TLS 1.3, copy path) vs scp -c aes128-gcm@openssh.com, plain fsc for reference"
+    echo
+    cat "$W/tls.md"
   fi
   if has_case p && [ -s "$W/profiles.md" ]; then
     echo

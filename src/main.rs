@@ -78,11 +78,22 @@ struct Args {
     /// (port 0 picks a free port; the bound address is printed). Off by default.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
+    /// Threads for blocking file-system work (each may hold a chunk buffer): bounds memory when
+    /// many clients open uncached files at once; further work queues.
+    #[arg(long, default_value_t = server::MAX_BLOCKING_THREADS)]
+    max_blocking_threads: usize,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(args.max_blocking_threads.max(1))
+        .build()?
+        .block_on(serve(args))
+}
+
+async fn serve(args: Args) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
