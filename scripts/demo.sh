@@ -33,8 +33,8 @@ echo "fsd serving $work/served on $addr"
 cmp "$work/served/sample.bin" "$work/local/sample.bin"
 echo "download verified: $(wc -c < "$work/local/sample.bin") bytes identical"
 
-"$bin/fsc" upload "$addr" "$work/local/sample.bin" uploaded/sample-copy.bin 2>/dev/null \
-  || { "$bin/fsc" mkdir "$addr" uploaded && "$bin/fsc" upload "$addr" "$work/local/sample.bin" uploaded/sample-copy.bin; }
+"$bin/fsc" mkdir "$addr" uploaded
+"$bin/fsc" upload "$addr" "$work/local/sample.bin" uploaded/sample-copy.bin
 cmp "$work/served/sample.bin" "$work/served/uploaded/sample-copy.bin"
 echo "upload verified"
 "$bin/fsc" ls "$addr" uploaded
