@@ -563,15 +563,6 @@ fn upload(r: &mut Raw, req: msg::OpenRequest, data: &[u8]) -> Result<Result<Fram
     Ok(Ok(c))
 }
 
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Path-taking commands.
 // ---------------------------------------------------------------------------------------------
@@ -1319,7 +1310,7 @@ fn oversized(e: &Env, authed: bool, h: Header) -> Result<(), String> {
     } else {
         Raw::connect(e.addr())
     };
-    let before = rss_kib(e.fsd.pid(), "VmRSS:");
+    let before = proc_status_kib(e.fsd.pid(), "VmRSS:");
     r.send_bytes(&h.to_bytes()).map_err(|e| e.to_string())?;
     let f = recv(&mut r, "limit error")?;
     expect_code(&f, ErrorCode::LimitExceeded, "oversized frame")?;
@@ -1329,7 +1320,7 @@ fn oversized(e: &Env, authed: bool, h: Header) -> Result<(), String> {
         f.stream_id()
     );
     ensure!(closed_within(&mut r, Duration::from_secs(5)), "not closed");
-    let after = rss_kib(e.fsd.pid(), "VmRSS:");
+    let after = proc_status_kib(e.fsd.pid(), "VmRSS:");
     ensure!(
         after < before + 4096,
         "fsd RSS grew from {before} KiB to {after} KiB"
@@ -2565,7 +2556,7 @@ fn state_dir_unreachable_through_a_symlink() {
 fn unauthenticated_data_frames_are_refused_unbuffered() {
     let env = Env::new();
     let pid = env.fsd.pid();
-    let before = rss_kib(pid, "VmRSS:");
+    let before = proc_status_kib(pid, "VmRSS:");
     const CONNS: usize = 8;
     for _ in 0..CONNS {
         let mut r = Raw::connect(env.addr());
@@ -2582,7 +2573,7 @@ fn unauthenticated_data_frames_are_refused_unbuffered() {
         );
         assert!(closed_within(&mut r, Duration::from_secs(5)));
     }
-    let after = rss_kib(pid, "VmRSS:");
+    let after = proc_status_kib(pid, "VmRSS:");
     let grew_mib = after.saturating_sub(before) / 1024;
     println!("{CONNS} unauthenticated 16 MiB DATA frames: fsd RSS {before} -> {after} KiB (+{grew_mib} MiB)");
     assert!(

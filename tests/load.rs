@@ -450,15 +450,6 @@ fn authed(addr: SocketAddr, chunk_size: u32) -> Result<Raw, String> {
     Ok(r)
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -551,7 +542,7 @@ fn run_load(clients: usize, secs: u64) -> Report {
         &["--max-connections", &(clients * 2 + 64).to_string()],
     );
     let pid = s.pid();
-    let start_rss = status_kib(pid, "VmRSS:");
+    let start_rss = proc_status_kib(pid, "VmRSS:");
     let shared = Arc::new(Shared {
         addr: s.addr,
         files,
@@ -581,7 +572,7 @@ fn run_load(clients: usize, secs: u64) -> Report {
         tally.merge(t.join().expect("client thread panicked"));
     }
     let secs = t0.elapsed().as_secs_f64();
-    let peak = status_kib(pid, "VmHWM:");
+    let peak = proc_status_kib(pid, "VmHWM:");
     assert!(peak > 0, "could not read fsd's VmHWM");
     println!("  fsd RSS at start {:.1} MiB", start_rss as f64 / 1024.0);
     Report {

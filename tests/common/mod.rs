@@ -382,6 +382,16 @@ pub fn error_of(f: &Frame) -> msg::Error {
     msg::Error::decode(f.payload.clone()).unwrap()
 }
 
+/// A `kB` field of /proc/PID/status (VmRSS:, VmHWM:, ...), 0 if unreadable.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn payload(m: &impl Message) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
