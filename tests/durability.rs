@@ -23,17 +23,24 @@ fn publish_syncs_data_then_renames_then_syncs_the_directory() {
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let log = dir.path().join("strace.log");
-    let wrapper = [
-        "strace",
-        "-f",
-        "-qq",
-        "-y",
-        "-e",
-        "trace=fsync,fdatasync,rename,renameat,renameat2",
-        "-o",
-        log.to_str().unwrap(),
-    ];
-    let s = Fsd::start_wrapped(&wrapper, &root);
+    // Attach to a running fsd rather than start it under strace: a tracee forked by strace
+    // would outlive a killed strace as an orphan.
+    let s = Fsd::start_on(&root, &[]);
+    let mut tracer = Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2",
+            "-o",
+        ])
+        .arg(&log)
+        .args(["-p", &s.pid().to_string()])
+        .spawn()
+        .unwrap();
+    // strace writes nothing until a traced call happens; give the attach a moment.
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let local = tempfile::tempdir().unwrap();
     let src = local.path().join("src");
     write_random(&src, 3 << 20, 70);
@@ -45,6 +52,8 @@ fn publish_syncs_data_then_renames_then_syncs_the_directory() {
         "published.bin",
     ]);
     assert_same_file(&src, &root.join("published.bin"));
+    let _ = tracer.kill();
+    let _ = tracer.wait();
     drop(s);
 
     let text = std::fs::read_to_string(&log).unwrap();
