@@ -516,6 +516,11 @@ fn read_chunks(
     Ok(data)
 }
 
+/// The WRITE request frame (no END: its DATA frame follows on the same stream).
+fn write_request(sid: u32, handle: u32, chunk: u32) -> Frame {
+    Frame::message(Cmd::WRITE, sid, 0, &msg::WriteRequest { handle, chunk })
+}
+
 fn write_chunk(
     r: &mut Raw,
     sid: u32,
@@ -523,10 +528,7 @@ fn write_chunk(
     chunk: u32,
     data: &[u8],
 ) -> Result<Frame, String> {
-    send(
-        r,
-        &Frame::message(Cmd::WRITE, sid, 0, &msg::WriteRequest { handle, chunk }),
-    )?;
+    send(r, &write_request(sid, handle, chunk))?;
     send(
         r,
         &Frame::new(
@@ -1589,18 +1591,7 @@ fn protocol_cases() -> Vec<Case> {
             "request reusing a stream with a pending WRITE -> connection closed",
             |e| {
                 let mut r = e.admin()?;
-                send(
-                    &mut r,
-                    &Frame::message(
-                        Cmd::WRITE,
-                        7,
-                        0,
-                        &msg::WriteRequest {
-                            handle: 1,
-                            chunk: 0,
-                        },
-                    ),
-                )?;
+                send(&mut r, &write_request(7, 1, 0))?;
                 send(
                     &mut r,
                     &Frame::message(Cmd::STAT, 7, flags::END, &stat_req("known.txt")),
@@ -1656,18 +1647,7 @@ fn protocol_cases() -> Vec<Case> {
             "CANCEL of a pending WRITE -> Cancelled, stream id reusable",
             |e| {
                 let mut r = e.admin()?;
-                send(
-                    &mut r,
-                    &Frame::message(
-                        Cmd::WRITE,
-                        7,
-                        0,
-                        &msg::WriteRequest {
-                            handle: 1,
-                            chunk: 0,
-                        },
-                    ),
-                )?;
+                send(&mut r, &write_request(7, 1, 0))?;
                 send(
                     &mut r,
                     &Frame::message(Cmd::CANCEL, 7, flags::END, &msg::Cancel {}),

@@ -176,53 +176,40 @@ fn download_and_upload_survive_fsd_kill_and_restart() {
     let mut s = Fsd::start_on(dir.path(), &[]);
     let local = tempfile::tempdir().unwrap();
     let dst = local.path().join("big");
-    let proxy = Proxy::start(s.addr, Fault::Tiny);
-    // Kill the server while a (slowed) download runs; restart it; the client retries.
-    let child = fsc(&[
-        "--json",
-        "--retries",
-        "20",
-        "download",
-        &proxy.addr(),
-        "big",
-        dst.to_str().unwrap(),
-    ])
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    s.restart();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(std::fs::read(&dst).unwrap() == data);
-
-    // Upload: kill fsd mid-way, restart, the same command resumes and commits.
-    let proxy2 = Proxy::start(s.addr, Fault::Tiny);
-    let child = fsc(&[
-        "--json",
-        "--retries",
-        "20",
-        "upload",
-        &proxy2.addr(),
-        dst.to_str().unwrap(),
-        "copy",
-    ])
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    s.restart();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(std::fs::read(dir.path().join("copy")).unwrap() == data);
+    let dst = dst.to_str().unwrap();
+    // Download, then upload back: fsd is killed while each (slowed) transfer runs and restarted
+    // on the same port; the one fsc command retries, resumes and finishes.
+    for (args, result) in [
+        (["download", "big", dst], local.path().join("big")),
+        (["upload", dst, "copy"], dir.path().join("copy")),
+    ] {
+        let proxy = Proxy::start(s.addr, Fault::Tiny);
+        let child = fsc(&[
+            "--json",
+            "--retries",
+            "20",
+            args[0],
+            &proxy.addr(),
+            args[1],
+            args[2],
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        s.restart();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            std::fs::read(&result).unwrap() == data,
+            "{} differs",
+            result.display()
+        );
+    }
 }
 
 #[test]
