@@ -2496,9 +2496,16 @@ fn state_dir_unreachable_through_a_symlink() {
     let env = Env::new();
     std::os::unix::fs::symlink(".fsd-state", env.root.join("state_alias")).unwrap();
     let mut r = env.admin().unwrap();
-    // Make sure an upload is in progress (its data sits in .fsd-state/uploads).
+    // Make sure an upload is in progress (a multi-chunk one: its files sit in .fsd-state/uploads).
+    let size = (1 << 20) + 5;
     let _: msg::OpenResponse = expect_ok(
-        &call(&mut r, Cmd::OPEN, 5, &open_write_req("private.bin", 5, "p")).unwrap(),
+        &call(
+            &mut r,
+            Cmd::OPEN,
+            5,
+            &open_write_req("private.bin", size, "p"),
+        )
+        .unwrap(),
         "open",
     )
     .unwrap();
@@ -2564,28 +2571,46 @@ fn unauthenticated_data_frames_are_refused_unbuffered() {
 
 /// OPEN write sizes its per-chunk state by the declared size: a declared size that cannot fit
 /// on the server's disk is refused at once (NoSpace, retryable), and one connection may hold at
-/// most 16 uploads, so a peer cannot pin memory by declaring huge files.
+/// most 16 multi-chunk uploads, so a peer cannot pin memory by declaring huge files. Uploads of
+/// one chunk pin one chunk's state and count only toward the handle limit.
 #[test]
 fn huge_declared_uploads_are_bounded() {
     let env = Env::new();
     let mut r = env.admin().unwrap();
     let f = call(&mut r, Cmd::OPEN, 5, &open_write_req("huge", 1 << 44, "k")).unwrap();
     expect_code(&f, ErrorCode::NoSpace, "16 TiB upload").unwrap();
+    let two_chunks = (1 << 20) + 1;
     for i in 0..16 {
         let f = call(
             &mut r,
             Cmd::OPEN,
             5,
-            &open_write_req(&format!("u{i}"), 1 << 20, &format!("k{i}")),
+            &open_write_req(&format!("u{i}"), two_chunks, &format!("k{i}")),
         )
         .unwrap();
         let _: msg::OpenResponse = expect_ok(&f, "open").unwrap();
     }
-    let f = call(&mut r, Cmd::OPEN, 5, &open_write_req("u16", 1 << 20, "k16")).unwrap();
+    let f = call(
+        &mut r,
+        Cmd::OPEN,
+        5,
+        &open_write_req("u16", two_chunks, "k16"),
+    )
+    .unwrap();
     expect_code(
         &f,
         ErrorCode::LimitExceeded,
-        "17th upload on one connection",
+        "17th multi-chunk upload on one connection",
     )
     .unwrap();
+    for i in 0..20 {
+        let f = call(
+            &mut r,
+            Cmd::OPEN,
+            5,
+            &open_write_req(&format!("s{i}"), 1 << 20, &format!("s{i}")),
+        )
+        .unwrap();
+        let _: msg::OpenResponse = expect_ok(&f, "single-chunk upload beside 16 others").unwrap();
+    }
 }

@@ -125,9 +125,10 @@ fn reads_use_sendfile_and_the_manifest_is_computed_once() {
         assert!(got["f.bin"] == data);
     }
     let st = &s.server.stats;
+    let want = 2 * data.len() as u64;
     assert_eq!(
-        st.bytes_sendfile.load(Ordering::Relaxed),
-        2 * data.len() as u64
+        settled(want, || st.bytes_sendfile.load(Ordering::Relaxed)),
+        want
     );
     assert_eq!(st.bytes_copied.load(Ordering::Relaxed), 0);
     let m = &s.server.manifests.stats;

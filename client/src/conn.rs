@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use fsd::protocol::{flags, msg, Cmd, CodecError, Frame, FrameCodec, Header, VERSION};
+use fsd::protocol::{
+    chunk_count, chunk_size_for, flags, msg, Cmd, CodecError, Frame, FrameCodec, Header,
+    MAX_UPLOADS_PER_CONNECTION, MIN_CHUNK_SIZE, VERSION,
+};
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -88,6 +91,8 @@ struct Inner {
     table: Mutex<Table>,
     /// One permit per stream the server allows; a stream's permit is returned when it ends.
     streams: Arc<Semaphore>,
+    /// The server's limit on multi-chunk uploads open at once on this connection.
+    uploads: Arc<Semaphore>,
     window: Arc<Semaphore>,
     window_total: u32,
     shutdown: CancellationToken,
@@ -183,6 +188,7 @@ impl Conn {
                 ..Table::default()
             }),
             streams: Arc::new(Semaphore::new(0)),
+            uploads: Arc::new(Semaphore::new(MAX_UPLOADS_PER_CONNECTION)),
             window: Arc::new(Semaphore::new(window_total as usize)),
             window_total,
             shutdown: CancellationToken::new(),
@@ -266,6 +272,26 @@ impl Conn {
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.inner.table.lock().unwrap()
+    }
+
+    /// Waits for one of the server's multi-chunk upload slots on this connection if an upload
+    /// of `size` bytes needs one (more would be refused with LimitExceeded). Hold it until the
+    /// upload's handle is closed.
+    pub async fn upload_slot(&self, size: u64) -> Result<Option<OwnedSemaphorePermit>> {
+        let base = self
+            .inner
+            .server
+            .lock()
+            .unwrap()
+            .chunk_size
+            .max(MIN_CHUNK_SIZE);
+        if chunk_count(size, chunk_size_for(size, base)) <= 1 {
+            return Ok(None);
+        }
+        match self.inner.uploads.clone().acquire_owned().await {
+            Ok(p) => Ok(Some(p)),
+            Err(_) => Err(self.dead_error()),
+        }
     }
 
     /// Largest DATA payload the server accepts.

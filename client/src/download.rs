@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
+use fsd::durable::GroupSync;
 use fsd::integrity::{chunk_cv, root_hash};
 use fsd::protocol::{chunk_count, chunk_len, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE};
 use nix::unistd::Whence;
@@ -33,9 +34,11 @@ use crate::tree::{check_name, remote_basename, LocalDir};
 
 /// Chunks asked for by one READ.
 const RUN: u32 = 4;
+/// Files up to this size are asked for inline with their OPEN (one round trip per file).
+const INLINE_MAX: u32 = 64 * 1024;
 /// READs kept outstanding per connection for one file.
 const LANES: usize = 4;
-/// Write the resume state at most this often (each write costs an fdatasync of the part).
+/// Write the resume state at most this often.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Chunks up to this size are written on the async thread (see `Sink::put`).
 const INLINE_WRITE: usize = 64 * 1024;
@@ -57,8 +60,10 @@ pub(crate) enum Out {
     File {
         dir: LocalDir,
         name: String,
-        /// fsync the directory after the rename (a tree syncs each directory once instead).
-        sync_dir: bool,
+        /// How the file is made durable before its rename: alone (fsync of the file, and of
+        /// the directory after), or with others in one group sync (a tree, which syncs each
+        /// directory once at the end).
+        group: Option<Arc<GroupSync>>,
     },
     Stdout,
 }
@@ -148,7 +153,7 @@ fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
     Ok(Out::File {
         dir: d,
         name,
-        sync_dir: true,
+        group: None,
     })
 }
 
@@ -257,8 +262,20 @@ impl Job {
     async fn attempt(&self, sink: &mut Option<Arc<Sink>>) -> Result<Transfer, Stop> {
         let slots = self.slot_list();
         let conn0 = self.client.conn(slots[0]).await?;
-        let meta = open_read(&conn0, &self.remote).await?;
-        let handles = Handles::new(vec![(conn0.clone(), meta.handle)]);
+        let (meta, inline) = match open_read(&conn0, &self.remote).await {
+            Err(e @ Error::Corrupt(_)) => {
+                self.client.emit(Event::Corrupt {
+                    path: self.remote.clone(),
+                    chunk: 0,
+                });
+                return Err(Stop::Fail(e));
+            }
+            r => r?,
+        };
+        let handles = Handles::new(match inline {
+            Some(_) => vec![],
+            None => vec![(conn0.clone(), meta.handle)],
+        });
         if let Some(s) = sink.as_ref() {
             if !s.same_version(&meta) {
                 return Err(Stop::Changed);
@@ -276,13 +293,22 @@ impl Job {
             resumed: sink.done_bytes(),
         });
 
+        if let Some(data) = inline {
+            self.transferred
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if meta.count == 1 {
+                sink.put(0, data).await?;
+            }
+            return self.finish(&sink, &meta).await;
+        }
+
         // Every connection gets its own handle; one whose identity differs means a change.
         let mut conns = vec![(conn0, meta.handle)];
         let wanted_conns = (queue.len() as usize).div_ceil(RUN as usize * LANES);
         let extra = slots.iter().skip(1).take(wanted_conns.saturating_sub(1));
         let opened = futures::future::join_all(extra.map(|&slot| async move {
             let c = self.client.conn(slot).await?;
-            let m = open_read(&c, &self.remote).await?;
+            let (m, _) = open_read(&c, &self.remote).await?;
             Ok::<_, Error>((c, m))
         }))
         .await;
@@ -325,6 +351,11 @@ impl Job {
                 Stop::Fail(Error::Protocol("download ended with chunks missing".into()))
             }));
         }
+        self.finish(&sink, &meta).await
+    }
+
+    /// Verifies and publishes a complete sink.
+    async fn finish(&self, sink: &Arc<Sink>, meta: &Meta) -> Result<Transfer, Stop> {
         let s = sink.clone();
         let blake3 = spawn_blocking(move || s.finish())
             .await
@@ -541,15 +572,35 @@ async fn spawn_blocking<T: Send + 'static>(
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-/// OPEN(READ), with the reply checked for internal consistency.
-async fn open_read(conn: &Conn, remote: &str) -> Result<Meta> {
+/// OPEN(READ), with the reply checked for internal consistency. A file of at most
+/// [`INLINE_MAX`] bytes comes back whole with the reply (no handle: nothing to READ or CLOSE).
+async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<Bytes>)> {
     let req = msg::OpenRequest {
         path: remote.to_string(),
         mode: msg::OpenMode::OpenRead as i32,
+        inline_max: INLINE_MAX,
         ..Default::default()
     };
-    let r: msg::OpenResponse = conn.request(Cmd::OPEN, &req).await?;
+    let mut s = conn.open().await?;
+    s.send_msg(Cmd::OPEN, flags::END, &req).await?;
+    let f = s.recv_frame(Cmd::OPEN).await?;
     let bad = |what: &str| Error::Protocol(format!("open {remote}: {what}"));
+    if f.header.is_data() {
+        return Err(bad("DATA frame instead of the OpenResponse"));
+    }
+    let r: msg::OpenResponse = f.decode().map_err(|e| bad(&e.to_string()))?;
+    let inline = if f.header.is_end() {
+        None
+    } else {
+        let d = s.recv_frame(Cmd::OPEN).await?;
+        if !d.header.is_data() || !d.header.is_end() {
+            return Err(bad("inline contents are not one final DATA frame"));
+        }
+        if r.handle != 0 || d.payload.len() as u64 != r.size || r.size > INLINE_MAX as u64 {
+            return Err(bad("inline reply does not match its OpenResponse"));
+        }
+        Some(d.payload)
+    };
     let cs = r.chunk_size;
     if !cs.is_power_of_two() || cs < 1024 {
         return Err(bad(&format!(
@@ -567,7 +618,7 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<Meta> {
         .as_slice()
         .try_into()
         .map_err(|_| bad("BLAKE3 is not 32 bytes"))?;
-    Ok(Meta {
+    let meta = Meta {
         handle: r.handle,
         size: r.size,
         mtime_ns: r.mtime_ns,
@@ -576,7 +627,8 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<Meta> {
         count: r.chunk_count,
         blake3,
         mode: r.mode,
-    })
+    };
+    Ok((meta, inline))
 }
 
 /// Every chunk's CRC32, pages fetched concurrently.
@@ -652,7 +704,7 @@ struct Sink {
     crcs: Vec<u32>,
     out: SinkOut,
     st: Mutex<Have>,
-    /// Serializes checkpoints (fdatasync + state write).
+    /// Serializes checkpoints (state writes).
     saving: Mutex<()>,
     /// Serializes pwrites: buffered writes to one file contend on its inode lock anyway, and
     /// a futex wait is cheaper than the kernel's spinning on 2 cores.
@@ -666,7 +718,7 @@ enum SinkOut {
         part: File,
         /// Whether a state file is kept (multi-chunk files only).
         stateful: bool,
-        sync_dir: bool,
+        group: Option<Arc<GroupSync>>,
     },
     Stdout(Mutex<Reorder>),
 }
@@ -708,11 +760,7 @@ impl Sink {
                 next: 0,
                 pending: BTreeMap::new(),
             })),
-            Out::File {
-                dir,
-                name,
-                sync_dir,
-            } => {
+            Out::File { dir, name, group } => {
                 let part_name = format!("{name}{PART_SUFFIX}");
                 let err = |e| Error::io(dir.display(&part_name), e);
                 let part = dir.open_rw(&part_name, state.is_none()).map_err(err)?;
@@ -736,7 +784,7 @@ impl Sink {
                     name,
                     part,
                     stateful,
-                    sync_dir,
+                    group,
                 }
             }
         };
@@ -856,18 +904,15 @@ impl Sink {
         Ok(())
     }
 
-    /// Syncs the part, then records the chunks it now holds.
+    /// Records the chunks the part now holds. Not synced, and the part is not either: a claim
+    /// only says where to look, since resuming verifies every chunk on disk by its CRC32.
     fn checkpoint(&self) -> Result<()> {
-        let SinkOut::File {
-            dir, name, part, ..
-        } = &self.out
-        else {
+        let SinkOut::File { dir, name, .. } = &self.out else {
             return Ok(());
         };
         let Ok(_one_at_a_time) = self.saving.try_lock() else {
             return Ok(());
         };
-        // Snapshot before the sync: every chunk marked present was written before it.
         let have = {
             let mut st = self.st.lock().unwrap();
             st.unsaved = 0;
@@ -875,7 +920,6 @@ impl Sink {
             st.have.clone()
         };
         let err = |e| Error::io(dir.display(&format!("{name}{STATE_SUFFIX}")), e);
-        part.sync_data().map_err(err)?;
         PartState::new(
             &self.remote,
             &self.identity,
@@ -912,15 +956,18 @@ impl Sink {
                 name,
                 part,
                 stateful,
-                sync_dir,
+                group,
             } => {
                 let part_name = format!("{name}{PART_SUFFIX}");
                 let err = |e| Error::io(dir.display(name), e);
                 crate::tree::set_meta(part, self.mode, self.mtime_ns).map_err(err)?;
                 // Data durable before the name points at it; then the rename itself.
-                part.sync_all().map_err(err)?;
+                match group {
+                    Some(g) => g.sync(part).map_err(err)?,
+                    None => part.sync_all().map_err(err)?,
+                }
                 dir.rename(&part_name, name).map_err(err)?;
-                if *sync_dir {
+                if group.is_none() {
                     dir.sync().map_err(err)?;
                 }
                 if *stateful {
@@ -1040,7 +1087,7 @@ mod tests {
         let out = Out::File {
             dir: dir.clone(),
             name: "f".into(),
-            sync_dir: true,
+            group: None,
         };
         // First run: chunks 0, 3 and 9 land, then the process "dies" (no finish).
         let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out.clone(), None).unwrap();
@@ -1092,7 +1139,7 @@ mod tests {
         let out = Out::File {
             dir,
             name: "g".into(),
-            sync_dir: true,
+            group: None,
         };
         let s = Sink::create("g".into(), m, crcs, out, None).unwrap();
         for (i, c) in chunks(&data, 1024).into_iter().enumerate() {

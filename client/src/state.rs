@@ -2,8 +2,9 @@
 //!
 //! JSON, replaced atomically (temp file + rename). It records what the part file was downloaded
 //! from (identity, size, chunk size, whole-file BLAKE3, per-chunk CRC32s) and which chunks it
-//! holds. The part file is fdatasync'ed before a state claiming its chunks is written, so a
-//! claim never runs ahead of the data; on resume every claimed chunk is verified anyway.
+//! holds. Neither the state nor the part is synced while downloading: a claim only says where to
+//! look, and on resume every chunk on disk (claimed or not) is verified by its CRC32, so a chunk
+//! lost or torn by a crash is simply fetched again. Only the finished file is fsynced.
 
 use serde::{Deserialize, Serialize};
 
@@ -79,7 +80,7 @@ pub(crate) struct PartState {
     pub blake3: String,
     /// CRC32 of every chunk: 8 hex digits each.
     pub crcs: String,
-    /// Chunks present and synced in the part file (hex of the bitmap bytes).
+    /// Chunks written to the part file (hex of the bitmap bytes).
     pub bitmap: String,
 }
 

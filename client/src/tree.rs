@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
@@ -22,6 +23,7 @@ use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use std::collections::VecDeque;
 
+use fsd::durable::GroupSync;
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::client::{Client, Kind, Transfer};
@@ -217,8 +219,12 @@ pub struct TreeSummary {
 }
 
 /// Files in flight per connection during a tree transfer: enough that per-file round trips
-/// (open, read, close) overlap instead of adding up.
-const FILES_PER_CONN: usize = 48;
+/// (open, read, close) overlap instead of adding up, and that files waiting for their group
+/// sync do not starve the link.
+const FILES_PER_CONN: usize = 128;
+/// A download tree's group sync waits this long for this many files to join (fsd::durable).
+const SYNC_GATHER: Duration = Duration::from_millis(10);
+const SYNC_BATCH: usize = 96;
 /// Directory listings in flight at once.
 const LISTS_IN_FLIGHT: usize = 16;
 /// Files up to this size use one connection; bigger ones are split across all of them.
@@ -247,6 +253,11 @@ impl Client {
         let mut summary = TreeSummary::default();
         let mut files = Vec::new();
         let mut dirs = vec![(0usize, root.clone(), top.mode, top.mtime_ns)];
+        // Files are made durable in groups (one syncfs each), then renamed; see fsd::durable.
+        let group = GroupSync::new(root.fd.as_fd(), SYNC_GATHER, SYNC_BATCH)
+            .map_err(|e| Error::io(local.display(), e))?;
+        let group = Arc::new(group);
+        let group = &group;
 
         // Breadth-first, with listings of different directories overlapping.
         let mut lists = FuturesUnordered::new();
@@ -322,7 +333,7 @@ impl Client {
                 let out = Out::File {
                     dir: f.dir,
                     name: f.name,
-                    sync_dir: false,
+                    group: Some(group.clone()),
                 };
                 (
                     f.remote.clone(),
@@ -333,7 +344,7 @@ impl Client {
         summary.collect(results).await;
 
         // Directory metadata last, deepest first: creating entries changes a directory's mtime.
-        // Each directory is synced once here rather than after every rename in it.
+        // Each directory is synced once here (its renames) rather than after every rename in it.
         dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
         for (_, dir, mode, mtime_ns) in dirs {
             if let Err(e) = dir.sync().and_then(|_| dir.set_meta(mode, mtime_ns)) {

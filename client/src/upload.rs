@@ -233,6 +233,7 @@ impl UpJob {
             restart,
             mode_bits: self.src.mode,
             mtime_ns: self.src.mtime_ns,
+            inline_max: 0,
         }
     }
 
@@ -274,6 +275,7 @@ impl UpJob {
     async fn attempt(&self, restart: bool) -> Result<Transfer, Stop> {
         let slots = self.slot_list();
         let conn0 = self.client.conn(slots[0]).await?;
+        let _slot0 = conn0.upload_slot(self.src.size).await?;
         let up = self.open(&conn0, restart).await?;
         let (cs, count, size) = (up.chunk_size, up.count, self.src.size);
         {
@@ -301,14 +303,19 @@ impl UpJob {
         let extra = slots.iter().skip(1).take(wanted.saturating_sub(1));
         let opened = futures::future::join_all(extra.map(|&slot| async move {
             let c = self.client.conn(slot).await?;
+            let s = c.upload_slot(self.src.size).await?;
             let u = self.open(&c, false).await?;
-            Ok::<_, Error>((c, u))
+            Ok::<_, Error>((c, u, s))
         }))
         .await;
+        let mut slots_held = Vec::new();
         for r in opened {
             match r {
-                Ok((c, u)) if u.upload_id == up.upload_id => conns.push((c, u.handle)),
-                Ok((c, u)) => close(&c, u.handle).await,
+                Ok((c, u, s)) if u.upload_id == up.upload_id => {
+                    conns.push((c, u.handle));
+                    slots_held.push(s);
+                }
+                Ok((c, u, _)) => close(&c, u.handle).await,
                 Err(e) => debug!("extra connection unavailable: {e}"),
             }
         }
@@ -330,6 +337,7 @@ impl UpJob {
         for (c, h) in &conns[1..] {
             close(c, *h).await;
         }
+        drop(slots_held);
         let (cvs, read_err) = reader.await.expect("reader thread");
         *self.cvs.lock().unwrap() = cvs.clone();
         let acked: u32 = results.iter().filter_map(|r| r.as_ref().ok()).sum();

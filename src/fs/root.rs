@@ -552,23 +552,18 @@ impl Root {
     }
 
     /// Publishes a finished upload: renames `src_name` in the server-owned directory `src_dir`
-    /// (same file system) onto `dest` beneath the root, then fsyncs the destination directory so
-    /// the new name survives a crash. With `no_clobber` an existing `dest` is refused
-    /// ([`FsError::AlreadyExists`]); an existing directory always is ([`FsError::IsADirectory`]).
+    /// (same file system) onto `dest` beneath the root. With `no_clobber` an existing `dest` is
+    /// refused ([`FsError::AlreadyExists`]); an existing directory always is
+    /// ([`FsError::IsADirectory`]). Returns the destination's directory: the caller makes the
+    /// new name durable (fsync it, or a group sync).
     pub fn publish(
         &self,
         src_dir: BorrowedFd<'_>,
         src_name: &CStr,
         dest: &str,
         no_clobber: bool,
-    ) -> Result<(), FsError> {
-        // O_RDONLY, not O_PATH: fsync on an O_PATH fd fails with EBADF.
-        let (parent, leaf) = self.open_parent(dest, OFlag::O_RDONLY)?;
-        // The kernel refuses a file onto a directory (EISDIR) anyway; checking first keeps the
-        // contract whatever `src_name` is.
-        if lstat_at(&parent, &leaf).is_ok_and(|st| is_dir(&st)) {
-            return Err(FsError::IsADirectory { path: shown(dest) });
-        }
+    ) -> Result<OwnedFd, FsError> {
+        let (parent, leaf) = self.publish_target(dest)?;
         let flags = if no_clobber {
             RenameFlags::RENAME_NOREPLACE
         } else {
@@ -576,7 +571,63 @@ impl Root {
         };
         fcntl::renameat2(src_dir, src_name, &parent, leaf.as_c_str(), flags)
             .map_err(|e| rename_error(dest, e))?;
-        unistd::fsync(&parent).map_err(errno(dest))
+        Ok(parent)
+    }
+
+    /// [`Root::publish`] for an anonymous (O_TMPFILE) file: links it in as `dest`. Replacing an
+    /// existing file links it under a private name in `spare_dir` (a server-owned directory on
+    /// the same file system) and renames that over `dest`, so the swap stays atomic.
+    pub fn publish_anonymous(
+        &self,
+        file: BorrowedFd<'_>,
+        spare_dir: BorrowedFd<'_>,
+        dest: &str,
+        no_clobber: bool,
+    ) -> Result<OwnedFd, FsError> {
+        let (parent, leaf) = self.publish_target(dest)?;
+        // The documented way to name an O_TMPFILE without CAP_DAC_READ_SEARCH (open(2)).
+        let proc = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
+        let link = |dir: BorrowedFd<'_>, name: &CStr| {
+            unistd::linkat(
+                fcntl::AT_FDCWD,
+                proc.as_c_str(),
+                dir,
+                name,
+                AtFlags::AT_SYMLINK_FOLLOW,
+            )
+        };
+        match link(parent.as_fd(), &leaf) {
+            Ok(()) => return Ok(parent),
+            Err(Errno::EEXIST) if !no_clobber => {}
+            Err(e) => return Err(rename_error(dest, e)),
+        }
+        static SPARE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SPARE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spare = CString::new(format!("replace.{}.{n}", std::process::id())).unwrap();
+        link(spare_dir, &spare).map_err(errno(dest))?;
+        let moved = fcntl::renameat2(
+            spare_dir,
+            spare.as_c_str(),
+            &parent,
+            leaf.as_c_str(),
+            RenameFlags::empty(),
+        );
+        if moved.is_err() {
+            let _ = unistd::unlinkat(spare_dir, spare.as_c_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        moved.map_err(|e| rename_error(dest, e))?;
+        Ok(parent)
+    }
+
+    /// The directory a file is published into and its leaf name; an existing directory there
+    /// is refused (the kernel would say EISDIR anyway, but not for every source).
+    fn publish_target(&self, dest: &str) -> Result<(OwnedFd, CString), FsError> {
+        // O_RDONLY, not O_PATH: fsync on an O_PATH fd fails with EBADF.
+        let (parent, leaf) = self.open_parent(dest, OFlag::O_RDONLY)?;
+        if lstat_at(&parent, &leaf).is_ok_and(|st| is_dir(&st)) {
+            return Err(FsError::IsADirectory { path: shown(dest) });
+        }
+        Ok((parent, leaf))
     }
 
     /// Whether `path` exists (a final symlink is not followed: a dangling one exists).
@@ -1069,7 +1120,22 @@ mod tests {
             );
             escapes(
                 "publish",
-                f.root.publish(state.as_fd(), c"staged", &secret, false),
+                f.root
+                    .publish(state.as_fd(), c"staged", &secret, false)
+                    .map(drop),
+            );
+            let anonymous = fcntl::openat(
+                &state,
+                c".",
+                OFlag::O_TMPFILE | OFlag::O_RDWR,
+                Mode::from_bits_truncate(0o600),
+            )
+            .unwrap();
+            escapes(
+                "publish_anonymous",
+                f.root
+                    .publish_anonymous(anonymous.as_fd(), state.as_fd(), &secret, false)
+                    .map(drop),
             );
             escapes(
                 "sub",
@@ -1489,6 +1555,62 @@ mod tests {
             .publish(state.as_fd(), c"gone", "dir/other", false)
             .is_err());
         assert!(!f.at("dir/other").exists());
+    }
+
+    #[test]
+    fn publish_anonymous_links_or_replaces_and_leaves_nothing_behind() {
+        let f = Fixture::new();
+        let state = f.state_dir();
+        let tmpfile = |text: &str| {
+            let fd = fcntl::openat(
+                &state,
+                c".",
+                OFlag::O_TMPFILE | OFlag::O_RDWR,
+                Mode::from_bits_truncate(0o600),
+            )
+            .unwrap();
+            let file = File::from(fd);
+            std::os::unix::fs::FileExt::write_all_at(&file, text.as_bytes(), 0).unwrap();
+            file
+        };
+        let one = tmpfile("one");
+        f.root
+            .publish_anonymous(one.as_fd(), state.as_fd(), "fresh", true)
+            .unwrap();
+        assert_eq!(fs::read_to_string(f.at("fresh")).unwrap(), "one");
+        // Same inode: linked, not copied.
+        assert_eq!(
+            fs::metadata(f.at("fresh")).unwrap().ino(),
+            one.metadata().unwrap().ino()
+        );
+
+        let two = tmpfile("two");
+        assert!(matches!(
+            f.root
+                .publish_anonymous(two.as_fd(), state.as_fd(), "fresh", true),
+            Err(FsError::AlreadyExists { .. })
+        ));
+        assert_eq!(fs::read_to_string(f.at("fresh")).unwrap(), "one");
+        f.root
+            .publish_anonymous(two.as_fd(), state.as_fd(), "fresh", false)
+            .unwrap();
+        assert_eq!(fs::read_to_string(f.at("fresh")).unwrap(), "two");
+
+        f.mkdir("dir");
+        let three = tmpfile("three");
+        for dest in ["dir", "nodir/x", "../out"] {
+            assert!(
+                f.root
+                    .publish_anonymous(three.as_fd(), state.as_fd(), dest, false)
+                    .is_err(),
+                "{dest}"
+            );
+        }
+        assert!(f.at("dir").is_dir());
+        assert!(!f.outside().join("out").exists());
+        // The private names used for replacing are gone.
+        let left: Vec<_> = fs::read_dir(f.tmp.path().join("state")).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

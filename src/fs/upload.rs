@@ -3,6 +3,11 @@
 //! and the record saying so was renamed into place; on load every such chunk is re-verified
 //! against its CRC32. Commit publishes by renaming the data file onto the destination beneath
 //! the root, so nothing ever exists at the final path before the whole file is verified.
+//!
+//! An upload of at most one chunk has nothing to resume (the client re-sends it), so it keeps
+//! no state at all: its data goes to an anonymous O_TMPFILE (a crash leaves nothing behind),
+//! commit links it into place, and the syncs are shared with concurrent commits (one syncfs for
+//! many small files, [`GroupSync`]) instead of an fsync of the file and one of its directory.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -20,6 +25,7 @@ use prost::Message;
 
 use super::manifest::identity_of;
 use super::root::{FsError, Root};
+use crate::durable::GroupSync;
 use crate::integrity::{chunk_cv, root_hash};
 use crate::protocol::{chunk_count, chunk_len, chunk_size_for, ErrorCode};
 use crate::state::UploadRecord;
@@ -103,10 +109,15 @@ impl UploadParams {
     }
 }
 
+/// Commits of small uploads wait this long for others to share their sync (fsd::durable).
+const SYNC_GATHER: Duration = Duration::from_millis(1);
+const SYNC_BATCH: usize = 32;
+
 /// The uploads directory.
 pub struct UploadStore {
     dir: PathBuf,
     dir_fd: File,
+    group: Arc<GroupSync>,
     ttl: Duration,
     live: Mutex<HashMap<String, Weak<Upload>>>,
 }
@@ -118,9 +129,11 @@ impl UploadStore {
             .read(true)
             .custom_flags(libc::O_DIRECTORY)
             .open(&dir)?;
+        let group = Arc::new(GroupSync::new(&dir_fd, SYNC_GATHER, SYNC_BATCH)?);
         Ok(UploadStore {
             dir,
             dir_fd,
+            group,
             ttl,
             live: Mutex::new(HashMap::new()),
         })
@@ -133,6 +146,10 @@ impl UploadStore {
             id: id.clone(),
             source,
         };
+        let chunk_size = chunk_size_for(p.size, p.base_chunk_size);
+        if chunk_count(p.size, chunk_size) <= 1 {
+            return self.open_anonymous(p, id, chunk_size);
+        }
         let mut live = self.live.lock().unwrap();
         if let Some(u) = live.get(&id).and_then(Weak::upgrade) {
             // Another handle in this process has it: share it (chunks are idempotent).
@@ -174,15 +191,7 @@ impl UploadStore {
         };
         let fresh = record.is_none();
         if fresh {
-            // Fail fast, before any data moves, when the file cannot fit.
-            let fs = nix::sys::statvfs::fstatvfs(&self.dir_fd).map_err(|e| io_err(e.into()))?;
-            let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
-            if p.size > free {
-                return Err(io_err(io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    format!("{} bytes do not fit: {free} bytes free", p.size),
-                )));
-            }
+            self.check_space(p.size).map_err(io_err)?;
         }
         let data = OpenOptions::new()
             .create(true)
@@ -230,11 +239,12 @@ impl UploadStore {
             chunk_size,
             count,
             data,
-            log,
+            log: Some(log),
             sync_lock: Mutex::new(()),
             dir: self.dir.clone(),
             dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
-            _lock: lock,
+            group: self.group.clone(),
+            _lock: Some(lock),
             inner: Mutex::new(inner),
         });
         if fresh && upload.resumable() {
@@ -242,6 +252,64 @@ impl UploadStore {
         }
         live.insert(id, Arc::downgrade(&upload));
         Ok(upload)
+    }
+
+    /// A single-chunk upload: an anonymous file, no lock, log or record.
+    fn open_anonymous(
+        &self,
+        p: &UploadParams,
+        id: String,
+        chunk_size: u32,
+    ) -> Result<Arc<Upload>, UploadError> {
+        let io_err = |source| UploadError::Io {
+            id: id.clone(),
+            source,
+        };
+        self.check_space(p.size).map_err(io_err)?;
+        let fd = nix::fcntl::openat(
+            &self.dir_fd,
+            c".",
+            nix::fcntl::OFlag::O_TMPFILE | nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .map_err(|e| io_err(e.into()))?;
+        let count = chunk_count(p.size, chunk_size);
+        Ok(Arc::new(Upload {
+            id: id.clone(),
+            params: p.clone(),
+            chunk_size,
+            count,
+            data: File::from(fd),
+            log: None,
+            sync_lock: Mutex::new(()),
+            dir: self.dir.clone(),
+            dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
+            group: self.group.clone(),
+            _lock: None,
+            inner: Mutex::new(Inner {
+                written: vec![false; count as usize],
+                durable: vec![false; count as usize],
+                crcs: vec![0; count as usize],
+                cvs: vec![[0; 32]; count as usize],
+                unsynced: 0,
+                last_sync: Instant::now(),
+                syncing: false,
+                committed: None,
+            }),
+        }))
+    }
+
+    /// Fails fast, before any data moves, when a file of `size` bytes cannot fit.
+    fn check_space(&self, size: u64) -> io::Result<()> {
+        let fs = nix::sys::statvfs::fstatvfs(&self.dir_fd)?;
+        let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+        if size > free {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("{size} bytes do not fit: {free} bytes free"),
+            ));
+        }
+        Ok(())
     }
 
     fn path(&self, id: &str, ext: &str) -> PathBuf {
@@ -376,13 +444,15 @@ pub struct Upload {
     pub chunk_size: u32,
     pub count: u32,
     data: File,
-    /// Append-only log of durable chunks (`LOG_ENTRY` bytes each).
-    log: File,
+    /// Append-only log of durable chunks (`LOG_ENTRY` bytes each); None for an anonymous
+    /// (single-chunk) upload, which keeps no state.
+    log: Option<File>,
     /// Serializes syncs (background and foreground).
     sync_lock: Mutex<()>,
     dir: PathBuf,
     dir_fd: File,
-    _lock: Flock<File>,
+    group: Arc<GroupSync>,
+    _lock: Option<Flock<File>>,
     inner: Mutex<Inner>,
 }
 
@@ -457,7 +527,7 @@ impl Upload {
 
     /// Uploads of more than one chunk keep resumable state; a single chunk is simply re-sent.
     fn resumable(&self) -> bool {
-        self.count > 1
+        self.log.is_some()
     }
 
     /// Makes every written chunk durable and records it: fdatasync the data, then append the
@@ -477,9 +547,9 @@ impl Upload {
                 entries.extend_from_slice(&log_entry(i as u32, inner.crcs[i], &inner.cvs[i]));
             }
         }
-        if !entries.is_empty() && self.resumable() {
-            (&self.log).write_all(&entries).map_err(|e| self.io(e))?;
-            nix::unistd::fdatasync(self.log.as_fd()).map_err(|e| self.io(e.into()))?;
+        if let Some(log) = self.log.as_ref().filter(|_| !entries.is_empty()) {
+            (&*log).write_all(&entries).map_err(|e| self.io(e))?;
+            nix::unistd::fdatasync(log.as_fd()).map_err(|e| self.io(e.into()))?;
         }
         for (d, w) in inner.durable.iter_mut().zip(&snapshot) {
             *d |= *w;
@@ -558,16 +628,21 @@ impl Upload {
             );
             nix::sys::stat::futimens(self.data.as_fd(), &t, &t).map_err(|e| self.io(e.into()))?;
         }
-        self.data.sync_all().map_err(|e| self.io(e))?;
-        let name = CString::new(format!("{}.data", self.id)).unwrap();
-        root.publish(
-            self.dir_fd.as_fd(),
-            &name,
-            &self.params.path,
-            self.params.no_clobber,
-        )?;
-        for ext in ["state", "log", "lock"] {
-            let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
+        // Data durable before the name points at it; then the name itself.
+        let (path, no_clobber) = (&self.params.path, self.params.no_clobber);
+        if self.resumable() {
+            self.data.sync_all().map_err(|e| self.io(e))?;
+            let name = CString::new(format!("{}.data", self.id)).unwrap();
+            let parent = root.publish(self.dir_fd.as_fd(), &name, path, no_clobber)?;
+            nix::unistd::fsync(parent).map_err(|e| self.io(e.into()))?;
+            for ext in ["state", "log", "lock"] {
+                let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
+            }
+        } else {
+            self.group.sync(&self.data).map_err(|e| self.io(e))?;
+            let data = self.data.as_fd();
+            root.publish_anonymous(data, self.dir_fd.as_fd(), path, no_clobber)?;
+            self.group.sync_all().map_err(|e| self.io(e))?;
         }
         let identity = identity_of(&self.data.metadata().map_err(|e| self.io(e))?);
         let done = (self.params.size, identity);

@@ -26,6 +26,12 @@ pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
 pub const MAX_CHUNKS_PER_FILE: u64 = 1 << 20;
 /// Entries per Manifest page.
 pub const MANIFEST_PAGE: u32 = 16384;
+/// Largest file a server sends inline with its OpenResponse (OpenRequest.inline_max).
+pub const MAX_INLINE: u32 = 256 * 1024;
+/// Multi-chunk uploads one connection may hold open at once: each pins per-chunk state sized by
+/// the size the client declared, so a peer cannot multiply that by the handle limit. Uploads of
+/// one chunk count only as handles.
+pub const MAX_UPLOADS_PER_CONNECTION: usize = 16;
 
 /// The chunk size used for a file of `size` bytes when the connection's base chunk size is
 /// `base`: the smallest power-of-two multiple of `base` that keeps the chunk count within

@@ -728,7 +728,7 @@ async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
         Cmd::MKDIR => files::mkdir(&session, payload).await,
         Cmd::REMOVE => files::remove(&session, payload).await,
         Cmd::RENAME => files::rename(&session, payload).await,
-        Cmd::OPEN => transfer::open(&session, payload).await,
+        Cmd::OPEN => return transfer::open(&session, payload, st).await,
         Cmd::MANIFEST => transfer::manifest(&session, payload).await,
         Cmd::COMMIT => transfer::commit(&session, payload).await,
         Cmd::CLOSE => transfer::close(&session, payload).await,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -14,15 +14,12 @@ use super::connection::{Failure, Session, StreamTx};
 use super::files::blocking;
 use super::metrics::{Direction, Tracked, Transfer, TransferInfo};
 use super::writer::Outgoing;
-use crate::fs::manifest::Manifest;
+use crate::fs::manifest::{identity_of, Manifest};
 use crate::fs::upload::{Upload, UploadParams};
 use crate::protocol::{
-    chunk_count, chunk_len, chunk_size_for, msg, ErrorCode, Frame, Header, MANIFEST_PAGE,
+    chunk_count, chunk_len, chunk_size_for, flags, msg, ErrorCode, Frame, Header, MANIFEST_PAGE,
+    MAX_INLINE, MAX_UPLOADS_PER_CONNECTION,
 };
-
-/// Uploads one connection may hold open at once: each pins per-chunk state sized by the size
-/// the client declared, so a peer cannot multiply that by the handle limit.
-pub const MAX_UPLOADS_PER_CONNECTION: usize = 16;
 
 /// Most chunks one READ may ask for.
 pub const MAX_READ_CHUNKS: u32 = 1024;
@@ -121,19 +118,45 @@ fn encoded(m: impl Message) -> Result<Bytes, Failure> {
     Ok(Bytes::from(m.encode_to_vec()))
 }
 
-pub async fn open(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
-    let req = msg::OpenRequest::decode(payload)?;
-    match msg::OpenMode::try_from(req.mode) {
-        Ok(msg::OpenMode::OpenRead) => open_read(session, req).await,
-        Ok(msg::OpenMode::OpenWrite) => open_write(session, req).await,
-        Err(_) => Err(Failure::new(
-            ErrorCode::BadRequest,
-            format!("unknown open mode {}", req.mode),
-        )),
+/// What an OPEN answers: an OpenResponse (with a handle), or for a small file read inline the
+/// OpenResponse (no handle) followed by the file's contents as one DATA frame.
+enum Opened {
+    Reply(Bytes),
+    Inline { reply: Bytes, data: Bytes },
+}
+
+pub async fn open(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
+    let opened = match msg::OpenRequest::decode(payload) {
+        Err(e) => Err(e.into()),
+        Ok(req) => match msg::OpenMode::try_from(req.mode) {
+            Ok(msg::OpenMode::OpenRead) => open_read(session, req).await,
+            Ok(msg::OpenMode::OpenWrite) => open_write(session, req).await.map(Opened::Reply),
+            Err(_) => Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("unknown open mode {}", req.mode),
+            )),
+        },
+    };
+    let (cmd, sid) = (st.cmd, st.stream_id);
+    match opened {
+        Ok(Opened::Reply(reply)) => {
+            st.finish(Outgoing::Frame(Frame::new(cmd, sid, flags::END, reply)))
+                .await
+        }
+        Ok(Opened::Inline { reply, data }) => {
+            if st
+                .send(Outgoing::Frame(Frame::new(cmd, sid, 0, reply)))
+                .await
+            {
+                let last = Frame::new(cmd, sid, flags::DATA | flags::END, data);
+                st.finish(Outgoing::Frame(last)).await
+            }
+        }
+        Err(e) => st.fail(e).await,
     }
 }
 
-async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Bytes, Failure> {
+async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Opened, Failure> {
     blocking(session, move |s| {
         let (file, meta) = s.root().open_read(s.path(&req.path)?)?;
         let chunk_size = chunk_size_for(meta.size(), s.base_chunk_size);
@@ -145,6 +168,11 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byte
                     s.client_max_frame
                 ),
             ));
+        }
+        if req.inline_max > 0
+            && meta.size() <= req.inline_max.min(MAX_INLINE).min(chunk_size) as u64
+        {
+            return read_inline(s, &req.path, &file, &meta, chunk_size);
         }
         let manifest = s
             .server
@@ -178,8 +206,51 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byte
             handle: id,
             ..reply
         })
+        .map(Opened::Reply)
     })
     .await
+}
+
+/// A file of at most one chunk, read whole and hashed here: cheaper than a manifest lookup, a
+/// handle, a READ and a CLOSE (a tree of small files is mostly per-file overhead).
+fn read_inline(
+    s: &Session,
+    path: &str,
+    file: &File,
+    meta: &std::fs::Metadata,
+    chunk_size: u32,
+) -> Result<Opened, Failure> {
+    let io = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("{path}: {e}"));
+    let mut data = vec![0u8; meta.len() as usize];
+    file.read_exact_at(&mut data, 0).map_err(io)?;
+    // Changed while we read: the bytes may be a mix of two versions.
+    let identity = identity_of(meta);
+    if identity_of(&file.metadata().map_err(io)?) != identity {
+        return Err(Failure::new(
+            ErrorCode::Changed,
+            format!("{path} changed while being read"),
+        ));
+    }
+    let reply = msg::OpenResponse {
+        size: meta.len(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        identity,
+        chunk_size,
+        chunk_count: chunk_count(meta.len(), chunk_size),
+        blake3: blake3::hash(&data).as_bytes().to_vec(),
+        mode: meta.mode() & 0o7777,
+        ..Default::default()
+    };
+    let stats = &s.server.stats;
+    stats
+        .bytes_copied
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(path, size = meta.len(), "read inline");
+    Ok(Opened::Inline {
+        reply: Bytes::from(reply.encode_to_vec()),
+        data: Bytes::from(data),
+    })
 }
 
 async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Bytes, Failure> {
@@ -212,8 +283,10 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
         if chunk_size_for(req.size, s.base_chunk_size) > s.server.config.max_frame {
             return Err(Failure::new(ErrorCode::LimitExceeded, "file too large for this server's max frame"));
         }
-        let uploads = s.handles.lock().unwrap().map.values().filter(|h| matches!(h, Handle::Write(_))).count();
-        if uploads >= MAX_UPLOADS_PER_CONNECTION {
+        // Only multi-chunk uploads pin per-chunk state; a single chunk counts as a handle.
+        let multi = |size| chunk_count(size, chunk_size_for(size, s.base_chunk_size)) > 1;
+        let uploads = s.handles.lock().unwrap().map.values().filter(|h| matches!(h, Handle::Write(u) if u.count > 1)).count();
+        if multi(req.size) && uploads >= MAX_UPLOADS_PER_CONNECTION {
             return Err(Failure::new(ErrorCode::LimitExceeded, format!("more than {MAX_UPLOADS_PER_CONNECTION} uploads open on one connection")));
         }
         let upload = s.server.uploads.open(&params)?;

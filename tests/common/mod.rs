@@ -383,6 +383,19 @@ pub fn error_of(f: &Frame) -> msg::Error {
 }
 
 /// A `kB` field of /proc/PID/status (VmRSS:, VmHWM:, ...), 0 if unreadable.
+/// Waits up to 10 s for `read()` to equal `want` and returns the last value read. Server
+/// counters are bumped after the bytes they count leave, so a client can finish first.
+pub fn settled(want: u64, read: impl Fn() -> u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v = read();
+        if v == want || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
