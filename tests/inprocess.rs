@@ -155,6 +155,49 @@ fn reads_use_sendfile_and_the_manifest_is_computed_once() {
     );
 }
 
+/// OPEN with `inline_max`: a small file comes back with the reply (OpenResponse without END,
+/// then one DATA|END frame), with no handle and no manifest; a bigger one gets a handle.
+#[test]
+fn small_files_are_read_inline_with_their_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = write_random(&dir.path().join("small"), 4096, 11);
+    std::fs::write(dir.path().join("empty"), b"").unwrap();
+    write_random(&dir.path().join("big"), 70_000, 12);
+    let s = start(dir.path());
+    let mut r = Raw::authed(s.addr);
+    let open = |path: &str| msg::OpenRequest {
+        path: path.into(),
+        inline_max: 65536,
+        ..Default::default()
+    };
+    for (sid, path, want) in [(5, "small", &small[..]), (7, "empty", &[][..])] {
+        let f = r.call(Cmd::OPEN, sid, &open(path));
+        assert_eq!(f.header.flags, 0, "{path}: {:?}", f.header);
+        let o: msg::OpenResponse = f.decode().unwrap();
+        assert_eq!((o.handle, o.size), (0, want.len() as u64), "{path}");
+        assert_eq!(o.blake3, blake3::hash(want).as_bytes().to_vec(), "{path}");
+        let d = r.recv().expect("inline contents");
+        assert_eq!(d.header.flags, flags::DATA | flags::END, "{path}");
+        assert_eq!((d.stream_id(), d.cmd()), (sid, Cmd::OPEN), "{path}");
+        assert_eq!(d.header.checksum, crc32fast::hash(want), "{path}");
+        assert!(d.payload == want, "{path}");
+    }
+    // Over the limit asked for: an ordinary reply with a handle.
+    let f = r.call(Cmd::OPEN, 9, &open("big"));
+    assert_eq!(f.header.flags, flags::END);
+    let o: msg::OpenResponse = f.decode().unwrap();
+    assert!(o.handle >= 1 && o.size == 70_000);
+    let m = &s.server.manifests.stats;
+    assert_eq!(
+        m.computed.load(Ordering::Relaxed),
+        1,
+        "only the big file has a manifest"
+    );
+    // The inline files left no handle behind: CLOSE of handle 0 is refused.
+    let f = r.call(Cmd::CLOSE, 11, &msg::CloseRequest { handle: 0 });
+    assert!(f.header.is_error());
+}
+
 #[test]
 fn sixteen_clients_each_moving_several_files_concurrently() {
     let dir = tempfile::tempdir().unwrap();
