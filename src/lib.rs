@@ -3,7 +3,9 @@
 //! - [`protocol`]: the wire format (frame header, codec, messages, error codes); docs/PROTOCOL.md.
 //! - [`integrity`]: chunk CRC32s and the whole-file BLAKE3 built from per-chunk subtrees.
 //! - [`durable`]: group commit (one syncfs for many files), used by server and client.
+//! - [`direct`]: O_DIRECT writes of big files' chunks, used by server and client.
 
+pub mod direct;
 pub mod durable;
 pub mod fs;
 pub mod integrity;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
+use fsd::direct::DirectFile;
 use fsd::durable::GroupSync;
 use fsd::integrity::{chunk_cv, root_hash};
 use fsd::protocol::{chunk_count, chunk_len, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE};
@@ -716,6 +717,8 @@ enum SinkOut {
         dir: LocalDir,
         name: String,
         part: File,
+        /// The part again, for direct writes of whole chunks (multi-chunk files, fsd::direct).
+        direct: Option<DirectFile>,
         /// Whether a state file is kept (multi-chunk files only).
         stateful: bool,
         group: Option<Arc<GroupSync>>,
@@ -780,6 +783,7 @@ impl Sink {
                     }
                 }
                 SinkOut::File {
+                    direct: stateful.then(|| DirectFile::reopen(&part)).flatten(),
                     dir,
                     name,
                     part,
@@ -865,12 +869,22 @@ impl Sink {
         let len = data.len() as u64;
         match &self.out {
             SinkOut::File {
-                dir, name, part, ..
+                dir,
+                name,
+                part,
+                direct,
+                ..
             } => {
                 let off = i as u64 * self.chunk_size as u64;
-                let _one_writer = self.writing.lock().unwrap();
-                part.write_all_at(&data, off)
-                    .map_err(|e| Error::io(dir.display(&format!("{name}{PART_SUFFIX}")), e))?;
+                let err = |e| Error::io(dir.display(&format!("{name}{PART_SUFFIX}")), e);
+                let written = match direct {
+                    Some(d) => d.write_at(&data, off).map_err(err)?,
+                    None => false,
+                };
+                if !written {
+                    let _one_writer = self.writing.lock().unwrap();
+                    part.write_all_at(&data, off).map_err(err)?;
+                }
             }
             SinkOut::Stdout(r) => {
                 let mut r = r.lock().unwrap();
@@ -957,6 +971,7 @@ impl Sink {
                 part,
                 stateful,
                 group,
+                ..
             } => {
                 let part_name = format!("{name}{PART_SUFFIX}");
                 let err = |e| Error::io(dir.display(name), e);

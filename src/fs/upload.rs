@@ -25,6 +25,7 @@ use prost::Message;
 
 use super::manifest::identity_of;
 use super::root::{FsError, Root};
+use crate::direct::DirectFile;
 use crate::durable::GroupSync;
 use crate::integrity::{chunk_cv, root_hash};
 use crate::protocol::{chunk_count, chunk_len, chunk_size_for, ErrorCode};
@@ -238,6 +239,7 @@ impl UploadStore {
             params: p.clone(),
             chunk_size,
             count,
+            direct: DirectFile::reopen(&data),
             data,
             log: Some(log),
             sync_lock: Mutex::new(()),
@@ -280,6 +282,7 @@ impl UploadStore {
             chunk_size,
             count,
             data: File::from(fd),
+            direct: None,
             log: None,
             sync_lock: Mutex::new(()),
             dir: self.dir.clone(),
@@ -444,6 +447,9 @@ pub struct Upload {
     pub chunk_size: u32,
     pub count: u32,
     data: File,
+    /// The data file again, for direct writes of whole chunks (multi-chunk uploads,
+    /// crate::direct).
+    direct: Option<DirectFile>,
     /// Append-only log of durable chunks (`LOG_ENTRY` bytes each); None for an anonymous
     /// (single-chunk) upload, which keeps no state.
     log: Option<File>,
@@ -485,9 +491,16 @@ impl Upload {
             });
         }
         let cv = chunk_cv(data, index, self.chunk_size, self.params.size);
-        self.data
-            .write_all_at(data, index as u64 * self.chunk_size as u64)
-            .map_err(|source| self.io(source))?;
+        let offset = index as u64 * self.chunk_size as u64;
+        let direct = match &self.direct {
+            Some(d) => d.write_at(data, offset).map_err(|e| self.io(e))?,
+            None => false,
+        };
+        if !direct {
+            self.data
+                .write_all_at(data, offset)
+                .map_err(|source| self.io(source))?;
+        }
         let (start_sync, must_wait) = {
             let mut inner = self.inner.lock().unwrap();
             let i = index as usize;
