@@ -7,16 +7,21 @@
 //! asked before it began. Measured on this machine for 1,000 × 4 KiB files: fsync each 0.24 s,
 //! one syncfs 0.06–0.07 s, no sync at all 0.05 s.
 //!
-//! A syncfs costs about as much as one fsync (0.2–0.5 ms), so a sync is only worth it when it
+//! A syncfs costs about as much as one fsync (0.2–0.7 ms), so a sync is only worth it when it
 //! covers many files: the caller that starts one first waits a moment (`gather`) for others to
-//! join, unless `batch` callers are already waiting. Callers that have many files in flight (a
-//! tree) keep the disk busy with few syncs; a lone caller pays `gather` once.
+//! join, unless `batch` callers are already waiting. Waiting is async, so a waiter holds no
+//! thread: how many can share a sync is bounded by the files in flight, not by a thread pool.
+//! Only the leader's syncfs runs on a blocking thread.
+//!
+//! The price of syncfs: it also writes whatever else is dirty on that file system.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 /// Syncs of one file system, shared by everyone publishing onto it.
 pub struct GroupSync {
@@ -26,16 +31,17 @@ pub struct GroupSync {
     gather: Duration,
     batch: usize,
     st: Mutex<State>,
-    finished: Condvar,
     /// Wakes a gathering leader when the batch is full.
     joined: Condvar,
+    /// The number of the last finished sync, for waiters.
+    finished: watch::Sender<u64>,
 }
 
 #[derive(Default)]
 struct State {
-    /// Syncs started and finished so far (a sync's number is `started` when it begins).
+    /// Syncs started so far (a sync's number is `started` once it calls syncfs).
     started: u64,
-    finished: u64,
+    /// A leader is gathering or syncing.
     running: bool,
     /// Callers waiting for a sync.
     waiting: usize,
@@ -46,78 +52,102 @@ struct State {
 impl GroupSync {
     /// A group for the file system that `fd` is on: a sync waits up to `gather` for `batch`
     /// callers to join it.
-    pub fn new(fd: impl AsFd, gather: Duration, batch: usize) -> io::Result<GroupSync> {
+    pub fn new(fd: impl AsFd, gather: Duration, batch: usize) -> io::Result<Arc<GroupSync>> {
         let fs = fd.as_fd().try_clone_to_owned()?;
         let dev = std::fs::File::from(fs.try_clone()?).metadata()?.dev();
-        Ok(GroupSync {
+        Ok(Arc::new(GroupSync {
             fs,
             dev,
             gather,
             batch,
             st: Mutex::new(State::default()),
-            finished: Condvar::new(),
             joined: Condvar::new(),
-        })
+            finished: watch::Sender::new(0),
+        }))
     }
 
-    /// Makes everything written to `file` so far durable (its data and metadata, and every
-    /// name created or renamed on this file system before the call). Blocking. A file on another
-    /// file system gets its own fsync.
-    pub fn sync(&self, file: impl AsFd) -> io::Result<()> {
+    /// Makes everything written to `file` so far durable (its data and metadata, and every name
+    /// created or renamed on this file system before the call). A file on another file system
+    /// gets its own fsync.
+    pub async fn sync(self: &Arc<Self>, file: impl AsFd) -> io::Result<()> {
         let f = std::fs::File::from(file.as_fd().try_clone_to_owned()?);
         if f.metadata()?.dev() != self.dev {
-            return f.sync_all();
+            return tokio::task::spawn_blocking(move || f.sync_all())
+                .await
+                .map_err(io::Error::other)?;
         }
-        self.sync_all()
+        self.sync_all().await
     }
 
     /// Makes every write to this file system so far durable, sharing a sync with concurrent
-    /// callers. Blocking.
-    pub fn sync_all(&self) -> io::Result<()> {
-        let mut st = self.st.lock().unwrap();
-        // A sync already under way (not gathering) began before our writes were done: we need
-        // the next one. `started` counts syncs that have called syncfs.
-        let want = st.started + 1;
-        st.waiting += 1;
-        if st.waiting >= self.batch {
-            self.joined.notify_one();
-        }
-        let r = loop {
-            if st.finished >= want {
-                break match &st.failed {
+    /// callers.
+    pub async fn sync_all(self: &Arc<Self>) -> io::Result<()> {
+        let mut finished = self.finished.subscribe();
+        let want = {
+            let mut st = self.st.lock().unwrap();
+            st.waiting += 1;
+            if st.waiting >= self.batch {
+                self.joined.notify_one();
+            }
+            // A sync already calling syncfs began before our writes were done: we need the
+            // next one (a gathering leader's sync has not started yet: it will do).
+            st.started + 1
+        };
+        let _leave = Leave(self);
+        loop {
+            if *finished.borrow_and_update() >= want {
+                return match &self.st.lock().unwrap().failed {
                     Some((n, kind, msg)) if *n >= want => Err(io::Error::new(*kind, msg.clone())),
                     _ => Ok(()),
                 };
             }
-            if st.running {
-                st = self.finished.wait(st).unwrap();
+            let lead = {
+                let mut st = self.st.lock().unwrap();
+                !std::mem::replace(&mut st.running, true)
+            };
+            if lead {
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.lead())
+                    .await
+                    .map_err(io::Error::other)?;
                 continue;
             }
-            // Lead the next sync: first let others join it.
-            st.running = true;
-            let deadline = Instant::now() + self.gather;
-            while st.waiting < self.batch {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                st = self.joined.wait_timeout(st, deadline - now).unwrap().0;
+            finished.changed().await.map_err(io::Error::other)?;
+        }
+    }
+
+    /// One sync: gather, syncfs, publish its number. Blocking; called with `running` set.
+    fn lead(&self) {
+        let deadline = Instant::now() + self.gather;
+        let mut st = self.st.lock().unwrap();
+        while st.waiting < self.batch {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
             }
-            st.started += 1;
-            let mine = st.started;
-            drop(st);
-            let r = nix::unistd::syncfs(&self.fs);
-            st = self.st.lock().unwrap();
-            st.running = false;
-            st.finished = mine;
-            if let Err(e) = r {
-                let e = io::Error::from(e);
-                st.failed = Some((mine, e.kind(), format!("syncfs: {e}")));
-            }
-            self.finished.notify_all();
-        };
-        st.waiting -= 1;
-        r
+            st = self.joined.wait_timeout(st, deadline - now).unwrap().0;
+        }
+        st.started += 1;
+        let mine = st.started;
+        drop(st);
+        let r = nix::unistd::syncfs(&self.fs);
+        let mut st = self.st.lock().unwrap();
+        st.running = false;
+        if let Err(e) = r {
+            let e = io::Error::from(e);
+            st.failed = Some((mine, e.kind(), format!("syncfs: {e}")));
+        }
+        drop(st);
+        self.finished.send_replace(mine);
+    }
+}
+
+/// Counts a caller out of `waiting` however its wait ends (returned, failed or dropped).
+struct Leave<'a>(&'a GroupSync);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.st.lock().unwrap().waiting -= 1;
     }
 }
 
@@ -125,37 +155,46 @@ impl GroupSync {
 #[allow(clippy::disallowed_methods)] // test files in a temp dir, not client paths
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
-    #[test]
-    fn concurrent_callers_share_syncs_and_all_return() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_syncs_and_all_return() {
         let dir = tempfile::tempdir().unwrap();
         let g = GroupSync::new(
             std::fs::File::open(dir.path()).unwrap(),
             Duration::from_millis(1),
             8,
-        );
-        let g = Arc::new(g.unwrap());
-        let threads: Vec<_> = (0..16)
+        )
+        .unwrap();
+        let tasks: Vec<_> = (0..64)
             .map(|i| {
                 let g = g.clone();
                 let path = dir.path().join(format!("f{i}"));
-                std::thread::spawn(move || {
-                    for n in 0..20 {
+                tokio::spawn(async move {
+                    for n in 0..10 {
                         std::fs::write(&path, format!("{n}")).unwrap();
-                        g.sync(std::fs::File::open(&path).unwrap()).unwrap();
+                        g.sync(std::fs::File::open(&path).unwrap()).await.unwrap();
                     }
                 })
             })
             .collect();
-        for t in threads {
-            t.join().unwrap();
+        for t in tasks {
+            t.await.unwrap();
         }
         let st = g.st.lock().unwrap();
-        assert_eq!(st.started, st.finished);
+        assert_eq!(*g.finished.borrow(), st.started);
         assert!(!st.running);
         assert_eq!(st.waiting, 0);
-        // 320 requests; every one was covered by a sync that started after it.
-        assert!(st.started >= 1 && st.started <= 320, "{}", st.started);
+        // 640 requests from 64 concurrent callers: they shared syncs.
+        assert!(st.started >= 10 && st.started < 640, "{} syncs", st.started);
+    }
+
+    #[tokio::test]
+    async fn a_caller_after_a_sync_gets_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let g =
+            GroupSync::new(std::fs::File::open(dir.path()).unwrap(), Duration::ZERO, 1).unwrap();
+        g.sync_all().await.unwrap();
+        g.sync_all().await.unwrap();
+        assert_eq!(g.st.lock().unwrap().started, 2);
     }
 }

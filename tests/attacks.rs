@@ -541,6 +541,27 @@ fn write_chunk(
     recv(r, "write ack")
 }
 
+/// PUT of `data` to `path` on stream `sid` (request, then its DATA frame); returns the reply.
+fn put(r: &mut Raw, sid: u32, path: &str, data: &[u8]) -> Result<Frame, String> {
+    let req = msg::PutRequest {
+        path: path.into(),
+        size: data.len() as u64,
+        blake3: blake3::hash(data).as_bytes().to_vec(),
+        ..Default::default()
+    };
+    send(r, &Frame::message(Cmd::PUT, sid, 0, &req))?;
+    send(
+        r,
+        &Frame::new(
+            Cmd::PUT,
+            sid,
+            flags::DATA | flags::END,
+            Bytes::copy_from_slice(data),
+        ),
+    )?;
+    recv(r, "put reply")
+}
+
 /// Opens an upload of `data` to `path`, writes every chunk; returns the open reply and the
 /// COMMIT reply (or the failing OPEN reply).
 fn upload(r: &mut Raw, req: msg::OpenRequest, data: &[u8]) -> Result<Result<Frame, Frame>, String> {
@@ -575,6 +596,8 @@ enum Op {
     List,
     OpenRead,
     OpenWrite,
+    /// PUT: the checks of OPEN write, then a whole small file (5 bytes) in the same request.
+    Put,
     Mkdir,
     MkdirP,
     Remove,
@@ -583,11 +606,12 @@ enum Op {
     RenameTo,
 }
 
-const ALL_OPS: [Op; 10] = [
+const ALL_OPS: [Op; 11] = [
     Op::Stat,
     Op::List,
     Op::OpenRead,
     Op::OpenWrite,
+    Op::Put,
     Op::Mkdir,
     Op::MkdirP,
     Op::Remove,
@@ -604,6 +628,7 @@ impl Op {
             Op::List => "LIST",
             Op::OpenRead => "OPEN read",
             Op::OpenWrite => "OPEN write",
+            Op::Put => "PUT",
             Op::Mkdir => "MKDIR",
             Op::MkdirP => "MKDIR -p",
             Op::Remove => "REMOVE",
@@ -637,6 +662,7 @@ fn path_op_in(r: &mut Raw, op: Op, path: &str, inside: &str) -> Result<Frame, St
         ),
         Op::OpenRead => call(r, Cmd::OPEN, 3, &open_read_req(path)),
         Op::OpenWrite => call(r, Cmd::OPEN, 3, &open_write_req(path, 5, "attack")),
+        Op::Put => put(r, 3, path, b"owned"),
         Op::Mkdir | Op::MkdirP => call(
             r,
             Cmd::MKDIR,
@@ -733,6 +759,7 @@ fn path_cases(env: &Env) -> Vec<Case> {
     for op in [
         Op::OpenRead,
         Op::OpenWrite,
+        Op::Put,
         Op::Mkdir,
         Op::MkdirP,
         Op::Remove,
@@ -820,7 +847,7 @@ fn path_cases(env: &Env) -> Vec<Case> {
     ] {
         for op in ALL_OPS {
             // OPEN write checks the parent with lstat first: a symlink is not a directory.
-            let want = if op == Op::OpenWrite {
+            let want = if matches!(op, Op::OpenWrite | Op::Put) {
                 NotADirectory
             } else {
                 InvalidPath
@@ -828,13 +855,15 @@ fn path_cases(env: &Env) -> Vec<Case> {
             cases.push(refused(TOKEN, op, label, format!("{dir}/secret"), want));
         }
         cases.push(refused(TOKEN, Op::List, label, dir.into(), InvalidPath));
-        cases.push(refused(
-            TOKEN,
-            Op::OpenWrite,
-            &format!("{label}, two levels"),
-            format!("{dir}/sub/new"),
-            InvalidPath,
-        ));
+        for op in [Op::OpenWrite, Op::Put] {
+            cases.push(refused(
+                TOKEN,
+                op,
+                &format!("{label}, two levels"),
+                format!("{dir}/sub/new"),
+                InvalidPath,
+            ));
+        }
         cases.push(refused(
             TOKEN,
             Op::MkdirP,
@@ -882,13 +911,15 @@ fn path_cases(env: &Env) -> Vec<Case> {
         "proc_root/tmp/fsd-attack".into(),
         InvalidPath,
     ));
-    cases.push(refused(
-        TOKEN,
-        Op::OpenWrite,
-        "via symlink to /proc/self/root, two levels",
-        "proc_root/tmp/fsd-attack".into(),
-        InvalidPath,
-    ));
+    for op in [Op::OpenWrite, Op::Put] {
+        cases.push(refused(
+            TOKEN,
+            op,
+            "via symlink to /proc/self/root, two levels",
+            "proc_root/tmp/fsd-attack".into(),
+            InvalidPath,
+        ));
+    }
     cases.push(refused(
         TOKEN,
         Op::OpenRead,
@@ -1080,6 +1111,7 @@ fn path_cases(env: &Env) -> Vec<Case> {
             expect_code(&path_op(&mut r, Op::List, "swap")?, InvalidPath, "list")?;
             expect_code(&path_op(&mut r, Op::Mkdir, "swap/new")?, InvalidPath, "mkdir")?;
             expect_code(&path_op(&mut r, Op::OpenWrite, "swap/new")?, NotADirectory, "open write")?;
+            expect_code(&path_op(&mut r, Op::Put, "swap/new")?, NotADirectory, "put")?;
             Ok(())
         },
     ));
@@ -1136,6 +1168,7 @@ fn path_cases(env: &Env) -> Vec<Case> {
         (Op::OpenRead, "known.txt"),
         (Op::OpenRead, "teamevil/x"),
         (Op::OpenWrite, "public/new"),
+        (Op::Put, "public/new"),
         (Op::Mkdir, "public/newdir"),
         (Op::MkdirP, "newtop/x"),
         (Op::Remove, "public/p.txt"),
@@ -1188,7 +1221,7 @@ fn path_cases(env: &Env) -> Vec<Case> {
     ] {
         for &op in ops {
             let want = match op {
-                Op::OpenWrite if path.contains("esc") => NotADirectory,
+                Op::OpenWrite | Op::Put if path.contains("esc") => NotADirectory,
                 Op::RenameFrom
                 | Op::RenameTo
                 | Op::Remove
@@ -1211,7 +1244,13 @@ fn path_cases(env: &Env) -> Vec<Case> {
         "team/esc".into(),
         InvalidPath,
     ));
-    for op in [Op::Remove, Op::RemoveR, Op::RenameFrom, Op::OpenWrite] {
+    for op in [
+        Op::Remove,
+        Op::RemoveR,
+        Op::RenameFrom,
+        Op::OpenWrite,
+        Op::Put,
+    ] {
         cases.push(refused(
             TEAM_TOKEN,
             op,
@@ -1220,13 +1259,15 @@ fn path_cases(env: &Env) -> Vec<Case> {
             InvalidPath,
         ));
     }
-    cases.push(refused(
-        TEAM_RO_TOKEN,
-        Op::OpenWrite,
-        "inside its prefix",
-        "team/new".into(),
-        PermissionDenied,
-    ));
+    for op in [Op::OpenWrite, Op::Put] {
+        cases.push(refused(
+            TEAM_RO_TOKEN,
+            op,
+            "inside its prefix",
+            "team/new".into(),
+            PermissionDenied,
+        ));
+    }
     cases.push(refused(
         TEAM_RO_TOKEN,
         Op::OpenRead,
@@ -1244,6 +1285,8 @@ fn path_cases(env: &Env) -> Vec<Case> {
     for (op, path) in [
         (Op::OpenWrite, "known.txt"),
         (Op::OpenWrite, "brand-new"),
+        (Op::Put, "known.txt"),
+        (Op::Put, "brand-new"),
         (Op::Mkdir, "newdir"),
         (Op::MkdirP, "newdir/x"),
         (Op::Remove, VICTIM),
@@ -1555,7 +1598,7 @@ fn protocol_cases() -> Vec<Case> {
             "unknown command id -> UnknownCommand, connection usable",
             |e| {
                 let mut r = e.admin()?;
-                for cmd in [0x0000, 0x0004, 0x0019, 0x7777, 0xffff] {
+                for cmd in [0x0000, 0x0004, 0x001a, 0x7777, 0xffff] {
                     let f = call(&mut r, Cmd(cmd), 9, &msg::Ok {})?;
                     expect_code(&f, UnknownCommand, &format!("cmd {cmd:#06x}"))?;
                 }
@@ -2613,4 +2656,81 @@ fn huge_declared_uploads_are_bounded() {
         .unwrap();
         let _: msg::OpenResponse = expect_ok(&f, "single-chunk upload beside 16 others").unwrap();
     }
+}
+
+/// PUT keeps the rules of OPEN WRITE + WRITE + COMMIT: the declared size must be the DATA
+/// frame's, one chunk at most, the BLAKE3 must match (else nothing is published), no_clobber
+/// refuses an existing file, and the published mode carries permission bits only.
+#[test]
+fn put_checks_size_hash_and_clobbering() {
+    let env = Env::new();
+    let mut r = env.admin().unwrap();
+    let req = |path: &str, data: &[u8]| msg::PutRequest {
+        path: path.into(),
+        size: data.len() as u64,
+        blake3: blake3::hash(data).as_bytes().to_vec(),
+        mode_bits: 0o4755,
+        ..Default::default()
+    };
+    let send_put = |r: &mut Raw, sid: u32, req: &msg::PutRequest, data: &[u8]| {
+        send(r, &Frame::message(Cmd::PUT, sid, 0, req)).unwrap();
+        let d = Frame::new(
+            Cmd::PUT,
+            sid,
+            flags::DATA | flags::END,
+            Bytes::copy_from_slice(data),
+        );
+        send(r, &d).unwrap();
+        recv(r, "put reply").unwrap()
+    };
+
+    let f = send_put(&mut r, 3, &req("p1", b"hello"), b"hello");
+    let c: msg::CommitResponse = expect_ok(&f, "put").unwrap();
+    assert_eq!(c.size, 5);
+    assert_eq!(std::fs::read(env.root.join("p1")).unwrap(), b"hello");
+    let mode = std::fs::metadata(env.root.join("p1"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o7777,
+        0o755,
+        "special bits dropped, permission bits kept"
+    );
+
+    let f = send_put(&mut r, 3, &req("p2", b"hello"), b"hell");
+    expect_code(
+        &f,
+        ErrorCode::BadRequest,
+        "size differs from the DATA frame",
+    )
+    .unwrap();
+    let mut bad = req("p2", b"hello");
+    bad.blake3 = blake3::hash(b"other").as_bytes().to_vec();
+    let f = send_put(&mut r, 3, &bad, b"hello");
+    expect_code(&f, ErrorCode::HashMismatch, "wrong BLAKE3").unwrap();
+    assert!(
+        !env.root.join("p2").exists(),
+        "published despite a failed PUT"
+    );
+
+    let big = vec![7u8; (1 << 20) + 1];
+    let f = send_put(&mut r, 3, &req("p3", &big), &big);
+    expect_code(&f, ErrorCode::BadRequest, "more than one chunk").unwrap();
+    assert!(!env.root.join("p3").exists());
+
+    let mut keep = req("p1", b"world");
+    keep.no_clobber = true;
+    let f = send_put(&mut r, 3, &keep, b"world");
+    expect_code(&f, ErrorCode::AlreadyExists, "no_clobber").unwrap();
+    let f = send_put(&mut r, 3, &req("p1", b"world"), b"world");
+    let _: msg::CommitResponse = expect_ok(&f, "replace").unwrap();
+    assert_eq!(std::fs::read(env.root.join("p1")).unwrap(), b"world");
+    let f = send_put(&mut r, 3, &req("", b"x"), b"x");
+    expect_code(&f, ErrorCode::InvalidPath, "the root").unwrap();
+    // Nothing of all this is left in the state directory.
+    let left: Vec<_> = std::fs::read_dir(env.root.join(".fsd-state/uploads"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -278,20 +278,20 @@ impl Conn {
     /// of `size` bytes needs one (more would be refused with LimitExceeded). Hold it until the
     /// upload's handle is closed.
     pub async fn upload_slot(&self, size: u64) -> Result<Option<OwnedSemaphorePermit>> {
-        let base = self
-            .inner
-            .server
-            .lock()
-            .unwrap()
-            .chunk_size
-            .max(MIN_CHUNK_SIZE);
-        if chunk_count(size, chunk_size_for(size, base)) <= 1 {
+        if self.is_single_chunk(size) {
             return Ok(None);
         }
         match self.inner.uploads.clone().acquire_owned().await {
             Ok(p) => Ok(Some(p)),
             Err(_) => Err(self.dead_error()),
         }
+    }
+
+    /// Whether a file of `size` bytes is at most one chunk on this server (§8.1 of
+    /// docs/PROTOCOL.md, from the base chunk size in its Hello).
+    pub fn is_single_chunk(&self, size: u64) -> bool {
+        let base = self.inner.server.lock().unwrap().chunk_size;
+        chunk_count(size, chunk_size_for(size, base.max(MIN_CHUNK_SIZE))) <= 1
     }
 
     /// Largest DATA payload the server accepts.

@@ -978,7 +978,10 @@ impl Sink {
                 crate::tree::set_meta(part, self.mode, self.mtime_ns).map_err(err)?;
                 // Data durable before the name points at it; then the rename itself.
                 match group {
-                    Some(g) => g.sync(part).map_err(err)?,
+                    // On a blocking thread of the runtime: wait here for the shared sync.
+                    Some(g) => tokio::runtime::Handle::current()
+                        .block_on(g.sync(part))
+                        .map_err(err)?,
                     None => part.sync_all().map_err(err)?,
                 }
                 dir.rename(&part_name, name).map_err(err)?;

@@ -256,7 +256,6 @@ impl Client {
         // Files are made durable in groups (one syncfs each), then renamed; see fsd::durable.
         let group = GroupSync::new(root.fd.as_fd(), SYNC_GATHER, SYNC_BATCH)
             .map_err(|e| Error::io(local.display(), e))?;
-        let group = Arc::new(group);
         let group = &group;
 
         // Breadth-first, with listings of different directories overlapping.

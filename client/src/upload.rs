@@ -33,6 +33,8 @@ use crate::state::Bitmap;
 const LANES: usize = 8;
 /// Chunks read ahead of the lanes.
 const READ_AHEAD: usize = 4;
+/// Single-chunk files up to this size are read on the async thread (see `UpJob::put`).
+const INLINE_READ: u64 = 64 * 1024;
 
 /// Options of an upload.
 #[derive(Debug, Clone, Default)]
@@ -275,6 +277,13 @@ impl UpJob {
     async fn attempt(&self, restart: bool) -> Result<Transfer, Stop> {
         let slots = self.slot_list();
         let conn0 = self.client.conn(slots[0]).await?;
+        if conn0.is_single_chunk(self.src.size) {
+            match self.put(&conn0).await {
+                // A server without PUT: the long way below.
+                Err(Stop::Fail(e)) if e.remote_code() == Some(ErrorCode::UnknownCommand) => {}
+                r => return r,
+            }
+        }
         let _slot0 = conn0.upload_slot(self.src.size).await?;
         let up = self.open(&conn0, restart).await?;
         let (cs, count, size) = (up.chunk_size, up.count, self.src.size);
@@ -370,6 +379,66 @@ impl UpJob {
             path: self.remote.clone(),
             bytes: size,
             transferred: self.transferred.load(Ordering::Relaxed),
+            blake3,
+        })
+    }
+
+    /// A file of at most one chunk in one request (PUT: the file, its CRC32 and BLAKE3; the
+    /// server writes, verifies and publishes it). Nothing to resume: a failure sends it again.
+    async fn put(&self, conn: &Conn) -> Result<Transfer, Stop> {
+        let (file, size) = (self.src.file.clone(), self.src.size);
+        let read = move || {
+            let mut data = vec![0u8; size as usize];
+            file.read_exact_at(&mut data, 0)
+                .map_err(|e| Error::io("read", e))?;
+            let (crc, blake3) = (crc32fast::hash(&data), *blake3::hash(&data).as_bytes());
+            Ok::<_, Error>((Bytes::from(data), crc, blake3))
+        };
+        let (data, crc, blake3) = if size <= INLINE_READ {
+            // A few KiB from the page cache cost less than the hop to a blocking thread.
+            read()?
+        } else {
+            tokio::task::spawn_blocking(read)
+                .await
+                .expect("reader thread")?
+        };
+        self.src.check_unchanged()?;
+        self.client.emit(Event::Start {
+            path: self.remote.clone(),
+            local: self.src.path.display().to_string(),
+            size,
+            resumed: 0,
+        });
+        let req = msg::PutRequest {
+            path: self.remote.clone(),
+            size,
+            mode_bits: self.src.mode,
+            mtime_ns: self.src.mtime_ns,
+            no_clobber: self.opts.no_clobber,
+            blake3: blake3.to_vec(),
+        };
+        let _window = conn.window(size).await?;
+        let mut s = conn.open().await?;
+        s.send_msg(Cmd::PUT, 0, &req).await?;
+        s.send_data(Cmd::PUT, data, crc).await?;
+        let r: msg::CommitResponse = s.reply(Cmd::PUT).await?;
+        if r.size != size {
+            return Err(Stop::Fail(Error::Protocol(format!(
+                "put published {} bytes, sent {size}",
+                r.size
+            ))));
+        }
+        let transferred = self.transferred.fetch_add(size, Ordering::Relaxed) + size;
+        self.client.emit(Event::Progress {
+            path: self.remote.clone(),
+            done: size,
+            size,
+            transferred,
+        });
+        Ok(Transfer {
+            path: self.remote.clone(),
+            bytes: size,
+            transferred,
             blake3,
         })
     }

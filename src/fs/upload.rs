@@ -130,7 +130,7 @@ impl UploadStore {
             .read(true)
             .custom_flags(libc::O_DIRECTORY)
             .open(&dir)?;
-        let group = Arc::new(GroupSync::new(&dir_fd, SYNC_GATHER, SYNC_BATCH)?);
+        let group = GroupSync::new(&dir_fd, SYNC_GATHER, SYNC_BATCH)?;
         Ok(UploadStore {
             dir,
             dir_fd,
@@ -592,11 +592,11 @@ impl Upload {
         std::fs::rename(&tmp, &path)
     }
 
-    /// Verifies and publishes the upload at its destination beneath `root`. Blocking.
-    /// Idempotent: a second commit with the same hash returns the first result.
-    pub fn commit(&self, expected: &[u8], root: &Root) -> Result<(u64, String), UploadError> {
+    /// Verifies the upload and gives the file its final mode and mtime: COMMIT's first step.
+    /// Returns the earlier result if it was already committed. Blocking.
+    pub fn seal(&self, expected: &[u8]) -> Result<Option<(u64, String)>, UploadError> {
         if let Some(done) = &self.inner.lock().unwrap().committed {
-            return Ok(done.clone());
+            return Ok(Some(done.clone()));
         }
         let missing = self
             .inner
@@ -641,9 +641,24 @@ impl Upload {
             );
             nix::sys::stat::futimens(self.data.as_fd(), &t, &t).map_err(|e| self.io(e.into()))?;
         }
-        // Data durable before the name points at it; then the name itself.
+        Ok(None)
+    }
+
+    /// The group sync an anonymous upload's commit shares: its data must be synced through it
+    /// before [`Upload::publish`] and the new name after. None for a stateful upload, whose
+    /// publish syncs by itself.
+    pub fn group(&self) -> Option<&Arc<GroupSync>> {
+        (!self.resumable()).then_some(&self.group)
+    }
+
+    /// Puts a sealed upload at its destination beneath `root`: COMMIT's second step, after
+    /// [`Upload::seal`] (and for an anonymous upload a group sync). A stateful upload is
+    /// fsynced, renamed into place and its directory fsynced; an anonymous one is linked into
+    /// place, and its new name needs a group sync before it is reported durable. Blocking.
+    pub fn publish(&self, root: &Root) -> Result<(u64, String), UploadError> {
         let (path, no_clobber) = (&self.params.path, self.params.no_clobber);
         if self.resumable() {
+            // Data durable before the name points at it; then the name itself.
             self.data.sync_all().map_err(|e| self.io(e))?;
             let name = CString::new(format!("{}.data", self.id)).unwrap();
             let parent = root.publish(self.dir_fd.as_fd(), &name, path, no_clobber)?;
@@ -652,10 +667,7 @@ impl Upload {
                 let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
             }
         } else {
-            self.group.sync(&self.data).map_err(|e| self.io(e))?;
-            let data = self.data.as_fd();
-            root.publish_anonymous(data, self.dir_fd.as_fd(), path, no_clobber)?;
-            self.group.sync_all().map_err(|e| self.io(e))?;
+            root.publish_anonymous(self.data.as_fd(), self.dir_fd.as_fd(), path, no_clobber)?;
         }
         let identity = identity_of(&self.data.metadata().map_err(|e| self.io(e))?);
         let done = (self.params.size, identity);

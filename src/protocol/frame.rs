@@ -38,6 +38,7 @@ impl Cmd {
     pub const COMMIT: Cmd = Cmd(0x0016);
     pub const CLOSE: Cmd = Cmd(0x0017);
     pub const CANCEL: Cmd = Cmd(0x0018);
+    pub const PUT: Cmd = Cmd(0x0019);
     pub const MKDIR: Cmd = Cmd(0x0020);
     pub const REMOVE: Cmd = Cmd(0x0021);
     pub const RENAME: Cmd = Cmd(0x0022);
@@ -57,6 +58,7 @@ impl Cmd {
             Cmd::COMMIT => "commit",
             Cmd::CLOSE => "close",
             Cmd::CANCEL => "cancel",
+            Cmd::PUT => "put",
             Cmd::MKDIR => "mkdir",
             Cmd::REMOVE => "remove",
             Cmd::RENAME => "rename",

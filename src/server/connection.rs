@@ -72,6 +72,21 @@ impl From<tokio::task::JoinError> for Failure {
     }
 }
 
+/// A request whose DATA frame is still to come.
+enum Pending {
+    Write(msg::WriteRequest),
+    Put(msg::PutRequest),
+}
+
+impl Pending {
+    fn cmd(&self) -> Cmd {
+        match self {
+            Pending::Write(_) => Cmd::WRITE,
+            Pending::Put(_) => Cmd::PUT,
+        }
+    }
+}
+
 /// Streams in use on a connection, each with the token that cancels it.
 type Streams = Arc<Mutex<HashMap<u32, CancellationToken>>>;
 
@@ -172,8 +187,8 @@ struct Conn {
     peer: SocketAddr,
     tx: mpsc::Sender<Outgoing>,
     streams: Streams,
-    /// WRITE requests waiting for their DATA frame.
-    pending_writes: HashMap<u32, msg::WriteRequest>,
+    /// WRITE and PUT requests waiting for their DATA frame.
+    pending_writes: HashMap<u32, Pending>,
     /// Streams whose WRITE request failed its checksum: their DATA frame is dropped unanswered.
     discard_data: std::collections::HashSet<u32>,
     session: Option<Arc<Session>>,
@@ -391,7 +406,9 @@ impl Conn {
                     tracing::warn!(stream = sid, "payload checksum mismatch");
                     if self.pending_writes.remove(&sid).is_some() {
                         self.streams.lock().unwrap().remove(&sid);
-                    } else if bad.header.cmd == Cmd::WRITE && !bad.header.is_data() {
+                    } else if matches!(bad.header.cmd, Cmd::WRITE | Cmd::PUT)
+                        && !bad.header.is_data()
+                    {
                         // Its DATA frame follows: drop it quietly, this error ends the stream.
                         self.discard_data.insert(sid);
                     } else if let Some(t) = self.streams.lock().unwrap().get(&sid) {
@@ -443,11 +460,17 @@ impl Conn {
                 return None;
             }
             match (cmd, self.pending_writes.remove(&sid), &self.session) {
-                (Cmd::WRITE, Some(req), Some(session)) => {
+                (Cmd::WRITE, Some(Pending::Write(req)), Some(session)) => {
                     let st = self.stream_tx(sid, cmd);
                     let session = session.clone();
                     let span = tracing::debug_span!("stream", id = sid, %cmd);
                     tokio::spawn(transfer::write(session, req, f, st).instrument(span));
+                }
+                (Cmd::PUT, Some(Pending::Put(req)), Some(session)) => {
+                    let st = self.stream_tx(sid, cmd);
+                    let session = session.clone();
+                    let span = tracing::debug_span!("stream", id = sid, %cmd);
+                    tokio::spawn(transfer::put(session, req, f, st).instrument(span));
                 }
                 (_, pending, _) => {
                     if pending.is_some() {
@@ -457,7 +480,7 @@ impl Conn {
                         cmd,
                         sid,
                         ErrorCode::BadStream,
-                        "DATA frame without a pending WRITE on this stream",
+                        "DATA frame without a pending WRITE or PUT on this stream",
                     )
                     .await
                 }
@@ -496,9 +519,9 @@ impl Conn {
                 }
             },
             Cmd::CANCEL => {
-                if self.pending_writes.remove(&sid).is_some() {
+                if let Some(p) = self.pending_writes.remove(&sid) {
                     self.streams.lock().unwrap().remove(&sid);
-                    self.send_error(Cmd::WRITE, sid, ErrorCode::Cancelled, "cancelled")
+                    self.send_error(p.cmd(), sid, ErrorCode::Cancelled, "cancelled")
                         .await;
                 } else if let Some(t) = self.streams.lock().unwrap().get(&sid) {
                     t.cancel();
@@ -530,10 +553,15 @@ impl Conn {
                     }
                     return None;
                 }
-                if cmd == Cmd::WRITE {
-                    match f.decode::<msg::WriteRequest>() {
-                        Ok(req) => {
-                            self.pending_writes.insert(sid, req);
+                if matches!(cmd, Cmd::WRITE | Cmd::PUT) {
+                    let pending = if cmd == Cmd::WRITE {
+                        f.decode().map(Pending::Write)
+                    } else {
+                        f.decode().map(Pending::Put)
+                    };
+                    match pending {
+                        Ok(p) => {
+                            self.pending_writes.insert(sid, p);
                         }
                         Err(e) => {
                             self.streams.lock().unwrap().remove(&sid);

@@ -253,36 +253,55 @@ fn read_inline(
     })
 }
 
+/// The checks of an OPEN WRITE (and a PUT) that come before any state: rights, path, parent,
+/// `no_clobber`, frame size. Blocking.
+fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Failure> {
+    s.require_write()?;
+    let path = s.path(&req.path)?.to_string();
+    if path.is_empty() {
+        return Err(Failure::new(
+            ErrorCode::InvalidPath,
+            "cannot upload onto the root",
+        ));
+    }
+    if let Some((parent, _)) = path.rsplit_once('/') {
+        let e = s.root().stat(parent)?;
+        if e.kind != msg::Kind::Dir as i32 {
+            return Err(Failure::new(
+                ErrorCode::NotADirectory,
+                format!("{parent:?} is not a directory"),
+            ));
+        }
+    }
+    if req.no_clobber && s.root().exists(&path)? {
+        return Err(Failure::new(
+            ErrorCode::AlreadyExists,
+            format!("{} exists", req.path),
+        ));
+    }
+    let params = UploadParams {
+        owner: s.cred.name.clone(),
+        path,
+        size: req.size,
+        resume_key: req.resume_key.clone(),
+        base_chunk_size: s.base_chunk_size,
+        restart: req.restart,
+        mode_bits: req.mode_bits,
+        mtime_ns: req.mtime_ns,
+        no_clobber: req.no_clobber,
+    };
+    if chunk_size_for(req.size, s.base_chunk_size) > s.server.config.max_frame {
+        return Err(Failure::new(
+            ErrorCode::LimitExceeded,
+            "file too large for this server's max frame",
+        ));
+    }
+    Ok(params)
+}
+
 async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Bytes, Failure> {
     blocking(session, move |s| {
-        s.require_write()?;
-        let path = s.path(&req.path)?.to_string();
-        if path.is_empty() {
-            return Err(Failure::new(ErrorCode::InvalidPath, "cannot upload onto the root"));
-        }
-        if let Some((parent, _)) = path.rsplit_once('/') {
-            let e = s.root().stat(parent)?;
-            if e.kind != msg::Kind::Dir as i32 {
-                return Err(Failure::new(ErrorCode::NotADirectory, format!("{parent:?} is not a directory")));
-            }
-        }
-        if req.no_clobber && s.root().exists(&path)? {
-            return Err(Failure::new(ErrorCode::AlreadyExists, format!("{} exists", req.path)));
-        }
-        let params = UploadParams {
-            owner: s.cred.name.clone(),
-            path,
-            size: req.size,
-            resume_key: req.resume_key.clone(),
-            base_chunk_size: s.base_chunk_size,
-            restart: req.restart,
-            mode_bits: req.mode_bits,
-            mtime_ns: req.mtime_ns,
-            no_clobber: req.no_clobber,
-        };
-        if chunk_size_for(req.size, s.base_chunk_size) > s.server.config.max_frame {
-            return Err(Failure::new(ErrorCode::LimitExceeded, "file too large for this server's max frame"));
-        }
+        let params = upload_params(s, &req)?;
         // Only multi-chunk uploads pin per-chunk state; a single chunk counts as a handle.
         let multi = |size| chunk_count(size, chunk_size_for(size, s.base_chunk_size)) > 1;
         let uploads = s.handles.lock().unwrap().map.values().filter(|h| matches!(h, Handle::Write(u) if u.count > 1)).count();
@@ -309,6 +328,55 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
         encoded(msg::OpenResponse { handle: id, ..reply })
     })
     .await
+}
+
+/// PUT: a whole single-chunk file in one request (PutRequest, then its DATA frame, whose CRC32
+/// the codec already checked): the checks of OPEN WRITE, then write and COMMIT, on one blocking
+/// thread, with no handle.
+pub async fn put(session: Arc<Session>, mut req: msg::PutRequest, data: Frame, st: StreamTx) {
+    let _timer = session.server.metrics.request(st.cmd);
+    let blake3 = std::mem::take(&mut req.blake3);
+    let written = blocking(&session, move |s| {
+        let open = msg::OpenRequest {
+            path: req.path.clone(),
+            mode: msg::OpenMode::OpenWrite as i32,
+            size: req.size,
+            no_clobber: req.no_clobber,
+            mode_bits: req.mode_bits,
+            mtime_ns: req.mtime_ns,
+            ..Default::default()
+        };
+        let params = upload_params(s, &open)?;
+        if data.payload.len() as u64 != req.size {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("PUT of {} bytes carries {}", req.size, data.payload.len()),
+            ));
+        }
+        if chunk_count(req.size, chunk_size_for(req.size, s.base_chunk_size)) > 1 {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                "PUT takes a file of at most one chunk; use OPEN WRITE",
+            ));
+        }
+        let upload = s.server.uploads.open(&params)?;
+        if req.size > 0 {
+            upload.write_chunk(0, &data.payload, data.header.checksum)?;
+        }
+        Ok(upload)
+    })
+    .await;
+    let result = match written {
+        Ok(upload) => commit_upload(&session, upload, blake3).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((size, identity)) => {
+            tracing::info!(size, "put committed");
+            st.reply(&msg::CommitResponse { size, identity }).await
+        }
+        Err(e) => st.fail(e).await,
+    }
 }
 
 pub async fn manifest(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
@@ -450,16 +518,38 @@ pub async fn commit(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fai
             "COMMIT on a read handle",
         ));
     };
-    let (size, identity) =
-        blocking(session, move |s| Ok(upload.commit(&req.blake3, s.root())?)).await?;
+    let (size, identity) = commit_upload(session, upload, req.blake3).await?;
     session.handles.lock().unwrap().remove(req.handle);
+    tracing::info!(handle = req.handle, size, "upload committed");
+    encoded(msg::CommitResponse { size, identity })
+}
+
+/// Verifies and publishes an upload (COMMIT, PUT). An anonymous upload's two syncs are shared
+/// with concurrent commits and awaited here, holding no thread (fsd::durable).
+async fn commit_upload(
+    session: &Arc<Session>,
+    upload: Arc<Upload>,
+    blake3: Vec<u8>,
+) -> Result<(u64, String), Failure> {
+    let u = upload.clone();
+    if let Some(done) = blocking(session, move |_| Ok(u.seal(&blake3)?)).await? {
+        return Ok(done);
+    }
+    let group = upload.group().cloned();
+    let synced = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("sync: {e}"));
+    if let Some(g) = &group {
+        g.sync_all().await.map_err(synced)?;
+    }
+    let done = blocking(session, move |s| Ok(upload.publish(s.root())?)).await?;
+    if let Some(g) = &group {
+        g.sync_all().await.map_err(synced)?;
+    }
     session
         .server
         .stats
         .uploads_committed
         .fetch_add(1, Ordering::Relaxed);
-    tracing::info!(handle = req.handle, size, "upload committed");
-    encoded(msg::CommitResponse { size, identity })
+    Ok(done)
 }
 
 pub async fn close(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
