@@ -29,6 +29,29 @@ fn start_event(stdout: &[u8]) -> serde_json::Value {
         .expect("start event")
 }
 
+/// Arguments in the wrong order (a path where HOST:PORT goes) fail at once, without retries.
+#[test]
+fn a_path_given_as_the_server_is_a_usage_error_not_retried() {
+    let local = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = fsc(&[
+        "-q",
+        "upload",
+        local.path().to_str().unwrap(),
+        "127.0.0.1:1",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a server address"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "retried: {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn edge_sizes_both_ways() {
     let s = Fsd::start();

@@ -165,6 +165,15 @@ impl Client {
     /// name or an IP address. A TLS handshake failure is not retried ([`Error::Tls`]).
     pub async fn connect(addr: &str, mut opts: Options) -> Result<Client> {
         let (addr, scheme_tls) = tls::strip_scheme(addr);
+        // Not HOST:PORT (e.g. arguments in the wrong order) is a usage error, never retried.
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => {
+                return Err(Error::Usage(format!(
+                    "{addr:?} is not a server address: expected HOST:PORT or fss://HOST:PORT"
+                )))
+            }
+        }
         if scheme_tls && opts.tls.is_none() {
             opts.tls = Some(Tls::new(None, None)?);
         }
