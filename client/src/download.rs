@@ -357,13 +357,10 @@ impl Job {
 
     /// Verifies and publishes a complete sink.
     async fn finish(&self, sink: &Arc<Sink>, meta: &Meta) -> Result<Transfer, Stop> {
-        let s = sink.clone();
-        let blake3 = spawn_blocking(move || s.finish())
-            .await
-            .map_err(|e| match e {
-                Error::Integrity { detail, .. } => Stop::BadHash(detail),
-                e => Stop::Fail(e),
-            })?;
+        let blake3 = sink.finish().await.map_err(|e| match e {
+            Error::Integrity { detail, .. } => Stop::BadHash(detail),
+            e => Stop::Fail(e),
+        })?;
         Ok(Transfer {
             path: self.remote.clone(),
             bytes: meta.size,
@@ -719,6 +716,8 @@ enum SinkOut {
         part: File,
         /// The part again, for direct writes of whole chunks (multi-chunk files, fsd::direct).
         direct: Option<DirectFile>,
+        /// The part has no name (O_TMPFILE): it is linked in, not renamed.
+        anonymous: bool,
         /// Whether a state file is kept (multi-chunk files only).
         stateful: bool,
         group: Option<Arc<GroupSync>>,
@@ -766,8 +765,14 @@ impl Sink {
             Out::File { dir, name, group } => {
                 let part_name = format!("{name}{PART_SUFFIX}");
                 let err = |e| Error::io(dir.display(&part_name), e);
-                let part = dir.open_rw(&part_name, state.is_none()).map_err(err)?;
                 let stateful = m.count > 1;
+                // Nothing to resume in one chunk: an unnamed file, linked in when complete.
+                let anonymous = (!stateful).then(|| dir.create_anonymous()).flatten();
+                let is_anonymous = anonymous.is_some();
+                let part = match anonymous {
+                    Some(f) => f,
+                    None => dir.open_rw(&part_name, state.is_none()).map_err(err)?,
+                };
                 if let Some(st) = &state {
                     let claimed = st.bitmap(m.count);
                     verify_part(&part, &m, &crcs, &claimed, &mut have).map_err(err)?;
@@ -784,6 +789,7 @@ impl Sink {
                 }
                 SinkOut::File {
                     direct: stateful.then(|| DirectFile::reopen(&part)).flatten(),
+                    anonymous: is_anonymous,
                     dir,
                     name,
                     part,
@@ -947,8 +953,44 @@ impl Sink {
         .map_err(err)
     }
 
-    /// Verifies the whole-file BLAKE3 and publishes: metadata, fsync, rename, state removed.
-    fn finish(&self) -> Result<[u8; 32]> {
+    /// Verifies the whole-file BLAKE3 and publishes: metadata, durable, named, state removed.
+    /// A one-chunk file of a tree does its few syscalls right here and awaits its shared sync
+    /// holding no thread; anything else runs on a blocking thread.
+    async fn finish(self: &Arc<Self>) -> Result<[u8; 32]> {
+        let (part, group) = match &self.out {
+            SinkOut::File {
+                part,
+                group: Some(g),
+                ..
+            } if self.count <= 1 => (part, g.clone()),
+            _ => {
+                let me = self.clone();
+                return spawn_blocking(move || me.finish_blocking()).await;
+            }
+        };
+        let root = self.seal()?;
+        group.sync(part).await.map_err(|e| self.local_error(e))?;
+        self.name()?;
+        Ok(root)
+    }
+
+    /// [`Sink::finish`] on the current (blocking) thread.
+    fn finish_blocking(&self) -> Result<[u8; 32]> {
+        let root = self.seal()?;
+        if let SinkOut::File { part, group, .. } = &self.out {
+            // Data durable before the name points at it.
+            match group {
+                Some(g) => tokio::runtime::Handle::current().block_on(g.sync(part)),
+                None => part.sync_all(),
+            }
+            .map_err(|e| self.local_error(e))?;
+        }
+        self.name()?;
+        Ok(root)
+    }
+
+    /// Checks the whole-file BLAKE3 and sets the file's mode and mtime.
+    fn seal(&self) -> Result<[u8; 32]> {
         let root = {
             let st = self.st.lock().unwrap();
             root_hash(&st.cvs, self.chunk_size, self.size)
@@ -963,37 +1005,50 @@ impl Sink {
                 ),
             });
         }
-        match &self.out {
-            SinkOut::Stdout(_) => {}
-            SinkOut::File {
-                dir,
-                name,
-                part,
-                stateful,
-                group,
-                ..
-            } => {
-                let part_name = format!("{name}{PART_SUFFIX}");
-                let err = |e| Error::io(dir.display(name), e);
-                crate::tree::set_meta(part, self.mode, self.mtime_ns).map_err(err)?;
-                // Data durable before the name points at it; then the rename itself.
-                match group {
-                    // On a blocking thread of the runtime: wait here for the shared sync.
-                    Some(g) => tokio::runtime::Handle::current()
-                        .block_on(g.sync(part))
-                        .map_err(err)?,
-                    None => part.sync_all().map_err(err)?,
-                }
-                dir.rename(&part_name, name).map_err(err)?;
-                if group.is_none() {
-                    dir.sync().map_err(err)?;
-                }
-                if *stateful {
-                    dir.remove(&format!("{name}{STATE_SUFFIX}")).map_err(err)?;
-                }
-            }
+        if let SinkOut::File { part, .. } = &self.out {
+            crate::tree::set_meta(part, self.mode, self.mtime_ns)
+                .map_err(|e| self.local_error(e))?;
         }
         Ok(root)
+    }
+
+    /// Gives the (durable) part its final name, makes that durable unless a tree does it for
+    /// the whole directory, and drops the resume state.
+    fn name(&self) -> Result<()> {
+        let SinkOut::File {
+            dir,
+            name,
+            part,
+            stateful,
+            group,
+            anonymous,
+            ..
+        } = &self.out
+        else {
+            return Ok(());
+        };
+        let err = |e| self.local_error(e);
+        if *anonymous {
+            dir.link_in(part, name).map_err(err)?;
+        } else {
+            dir.rename(&format!("{name}{PART_SUFFIX}"), name)
+                .map_err(err)?;
+        }
+        if group.is_none() {
+            dir.sync().map_err(err)?;
+        }
+        if *stateful {
+            dir.remove(&format!("{name}{STATE_SUFFIX}")).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// An I/O error on the local file.
+    fn local_error(&self, e: std::io::Error) -> Error {
+        match &self.out {
+            SinkOut::File { dir, name, .. } => Error::io(dir.display(name), e),
+            SinkOut::Stdout(_) => Error::io("<stdout>", e),
+        }
     }
 
     /// Deletes the part and state files (before starting over).
@@ -1133,7 +1188,7 @@ mod tests {
                 .unwrap();
         }
         assert!(s.is_complete());
-        assert_eq!(s.finish().unwrap(), m.blake3);
+        assert_eq!(s.finish_blocking().unwrap(), m.blake3);
         assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), data);
         assert!(!part.exists());
         assert!(!tmp.path().join("f.fsc-state").exists());
@@ -1163,7 +1218,7 @@ mod tests {
         for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
             s.put_blocking(i as u32, c).unwrap();
         }
-        assert!(matches!(s.finish(), Err(Error::Integrity { .. })));
+        assert!(matches!(s.finish_blocking(), Err(Error::Integrity { .. })));
         assert!(!tmp.path().join("g").exists());
     }
 }

@@ -119,6 +119,41 @@ impl LocalDir {
         Ok(File::from(fd))
     }
 
+    /// A new file with no name yet (O_TMPFILE) in this directory, for [`LocalDir::link_in`]:
+    /// nothing is visible, and nothing is left behind by a crash, until it is complete.
+    /// `None` where the file system does not support it.
+    pub fn create_anonymous(&self) -> Option<File> {
+        let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+        let fd = openat(self.fd.as_fd(), ".", flags, Mode::from_bits_truncate(0o600)).ok()?;
+        Some(File::from(fd))
+    }
+
+    /// Gives an anonymous file the name `name`, replacing (atomically) whatever is there.
+    pub fn link_in(&self, file: &File, name: &str) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // The documented way to name an O_TMPFILE without CAP_DAC_READ_SEARCH (open(2)).
+        let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let link = |to: &str| {
+            nix::unistd::linkat(
+                nix::fcntl::AT_FDCWD,
+                proc.as_str(),
+                self.fd.as_fd(),
+                to,
+                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+            )
+        };
+        match link(name) {
+            Err(Errno::EEXIST) => {}
+            r => return r.map_err(io),
+        }
+        // Something is there already (an older copy, or a planted symlink, which a rename
+        // replaces rather than follows): link under a private name, then rename over it.
+        let tmp = format!("{name}{}", crate::state::PART_SUFFIX);
+        self.remove(&tmp)?;
+        link(&tmp).map_err(io)?;
+        self.rename(&tmp, name)
+    }
+
     /// Reads a small file; `None` if it does not exist.
     pub fn read(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
         let fd = match openat(
@@ -223,8 +258,8 @@ pub struct TreeSummary {
 /// sync do not starve the link.
 const FILES_PER_CONN: usize = 128;
 /// A download tree's group sync waits this long for this many files to join (fsd::durable).
-const SYNC_GATHER: Duration = Duration::from_millis(10);
-const SYNC_BATCH: usize = 96;
+const SYNC_GATHER: Duration = Duration::from_millis(3);
+const SYNC_BATCH: usize = 64;
 /// Directory listings in flight at once.
 const LISTS_IN_FLIGHT: usize = 16;
 /// Files up to this size use one connection; bigger ones are split across all of them.

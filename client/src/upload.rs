@@ -387,6 +387,8 @@ impl UpJob {
     /// server writes, verifies and publishes it). Nothing to resume: a failure sends it again.
     async fn put(&self, conn: &Conn) -> Result<Transfer, Stop> {
         let (file, size) = (self.src.file.clone(), self.src.size);
+        // Reserved before reading: the connection's window bounds the memory of many PUTs.
+        let _window = conn.window(size).await?;
         let read = move || {
             let mut data = vec![0u8; size as usize];
             file.read_exact_at(&mut data, 0)
@@ -417,7 +419,6 @@ impl UpJob {
             no_clobber: self.opts.no_clobber,
             blake3: blake3.to_vec(),
         };
-        let _window = conn.window(size).await?;
         let mut s = conn.open().await?;
         s.send_msg(Cmd::PUT, 0, &req).await?;
         s.send_data(Cmd::PUT, data, crc).await?;
