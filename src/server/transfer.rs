@@ -335,8 +335,8 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
 /// thread, with no handle.
 pub async fn put(session: Arc<Session>, mut req: msg::PutRequest, data: Frame, st: StreamTx) {
     let _timer = session.server.metrics.request(st.cmd);
-    let blake3 = std::mem::take(&mut req.blake3);
     let written = blocking(&session, move |s| {
+        let blake3 = std::mem::take(&mut req.blake3);
         let open = msg::OpenRequest {
             path: req.path.clone(),
             mode: msg::OpenMode::OpenWrite as i32,
@@ -363,11 +363,12 @@ pub async fn put(session: Arc<Session>, mut req: msg::PutRequest, data: Frame, s
         if req.size > 0 {
             upload.write_chunk(0, &data.payload, data.header.checksum)?;
         }
+        upload.seal(&blake3)?;
         Ok(upload)
     })
     .await;
     let result = match written {
-        Ok(upload) => commit_upload(&session, upload, blake3).await,
+        Ok(upload) => publish_upload(&session, upload).await,
         Err(e) => Err(e),
     };
     match result {
@@ -535,6 +536,14 @@ async fn commit_upload(
     if let Some(done) = blocking(session, move |_| Ok(u.seal(&blake3)?)).await? {
         return Ok(done);
     }
+    publish_upload(session, upload).await
+}
+
+/// The rest of a commit after [`Upload::seal`]: durable, named, durable name.
+async fn publish_upload(
+    session: &Arc<Session>,
+    upload: Arc<Upload>,
+) -> Result<(u64, String), Failure> {
     let group = upload.group().cloned();
     let synced = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("sync: {e}"));
     if let Some(g) = &group {
