@@ -4,9 +4,11 @@
 //! - [`integrity`]: chunk CRC32s and the whole-file BLAKE3 built from per-chunk subtrees.
 //! - [`durable`]: group commit (one syncfs for many files), used by server and client.
 //! - [`direct`]: O_DIRECT writes of big files' chunks, used by server and client.
+//! - [`frame_reader`]: reading frames off a connection, used by server and client.
 
 pub mod direct;
 pub mod durable;
+pub mod frame_reader;
 pub mod fs;
 pub mod integrity;
 pub mod protocol;

@@ -10,20 +10,21 @@
 //! TLS is configured, runs the TLS handshake over it; everything after that is the same code.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use fsd::frame_reader::FrameReader;
 use fsd::protocol::{
     chunk_count, chunk_size_for, flags, msg, Cmd, CodecError, Frame, FrameCodec, Header,
     MAX_UPLOADS_PER_CONNECTION, MIN_CHUNK_SIZE, VERSION,
 };
-use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -158,8 +159,9 @@ impl Conn {
         let _ = tcp.set_nodelay(true);
         let host = tls::host_of(addr);
         let Some(tls) = &opts.tls else {
+            let fd = tcp.as_raw_fd();
             let (r, w) = tcp.into_split();
-            return Conn::handshake(r, w, opts, host).await;
+            return Conn::handshake(r, w, opts, host, Some(fd)).await;
         };
         let name = tls::server_name(addr)?;
         let handshake = tls.connector().connect(name, tcp);
@@ -169,12 +171,19 @@ impl Conn {
             Err(_) => return Err(Error::Stalled(opts.stall_timeout)),
         };
         let (r, w) = tokio::io::split(stream);
-        Conn::handshake(r, w, opts, host).await
+        Conn::handshake(r, w, opts, host, None).await
     }
 
     /// Starts the reader, writer and watchdog tasks over any transport, then Hello and Auth.
-    /// `host` names the server in error messages.
-    pub async fn handshake<R, W>(r: R, w: W, opts: &ConnOptions, host: &str) -> Result<Conn>
+    /// `host` names the server in error messages; `tcp` is the socket when the transport is
+    /// plain TCP (the reader tunes its wakeups through it).
+    async fn handshake<R, W>(
+        r: R,
+        w: W,
+        opts: &ConnOptions,
+        host: &str,
+        tcp: Option<RawFd>,
+    ) -> Result<Conn>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -198,7 +207,7 @@ impl Conn {
             server: Mutex::new(msg::Hello::default()),
             host: host.to_string(),
         });
-        tokio::spawn(reader(inner.clone(), r));
+        tokio::spawn(reader(inner.clone(), r, tcp));
         tokio::spawn(writer(inner.clone(), w, out_rx));
         tokio::spawn(watchdog(inner.clone()));
         let conn = Conn {
@@ -430,14 +439,15 @@ impl Inner {
     }
 }
 
-async fn reader<R: AsyncRead + Unpin>(inner: Arc<Inner>, r: R) {
-    // Room for a few frames so that a 1 MiB chunk is read in large pieces.
-    let mut framed = FramedRead::with_capacity(r, FrameCodec::new(MAX_DATA_FRAME), 256 * 1024);
+/// Reads and routes frames (`tcp`: the socket under `r` when it is plain TCP; see
+/// fsd::frame_reader for what it is used for).
+async fn reader<R: AsyncRead + Unpin>(inner: Arc<Inner>, r: R, tcp: Option<RawFd>) {
+    let mut frames = FrameReader::new(r, FrameCodec::new(MAX_DATA_FRAME), tcp);
     let why = loop {
         let item = tokio::select! {
             biased;
             _ = inner.shutdown.cancelled() => break Dead::Lost("connection closed".into()),
-            item = framed.next() => item,
+            item = frames.next() => item,
         };
         match item {
             Some(Ok(incoming)) => inner.route(incoming),
@@ -657,6 +667,7 @@ impl Drop for Window {
 mod tests {
     use super::*;
     use fsd::protocol::ErrorCode;
+    use futures::StreamExt;
     use tokio::io::{duplex, DuplexStream};
     use tokio_util::codec::Framed;
 
@@ -683,7 +694,7 @@ mod tests {
             peer
         });
         let (r, w) = tokio::io::split(a);
-        let conn = Conn::handshake(r, w, &opts, "fake").await.unwrap();
+        let conn = Conn::handshake(r, w, &opts, "fake", None).await.unwrap();
         (conn, server.await.unwrap())
     }
 

@@ -64,6 +64,16 @@ pub struct FrameCodec {
 }
 
 impl FrameCodec {
+    /// Bytes still missing, beyond the `buffered` ones, to complete the frame being decoded
+    /// (its header when none is pending). A receiver can ask the kernel to wake it only then.
+    pub fn wanted(&self, buffered: usize) -> usize {
+        let need = match self.pending {
+            Some(h) => h.payload_len as usize,
+            None => HEADER_LEN,
+        };
+        need.saturating_sub(buffered)
+    }
+
     /// A codec accepting DATA payloads up to `max_data` bytes and control payloads up to
     /// [`MAX_CONTROL_PAYLOAD`].
     pub fn new(max_data: u32) -> FrameCodec {
@@ -269,5 +279,25 @@ mod tests {
         let mut wire = h.to_bytes().to_vec();
         wire.extend_from_slice(&payload);
         assert_eq!(&wire[..], &encode(&f)[..]);
+    }
+
+    #[test]
+    fn wanted_counts_what_the_frame_in_progress_still_lacks() {
+        let f = Frame::new(
+            Cmd::READ,
+            3,
+            flags::DATA | flags::END,
+            Bytes::from(vec![7u8; 1000]),
+        );
+        let mut bytes = encode(&f);
+        let mut c = FrameCodec::new(1 << 20);
+        assert_eq!(c.wanted(0), HEADER_LEN);
+        assert_eq!(c.wanted(5), HEADER_LEN - 5);
+        let mut head = bytes.split_to(HEADER_LEN + 100);
+        assert!(c.decode(&mut head).unwrap().is_none());
+        assert_eq!(c.wanted(head.len()), 900);
+        head.unsplit(bytes);
+        assert!(c.decode(&mut head).unwrap().is_some());
+        assert_eq!(c.wanted(0), HEADER_LEN);
     }
 }

@@ -3,22 +3,22 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::writer::{self, Outgoing, WriteSide};
 use super::{files, transfer, Credential, Server, MAX_AUTH_FAILURES};
+use crate::frame_reader::FrameReader;
 use crate::fs::root::{FsError, Root};
 use crate::fs::upload::UploadError;
 use crate::protocol::{
@@ -209,11 +209,12 @@ pub type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
 async fn transport(
     stream: TcpStream,
     server: &Server,
-) -> Option<(ReadSide, WriteSide, Option<String>)> {
+) -> Option<(ReadSide, WriteSide, Option<String>, Option<RawFd>)> {
     let _ = stream.set_nodelay(true);
     let Some(tls) = server.config.tls.clone() else {
+        let fd = stream.as_raw_fd();
         let (rd, wr) = stream.into_split();
-        return Some((Box::new(rd), WriteSide::Tcp(wr), None));
+        return Some((Box::new(rd), WriteSide::Tcp(wr), None, Some(fd)));
     };
     // A cleartext fsd client on a TLS port: tell it so in its own protocol, then close.
     let mut first = [0u8; 4];
@@ -261,7 +262,7 @@ async fn transport(
         };
     let subject = super::tls::peer_subject(stream.get_ref().1);
     let (rd, wr) = tokio::io::split(stream);
-    Some((Box::new(rd), WriteSide::Stream(Box::new(wr)), subject))
+    Some((Box::new(rd), WriteSide::Stream(Box::new(wr)), subject, None))
 }
 
 pub async fn serve(
@@ -273,8 +274,8 @@ pub async fn serve(
     let span = tracing::info_span!("conn", %peer);
     async move {
         tracing::debug!("connected");
-        if let Some((rd, wr, subject)) = transport(stream, &server).await {
-            run(rd, wr, subject, peer, server, shutdown).await;
+        if let Some((rd, wr, subject, tcp)) = transport(stream, &server).await {
+            speak(rd, wr, subject, tcp, peer, server, shutdown).await;
         }
     }
     .instrument(span)
@@ -288,6 +289,19 @@ pub async fn run(
     rd: ReadSide,
     wr: WriteSide,
     subject: Option<String>,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    shutdown: CancellationToken,
+) {
+    speak(rd, wr, subject, None, peer, server, shutdown).await
+}
+
+/// [`run`]; `tcp` is the socket under `rd` on plain TCP (for the frame reader's wakeups).
+async fn speak(
+    rd: ReadSide,
+    wr: WriteSide,
+    subject: Option<String>,
+    tcp: Option<RawFd>,
     peer: SocketAddr,
     server: Arc<Server>,
     shutdown: CancellationToken,
@@ -312,7 +326,7 @@ pub async fn run(
     // peer cannot make the server buffer anything big.
     let mut codec = FrameCodec::new(0);
     codec.set_max_control(PRE_AUTH_CONTROL);
-    let frames = FramedRead::new(rd, codec);
+    let frames = FrameReader::new(rd, codec, tcp);
     let reason = conn.read_loop(frames, &shutdown).await;
     tracing::debug!(reason, "closing");
     if shutdown.is_cancelled() {
@@ -346,7 +360,7 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 impl Conn {
     async fn read_loop(
         &mut self,
-        mut frames: FramedRead<ReadSide, FrameCodec>,
+        mut frames: FrameReader<ReadSide>,
         shutdown: &CancellationToken,
     ) -> &'static str {
         let server = self.server.clone();
@@ -425,7 +439,7 @@ impl Conn {
                     .await;
                 }
                 Some(Ok(Ok(frame))) => {
-                    if let Some(why) = self.dispatch(frame, frames.decoder_mut()).await {
+                    if let Some(why) = self.dispatch(frame, frames.codec_mut()).await {
                         return why;
                     }
                     // After Auth, any frame restarts the idle clock (the Auth frame included).
