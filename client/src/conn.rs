@@ -442,7 +442,10 @@ impl Inner {
 /// Reads and routes frames (`tcp`: the socket under `r` when it is plain TCP; see
 /// fsd::frame_reader for what it is used for).
 async fn reader<R: AsyncRead + Unpin>(inner: Arc<Inner>, r: R, tcp: Option<RawFd>) {
-    let mut frames = FrameReader::new(r, FrameCodec::new(MAX_DATA_FRAME), tcp);
+    let mut codec = FrameCodec::new(MAX_DATA_FRAME);
+    // Chunks are checked where they are hashed anyway: Sink::put (download.rs), off this task.
+    codec.defer_data_checksums();
+    let mut frames = FrameReader::new(r, codec, tcp);
     let why = loop {
         let item = tokio::select! {
             biased;

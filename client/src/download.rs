@@ -21,7 +21,7 @@ use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
 use fsd::direct::DirectFile;
 use fsd::durable::GroupSync;
-use fsd::integrity::{chunk_cv, root_hash};
+use fsd::integrity::{chunk_cv, hash_chunk, root_hash};
 use fsd::protocol::{chunk_count, chunk_len, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE};
 use nix::unistd::Whence;
 use tracing::{debug, warn};
@@ -298,7 +298,8 @@ impl Job {
             self.transferred
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             if meta.count == 1 {
-                sink.put(0, data).await?;
+                let crc = crc32fast::hash(&data);
+                sink.put(0, data, crc).await?;
             }
             return self.finish(&sink, &meta).await;
         }
@@ -495,28 +496,29 @@ impl Job {
                 p.len() == len as usize && sink.crc(i).is_none_or(|c| c == header.checksum)
             });
             *next += 1;
-            match good {
-                Some(p) => sink.put(i, p).await?,
-                None => {
-                    self.client.emit(Event::Corrupt {
+            let stored = match good {
+                Some(p) => sink.put(i, p, header.checksum).await?,
+                None => false,
+            };
+            if !stored {
+                self.client.emit(Event::Corrupt {
+                    path: self.remote.clone(),
+                    chunk: i,
+                });
+                let n = {
+                    let mut c = corrupt.lock().unwrap();
+                    let n = c.entry(i).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                warn!(remote = %self.remote, chunk = i, "chunk failed its CRC32; fetching it again");
+                if n >= MAX_CORRUPT {
+                    return Err(Stop::Fail(Error::Integrity {
                         path: self.remote.clone(),
-                        chunk: i,
-                    });
-                    let n = {
-                        let mut c = corrupt.lock().unwrap();
-                        let n = c.entry(i).or_insert(0);
-                        *n += 1;
-                        *n
-                    };
-                    warn!(remote = %self.remote, chunk = i, "chunk failed its CRC32; fetching it again");
-                    if n >= MAX_CORRUPT {
-                        return Err(Stop::Fail(Error::Integrity {
-                            path: self.remote.clone(),
-                            detail: format!("chunk {i} failed its CRC32 {n} times"),
-                        }));
-                    }
-                    queue.requeue(i, i + 1);
+                        detail: format!("chunk {i} failed its CRC32 {n} times"),
+                    }));
                 }
+                queue.requeue(i, i + 1);
             }
             window.release(len);
             self.client.emit(Event::Progress {
@@ -593,6 +595,10 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<Bytes>)> {
         let d = s.recv_frame(Cmd::OPEN).await?;
         if !d.header.is_data() || !d.header.is_end() {
             return Err(bad("inline contents are not one final DATA frame"));
+        }
+        // The codec leaves DATA checksums to us (conn::reader).
+        if crc32fast::hash(&d.payload) != d.header.checksum {
+            return Err(Error::Corrupt(Cmd::OPEN));
         }
         if r.handle != 0 || d.payload.len() as u64 != r.size || r.size > INLINE_MAX as u64 {
             return Err(bad("inline reply does not match its OpenResponse"));
@@ -852,8 +858,10 @@ impl Sink {
         self.st.lock().unwrap().have.is_full()
     }
 
-    /// Writes chunk `i` (off the reactor: disk and hashing block).
-    async fn put(self: &Arc<Self>, i: u32, data: Bytes) -> Result<()> {
+    /// Checks chunk `i` against `crc` (the connection's codec leaves that to us, see
+    /// `conn::reader`) and writes it (off the reactor: disk and hashing block). Ok(false): the
+    /// chunk failed its CRC32 and was not stored.
+    async fn put(self: &Arc<Self>, i: u32, data: Bytes, crc: u32) -> Result<bool> {
         if data.len() <= INLINE_WRITE
             && matches!(
                 self.out,
@@ -864,14 +872,18 @@ impl Sink {
             )
         {
             // A few KiB into the page cache costs less than the hop to a blocking thread.
-            return self.put_blocking(i, data);
+            return self.put_blocking(i, data, crc);
         }
         let me = self.clone();
-        spawn_blocking(move || me.put_blocking(i, data)).await
+        spawn_blocking(move || me.put_blocking(i, data, crc)).await
     }
 
-    fn put_blocking(&self, i: u32, data: Bytes) -> Result<()> {
-        let cv = chunk_cv(&data, i, self.chunk_size, self.size);
+    fn put_blocking(&self, i: u32, data: Bytes, crc: u32) -> Result<bool> {
+        // Both hashes in one visit, while the chunk is in this core's cache.
+        let (actual, cv) = hash_chunk(&data, i, self.chunk_size, self.size);
+        if actual != crc {
+            return Ok(false);
+        }
         let len = data.len() as u64;
         match &self.out {
             SinkOut::File {
@@ -909,7 +921,7 @@ impl Sink {
         let checkpoint = {
             let mut st = self.st.lock().unwrap();
             if st.have.get(i) {
-                return Ok(());
+                return Ok(true);
             }
             st.have.set(i);
             st.cvs[i as usize] = cv;
@@ -921,7 +933,7 @@ impl Sink {
         if checkpoint {
             self.checkpoint()?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Records the chunks the part now holds. Not synced, and the part is not either: a claim
@@ -1162,15 +1174,24 @@ mod tests {
             name: "f".into(),
             group: None,
         };
+        let crcs_v: Vec<u32> = crcs.clone();
+        let put = |s: &Sink, i: u32| {
+            let c = chunks(&data, cs)[i as usize].clone();
+            s.put_blocking(i, c, crcs_v[i as usize]).unwrap()
+        };
         // First run: chunks 0, 3 and 9 land, then the process "dies" (no finish).
         let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out.clone(), None).unwrap();
+        // A chunk that does not match the CRC it came with is refused, not stored.
+        assert!(!s
+            .put_blocking(2, chunks(&data, cs)[2].clone(), crcs_v[2] ^ 1)
+            .unwrap());
+        assert_eq!(s.missing().len(), 10);
         for i in [0u32, 3, 9] {
-            s.put_blocking(i, chunks(&data, cs)[i as usize].clone())
-                .unwrap();
+            assert!(put(&s, i));
         }
         s.checkpoint().unwrap();
-        s.put_blocking(5, chunks(&data, cs)[5].clone()).unwrap(); // written, never claimed
-                                                                  // Corrupt chunk 3 on disk.
+        put(&s, 5); // written, never claimed
+                    // Corrupt chunk 3 on disk.
         let part = tmp.path().join("f.fsc-part");
         let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
         f.write_all_at(b"X", 3 * 1024 + 10).unwrap();
@@ -1184,8 +1205,7 @@ mod tests {
         let missing = s.missing();
         assert_eq!(missing, vec![1, 2, 3, 4, 6, 7, 8]);
         for i in missing {
-            s.put_blocking(i, chunks(&data, cs)[i as usize].clone())
-                .unwrap();
+            assert!(put(&s, i));
         }
         assert!(s.is_complete());
         assert_eq!(s.finish_blocking().unwrap(), m.blake3);
@@ -1216,7 +1236,8 @@ mod tests {
         };
         let s = Sink::create("g".into(), m, crcs, out, None).unwrap();
         for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
-            s.put_blocking(i as u32, c).unwrap();
+            let crc = crc32fast::hash(&c);
+            s.put_blocking(i as u32, c, crc).unwrap();
         }
         assert!(matches!(s.finish_blocking(), Err(Error::Integrity { .. })));
         assert!(!tmp.path().join("g").exists());
