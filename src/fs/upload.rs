@@ -219,16 +219,7 @@ impl UploadStore {
         if fresh {
             log.set_len(0).map_err(io_err)?;
         }
-        let mut inner = Inner {
-            written: vec![false; count as usize],
-            durable: vec![false; count as usize],
-            crcs: vec![0; count as usize],
-            cvs: vec![[0; 32]; count as usize],
-            unsynced: 0,
-            last_sync: Instant::now(),
-            syncing: false,
-            committed: None,
-        };
+        let mut inner = Inner::new(count);
         if record.is_some() {
             replay_log(&log, &data, p.size, chunk_size, &mut inner).map_err(io_err)?;
             tracing::info!(upload = %id, present = inner.written.iter().filter(|b| **b).count(), "resumed upload");
@@ -289,16 +280,7 @@ impl UploadStore {
             dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
             group: self.group.clone(),
             _lock: None,
-            inner: Mutex::new(Inner {
-                written: vec![false; count as usize],
-                durable: vec![false; count as usize],
-                crcs: vec![0; count as usize],
-                cvs: vec![[0; 32]; count as usize],
-                unsynced: 0,
-                last_sync: Instant::now(),
-                syncing: false,
-                committed: None,
-            }),
+            inner: Mutex::new(Inner::new(count)),
         }))
     }
 
@@ -430,6 +412,23 @@ struct Inner {
     /// A background sync is running.
     syncing: bool,
     committed: Option<(u64, String)>,
+}
+
+impl Inner {
+    /// An upload of `count` chunks with none present.
+    fn new(count: u32) -> Inner {
+        let n = count as usize;
+        Inner {
+            written: vec![false; n],
+            durable: vec![false; n],
+            crcs: vec![0; n],
+            cvs: vec![[0; 32]; n],
+            unsynced: 0,
+            last_sync: Instant::now(),
+            syncing: false,
+            committed: None,
+        }
+    }
 }
 
 /// What storing a chunk did.
