@@ -385,25 +385,27 @@ fn stream_and_handle_limits() {
     let h1: msg::OpenResponse = open(&mut r).decode().unwrap();
     let _h2: msg::OpenResponse = open(&mut r).decode().unwrap();
     assert_eq!(code(&open(&mut r)), ErrorCode::LimitExceeded);
-    // Two long reads occupy both streams; a third request is refused, not queued.
+    // Two long reads occupy both streams; a third request is refused, not queued. The three
+    // go in one write: sent one by one, a client descheduled before the third would let the
+    // first READ finish meanwhile (loopback buffers here hold 36 MiB, the writer queue 32
+    // chunks, so 64 MiB can be queued without the client reading).
+    let mut batch = Vec::new();
     for sid in [10, 11] {
-        r.send_msg(
-            Cmd::READ,
-            sid,
-            flags::END,
-            &msg::ReadRequest {
-                handle: h1.handle,
-                first_chunk: 0,
-                count: 64,
-            },
-        );
+        let read = msg::ReadRequest {
+            handle: h1.handle,
+            first_chunk: 0,
+            count: 64,
+        };
+        batch.push(Frame::message(Cmd::READ, sid, flags::END, &read));
     }
-    r.send_msg(
-        Cmd::STAT,
-        12,
-        flags::END,
-        &msg::StatRequest { path: "big".into() },
-    );
+    let stat = msg::StatRequest { path: "big".into() };
+    batch.push(Frame::message(Cmd::STAT, 12, flags::END, &stat));
+    let mut bytes = bytes::BytesMut::new();
+    for f in &batch {
+        f.header.encode(&mut bytes);
+        bytes.extend_from_slice(&f.payload);
+    }
+    r.send_bytes(&bytes).unwrap();
     let mut limited = false;
     let mut ends = 0;
     while ends < 2 {
