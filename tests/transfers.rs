@@ -414,6 +414,25 @@ fn four_connections_on_one_big_file() {
     assert_same_file(&dst, &s.root.join("big2"));
 }
 
+/// Downloads to stdout arrive in order and whole, on one connection and on four; with four,
+/// lanes run ahead of stdout and must wait for it (a bounded reorder buffer), never deadlock.
+#[test]
+fn downloads_to_stdout_are_in_order_with_one_and_four_connections() {
+    let s = Fsd::start();
+    let big = write_random(&s.root.join("big"), (80 << 20) + 7, 15);
+    let small = write_random(&s.root.join("small"), 5000, 16);
+    for (name, want) in [("big", &big), ("small", &small)] {
+        for j in ["1", "4"] {
+            let out = fsc_ok(&["-q", "download", "-j", j, &s.addr(), name, "-"]);
+            assert!(
+                out.stdout == *want,
+                "{name} -j {j}: stdout differs ({} bytes)",
+                out.stdout.len()
+            );
+        }
+    }
+}
+
 #[test]
 fn transfers_through_a_slow_link_in_tiny_pieces_stay_identical() {
     let s = Fsd::start();

@@ -43,6 +43,9 @@ const LANES: usize = 4;
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Chunks up to this size are written on the async thread (see `Sink::put`).
 const INLINE_WRITE: usize = 64 * 1024;
+/// To stdout, lanes fetch no chunk this far or further past the next one stdout needs: the
+/// chunks in between wait in memory (`Reorder`).
+const STDOUT_AHEAD: u32 = 32;
 /// A chunk that fails its CRC32 this many times in one attempt fails the attempt.
 const MAX_CORRUPT: u32 = 8;
 
@@ -419,7 +422,20 @@ impl Job {
         queue: &Queue,
         corrupt: &Mutex<HashMap<u32, u32>>,
     ) -> Result<(), Stop> {
-        while let Some((first, count)) = queue.take(RUN) {
+        loop {
+            // Registered before the check, so an advance in between is not missed.
+            let advanced = sink.advanced.notified();
+            let Some((first, count)) = queue.take(RUN) else {
+                break;
+            };
+            if !sink.may_fetch(first) {
+                // Far ahead of stdout: leave the run for later; the lane holding stdout's next
+                // chunk is never held here (it already has its run), and a chunk put back at
+                // the front is within reach of any lane.
+                queue.requeue(first, first + count);
+                advanced.await;
+                continue;
+            }
             let bytes = (first..first + count)
                 .map(|i| sink.chunk_len(i) as u64)
                 .sum();
@@ -713,6 +729,8 @@ struct Sink {
     /// Serializes pwrites: buffered writes to one file contend on its inode lock anyway, and
     /// a futex wait is cheaper than the kernel's spinning on 2 cores.
     writing: Mutex<()>,
+    /// Signalled when stdout's next chunk advances (lanes wait on it, see `Sink::may_fetch`).
+    advanced: tokio::sync::Notify,
 }
 
 enum SinkOut {
@@ -739,7 +757,8 @@ struct Have {
     last_save: Instant,
 }
 
-/// Chunks that arrived ahead of the next one stdout needs.
+/// Chunks that arrived ahead of the next one stdout needs. Lanes fetch at most
+/// [`STDOUT_AHEAD`] chunks past it, so this holds at most that many.
 struct Reorder {
     next: u32,
     pending: BTreeMap<u32, Bytes>,
@@ -817,6 +836,7 @@ impl Sink {
             out,
             st: Mutex::new(have),
             saving: Mutex::new(()),
+            advanced: tokio::sync::Notify::new(),
             writing: Mutex::new(()),
         };
         if let SinkOut::File { stateful: true, .. } = sink.out {
@@ -852,6 +872,15 @@ impl Sink {
 
     fn done_chunks(&self) -> u32 {
         self.st.lock().unwrap().have.count()
+    }
+
+    /// Whether a lane may fetch chunk `first` now: always for a file; to stdout only within
+    /// [`STDOUT_AHEAD`] of the next chunk stdout needs, which bounds the reorder buffer.
+    fn may_fetch(&self, first: u32) -> bool {
+        match &self.out {
+            SinkOut::File { .. } => true,
+            SinkOut::Stdout(r) => first < r.lock().unwrap().next + STDOUT_AHEAD,
+        }
     }
 
     fn is_complete(&self) -> bool {
@@ -909,12 +938,16 @@ impl Sink {
                 if i >= r.next {
                     r.pending.insert(i, data);
                 }
+                let before = r.next;
                 while let Some(d) = {
                     let n = r.next;
                     r.pending.remove(&n)
                 } {
                     write_stdout(&d)?;
                     r.next += 1;
+                }
+                if r.next != before {
+                    self.advanced.notify_waiters();
                 }
             }
         }
