@@ -257,6 +257,29 @@ fn a_flipped_bit_on_the_wire_is_detected_and_refetched() {
     );
 }
 
+/// The same for a small file sent inline with its OPEN reply: the handshake and the reply
+/// take a few hundred bytes, so byte 10,000 is inside the 30,000-byte contents.
+#[test]
+fn a_flipped_bit_in_an_inline_file_is_detected_and_refetched() {
+    let s = Fsd::start();
+    write_random(&s.root.join("small"), 30_000, 18);
+    let proxy = Proxy::start(s.addr, Fault::FlipBitAt(10_000));
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("small");
+    let out = fsc_ok(&[
+        "--json",
+        "download",
+        &proxy.addr(),
+        "small",
+        dst.to_str().unwrap(),
+    ]);
+    assert_same_file(&s.root.join("small"), &dst);
+    assert!(
+        events(&out.stdout).iter().any(|e| e["event"] == "corrupt"),
+        "corruption not reported"
+    );
+}
+
 #[test]
 fn a_cut_connection_is_retried() {
     let s = Fsd::start();

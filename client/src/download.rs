@@ -297,12 +297,20 @@ impl Job {
             resumed: sink.done_bytes(),
         });
 
-        if let Some(data) = inline {
+        if let Some((data, crc)) = inline {
             self.transferred
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            if meta.count == 1 {
-                let crc = crc32fast::hash(&data);
-                sink.put(0, data, crc).await?;
+            // Checked where it is hashed (Sink::put); an empty file's CRC32 is 0.
+            let intact = match meta.count {
+                0 => crc == 0,
+                _ => sink.put(0, data, crc).await?,
+            };
+            if !intact {
+                self.client.emit(Event::Corrupt {
+                    path: self.remote.clone(),
+                    chunk: 0,
+                });
+                return Err(Stop::Fail(Error::Corrupt(Cmd::OPEN)));
             }
             return self.finish(&sink, &meta).await;
         }
@@ -590,7 +598,7 @@ async fn spawn_blocking<T: Send + 'static>(
 
 /// OPEN(READ), with the reply checked for internal consistency. A file of at most
 /// [`INLINE_MAX`] bytes comes back whole with the reply (no handle: nothing to READ or CLOSE).
-async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<Bytes>)> {
+async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u32)>)> {
     let req = msg::OpenRequest {
         path: remote.to_string(),
         mode: msg::OpenMode::OpenRead as i32,
@@ -612,14 +620,11 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<Bytes>)> {
         if !d.header.is_data() || !d.header.is_end() {
             return Err(bad("inline contents are not one final DATA frame"));
         }
-        // The codec leaves DATA checksums to us (conn::reader).
-        if crc32fast::hash(&d.payload) != d.header.checksum {
-            return Err(Error::Corrupt(Cmd::OPEN));
-        }
         if r.handle != 0 || d.payload.len() as u64 != r.size || r.size > INLINE_MAX as u64 {
             return Err(bad("inline reply does not match its OpenResponse"));
         }
-        Some(d.payload)
+        // Unchecked (the codec leaves DATA checksums to us, conn::reader): Job::attempt does it.
+        Some((d.payload, d.header.checksum))
     };
     let cs = r.chunk_size;
     if !cs.is_power_of_two() || cs < 1024 {

@@ -23,7 +23,7 @@ use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use std::collections::VecDeque;
 
-use fsd::durable::GroupSync;
+use fsd::durable::{link_anonymous, GroupSync};
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::client::{Client, Kind, Transfer};
@@ -130,18 +130,7 @@ impl LocalDir {
 
     /// Gives an anonymous file the name `name`, replacing (atomically) whatever is there.
     pub fn link_in(&self, file: &File, name: &str) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // The documented way to name an O_TMPFILE without CAP_DAC_READ_SEARCH (open(2)).
-        let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
-        let link = |to: &str| {
-            nix::unistd::linkat(
-                nix::fcntl::AT_FDCWD,
-                proc.as_str(),
-                self.fd.as_fd(),
-                to,
-                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-            )
-        };
+        let link = |to: &str| link_anonymous(file.as_fd(), self.fd.as_fd(), to);
         match link(name) {
             Err(Errno::EEXIST) => {}
             r => return r.map_err(io),

@@ -30,6 +30,7 @@ use nix::fcntl::{self, AtFlags, FcntlArg, OFlag, OpenHow, RenameFlags, ResolveFl
 use nix::sys::stat::{self, FileStat, Mode};
 use nix::unistd::{self, UnlinkatFlags};
 
+use crate::durable::link_anonymous;
 use crate::protocol::{msg, ErrorCode};
 
 /// Longest client path in bytes (PATH_MAX) and longest component (NAME_MAX).
@@ -585,17 +586,7 @@ impl Root {
         no_clobber: bool,
     ) -> Result<OwnedFd, FsError> {
         let (parent, leaf) = self.publish_target(dest)?;
-        // The documented way to name an O_TMPFILE without CAP_DAC_READ_SEARCH (open(2)).
-        let proc = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
-        let link = |dir: BorrowedFd<'_>, name: &CStr| {
-            unistd::linkat(
-                fcntl::AT_FDCWD,
-                proc.as_c_str(),
-                dir,
-                name,
-                AtFlags::AT_SYMLINK_FOLLOW,
-            )
-        };
+        let link = |dir: BorrowedFd<'_>, name: &CStr| link_anonymous(file, dir, name);
         match link(parent.as_fd(), &leaf) {
             Ok(()) => return Ok(parent),
             Err(Errno::EEXIST) if !no_clobber => {}
