@@ -101,7 +101,10 @@ struct Source {
     size: u64,
     mtime_ns: i64,
     mode: u32,
-    resume_key: String,
+    ino: u64,
+    dev: u64,
+    /// See [`Source::resume_key`]; computed on first use (single-chunk uploads never need it).
+    resume_key: std::sync::OnceLock<String>,
 }
 
 impl Source {
@@ -115,28 +118,40 @@ impl Source {
                 path.display()
             )));
         }
-        let canonical = std::fs::canonicalize(path).map_err(err)?;
-        let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
-        // Same file, same version => same key => the server resumes the same upload.
-        let mut h = blake3::Hasher::new();
-        h.update(canonical.as_os_str().as_bytes());
-        for part in [
-            md.len().to_le_bytes(),
-            mtime_ns.to_le_bytes(),
-            md.ino().to_le_bytes(),
-            md.dev().to_le_bytes(),
-        ] {
-            h.update(&[0]);
-            h.update(&part);
-        }
         Ok(Source {
             file: Arc::new(file),
             path: path.to_path_buf(),
             size: md.len(),
-            mtime_ns,
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             mode: md.mode() & 0o7777,
-            resume_key: h.finalize().to_hex().to_string(),
+            ino: md.ino(),
+            dev: md.dev(),
+            resume_key: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The key under which the server keeps this upload's state: same file, same version =>
+    /// same key => the server resumes the same upload.
+    fn resume_key(&self) -> Result<&str> {
+        if let Some(k) = self.resume_key.get() {
+            return Ok(k);
+        }
+        let canonical =
+            std::fs::canonicalize(&self.path).map_err(|e| Error::io(self.path.display(), e))?;
+        let mut h = blake3::Hasher::new();
+        h.update(canonical.as_os_str().as_bytes());
+        for part in [
+            self.size.to_le_bytes(),
+            self.mtime_ns.to_le_bytes(),
+            self.ino.to_le_bytes(),
+            self.dev.to_le_bytes(),
+        ] {
+            h.update(&[0]);
+            h.update(&part);
+        }
+        Ok(self
+            .resume_key
+            .get_or_init(|| h.finalize().to_hex().to_string()))
     }
 
     /// Fails if the file changed since it was opened (its hash would not be what we send).
@@ -225,22 +240,24 @@ impl UpJob {
         }
     }
 
-    fn open_request(&self, restart: bool) -> msg::OpenRequest {
-        msg::OpenRequest {
+    fn open_request(&self, restart: bool) -> Result<msg::OpenRequest> {
+        Ok(msg::OpenRequest {
             path: self.remote.clone(),
             mode: msg::OpenMode::OpenWrite as i32,
             size: self.src.size,
-            resume_key: self.src.resume_key.clone(),
+            resume_key: self.src.resume_key()?.to_string(),
             no_clobber: self.opts.no_clobber,
             restart,
             mode_bits: self.src.mode,
             mtime_ns: self.src.mtime_ns,
             inline_max: 0,
-        }
+        })
     }
 
     async fn open(&self, conn: &Conn, restart: bool) -> Result<Upload> {
-        let r: msg::OpenResponse = conn.request(Cmd::OPEN, &self.open_request(restart)).await?;
+        let r: msg::OpenResponse = conn
+            .request(Cmd::OPEN, &self.open_request(restart)?)
+            .await?;
         let bad =
             |what: String| Error::Protocol(format!("open {} for writing: {what}", self.remote));
         let cs = r.chunk_size;
@@ -531,10 +548,10 @@ mod tests {
         std::fs::write(&p, b"hello").unwrap();
         let a = Source::open(&p).unwrap();
         let b = Source::open(&p).unwrap();
-        assert_eq!(a.resume_key, b.resume_key);
+        assert_eq!(a.resume_key().unwrap(), b.resume_key().unwrap());
         std::fs::write(&p, b"hello, world").unwrap();
         let c = Source::open(&p).unwrap();
-        assert_ne!(a.resume_key, c.resume_key);
+        assert_ne!(a.resume_key().unwrap(), c.resume_key().unwrap());
         assert!(a.check_unchanged().is_err());
         c.check_unchanged().unwrap();
     }

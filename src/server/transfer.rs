@@ -222,8 +222,8 @@ fn read_inline(
 ) -> Result<Opened, Failure> {
     let io = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("{path}: {e}"));
     let mut data = vec![0u8; meta.len() as usize];
-    file.read_exact_at(&mut data, 0).map_err(io)?;
-    // Changed while we read: the bytes may be a mix of two versions.
+    let read = file.read_exact_at(&mut data, 0);
+    // Changed while we read (a short read included): the bytes may be a mix of two versions.
     let identity = identity_of(meta);
     if identity_of(&file.metadata().map_err(io)?) != identity {
         return Err(Failure::new(
@@ -231,6 +231,7 @@ fn read_inline(
             format!("{path} changed while being read"),
         ));
     }
+    read.map_err(io)?;
     let reply = msg::OpenResponse {
         size: meta.len(),
         mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
