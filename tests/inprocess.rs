@@ -10,42 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::inproc::start;
 use common::*;
 use fsd::protocol::{flags, msg, Cmd};
-use fsd::server::{self, Config, Credentials, Server};
-use tokio_util::sync::CancellationToken;
-
-struct InProc {
-    server: Arc<Server>,
-    addr: std::net::SocketAddr,
-    shutdown: CancellationToken,
-    done: std::sync::mpsc::Receiver<()>,
-    _rt: std::thread::JoinHandle<()>,
-}
-
-fn start(root: &std::path::Path) -> InProc {
-    let server = Server::new(Config::new(root.to_path_buf(), Credentials::single(TOKEN))).unwrap();
-    let shutdown = CancellationToken::new();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (done_tx, done) = std::sync::mpsc::channel();
-    let (s, sd) = (server.clone(), shutdown.clone());
-    let rt = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            addr_tx.send(l.local_addr().unwrap()).unwrap();
-            server::run(l, s, sd).await.unwrap();
-        });
-        let _ = done_tx.send(());
-    });
-    InProc {
-        server,
-        addr: addr_rx.recv().unwrap(),
-        shutdown,
-        done,
-        _rt: rt,
-    }
-}
 
 /// Downloads several files at once over one connection, one stream per file, pulling every
 /// chunk with one READ per file so the server interleaves them.

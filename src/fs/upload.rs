@@ -52,6 +52,13 @@ pub enum UploadError {
     Incomplete { missing: u32, count: u32 },
     #[error("whole-file BLAKE3 mismatch: client {client}, server {server}")]
     HashMismatch { client: String, server: String },
+    /// The upload was published (through this handle or another on it): it takes no more
+    /// chunks and no second COMMIT; a new OPEN WRITE starts a fresh upload.
+    #[error("upload {id} is already committed")]
+    Committed { id: String },
+    /// A COMMIT of this upload is in progress, or chunks are still being written.
+    #[error("upload {id}: {why}")]
+    Sealing { id: String, why: &'static str },
     #[error("{0}")]
     Fs(#[from] FsError),
     #[error("upload {id}: {source}")]
@@ -61,7 +68,8 @@ pub enum UploadError {
 impl UploadError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            UploadError::Busy { .. } => ErrorCode::Busy,
+            UploadError::Busy { .. } | UploadError::Sealing { .. } => ErrorCode::Busy,
+            UploadError::Committed { .. } => ErrorCode::BadHandle,
             UploadError::BadChunk { .. } | UploadError::BadLength { .. } => ErrorCode::BadRequest,
             UploadError::Incomplete { .. } => ErrorCode::Incomplete,
             UploadError::HashMismatch { .. } => ErrorCode::HashMismatch,
@@ -83,6 +91,10 @@ fn io_code(e: &io::Error) -> ErrorCode {
 #[derive(Debug, Clone)]
 pub struct UploadParams {
     pub owner: String,
+    /// The destination inside the root: what identifies the upload.
+    pub dest: String,
+    /// The destination relative to the root it is published beneath (the credential's prefix
+    /// directory, or the root): where it goes.
     pub path: String,
     pub size: u64,
     pub resume_key: String,
@@ -94,12 +106,13 @@ pub struct UploadParams {
 }
 
 impl UploadParams {
-    /// Same credential, destination, size and source key: same upload.
+    /// Same credential, destination, size and source key: same upload. The destination is the
+    /// full path inside the root, so two credentials (or prefixes) never share an upload.
     pub fn id(&self) -> String {
         let mut h = blake3::Hasher::new();
         for part in [
             &self.owner,
-            &self.path,
+            &self.dest,
             &self.size.to_string(),
             &self.resume_key,
         ] {
@@ -153,11 +166,15 @@ impl UploadStore {
         }
         let mut live = self.live.lock().unwrap();
         if let Some(u) = live.get(&id).and_then(Weak::upgrade) {
-            // Another handle in this process has it: share it (chunks are idempotent).
-            if p.restart {
-                return Err(UploadError::Busy { id });
+            let phase = u.inner.lock().unwrap().phase.clone();
+            match phase {
+                // Another handle in this process has it: share it (chunks are idempotent).
+                Phase::Open if !p.restart => return Ok(u),
+                Phase::Open | Phase::Sealing => return Err(UploadError::Busy { id }),
+                // Published: it is never written again; this OPEN starts a fresh upload (its
+                // files were removed when it was published).
+                Phase::Committed(_) => {}
             }
-            return Ok(u);
         }
         let lock_file = OpenOptions::new()
             .create(true)
@@ -188,7 +205,7 @@ impl UploadStore {
             std::fs::read(self.path(&id, "state"))
                 .ok()
                 .and_then(|b| UploadRecord::decode(&b[..]).ok())
-                .filter(|r| r.path == p.path && r.size == p.size)
+                .filter(|r| r.path == p.dest && r.size == p.size)
         };
         let fresh = record.is_none();
         if fresh {
@@ -411,7 +428,20 @@ struct Inner {
     last_sync: Instant,
     /// A background sync is running.
     syncing: bool,
-    committed: Option<(u64, String)>,
+    /// WRITEs past the phase check and not yet recorded: a COMMIT must not hash around them.
+    writers: u32,
+    phase: Phase,
+}
+
+/// Where an upload is in its life. Only `Open` takes chunks, so once COMMIT has verified the
+/// whole-file hash nothing can change the bytes it verified, before or after they are published.
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Open,
+    /// Verified, being made durable and published; back to `Open` if that fails.
+    Sealing,
+    /// Published: (size, identity).
+    Committed((u64, String)),
 }
 
 impl Inner {
@@ -426,7 +456,8 @@ impl Inner {
             unsynced: 0,
             last_sync: Instant::now(),
             syncing: false,
-            committed: None,
+            writers: 0,
+            phase: Phase::Open,
         }
     }
 }
@@ -491,17 +522,23 @@ impl Upload {
         }
         let cv = chunk_cv(data, index, self.chunk_size, self.params.size);
         let offset = index as u64 * self.chunk_size as u64;
-        let direct = match &self.direct {
-            Some(d) => d.write_at(data, offset).map_err(|e| self.io(e))?,
-            None => false,
-        };
-        if !direct {
-            self.data
-                .write_all_at(data, offset)
-                .map_err(|source| self.io(source))?;
+        {
+            let mut inner = self.inner.lock().unwrap();
+            match inner.phase {
+                Phase::Open => inner.writers += 1,
+                Phase::Sealing => return Err(self.sealing("a COMMIT is in progress")),
+                Phase::Committed(_) => {
+                    return Err(UploadError::Committed {
+                        id: self.id.clone(),
+                    })
+                }
+            }
         }
+        let stored = self.store(data, offset);
         let (start_sync, must_wait) = {
             let mut inner = self.inner.lock().unwrap();
+            inner.writers -= 1;
+            stored?;
             let i = index as usize;
             inner.written[i] = true;
             inner.durable[i] = false;
@@ -525,6 +562,27 @@ impl Upload {
             durable: self.inner.lock().unwrap().durable[index as usize],
             start_sync,
         })
+    }
+
+    /// Writes a chunk's bytes at `offset`, directly where the chunk allows it.
+    fn store(&self, data: &[u8], offset: u64) -> Result<(), UploadError> {
+        let direct = match &self.direct {
+            Some(d) => d.write_at(data, offset).map_err(|e| self.io(e))?,
+            None => false,
+        };
+        if !direct {
+            self.data
+                .write_all_at(data, offset)
+                .map_err(|source| self.io(source))?;
+        }
+        Ok(())
+    }
+
+    fn sealing(&self, why: &'static str) -> UploadError {
+        UploadError::Sealing {
+            id: self.id.clone(),
+            why,
+        }
     }
 
     /// Runs the sync that [`Written::start_sync`] asked for (on a blocking thread, off the
@@ -575,7 +633,7 @@ impl Upload {
     /// tmp file, fdatasync, rename. Once, when the upload is created.
     fn write_header(&self) -> io::Result<()> {
         let r = UploadRecord {
-            path: self.params.path.clone(),
+            path: self.params.dest.clone(),
             size: self.params.size,
             chunk_size: self.chunk_size,
             owner: self.params.owner.clone(),
@@ -592,36 +650,57 @@ impl Upload {
     }
 
     /// Verifies the upload and gives the file its final mode and mtime: COMMIT's first step.
-    /// Returns the earlier result if it was already committed. Blocking.
-    pub fn seal(&self, expected: &[u8]) -> Result<Option<(u64, String)>, UploadError> {
-        if let Some(done) = &self.inner.lock().unwrap().committed {
-            return Ok(Some(done.clone()));
+    /// From here the upload takes no more chunks; [`Upload::publish`] ends the commit, or
+    /// [`Upload::unseal`] reopens it when a later step fails. Blocking.
+    pub fn seal(&self, expected: &[u8]) -> Result<(), UploadError> {
+        {
+            let mut inner = self.inner.lock().unwrap();
+            match inner.phase {
+                Phase::Open if inner.writers > 0 => {
+                    return Err(self.sealing("chunks are still being written"))
+                }
+                Phase::Open => {}
+                Phase::Sealing => return Err(self.sealing("a COMMIT is in progress")),
+                Phase::Committed(_) => {
+                    return Err(UploadError::Committed {
+                        id: self.id.clone(),
+                    })
+                }
+            }
+            let missing = inner.written.iter().filter(|w| !**w).count() as u32;
+            if missing > 0 {
+                return Err(UploadError::Incomplete {
+                    missing,
+                    count: self.count,
+                });
+            }
+            let server = root_hash(&inner.cvs, self.chunk_size, self.params.size);
+            if expected != server {
+                return Err(UploadError::HashMismatch {
+                    client: hex::encode(expected),
+                    server: hex::encode(server),
+                });
+            }
+            inner.phase = Phase::Sealing;
         }
-        let missing = self
-            .inner
-            .lock()
-            .unwrap()
-            .written
-            .iter()
-            .filter(|w| !**w)
-            .count() as u32;
-        if missing > 0 {
-            return Err(UploadError::Incomplete {
-                missing,
-                count: self.count,
-            });
+        let finished = self.finish_metadata();
+        if finished.is_err() {
+            self.unseal();
         }
-        let server = root_hash(
-            &self.inner.lock().unwrap().cvs,
-            self.chunk_size,
-            self.params.size,
-        );
-        if expected != server {
-            return Err(UploadError::HashMismatch {
-                client: hex::encode(expected),
-                server: hex::encode(server),
-            });
+        finished
+    }
+
+    /// Reopens a sealed upload whose commit failed after [`Upload::seal`], so that the client
+    /// can retry it. A committed upload stays committed.
+    pub fn unseal(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.phase == Phase::Sealing {
+            inner.phase = Phase::Open;
         }
+    }
+
+    /// The published file's mode and mtime, set on the data before it gets its name.
+    fn finish_metadata(&self) -> Result<(), UploadError> {
         let mode = if self.params.mode_bits == 0 {
             0o644
         } else {
@@ -640,7 +719,7 @@ impl Upload {
             );
             nix::sys::stat::futimens(self.data.as_fd(), &t, &t).map_err(|e| self.io(e.into()))?;
         }
-        Ok(None)
+        Ok(())
     }
 
     /// The group sync an anonymous upload's commit shares: its data must be synced through it
@@ -655,6 +734,26 @@ impl Upload {
     /// fsynced, renamed into place and its directory fsynced; an anonymous one is linked into
     /// place, and its new name needs a group sync before it is reported durable. Blocking.
     pub fn publish(&self, root: &Root) -> Result<(u64, String), UploadError> {
+        if self.inner.lock().unwrap().phase != Phase::Sealing {
+            return Err(self.sealing("publish before seal"));
+        }
+        let published = self.link_into(root);
+        let mut inner = self.inner.lock().unwrap();
+        match published {
+            Ok(done) => {
+                inner.phase = Phase::Committed(done.clone());
+                inner.unsynced = 0;
+                Ok(done)
+            }
+            Err(e) => {
+                inner.phase = Phase::Open;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Upload::publish`]'s file-system work.
+    fn link_into(&self, root: &Root) -> Result<(u64, String), UploadError> {
         let (path, no_clobber) = (&self.params.path, self.params.no_clobber);
         if self.resumable() {
             // Data durable before the name points at it; then the name itself.
@@ -669,11 +768,7 @@ impl Upload {
             root.publish_anonymous(self.data.as_fd(), self.dir_fd.as_fd(), path, no_clobber)?;
         }
         let identity = identity_of(&self.data.metadata().map_err(|e| self.io(e))?);
-        let done = (self.params.size, identity);
-        let mut inner = self.inner.lock().unwrap();
-        inner.committed = Some(done.clone());
-        inner.unsynced = 0;
-        Ok(done)
+        Ok((self.params.size, identity))
     }
 
     fn io(&self, source: io::Error) -> UploadError {
@@ -689,7 +784,7 @@ impl Drop for Upload {
     fn drop(&mut self) {
         let pending = {
             let inner = self.inner.lock().unwrap();
-            inner.committed.is_none() && inner.unsynced > 0 && self.resumable()
+            inner.phase == Phase::Open && inner.unsynced > 0 && self.resumable()
         };
         if pending {
             if let Err(e) = self.sync() {

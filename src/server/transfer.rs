@@ -259,7 +259,9 @@ fn read_inline(
 fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Failure> {
     s.require_write()?;
     let path = s.path(&req.path)?.to_string();
-    if path.is_empty() {
+    // The root (of the server or of the credential's prefix) can never be replaced by a file:
+    // refuse it here, before any state exists.
+    if path.is_empty() || path == "." {
         return Err(Failure::new(
             ErrorCode::InvalidPath,
             "cannot upload onto the root",
@@ -280,8 +282,20 @@ fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Fa
             format!("{} exists", req.path),
         ));
     }
+    // Nor can an existing directory: rename(2) would refuse it only at COMMIT.
+    if s.root()
+        .stat(&path)
+        .is_ok_and(|e| e.kind == msg::Kind::Dir as i32)
+    {
+        return Err(Failure::new(
+            ErrorCode::IsADirectory,
+            format!("{} is a directory", req.path),
+        ));
+    }
     let params = UploadParams {
         owner: s.cred.name.clone(),
+        // s.path() accepted it: the path as sent is the full path inside the root.
+        dest: req.path.clone(),
         path,
         size: req.size,
         resume_key: req.resume_key.clone(),
@@ -534,9 +548,7 @@ async fn commit_upload(
     blake3: Vec<u8>,
 ) -> Result<(u64, String), Failure> {
     let u = upload.clone();
-    if let Some(done) = blocking(session, move |_| Ok(u.seal(&blake3)?)).await? {
-        return Ok(done);
-    }
+    blocking(session, move |_| Ok(u.seal(&blake3)?)).await?;
     publish_upload(session, upload).await
 }
 
@@ -548,7 +560,10 @@ async fn publish_upload(
     let group = upload.group().cloned();
     let synced = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("sync: {e}"));
     if let Some(g) = &group {
-        g.sync_all().await.map_err(synced)?;
+        if let Err(e) = g.sync_all().await {
+            upload.unseal();
+            return Err(synced(e));
+        }
     }
     let done = blocking(session, move |s| Ok(upload.publish(s.root())?)).await?;
     if let Some(g) = &group {

@@ -299,6 +299,12 @@ impl Raw {
 
     /// Connected, Hello'd and authenticated.
     pub fn authed(addr: SocketAddr) -> Raw {
+        Raw::authed_as(addr, TOKEN, 0)
+    }
+
+    /// Connected, Hello'd (asking for `chunk_size`, 0 = the server's) and authenticated with
+    /// `token`.
+    pub fn authed_as(addr: SocketAddr, token: &str, chunk_size: u32) -> Raw {
         let mut r = Raw::connect(addr);
         r.send_msg(
             Cmd::HELLO,
@@ -306,6 +312,7 @@ impl Raw {
             flags::END,
             &msg::Hello {
                 version: 1,
+                chunk_size,
                 ..Default::default()
             },
         );
@@ -314,10 +321,10 @@ impl Raw {
             Cmd::AUTH,
             1,
             &msg::Auth {
-                token: TOKEN.into(),
+                token: token.into(),
             },
         );
-        assert!(!f.header.is_error(), "auth failed");
+        assert!(!f.header.is_error(), "auth failed: {:?}", error_of(&f));
         r
     }
 
@@ -408,4 +415,5 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 pub fn payload(m: &impl Message) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
+pub mod inproc;
 pub mod proxy;

@@ -1,0 +1,235 @@
+//! fsd against an attacker who holds a credential, or none: a published file is never written
+//! again, credentials never share uploads, nothing is left in the state directory by a refused
+//! OPEN, and an unauthenticated peer is bounded in what it can make the server buffer or hold.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::path::Path;
+
+use bytes::Bytes;
+use common::inproc::start_with;
+use common::*;
+use fsd::protocol::{flags, msg, Cmd, Frame};
+use fsd::server::{Config, Credential, Credentials};
+
+/// Chunk size the tests ask for, so that a few hundred KiB make a multi-chunk upload.
+const CHUNK: u32 = 64 * 1024;
+
+fn open_write(r: &mut Raw, sid: u32, path: &str, size: u64, key: &str) -> Frame {
+    r.call(
+        Cmd::OPEN,
+        sid,
+        &msg::OpenRequest {
+            path: path.into(),
+            mode: msg::OpenMode::OpenWrite as i32,
+            size,
+            resume_key: key.into(),
+            ..Default::default()
+        },
+    )
+}
+
+fn opened(f: &Frame, what: &str) -> msg::OpenResponse {
+    assert!(!f.header.is_error(), "{what}: {:?}", error_of(f));
+    f.decode().unwrap()
+}
+
+fn write(r: &mut Raw, sid: u32, handle: u32, chunk: u32, data: &[u8]) -> Frame {
+    r.send_msg(Cmd::WRITE, sid, 0, &msg::WriteRequest { handle, chunk });
+    r.send(&Frame::new(
+        Cmd::WRITE,
+        sid,
+        flags::DATA | flags::END,
+        Bytes::copy_from_slice(data),
+    ))
+    .unwrap();
+    r.recv().expect("write reply")
+}
+
+fn write_all(r: &mut Raw, sid: u32, handle: u32, data: &[u8]) {
+    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+        let ack = write(r, sid, handle, i as u32, c);
+        assert!(!ack.header.is_error(), "write {i}: {:?}", error_of(&ack));
+    }
+}
+
+fn commit(r: &mut Raw, sid: u32, handle: u32, data: &[u8]) -> Frame {
+    r.call(
+        Cmd::COMMIT,
+        sid,
+        &msg::CommitRequest {
+            handle,
+            blake3: blake3::hash(data).as_bytes().to_vec(),
+        },
+    )
+}
+
+fn state_files(state: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state.join("uploads"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Two handles on one upload (same path, size and resume key), on one connection and on two:
+/// after A's COMMIT, B can neither write nor commit, the published file keeps the verified
+/// bytes, and a new OPEN WRITE starts afresh.
+#[test]
+fn a_committed_upload_is_sealed_for_every_handle() {
+    let fsd = Fsd::start();
+    let data = random_bytes(4 * CHUNK as usize, 1);
+    let evil = vec![0xEE; CHUNK as usize];
+    for same_connection in [true, false] {
+        let path = format!("sealed-{same_connection}.bin");
+        let mut a = Raw::authed_as(fsd.addr, TOKEN, CHUNK);
+        let mut b_conn = (!same_connection).then(|| Raw::authed_as(fsd.addr, TOKEN, CHUNK));
+        let ha = opened(&open_write(&mut a, 2, &path, data.len() as u64, "k"), "A").handle;
+        let b = b_conn.as_mut().unwrap_or(&mut a);
+        let hb = opened(&open_write(b, 3, &path, data.len() as u64, "k"), "B").handle;
+        write_all(&mut a, 4, ha, &data);
+        let c = commit(&mut a, 5, ha, &data);
+        assert!(!c.header.is_error(), "A's commit: {:?}", error_of(&c));
+        let published = fsd.root.join(&path);
+        assert_eq!(std::fs::read(&published).unwrap(), data);
+
+        let b = b_conn.as_mut().unwrap_or(&mut a);
+        let w = write(b, 6, hb, 0, &evil);
+        assert!(
+            w.header.is_error(),
+            "B's WRITE after A's COMMIT was acknowledged (same connection: {same_connection})"
+        );
+        let c = commit(b, 7, hb, &data);
+        assert!(c.header.is_error(), "B's COMMIT after A's COMMIT succeeded");
+        assert_eq!(
+            std::fs::read(&published).unwrap(),
+            data,
+            "the published file changed"
+        );
+        // A new upload with the same parameters starts empty: it never joins the committed one.
+        let fresh = opened(&open_write(b, 8, &path, data.len() as u64, "k"), "again");
+        assert!(
+            fresh.bitmap.iter().all(|b| *b == 0),
+            "a new OPEN WRITE joined the committed upload: bitmap {:?}",
+            fresh.bitmap
+        );
+        let w = write(b, 9, fresh.handle, 0, &evil);
+        assert!(!w.header.is_error(), "fresh upload: {:?}", error_of(&w));
+        assert_eq!(
+            std::fs::read(&published).unwrap(),
+            data,
+            "a write to a fresh upload reached the published file"
+        );
+        // Downloaders are served the verified content and its hash.
+        let o = opened(
+            &a.call(
+                Cmd::OPEN,
+                10,
+                &msg::OpenRequest {
+                    path: path.clone(),
+                    ..Default::default()
+                },
+            ),
+            "open read",
+        );
+        assert_eq!(o.blake3, blake3::hash(&data).as_bytes().to_vec());
+    }
+}
+
+/// Two token-file lines with the same NAME and different prefixes (the binary refuses that
+/// file; the library is handed it anyway): the same relative upload under each prefix is two
+/// uploads, each published under its own prefix.
+#[test]
+fn same_named_credentials_never_share_an_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    for p in ["pa", "pb"] {
+        std::fs::create_dir(dir.path().join(p)).unwrap();
+    }
+    let cred = |token: &str, prefix: &str| Credential {
+        name: "dup".into(),
+        token: token.into(),
+        subject: None,
+        writable: true,
+        prefix: prefix.into(),
+    };
+    let (ta, tb) = ("token-a-0123456789abcdef", "token-b-0123456789abcdef");
+    let s = start_with(Config::new(
+        dir.path().to_path_buf(),
+        Credentials::new(vec![cred(ta, "pa"), cred(tb, "pb")]),
+    ));
+    let da = random_bytes(3 * CHUNK as usize, 2);
+    let db = random_bytes(3 * CHUNK as usize, 3);
+    let mut a = Raw::authed_as(s.addr, ta, CHUNK);
+    let mut b = Raw::authed_as(s.addr, tb, CHUNK);
+    let ha = opened(
+        &open_write(&mut a, 2, "pa/f.bin", da.len() as u64, "k"),
+        "A",
+    )
+    .handle;
+    write_all(&mut a, 3, ha, &da);
+    let ob = opened(
+        &open_write(&mut b, 2, "pb/f.bin", db.len() as u64, "k"),
+        "B",
+    );
+    assert!(
+        ob.bitmap.iter().all(|b| *b == 0),
+        "B's upload to pb/ joined A's upload to pa/"
+    );
+    write_all(&mut b, 3, ob.handle, &db);
+    for (r, h, d) in [(&mut a, ha, &da), (&mut b, ob.handle, &db)] {
+        let c = commit(r, 4, h, d);
+        assert!(!c.header.is_error(), "commit: {:?}", error_of(&c));
+    }
+    assert_eq!(std::fs::read(dir.path().join("pa/f.bin")).unwrap(), da);
+    assert_eq!(std::fs::read(dir.path().join("pb/f.bin")).unwrap(), db);
+    s.shutdown.cancel();
+}
+
+/// OPEN WRITE and PUT of the root (as "", ".", or a prefix's own directory) and of an existing
+/// directory are refused at OPEN and leave nothing in the state directory.
+#[test]
+fn uploads_onto_the_root_or_a_directory_are_refused_at_open() {
+    let fsd = Fsd::start();
+    std::fs::create_dir(fsd.root.join("dir")).unwrap();
+    let before = state_files(&fsd.state);
+    let mut r = Raw::authed_as(fsd.addr, TOKEN, CHUNK);
+    let mut sid = 2;
+    for path in ["", ".", "dir"] {
+        for size in [5u64, 3 * CHUNK as u64] {
+            let f = open_write(&mut r, sid, path, size, "k");
+            assert!(
+                f.header.is_error(),
+                "OPEN WRITE {path:?} of {size} bytes accepted"
+            );
+            sid += 1;
+        }
+        let put = msg::PutRequest {
+            path: path.into(),
+            size: 5,
+            blake3: blake3::hash(b"hello").as_bytes().to_vec(),
+            ..Default::default()
+        };
+        r.send_msg(Cmd::PUT, sid, 0, &put);
+        r.send(&Frame::new(
+            Cmd::PUT,
+            sid,
+            flags::DATA | flags::END,
+            Bytes::from_static(b"hello"),
+        ))
+        .unwrap();
+        let f = r.recv().unwrap();
+        assert!(f.header.is_error(), "PUT {path:?} accepted");
+        sid += 1;
+    }
+    assert_eq!(
+        state_files(&fsd.state),
+        before,
+        "a refused OPEN left state behind"
+    );
+    assert!(fsd.root.join("dir").is_dir());
+}
