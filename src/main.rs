@@ -43,6 +43,13 @@ struct Args {
     chunk_size: u32,
     #[arg(long, default_value_t = server::MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Unauthenticated connections at once (default: a quarter of --max-connections); beyond,
+    /// the one that has waited longest is closed.
+    #[arg(long)]
+    max_startups: Option<usize>,
+    /// Unauthenticated connections at once from one address (an IPv6 /64).
+    #[arg(long, default_value_t = server::MAX_STARTUPS_PER_SOURCE)]
+    max_startups_per_source: usize,
     #[arg(long, default_value_t = server::MAX_STREAMS)]
     max_streams: usize,
     #[arg(long, default_value_t = server::MAX_HANDLES)]
@@ -130,6 +137,8 @@ async fn serve(args: Args) -> Result<()> {
         state_dir: args.state_dir.clone(),
         chunk_size: args.chunk_size,
         max_connections: args.max_connections,
+        max_startups: args.max_startups.unwrap_or(0),
+        max_startups_per_source: args.max_startups_per_source,
         max_streams: args.max_streams,
         max_handles: args.max_handles,
         max_frame: args.max_frame.max(args.chunk_size),

@@ -2296,9 +2296,9 @@ fn protocol_cases() -> Vec<Case> {
         },
     ));
     cases.push(case(
-        "Auth with a wrong token thrice -> AuthFailed x3, delayed, closed (own fsd)",
+        "Auth with a wrong token thrice -> AuthFailed x3, answered at once, closed (own fsd)",
         |_| {
-            // Its own server: the per-source penalty must not slow the other cases.
+            // Its own server: the per-source guess budget must not touch the other cases.
             let s = Fsd::start();
             let mut r = hello_only(s.addr)?;
             let t0 = Instant::now();
@@ -2316,9 +2316,9 @@ fn protocol_cases() -> Vec<Case> {
                 expect_code(&f, AuthFailed, &format!("token {token:?}"))?;
             }
             let took = t0.elapsed();
-            // 200 + 400 + 800 ms of penalty.
+            // Failures are paid from a budget, not by holding the connection.
             ensure!(
-                took >= Duration::from_millis(1200),
+                took < Duration::from_secs(1),
                 "failures answered in {took:?}"
             );
             ensure!(
@@ -2391,10 +2391,11 @@ fn slowloris_does_not_block_others_and_unauthenticated_connections_time_out() {
         (sent, last, closed, start.elapsed())
     });
     // B: silent. C: Hello, then a PING every 300 ms (does not extend the auth deadline).
-    // D: 200 idle unauthenticated connections.
+    // D: 10 idle unauthenticated connections (with B, C and A within the per-source limit of
+    // unauthenticated connections, so that each waits for its own timeout).
     let mut b = Raw::connect(addr);
     let mut c = hello_only(addr).unwrap();
-    let idle: Vec<Raw> = (0..200).map(|_| Raw::connect(addr)).collect();
+    let idle: Vec<Raw> = (0..10).map(|_| Raw::connect(addr)).collect();
     let pinger = std::thread::spawn(move || {
         let start = Instant::now();
         let mut pongs = 0;

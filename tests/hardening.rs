@@ -6,11 +6,12 @@
 mod common;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::inproc::start_with;
 use common::*;
-use fsd::protocol::{flags, msg, Cmd, Frame};
+use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame};
 use fsd::server::{Config, Credential, Credentials};
 
 /// Chunk size the tests ask for, so that a few hundred KiB make a multi-chunk upload.
@@ -232,4 +233,161 @@ fn uploads_onto_the_root_or_a_directory_are_refused_at_open() {
         "a refused OPEN left state behind"
     );
     assert!(fsd.root.join("dir").is_dir());
+}
+
+/// Hello may announce any frame size: until Auth succeeds a frame over 16 KiB is refused from
+/// its header (LimitExceeded, then close), never buffered.
+#[test]
+fn before_auth_no_frame_over_16_kib_is_buffered_whatever_hello_says() {
+    let fsd = Fsd::start();
+    for len in [16 * 1024 + 1, 16 << 20] {
+        let mut r = Raw::connect(fsd.addr);
+        r.send_msg(
+            Cmd::HELLO,
+            0,
+            flags::END,
+            &msg::Hello {
+                version: 1,
+                max_frame: 16 << 20,
+                ..Default::default()
+            },
+        );
+        assert!(!r.recv().unwrap().header.is_error());
+        // Only the header: a server that waits for the payload answers nothing.
+        let h = fsd::protocol::Header::data(Cmd::WRITE, 3, len, 0, true);
+        let mut b = bytes::BytesMut::new();
+        h.encode(&mut b);
+        r.send_bytes(&b).unwrap();
+        r.sock
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let f = r
+            .recv()
+            .unwrap_or_else(|| panic!("a {len}-byte DATA header before Auth went unanswered"));
+        assert_eq!(
+            ErrorCode::from_u32(error_of(&f).code),
+            Some(ErrorCode::LimitExceeded)
+        );
+        assert!(r.closed(), "not closed after an oversized pre-auth frame");
+    }
+}
+
+/// Silent connections from one address, beyond `--max-startups` and `--max-connections`, lock
+/// nobody out: a client on the same address or another one authenticates at once, because the
+/// oldest unauthenticated connections give up their places.
+#[test]
+fn silent_connections_do_not_lock_out_other_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let fsd = Fsd::start_on(dir.path(), &["--max-connections", "64"]);
+    let attacker: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let mut silent: Vec<Raw> = (0..100)
+        .map(|_| Raw::connect_from(fsd.addr, attacker))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for from in ["127.0.0.1", "127.0.0.3"] {
+        let t = Instant::now();
+        let mut r = Raw::connect_from(fsd.addr, from.parse().unwrap());
+        let f = r.login(TOKEN);
+        assert!(
+            !f.header.is_error(),
+            "client on {from} refused during a flood: {:?}",
+            error_of(&f)
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "auth on {from} took {:?}",
+            t.elapsed()
+        );
+        let s = r.call(Cmd::STAT, 2, &msg::StatRequest { path: ".".into() });
+        assert!(!s.header.is_error());
+    }
+    // The flood lost its places: most of it was closed long before the auth timeout.
+    let closed = silent
+        .iter_mut()
+        .take(80)
+        .map(|r| {
+            r.sock
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            r.closed()
+        })
+        .filter(|closed| *closed)
+        .count();
+    assert!(
+        closed >= 60,
+        "only {closed} of the 80 oldest silent connections closed"
+    );
+}
+
+/// Wrong tokens are paid for before they are checked: from one address, hundreds of AUTHs on
+/// connections that hang up at once get at most a burst evaluated; a client on another address
+/// still logs in at once, and a user's single typo costs nothing.
+#[test]
+fn token_guessing_is_bounded_even_when_guessers_hang_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::inproc::start(dir.path());
+    let guesser: std::net::IpAddr = "127.0.0.4".parse().unwrap();
+    let hello = Frame::message(
+        Cmd::HELLO,
+        0,
+        flags::END,
+        &msg::Hello {
+            version: 1,
+            ..Default::default()
+        },
+    );
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < 300 && t.elapsed() < Duration::from_secs(20) {
+        let mut r = Raw::connect_from(s.addr, guesser);
+        r.send(&hello).unwrap();
+        r.send_msg(
+            Cmd::AUTH,
+            1,
+            flags::END,
+            &msg::Auth {
+                token: format!("guess-{sent:020}"),
+            },
+        );
+        drop(r); // no waiting for the answer
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let evaluated = s
+        .server
+        .stats
+        .auth_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let limit = fsd::server::limits::GUESS_BURST_PER_SOURCE as u64
+        + (t.elapsed().as_secs_f64() * fsd::server::limits::GUESSES_PER_SEC_PER_SOURCE).ceil()
+            as u64;
+    assert!(
+        evaluated <= limit,
+        "{evaluated} of {sent} guesses from one address were evaluated (limit {limit})"
+    );
+    // The guesser is now refused unevaluated, even with the right token...
+    let f = Raw::connect_from(s.addr, guesser).login(TOKEN);
+    assert!(
+        f.header.is_error(),
+        "a refused source got its token checked"
+    );
+    // ...while another address types one wrong token, then the right one, at once.
+    let t = Instant::now();
+    let mut r = Raw::connect_from(s.addr, "127.0.0.5".parse().unwrap());
+    let typo = r.login("a-typo-0123456789abcdef");
+    assert!(typo.header.is_error());
+    let ok = r.call(
+        Cmd::AUTH,
+        2,
+        &msg::Auth {
+            token: TOKEN.into(),
+        },
+    );
+    assert!(!ok.header.is_error(), "after a typo: {:?}", error_of(&ok));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a typo and a login took {:?}",
+        t.elapsed()
+    );
+    s.shutdown.cancel();
 }

@@ -335,7 +335,7 @@ fn bad_input_gets_its_error_and_the_server_keeps_serving() {
 }
 
 #[test]
-fn failed_auth_is_slowed_and_closed_after_three() {
+fn failed_auth_is_answered_at_once_and_closed_after_three() {
     let s = Fsd::start();
     let mut r = Raw::connect(s.addr);
     let t0 = Instant::now();
@@ -349,9 +349,12 @@ fn failed_auth_is_slowed_and_closed_after_three() {
         );
         assert_eq!(code(&f), ErrorCode::AuthFailed);
     }
+    // Guesses are paid from a per-source budget (tests/hardening.rs), not by a delay that
+    // would hold the connection.
     assert!(
-        t0.elapsed() >= Duration::from_millis(300),
-        "failures must be delayed"
+        t0.elapsed() < Duration::from_secs(1),
+        "failures answered in {:?}",
+        t0.elapsed()
     );
     assert!(r.closed());
 }

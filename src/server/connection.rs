@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::limits::Startup;
 use super::writer::{self, Outgoing, WriteSide};
 use super::{files, transfer, Credential, Server, MAX_AUTH_FAILURES};
 use crate::frame_reader::FrameReader;
@@ -26,8 +27,9 @@ use crate::protocol::{
     VERSION,
 };
 
-/// Largest control payload accepted before Auth (Hello and Auth are tiny).
-const PRE_AUTH_CONTROL: u32 = 16 * 1024;
+/// Largest payload of any frame before Auth succeeds, whatever Hello says (Hello and Auth are
+/// tiny): an unauthenticated peer cannot make the server buffer more.
+const PRE_AUTH_PAYLOAD: u32 = 16 * 1024;
 
 /// Frames queued for the writer per connection: bounds memory, and its FIFO interleaves streams.
 const WRITER_QUEUE: usize = 32;
@@ -197,6 +199,8 @@ struct Conn {
     base_chunk_size: u32,
     client_max_frame: u32,
     auth_failures: u32,
+    /// This connection's place among the unauthenticated ones, until it authenticates.
+    startup: Startup,
     /// Cancelled when the connection ends: stops every stream.
     done: CancellationToken,
 }
@@ -209,6 +213,7 @@ pub type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
 async fn transport(
     stream: TcpStream,
     server: &Server,
+    evicted: &CancellationToken,
 ) -> Option<(ReadSide, WriteSide, Option<String>, Option<RawFd>)> {
     let _ = stream.set_nodelay(true);
     let Some(tls) = server.config.tls.clone() else {
@@ -248,8 +253,13 @@ async fn transport(
         return None;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let stream =
-        match tokio::time::timeout(server.config.auth_timeout, acceptor.accept(stream)).await {
+    let handshake = tokio::time::timeout(server.config.auth_timeout, acceptor.accept(stream));
+    let stream = tokio::select! {
+        _ = evicted.cancelled() => {
+            tracing::debug!("TLS handshake cut: newer unauthenticated connections need the place");
+            return None;
+        }
+        r = handshake => match r {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "TLS handshake failed");
@@ -259,7 +269,8 @@ async fn transport(
                 tracing::warn!("TLS handshake timed out");
                 return None;
             }
-        };
+        },
+    };
     let subject = super::tls::peer_subject(stream.get_ref().1);
     let (rd, wr) = tokio::io::split(stream);
     Some((Box::new(rd), WriteSide::Stream(Box::new(wr)), subject, None))
@@ -270,12 +281,13 @@ pub async fn serve(
     peer: SocketAddr,
     server: Arc<Server>,
     shutdown: CancellationToken,
+    startup: Startup,
 ) {
     let span = tracing::info_span!("conn", %peer);
     async move {
         tracing::debug!("connected");
-        if let Some((rd, wr, subject, tcp)) = transport(stream, &server).await {
-            speak(rd, wr, subject, tcp, peer, server, shutdown).await;
+        if let Some((rd, wr, subject, tcp)) = transport(stream, &server, startup.evicted()).await {
+            speak(rd, wr, subject, tcp, peer, server, shutdown, startup).await;
         }
     }
     .instrument(span)
@@ -293,10 +305,12 @@ pub async fn run(
     server: Arc<Server>,
     shutdown: CancellationToken,
 ) {
-    speak(rd, wr, subject, None, peer, server, shutdown).await
+    let startup = server.startups.admit(peer.ip());
+    speak(rd, wr, subject, None, peer, server, shutdown, startup).await
 }
 
 /// [`run`]; `tcp` is the socket under `rd` on plain TCP (for the frame reader's wakeups).
+#[allow(clippy::too_many_arguments)]
 async fn speak(
     rd: ReadSide,
     wr: WriteSide,
@@ -305,6 +319,7 @@ async fn speak(
     peer: SocketAddr,
     server: Arc<Server>,
     shutdown: CancellationToken,
+    startup: Startup,
 ) {
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     let writer = tokio::spawn(writer::run(wr, rx, server.stats.clone()));
@@ -320,12 +335,13 @@ async fn speak(
         session: None,
         subject,
         auth_failures: 0,
+        startup,
         done: CancellationToken::new(),
     };
-    // Until Auth succeeds: no DATA at all and only small control frames, so an unauthenticated
-    // peer cannot make the server buffer anything big.
-    let mut codec = FrameCodec::new(0);
-    codec.set_max_control(PRE_AUTH_CONTROL);
+    // Until Auth succeeds only small frames, so an unauthenticated peer cannot make the server
+    // buffer anything big.
+    let mut codec = FrameCodec::new(PRE_AUTH_PAYLOAD);
+    codec.set_max_control(PRE_AUTH_PAYLOAD);
     let frames = FrameReader::new(rd, codec, tcp);
     let reason = conn.read_loop(frames, &shutdown).await;
     tracing::debug!(reason, "closing");
@@ -366,12 +382,19 @@ impl Conn {
         let server = self.server.clone();
         let cfg = &server.config;
         let mut deadline = Instant::now() + cfg.auth_timeout;
+        let evicted = self.startup.evicted().clone();
         loop {
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
                     self.send_error(Cmd::PING, 0, ErrorCode::ShuttingDown, "server shutting down").await;
                     return "shutdown";
+                }
+                // Only ever cancelled before Auth: an authenticated connection has left the queue.
+                _ = evicted.cancelled(), if self.session.is_none() => {
+                    self.send_error(Cmd::AUTH, 0, ErrorCode::LimitExceeded,
+                        "too many unauthenticated connections: authenticate promptly").await;
+                    return "evicted before auth";
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     if self.session.is_none() {
@@ -514,11 +537,13 @@ impl Conn {
                 )
                 .await
             }
-            Cmd::HELLO => self.hello(f, codec).await,
+            Cmd::HELLO => self.hello(f).await,
             Cmd::AUTH => {
                 let close = self.auth(f).await;
                 if self.session.is_some() {
+                    self.startup.authenticated();
                     codec.set_max_control(crate::protocol::MAX_CONTROL_PAYLOAD);
+                    codec.set_max_data(self.server.config.max_frame);
                 }
                 return close;
             }
@@ -631,7 +656,7 @@ impl Conn {
         }
     }
 
-    async fn hello(&mut self, f: Frame, codec: &mut FrameCodec) {
+    async fn hello(&mut self, f: Frame) {
         let h = match f.decode::<msg::Hello>() {
             Ok(h) => h,
             Err(e) => {
@@ -665,7 +690,6 @@ impl Conn {
         if h.max_frame > 0 {
             self.client_max_frame = h.max_frame;
         }
-        codec.set_max_data(self.server.config.max_frame);
         let reply = msg::Hello {
             version: VERSION as u32,
             max_frame: self.server.config.max_frame,
@@ -693,6 +717,28 @@ impl Conn {
             }
         };
         let creds = &self.server.config.credentials;
+        let limiter = &self.server.auth_limiter;
+        // Taken before the token is looked at, so every wrong guess is paid for even when the
+        // peer hangs up at once.
+        let attempt = match limiter.attempt(self.peer.ip()) {
+            Ok(a) => a,
+            Err(wait) => {
+                self.auth_failures += 1;
+                tracing::warn!(?wait, "authentication refused: too many failures");
+                self.send_error(
+                    Cmd::AUTH,
+                    sid,
+                    ErrorCode::AuthFailed,
+                    format!(
+                        "too many failed authentications; not checked, try again in {} s",
+                        wait.as_secs()
+                    ),
+                )
+                .await;
+                return (self.auth_failures >= MAX_AUTH_FAILURES)
+                    .then_some("too many auth failures");
+            }
+        };
         let cred = match (&self.subject, token.is_empty()) {
             (Some(subject), true) => creds.check_subject(subject),
             _ => creds.check(&token),
@@ -704,13 +750,7 @@ impl Conn {
                 .auth_failures
                 .fetch_add(1, Ordering::Relaxed);
             self.auth_failures += 1;
-            let delay = self.server.auth_penalty(self.peer.ip());
-            tracing::warn!(
-                failures = self.auth_failures,
-                ?delay,
-                "authentication failed"
-            );
-            tokio::time::sleep(delay).await;
+            tracing::warn!(failures = self.auth_failures, "authentication failed");
             self.send_error(
                 Cmd::AUTH,
                 sid,
@@ -720,6 +760,7 @@ impl Conn {
             .await;
             return (self.auth_failures >= MAX_AUTH_FAILURES).then_some("too many auth failures");
         };
+        limiter.succeeded(attempt);
         let sub_root = if cred.prefix.is_empty() {
             Ok(None)
         } else {

@@ -7,18 +7,18 @@
 pub mod auth;
 mod connection;
 mod files;
+pub mod limits;
 pub mod metrics;
 pub mod tls;
 mod transfer;
 mod writer;
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -50,6 +50,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const MAX_BLOCKING_THREADS: usize = 16;
 /// Failed Auth attempts per connection before it is closed.
 pub const MAX_AUTH_FAILURES: u32 = 3;
+/// Unauthenticated connections from one source address at once (`--max-startups-per-source`).
+pub const MAX_STARTUPS_PER_SOURCE: usize = 16;
+/// Refusals (over `--max-connections`) being written at once; beyond, a refused connection is
+/// closed without a word, so a flood cannot hold descriptors for refusals.
+const MAX_REFUSALS: usize = 64;
 /// Name of the state directory when it lives inside the root (then invisible to clients).
 pub const STATE_DIR_NAME: &str = ".fsd-state";
 
@@ -63,6 +68,9 @@ pub struct Config {
     /// Base chunk size offered to clients that do not ask for one.
     pub chunk_size: u32,
     pub max_connections: usize,
+    /// Unauthenticated connections at once; 0 = a quarter of `max_connections`.
+    pub max_startups: usize,
+    pub max_startups_per_source: usize,
     pub max_streams: usize,
     pub max_handles: usize,
     pub max_frame: u32,
@@ -82,6 +90,8 @@ impl Config {
             credentials,
             chunk_size: crate::protocol::DEFAULT_CHUNK_SIZE,
             max_connections: MAX_CONNECTIONS,
+            max_startups: 0,
+            max_startups_per_source: MAX_STARTUPS_PER_SOURCE,
             max_streams: MAX_STREAMS,
             max_handles: MAX_HANDLES,
             max_frame: MAX_FRAME,
@@ -119,8 +129,10 @@ pub struct Server {
     pub stats: Arc<Stats>,
     /// Request counters and latencies, active transfers (for --metrics).
     pub metrics: metrics::Metrics,
-    /// Auth failures per source address: (count, last failure), for the growing penalty.
-    penalties: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Unauthenticated connections, per source and in total.
+    pub startups: Arc<limits::Startups>,
+    /// Budgets of wrong tokens, per source and server-wide.
+    pub auth_limiter: limits::AuthLimiter,
 }
 
 impl Server {
@@ -159,6 +171,11 @@ impl Server {
         }
         let uploads = UploadStore::new(state_dir.join("uploads"), config.upload_ttl)?;
         let manifests = ManifestCache::new(state_dir.join("manifests"))?;
+        let max_startups = match config.max_startups {
+            0 => (config.max_connections / 4).max(1),
+            n => n,
+        };
+        let startups = limits::Startups::new(max_startups, config.max_startups_per_source);
         Ok(Arc::new(Server {
             config,
             root,
@@ -166,27 +183,9 @@ impl Server {
             uploads,
             stats: Arc::new(Stats::default()),
             metrics: metrics::Metrics::default(),
-            penalties: Mutex::new(HashMap::new()),
+            startups,
+            auth_limiter: limits::AuthLimiter::default(),
         }))
-    }
-
-    /// Delay before answering a failed Auth from `ip`: doubles with each recent failure.
-    fn auth_penalty(&self, ip: IpAddr) -> Duration {
-        let mut p = self.penalties.lock().unwrap();
-        if p.len() > 100_000 {
-            p.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(600));
-            if p.len() > 100_000 {
-                // Many sources at once (an IPv6 sweep): forget rather than grow without bound.
-                p.clear();
-            }
-        }
-        let e = p.entry(ip).or_insert((0, Instant::now()));
-        if e.1.elapsed() > Duration::from_secs(600) {
-            e.0 = 0;
-        }
-        e.0 += 1;
-        e.1 = Instant::now();
-        Duration::from_millis(100 << e.0.min(6)).min(Duration::from_secs(5))
     }
 }
 
@@ -198,6 +197,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(server.config.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let tracker = TaskTracker::new();
     let gc = {
         let server = server.clone();
@@ -241,11 +241,19 @@ pub async fn run(
                 .stats
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
+            // A TLS client could not read a cleartext refusal: just close.
             if server.config.tls.is_none() {
-                tracker.spawn(refuse(stream, peer));
-            } // A TLS client could not read a cleartext refusal: just close.
+                if let Ok(p) = refusals.clone().try_acquire_owned() {
+                    tracker.spawn(async move {
+                        refuse(stream, peer).await;
+                        drop(p);
+                    });
+                }
+            }
             continue;
         };
+        // Decided here, in accept order: who waits to authenticate, and who has waited longest.
+        let startup = server.startups.admit(peer.ip());
         server
             .stats
             .connections_total
@@ -257,7 +265,7 @@ pub async fn run(
                 .stats
                 .connections_open
                 .fetch_add(1, Ordering::Relaxed);
-            connection::serve(stream, peer, server.clone(), shutdown).await;
+            connection::serve(stream, peer, server.clone(), shutdown, startup).await;
             server
                 .stats
                 .connections_open

@@ -297,6 +297,47 @@ impl Raw {
         }
     }
 
+    /// Connected from the local address `from` (any 127.0.0.0/8 address is this host's), so a
+    /// test can be two sources.
+    pub fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> Raw {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        sock.bind(&SocketAddr::new(from, 0).into()).unwrap();
+        sock.connect(&addr.into()).unwrap();
+        let sock = TcpStream::from(sock);
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Raw {
+            sock,
+            codec: FrameCodec::new(16 << 20),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends Hello and Auth with `token`; returns the Auth reply.
+    pub fn login(&mut self, token: &str) -> Frame {
+        self.send_msg(
+            Cmd::HELLO,
+            0,
+            flags::END,
+            &msg::Hello {
+                version: 1,
+                ..Default::default()
+            },
+        );
+        let h = self.recv().expect("hello reply");
+        if h.header.is_error() {
+            return h;
+        }
+        self.call(
+            Cmd::AUTH,
+            1,
+            &msg::Auth {
+                token: token.into(),
+            },
+        )
+    }
+
     /// Connected, Hello'd and authenticated.
     pub fn authed(addr: SocketAddr) -> Raw {
         Raw::authed_as(addr, TOKEN, 0)
