@@ -391,3 +391,48 @@ fn token_guessing_is_bounded_even_when_guessers_hang_up() {
     );
     s.shutdown.cancel();
 }
+
+/// A client that asks for many inline files and never reads its socket holds at most its
+/// connection's reply budget in the server, however many requests it sends.
+#[test]
+fn replies_a_client_does_not_read_are_bounded_in_bytes() {
+    let fsd = Fsd::start();
+    for i in 0..64 {
+        write_random(&fsd.root.join(format!("f{i}")), 256 * 1024, i);
+    }
+    let base = proc_status_kib(fsd.pid(), "VmRSS:");
+    let conns: Vec<Raw> = (0..12)
+        .map(|_| {
+            let mut r = Raw::authed(fsd.addr);
+            // Small receive buffer: the socket fills early and the server must hold the rest.
+            for i in 0..64u32 {
+                r.send_msg(
+                    Cmd::OPEN,
+                    2 + i,
+                    flags::END,
+                    &msg::OpenRequest {
+                        path: format!("f{i}"),
+                        inline_max: 256 * 1024,
+                        ..Default::default()
+                    },
+                );
+            }
+            r
+        })
+        .collect();
+    // Give the server time to read every file it is willing to (bounded wait).
+    let mut peak = 0;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(proc_status_kib(fsd.pid(), "VmRSS:"));
+    }
+    let grew_mib = peak.saturating_sub(base) / 1024;
+    println!("12 connections x 64 unread inline OPENs of 256 KiB: fsd RSS +{grew_mib} MiB");
+    // 12 x 16 MiB asked for; the budget is 4 MiB per connection (plus what sits in socket
+    // buffers, which is kernel memory).
+    assert!(
+        grew_mib < 80,
+        "fsd grew by {grew_mib} MiB for replies nobody reads"
+    );
+    drop(conns);
+}

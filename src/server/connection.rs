@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -33,6 +33,15 @@ const PRE_AUTH_PAYLOAD: u32 = 16 * 1024;
 
 /// Frames queued for the writer per connection: bounds memory, and its FIFO interleaves streams.
 const WRITER_QUEUE: usize = 32;
+
+/// Bytes of big replies (inline contents, listings, manifests) one connection may have read or
+/// built and not yet written: a client that stops reading stalls its own requests, holding no
+/// more than this.
+pub const REPLY_BUDGET: u32 = 4 * 1024 * 1024;
+
+/// Bytes of received DATA (WRITE, PUT) one connection may have waiting to be stored, at least
+/// one frame: beyond, the server stops reading from the socket until the disk catches up.
+const INBOUND_BUDGET: u32 = 16 * 1024 * 1024;
 
 /// A request that failed: the one place a server error becomes a wire status.
 #[derive(Debug)]
@@ -143,9 +152,22 @@ pub struct Session {
     /// Largest DATA payload the client accepts.
     pub client_max_frame: u32,
     pub handles: Mutex<transfer::Handles>,
+    /// [`REPLY_BUDGET`] of this connection.
+    pub replies: Arc<Semaphore>,
 }
 
 impl Session {
+    /// Reserves `bytes` of the reply budget, waiting while the client has not read enough of
+    /// what it was sent.
+    pub async fn reserve_reply(&self, bytes: u32) -> OwnedSemaphorePermit {
+        let bytes = bytes.min(REPLY_BUDGET);
+        self.replies
+            .clone()
+            .acquire_many_owned(bytes)
+            .await
+            .expect("the reply budget is never closed")
+    }
+
     /// Where this session's paths resolve: the root, or the credential's prefix beneath it.
     pub fn root(&self) -> &Root {
         self.sub_root.as_ref().unwrap_or(&self.server.root)
@@ -201,6 +223,8 @@ struct Conn {
     auth_failures: u32,
     /// This connection's place among the unauthenticated ones, until it authenticates.
     startup: Startup,
+    /// [`INBOUND_BUDGET`] of this connection.
+    inbound: Arc<Semaphore>,
     /// Cancelled when the connection ends: stops every stream.
     done: CancellationToken,
 }
@@ -336,6 +360,9 @@ async fn speak(
         subject,
         auth_failures: 0,
         startup,
+        inbound: Arc::new(Semaphore::new(
+            INBOUND_BUDGET.max(server.config.max_frame) as usize
+        )),
         done: CancellationToken::new(),
     };
     // Until Auth succeeds only small frames, so an unauthenticated peer cannot make the server
@@ -496,20 +523,35 @@ impl Conn {
             if self.discard_data.remove(&sid) {
                 return None;
             }
-            match (cmd, self.pending_writes.remove(&sid), &self.session) {
-                (Cmd::WRITE, Some(Pending::Write(req)), Some(session)) => {
+            // The payload is held until stored: waiting here for the budget stops reading
+            // from the socket, so the client's sending is paced by the disk.
+            let held = match (cmd, self.pending_writes.contains_key(&sid), &self.session) {
+                (Cmd::WRITE | Cmd::PUT, true, Some(_)) => {
+                    let n = u32::try_from(f.payload.len()).unwrap_or(u32::MAX);
+                    Some(
+                        self.inbound
+                            .clone()
+                            .acquire_many_owned(n)
+                            .await
+                            .expect("the inbound budget is never closed"),
+                    )
+                }
+                _ => None,
+            };
+            match (cmd, self.pending_writes.remove(&sid), &self.session, held) {
+                (Cmd::WRITE, Some(Pending::Write(req)), Some(session), Some(held)) => {
                     let st = self.stream_tx(sid, cmd);
                     let session = session.clone();
                     let span = tracing::debug_span!("stream", id = sid, %cmd);
-                    tokio::spawn(transfer::write(session, req, f, st).instrument(span));
+                    tokio::spawn(transfer::write(session, req, f, st, held).instrument(span));
                 }
-                (Cmd::PUT, Some(Pending::Put(req)), Some(session)) => {
+                (Cmd::PUT, Some(Pending::Put(req)), Some(session), Some(held)) => {
                     let st = self.stream_tx(sid, cmd);
                     let session = session.clone();
                     let span = tracing::debug_span!("stream", id = sid, %cmd);
-                    tokio::spawn(transfer::put(session, req, f, st).instrument(span));
+                    tokio::spawn(transfer::put(session, req, f, st, held).instrument(span));
                 }
-                (_, pending, _) => {
+                (_, pending, _, _) => {
                     if pending.is_some() {
                         self.streams.lock().unwrap().remove(&sid);
                     }
@@ -794,6 +836,7 @@ impl Conn {
             base_chunk_size: self.base_chunk_size,
             client_max_frame: self.client_max_frame,
             handles: Mutex::new(transfer::Handles::default()),
+            replies: Arc::new(Semaphore::new(REPLY_BUDGET as usize)),
         }));
         self.send(Frame::message(Cmd::AUTH, sid, flags::END, &ok))
             .await;
@@ -805,6 +848,15 @@ impl Conn {
 async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
     let _timer = session.server.metrics.request(f.cmd());
     let payload: Bytes = f.payload.clone();
+    // Replies that can be big are built only within the connection's reply budget.
+    let held = match f.cmd() {
+        Cmd::LIST | Cmd::MANIFEST => Some(
+            session
+                .reserve_reply(crate::protocol::MAX_CONTROL_PAYLOAD)
+                .await,
+        ),
+        _ => None,
+    };
     let result = match f.cmd() {
         Cmd::LIST => files::list(&session, payload).await,
         Cmd::STAT => files::stat(&session, payload).await,
@@ -824,7 +876,11 @@ async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
     match result {
         Ok(frame_payload) => {
             let f = Frame::new(st.cmd, st.stream_id, flags::END, frame_payload);
-            st.finish(Outgoing::Frame(f)).await
+            let item = match held {
+                Some(h) => Outgoing::Held(f, h),
+                None => Outgoing::Frame(f),
+            };
+            st.finish(item).await
         }
         Err(e) => st.fail(e).await,
     }

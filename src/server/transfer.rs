@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::connection::{Failure, Session, StreamTx};
 use super::files::blocking;
@@ -126,10 +127,18 @@ enum Opened {
 }
 
 pub async fn open(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
+    // Room for the contents of an inline reply, reserved before they are read.
+    let mut held = None;
     let opened = match msg::OpenRequest::decode(payload) {
         Err(e) => Err(e.into()),
         Ok(req) => match msg::OpenMode::try_from(req.mode) {
-            Ok(msg::OpenMode::OpenRead) => open_read(session, req).await,
+            Ok(msg::OpenMode::OpenRead) => {
+                if req.inline_max > 0 {
+                    let most = req.inline_max.min(MAX_INLINE);
+                    held = Some(session.reserve_reply(most).await);
+                }
+                open_read(session, req).await
+            }
             Ok(msg::OpenMode::OpenWrite) => open_write(session, req).await.map(Opened::Reply),
             Err(_) => Err(Failure::new(
                 ErrorCode::BadRequest,
@@ -149,7 +158,13 @@ pub async fn open(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
                 .await
             {
                 let last = Frame::new(cmd, sid, flags::DATA | flags::END, data);
-                st.finish(Outgoing::Frame(last)).await
+                // Keep what the contents take; the rest of the reservation goes back now.
+                let item = match held.as_mut().and_then(|h| h.split(last.payload.len())) {
+                    Some(h) => Outgoing::Held(last, h),
+                    None => Outgoing::Frame(last),
+                };
+                drop(held);
+                st.finish(item).await
             }
         }
         Err(e) => st.fail(e).await,
@@ -348,7 +363,14 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
 /// PUT: a whole single-chunk file in one request (PutRequest, then its DATA frame, whose CRC32
 /// the codec already checked): the checks of OPEN WRITE, then write and COMMIT, on one blocking
 /// thread, with no handle.
-pub async fn put(session: Arc<Session>, mut req: msg::PutRequest, data: Frame, st: StreamTx) {
+/// `_held` is the connection's inbound budget for `data`, given back when this ends.
+pub async fn put(
+    session: Arc<Session>,
+    mut req: msg::PutRequest,
+    data: Frame,
+    st: StreamTx,
+    _held: OwnedSemaphorePermit,
+) {
     let _timer = session.server.metrics.request(st.cmd);
     let written = blocking(&session, move |s| {
         let blake3 = std::mem::take(&mut req.blake3);
@@ -496,7 +518,14 @@ async fn prepare_read(
 }
 
 /// Stores one uploaded chunk (already CRC-checked by the codec) and acknowledges it.
-pub async fn write(session: Arc<Session>, req: msg::WriteRequest, data: Frame, st: StreamTx) {
+/// `_held` is the connection's inbound budget for `data`, given back when this ends.
+pub async fn write(
+    session: Arc<Session>,
+    req: msg::WriteRequest,
+    data: Frame,
+    st: StreamTx,
+    _held: OwnedSemaphorePermit,
+) {
     let _timer = session.server.metrics.request(st.cmd);
     let result = async {
         let Handle::Write(upload) = get(&session, req.handle)? else {

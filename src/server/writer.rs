@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::Stats;
 use crate::protocol::{Frame, Header};
@@ -24,6 +24,9 @@ const BATCH_BYTES: usize = 64 * 1024;
 #[derive(Debug)]
 pub enum Outgoing {
     Frame(Frame),
+    /// A frame whose payload counts against its connection's reply budget until it is written
+    /// (big replies: inline file contents, listings, manifests).
+    Held(Frame, OwnedSemaphorePermit),
     /// A DATA frame whose payload is `header.payload_len` bytes of `file` at `offset`, with the
     /// checksum already in the header.
     File {
@@ -71,12 +74,19 @@ pub async fn run(
     stats: Arc<Stats>,
 ) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(BATCH_BYTES);
+    // Budget of the frames in `buf`: given back once they are written.
+    let mut held = Vec::new();
     while let Some(mut item) = rx.recv().await {
         loop {
             match item {
                 Outgoing::Frame(f) => {
                     f.header.encode(&mut buf);
                     buf.extend_from_slice(&f.payload);
+                }
+                Outgoing::Held(f, permit) => {
+                    f.header.encode(&mut buf);
+                    buf.extend_from_slice(&f.payload);
+                    held.push(permit);
                 }
                 Outgoing::File {
                     header,
@@ -86,6 +96,7 @@ pub async fn run(
                     header.encode(&mut buf);
                     out.write_all(&buf).await?;
                     buf.clear();
+                    held.clear();
                     send_payload(&mut out, &file, offset, header.payload_len as usize, &stats)
                         .await?;
                     stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
@@ -94,6 +105,7 @@ pub async fn run(
             if buf.len() >= BATCH_BYTES {
                 out.write_all(&buf).await?;
                 buf.clear();
+                held.clear();
             }
             match rx.try_recv() {
                 Ok(next) => item = next,
@@ -104,6 +116,7 @@ pub async fn run(
             out.write_all(&buf).await?;
             buf.clear();
         }
+        held.clear();
         out.flush().await?;
     }
     let _ = out.shutdown().await;
