@@ -29,10 +29,11 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "0.0.0.0:9000")]
     listen: SocketAddr,
-    /// Read-write token for the whole root.
+    /// Read-write token for the whole root (at least 16 bytes).
     #[arg(long, env = "FSD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Token file: one `NAME TOKEN read|rw [PREFIX]` per line.
+    /// Token file: one `NAME TOKEN read|rw [PREFIX]` per line; `#` starts a comment at a line's
+    /// start or after whitespace. Keep it private (mode 600): fsd warns otherwise.
     #[arg(long, conflicts_with = "token")]
     token_file: Option<PathBuf>,
     /// Server state (upload data, manifests). Default: ROOT/.fsd-state, hidden from clients.
@@ -108,7 +109,12 @@ async fn serve(args: Args) -> Result<()> {
     }
 
     let (credentials, generated) = match (&args.token, &args.token_file) {
-        (Some(t), _) => (Credentials::single(t), false),
+        (Some(t), _) => {
+            // An empty or short token would start a server nobody, or anybody, can log in to.
+            server::auth::check_token(t)
+                .map_err(|e| anyhow::anyhow!("--token (or FSD_TOKEN): {e}"))?;
+            (Credentials::single(t), false)
+        }
         (None, Some(f)) => (Credentials::load(f).map_err(anyhow::Error::msg)?, false),
         (None, None) => (Credentials::random(), true),
     };
