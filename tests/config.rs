@@ -130,3 +130,70 @@ fn token_file_open_to_others_is_warned_about() {
         assert_eq!(log.contains(warning), warned, "mode {m:o}:\n{log}");
     }
 }
+
+// ---- item 11: the state directory ----
+
+#[test]
+fn state_dir_clients_could_reach_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().canonicalize().unwrap();
+    let root = top.join("root");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::create_dir(top.join("out")).unwrap();
+    std::os::unix::fs::symlink(root.join("sub"), top.join("out/link")).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases = [
+        (s(&root.join("sub/state")), "is inside the root"),
+        (s(&root.join("sub/.fsd-state")), "is inside the root"),
+        (s(&root.join("sub/../sub/state")), "is inside the root"),
+        // Through a symlink outside the root that leads back in.
+        (s(&top.join("out/link/state")), "is inside the root"),
+        (s(&root), "is the root"),
+        (s(&root.join(".")), "is the root"),
+        (s(&top), "holds the root"),
+    ];
+    for (state, why) in &cases {
+        let e = refused(&root, &["--state-dir", state], &[]);
+        assert_says(&e, &["--state-dir", state, why]);
+    }
+    // Refused before anything was created: the root holds only what the test made.
+    let mut names: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["sub"]);
+    assert_eq!(std::fs::read_dir(root.join("sub")).unwrap().count(), 0);
+
+    // The default name, but a symlink to elsewhere in the root.
+    let root2 = top.join("root2");
+    std::fs::create_dir_all(root2.join("pub")).unwrap();
+    std::os::unix::fs::symlink("pub", root2.join(".fsd-state")).unwrap();
+    let e = refused(&root2, &[], &[]);
+    assert_says(&e, &["root2/pub) is inside the root"]);
+}
+
+#[test]
+fn state_dir_outside_the_root_or_the_hidden_default_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path();
+    let root = top.join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("f"), b"x").unwrap();
+    let outside = top.join("state");
+    let hidden = root.join(".fsd-state");
+    for state in [&outside, &hidden] {
+        let s = Fsd::start_on(&root, &["--state-dir", state.to_str().unwrap()]);
+        assert!(state.join("uploads").is_dir(), "{}", s.log_text());
+        // It serves: a STAT of the root's file answers.
+        let mut c = Raw::authed(s.addr);
+        let r = c.call(
+            fsd::protocol::Cmd::STAT,
+            1,
+            &fsd::protocol::msg::StatRequest { path: "f".into() },
+        );
+        assert!(!r.header.is_error(), "{:?}", error_of(&r));
+        let st: fsd::protocol::msg::StatResponse = prost::Message::decode(r.payload).unwrap();
+        assert_eq!(st.entry.unwrap().size, 1);
+    }
+}
