@@ -197,3 +197,48 @@ fn state_dir_outside_the_root_or_the_hidden_default_starts() {
         assert_eq!(st.entry.unwrap().size, 1);
     }
 }
+
+// ---- item 13: metrics ----
+
+#[test]
+fn public_metrics_need_a_token_or_metrics_public() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let t = ["--token", TOKEN];
+    let e = refused(root, &[&t[..], &["--metrics", "0.0.0.0:0"]].concat(), &[]);
+    assert_says(
+        &e,
+        &[
+            "0.0.0.0:0 is not a loopback address",
+            "--metrics-token",
+            "--metrics-public",
+        ],
+    );
+    let e = refused(
+        root,
+        &[&t[..], &["--metrics", "127.0.0.1:0"]].concat(),
+        &[("FSD_METRICS_TOKEN", "short")],
+    );
+    assert_says(&e, &["FSD_METRICS_TOKEN", "shorter than 16 bytes"]);
+
+    let warning = "--metrics-public: metrics on 0.0.0.0:0 without a token";
+    let s = Fsd::start_on(root, &["--metrics", "0.0.0.0:0", "--metrics-public"]);
+    assert!(s.log_text().contains(warning), "{}", s.log_text());
+    let s = Fsd::start_on(
+        root,
+        &[
+            "--metrics",
+            "0.0.0.0:0",
+            "--metrics-token",
+            "metrics-0123456789abcdef",
+        ],
+    );
+    assert!(!s.log_text().contains(warning), "{}", s.log_text());
+    // Loopback needs neither.
+    let s = Fsd::start_on(root, &["--metrics", "127.0.0.1:0"]);
+    assert!(
+        !s.log_text().contains("--metrics-public"),
+        "{}",
+        s.log_text()
+    );
+}
