@@ -168,7 +168,7 @@ impl Server {
                 state_abs.display()
             )))
         };
-        // Equal: every request would be refused (the root's own name is reserved). Above the
+        // Equal: the root would be hidden from itself, so every request is refused. Above the
         // root: the state files would sit beside or above the served files.
         if root_abs.starts_with(&state_abs) {
             let is = if root_abs == state_abs { "is" } else { "holds" };
