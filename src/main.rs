@@ -29,10 +29,11 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "0.0.0.0:9000")]
     listen: SocketAddr,
-    /// Read-write token for the whole root.
+    /// Read-write token for the whole root (at least 16 bytes).
     #[arg(long, env = "FSD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Token file: one `NAME TOKEN read|rw [PREFIX]` per line.
+    /// Token file: one `NAME TOKEN read|rw [PREFIX]` per line; `#` starts a comment at a line's
+    /// start or after whitespace. Keep it private (mode 600): fsd warns otherwise.
     #[arg(long, conflicts_with = "token")]
     token_file: Option<PathBuf>,
     /// Server state (upload data, manifests). Default: ROOT/.fsd-state, hidden from clients.
@@ -82,9 +83,24 @@ struct Args {
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
     /// Serve /metrics (Prometheus), /transfers (JSON) and /healthz over HTTP on this address
-    /// (port 0 picks a free port; the bound address is printed). Off by default.
+    /// (port 0 picks a free port; the bound address is printed). Off by default. /transfers
+    /// shows every open transfer's path, credential name and peer address, so a non-loopback
+    /// address needs --metrics-token or --metrics-public.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
+    /// Require `Authorization: Bearer TOKEN` (at least 16 bytes) on every metrics endpoint but
+    /// /healthz; otherwise 401.
+    #[arg(
+        long,
+        env = "FSD_METRICS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    metrics_token: Option<String>,
+    /// Serve metrics without a token on a non-loopback --metrics address: anyone who can reach
+    /// it sees every transfer.
+    #[arg(long, requires = "metrics")]
+    metrics_public: bool,
     /// Threads for blocking file-system work (each may hold a chunk buffer): bounds memory when
     /// many clients open uncached files at once; further work queues.
     #[arg(long, default_value_t = server::MAX_BLOCKING_THREADS)]
@@ -115,10 +131,37 @@ async fn serve(args: Args) -> Result<()> {
     }
 
     let (credentials, generated) = match (&args.token, &args.token_file) {
-        (Some(t), _) => (Credentials::single(t), false),
+        (Some(t), _) => {
+            // An empty or short token would start a server nobody, or anybody, can log in to.
+            server::auth::check_token(t)
+                .map_err(|e| anyhow::anyhow!("--token (or FSD_TOKEN): {e}"))?;
+            (Credentials::single(t), false)
+        }
         (None, Some(f)) => (Credentials::load(f).map_err(anyhow::Error::msg)?, false),
         (None, None) => (Credentials::random(), true),
     };
+    let metrics_token = match &args.metrics_token {
+        Some(t) => {
+            server::auth::check_token(t)
+                .map_err(|e| anyhow::anyhow!("--metrics-token (or FSD_METRICS_TOKEN): {e}"))?;
+            Some(server::metrics::BearerToken::new(t))
+        }
+        None => None,
+    };
+    if let Some(a) = args
+        .metrics
+        .filter(|a| metrics_token.is_none() && !a.ip().is_loopback())
+    {
+        anyhow::ensure!(
+            args.metrics_public,
+            "--metrics {a} is not a loopback address: /transfers would show every transfer's \
+             path, credential name and peer address to anyone who can reach it; give \
+             --metrics-token (or FSD_METRICS_TOKEN), or --metrics-public to accept that"
+        );
+        tracing::warn!(
+            "--metrics-public: metrics on {a} without a token; anyone who can reach it sees every transfer"
+        );
+    }
     anyhow::ensure!(
         args.chunk_size.is_power_of_two()
             && (fsd::protocol::MIN_CHUNK_SIZE..=fsd::protocol::MAX_CHUNK_SIZE)
@@ -200,7 +243,12 @@ async fn serve(args: Args) -> Result<()> {
         tracing::info!("shutting down");
     });
     if let Some(l) = metrics {
-        tokio::spawn(server::metrics::serve(l, srv.clone(), shutdown.clone()));
+        tokio::spawn(server::metrics::serve(
+            l,
+            srv.clone(),
+            shutdown.clone(),
+            metrics_token,
+        ));
     }
     server::run(listener, srv, shutdown).await?;
     tracing::info!("stopped");

@@ -37,19 +37,25 @@ fn start(root: &std::path::Path, extra: &[&str]) -> (Fsd, SocketAddr) {
 
 /// A bare HTTP/1.1 GET: (status, body).
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = get_with(addr, path, "");
+    (status, body)
+}
+
+/// A GET with extra header lines (each ending in CRLF): (status, head, body).
+fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
     let mut sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     write!(
         sock,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut resp = String::new();
     sock.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
 }
 
 /// `/metrics` as sample name (with labels, as printed) -> value.
@@ -320,4 +326,47 @@ fn an_upload_is_listed_until_close_then_expires() {
     wait_for("the upload to expire", Duration::from_secs(10), || {
         scrape(m)["fsd_uploads_expired_total"] == 1.0
     });
+}
+
+/// With `--metrics-token`, every endpoint but /healthz answers 401 (and says how to
+/// authenticate) unless the request carries `Authorization: Bearer TOKEN`.
+#[test]
+fn metrics_token_guards_every_endpoint_but_healthz() {
+    const METRICS_TOKEN: &str = "metrics-token-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let (s, m) = start(dir.path(), &["--metrics-token", METRICS_TOKEN]);
+    // An open transfer, so that /transfers would have something to leak.
+    std::fs::write(dir.path().join("f"), b"secret-name").unwrap();
+    let mut c = Raw::authed(s.addr);
+    let open = msg::OpenRequest {
+        path: "f".into(),
+        ..Default::default()
+    };
+    let r = c.call(Cmd::OPEN, 1, &open);
+    assert!(!r.header.is_error(), "{:?}", error_of(&r));
+
+    let good = format!("Authorization: Bearer {METRICS_TOKEN}\r\n");
+    let wrong = [
+        String::new(),
+        "Authorization: Bearer metrics-token-012345678\r\n".into(),
+        format!("Authorization: Bearer {METRICS_TOKEN}0\r\n"),
+        format!("Authorization: Basic {METRICS_TOKEN}\r\n"),
+        format!("Authorization: {METRICS_TOKEN}\r\n"),
+    ];
+    for path in ["/metrics", "/transfers", "/nope"] {
+        for h in &wrong {
+            let (status, head, body) = get_with(m, path, h);
+            assert_eq!(status, 401, "{path} with {h:?}: {body}");
+            assert!(head.contains("www-authenticate: Bearer"), "{head}");
+            assert!(!body.contains("fsd_") && !body.contains("\"f\""), "{body}");
+        }
+    }
+    let (status, _, body) = get_with(m, "/transfers", &good);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"path\":\"f\""), "{body}");
+    let (status, _, body) = get_with(m, "/metrics", &good);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert_eq!(get_with(m, "/nope", &good).0, 404);
+    assert_eq!(get(m, "/healthz"), (200, "ok\n".to_string()));
 }

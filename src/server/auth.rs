@@ -73,17 +73,36 @@ impl Credentials {
     }
 
     /// Parses a token file: one credential per line, `NAME TOKEN read|rw [PREFIX]`, where TOKEN
-    /// may be `cert:COMMON_NAME` to bind the entry to a client certificate; `#` comments.
+    /// may be `cert:COMMON_NAME` to bind the entry to a client certificate.
+    ///
+    /// A `#` that starts a line or follows whitespace begins a comment. A `#` inside a field is
+    /// refused rather than read as a comment: `pub#2` used to become `pub` silently.
+    ///
+    /// Refused, with the line named: duplicate names, tokens or certificate subjects (the first
+    /// would shadow the second), tokens shorter than MIN_TOKEN_LEN, control characters, and a
+    /// PREFIX that is absolute, has an empty, `.` or `..` component, or names the state directory.
     pub fn parse(text: &str) -> Result<Credentials, String> {
-        let mut entries = Vec::new();
+        let mut entries: Vec<Credential> = Vec::new();
+        // Line number of each entry, for "same as line N".
+        let mut lines = Vec::new();
         for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let f: Vec<&str> = line.split_whitespace().collect();
             let bad =
                 |why: &str| format!("line {}: {why} (want: NAME TOKEN read|rw [PREFIX])", n + 1);
+            let f: Vec<&str> = line
+                .split_whitespace()
+                .take_while(|w| !w.starts_with('#'))
+                .collect();
+            if f.is_empty() {
+                continue;
+            }
+            if f.iter().any(|w| w.contains('#')) {
+                return Err(bad(
+                    "`#` inside a field (a comment starts at a line's start or after a space)",
+                ));
+            }
+            if f.iter().any(|w| w.chars().any(char::is_control)) {
+                return Err(bad("control character in a field"));
+            }
             if f.len() < 3 || f.len() > 4 {
                 return Err(bad("wrong number of fields"));
             }
@@ -96,11 +115,14 @@ impl Credentials {
             if subject.as_deref() == Some("") {
                 return Err(bad("empty certificate subject"));
             }
-            if subject.is_none() && f[1].len() < 16 {
-                return Err(bad("token shorter than 16 characters"));
+            if subject.is_none() {
+                check_token(f[1]).map_err(|e| bad(&e))?;
             }
-            let prefix = f.get(3).map_or("", |p| p.trim_matches('/')).to_string();
-            entries.push(Credential {
+            let prefix = match f.get(3) {
+                Some(p) => check_prefix(p).map_err(|e| bad(&e))?,
+                None => String::new(),
+            };
+            let c = Credential {
                 name: f[0].into(),
                 token: if subject.is_some() {
                     String::new()
@@ -110,7 +132,25 @@ impl Credentials {
                 subject,
                 writable,
                 prefix,
+            };
+            // Not secret-dependent timing worth hiding: this runs once, at start.
+            let clash = entries.iter().zip(&lines).find_map(|(e, l)| {
+                let what = if e.name == c.name {
+                    "name"
+                } else if c.subject.is_none() && e.subject.is_none() && e.token == c.token {
+                    "token"
+                } else if c.subject.is_some() && e.subject == c.subject {
+                    "certificate subject"
+                } else {
+                    return None;
+                };
+                Some(format!("same {what} as line {l}"))
             });
+            if let Some(why) = clash {
+                return Err(bad(&why));
+            }
+            entries.push(c);
+            lines.push(n + 1);
         }
         if entries.is_empty() {
             return Err("no credentials in token file".into());
@@ -118,11 +158,63 @@ impl Credentials {
         Ok(Credentials::new(entries))
     }
 
+    /// Reads a token file. Warns, as ssh does for keys, when group or others may access it.
     #[allow(clippy::disallowed_methods)] // an operator's config file, not a client path
     pub fn load(path: &Path) -> Result<Credentials, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let at = |e: std::io::Error| format!("{}: {e}", path.display());
+        let mut file = std::fs::File::open(path).map_err(at)?;
+        let mode = file.metadata().map_err(at)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "token file {} is accessible by group or others (mode {:o}): chmod 600 it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(at)?;
         Credentials::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
+}
+
+/// Shortest token accepted, in bytes: 16 random hex digits are 64 bits.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// A token as `--token`, FSD_TOKEN or a token-file line gives it.
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("empty token".into());
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!("token shorter than {MIN_TOKEN_LEN} bytes"));
+    }
+    if token.chars().any(char::is_control) {
+        return Err("control character in token".into());
+    }
+    Ok(())
+}
+
+/// A token-file PREFIX, relative to the root: returned without its trailing `/`.
+fn check_prefix(p: &str) -> Result<String, String> {
+    if p.starts_with('/') {
+        return Err(format!(
+            "prefix {p:?} is absolute (want a path relative to the root)"
+        ));
+    }
+    let p = p.strip_suffix('/').unwrap_or(p);
+    for c in p.split('/') {
+        let why = match c {
+            "" => "has an empty component",
+            "." | ".." => "has a `.` or `..` component",
+            // The server refuses this name in every path: such a prefix could never be used.
+            super::STATE_DIR_NAME => "names the state directory",
+            _ => continue,
+        };
+        return Err(format!("prefix {p:?} {why}"));
+    }
+    Ok(p.to_string())
 }
 
 #[cfg(test)]
@@ -150,5 +242,74 @@ mod tests {
             "a subject is not a secret"
         );
         assert!(c.check("").is_none());
+    }
+
+    /// Parses two valid lines and then `line`.
+    fn after_two(line: &str) -> Result<Credentials, String> {
+        let good = "alice 0123456789abcdef0 rw a\nbob fedcba98765432100 read b\n";
+        Credentials::parse(&format!("{good}{line}\n"))
+    }
+
+    #[test]
+    fn token_file_refuses_ambiguous_lines() {
+        let cases = [
+            ("alice 1111111111111111 rw c", "same name as line 1"),
+            ("carol 0123456789abcdef0 rw c", "same token as line 1"),
+            ("carol 1111111111111111 rw /abs", "absolute"),
+            ("carol 1111111111111111 rw a/../b", "`..`"),
+            ("carol 1111111111111111 rw ..", "`..`"),
+            ("carol 1111111111111111 rw ./a", "`.`"),
+            ("carol 1111111111111111 rw a//b", "empty component"),
+            ("carol 1111111111111111 rw a//", "empty component"),
+            ("carol 1111111111111111 rw .fsd-state", "state directory"),
+            (
+                "carol 1111111111111111 rw a/.fsd-state/b",
+                "state directory",
+            ),
+            ("carol 1111111111111111 rw pub#2", "`#` inside"),
+            ("carol 1111111111111111#x rw", "`#` inside"),
+            ("ca#rol 1111111111111111 rw", "`#` inside"),
+            ("carol 111111111111111 rw", "shorter than 16"),
+            ("ca\u{1b}[2Jrol 1111111111111111 rw", "control character"),
+            ("carol 1111111111111111\u{7f} rw", "control character"),
+        ];
+        // Every case is tried, so a failure lists all the lines wrongly handled.
+        let wrong: Vec<String> = cases
+            .iter()
+            .filter_map(|(line, why)| match after_two(line) {
+                Err(e) if e.starts_with("line 3: ") && e.contains(why) => None,
+                r => Some(format!("{line:?} -> {r:?}")),
+            })
+            .collect();
+        assert!(wrong.is_empty(), "want refused:\n{}", wrong.join("\n"));
+        let c = Credentials::parse("c1 cert:carol rw\nc2 cert:carol read\n");
+        assert!(c
+            .unwrap_err()
+            .contains("same certificate subject as line 1"));
+    }
+
+    #[test]
+    fn token_file_comments_start_at_a_line_or_after_whitespace() {
+        let c = Credentials::parse(
+            "#all\n  # indented\nalice 0123456789abcdef0 rw pub/ # the public area\n\
+             bob fedcba98765432100 read\t#tab\n",
+        )
+        .unwrap();
+        assert_eq!(c.entries().len(), 2);
+        assert_eq!(c.check("0123456789abcdef0").unwrap().prefix, "pub");
+        assert_eq!(c.check("fedcba98765432100").unwrap().prefix, "");
+    }
+
+    #[test]
+    fn flag_tokens_are_checked_like_file_tokens() {
+        assert!(check_token("").unwrap_err().contains("empty"));
+        assert!(check_token("0123456789abcde")
+            .unwrap_err()
+            .contains("shorter"));
+        assert!(check_token("0123456789abcdef\n")
+            .unwrap_err()
+            .contains("control"));
+        assert!(check_token("0123456789abcdef").is_ok());
+        assert!(check_token(&Credentials::random().entries()[0].token).is_ok());
     }
 }

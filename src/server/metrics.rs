@@ -2,6 +2,12 @@
 //! `/metrics` in the OpenMetrics text format that Prometheus scrapes, `/transfers` (JSON: every
 //! open transfer and its progress) and `/healthz`.
 //!
+//! What each endpoint shows: `/metrics`, counts and latencies only (no paths, names or
+//! addresses); `/transfers`, every open transfer's path, credential name and peer address;
+//! `/healthz`, "ok". With a [`BearerToken`] (`--metrics-token`) every endpoint but `/healthz`
+//! requires `Authorization: Bearer TOKEN`; without one, `fsd` serves metrics only on loopback
+//! unless `--metrics-public` says otherwise.
+//!
 //! The hot paths keep plain atomics (`Stats`, `ManifestStats`); a scrape reads them into a
 //! registry built for that scrape. Only what needs more than an atomic lives here: per-command
 //! request counters and latency histograms, and the table of active transfers.
@@ -15,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
@@ -23,6 +29,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -409,7 +416,35 @@ pub fn render(server: &Server) -> String {
     out
 }
 
-fn respond(server: &Server, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// The secret that guards the metrics endpoints, kept as its BLAKE3 hash: comparing hashes
+/// takes the same time whatever the length or content of the guess.
+#[derive(Clone, Copy)]
+pub struct BearerToken(blake3::Hash);
+
+impl BearerToken {
+    pub fn new(token: &str) -> BearerToken {
+        BearerToken(blake3::hash(token.as_bytes()))
+    }
+
+    /// Whether an `Authorization` header carries this token: `Bearer TOKEN` (scheme in any case).
+    pub fn allows(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some(v) = authorization.map(HeaderValue::as_bytes) else {
+            return false;
+        };
+        let Some((scheme, given)) = v.split_at_checked(7) else {
+            return false;
+        };
+        let given = given.trim_ascii_start();
+        scheme.eq_ignore_ascii_case(b"bearer ")
+            && bool::from(blake3::hash(given).as_bytes().ct_eq(self.0.as_bytes()))
+    }
+}
+
+fn respond<B>(
+    server: &Server,
+    token: Option<&BearerToken>,
+    req: &Request<B>,
+) -> Response<Full<Bytes>> {
     let reply = |status, ctype: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -417,12 +452,30 @@ fn respond(server: &Server, method: &Method, path: &str) -> Response<Full<Bytes>
             .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
         r
     };
+    let (method, path) = (req.method(), req.uri().path());
     if method != Method::GET && method != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "GET only\n".into(),
         );
+    }
+    // Health checkers (load balancers, orchestrators) rarely hold secrets, and "ok" tells nothing.
+    if path == "/healthz" {
+        return reply(StatusCode::OK, "text/plain", "ok\n".into());
+    }
+    // Before routing, so that without the token even the list of endpoints stays closed.
+    if token.is_some_and(|t| !t.allows(req.headers().get(AUTHORIZATION))) {
+        let mut r = reply(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "unauthorized: send Authorization: Bearer TOKEN (fsd --metrics-token)\n".into(),
+        );
+        r.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"fsd metrics\""),
+        );
+        return r;
     }
     match path {
         "/metrics" => reply(StatusCode::OK, OPENMETRICS, render(server)),
@@ -431,7 +484,6 @@ fn respond(server: &Server, method: &Method, path: &str) -> Response<Full<Bytes>
             "application/json",
             server.metrics.transfers.to_json().to_string() + "\n",
         ),
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -440,8 +492,14 @@ fn respond(server: &Server, method: &Method, path: &str) -> Response<Full<Bytes>
     }
 }
 
-/// Serves `/metrics`, `/transfers` and `/healthz` on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, server: Arc<Server>, shutdown: CancellationToken) {
+/// Serves `/metrics`, `/transfers` and `/healthz` on `listener` until `shutdown` is cancelled;
+/// with `token`, all but `/healthz` only to requests that carry it.
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<Server>,
+    shutdown: CancellationToken,
+    token: Option<BearerToken>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
     loop {
         // Take the permit before accepting: over the limit, connections wait in the backlog.
@@ -466,7 +524,7 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, shutdown: Cancell
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<_>| {
-                let r = respond(&server, req.method(), req.uri().path());
+                let r = respond(&server, token.as_ref(), &req);
                 async move { Ok::<_, Infallible>(r) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -534,6 +592,26 @@ mod tests {
         assert_eq!(t.rate(start + Duration::from_secs(1)), 1000.0);
         assert_eq!(t.rate(start + Duration::from_secs(11)), 0.0);
         assert!((t.rate(start + Duration::from_secs(4)) - 250.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bearer_token_needs_the_scheme_and_the_exact_token() {
+        let t = BearerToken::new("0123456789abcdef");
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert!(t.allows(Some(&h("Bearer 0123456789abcdef"))));
+        assert!(t.allows(Some(&h("bearer 0123456789abcdef"))));
+        for wrong in [
+            "Bearer 0123456789abcde",
+            "Bearer 0123456789abcdef0",
+            "Bearer ",
+            "Basic 0123456789abcdef",
+            "0123456789abcdef",
+            "Bearer0123456789abcdef",
+            "",
+        ] {
+            assert!(!t.allows(Some(&h(wrong))), "{wrong:?}");
+        }
+        assert!(!t.allows(None));
     }
 
     #[test]

@@ -136,23 +136,74 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the root and the state directory. Fails if the kernel lacks openat2.
+    /// Opens the root and the state directory. Fails if the kernel lacks openat2, or if the
+    /// state directory could be reached by clients: it must be outside the root (on the same
+    /// file system) or exactly `ROOT/.fsd-state`, which is hidden. Paths are compared resolved,
+    /// so a symlink cannot dress one up as the other.
     #[allow(clippy::disallowed_methods)] // the state dir is the server's own, not a client path
     pub fn new(config: Config) -> io::Result<Arc<Server>> {
-        let state_dir = config
+        /// `p` resolved, though its last components may not exist yet: its deepest existing
+        /// ancestor canonicalized, plus the missing names (which create_dir_all will make).
+        fn resolve(p: &std::path::Path) -> io::Result<PathBuf> {
+            let p = std::path::absolute(p)?;
+            let mut missing = Vec::new();
+            let mut at = p.as_path();
+            loop {
+                match std::fs::canonicalize(at) {
+                    Ok(base) => return Ok(missing.iter().rev().fold(base, |b, n| b.join(n))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                // `..` after a missing directory has no meaning yet (file_name is None).
+                let (Some(name), Some(parent)) = (at.file_name(), at.parent()) else {
+                    return Err(io::Error::other(format!(
+                        "--state-dir {}: cannot resolve",
+                        p.display()
+                    )));
+                };
+                missing.push(name.to_owned());
+                at = parent;
+            }
+        }
+        let given = config
             .state_dir
             .clone()
             .unwrap_or_else(|| config.root.join(STATE_DIR_NAME));
-        std::fs::create_dir_all(&state_dir)?;
-        // A state dir inside the root is hidden by name: that name is refused as any path
-        // component and left out of listings, at every depth (over-broad, never leaky).
         let root_abs = std::fs::canonicalize(&config.root)?;
-        let state_abs = std::fs::canonicalize(&state_dir)?;
-        let reserved = state_abs
-            .strip_prefix(&root_abs)
-            .ok()
-            .and_then(|_| state_abs.file_name())
-            .map(|n| n.to_string_lossy().into_owned());
+        let hidden = root_abs.join(STATE_DIR_NAME);
+        // Checked before anything is created, so a refused start leaves nothing in the root.
+        let state_abs = resolve(&given)?;
+        let refuse = |why: String| {
+            Err(io::Error::other(format!(
+                "--state-dir {} (resolved: {}) {why}",
+                given.display(),
+                state_abs.display()
+            )))
+        };
+        // Equal: the root would be hidden from itself, so every request is refused. Above the
+        // root: the state files would sit beside or above the served files.
+        if root_abs.starts_with(&state_abs) {
+            let is = if root_abs == state_abs { "is" } else { "holds" };
+            return refuse(format!(
+                "{is} the root {}: keep server state apart from served files",
+                root_abs.display()
+            ));
+        }
+        if state_abs.starts_with(&root_abs) && state_abs != hidden {
+            // Only the top-level name is hidden; anywhere deeper a client could REMOVE or
+            // RENAME a directory above it and then read other users' upload data.
+            return refuse(format!(
+                "is inside the root {}: clients could reach it; use the default {} (hidden \
+                 from clients) or a directory outside the root",
+                root_abs.display(),
+                hidden.display()
+            ));
+        }
+        std::fs::create_dir_all(&state_abs)?;
+        // Created through the resolved path; a symlink planted meanwhile would show here.
+        if std::fs::canonicalize(&state_abs)? != state_abs {
+            return refuse("changed while it was being created".into());
+        }
         // Uploads are published by rename(2), which cannot cross file systems.
         {
             use std::os::unix::fs::MetadataExt;
@@ -164,13 +215,18 @@ impl Server {
                 )));
             }
         }
-        let hidden = reserved.is_some().then(|| state_abs.clone());
+        // Inside the root the state dir is ROOT/.fsd-state: that name is refused as any path
+        // component and left out of listings, at every depth (over-broad, never leaky).
+        let inside = state_abs == hidden;
+        let reserved = inside.then(|| STATE_DIR_NAME.to_string());
         let mut root = Root::open(&config.root, reserved).map_err(io::Error::other)?;
-        if let Some(dir) = hidden {
-            root = root.hide(dir);
+        if inside {
+            root = root.hide(state_abs.clone());
         }
-        let uploads = UploadStore::new(state_dir.join("uploads"), config.upload_ttl)?;
-        let manifests = ManifestCache::new(state_dir.join("manifests"))?;
+        // The resolved path from here on: renaming a symlink on the given path later must not
+        // move the server's state.
+        let uploads = UploadStore::new(state_abs.join("uploads"), config.upload_ttl)?;
+        let manifests = ManifestCache::new(state_abs.join("manifests"))?;
         let max_startups = match config.max_startups {
             0 => (config.max_connections / 4).max(1),
             n => n,
