@@ -292,7 +292,7 @@ wait_port() { # wait_port PORT PID WHAT
 }
 
 declare -A srv_pids=()
-export FSC_TOKEN="bench-$RANDOM$RANDOM$RANDOM"
+export FSC_TOKEN="bench-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 start_fsd() {
   local i
