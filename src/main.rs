@@ -44,6 +44,22 @@ struct Args {
     chunk_size: u32,
     #[arg(long, default_value_t = server::MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Per-credential quota of connections (default: --max-connections, or half of it when
+    /// there are several credentials). A token-file line overrides it with `connections=N`.
+    #[arg(long)]
+    quota_connections: Option<usize>,
+    /// Per-credential quota of open handles (default: the descriptors the open-file limit
+    /// leaves, or half of them with several credentials); `handles=N` in the token file.
+    #[arg(long)]
+    quota_handles: Option<usize>,
+    /// Per-credential quota of unfinished resumable uploads, kept across restarts until
+    /// published or expired; `uploads=N` in the token file.
+    #[arg(long, default_value_t = server::quotas::DEFAULT_UPLOADS)]
+    quota_uploads: u64,
+    /// Per-credential quota of the bytes those uploads declare (default: the state file
+    /// system's size, or half of it with several credentials); `upload-bytes=N[KMGT]`.
+    #[arg(long)]
+    quota_upload_bytes: Option<u64>,
     /// Unauthenticated connections at once (default: a quarter of --max-connections); beyond,
     /// the one that has waited longest is closed.
     #[arg(long)]
@@ -109,6 +125,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    server::quotas::raise_nofile();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(args.max_blocking_threads.max(1))
@@ -181,6 +198,12 @@ async fn serve(args: Args) -> Result<()> {
         chunk_size: args.chunk_size,
         max_connections: args.max_connections,
         max_startups: args.max_startups.unwrap_or(0),
+        quota: server::quotas::Limits {
+            connections: args.quota_connections.unwrap_or(0),
+            handles: args.quota_handles.unwrap_or(0),
+            uploads: args.quota_uploads,
+            upload_bytes: args.quota_upload_bytes.unwrap_or(0),
+        },
         max_startups_per_source: args.max_startups_per_source,
         max_streams: args.max_streams,
         max_handles: args.max_handles,

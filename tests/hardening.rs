@@ -157,6 +157,7 @@ fn same_named_credentials_never_share_an_upload() {
         subject: None,
         writable: true,
         prefix: prefix.into(),
+        quota: Default::default(),
     };
     let (ta, tb) = ("token-a-0123456789abcdef", "token-b-0123456789abcdef");
     let s = start_with(Config::new(
@@ -272,9 +273,9 @@ fn before_auth_no_frame_over_16_kib_is_buffered_whatever_hello_says() {
     }
 }
 
-/// Silent connections from one address, beyond `--max-startups` and `--max-connections`, lock
-/// nobody out: a client on the same address or another one authenticates at once, because the
-/// oldest unauthenticated connections give up their places.
+/// Silent connections from one address, beyond its share and beyond `--max-connections`, lock
+/// nobody out: a client on another address authenticates at once, and one on the flooding
+/// address too once the flood's places have outlived their grace (the oldest gives way).
 #[test]
 fn silent_connections_do_not_lock_out_other_clients() {
     let dir = tempfile::tempdir().unwrap();
@@ -283,7 +284,7 @@ fn silent_connections_do_not_lock_out_other_clients() {
     let mut silent: Vec<Raw> = (0..100)
         .map(|_| Raw::connect_from(fsd.addr, attacker))
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(fsd::server::limits::STARTUP_GRACE + Duration::from_millis(200));
     for from in ["127.0.0.1", "127.0.0.3"] {
         let t = Instant::now();
         let mut r = Raw::connect_from(fsd.addr, from.parse().unwrap());
@@ -301,7 +302,8 @@ fn silent_connections_do_not_lock_out_other_clients() {
         let s = r.call(Cmd::STAT, 2, &msg::StatRequest { path: ".".into() });
         assert!(!s.header.is_error());
     }
-    // The flood lost its places: most of it was closed long before the auth timeout.
+    // The flood was refused beyond its share (and its oldest place taken back), long before
+    // the auth timeout.
     let closed = silent
         .iter_mut()
         .take(80)
@@ -435,4 +437,166 @@ fn replies_a_client_does_not_read_are_bounded_in_bytes() {
         "fsd grew by {grew_mib} MiB for replies nobody reads"
     );
     drop(conns);
+}
+
+const TOKEN_A: &str = "alice-token-0123456789abcdef";
+const TOKEN_B: &str = "bob-token-0123456789abcdef";
+
+/// A token file with two read-write credentials on the whole root (`extra_a`: alice's quota
+/// overrides); returns its path inside `dir`.
+fn two_credentials(dir: &Path, extra_a: &str) -> String {
+    let path = dir.join("tokens");
+    std::fs::write(
+        &path,
+        format!("alice {TOKEN_A} rw {extra_a}\nbob {TOKEN_B} rw\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn try_login(addr: std::net::SocketAddr, token: &str) -> Result<Raw, msg::Error> {
+    let mut r = Raw::connect(addr);
+    let f = r.login(token);
+    if f.header.is_error() {
+        return Err(error_of(&f));
+    }
+    Ok(r)
+}
+
+/// One credential taking every connection it can gets only its share; the other still
+/// connects, and so does the first again once it lets go.
+#[test]
+fn one_credential_cannot_take_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let tokens = two_credentials(dir.path(), "");
+    let fsd = Fsd::start_on(&root, &["--token-file", &tokens, "--max-connections", "8"]);
+    let mut hogs = Vec::new();
+    for _ in 0..8 {
+        match try_login(fsd.addr, TOKEN_A) {
+            Ok(r) => hogs.push(r),
+            Err(e) => {
+                assert_eq!(ErrorCode::from_u32(e.code), Some(ErrorCode::LimitExceeded));
+                break;
+            }
+        }
+    }
+    assert!(hogs.len() < 8, "alice holds all {} connections", hogs.len());
+    let bob = try_login(fsd.addr, TOKEN_B);
+    assert!(bob.is_ok(), "bob locked out: {:?}", bob.err());
+    hogs.pop();
+    // The server learns of the close asynchronously: give it up to 2 s.
+    let t = Instant::now();
+    let again = loop {
+        match try_login(fsd.addr, TOKEN_A) {
+            Ok(_) => break true,
+            Err(_) if t.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(_) => break false,
+        }
+    };
+    assert!(again, "alice's freed place not reusable");
+}
+
+/// With few descriptors (RLIMIT_NOFILE 512), one credential opening every read handle it can
+/// gets LimitExceeded, never a hang, and the other credential still opens and reads a file.
+#[test]
+fn handles_are_bounded_per_credential_and_by_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    write_random(&root.join("f"), 4 * CHUNK as usize, 9);
+    let tokens = two_credentials(dir.path(), "");
+    let fsd = Fsd::start_wrapped_with(
+        &["prlimit", "--nofile=512:512", "--"],
+        &root,
+        &["--token-file", &tokens],
+    );
+    let open_read = |r: &mut Raw, sid: u32| {
+        r.call(
+            Cmd::OPEN,
+            sid,
+            &msg::OpenRequest {
+                path: "f".into(),
+                ..Default::default()
+            },
+        )
+    };
+    let mut conns = Vec::new();
+    let mut handles = 0;
+    let mut refused = None;
+    'hog: for _ in 0..40 {
+        let Ok(mut r) = try_login(fsd.addr, TOKEN_A) else {
+            break;
+        };
+        for sid in 2..130 {
+            let f = open_read(&mut r, sid);
+            if f.header.is_error() {
+                refused = Some(error_of(&f));
+                conns.push(r);
+                break 'hog;
+            }
+            handles += 1;
+        }
+        conns.push(r);
+    }
+    let refused = refused.expect("alice was never refused a handle");
+    assert_eq!(
+        ErrorCode::from_u32(refused.code),
+        Some(ErrorCode::LimitExceeded),
+        "{refused:?}"
+    );
+    println!("alice opened {handles} handles, then: {}", refused.message);
+    let mut bob = try_login(fsd.addr, TOKEN_B).expect("bob connects");
+    bob.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let o = opened(&open_read(&mut bob, 2), "bob's OPEN");
+    bob.send_msg(
+        Cmd::READ,
+        3,
+        flags::END,
+        &msg::ReadRequest {
+            handle: o.handle,
+            first_chunk: 0,
+            count: 1,
+        },
+    );
+    let d = bob.recv().expect("bob's READ answered");
+    assert!(d.header.is_data(), "bob's READ: {:?}", d.header);
+}
+
+/// Unfinished resumable uploads count against their owner's quota until published or
+/// expired, across connections and restarts; the other credential is not affected.
+#[test]
+fn unfinished_uploads_count_against_their_owner_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let tokens = two_credentials(dir.path(), "uploads=3 upload-bytes=1G");
+    let mut fsd = Fsd::start_on(&root, &["--token-file", &tokens]);
+    let size = 3 * CHUNK as u64;
+    let open = |addr, token: &str, name: &str, size: u64| {
+        let mut r = Raw::authed_as(addr, token, CHUNK);
+        let f = open_write(&mut r, 2, name, size, "k");
+        (!f.header.is_error())
+            .then_some(())
+            .ok_or_else(|| error_of(&f))
+    };
+    for i in 0..3 {
+        open(fsd.addr, TOKEN_A, &format!("a{i}"), size).expect("within quota");
+    }
+    let e = open(fsd.addr, TOKEN_A, "a3", size).expect_err("a 4th unfinished upload");
+    assert_eq!(ErrorCode::from_u32(e.code), Some(ErrorCode::LimitExceeded));
+    let e = open(fsd.addr, TOKEN_A, "a0", 2 << 30).expect_err("over the byte quota");
+    assert_eq!(ErrorCode::from_u32(e.code), Some(ErrorCode::LimitExceeded));
+    open(fsd.addr, TOKEN_B, "b0", size).expect("bob is not alice");
+    fsd.restart();
+    let e = open(fsd.addr, TOKEN_A, "a3", size).expect_err("quota forgotten by a restart");
+    assert_eq!(ErrorCode::from_u32(e.code), Some(ErrorCode::LimitExceeded));
+    // Resuming one of them is not a new upload.
+    open(fsd.addr, TOKEN_A, "a1", size).expect("resume within quota");
 }

@@ -539,7 +539,13 @@ fn run_load(clients: usize, secs: u64) -> Report {
     }
     let s = Fsd::start_on(
         &root,
-        &["--max-connections", &(clients * 2 + 64).to_string()],
+        // Every client connects from this one address at once: let them all wait for Auth.
+        &[
+            "--max-connections",
+            &(clients * 2 + 64).to_string(),
+            "--max-startups-per-source",
+            &clients.to_string(),
+        ],
     );
     let pid = s.pid();
     let start_rss = proc_status_kib(pid, "VmRSS:");

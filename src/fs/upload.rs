@@ -59,6 +59,14 @@ pub enum UploadError {
     /// A COMMIT of this upload is in progress, or chunks are still being written.
     #[error("upload {id}: {why}")]
     Sealing { id: String, why: &'static str },
+    #[error("{owner:?} has {count} unfinished uploads of {bytes} bytes; this one would pass its quota ({max_count} uploads, {max_bytes} bytes): finish or remove some")]
+    Quota {
+        owner: String,
+        count: u64,
+        bytes: u64,
+        max_count: u64,
+        max_bytes: u64,
+    },
     #[error("{0}")]
     Fs(#[from] FsError),
     #[error("upload {id}: {source}")]
@@ -70,6 +78,7 @@ impl UploadError {
         match self {
             UploadError::Busy { .. } | UploadError::Sealing { .. } => ErrorCode::Busy,
             UploadError::Committed { .. } => ErrorCode::BadHandle,
+            UploadError::Quota { .. } => ErrorCode::LimitExceeded,
             UploadError::BadChunk { .. } | UploadError::BadLength { .. } => ErrorCode::BadRequest,
             UploadError::Incomplete { .. } => ErrorCode::Incomplete,
             UploadError::HashMismatch { .. } => ErrorCode::HashMismatch,
@@ -103,6 +112,9 @@ pub struct UploadParams {
     pub mode_bits: u32,
     pub mtime_ns: i64,
     pub no_clobber: bool,
+    /// The owner's quota of unfinished resumable uploads: how many, and their declared bytes.
+    pub max_uploads: u64,
+    pub max_upload_bytes: u64,
 }
 
 impl UploadParams {
@@ -127,6 +139,40 @@ impl UploadParams {
 const SYNC_GATHER: Duration = Duration::from_millis(1);
 const SYNC_BATCH: usize = 32;
 
+/// The unfinished resumable uploads on disk, by id and summed per owner: what the per-credential
+/// quotas count. Rebuilt from the state records at start.
+#[derive(Default)]
+struct Tally {
+    by_id: HashMap<String, (String, u64)>,
+    by_owner: HashMap<String, (u64, u64)>,
+}
+
+impl Tally {
+    fn usage(&self, owner: &str) -> (u64, u64) {
+        self.by_owner.get(owner).copied().unwrap_or((0, 0))
+    }
+
+    fn add(&mut self, id: &str, owner: &str, size: u64) {
+        self.remove(id);
+        self.by_id.insert(id.to_string(), (owner.to_string(), size));
+        let t = self.by_owner.entry(owner.to_string()).or_default();
+        t.0 += 1;
+        t.1 = t.1.saturating_add(size);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some((owner, size)) = self.by_id.remove(id) {
+            if let Some(t) = self.by_owner.get_mut(&owner) {
+                t.0 -= 1;
+                t.1 = t.1.saturating_sub(size);
+                if t.0 == 0 {
+                    self.by_owner.remove(&owner);
+                }
+            }
+        }
+    }
+}
+
 /// The uploads directory.
 pub struct UploadStore {
     dir: PathBuf,
@@ -134,6 +180,7 @@ pub struct UploadStore {
     group: Arc<GroupSync>,
     ttl: Duration,
     live: Mutex<HashMap<String, Weak<Upload>>>,
+    tally: Arc<Mutex<Tally>>,
 }
 
 impl UploadStore {
@@ -144,13 +191,32 @@ impl UploadStore {
             .custom_flags(libc::O_DIRECTORY)
             .open(&dir)?;
         let group = GroupSync::new(&dir_fd, SYNC_GATHER, SYNC_BATCH)?;
+        let mut tally = Tally::default();
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".state") else {
+                continue;
+            };
+            if let Some(r) = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| UploadRecord::decode(&b[..]).ok())
+            {
+                tally.add(id, &r.owner, r.size);
+            }
+        }
         Ok(UploadStore {
             dir,
             dir_fd,
             group,
             ttl,
             live: Mutex::new(HashMap::new()),
+            tally: Arc::new(Mutex::new(tally)),
         })
+    }
+
+    /// An owner's unfinished resumable uploads: (how many, their declared bytes).
+    pub fn usage(&self, owner: &str) -> (u64, u64) {
+        self.tally.lock().unwrap().usage(owner)
     }
 
     /// Opens (resuming when possible) or creates the upload for `p`. Blocking.
@@ -210,6 +276,20 @@ impl UploadStore {
         let fresh = record.is_none();
         if fresh {
             self.check_space(p.size).map_err(io_err)?;
+            // Counted from here until published or expired, across restarts.
+            let mut tally = self.tally.lock().unwrap();
+            tally.remove(&id);
+            let (count, bytes) = tally.usage(&p.owner);
+            if count >= p.max_uploads || bytes.saturating_add(p.size) > p.max_upload_bytes {
+                return Err(UploadError::Quota {
+                    owner: p.owner.clone(),
+                    count,
+                    bytes,
+                    max_count: p.max_uploads,
+                    max_bytes: p.max_upload_bytes,
+                });
+            }
+            tally.add(&id, &p.owner, p.size);
         }
         let data = OpenOptions::new()
             .create(true)
@@ -254,6 +334,7 @@ impl UploadStore {
             dir: self.dir.clone(),
             dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
             group: self.group.clone(),
+            tally: self.tally.clone(),
             _lock: Some(lock),
             inner: Mutex::new(inner),
         });
@@ -296,6 +377,7 @@ impl UploadStore {
             dir: self.dir.clone(),
             dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
             group: self.group.clone(),
+            tally: self.tally.clone(),
             _lock: None,
             inner: Mutex::new(Inner::new(count)),
         }))
@@ -357,6 +439,7 @@ impl UploadStore {
                 for ext in ["data", "state", "log", "lock"] {
                     let _ = std::fs::remove_file(self.path(id, ext));
                 }
+                self.tally.lock().unwrap().remove(id);
                 tracing::info!(upload = id, "expired upload removed");
                 removed += 1;
             }
@@ -489,6 +572,8 @@ pub struct Upload {
     dir_fd: File,
     group: Arc<GroupSync>,
     _lock: Option<Flock<File>>,
+    /// Where this upload counts against its owner's quota until published.
+    tally: Arc<Mutex<Tally>>,
     inner: Mutex<Inner>,
 }
 
@@ -764,6 +849,7 @@ impl Upload {
             for ext in ["state", "log", "lock"] {
                 let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
             }
+            self.tally.lock().unwrap().remove(&self.id);
         } else {
             root.publish_anonymous(self.data.as_fd(), self.dir_fd.as_fd(), path, no_clobber)?;
         }

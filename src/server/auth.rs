@@ -4,6 +4,8 @@ use std::path::Path;
 
 use subtle::ConstantTimeEq;
 
+use super::quotas::Limits;
+
 /// One credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
@@ -16,6 +18,8 @@ pub struct Credential {
     pub writable: bool,
     /// Paths this credential may touch: this directory and beneath ("" = the whole root).
     pub prefix: String,
+    /// Overrides of the server's per-credential quotas (0 fields: the default).
+    pub quota: Limits,
 }
 
 /// The credentials a server accepts.
@@ -37,6 +41,7 @@ impl Credentials {
             subject: None,
             writable: true,
             prefix: String::new(),
+            quota: Limits::default(),
         }])
     }
 
@@ -86,8 +91,12 @@ impl Credentials {
         // Line number of each entry, for "same as line N".
         let mut lines = Vec::new();
         for (n, line) in text.lines().enumerate() {
-            let bad =
-                |why: &str| format!("line {}: {why} (want: NAME TOKEN read|rw [PREFIX])", n + 1);
+            let bad = |why: &str| {
+                format!(
+                    "line {}: {why} (want: NAME TOKEN read|rw [PREFIX] [QUOTA=N ...])",
+                    n + 1
+                )
+            };
             let f: Vec<&str> = line
                 .split_whitespace()
                 .take_while(|w| !w.starts_with('#'))
@@ -103,6 +112,10 @@ impl Credentials {
             if f.iter().any(|w| w.chars().any(char::is_control)) {
                 return Err(bad("control character in a field"));
             }
+            // Quota overrides (`handles=64`) come last and are told apart by their `=`.
+            let quota_at = f.iter().position(|w| w.contains('=')).unwrap_or(f.len());
+            let quota = parse_quota(&f[quota_at..]).map_err(|e| bad(&e))?;
+            let f = &f[..quota_at];
             if f.len() < 3 || f.len() > 4 {
                 return Err(bad("wrong number of fields"));
             }
@@ -132,6 +145,7 @@ impl Credentials {
                 subject,
                 writable,
                 prefix,
+                quota,
             };
             // Not secret-dependent timing worth hiding: this runs once, at start.
             let clash = entries.iter().zip(&lines).find_map(|(e, l)| {
@@ -215,6 +229,44 @@ fn check_prefix(p: &str) -> Result<String, String> {
         return Err(format!("prefix {p:?} {why}"));
     }
     Ok(p.to_string())
+}
+
+/// Quota overrides of a token-file line: `connections=N handles=N uploads=N upload-bytes=N`
+/// (N > 0; upload-bytes takes a K, M, G or T suffix, powers of 1024).
+fn parse_quota(fields: &[&str]) -> Result<Limits, String> {
+    let mut q = Limits::default();
+    for f in fields {
+        let (key, value) = f.split_once('=').unwrap_or((f, ""));
+        let number = |v: &str| -> Result<u64, String> {
+            let (digits, unit) = match v.char_indices().last() {
+                Some((i, c)) if key == "upload-bytes" && "KMGT".contains(c) => {
+                    let shift = 10 * (1 + "KMGT".find(c).unwrap_or(0) as u32);
+                    (&v[..i], 1u64 << shift)
+                }
+                _ => (v, 1),
+            };
+            digits
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(unit))
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("quota {f:?}: want a positive number"))
+        };
+        let n = number(value)?;
+        let small = || usize::try_from(n).map_err(|_| format!("quota {f:?}: too large"));
+        match key {
+            "connections" => q.connections = small()?,
+            "handles" => q.handles = small()?,
+            "uploads" => q.uploads = n,
+            "upload-bytes" => q.upload_bytes = n,
+            _ => {
+                return Err(format!(
+                    "unknown quota {key:?} (connections, handles, uploads, upload-bytes)"
+                ))
+            }
+        }
+    }
+    Ok(q)
 }
 
 #[cfg(test)]

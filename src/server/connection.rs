@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::limits::Startup;
+use super::quotas::{Account, Held};
 use super::writer::{self, Outgoing, WriteSide};
 use super::{files, transfer, Credential, Server, MAX_AUTH_FAILURES};
 use crate::frame_reader::FrameReader;
@@ -154,6 +155,9 @@ pub struct Session {
     pub handles: Mutex<transfer::Handles>,
     /// [`REPLY_BUDGET`] of this connection.
     pub replies: Arc<Semaphore>,
+    /// The credential's quotas and usage; this connection counts in it while it lives.
+    pub account: Arc<Account>,
+    _connected: Held,
 }
 
 impl Session {
@@ -329,7 +333,9 @@ pub async fn run(
     server: Arc<Server>,
     shutdown: CancellationToken,
 ) {
-    let startup = server.startups.admit(peer.ip());
+    let Some(startup) = server.startups.admit(peer.ip()) else {
+        return;
+    };
     speak(rd, wr, subject, None, peer, server, shutdown, startup).await
 }
 
@@ -822,6 +828,22 @@ impl Conn {
                 return None;
             }
         };
+        let account = self.server.accounts.get(&cred.name).cloned();
+        let connected = account.as_ref().map(|a| a.connect());
+        let (account, connected) = match (account, connected) {
+            (Some(a), Some(Ok(held))) => (a, held),
+            (_, Some(Err(e))) => {
+                tracing::warn!(name = %cred.name, "authenticated, but over its connection quota");
+                self.send_error(Cmd::AUTH, sid, e.code, e.message).await;
+                return None;
+            }
+            _ => {
+                let e = format!("credential {:?} has no account", cred.name);
+                self.send_error(Cmd::AUTH, sid, ErrorCode::Internal, e)
+                    .await;
+                return None;
+            }
+        };
         tracing::info!(name = %cred.name, "authenticated");
         let ok = msg::AuthOk {
             name: cred.name.clone(),
@@ -837,6 +859,8 @@ impl Conn {
             client_max_frame: self.client_max_frame,
             handles: Mutex::new(transfer::Handles::default()),
             replies: Arc::new(Semaphore::new(REPLY_BUDGET as usize)),
+            account,
+            _connected: connected,
         }));
         self.send(Frame::message(Cmd::AUTH, sid, flags::END, &ok))
             .await;

@@ -3,10 +3,12 @@
 //!
 //! The policy, after OpenSSH's MaxStartups / PerSourcePenalties and fail2ban:
 //! - Startups: an unauthenticated connection holds one of `max_startups` places, at most
-//!   `max_startups_per_source` of them per source. A new connection is always admitted; when a
-//!   place is lacking, the *oldest* unauthenticated connection (of that source, or overall) is
-//!   closed instead. Whoever sits silent loses its place to whoever talks, and a client that
-//!   authenticates promptly keeps its own.
+//!   `max_startups_per_source` of them per source. A source at its limit gets a place only by
+//!   closing its own oldest waiting connection, and only one that has waited [`STARTUP_GRACE`]
+//!   (a client that authenticates promptly keeps its place); otherwise the newcomer is refused
+//!   (LimitExceeded, retryable). When all places are taken, the oldest waiting connection of
+//!   the source holding the most places is closed: a flood, from one address or many, loses its
+//!   own places, and a client waiting alone is the last to go.
 //! - Guesses: every AUTH that is evaluated takes a token from its source's bucket and, unless
 //!   the source authenticated successfully before, from a server-wide bucket; a success gives
 //!   them back. With a bucket empty the AUTH is refused at once, unevaluated. No failure is
@@ -32,6 +34,9 @@ const TRUSTED_FOR: Duration = Duration::from_secs(24 * 3600);
 /// forgotten first, and a new source is judged by the server-wide bucket alone.
 const MAX_SOURCES: usize = 65_536;
 
+/// How long an unauthenticated connection keeps its place against newer ones of its source.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(1);
+
 /// Addresses that count as one source: an IPv4 address, or an IPv6 /64 (one host's share).
 fn source_of(ip: IpAddr) -> IpAddr {
     match ip {
@@ -56,10 +61,11 @@ pub struct Startups {
 #[derive(Default)]
 struct StartupsInner {
     next: u64,
-    /// Admission number -> (source, token that closes the connection).
-    waiting: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    /// Admission number -> (source, admitted at, token that closes the connection).
+    waiting: BTreeMap<u64, (IpAddr, Instant, CancellationToken)>,
     per_source: HashMap<IpAddr, usize>,
     evicted: u64,
+    refused: u64,
 }
 
 impl Startups {
@@ -71,37 +77,49 @@ impl Startups {
         })
     }
 
-    /// Admits a new connection from `ip`, closing the oldest unauthenticated one of the same
-    /// source when that source is at its limit, else the oldest overall when all places are
-    /// taken. The returned place is given up when the connection authenticates or ends.
-    pub fn admit(self: &Arc<Startups>, ip: IpAddr) -> Startup {
+    /// Admits a new connection from `ip` (see the module's policy), or None: refused. The
+    /// returned place is given up when the connection authenticates or ends.
+    pub fn admit(self: &Arc<Startups>, ip: IpAddr) -> Option<Startup> {
         let source = source_of(ip);
+        let now = Instant::now();
         let mut s = self.inner.lock().unwrap();
         if s.per_source.get(&source).copied().unwrap_or(0) >= self.max_per_source {
+            let (n, since) = s
+                .waiting
+                .iter()
+                .find(|(_, (src, _, _))| *src == source)
+                .map(|(n, (_, t, _))| (*n, *t))?;
+            if now.saturating_duration_since(since) < STARTUP_GRACE {
+                s.refused += 1;
+                return None;
+            }
+            s.evict(n);
+        }
+        if s.waiting.len() >= self.max_total {
+            let crowded = s
+                .per_source
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(src, _)| *src);
             let oldest = s
                 .waiting
                 .iter()
-                .find(|(_, (src, _))| *src == source)
+                .find(|(_, (src, _, _))| Some(*src) == crowded)
                 .map(|(n, _)| *n);
             if let Some(n) = oldest {
-                s.evict(n);
-            }
-        }
-        if s.waiting.len() >= self.max_total {
-            if let Some(n) = s.waiting.keys().next().copied() {
                 s.evict(n);
             }
         }
         let n = s.next;
         s.next += 1;
         let evicted = CancellationToken::new();
-        s.waiting.insert(n, (source, evicted.clone()));
+        s.waiting.insert(n, (source, now, evicted.clone()));
         *s.per_source.entry(source).or_default() += 1;
-        Startup {
+        Some(Startup {
             startups: self.clone(),
             n: Some(n),
             evicted,
-        }
+        })
     }
 
     /// Unauthenticated connections now.
@@ -109,9 +127,13 @@ impl Startups {
         self.inner.lock().unwrap().waiting.len()
     }
 
-    /// Unauthenticated connections closed to make room, since start.
+    /// Unauthenticated connections closed to make room, and refused, since start.
     pub fn evicted(&self) -> u64 {
         self.inner.lock().unwrap().evicted
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.inner.lock().unwrap().refused
     }
 
     fn release(&self, n: u64) {
@@ -128,7 +150,7 @@ impl StartupsInner {
     }
 
     fn remove(&mut self, n: u64) -> Option<CancellationToken> {
-        let (source, token) = self.waiting.remove(&n)?;
+        let (source, _, token) = self.waiting.remove(&n)?;
         if let Some(c) = self.per_source.get_mut(&source) {
             *c -= 1;
             if *c == 0 {
@@ -316,30 +338,38 @@ mod tests {
     }
 
     #[test]
-    fn startups_evict_the_oldest_of_the_source_then_overall() {
-        let s = Startups::new(3, 2);
-        let a1 = s.admit(ip("10.0.0.1"));
-        let a2 = s.admit(ip("10.0.0.1"));
-        let a3 = s.admit(ip("10.0.0.1"));
+    fn startups_evict_the_oldest_of_the_source_then_of_the_most_crowded() {
+        let s = Startups::new(4, 2);
+        let a1 = s.admit(ip("10.0.0.1")).unwrap();
+        let _a2 = s.admit(ip("10.0.0.1")).unwrap();
+        assert!(
+            s.admit(ip("10.0.0.1")).is_none(),
+            "source at its limit, its oldest within the grace: the newcomer is refused"
+        );
+        assert!(!a1.evicted().is_cancelled());
+        let mut b1 = s.admit(ip("10.0.0.2")).unwrap();
+        b1.authenticated();
+        let b2 = s.admit(ip("10.0.0.2")).unwrap();
+        let c1 = s.admit(ip("10.0.0.3")).unwrap();
+        assert_eq!(s.waiting(), 4);
+        let _d1 = s.admit(ip("10.0.0.4")).unwrap();
         assert!(
             a1.evicted().is_cancelled(),
-            "source limit: oldest of it goes"
+            "full: the crowded source's oldest goes"
         );
-        assert!(!a2.evicted().is_cancelled() && !a3.evicted().is_cancelled());
-        let mut b1 = s.admit(ip("10.0.0.2"));
-        assert!(!a2.evicted().is_cancelled() && !b1.evicted().is_cancelled());
-        b1.authenticated();
-        let b2 = s.admit(ip("10.0.0.2"));
-        assert_eq!(s.waiting(), 3);
-        let _c = s.admit(ip("10.0.0.3"));
-        assert!(
-            a2.evicted().is_cancelled(),
-            "total limit: oldest overall goes"
-        );
-        assert!(!b2.evicted().is_cancelled());
-        drop((a3, b2));
-        assert_eq!(s.waiting(), 1);
-        assert_eq!(s.evicted(), 2);
+        assert!(!b2.evicted().is_cancelled() && !c1.evicted().is_cancelled());
+        drop((b2, c1));
+        assert_eq!(s.waiting(), 2);
+        assert_eq!((s.evicted(), s.refused()), (1, 1));
+    }
+
+    #[test]
+    fn a_source_at_its_limit_reclaims_places_held_past_the_grace() {
+        let s = Startups::new(8, 1);
+        let a1 = s.admit(ip("10.0.0.1")).unwrap();
+        std::thread::sleep(STARTUP_GRACE + Duration::from_millis(50));
+        let _a2 = s.admit(ip("10.0.0.1")).unwrap();
+        assert!(a1.evicted().is_cancelled());
     }
 
     #[test]

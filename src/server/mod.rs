@@ -9,6 +9,7 @@ mod connection;
 mod files;
 pub mod limits;
 pub mod metrics;
+pub mod quotas;
 pub mod tls;
 mod transfer;
 mod writer;
@@ -51,7 +52,7 @@ pub const MAX_BLOCKING_THREADS: usize = 16;
 /// Failed Auth attempts per connection before it is closed.
 pub const MAX_AUTH_FAILURES: u32 = 3;
 /// Unauthenticated connections from one source address at once (`--max-startups-per-source`).
-pub const MAX_STARTUPS_PER_SOURCE: usize = 16;
+pub const MAX_STARTUPS_PER_SOURCE: usize = 32;
 /// Refusals (over `--max-connections`) being written at once; beyond, a refused connection is
 /// closed without a word, so a flood cannot hold descriptors for refusals.
 const MAX_REFUSALS: usize = 64;
@@ -68,6 +69,9 @@ pub struct Config {
     /// Base chunk size offered to clients that do not ask for one.
     pub chunk_size: u32,
     pub max_connections: usize,
+    /// Per-credential limits; a 0 field means the default derived from the server's capacity
+    /// (with several credentials, half of it).
+    pub quota: quotas::Limits,
     /// Unauthenticated connections at once; 0 = a quarter of `max_connections`.
     pub max_startups: usize,
     pub max_startups_per_source: usize,
@@ -90,6 +94,12 @@ impl Config {
             credentials,
             chunk_size: crate::protocol::DEFAULT_CHUNK_SIZE,
             max_connections: MAX_CONNECTIONS,
+            quota: quotas::Limits {
+                connections: 0,
+                handles: 0,
+                uploads: 0,
+                upload_bytes: 0,
+            },
             max_startups: 0,
             max_startups_per_source: MAX_STARTUPS_PER_SOURCE,
             max_streams: MAX_STREAMS,
@@ -133,6 +143,12 @@ pub struct Server {
     pub startups: Arc<limits::Startups>,
     /// Budgets of wrong tokens, per source and server-wide.
     pub auth_limiter: limits::AuthLimiter,
+    /// Connections served at once: `--max-connections`, lowered to what the descriptors allow.
+    pub max_connections: usize,
+    /// The descriptors connections and handles may hold (RLIMIT_NOFILE less a reserve).
+    pub fds: Arc<Semaphore>,
+    /// Every credential's quotas and usage.
+    pub accounts: quotas::Accounts,
 }
 
 impl Server {
@@ -227,10 +243,23 @@ impl Server {
         // move the server's state.
         let uploads = UploadStore::new(state_abs.join("uploads"), config.upload_ttl)?;
         let manifests = ManifestCache::new(state_abs.join("manifests"))?;
+        let nofile = quotas::nofile();
+        let fd_budget = nofile.saturating_sub(quotas::FD_RESERVE).max(64);
+        // At least half the descriptors stay for the handles of the connections.
+        let max_connections = config.max_connections.min(fd_budget / 2).max(1);
+        if max_connections < config.max_connections {
+            tracing::warn!(
+                nofile,
+                max_connections,
+                "--max-connections {} lowered to what the open-file limit allows",
+                config.max_connections
+            );
+        }
         let max_startups = match config.max_startups {
-            0 => (config.max_connections / 4).max(1),
+            0 => (max_connections / 4).max(1),
             n => n,
         };
+        let accounts = account_limits(&config, max_connections, fd_budget, &state_abs);
         let startups = limits::Startups::new(max_startups, config.max_startups_per_source);
         Ok(Arc::new(Server {
             config,
@@ -241,8 +270,46 @@ impl Server {
             metrics: metrics::Metrics::default(),
             startups,
             auth_limiter: limits::AuthLimiter::default(),
+            max_connections,
+            fds: Arc::new(Semaphore::new(fd_budget)),
+            accounts,
         }))
     }
+}
+
+/// Each credential's limits: its token-file overrides, else `--quota-*`, else a share of the
+/// server's capacity (all of it for a lone credential, half of it when there are several, so
+/// that no credential can take everything from the others).
+fn account_limits(
+    config: &Config,
+    max_connections: usize,
+    fd_budget: usize,
+    state_dir: &std::path::Path,
+) -> quotas::Accounts {
+    let entries = config.credentials.entries();
+    let share = if entries.len() > 1 { 2 } else { 1 };
+    let disk = nix::sys::statvfs::statvfs(state_dir)
+        .map(|v| v.blocks().saturating_mul(v.fragment_size()))
+        .unwrap_or(u64::MAX);
+    let q = config.quota;
+    let or = |set: usize, default: usize| if set == 0 { default } else { set };
+    let or64 = |set: u64, default: u64| if set == 0 { default } else { set };
+    let defaults = quotas::Limits {
+        connections: or(q.connections, (max_connections / share).max(1)),
+        handles: or(q.handles, (fd_budget / share).max(1)),
+        uploads: or64(q.uploads, quotas::DEFAULT_UPLOADS),
+        upload_bytes: or64(q.upload_bytes, disk / share as u64),
+    };
+    quotas::Accounts::new(entries.iter().map(|c| {
+        let o = c.quota;
+        let limits = quotas::Limits {
+            connections: or(o.connections, defaults.connections),
+            handles: or(o.handles, defaults.handles),
+            uploads: or64(o.uploads, defaults.uploads),
+            upload_bytes: or64(o.upload_bytes, defaults.upload_bytes),
+        };
+        quotas::Account::new(&c.name, limits)
+    }))
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then lets in-flight streams finish within
@@ -252,8 +319,9 @@ pub async fn run(
     server: Arc<Server>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let permits = Arc::new(Semaphore::new(server.config.max_connections));
+    let permits = Arc::new(Semaphore::new(server.max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+    let mut accept_failures = 0u32;
     let tracker = TaskTracker::new();
     let gc = {
         let server = server.clone();
@@ -285,14 +353,29 @@ pub async fn run(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: back off (doubling, up to 1 s) instead of spinning,
+                    // and say so once per run of failures, not once per failure.
+                    if accept_failures == 0 {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                    }
+                    accept_failures += 1;
+                    let wait = Duration::from_millis(10 << accept_failures.min(7));
+                    tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
                     continue;
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        if accept_failures > 0 {
+            tracing::warn!(failures = accept_failures, "accepting again");
+            accept_failures = 0;
+        }
+        // A connection's socket counts against the descriptors, like its handles.
+        let slot = permits
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .zip(server.fds.clone().try_acquire_owned().ok());
+        let Some(permit) = slot else {
             server
                 .stats
                 .connections_refused
@@ -301,7 +384,7 @@ pub async fn run(
             if server.config.tls.is_none() {
                 if let Ok(p) = refusals.clone().try_acquire_owned() {
                     tracker.spawn(async move {
-                        refuse(stream, peer).await;
+                        refuse(stream, peer, "too many connections").await;
                         drop(p);
                     });
                 }
@@ -309,7 +392,18 @@ pub async fn run(
             continue;
         };
         // Decided here, in accept order: who waits to authenticate, and who has waited longest.
-        let startup = server.startups.admit(peer.ip());
+        let Some(startup) = server.startups.admit(peer.ip()) else {
+            if server.config.tls.is_none() {
+                if let Ok(p) = refusals.clone().try_acquire_owned() {
+                    let why = "too many unauthenticated connections from your address";
+                    tracker.spawn(async move {
+                        refuse(stream, peer, why).await;
+                        drop(p);
+                    });
+                }
+            }
+            continue;
+        };
         server
             .stats
             .connections_total
@@ -335,14 +429,14 @@ pub async fn run(
     Ok(())
 }
 
-/// Over the connection limit: say so, then close.
-async fn refuse(mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+/// Over a connection limit: say so, then close.
+async fn refuse(mut stream: tokio::net::TcpStream, peer: SocketAddr, why: &'static str) {
     use tokio::io::AsyncWriteExt;
-    tracing::warn!(%peer, "connection refused: limit reached");
+    tracing::debug!(%peer, why, "connection refused");
     let f = Frame::error(
         crate::protocol::Cmd::HELLO,
         0,
-        &ErrorCode::LimitExceeded.msg("too many connections"),
+        &ErrorCode::LimitExceeded.msg(why),
     );
     let mut buf = bytes::BytesMut::new();
     f.header.encode(&mut buf);

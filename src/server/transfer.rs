@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::connection::{Failure, Session, StreamTx};
 use super::files::blocking;
 use super::metrics::{Direction, Tracked, Transfer, TransferInfo};
+use super::quotas::{Held, FDS_PER_READ, FDS_PER_UPLOAD};
 use super::writer::Outgoing;
 use crate::fs::manifest::{identity_of, Manifest};
 use crate::fs::upload::{Upload, UploadParams};
@@ -41,12 +42,19 @@ pub enum Handle {
 pub struct Handles {
     map: HashMap<u32, Handle>,
     next: u32,
-    /// Each handle's entry in the server's active-transfer table.
-    tracked: HashMap<u32, Tracked>,
+    /// Each handle's entry in the server's active-transfer table, and its place in the
+    /// credential's handle quota and the server's descriptors.
+    tracked: HashMap<u32, (Tracked, Held)>,
 }
 
 impl Handles {
-    fn insert(&mut self, h: Handle, max: usize, tracked: Tracked) -> Result<u32, Failure> {
+    fn insert(
+        &mut self,
+        h: Handle,
+        max: usize,
+        tracked: Tracked,
+        held: Held,
+    ) -> Result<u32, Failure> {
         if self.map.len() >= max {
             return Err(Failure::new(
                 ErrorCode::LimitExceeded,
@@ -57,7 +65,7 @@ impl Handles {
             self.next = self.next.wrapping_add(1).max(1);
             if !self.map.contains_key(&self.next) {
                 self.map.insert(self.next, h);
-                self.tracked.insert(self.next, tracked);
+                self.tracked.insert(self.next, (tracked, held));
                 return Ok(self.next);
             }
         }
@@ -67,6 +75,12 @@ impl Handles {
         self.tracked.remove(&id);
         self.map.remove(&id)
     }
+}
+
+/// A place for one more handle holding `fds` descriptors: within the credential's quota and
+/// the server's descriptors, taken before the handle's file is opened.
+fn handle_slot(s: &Session, fds: u32) -> Result<Held, Failure> {
+    s.account.open_handle(&s.server.fds, fds)
 }
 
 /// Lists a transfer opened by this session (until its handle goes).
@@ -84,7 +98,7 @@ fn track(s: &Session, direction: Direction, path: &str, size: u64, done: u64) ->
 /// Where handle `id` counts its progress.
 fn progress(session: &Session, id: u32) -> Option<Arc<Transfer>> {
     let handles = session.handles.lock().unwrap();
-    handles.tracked.get(&id).map(|t| t.transfer().clone())
+    handles.tracked.get(&id).map(|(t, _)| t.transfer().clone())
 }
 
 fn get(session: &Session, id: u32) -> Result<Handle, Failure> {
@@ -173,6 +187,7 @@ pub async fn open(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
 
 async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Opened, Failure> {
     blocking(session, move |s| {
+        let slot = handle_slot(s, FDS_PER_READ)?;
         let (file, meta) = s.root().open_read(s.path(&req.path)?)?;
         let chunk_size = chunk_size_for(meta.size(), s.base_chunk_size);
         if chunk_size > s.client_max_frame {
@@ -211,11 +226,11 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
             manifest,
         };
         let tracked = track(s, Direction::Download, &req.path, reply.size, 0);
-        let id = s
-            .handles
-            .lock()
-            .unwrap()
-            .insert(handle, s.server.config.max_handles, tracked)?;
+        let id =
+            s.handles
+                .lock()
+                .unwrap()
+                .insert(handle, s.server.config.max_handles, tracked, slot)?;
         tracing::info!(path = %req.path, handle = id, size = reply.size, "opened for read");
         encoded(msg::OpenResponse {
             handle: id,
@@ -319,6 +334,8 @@ fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Fa
         mode_bits: req.mode_bits,
         mtime_ns: req.mtime_ns,
         no_clobber: req.no_clobber,
+        max_uploads: s.account.limits.uploads,
+        max_upload_bytes: s.account.limits.upload_bytes,
     };
     if chunk_size_for(req.size, s.base_chunk_size) > s.server.config.max_frame {
         return Err(Failure::new(
@@ -338,6 +355,7 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
         if multi(req.size) && uploads >= MAX_UPLOADS_PER_CONNECTION {
             return Err(Failure::new(ErrorCode::LimitExceeded, format!("more than {MAX_UPLOADS_PER_CONNECTION} uploads open on one connection")));
         }
+        let slot = handle_slot(s, FDS_PER_UPLOAD)?;
         let upload = s.server.uploads.open(&params)?;
         let reply = msg::OpenResponse {
             handle: 0,
@@ -353,7 +371,7 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
         };
         let done = present_bytes(&reply.bitmap, req.size, upload.chunk_size);
         let tracked = track(s, Direction::Upload, &req.path, req.size, done);
-        let id = s.handles.lock().unwrap().insert(Handle::Write(upload), s.server.config.max_handles, tracked)?;
+        let id = s.handles.lock().unwrap().insert(Handle::Write(upload), s.server.config.max_handles, tracked, slot)?;
         tracing::info!(path = %req.path, handle = id, upload = %reply.upload_id, "opened for write");
         encoded(msg::OpenResponse { handle: id, ..reply })
     })

@@ -62,8 +62,14 @@ impl Fsd {
     /// fsd started through a wrapper command line (e.g. `unshare ... sh -c '...; exec "$0" "$@"'`)
     /// that ends by exec'ing its arguments: the fsd binary and its flags.
     pub fn start_wrapped(wrapper: &[&str], root: &Path) -> Fsd {
+        Fsd::start_wrapped_with(wrapper, root, &[])
+    }
+
+    /// [`Fsd::start_wrapped`] with extra arguments.
+    pub fn start_wrapped_with(wrapper: &[&str], root: &Path, extra: &[&str]) -> Fsd {
         let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
-        Fsd::spawn(root, "127.0.0.1:0", Vec::new(), wrapper)
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        Fsd::spawn(root, "127.0.0.1:0", extra, wrapper)
     }
 
     fn spawn(root: &Path, listen: &str, extra: Vec<String>, wrapper: Vec<String>) -> Fsd {
