@@ -56,8 +56,8 @@ struct Args {
     /// published or expired; `uploads=N` in the token file.
     #[arg(long, default_value_t = server::quotas::DEFAULT_UPLOADS)]
     quota_uploads: u64,
-    /// Per-credential quota of the bytes those uploads declare (default: the state file
-    /// system's size, or half of it with several credentials); `upload-bytes=N[KMGT]`.
+    /// Per-credential quota of the bytes those uploads declare (default: none for a lone
+    /// credential; with several, half the state file system's size); `upload-bytes=N[KMGT]`.
     #[arg(long)]
     quota_upload_bytes: Option<u64>,
     /// Unauthenticated connections at once (default: a quarter of --max-connections); beyond,

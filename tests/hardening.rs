@@ -342,15 +342,13 @@ fn token_guessing_is_bounded_even_when_guessers_hang_up() {
     let mut sent = 0;
     while sent < 300 && t.elapsed() < Duration::from_secs(20) {
         let mut r = Raw::connect_from(s.addr, guesser);
-        r.send(&hello).unwrap();
-        r.send_msg(
-            Cmd::AUTH,
-            1,
-            flags::END,
-            &msg::Auth {
-                token: format!("guess-{sent:020}"),
-            },
-        );
+        // Sends may fail: beyond its share of unauthenticated places the source is refused.
+        let auth = msg::Auth {
+            token: format!("guess-{sent:020}"),
+        };
+        let _ = r
+            .send(&hello)
+            .and_then(|_| r.send(&Frame::message(Cmd::AUTH, 1, flags::END, &auth)));
         drop(r); // no waiting for the answer
         sent += 1;
     }
@@ -599,4 +597,95 @@ fn unfinished_uploads_count_against_their_owner_across_restarts() {
     assert_eq!(ErrorCode::from_u32(e.code), Some(ErrorCode::LimitExceeded));
     // Resuming one of them is not a new upload.
     open(fsd.addr, TOKEN_A, "a1", size).expect("resume within quota");
+}
+
+/// A client whose frames are smaller than the server's chunk size gets chunks that fit them
+/// (it used to get a retryable LimitExceeded on every OPEN READ, even of a 1-byte file); one
+/// whose frames cannot hold the smallest chunk is refused at Hello.
+#[test]
+fn chunks_fit_the_clients_frames() {
+    let fsd = Fsd::start();
+    let data = random_bytes(300 * 1024, 5);
+    std::fs::write(fsd.root.join("f"), &data).unwrap();
+    std::fs::write(fsd.root.join("one"), b"x").unwrap();
+    let hello = |max_frame| msg::Hello {
+        version: 1,
+        max_frame,
+        ..Default::default()
+    };
+    let mut r = Raw::connect(fsd.addr);
+    let h = r.call(Cmd::HELLO, 0, &hello(100_000));
+    let h: msg::Hello = h.decode().unwrap();
+    assert_eq!(
+        h.chunk_size,
+        64 * 1024,
+        "base chunk not clamped to the client's frames"
+    );
+    let a = r.call(
+        Cmd::AUTH,
+        1,
+        &msg::Auth {
+            token: TOKEN.into(),
+        },
+    );
+    assert!(!a.header.is_error());
+    for (path, want) in [("one", &b"x"[..]), ("f", &data[..])] {
+        let o = opened(
+            &r.call(
+                Cmd::OPEN,
+                2,
+                &msg::OpenRequest {
+                    path: path.into(),
+                    ..Default::default()
+                },
+            ),
+            path,
+        );
+        assert!(o.chunk_size <= 100_000);
+        r.send_msg(
+            Cmd::READ,
+            3,
+            flags::END,
+            &msg::ReadRequest {
+                handle: o.handle,
+                first_chunk: 0,
+                count: o.chunk_count,
+            },
+        );
+        let mut got = Vec::new();
+        for _ in 0..o.chunk_count {
+            let d = r.recv().unwrap();
+            assert!(d.header.is_data() && d.payload.len() <= 100_000);
+            got.extend_from_slice(&d.payload);
+        }
+        assert_eq!(got, want);
+    }
+    let mut r = Raw::connect(fsd.addr);
+    let h = r.call(Cmd::HELLO, 0, &hello(1000));
+    assert_eq!(
+        ErrorCode::from_u32(error_of(&h).code),
+        Some(ErrorCode::BadRequest)
+    );
+}
+
+/// One credential per connection: a second AUTH is refused and the session is unchanged.
+#[test]
+fn a_second_auth_is_refused() {
+    let fsd = Fsd::start();
+    let mut r = Raw::authed(fsd.addr);
+    for token in [TOKEN, "wrong-token-0123456789abcdef"] {
+        let f = r.call(
+            Cmd::AUTH,
+            5,
+            &msg::Auth {
+                token: token.into(),
+            },
+        );
+        assert_eq!(
+            ErrorCode::from_u32(error_of(&f).code),
+            Some(ErrorCode::BadRequest)
+        );
+    }
+    let s = r.call(Cmd::STAT, 6, &msg::StatRequest { path: ".".into() });
+    assert!(!s.header.is_error(), "session lost after refused re-AUTHs");
 }

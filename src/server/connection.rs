@@ -586,6 +586,17 @@ impl Conn {
                 .await
             }
             Cmd::HELLO => self.hello(f).await,
+            Cmd::AUTH if self.session.is_some() => {
+                // Switching credentials mid-connection would strand the old session's handles
+                // and transfers: one credential per connection.
+                self.send_error(
+                    cmd,
+                    sid,
+                    ErrorCode::BadRequest,
+                    "already authenticated (one credential per connection)",
+                )
+                .await
+            }
             Cmd::AUTH => {
                 let close = self.auth(f).await;
                 if self.session.is_some() {
@@ -731,6 +742,19 @@ impl Conn {
                 )
                 .await;
         }
+        if h.max_frame > 0 && h.max_frame < MIN_CHUNK_SIZE {
+            return self
+                .send_error(
+                    Cmd::HELLO,
+                    f.stream_id(),
+                    ErrorCode::BadRequest,
+                    format!(
+                        "max_frame {} is below the smallest chunk size {MIN_CHUNK_SIZE}",
+                        h.max_frame
+                    ),
+                )
+                .await;
+        }
         let cs = h.chunk_size;
         if cs.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
             self.base_chunk_size = cs;
@@ -738,6 +762,10 @@ impl Conn {
         if h.max_frame > 0 {
             self.client_max_frame = h.max_frame;
         }
+        // Every chunk must fit in one of the client's DATA frames: the base chunk size is at
+        // most the largest power of two within its max_frame.
+        let fits = 1u32 << (31 - self.client_max_frame.leading_zeros());
+        self.base_chunk_size = self.base_chunk_size.min(fits);
         let reply = msg::Hello {
             version: VERSION as u32,
             max_frame: self.server.config.max_frame,

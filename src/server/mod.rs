@@ -298,7 +298,8 @@ fn account_limits(
         connections: or(q.connections, (max_connections / share).max(1)),
         handles: or(q.handles, (fd_budget / share).max(1)),
         uploads: or64(q.uploads, quotas::DEFAULT_UPLOADS),
-        upload_bytes: or64(q.upload_bytes, disk / share as u64),
+        // A lone credential is bounded by the free space alone (checked at OPEN).
+        upload_bytes: or64(q.upload_bytes, if share > 1 { disk / 2 } else { u64::MAX }),
     };
     quotas::Accounts::new(entries.iter().map(|c| {
         let o = c.quota;

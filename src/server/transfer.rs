@@ -191,8 +191,9 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
         let (file, meta) = s.root().open_read(s.path(&req.path)?)?;
         let chunk_size = chunk_size_for(meta.size(), s.base_chunk_size);
         if chunk_size > s.client_max_frame {
+            // A file this big needs chunks over the client's frames: retrying cannot help.
             return Err(Failure::new(
-                ErrorCode::LimitExceeded,
+                ErrorCode::BadRequest,
                 format!(
                     "file needs {chunk_size}-byte chunks; client accepts {}",
                     s.client_max_frame
@@ -339,7 +340,7 @@ fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Fa
     };
     if chunk_size_for(req.size, s.base_chunk_size) > s.server.config.max_frame {
         return Err(Failure::new(
-            ErrorCode::LimitExceeded,
+            ErrorCode::BadRequest,
             "file too large for this server's max frame",
         ));
     }
@@ -356,6 +357,11 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
             return Err(Failure::new(ErrorCode::LimitExceeded, format!("more than {MAX_UPLOADS_PER_CONNECTION} uploads open on one connection")));
         }
         let slot = handle_slot(s, FDS_PER_UPLOAD)?;
+        // Every limit before any state exists: a refused OPEN leaves nothing behind.
+        let max = s.server.config.max_handles;
+        if s.handles.lock().unwrap().map.len() >= max {
+            return Err(Failure::new(ErrorCode::LimitExceeded, format!("more than {max} open handles")));
+        }
         let upload = s.server.uploads.open(&params)?;
         let reply = msg::OpenResponse {
             handle: 0,
