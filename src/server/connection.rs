@@ -143,6 +143,10 @@ pub struct Session {
     /// Largest DATA payload the client accepts.
     pub client_max_frame: u32,
     pub handles: Mutex<transfer::Handles>,
+    /// Listing cursors for the next pages (crate::fs::listing). The async lock also runs this
+    /// connection's LISTs one at a time: one client cannot hold more than one blocking thread
+    /// reading directories, however many LIST streams it opens.
+    pub lists: Arc<tokio::sync::Mutex<crate::fs::listing::ListCursors>>,
 }
 
 impl Session {
@@ -794,6 +798,7 @@ impl Conn {
             base_chunk_size: self.base_chunk_size,
             client_max_frame: self.client_max_frame,
             handles: Mutex::new(transfer::Handles::default()),
+            lists: Default::default(),
         }));
         self.send(Frame::message(Cmd::AUTH, sid, flags::END, &ok))
             .await;
