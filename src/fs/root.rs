@@ -17,7 +17,6 @@
 // The one module allowed to touch paths; everything else goes through it (see clippy.toml).
 #![allow(clippy::disallowed_methods)]
 
-use std::collections::BinaryHeap;
 use std::ffi::{CStr, CString};
 use std::fs::{File, Metadata};
 use std::io;
@@ -31,6 +30,7 @@ use nix::sys::stat::{self, FileStat, Mode};
 use nix::unistd::{self, UnlinkatFlags};
 
 use crate::durable::link_anonymous;
+use crate::fs::listing::{ListCursors, Stamp};
 use crate::protocol::{msg, ErrorCode};
 
 /// Longest client path in bytes (PATH_MAX) and longest component (NAME_MAX).
@@ -434,40 +434,39 @@ impl Root {
     /// Lists a directory: entries sorted bytewise by name, only names after `after` (the last
     /// name of the previous page; "" for the first page), at most `limit`. Returns the entries
     /// and whether more remain. Symlinks are reported as such with their text, never followed;
-    /// the reserved name and non-UTF-8 names (logged) are left out.
+    /// the reserved name and non-UTF-8 names (logged) are left out. The page comes from one of
+    /// `cursors` when one still serves it, else from a scan that leaves a cursor for the next
+    /// pages (see [`crate::fs::listing`]).
     pub fn list(
         &self,
         path: &str,
         after: &str,
         limit: usize,
+        cursors: &mut ListCursors,
     ) -> Result<(Vec<msg::Entry>, bool), FsError> {
         self.check(path)?;
         let fd = self.open_beneath(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        // Before any readdir: a change during the scan then shows as a different stamp.
+        let stamp = Stamp::of(&stat::fstat(&fd).map_err(errno(path))?);
         let mut dir = DirStream::new(fd).map_err(errno(path))?;
-        // The `limit + 1` smallest names after `after` (one extra tells whether more remain):
-        // memory follows the page size, not the directory size.
-        let keep = limit.saturating_add(1);
-        let mut page = BinaryHeap::with_capacity(keep.min(4097));
-        while let Some(name) = dir.next_name() {
-            let name = name.map_err(errno(path))?;
-            let Ok(name) = name.into_string() else {
-                tracing::warn!(dir = %shown(path), "skipping a non-UTF-8 name in a listing");
-                continue;
-            };
-            if name.as_str() <= after || self.reserved.as_deref() == Some(name.as_str()) {
-                continue;
+        let cursor = match cursors.take(path, &stamp, after, limit) {
+            Some(cursor) => cursor,
+            None => {
+                let mut scan = cursors.scan(path, stamp, after, limit);
+                while let Some(name) = dir.next_name() {
+                    let name = name.map_err(errno(path))?;
+                    let Ok(name) = name.into_string() else {
+                        tracing::warn!(dir = %shown(path), "skipping a non-UTF-8 name in a listing");
+                        continue;
+                    };
+                    if self.reserved.as_deref() != Some(name.as_str()) {
+                        scan.offer(name);
+                    }
+                }
+                scan.into_cursor()
             }
-            if page.len() == keep && page.peek().is_some_and(|max: &String| *max <= name) {
-                continue;
-            }
-            page.push(name);
-            if page.len() > keep {
-                page.pop();
-            }
-        }
-        let mut names = page.into_sorted_vec();
-        let more = names.len() > limit;
-        names.truncate(limit);
+        };
+        let (names, more) = cursor.page(after, limit);
         let mut entries = Vec::with_capacity(names.len());
         for name in names {
             let child = if is_root(path) {
@@ -476,12 +475,15 @@ impl Root {
                 format!("{path}/{name}")
             };
             let leaf = CString::new(name.as_str()).expect("readdir names hold no NUL");
-            match entry_at(dir.as_fd(), &leaf, name, &child) {
+            match entry_at(dir.as_fd(), &leaf, name.clone(), &child) {
                 Ok(entry) => entries.push(entry),
                 // Removed since readdir: it is simply no longer there.
                 Err(FsError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
+        }
+        if more {
+            cursors.put(cursor);
         }
         Ok((entries, more))
     }
@@ -853,6 +855,16 @@ mod tests {
         r.unwrap_err().code()
     }
 
+    /// A listing that keeps no cursor for the next page.
+    fn list(
+        root: &Root,
+        path: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<msg::Entry>, bool), FsError> {
+        root.list(path, after, limit, &mut ListCursors::default())
+    }
+
     fn names(entries: &[msg::Entry]) -> Vec<&str> {
         entries.iter().map(|e| e.name.as_str()).collect()
     }
@@ -946,7 +958,7 @@ mod tests {
                 |what: &str, c: ErrorCode| assert_eq!(c, ErrorCode::InvalidPath, "{what} {p:?}");
             invalid("open_read", code(f.root.open_read(p)));
             invalid("stat", code(f.root.stat(p)));
-            invalid("list", code(f.root.list(p, "", 10)));
+            invalid("list", code(list(&f.root, p, "", 10)));
             invalid("mkdir", code(f.root.mkdir(p, false, 0o755)));
             invalid("mkdir -p", code(f.root.mkdir(p, true, 0o755)));
             invalid("remove", code(f.root.remove(p, false)));
@@ -976,7 +988,7 @@ mod tests {
         for root in ["", "."] {
             assert_eq!(f.root.stat(root).unwrap().kind, msg::Kind::Dir as i32);
             assert_eq!(f.root.stat(root).unwrap().name, root);
-            assert_eq!(names(&f.root.list(root, "", 10).unwrap().0), ["x"]);
+            assert_eq!(names(&list(&f.root, root, "", 10).unwrap().0), ["x"]);
             assert!(f.root.exists(root).unwrap());
             assert_eq!(code(f.root.open_read(root)), ErrorCode::InvalidPath);
             assert_eq!(
@@ -1032,8 +1044,8 @@ mod tests {
         f.mkdir(".fsd-state/uploads");
         f.mkdir("a/.fsd-state");
         f.write("a/f", "f");
-        assert_eq!(names(&f.root.list("", "", 10).unwrap().0), ["a"]);
-        assert_eq!(names(&f.root.list("a", "", 10).unwrap().0), ["f"]);
+        assert_eq!(names(&list(&f.root, "", "", 10).unwrap().0), ["a"]);
+        assert_eq!(names(&list(&f.root, "a", "", 10).unwrap().0), ["f"]);
         for path in [".fsd-state", ".fsd-state/uploads", "a/.fsd-state"] {
             assert_eq!(code(f.root.stat(path)), ErrorCode::InvalidPath);
             assert_eq!(code(f.root.remove(path, true)), ErrorCode::InvalidPath);
@@ -1066,7 +1078,7 @@ mod tests {
         assert_eq!(entry.kind, msg::Kind::Symlink as i32);
         assert_eq!(entry.target, "/etc/passwd");
         assert_eq!(entry.size, "/etc/passwd".len() as u64);
-        let (entries, more) = f.root.list("", "", 10).unwrap();
+        let (entries, more) = list(&f.root, "", "", 10).unwrap();
         assert!(!more);
         assert_eq!(names(&entries), ["dangling", "pw", "up"]);
         assert!(entries.iter().all(|e| e.kind == msg::Kind::Symlink as i32));
@@ -1094,7 +1106,7 @@ mod tests {
             let secret = format!("{dir}/secret");
             escapes("open_read", f.root.open_read(&secret).map(drop));
             escapes("stat", f.root.stat(&secret).map(drop));
-            escapes("list", f.root.list(dir, "", 10).map(drop));
+            escapes("list", list(&f.root, dir, "", 10).map(drop));
             escapes("exists", f.root.exists(&secret).map(drop));
             escapes("mkdir", f.root.mkdir(&format!("{dir}/new"), false, 0o755));
             escapes(
@@ -1154,7 +1166,7 @@ mod tests {
             Err(FsError::Escapes { .. })
         ));
         assert!(matches!(
-            f.root.list("proc_root", "", 10),
+            list(&f.root, "proc_root", "", 10),
             Err(FsError::Escapes { .. })
         ));
         assert!(matches!(
@@ -1181,11 +1193,11 @@ mod tests {
             Err(FsError::Symlink { .. })
         ));
         assert!(matches!(
-            proc.list("root", "", 10),
+            list(&proc, "root", "", 10),
             Err(FsError::Escapes { .. })
         ));
         assert!(matches!(
-            proc.list("cwd", "", 10),
+            list(&proc, "cwd", "", 10),
             Err(FsError::Escapes { .. })
         ));
         assert!(matches!(proc.sub("root"), Err(FsError::Escapes { .. })));
@@ -1213,7 +1225,7 @@ mod tests {
         // As an intermediate directory it resolves, as long as it stays beneath the root.
         assert_eq!(f.read("dl/f").unwrap(), "in d");
         assert_eq!(f.read("e/up/f").unwrap(), "in d");
-        assert_eq!(names(&f.root.list("dl", "", 10).unwrap().0), ["f"]);
+        assert_eq!(names(&list(&f.root, "dl", "", 10).unwrap().0), ["f"]);
         f.root.mkdir("dl/new", false, 0o755).unwrap();
         assert!(f.at("d/new").is_dir());
         // An absolute link is refused even when it names a place inside the root: RESOLVE_BENEATH
@@ -1332,7 +1344,7 @@ mod tests {
         expected.extend(["sub", "ln"]);
         expected.sort();
 
-        let (all, more) = f.root.list("", "", 1000).unwrap();
+        let (all, more) = list(&f.root, "", "", 1000).unwrap();
         assert!(!more);
         assert_eq!(names(&all), expected);
         let sub = all.iter().find(|e| e.name == "sub").unwrap();
@@ -1355,7 +1367,7 @@ mod tests {
         for limit in [1, 3, 5, 12, 13] {
             let (mut seen, mut after) = (Vec::new(), String::new());
             loop {
-                let (page, more) = f.root.list("", &after, limit).unwrap();
+                let (page, more) = list(&f.root, "", &after, limit).unwrap();
                 assert!(page.len() <= limit);
                 seen.extend(page.iter().map(|e| e.name.clone()));
                 if !more {
@@ -1366,18 +1378,178 @@ mod tests {
             }
             assert_eq!(seen, expected, "limit {limit}");
         }
-        assert_eq!(f.root.list("", "", 0).unwrap(), (vec![], true));
-        assert_eq!(f.root.list("", "é", 10).unwrap(), (vec![], false));
-        assert_eq!(names(&f.root.list("", "ab", 2).unwrap().0), ["b", "c"]);
+        assert_eq!(list(&f.root, "", "", 0).unwrap(), (vec![], true));
+        assert_eq!(list(&f.root, "", "é", 10).unwrap(), (vec![], false));
+        assert_eq!(names(&list(&f.root, "", "ab", 2).unwrap().0), ["b", "c"]);
         assert!(matches!(
-            f.root.list("aa", "", 10),
+            list(&f.root, "aa", "", 10),
             Err(FsError::NotADirectory { .. })
         ));
         assert!(matches!(
-            f.root.list("missing", "", 10),
+            list(&f.root, "missing", "", 10),
             Err(FsError::NotFound { .. })
         ));
-        assert_eq!(f.root.list("sub", "", 10).unwrap(), (vec![], false));
+        assert_eq!(list(&f.root, "sub", "", 10).unwrap(), (vec![], false));
+    }
+
+    /// Pages through `dir` with `limit`-name pages and one set of cursors, checking each page:
+    /// names ascending, full pages while `more`, at most `max_pages` pages. Returns the names.
+    fn page_through(
+        root: &Root,
+        dir: &str,
+        limit: usize,
+        cursors: &mut ListCursors,
+        max_pages: usize,
+    ) -> Vec<String> {
+        let mut seen: Vec<String> = Vec::new();
+        for _ in 0..max_pages {
+            let after = seen.last().cloned().unwrap_or_default();
+            let (page, more) = root.list(dir, &after, limit, cursors).unwrap();
+            for e in page {
+                assert!(e.name > after, "{:?} served after {after:?}", e.name);
+                seen.push(e.name);
+            }
+            if !more {
+                return seen;
+            }
+            assert_eq!(seen.len() % limit, 0, "a short page with more = true");
+        }
+        panic!("{dir:?} not listed in {max_pages} pages of {limit}");
+    }
+
+    /// Creates `n` files `big/f00000`.. (and the names a listing leaves out), then waits until
+    /// the directory's last change is older than `listing::RACY`, so its cursors are kept.
+    fn big_dir(f: &Fixture, n: usize) -> Vec<String> {
+        f.mkdir("big");
+        f.mkdir(&format!("big/{RESERVED}"));
+        fs::write(
+            f.at("big").join(std::ffi::OsStr::from_bytes(b"bad\xff")),
+            "x",
+        )
+        .unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("f{i:05}")).collect();
+        for name in &names {
+            fs::File::create(f.at("big").join(name)).unwrap();
+        }
+        std::thread::sleep(crate::fs::listing::RACY + Duration::from_millis(100));
+        names
+    }
+
+    #[test]
+    fn paging_a_big_directory_reads_it_a_bounded_number_of_times() {
+        let f = Fixture::new();
+        let all = big_dir(&f, 20_000);
+
+        // 300 pages of one name: one scan (today's cursor holds ~8,700 such names), where
+        // listing without cursors reads the directory once per page.
+        let mut cursors = ListCursors::default();
+        let mut after = String::new();
+        for expected in &all[..300] {
+            let (page, more) = f.root.list("big", &after, 1, &mut cursors).unwrap();
+            assert_eq!(names(&page), [expected.as_str()]);
+            assert!(more);
+            after = page[0].name.clone();
+        }
+        assert!(
+            cursors.scans() <= 2,
+            "{} scans for 300 pages",
+            cursors.scans()
+        );
+
+        // All of it, in pages that end exactly at the end: each scan serves thousands of pages.
+        for limit in [1, 8, 4000] {
+            let mut cursors = ListCursors::default();
+            let seen = page_through(&f.root, "big", limit, &mut cursors, 20_001);
+            assert_eq!(seen, all, "limit {limit}");
+            assert!(
+                cursors.scans() <= 5,
+                "limit {limit}: {} scans",
+                cursors.scans()
+            );
+        }
+    }
+
+    #[test]
+    fn a_change_between_pages_is_seen_by_the_next_page() {
+        let f = Fixture::new();
+        let mut expected = big_dir(&f, 100);
+        let mut cursors = ListCursors::default();
+        let (first, _) = f.root.list("big", "", 10, &mut cursors).unwrap();
+        let (second, _) = f.root.list("big", "f00009", 10, &mut cursors).unwrap();
+        assert_eq!(names(&second), expected[10..20]);
+        assert_eq!(cursors.scans(), 1);
+
+        // Ahead of the position: one created, one removed; behind it: one created (missed, as
+        // it always was with stateless paging).
+        f.write("big/f00050a", "new");
+        fs::remove_file(f.at("big/f00060")).unwrap();
+        f.write("big/f00001a", "behind");
+        let mut seen: Vec<String> = first.into_iter().chain(second).map(|e| e.name).collect();
+        for _ in 0..100 {
+            let after = seen.last().unwrap().clone();
+            let (page, more) = f.root.list("big", &after, 10, &mut cursors).unwrap();
+            seen.extend(page.into_iter().map(|e| e.name));
+            if !more {
+                break;
+            }
+        }
+        expected.retain(|n| n != "f00060");
+        expected.push("f00050a".into());
+        expected.sort();
+        assert_eq!(seen, expected);
+        // The change made the next page read the directory again (and, as it changed so
+        // recently, the pages after it too: no cursor is trusted within listing::RACY).
+        assert!(cursors.scans() >= 2);
+
+        // Once the directory is quiet again, cursors are kept again.
+        std::thread::sleep(crate::fs::listing::RACY + Duration::from_millis(100));
+        expected.insert(2, "f00001a".into());
+        let mut cursors = ListCursors::default();
+        assert_eq!(page_through(&f.root, "big", 10, &mut cursors, 11), expected);
+        assert_eq!(cursors.scans(), 1);
+    }
+
+    /// What paging costs (no assertions on time): LIST_BENCH_N entries (default 200,000), then
+    /// LIST_BENCH_PAGES pages of one name (default 2,000) with cursors, and a tenth as many
+    /// reading the directory for every page as fsd did before cursors. Run with
+    /// `cargo test -p fsd --lib --config 'profile.dev.package.fsd.opt-level=3' -- --ignored
+    /// list_paging_cost --nocapture`.
+    #[test]
+    #[ignore]
+    fn list_paging_cost() {
+        let var = |name, default| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let (n, pages) = (var("LIST_BENCH_N", 200_000), var("LIST_BENCH_PAGES", 2_000));
+        let f = Fixture::new();
+        big_dir(&f, n);
+        let run = |pages: usize, keep_cursors: bool| {
+            let mut cursors = ListCursors::default();
+            let mut scans = 0;
+            let mut after = String::new();
+            let start = std::time::Instant::now();
+            for _ in 0..pages {
+                if !keep_cursors {
+                    scans += cursors.scans();
+                    cursors = ListCursors::default();
+                }
+                let (page, more) = f.root.list("big", &after, 1, &mut cursors).unwrap();
+                assert!(more && page.len() == 1);
+                after = page[0].name.clone();
+            }
+            let took = start.elapsed();
+            scans += cursors.scans();
+            eprintln!(
+                "{n} entries, {pages} pages of 1, cursors {keep_cursors}: {took:.2?} \
+                 ({:.1?}/page), {scans} scans",
+                took / pages as u32
+            );
+        };
+        run(pages, true);
+        run(pages / 10, false);
     }
 
     #[test]
@@ -1642,7 +1814,7 @@ mod tests {
         assert!(!f.at("other/new").exists());
         assert!(f.at("other/f").exists());
         assert_eq!(
-            names(&s.list("", "", 10).unwrap().0),
+            names(&list(&s, "", "", 10).unwrap().0),
             ["esc", "in", "inner", "ok"]
         );
         assert_eq!(s.stat("").unwrap().kind, msg::Kind::Dir as i32);

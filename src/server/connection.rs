@@ -158,6 +158,10 @@ pub struct Session {
     /// The credential's quotas and usage; this connection counts in it while it lives.
     pub account: Arc<Account>,
     _connected: Held,
+    /// Listing cursors for the next pages (crate::fs::listing). The async lock also runs this
+    /// connection's LISTs one at a time: one client cannot hold more than one blocking thread
+    /// reading directories, however many LIST streams it opens.
+    pub lists: Arc<tokio::sync::Mutex<crate::fs::listing::ListCursors>>,
 }
 
 impl Session {
@@ -889,6 +893,7 @@ impl Conn {
             replies: Arc::new(Semaphore::new(REPLY_BUDGET as usize)),
             account,
             _connected: connected,
+            lists: Default::default(),
         }));
         self.send(Frame::message(Cmd::AUTH, sid, flags::END, &ok))
             .await;

@@ -37,9 +37,10 @@ pub async fn list(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
     } else {
         req.path
     };
+    let mut cursors = session.lists.clone().lock_owned().await;
     blocking(session, move |s| {
         let p = s.path(&path)?;
-        let (mut entries, mut more) = s.root().list(p, &req.after, limit)?;
+        let (mut entries, mut more) = s.root().list(p, &req.after, limit, &mut cursors)?;
         // Long names and symlink targets could push a page past the control-frame limit: end
         // the page early instead (the client pages on with `after`).
         let mut total = 16;
