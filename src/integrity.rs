@@ -22,6 +22,52 @@ pub fn chunk_cv(data: &[u8], index: u32, chunk_size: u32, file_size: u64) -> Cha
     h.finalize_non_root()
 }
 
+/// The whole-file BLAKE3 from the chunks' [`chunk_cv`]s fed in chunk order, holding only a
+/// stack of O(log n) subtree values (an upload of 2^20 chunks is verified without its 32 MiB of
+/// chaining values in memory). It builds the same left-balanced tree as BLAKE3's incremental
+/// hasher, one level up: every chunk but the last is a complete subtree.
+#[derive(Default)]
+pub struct RootHasher {
+    /// Complete subtrees not yet merged, largest first.
+    stack: Vec<ChainingValue>,
+    /// The latest chunk: it may be the last, whose merges are done at the end.
+    latest: Option<ChainingValue>,
+    /// Chunks folded into `stack`.
+    folded: u64,
+}
+
+impl RootHasher {
+    pub fn push(&mut self, cv: ChainingValue) {
+        let Some(mut done) = self.latest.replace(cv) else {
+            return;
+        };
+        // A chunk followed by another is final: merge the subtrees it completes.
+        self.folded += 1;
+        let mut total = self.folded;
+        while total & 1 == 0 {
+            let left = self.stack.pop().expect("a completed pair has a left half");
+            done = merge_subtrees_non_root(&left, &done, Mode::Hash);
+            total >>= 1;
+        }
+        self.stack.push(done);
+    }
+
+    pub fn finish(mut self) -> [u8; 32] {
+        let Some(mut out) = self.latest.take() else {
+            return *blake3::hash(b"").as_bytes();
+        };
+        // A single chunk's value is already the root hash (chunk_cv).
+        while let Some(left) = self.stack.pop() {
+            out = if self.stack.is_empty() {
+                *merge_subtrees_root(&left, &out, Mode::Hash).as_bytes()
+            } else {
+                merge_subtrees_non_root(&left, &out, Mode::Hash)
+            };
+        }
+        out
+    }
+}
+
 /// The whole-file BLAKE3 from every chunk's [`chunk_cv`], in chunk order.
 pub fn root_hash(cvs: &[ChainingValue], chunk_size: u32, file_size: u64) -> [u8; 32] {
     debug_assert_eq!(cvs.len(), chunk_count(file_size, chunk_size) as usize);
@@ -87,6 +133,15 @@ mod tests {
             *blake3::hash(&data).as_bytes(),
             "size {size} chunk {chunk_size}"
         );
+        let mut streamed = RootHasher::default();
+        for cv in &cvs {
+            streamed.push(*cv);
+        }
+        assert_eq!(
+            streamed.finish(),
+            *blake3::hash(&data).as_bytes(),
+            "streamed: size {size} chunk {chunk_size}"
+        );
     }
 
     #[test]
@@ -104,6 +159,8 @@ mod tests {
                 7 * 4096 - 1,
                 300_000,
                 1 << 20,
+                (1 << 20) + 3 * 65536 + 17,
+                13 * 65536,
             ] {
                 check(size, cs);
             }

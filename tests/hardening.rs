@@ -689,3 +689,32 @@ fn a_second_auth_is_refused() {
     let s = r.call(Cmd::STAT, 6, &msg::StatRequest { path: ".".into() });
     assert!(!s.header.is_error(), "session lost after refused re-AUTHs");
 }
+
+/// What fsd holds in memory per unfinished upload is its bitmaps, not its declared size: 16
+/// uploads declaring 16 GiB in 64 KiB chunks (262,144 chunks each) on one connection.
+#[test]
+fn memory_per_upload_does_not_follow_its_declared_size() {
+    let fsd = Fsd::start();
+    let mut r = Raw::authed_as(fsd.addr, TOKEN, CHUNK);
+    let base = proc_status_kib(fsd.pid(), "VmRSS:");
+    for i in 0..16u32 {
+        let o = opened(
+            &open_write(&mut r, 2 + i, &format!("huge{i}"), 16 << 30, "k"),
+            "open 16 GiB",
+        );
+        assert_eq!(o.chunk_count, 262_144);
+        // One chunk each, so that every upload has state to keep.
+        let w = write(
+            &mut r,
+            100 + i,
+            o.handle,
+            i,
+            &random_bytes(CHUNK as usize, i as u64),
+        );
+        assert!(!w.header.is_error(), "{:?}", error_of(&w));
+    }
+    let grew_mib = proc_status_kib(fsd.pid(), "VmRSS:").saturating_sub(base) / 1024;
+    println!("16 open uploads of 16 GiB in 64 KiB chunks: fsd RSS +{grew_mib} MiB");
+    // 36 bytes of sums per chunk would be 144 MiB; the two bitmaps are 1 MiB in all.
+    assert!(grew_mib < 48, "fsd grew by {grew_mib} MiB");
+}

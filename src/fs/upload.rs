@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ use super::manifest::identity_of;
 use super::root::{FsError, Root};
 use crate::direct::DirectFile;
 use crate::durable::GroupSync;
-use crate::integrity::{chunk_cv, root_hash};
+use crate::integrity::{chunk_cv, RootHasher};
 use crate::protocol::{chunk_count, chunk_len, chunk_size_for, ErrorCode};
 use crate::state::UploadRecord;
 
@@ -316,10 +316,18 @@ impl UploadStore {
         if fresh {
             log.set_len(0).map_err(io_err)?;
         }
+        let sums = OpenOptions::new()
+            .create(true)
+            .truncate(fresh)
+            .read(true)
+            .write(true)
+            .open(self.path(&id, "sums"))
+            .map_err(io_err)?;
+        let sums = Sums::File(sums);
         let mut inner = Inner::new(count);
         if record.is_some() {
-            replay_log(&log, &data, p.size, chunk_size, &mut inner).map_err(io_err)?;
-            tracing::info!(upload = %id, present = inner.written.iter().filter(|b| **b).count(), "resumed upload");
+            replay_log(&log, &data, &sums, p.size, chunk_size, &mut inner).map_err(io_err)?;
+            tracing::info!(upload = %id, present = inner.present, "resumed upload");
         }
         let upload = Arc::new(Upload {
             id: id.clone(),
@@ -329,6 +337,7 @@ impl UploadStore {
             count,
             direct: DirectFile::reopen(&data),
             data,
+            sums,
             log: Some(log),
             sync_lock: Mutex::new(()),
             dir: self.dir.clone(),
@@ -372,6 +381,7 @@ impl UploadStore {
             count,
             data: File::from(fd),
             direct: None,
+            sums: Sums::Memory(Mutex::new(vec![(0, [0; 32]); count as usize])),
             log: None,
             sync_lock: Mutex::new(()),
             dir: self.dir.clone(),
@@ -436,7 +446,7 @@ impl UploadStore {
                 continue;
             };
             if let Ok(_lock) = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-                for ext in ["data", "state", "log", "lock"] {
+                for ext in ["data", "state", "log", "sums", "lock"] {
                     let _ = std::fs::remove_file(self.path(id, ext));
                 }
                 self.tally.lock().unwrap().remove(id);
@@ -461,52 +471,136 @@ fn log_entry(index: u32, crc: u32, cv: &[u8; 32]) -> [u8; LOG_ENTRY] {
 }
 
 /// Rebuilds the durable chunks from the log, trusting an entry only if the chunk's bytes still
-/// match its CRC32. Later entries for the same chunk win.
+/// match its CRC32, and writes their sums into their slots. Entries are read in order, a block
+/// at a time, so later entries for a chunk win and memory does not grow with the log.
 fn replay_log(
     log: &File,
     data: &File,
+    sums: &Sums,
     size: u64,
     chunk_size: u32,
     inner: &mut Inner,
 ) -> io::Result<()> {
-    let mut bytes = Vec::new();
-    (&*log).read_to_end(&mut bytes)?;
-    let mut latest = HashMap::new();
-    for e in bytes.chunks_exact(LOG_ENTRY) {
-        let index = u32::from_le_bytes(e[..4].try_into().unwrap());
-        if (index as usize) < inner.written.len() {
-            latest.insert(index, e);
-        }
-    }
+    let count = chunk_count(size, chunk_size);
+    let mut block = vec![0u8; LOG_ENTRY * 1024];
     let mut buf = vec![0u8; chunk_size as usize];
-    for (index, e) in latest {
-        let crc = u32::from_le_bytes(e[4..8].try_into().unwrap());
-        let len = chunk_len(size, chunk_size, index) as usize;
-        let ok = data
-            .read_exact_at(&mut buf[..len], index as u64 * chunk_size as u64)
-            .is_ok()
-            && crc32fast::hash(&buf[..len]) == crc;
-        if !ok {
-            tracing::warn!(
-                chunk = index,
-                "logged chunk failed its CRC32 on reload; will be re-sent"
-            );
-            continue;
+    let mut at = 0u64;
+    loop {
+        let n = log.read_at(&mut block, at)?;
+        let whole = n - n % LOG_ENTRY;
+        if whole == 0 {
+            break;
         }
-        let i = index as usize;
-        inner.written[i] = true;
-        inner.durable[i] = true;
-        inner.crcs[i] = crc;
-        inner.cvs[i].copy_from_slice(&e[8..]);
+        at += whole as u64;
+        for e in block[..whole].chunks_exact(LOG_ENTRY) {
+            let index = u32::from_le_bytes(e[..4].try_into().unwrap());
+            if index >= count {
+                continue;
+            }
+            let crc = u32::from_le_bytes(e[4..8].try_into().unwrap());
+            let len = chunk_len(size, chunk_size, index) as usize;
+            let ok = data
+                .read_exact_at(&mut buf[..len], index as u64 * chunk_size as u64)
+                .is_ok()
+                && crc32fast::hash(&buf[..len]) == crc;
+            if !ok {
+                tracing::warn!(
+                    chunk = index,
+                    "logged chunk failed its CRC32 on reload; will be re-sent"
+                );
+                inner.mark(index, false, false);
+                continue;
+            }
+            sums.put(index, (crc, e[8..].try_into().unwrap()))?;
+            inner.mark(index, true, true);
+        }
     }
     Ok(())
 }
 
+/// CRC32 and BLAKE3 chaining value of one chunk.
+type Sum = (u32, [u8; 32]);
+/// Bytes of one slot of a sums file: CRC32 (little-endian), then the chaining value.
+const SUM_LEN: usize = 4 + 32;
+
+/// Where an upload keeps its chunks' sums. A stateful upload: a file of fixed slots beside its
+/// data, so that what the server holds in memory per upload is its two bitmaps, not 36 bytes
+/// per chunk (2^20 chunks of 64 KiB would pin 36 MiB each). The file needs no sync: the log
+/// holds the sums of durable chunks, and a resume rewrites their slots from it. An anonymous
+/// upload (one chunk): memory.
+enum Sums {
+    File(File),
+    Memory(Mutex<Vec<Sum>>),
+}
+
+impl Sums {
+    fn put(&self, index: u32, (crc, cv): Sum) -> io::Result<()> {
+        match self {
+            Sums::File(f) => {
+                let mut slot = [0u8; SUM_LEN];
+                slot[..4].copy_from_slice(&crc.to_le_bytes());
+                slot[4..].copy_from_slice(&cv);
+                f.write_all_at(&slot, index as u64 * SUM_LEN as u64)
+            }
+            Sums::Memory(v) => {
+                v.lock().unwrap()[index as usize] = (crc, cv);
+                Ok(())
+            }
+        }
+    }
+
+    /// The sums of chunks `first..first + n` (zeros where never written).
+    fn get(&self, first: u32, n: u32) -> io::Result<Vec<Sum>> {
+        match self {
+            Sums::File(f) => {
+                let mut bytes = vec![0u8; n as usize * SUM_LEN];
+                let mut got = 0;
+                while got < bytes.len() {
+                    match f.read_at(
+                        &mut bytes[got..],
+                        first as u64 * SUM_LEN as u64 + got as u64,
+                    )? {
+                        0 => break, // past the end: slots never written
+                        k => got += k,
+                    }
+                }
+                Ok(bytes
+                    .chunks_exact(SUM_LEN)
+                    .map(|s| {
+                        let crc = u32::from_le_bytes(s[..4].try_into().unwrap());
+                        (crc, s[4..].try_into().unwrap())
+                    })
+                    .collect())
+            }
+            Sums::Memory(v) => {
+                let v = v.lock().unwrap();
+                Ok(v[first as usize..(first + n) as usize].to_vec())
+            }
+        }
+    }
+}
+
+fn bit(bits: &[u8], i: u32) -> bool {
+    bits[i as usize / 8] & (1 << (i % 8)) != 0
+}
+
+fn set_bit(bits: &mut [u8], i: u32, on: bool) {
+    if on {
+        bits[i as usize / 8] |= 1 << (i % 8);
+    } else {
+        bits[i as usize / 8] &= !(1 << (i % 8));
+    }
+}
+
 struct Inner {
-    written: Vec<bool>,
-    durable: Vec<bool>,
-    crcs: Vec<u32>,
-    cvs: Vec<[u8; 32]>,
+    /// Chunks held, as the wire bitmap (bit i of byte i/8).
+    written: Vec<u8>,
+    /// Chunks whose sums are in the log (durable).
+    durable: Vec<u8>,
+    /// Bits set in `written`.
+    present: u32,
+    /// Written chunks not yet in the log, with their sums: at most a sync's worth.
+    pending: HashMap<u32, Sum>,
     unsynced: u64,
     last_sync: Instant,
     /// A background sync is running.
@@ -530,18 +624,28 @@ enum Phase {
 impl Inner {
     /// An upload of `count` chunks with none present.
     fn new(count: u32) -> Inner {
-        let n = count as usize;
+        let bytes = (count as usize).div_ceil(8);
         Inner {
-            written: vec![false; n],
-            durable: vec![false; n],
-            crcs: vec![0; n],
-            cvs: vec![[0; 32]; n],
+            written: vec![0; bytes],
+            durable: vec![0; bytes],
+            present: 0,
+            pending: HashMap::new(),
             unsynced: 0,
             last_sync: Instant::now(),
             syncing: false,
             writers: 0,
             phase: Phase::Open,
         }
+    }
+
+    fn mark(&mut self, index: u32, written: bool, durable: bool) {
+        match (bit(&self.written, index), written) {
+            (false, true) => self.present += 1,
+            (true, false) => self.present -= 1,
+            _ => {}
+        }
+        set_bit(&mut self.written, index, written);
+        set_bit(&mut self.durable, index, durable);
     }
 }
 
@@ -563,6 +667,8 @@ pub struct Upload {
     /// The data file again, for direct writes of whole chunks (multi-chunk uploads,
     /// crate::direct).
     direct: Option<DirectFile>,
+    /// Every chunk's CRC32 and chaining value.
+    sums: Sums,
     /// Append-only log of durable chunks (`LOG_ENTRY` bytes each); None for an anonymous
     /// (single-chunk) upload, which keeps no state.
     log: Option<File>,
@@ -580,12 +686,17 @@ pub struct Upload {
 impl Upload {
     /// Chunks held (bit i of byte i/8).
     pub fn bitmap(&self) -> Vec<u8> {
-        to_bitmap(&self.inner.lock().unwrap().written)
+        self.inner.lock().unwrap().written.clone()
     }
 
-    /// CRC32 per chunk, 0 where absent.
-    pub fn crcs(&self) -> Vec<u32> {
-        self.inner.lock().unwrap().crcs.clone()
+    /// CRC32 of chunks `first..first + n`, 0 where absent. Blocking.
+    pub fn crcs(&self, first: u32, n: u32) -> Result<Vec<u32>, UploadError> {
+        let written = self.bitmap();
+        let sums = self.sums.get(first, n).map_err(|e| self.io(e))?;
+        Ok((first..)
+            .zip(sums)
+            .map(|(i, (crc, _))| if bit(&written, i) { crc } else { 0 })
+            .collect())
     }
 
     /// Stores chunk `index` whose CRC32 `crc` the codec already verified. Returns whether the
@@ -624,11 +735,11 @@ impl Upload {
             let mut inner = self.inner.lock().unwrap();
             inner.writers -= 1;
             stored?;
-            let i = index as usize;
-            inner.written[i] = true;
-            inner.durable[i] = false;
-            inner.crcs[i] = crc;
-            inner.cvs[i] = cv;
+            // Under the lock: a concurrent write of the same chunk cannot leave slot and
+            // pending entry disagreeing.
+            self.sums.put(index, (crc, cv)).map_err(|e| self.io(e))?;
+            inner.mark(index, true, false);
+            inner.pending.insert(index, (crc, cv));
             inner.unsynced += data.len() as u64;
             let due = self.resumable()
                 && (inner.unsynced >= SYNC_BYTES || inner.last_sync.elapsed() >= SYNC_INTERVAL);
@@ -644,7 +755,7 @@ impl Upload {
             self.sync()?;
         }
         Ok(Written {
-            durable: self.inner.lock().unwrap().durable[index as usize],
+            durable: bit(&self.inner.lock().unwrap().durable, index),
             start_sync,
         })
     }
@@ -692,22 +803,25 @@ impl Upload {
         let _one_at_a_time = self.sync_lock.lock().unwrap();
         let (snapshot, pending) = {
             let inner = self.inner.lock().unwrap();
-            (inner.written.clone(), inner.unsynced)
+            let snapshot: Vec<(u32, Sum)> = inner.pending.iter().map(|(i, s)| (*i, *s)).collect();
+            (snapshot, inner.unsynced)
         };
         nix::unistd::fdatasync(self.data.as_fd()).map_err(|e| self.io(e.into()))?;
-        let mut inner = self.inner.lock().unwrap();
-        let mut entries = Vec::new();
-        for (i, w) in snapshot.iter().enumerate() {
-            if *w && !inner.durable[i] {
-                entries.extend_from_slice(&log_entry(i as u32, inner.crcs[i], &inner.cvs[i]));
+        if let Some(log) = self.log.as_ref().filter(|_| !snapshot.is_empty()) {
+            let mut entries = Vec::with_capacity(snapshot.len() * LOG_ENTRY);
+            for (i, (crc, cv)) in &snapshot {
+                entries.extend_from_slice(&log_entry(*i, *crc, cv));
             }
-        }
-        if let Some(log) = self.log.as_ref().filter(|_| !entries.is_empty()) {
             (&*log).write_all(&entries).map_err(|e| self.io(e))?;
             nix::unistd::fdatasync(log.as_fd()).map_err(|e| self.io(e.into()))?;
         }
-        for (d, w) in inner.durable.iter_mut().zip(&snapshot) {
-            *d |= *w;
+        let mut inner = self.inner.lock().unwrap();
+        for (i, sum) in snapshot {
+            // Rewritten since the snapshot with other bytes: still pending.
+            if inner.pending.get(&i) == Some(&sum) {
+                inner.pending.remove(&i);
+                set_bit(&mut inner.durable, i, true);
+            }
         }
         inner.unsynced = inner.unsynced.saturating_sub(pending);
         inner.last_sync = Instant::now();
@@ -752,27 +866,50 @@ impl Upload {
                     })
                 }
             }
-            let missing = inner.written.iter().filter(|w| !**w).count() as u32;
+            let missing = self.count - inner.present;
             if missing > 0 {
                 return Err(UploadError::Incomplete {
                     missing,
                     count: self.count,
                 });
             }
-            let server = root_hash(&inner.cvs, self.chunk_size, self.params.size);
-            if expected != server {
-                return Err(UploadError::HashMismatch {
-                    client: hex::encode(expected),
-                    server: hex::encode(server),
-                });
-            }
             inner.phase = Phase::Sealing;
+        }
+        // Sealed: no chunk changes while the sums are read back.
+        let server = match self.root_hash() {
+            Ok(h) => h,
+            Err(e) => {
+                self.unseal();
+                return Err(e);
+            }
+        };
+        if expected != server {
+            self.unseal();
+            return Err(UploadError::HashMismatch {
+                client: hex::encode(expected),
+                server: hex::encode(server),
+            });
         }
         let finished = self.finish_metadata();
         if finished.is_err() {
             self.unseal();
         }
         finished
+    }
+
+    /// The whole-file BLAKE3 from the chunks' sums, read back in order a block at a time.
+    fn root_hash(&self) -> Result<[u8; 32], UploadError> {
+        const BLOCK: u32 = 4096;
+        let mut h = RootHasher::default();
+        let mut first = 0;
+        while first < self.count {
+            let n = BLOCK.min(self.count - first);
+            for (_, cv) in self.sums.get(first, n).map_err(|e| self.io(e))? {
+                h.push(cv);
+            }
+            first += n;
+        }
+        Ok(h.finish())
     }
 
     /// Reopens a sealed upload whose commit failed after [`Upload::seal`], so that the client
@@ -878,12 +1015,4 @@ impl Drop for Upload {
             }
         }
     }
-}
-
-fn to_bitmap(bits: &[bool]) -> Vec<u8> {
-    let mut out = vec![0u8; bits.len().div_ceil(8)];
-    for (i, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
-        out[i / 8] |= 1 << (i % 8);
-    }
-    out
 }

@@ -20,8 +20,8 @@ use crate::protocol::ErrorCode;
 /// (directories while resolving paths, listings, manifests, the state directory, logs).
 pub const FD_RESERVE: usize = 256;
 /// Descriptors a handle may hold: an upload has its data (twice, for direct I/O), its log, its
-/// lock; a read handle its file.
-pub const FDS_PER_UPLOAD: u32 = 4;
+/// sums, its lock; a read handle its file.
+pub const FDS_PER_UPLOAD: u32 = 5;
 pub const FDS_PER_READ: u32 = 1;
 
 /// Default of [`Limits::uploads`].

@@ -443,19 +443,25 @@ pub async fn put(
 
 pub async fn manifest(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
     let req = msg::ManifestRequest::decode(payload)?;
-    let crcs = match get(session, req.handle)? {
-        Handle::Read { manifest, .. } => manifest.crcs.clone(),
-        Handle::Write(u) => u.crcs(),
+    let handle = get(session, req.handle)?;
+    let total = match &handle {
+        Handle::Read { manifest, .. } => manifest.crcs.len() as u32,
+        Handle::Write(u) => u.count,
     };
     let count = match req.count {
         0 => MANIFEST_PAGE,
         n => n.min(MANIFEST_PAGE),
-    } as usize;
-    let first = (req.first_chunk as usize).min(crcs.len());
-    let end = (first + count).min(crcs.len());
+    };
+    let first = req.first_chunk.min(total);
+    let end = first.saturating_add(count).min(total);
+    // Only the page is copied: a whole manifest per request would let a client multiply it.
+    let crc32 = match handle {
+        Handle::Read { manifest, .. } => manifest.crcs[first as usize..end as usize].to_vec(),
+        Handle::Write(u) => blocking(session, move |_| Ok(u.crcs(first, end - first)?)).await?,
+    };
     encoded(msg::ManifestResponse {
-        first_chunk: first as u32,
-        crc32: crcs[first..end].to_vec(),
+        first_chunk: first,
+        crc32,
     })
 }
 
