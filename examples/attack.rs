@@ -66,12 +66,13 @@ impl Conn {
         self.recv()
     }
 
-    /// Hello and Auth; Ok with the connection, or Err with the server's message.
-    fn login(addr: SocketAddr, from: IpAddr, token: &str) -> Result<Conn, String> {
+    /// Hello (asking for `chunk_size`, 0 = the server's) and Auth; Ok with the connection,
+    /// or Err with the server's message.
+    fn login(addr: SocketAddr, from: IpAddr, token: &str, chunk_size: u32) -> Result<Conn, String> {
         let mut c = Conn::connect(addr, from).map_err(|e| e.to_string())?;
         let hello = msg::Hello {
             version: 1,
-            chunk_size: 64 * 1024,
+            chunk_size,
             ..Default::default()
         };
         let h = c.call(Cmd::HELLO, 0, &hello).ok_or("no hello reply")?;
@@ -143,7 +144,7 @@ fn probe(addr: SocketAddr, token: String, stop: Arc<AtomicBool>) -> std::thread:
         let mut p = Probe::default();
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            match Conn::login(addr, LEGIT, &token) {
+            match Conn::login(addr, LEGIT, &token, 0) {
                 Ok(mut c) => {
                     p.auths.push(t.elapsed());
                     let round = Instant::now();
@@ -375,7 +376,7 @@ fn guess(addr: SocketAddr, metrics: Option<&str>, rotate: bool) -> String {
 fn unread(addr: SocketAddr, token: &str, n: u32) -> String {
     let mut held = Vec::new();
     for i in 0..n {
-        let Ok(mut c) = Conn::login(addr, attacker(i % 8), token) else {
+        let Ok(mut c) = Conn::login(addr, attacker(i % 8), token, 0) else {
             continue;
         };
         c.sock.set_nonblocking(false).unwrap();
@@ -399,7 +400,7 @@ fn handles(addr: SocketAddr, token: &str) -> String {
     let mut opened = 0;
     let mut why = String::from("never refused");
     'all: for i in 0..64u32 {
-        let Ok(mut c) = Conn::login(addr, attacker(i % 8), token) else {
+        let Ok(mut c) = Conn::login(addr, attacker(i % 8), token, 0) else {
             why = "login refused".into();
             break;
         };
@@ -430,13 +431,14 @@ fn handles(addr: SocketAddr, token: &str) -> String {
     format!("{opened} read handles, then: {why}")
 }
 
-/// Multi-chunk uploads declaring 64 GiB each with 64 KiB chunks, until refused.
+/// Multi-chunk uploads declaring 16 GiB each with 64 KiB chunks, until refused.
 fn uploads(addr: SocketAddr, token: &str) -> String {
     let mut held = Vec::new();
     let mut opened = 0;
     let mut why = String::from("never refused");
     'all: for i in 0..64u32 {
-        let Ok(mut c) = Conn::login(addr, attacker(i % 8), token) else {
+        // The smallest chunks: the most chunks per upload for the server to track.
+        let Ok(mut c) = Conn::login(addr, attacker(i % 8), token, 64 * 1024) else {
             why = "login refused".into();
             break;
         };
@@ -444,7 +446,7 @@ fn uploads(addr: SocketAddr, token: &str) -> String {
             let open = msg::OpenRequest {
                 path: format!("huge-{i}-{sid}"),
                 mode: msg::OpenMode::OpenWrite as i32,
-                size: 64 << 30,
+                size: 16 << 30,
                 resume_key: "k".into(),
                 ..Default::default()
             };
@@ -464,5 +466,5 @@ fn uploads(addr: SocketAddr, token: &str) -> String {
         held.push(c);
     }
     std::thread::sleep(Duration::from_secs(1));
-    format!("{opened} uploads of 64 GiB, then: {why}")
+    format!("{opened} uploads of 16 GiB, then: {why}")
 }

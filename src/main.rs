@@ -216,9 +216,8 @@ async fn serve(args: Args) -> Result<()> {
     };
     let srv = server::Server::new(config)
         .with_context(|| format!("cannot serve {}", args.root.display()))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener =
+        listen(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     // Printed before the "listening on" line, which tells scripts that fsd is up.
     let metrics = match args.metrics {
@@ -276,4 +275,19 @@ async fn serve(args: Args) -> Result<()> {
     server::run(listener, srv, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Listen backlog: room for a burst of connection attempts (a flood included) without dropping
+/// a legitimate client's SYN, which would cost it a 1 s retransmission. The kernel caps it at
+/// net.core.somaxconn.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
