@@ -114,6 +114,7 @@ struct Probe {
     auths: Vec<Duration>,
     stats: Vec<Duration>,
     failures: u64,
+    first_failure: Option<String>,
 }
 
 impl Probe {
@@ -127,13 +128,16 @@ impl Probe {
                 })
         };
         format!(
-            "legit AUTH max {} (n={}), STAT p50 {} p99 {} (n={}), legit failures {}",
+            "legit AUTH max {} (n={}), STAT p50 {} p99 {} (n={}), legit failures {}{}",
             p(&self.auths, 1.0),
             self.auths.len(),
             p(&self.stats, 0.5),
             p(&self.stats, 0.99),
             self.stats.len(),
-            self.failures
+            self.failures,
+            self.first_failure
+                .as_ref()
+                .map_or(String::new(), |f| format!(" (first: {f})"))
         )
     }
 }
@@ -157,13 +161,15 @@ fn probe(addr: SocketAddr, token: String, stop: Arc<AtomicBool>) -> std::thread:
                             p.stats.push(t.elapsed());
                         } else {
                             p.failures += 1;
+                            p.first_failure.get_or_insert_with(|| "STAT failed".into());
                             break;
                         }
                         std::thread::sleep(Duration::from_millis(5));
                     }
                 }
-                Err(_) => {
+                Err(e) => {
                     p.failures += 1;
+                    p.first_failure.get_or_insert(e);
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
@@ -315,14 +321,18 @@ fn bigframe(addr: SocketAddr, n: u32) -> String {
     format!("{n} pre-auth 16 MiB DATA frames: {closed} connections closed by fsd")
 }
 
-/// Wrong tokens as fast as 32 threads can send them for 10 s, from one address or rotating
-/// over 4,000; each connection hangs up right after its AUTH.
+/// Wrong tokens as fast as ATTACK_THREADS threads (default 8) can send them for 10 s, from one
+/// address or rotating over 4,000; each connection hangs up right after its AUTH.
 fn guess(addr: SocketAddr, metrics: Option<&str>, rotate: bool) -> String {
+    let threads: u32 = std::env::var("ATTACK_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     let before = auth_failures(metrics);
     let sent = Arc::new(AtomicU64::new(0));
     let secs = 10;
     let t0 = Instant::now();
-    let threads: Vec<_> = (0..32u32)
+    let workers: Vec<_> = (0..threads)
         .map(|t| {
             let sent = sent.clone();
             std::thread::spawn(move || {
@@ -354,7 +364,7 @@ fn guess(addr: SocketAddr, metrics: Option<&str>, rotate: bool) -> String {
             })
         })
         .collect();
-    for t in threads {
+    for t in workers {
         let _ = t.join();
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -362,7 +372,7 @@ fn guess(addr: SocketAddr, metrics: Option<&str>, rotate: bool) -> String {
     let sent = sent.load(Ordering::Relaxed);
     match (before, auth_failures(metrics)) {
         (Some(a), Some(b)) => format!(
-            "{sent} AUTHs sent ({:.0}/s), {} evaluated = {:.1} guesses/s",
+            "{threads} threads: {sent} AUTHs sent ({:.0}/s), {} evaluated = {:.1} guesses/s",
             sent as f64 / secs,
             b - a,
             (b - a) / secs

@@ -9,7 +9,8 @@
 #   scripts/attack.sh guess unread    # some of them
 #
 # Scenarios: flood (1,100 silent connections), bigframe (Hello + 16 MiB DATA before AUTH),
-# guess / guess-rotating (wrong tokens from one address / 4,000 addresses, hanging up at once),
+# guess / guess-rotating (wrong tokens from one address / 4,000 addresses, hanging up at once;
+# ATTACK_THREADS senders, default 8: on this 2-CPU machine 32 starve fsd of CPU by themselves),
 # unread (20 connections x 64 inline OPENs never read), handles (read handles until refused),
 # uploads (64 GiB uploads with 64 KiB chunks until refused). fsd runs with two credentials
 # (the legitimate one and the attacker's), --max-connections 1024 and RLIMIT_NOFILE 4096.

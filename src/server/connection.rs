@@ -337,7 +337,8 @@ pub async fn run(
     server: Arc<Server>,
     shutdown: CancellationToken,
 ) {
-    let Some(startup) = server.startups.admit(peer.ip()) else {
+    let trusted = server.auth_limiter.is_trusted(peer.ip());
+    let Some(startup) = server.startups.admit(peer.ip(), trusted) else {
         return;
     };
     speak(rd, wr, subject, None, peer, server, shutdown, startup).await

@@ -7,8 +7,8 @@
 //!   closing its own oldest waiting connection, and only one that has waited [`STARTUP_GRACE`]
 //!   (a client that authenticates promptly keeps its place); otherwise the newcomer is refused
 //!   (LimitExceeded, retryable). When all places are taken, the oldest waiting connection of
-//!   the source holding the most places is closed: a flood, from one address or many, loses its
-//!   own places, and a client waiting alone is the last to go.
+//!   the source holding the most places is closed, sparing sources that authenticated before: a
+//!   flood, from one address or many, loses its own places, and a known client keeps its own.
 //! - Guesses: every AUTH that is evaluated takes a token from its source's bucket and, unless
 //!   the source authenticated successfully before, from a server-wide bucket; a success gives
 //!   them back. With a bucket empty the AUTH is refused at once, unevaluated. No failure is
@@ -63,6 +63,9 @@ struct StartupsInner {
     next: u64,
     /// Admission number -> (source, admitted at, token that closes the connection).
     waiting: BTreeMap<u64, (IpAddr, Instant, CancellationToken)>,
+    /// Admission numbers of connections from sources that authenticated before: a flood from
+    /// other sources never takes their places.
+    trusted: std::collections::HashSet<u64>,
     per_source: HashMap<IpAddr, usize>,
     evicted: u64,
     refused: u64,
@@ -79,7 +82,7 @@ impl Startups {
 
     /// Admits a new connection from `ip` (see the module's policy), or None: refused. The
     /// returned place is given up when the connection authenticates or ends.
-    pub fn admit(self: &Arc<Startups>, ip: IpAddr) -> Option<Startup> {
+    pub fn admit(self: &Arc<Startups>, ip: IpAddr, trusted: bool) -> Option<Startup> {
         let source = source_of(ip);
         let now = Instant::now();
         let mut s = self.inner.lock().unwrap();
@@ -96,15 +99,22 @@ impl Startups {
             s.evict(n);
         }
         if s.waiting.len() >= self.max_total {
-            let crowded = s
-                .per_source
+            // The oldest connection of any source holding the most places, sparing sources
+            // that authenticated before while there are others: with a flood spread one per
+            // address, that is the flood's oldest.
+            let spare = s.trusted.len() < s.waiting.len();
+            let most = s
+                .waiting
                 .iter()
-                .max_by_key(|(_, n)| **n)
-                .map(|(src, _)| *src);
+                .filter(|(n, _)| !(spare && s.trusted.contains(n)))
+                .filter_map(|(_, (src, _, _))| s.per_source.get(src).copied())
+                .max()
+                .unwrap_or(0);
             let oldest = s
                 .waiting
                 .iter()
-                .find(|(_, (src, _, _))| Some(*src) == crowded)
+                .filter(|(n, _)| !(spare && s.trusted.contains(n)))
+                .find(|(_, (src, _, _))| s.per_source.get(src) == Some(&most))
                 .map(|(n, _)| *n);
             if let Some(n) = oldest {
                 s.evict(n);
@@ -114,6 +124,9 @@ impl Startups {
         s.next += 1;
         let evicted = CancellationToken::new();
         s.waiting.insert(n, (source, now, evicted.clone()));
+        if trusted {
+            s.trusted.insert(n);
+        }
         *s.per_source.entry(source).or_default() += 1;
         Some(Startup {
             startups: self.clone(),
@@ -151,6 +164,7 @@ impl StartupsInner {
 
     fn remove(&mut self, n: u64) -> Option<CancellationToken> {
         let (source, _, token) = self.waiting.remove(&n)?;
+        self.trusted.remove(&n);
         if let Some(c) = self.per_source.get_mut(&source) {
             *c -= 1;
             if *c == 0 {
@@ -323,6 +337,14 @@ impl AuthLimiter {
         s.trusted.insert(a.source, now);
     }
 
+    /// Whether `ip`'s source authenticated successfully in the last 24 h.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let s = self.inner.lock().unwrap();
+        s.trusted
+            .get(&source_of(ip))
+            .is_some_and(|t| t.elapsed() < TRUSTED_FOR)
+    }
+
     /// AUTHs refused unevaluated, since start.
     pub fn refused(&self) -> u64 {
         self.inner.lock().unwrap().refused
@@ -337,22 +359,42 @@ mod tests {
         s.parse().unwrap()
     }
 
+    impl Startups {
+        fn admit_t(self: &Arc<Startups>, ip: IpAddr) -> Option<Startup> {
+            self.admit(ip, false)
+        }
+    }
+
+    #[test]
+    fn a_full_house_spares_sources_that_authenticated_before() {
+        let s = Startups::new(3, 8);
+        let known = s.admit(ip("10.0.0.9"), true).unwrap();
+        let a1 = s.admit_t(ip("10.0.0.1")).unwrap();
+        let _a2 = s.admit_t(ip("10.0.0.2")).unwrap();
+        let _a3 = s.admit_t(ip("10.0.0.3")).unwrap();
+        assert!(
+            !known.evicted().is_cancelled(),
+            "the known client lost its place"
+        );
+        assert!(a1.evicted().is_cancelled());
+    }
+
     #[test]
     fn startups_evict_the_oldest_of_the_source_then_of_the_most_crowded() {
         let s = Startups::new(4, 2);
-        let a1 = s.admit(ip("10.0.0.1")).unwrap();
-        let _a2 = s.admit(ip("10.0.0.1")).unwrap();
+        let a1 = s.admit_t(ip("10.0.0.1")).unwrap();
+        let _a2 = s.admit_t(ip("10.0.0.1")).unwrap();
         assert!(
-            s.admit(ip("10.0.0.1")).is_none(),
+            s.admit_t(ip("10.0.0.1")).is_none(),
             "source at its limit, its oldest within the grace: the newcomer is refused"
         );
         assert!(!a1.evicted().is_cancelled());
-        let mut b1 = s.admit(ip("10.0.0.2")).unwrap();
+        let mut b1 = s.admit_t(ip("10.0.0.2")).unwrap();
         b1.authenticated();
-        let b2 = s.admit(ip("10.0.0.2")).unwrap();
-        let c1 = s.admit(ip("10.0.0.3")).unwrap();
+        let b2 = s.admit_t(ip("10.0.0.2")).unwrap();
+        let c1 = s.admit_t(ip("10.0.0.3")).unwrap();
         assert_eq!(s.waiting(), 4);
-        let _d1 = s.admit(ip("10.0.0.4")).unwrap();
+        let _d1 = s.admit_t(ip("10.0.0.4")).unwrap();
         assert!(
             a1.evicted().is_cancelled(),
             "full: the crowded source's oldest goes"
@@ -366,9 +408,9 @@ mod tests {
     #[test]
     fn a_source_at_its_limit_reclaims_places_held_past_the_grace() {
         let s = Startups::new(8, 1);
-        let a1 = s.admit(ip("10.0.0.1")).unwrap();
+        let a1 = s.admit_t(ip("10.0.0.1")).unwrap();
         std::thread::sleep(STARTUP_GRACE + Duration::from_millis(50));
-        let _a2 = s.admit(ip("10.0.0.1")).unwrap();
+        let _a2 = s.admit_t(ip("10.0.0.1")).unwrap();
         assert!(a1.evicted().is_cancelled());
     }
 

@@ -370,6 +370,33 @@ pub fn render(server: &Server) -> String {
     );
     gauge(
         &mut reg,
+        "unauthenticated_connections",
+        "Connections waiting to authenticate (--max-startups)",
+        server.startups.waiting() as u64,
+    );
+    counter(
+        &mut reg,
+        "startups_evicted",
+        "Unauthenticated connections closed to make room for newer ones",
+        None,
+        server.startups.evicted(),
+    );
+    counter(
+        &mut reg,
+        "startups_refused",
+        "Connections refused at accept: their address had its share of unauthenticated ones",
+        None,
+        server.startups.refused(),
+    );
+    counter(
+        &mut reg,
+        "auth_refused",
+        "AUTHs refused unchecked: their source's or the server's guess budget was spent",
+        None,
+        server.auth_limiter.refused(),
+    );
+    gauge(
+        &mut reg,
         "uploads_in_progress",
         "Uploads open in this process",
         server.uploads.live_count() as u64,

@@ -393,7 +393,8 @@ pub async fn run(
             continue;
         };
         // Decided here, in accept order: who waits to authenticate, and who has waited longest.
-        let Some(startup) = server.startups.admit(peer.ip()) else {
+        let trusted = server.auth_limiter.is_trusted(peer.ip());
+        let Some(startup) = server.startups.admit(peer.ip(), trusted) else {
             if server.config.tls.is_none() {
                 if let Ok(p) = refusals.clone().try_acquire_owned() {
                     let why = "too many unauthenticated connections from your address";
