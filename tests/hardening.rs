@@ -718,3 +718,64 @@ fn memory_per_upload_does_not_follow_its_declared_size() {
     // 36 bytes of sums per chunk would be 144 MiB; the two bitmaps are 1 MiB in all.
     assert!(grew_mib < 48, "fsd grew by {grew_mib} MiB");
 }
+
+/// Every request ends with exactly one final frame carrying its own cmd: a WRITE refused
+/// before its DATA frame arrives does not draw a second error for that frame, and a DATA frame
+/// of the wrong cmd ends the pending WRITE with an error that says WRITE.
+#[test]
+fn a_refused_write_gets_exactly_one_final_frame() {
+    let fsd = Fsd::start();
+    let mut r = Raw::authed(fsd.addr);
+    let data = || {
+        Frame::new(
+            Cmd::WRITE,
+            5,
+            flags::DATA | flags::END,
+            Bytes::from_static(b"chunk"),
+        )
+    };
+    // Undecodable WriteRequest, then its DATA frame, then a PING on the same stream.
+    r.send(&Frame::new(
+        Cmd::WRITE,
+        5,
+        0,
+        Bytes::from_static(&[0xff, 0xff, 0xff]),
+    ))
+    .unwrap();
+    r.send(&data()).unwrap();
+    r.send_msg(Cmd::PING, 5, flags::END, &msg::Ping { nonce: 9 });
+    let refusal = r.recv().unwrap();
+    assert_eq!((refusal.cmd(), refusal.stream_id()), (Cmd::WRITE, 5));
+    assert!(refusal.header.is_error());
+    let next = r.recv().unwrap();
+    assert_eq!(
+        next.cmd(),
+        Cmd::PING,
+        "a second final frame for the refused WRITE: {:?}",
+        next.header
+    );
+    // A pending WRITE, then a DATA frame with cmd READ on its stream.
+    r.send_msg(
+        Cmd::WRITE,
+        7,
+        0,
+        &msg::WriteRequest {
+            handle: 99,
+            chunk: 0,
+        },
+    );
+    r.send(&Frame::new(
+        Cmd::READ,
+        7,
+        flags::DATA | flags::END,
+        Bytes::from_static(b"x"),
+    ))
+    .unwrap();
+    let end = r.recv().unwrap();
+    assert!(end.header.is_error() && end.stream_id() == 7);
+    assert_eq!(
+        end.cmd(),
+        Cmd::WRITE,
+        "the error does not name the request it ends"
+    );
+}

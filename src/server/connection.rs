@@ -32,6 +32,9 @@ use crate::protocol::{
 /// tiny): an unauthenticated peer cannot make the server buffer more.
 const PRE_AUTH_PAYLOAD: u32 = 16 * 1024;
 
+/// Refused WRITE or PUT requests whose DATA frame is still to be dropped, per connection.
+const MAX_DISCARDS: usize = 1024;
+
 /// Frames queued for the writer per connection: bounds memory, and its FIFO interleaves streams.
 const WRITER_QUEUE: usize = 32;
 
@@ -479,20 +482,26 @@ impl Conn {
                         .fetch_add(1, Ordering::Relaxed);
                     let sid = bad.header.stream_id;
                     tracing::warn!(stream = sid, "payload checksum mismatch");
-                    if self.pending_writes.remove(&sid).is_some() {
+                    // The error ends the pending request, if any: it carries its cmd.
+                    let mut reply_cmd = bad.header.cmd;
+                    let running = self.streams.lock().unwrap().get(&sid).cloned();
+                    if let Some(p) = self.pending_writes.remove(&sid) {
                         self.streams.lock().unwrap().remove(&sid);
+                        reply_cmd = p.cmd();
+                    } else if let Some(t) = running {
+                        // A request is running on this stream: it sends the final frame.
+                        t.cancel();
+                        continue;
                     } else if matches!(bad.header.cmd, Cmd::WRITE | Cmd::PUT)
                         && !bad.header.is_data()
                     {
                         // Its DATA frame follows: drop it quietly, this error ends the stream.
-                        self.discard_data.insert(sid);
-                    } else if let Some(t) = self.streams.lock().unwrap().get(&sid) {
-                        // A request is running on this stream: it sends the final frame.
-                        t.cancel();
-                        continue;
+                        if let Some(why) = self.discard_next_data(sid) {
+                            return why;
+                        }
                     }
                     self.send_error(
-                        bad.header.cmd,
+                        reply_cmd,
                         sid,
                         ErrorCode::ChecksumMismatch,
                         "payload checksum mismatch",
@@ -563,11 +572,13 @@ impl Conn {
                     tokio::spawn(transfer::put(session, req, f, st, held).instrument(span));
                 }
                 (_, pending, _, _) => {
+                    // The error ends the pending request, if any: it carries that request's cmd.
+                    let reply_cmd = pending.as_ref().map_or(cmd, Pending::cmd);
                     if pending.is_some() {
                         self.streams.lock().unwrap().remove(&sid);
                     }
                     self.send_error(
-                        cmd,
+                        reply_cmd,
                         sid,
                         ErrorCode::BadStream,
                         "DATA frame without a pending WRITE or PUT on this stream",
@@ -641,10 +652,18 @@ impl Conn {
                 .await
             }
             _ => {
+                // A WRITE or PUT refused here leaves nothing pending: its DATA frame, which
+                // follows, is dropped unanswered, so that the refusal is the stream's one final
+                // frame.
+                let refused_write = matches!(cmd, Cmd::WRITE | Cmd::PUT);
                 let Some(session) = self.session.clone() else {
                     self.send_error(cmd, sid, ErrorCode::NotAuthenticated, "authenticate first")
                         .await;
-                    return None;
+                    return if refused_write {
+                        self.discard_next_data(sid)
+                    } else {
+                        None
+                    };
                 };
                 if let Err(e) = self.open_stream(sid) {
                     // Never answer on a stream that is in use: that would corrupt it.
@@ -654,8 +673,15 @@ impl Conn {
                         tracing::warn!(stream = sid, "request on a stream in use; closing");
                         return Some("stream reuse");
                     }
-                    return None;
+                    return if refused_write {
+                        self.discard_next_data(sid)
+                    } else {
+                        None
+                    };
                 }
+                // A new request on the stream: a DATA frame still awaited from an earlier
+                // refusal will not come.
+                self.discard_data.remove(&sid);
                 if matches!(cmd, Cmd::WRITE | Cmd::PUT) {
                     let pending = if cmd == Cmd::WRITE {
                         f.decode().map(Pending::Write)
@@ -670,6 +696,7 @@ impl Conn {
                             self.streams.lock().unwrap().remove(&sid);
                             self.send_error(cmd, sid, ErrorCode::BadRequest, e.to_string())
                                 .await;
+                            return self.discard_next_data(sid);
                         }
                     }
                     return None;
@@ -679,6 +706,17 @@ impl Conn {
                 tokio::spawn(handle(session, f, st).instrument(span));
             }
         }
+        None
+    }
+
+    /// Drops the next DATA frame on `sid` unanswered. A peer that keeps leaving such marks
+    /// (refused WRITEs whose DATA never comes) is cut off before they cost real memory.
+    fn discard_next_data(&mut self, sid: u32) -> Option<&'static str> {
+        if self.discard_data.len() >= MAX_DISCARDS && !self.discard_data.contains(&sid) {
+            tracing::warn!("too many refused WRITE or PUT requests without their DATA; closing");
+            return Some("too many refused writes");
+        }
+        self.discard_data.insert(sid);
         None
     }
 
