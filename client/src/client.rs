@@ -37,6 +37,9 @@ pub struct Options {
     /// Per-connection window: bytes requested and not yet on disk (downloads) or sent and not
     /// yet acknowledged (uploads).
     pub window_bytes: u32,
+    /// Downloads: give created files and directories the server's permission bits exactly
+    /// (never setuid, setgid or sticky) instead of those bits less the umask.
+    pub preserve: bool,
     /// Called with every [`Event`].
     pub on_event: Option<EventFn>,
 }
@@ -52,6 +55,7 @@ impl Default for Options {
             max_backoff: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(30),
             window_bytes: ConnOptions::default().window_bytes,
+            preserve: false,
             on_event: None,
         }
     }

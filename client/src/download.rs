@@ -1,12 +1,14 @@
 //! Downloads: pipelined, verified as data arrives, resumable.
 //!
 //! One file: OPEN(READ) gives size, identity, chunk size and the whole-file BLAKE3; MANIFEST
-//! gives every chunk's CRC32. Chunks land in `NAME.fsc-part` (preallocated, one pwrite per
-//! chunk) while `NAME.fsc-state` records which ones are there. Each connection runs a few
+//! gives every chunk's CRC32. Chunks land in a part file in the destination's working
+//! directory (`local::Work`; preallocated, one pwrite per chunk) while a state file beside it
+//! records which ones are there. Each connection runs a few
 //! *lanes*, each keeping one READ of up to [`RUN`] chunks outstanding, so the link never drains;
 //! `-j N` connections pull from one shared queue of missing chunks. A chunk whose CRC32 fails is
 //! queued again. When all are in: BLAKE3 (built from per-chunk subtree hashes) is compared with
-//! the server's, the part is synced and renamed over the final name, and the state removed.
+//! the server's, the part is synced and linked (the very inode that was verified) over the
+//! final name, and the state removed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -22,16 +24,19 @@ use bytes::Bytes;
 use fsd::direct::DirectFile;
 use fsd::durable::GroupSync;
 use fsd::integrity::{chunk_cv, hash_chunk, root_hash};
-use fsd::protocol::{chunk_count, chunk_len, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE};
+use fsd::protocol::{
+    checked_chunk_count, chunk_len, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE, MAX_CHUNKS_PER_FILE,
+};
 use nix::unistd::Whence;
 use tracing::{debug, warn};
 
 use crate::client::{Client, Transfer};
 use crate::conn::{Conn, Window};
 use crate::error::{Error, Result};
+use crate::local::{check_name, new_mode, publish, LocalDir, Work};
 use crate::progress::Event;
-use crate::state::{Bitmap, PartState, PART_SUFFIX, STATE_SUFFIX};
-use crate::tree::{check_name, remote_basename, LocalDir};
+use crate::state::{Bitmap, PartState};
+use crate::tree::remote_basename;
 
 /// Chunks asked for by one READ.
 const RUN: u32 = 4;
@@ -64,6 +69,8 @@ pub(crate) enum Out {
     File {
         dir: LocalDir,
         name: String,
+        /// Where its working files go.
+        work: Work,
         /// How the file is made durable before its rename: alone (fsync of the file, and of
         /// the directory after), or with others in one group sync (a tree, which syncs each
         /// directory once at the end).
@@ -155,6 +162,7 @@ fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
     };
     let d = LocalDir::open(&dir).map_err(|e| Error::io(dir.display(), e))?;
     Ok(Out::File {
+        work: Work::new(d.clone(), &name),
         dir: d,
         name,
         group: None,
@@ -386,9 +394,13 @@ impl Job {
         let (state, out) = match &self.out {
             // Nothing to resume in a file of at most one chunk: no state to look for.
             Out::File { .. } if meta.count <= 1 => (None, self.out.clone()),
-            Out::File { dir, name, .. } => {
-                let (dir, name) = (dir.clone(), name.clone());
-                let st = spawn_blocking(move || Ok(PartState::load(&dir, &name))).await?;
+            Out::File { work, .. } => {
+                let work = work.clone();
+                let st = spawn_blocking(move || {
+                    let wd = work.existing_dir().map_err(|e| Error::io(".fsc-work", e))?;
+                    Ok(wd.and_then(|wd| PartState::load(&wd, &work.state())))
+                })
+                .await?;
                 (st, self.out.clone())
             }
             Out::Stdout => (None, Out::Stdout),
@@ -406,19 +418,21 @@ impl Job {
             }
             None => None,
         };
-        let crcs = match state.as_ref().and_then(|s| s.crcs(meta.count)) {
-            Some(c) => c,
-            // A single chunk is checked by its frame CRC and the whole-file BLAKE3.
-            None if meta.count <= 1 => Vec::new(),
-            None => manifest(conn, meta.handle, meta.count).await?,
+        // Always the server's manifest, never CRCs remembered from an earlier run: what is on
+        // disk is checked against what the server says now. A single chunk is checked by its
+        // frame CRC and the whole-file BLAKE3.
+        let crcs = match meta.count {
+            0 | 1 => Vec::new(),
+            n => manifest(conn, meta.handle, n).await?,
         };
         let remote = self.remote.clone();
         let meta = meta.clone();
+        let preserve = self.client.shared.opts.preserve;
         if meta.count <= 1 {
             // Just an open: cheaper here than a hop to a blocking thread (many small files).
-            return Sink::create(remote, meta, crcs, out, None);
+            return Sink::create(remote, meta, crcs, out, None, preserve);
         }
-        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state)).await
+        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state, preserve)).await
     }
 
     /// Keeps one READ outstanding on `conn` until the queue is empty.
@@ -635,7 +649,14 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u3
     if cs > crate::conn::MAX_DATA_FRAME {
         return Err(bad(&format!("chunk size {cs} exceeds our frame limit")));
     }
-    if r.chunk_count != chunk_count(r.size, cs) {
+    // In u64, checked: a wrapped count once published 0 bytes for a 4 TiB file.
+    let count = checked_chunk_count(r.size, cs).ok_or_else(|| {
+        bad(&format!(
+            "{} bytes in chunks of {cs} is more than {MAX_CHUNKS_PER_FILE} chunks",
+            r.size
+        ))
+    })?;
+    if r.chunk_count != count {
         return Err(bad("chunk count does not match size"));
     }
     let blake3: [u8; 32] = r
@@ -725,6 +746,8 @@ struct Sink {
     blake3: [u8; 32],
     mode: u32,
     mtime_ns: i64,
+    /// Give the file the server's mode exactly rather than less the umask.
+    preserve: bool,
     /// Manifest CRCs; empty for files of at most one chunk.
     crcs: Vec<u32>,
     out: SinkOut,
@@ -742,11 +765,12 @@ enum SinkOut {
     File {
         dir: LocalDir,
         name: String,
+        work: Work,
+        /// The working directory, when the part has a name there (`stateful`).
+        wd: Option<LocalDir>,
         part: File,
         /// The part again, for direct writes of whole chunks (multi-chunk files, fsd::direct).
         direct: Option<DirectFile>,
-        /// The part has no name (O_TMPFILE): it is linked in, not renamed.
-        anonymous: bool,
         /// Whether a state file is kept (multi-chunk files only).
         stateful: bool,
         group: Option<Arc<GroupSync>>,
@@ -779,6 +803,7 @@ impl Sink {
         crcs: Vec<u32>,
         out: Out,
         state: Option<PartState>,
+        preserve: bool,
     ) -> Result<Arc<Sink>> {
         let mut have = Have {
             have: Bitmap::new(m.count),
@@ -792,16 +817,28 @@ impl Sink {
                 next: 0,
                 pending: BTreeMap::new(),
             })),
-            Out::File { dir, name, group } => {
-                let part_name = format!("{name}{PART_SUFFIX}");
-                let err = |e| Error::io(dir.display(&part_name), e);
+            Out::File {
+                dir,
+                name,
+                work,
+                group,
+            } => {
+                let err = |e| Error::io(dir.display(&name), e);
                 let stateful = m.count > 1;
                 // Nothing to resume in one chunk: an unnamed file, linked in when complete.
                 let anonymous = (!stateful).then(|| dir.create_anonymous()).flatten();
-                let is_anonymous = anonymous.is_some();
-                let part = match anonymous {
-                    Some(f) => f,
-                    None => dir.open_rw(&part_name, state.is_none()).map_err(err)?,
+                let wd = match anonymous {
+                    Some(_) => None,
+                    None => Some(work.dir().map_err(err)?),
+                };
+                let part = match (anonymous, &wd) {
+                    (Some(f), _) => f,
+                    (None, Some(wd)) => {
+                        let f = wd.open_rw(&work.part(), state.is_none()).map_err(err)?;
+                        lock_exclusive(&f).map_err(err)?;
+                        f
+                    }
+                    (None, None) => unreachable!("a named part has a working directory"),
                 };
                 if let Some(st) = &state {
                     let claimed = st.bitmap(m.count);
@@ -819,9 +856,10 @@ impl Sink {
                 }
                 SinkOut::File {
                     direct: stateful.then(|| DirectFile::reopen(&part)).flatten(),
-                    anonymous: is_anonymous,
                     dir,
                     name,
+                    work,
+                    wd,
                     part,
                     stateful,
                     group,
@@ -837,6 +875,7 @@ impl Sink {
             blake3: m.blake3,
             mode: m.mode,
             mtime_ns: m.mtime_ns,
+            preserve,
             crcs,
             out,
             st: Mutex::new(have),
@@ -927,8 +966,8 @@ impl Sink {
                 direct,
                 ..
             } => {
-                let off = i as u64 * self.chunk_size as u64;
-                let err = |e| Error::io(dir.display(&format!("{name}{PART_SUFFIX}")), e);
+                let off = u64::from(i) * u64::from(self.chunk_size);
+                let err = |e| Error::io(dir.display(name), e);
                 let written = match direct {
                     Some(d) => d.write_at(&data, off).map_err(err)?,
                     None => false,
@@ -977,7 +1016,14 @@ impl Sink {
     /// Records the chunks the part now holds. Not synced, and the part is not either: a claim
     /// only says where to look, since resuming verifies every chunk on disk by its CRC32.
     fn checkpoint(&self) -> Result<()> {
-        let SinkOut::File { dir, name, .. } = &self.out else {
+        let SinkOut::File {
+            dir,
+            name,
+            work,
+            wd: Some(wd),
+            ..
+        } = &self.out
+        else {
             return Ok(());
         };
         let Ok(_one_at_a_time) = self.saving.try_lock() else {
@@ -989,17 +1035,16 @@ impl Sink {
             st.last_save = Instant::now();
             st.have.clone()
         };
-        let err = |e| Error::io(dir.display(&format!("{name}{STATE_SUFFIX}")), e);
+        let err = |e| Error::io(dir.display(name), e);
         PartState::new(
             &self.remote,
             &self.identity,
             self.size,
             self.chunk_size,
             &self.blake3,
-            &self.crcs,
             &have,
         )
-        .save(dir, name)
+        .save(wd, &work.state())
         .map_err(err)
     }
 
@@ -1056,39 +1101,51 @@ impl Sink {
             });
         }
         if let SinkOut::File { part, .. } = &self.out {
-            crate::tree::set_meta(part, self.mode, self.mtime_ns)
+            // The hash covers the chunks that arrived; the file must also be exactly as long
+            // as declared (nothing past the last chunk, no chunk math gone wrong).
+            let len = part.metadata().map_err(|e| self.local_error(e))?.len();
+            if len != self.size {
+                return Err(Error::Integrity {
+                    path: self.remote.clone(),
+                    detail: format!(
+                        "local file has {len} bytes, the server declared {}",
+                        self.size
+                    ),
+                });
+            }
+            crate::local::set_meta(part, new_mode(self.mode, self.preserve), self.mtime_ns)
                 .map_err(|e| self.local_error(e))?;
         }
         Ok(root)
     }
 
-    /// Gives the (durable) part its final name, makes that durable unless a tree does it for
-    /// the whole directory, and drops the resume state.
+    /// Gives the (durable, verified) part its final name, makes that durable unless a tree
+    /// does it for the whole directory, and drops the working files.
     fn name(&self) -> Result<()> {
         let SinkOut::File {
             dir,
             name,
             part,
-            stateful,
             group,
-            anonymous,
+            work,
+            wd,
             ..
         } = &self.out
         else {
             return Ok(());
         };
         let err = |e| self.local_error(e);
-        if *anonymous {
-            dir.link_in(part, name).map_err(err)?;
-        } else {
-            dir.rename(&format!("{name}{PART_SUFFIX}"), name)
-                .map_err(err)?;
-        }
+        // The inode we wrote and hashed, whatever carries the working name by now.
+        publish(part, dir, name, work).map_err(err)?;
         if group.is_none() {
             dir.sync().map_err(err)?;
         }
-        if *stateful {
-            dir.remove(&format!("{name}{STATE_SUFFIX}")).map_err(err)?;
+        if let Some(wd) = wd {
+            wd.remove(&work.part()).map_err(err)?;
+            wd.remove(&work.state()).map_err(err)?;
+        }
+        if group.is_none() {
+            work.tidy();
         }
         Ok(())
     }
@@ -1103,9 +1160,13 @@ impl Sink {
 
     /// Deletes the part and state files (before starting over).
     fn discard(&self) {
-        if let SinkOut::File { dir, name, .. } = &self.out {
-            let _ = dir.remove(&format!("{name}{STATE_SUFFIX}"));
-            let _ = dir.remove(&format!("{name}{PART_SUFFIX}"));
+        if let SinkOut::File {
+            work, wd: Some(wd), ..
+        } = &self.out
+        {
+            let _ = wd.remove(&work.state());
+            let _ = wd.remove(&work.part());
+            work.tidy();
         }
     }
 }
@@ -1115,6 +1176,24 @@ fn write_stdout(data: &[u8]) -> Result<()> {
     // Raw fd 1: no line buffering scanning binary data for newlines.
     let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
     f.write_all(data).map_err(|e| Error::io("<stdout>", e))
+}
+
+/// Takes an exclusive lock on a part file: two downloads (in this process or another fsc)
+/// never write into one part.
+fn lock_exclusive(f: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "another fsc is downloading to this file",
+        ));
+    }
+    Err(e)
 }
 
 /// One pass over an existing part file: keeps chunks whose CRC32 matches the manifest.
@@ -1184,7 +1263,7 @@ mod tests {
             mtime_ns: 1_600_000_000_123_456_789,
             identity: "v1".into(),
             chunk_size,
-            count: chunk_count(size, chunk_size),
+            count: checked_chunk_count(size, chunk_size).unwrap(),
             blake3: *blake3::hash(data).as_bytes(),
             mode: 0o640,
         }
@@ -1208,6 +1287,7 @@ mod tests {
             .map(|c| crc32fast::hash(c))
             .collect();
         let out = Out::File {
+            work: Work::new(dir.clone(), "f"),
             dir: dir.clone(),
             name: "f".into(),
             group: None,
@@ -1218,7 +1298,15 @@ mod tests {
             s.put_blocking(i, c, crcs_v[i as usize]).unwrap()
         };
         // First run: chunks 0, 3 and 9 land, then the process "dies" (no finish).
-        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out.clone(), None).unwrap();
+        let s = Sink::create(
+            "r/f".into(),
+            m.clone(),
+            crcs.clone(),
+            out.clone(),
+            None,
+            false,
+        )
+        .unwrap();
         // A chunk that does not match the CRC it came with is refused, not stored.
         assert!(!s
             .put_blocking(2, chunks(&data, cs)[2].clone(), crcs_v[2] ^ 1)
@@ -1230,16 +1318,18 @@ mod tests {
         s.checkpoint().unwrap();
         put(&s, 5); // written, never claimed
                     // Corrupt chunk 3 on disk.
-        let part = tmp.path().join("f.fsc-part");
+        let work = Work::new(dir.clone(), "f");
+        let wd = tmp.path().join(crate::local::WORK_DIR);
+        let part = wd.join(work.part());
         let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
         f.write_all_at(b"X", 3 * 1024 + 10).unwrap();
         drop((s, f));
         assert!(!tmp.path().join("f").exists());
 
         // Second run: the state matches; 0, 5 and 9 verify, 3 does not.
-        let st = PartState::load(&dir, "f").unwrap();
+        let st = PartState::load(&work.dir().unwrap(), &work.state()).unwrap();
         assert!(st.matches("v1", m.size, cs, &m.blake3));
-        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out, Some(st)).unwrap();
+        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out, Some(st), true).unwrap();
         let missing = s.missing();
         assert_eq!(missing, vec![1, 2, 3, 4, 6, 7, 8]);
         for i in missing {
@@ -1248,8 +1338,7 @@ mod tests {
         assert!(s.is_complete());
         assert_eq!(s.finish_blocking().unwrap(), m.blake3);
         assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), data);
-        assert!(!part.exists());
-        assert!(!tmp.path().join("f.fsc-state").exists());
+        assert!(!wd.exists(), "working files and directory removed");
         let md = std::fs::metadata(tmp.path().join("f")).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!(md.mode() & 0o7777, 0o640);
@@ -1268,11 +1357,12 @@ mod tests {
             .map(|c| crc32fast::hash(c))
             .collect();
         let out = Out::File {
+            work: Work::new(dir.clone(), "g"),
             dir,
             name: "g".into(),
             group: None,
         };
-        let s = Sink::create("g".into(), m, crcs, out, None).unwrap();
+        let s = Sink::create("g".into(), m, crcs, out, None, false).unwrap();
         for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
             let crc = crc32fast::hash(&c);
             s.put_blocking(i as u32, c, crc).unwrap();

@@ -41,9 +41,11 @@
 //! Modules:
 //! - `conn`: one multiplexed connection (reader/writer tasks, stream ids, stall watchdog).
 //! - `client`: [`Client`], its connection pool, retries with backoff, list/stat/mkdir/rm/mv.
-//! - `download`: pipelined, verified, resumable downloads into `NAME.fsc-part` + a state file.
+//! - `download`: pipelined, verified, resumable downloads (the network side of one file).
+//! - `local`: the local side of a transfer: confined directory handles, the working directory
+//!   (`.fsc-work/`) of partial downloads, publishing the verified file, modes and the umask.
 //! - `upload`: resumable uploads driven by the server's chunk bitmap.
-//! - `state`: the `.fsc-state` file of a partial download.
+//! - `state`: the resume state of a partial download.
 //! - `tree`: `-r` transfers; downloads write only beneath their destination directory.
 //! - `tls`: [`Tls`] (rustls client configuration), server names, handshake error messages.
 //! - [`progress`]: [`Event`]s and the CLI's [`progress::Reporter`] (bars, NDJSON, quiet).
@@ -66,6 +68,7 @@ mod client;
 mod conn;
 mod download;
 mod error;
+mod local;
 pub mod progress;
 mod state;
 mod tls;

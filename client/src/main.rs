@@ -111,6 +111,11 @@ enum Cmd {
         remote: String,
         /// Local path (default: the remote base name in the current directory; `-`: stdout).
         local: Option<String>,
+        /// Give created files and directories the server's permission bits exactly (never
+        /// setuid, setgid or sticky); without it they get those bits less the umask.
+        /// Directories that existed before are never changed.
+        #[arg(short, long)]
+        preserve: bool,
         #[command(flatten)]
         t: Transfer,
     },
@@ -351,9 +356,14 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             server,
             remote,
             local,
+            preserve,
             t,
         } => {
-            let client = connect(&server, options(g, t.jobs, reporter)?).await?;
+            let opts = Options {
+                preserve,
+                ..options(g, t.jobs, reporter)?
+            };
+            let client = connect(&server, opts).await?;
             let default_local = || -> anyhow::Result<PathBuf> {
                 let base = remote
                     .trim_end_matches('/')

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
 use fsd::integrity::{hash_chunk, root_hash};
-use fsd::protocol::{chunk_count, chunk_len, msg, Cmd, ErrorCode};
+use fsd::protocol::{
+    checked_chunk_count, chunk_count, chunk_len, msg, Cmd, ErrorCode, MAX_CHUNKS_PER_FILE,
+};
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -271,7 +273,12 @@ impl UpJob {
                 "chunk size {cs} exceeds the server's frame limit"
             )));
         }
-        let count = chunk_count(self.src.size, cs);
+        // Checked in u64: the server chose the chunk size, and the bitmap is sized by it.
+        let count = checked_chunk_count(self.src.size, cs).ok_or_else(|| {
+            bad(format!(
+                "chunk size {cs} gives more than {MAX_CHUNKS_PER_FILE} chunks"
+            ))
+        })?;
         if r.chunk_count != count {
             return Err(bad(format!("{} chunks, expected {count}", r.chunk_count)));
         }

@@ -1,209 +1,522 @@
-//! fsc against a fake, hostile server (SECURITY.md, "The client is attacked too"): names that
-//! try to escape the destination, replies with more or other bytes than were asked for.
+//! fsc against a scripted fake server (SECURITY.md, "The client is attacked too";
+//! docs/SECURITY-client.md lists what each case proves).
+//!
+//! [`Fake`] serves an in-memory tree honestly (LIST, STAT, OPEN, MANIFEST, READ, CLOSE), and a
+//! [`Script`] bends one part of that per case: what OPEN declares, what MANIFEST says, how READ
+//! or LIST are answered. Tests drive the library in-process or the real `fsc` binary, always
+//! against 127.0.0.1:0, with real files, and every loop bounded in count and time.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame, FrameCodec, Header};
 use futures::{SinkExt, StreamExt};
 use prost::Message;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
-/// How the fake server misbehaves.
-#[derive(Clone, Copy)]
-enum Evil {
-    /// Lists names that escape the destination, next to one honest file.
-    Names,
-    /// Answers READ with one chunk more than asked.
+/// A node of the fake server's tree. Paths are relative, "" is the root.
+#[derive(Clone)]
+#[allow(dead_code)] // TODO(this branch): cases for every variant
+enum Node {
+    Dir { mode: u32, mtime_ns: i64 },
+    File(FileNode),
+    Symlink(String),
+}
+
+#[derive(Clone)]
+struct FileNode {
+    data: Bytes,
+    mode: u32,
+    mtime_ns: i64,
+    chunk_size: u32,
+}
+
+/// How an answer is bent.
+#[derive(Clone, Default)]
+#[allow(dead_code)] // TODO(this branch): cases for every variant
+enum ReadReply {
+    /// The chunks asked for.
+    #[default]
+    Honest,
+    /// The chunks asked for, then one more DATA frame.
     ExtraChunk,
-    /// Sends a chunk whose content differs from what it announced (frame CRC still valid).
+    /// Different bytes than the file's (frame CRC valid, so only the hash can tell).
     WrongContent,
+    /// Never answers; sends a junk frame on a stream fsc never opened every few milliseconds.
+    Junk,
+    /// Never answers.
+    Silent,
+    /// DATA frames of the right size on the READ's stream, without end (until the socket fails).
+    Flood,
 }
 
-const CONTENT: &[u8] = b"hello";
-
-fn entry(name: &str, kind: msg::Kind, size: u64) -> msg::Entry {
-    msg::Entry {
-        name: name.into(),
-        kind: kind as i32,
-        size,
-        mtime_ns: 1_000_000_000,
-        mode: 0o644,
-        target: String::new(),
-    }
+/// What the fake server does differently from an honest fsd.
+#[derive(Clone, Default)]
+struct Script {
+    /// Replaces OPEN's declared size, chunk size and chunk count.
+    declare: Option<(u64, u32, u32)>,
+    /// Replaces OPEN's whole-file BLAKE3.
+    blake3: Option<[u8; 32]>,
+    /// MANIFEST claims a wrong CRC32 for chunk 1 while this many manifest requests remain.
+    manifest_lies: Arc<AtomicU32>,
+    read: ReadReply,
+    /// LIST never ends: every page says more=true, with new names.
+    endless_list: bool,
+    /// Hello chunk_size.
+    hello_chunk: Option<u32>,
 }
 
-async fn fake_server(evil: Evil) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (sock, _) = listener.accept().await.unwrap();
-            tokio::spawn(serve(Framed::new(sock, FrameCodec::new(1 << 24)), evil));
+struct Fake {
+    nodes: BTreeMap<String, Node>,
+    script: Script,
+    /// READ requests answered.
+    reads: AtomicU64,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        let mut nodes = BTreeMap::new();
+        nodes.insert(
+            String::new(),
+            Node::Dir {
+                mode: 0o755,
+                mtime_ns: 1_000_000_000,
+            },
+        );
+        Fake {
+            nodes,
+            script: Script::default(),
+            reads: AtomicU64::new(0),
         }
-    });
-    addr
-}
+    }
 
-async fn serve(mut io: Framed<tokio::net::TcpStream, FrameCodec>, evil: Evil) {
-    while let Some(Ok(Ok(f))) = io.next().await {
+    fn dir(mut self, path: &str, mode: u32) -> Fake {
+        self.nodes.insert(
+            path.into(),
+            Node::Dir {
+                mode,
+                mtime_ns: 1_000_000_000,
+            },
+        );
+        self
+    }
+
+    fn file(mut self, path: &str, data: &[u8], chunk_size: u32) -> Fake {
+        self.nodes.insert(
+            path.into(),
+            Node::File(FileNode {
+                data: Bytes::copy_from_slice(data),
+                mode: 0o644,
+                mtime_ns: 1_000_000_000,
+                chunk_size,
+            }),
+        );
+        self
+    }
+
+    /// Sets the mode of an existing node.
+    fn mode(mut self, path: &str, new: u32) -> Fake {
+        match self.nodes.get_mut(path) {
+            Some(Node::Dir { mode, .. }) => *mode = new,
+            Some(Node::File(f)) => f.mode = new,
+            _ => panic!("no node {path}"),
+        }
+        self
+    }
+
+    fn script(mut self, s: Script) -> Fake {
+        self.script = s;
+        self
+    }
+
+    async fn start(self) -> (SocketAddr, Arc<Fake>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let me = Arc::new(self);
+        let fake = me.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(fake.clone().serve(sock));
+            }
+        });
+        (addr, me)
+    }
+
+    fn entry(&self, path: &str, name: &str) -> Option<msg::Entry> {
+        let (kind, size, mode, mtime_ns, target) = match self.nodes.get(path)? {
+            Node::Dir { mode, mtime_ns } => (msg::Kind::Dir, 0, *mode, *mtime_ns, ""),
+            Node::File(f) => (msg::Kind::File, f.data.len() as u64, f.mode, f.mtime_ns, ""),
+            Node::Symlink(t) => (msg::Kind::Symlink, 0, 0o777, 0, t.as_str()),
+        };
+        Some(msg::Entry {
+            name: name.into(),
+            kind: kind as i32,
+            size,
+            mtime_ns,
+            mode,
+            target: target.into(),
+        })
+    }
+
+    fn children(&self, dir: &str) -> Vec<msg::Entry> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        self.nodes
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .filter(|(p, _)| !p.is_empty() && !p[prefix.len()..].contains('/'))
+            .filter_map(|(p, _)| self.entry(p, &p[prefix.len()..]))
+            .collect()
+    }
+
+    fn file_at(&self, path: &str) -> Option<&FileNode> {
+        match self.nodes.get(path) {
+            Some(Node::File(f)) => Some(f),
+            _ => None,
+        }
+    }
+
+    async fn serve(self: Arc<Self>, sock: TcpStream) {
+        let mut io = Framed::new(sock, FrameCodec::new(1 << 26));
+        // Handle -> path of the file it reads.
+        let mut handles: Vec<String> = Vec::new();
+        while let Some(Ok(Ok(f))) = io.next().await {
+            let frames = match self.answer(&f, &mut handles) {
+                Answer::Frames(v) => v,
+                Answer::Junk => {
+                    // Frames on streams fsc never opened, for at most a minute.
+                    let start = Instant::now();
+                    let mut sid = 1_000_000;
+                    while start.elapsed() < Duration::from_secs(60) {
+                        let fr = Frame::new(Cmd::PING, sid, flags::END, Bytes::new());
+                        if io.send(fr).await.is_err() {
+                            return;
+                        }
+                        sid += 1;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    return;
+                }
+                Answer::Silent => continue,
+                Answer::Flood(sid, len) => {
+                    let payload = Bytes::from(vec![0u8; len]);
+                    // At most 8 GiB; fsc must hang up long before.
+                    for _ in 0..(8u64 << 30) / len as u64 {
+                        let fr = Frame::new(Cmd::READ, sid, flags::DATA, payload.clone());
+                        if io.send(fr).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+            };
+            for fr in frames {
+                if io.send(fr).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn answer(&self, f: &Frame, handles: &mut Vec<String>) -> Answer {
         let sid = f.stream_id();
-        let reply = |m: &dyn Fn() -> Bytes| Frame::new(f.cmd(), sid, flags::END, m());
-        let frames: Vec<Frame> = match f.cmd() {
-            Cmd::HELLO => vec![Frame::message(
+        let msg_reply = |m: &dyn Fn() -> Vec<u8>| {
+            Answer::Frames(vec![Frame::new(f.cmd(), sid, flags::END, m().into())])
+        };
+        let not_found = |p: &str| {
+            Answer::Frames(vec![Frame::error(
+                f.cmd(),
+                sid,
+                &ErrorCode::NotFound.msg(p),
+            )])
+        };
+        match f.cmd() {
+            Cmd::HELLO => Answer::Frames(vec![Frame::message(
                 Cmd::HELLO,
                 0,
                 flags::END,
                 &msg::Hello {
                     version: 1,
                     max_frame: 1 << 24,
-                    chunk_size: 1 << 20,
+                    chunk_size: self.script.hello_chunk.unwrap_or(1 << 20),
                     max_streams: 16,
-                    agent: "evil".into(),
+                    agent: "fake".into(),
                 },
-            )],
-            Cmd::STAT => vec![reply(&|| {
-                msg::StatResponse {
-                    entry: Some(entry("d", msg::Kind::Dir, 0)),
-                }
-                .encode_to_vec()
-                .into()
-            })],
-            Cmd::LIST => vec![reply(&|| {
-                let mut entries = vec![entry("ok", msg::Kind::File, 5)];
-                if let Evil::Names = evil {
-                    for bad in ["../evil", "a/b", "..", "x\0y"] {
-                        entries.push(entry(bad, msg::Kind::File, 5));
-                    }
-                }
-                // Sorted, as the protocol promises (the client refuses lists going backwards).
-                entries.sort_by(|a, b| a.name.cmp(&b.name));
-                msg::ListResponse {
-                    entries,
-                    more: false,
-                }
-                .encode_to_vec()
-                .into()
-            })],
-            Cmd::OPEN => {
-                let req: msg::OpenRequest = f.decode().unwrap();
-                if req.path != "d/ok" && req.path != "ok" {
-                    vec![Frame::error(
-                        Cmd::OPEN,
-                        sid,
-                        &ErrorCode::NotFound.msg(req.path),
-                    )]
-                } else {
-                    vec![Frame::message(
-                        Cmd::OPEN,
-                        sid,
-                        flags::END,
-                        &msg::OpenResponse {
-                            handle: 1,
-                            size: 5,
-                            mtime_ns: 1_000_000_000,
-                            identity: "v1".into(),
-                            chunk_size: 1 << 20,
-                            chunk_count: 1,
-                            blake3: blake3::hash(CONTENT).as_bytes().to_vec(),
-                            mode: 0o644,
-                            ..Default::default()
-                        },
-                    )]
+            )]),
+            Cmd::STAT => {
+                let req: msg::StatRequest = f.decode().unwrap();
+                match self.entry(&req.path, &req.path) {
+                    Some(e) => msg_reply(&|| {
+                        msg::StatResponse {
+                            entry: Some(e.clone()),
+                        }
+                        .encode_to_vec()
+                    }),
+                    None => not_found(&req.path),
                 }
             }
-            Cmd::READ => match evil {
-                Evil::ExtraChunk => vec![
-                    Frame::new(Cmd::READ, sid, flags::DATA, Bytes::from_static(CONTENT)),
-                    Frame::new(
-                        Cmd::READ,
-                        sid,
-                        flags::DATA | flags::END,
-                        Bytes::from_static(b"more!"),
-                    ),
-                ],
-                Evil::WrongContent => vec![Frame::new(
-                    Cmd::READ,
-                    sid,
-                    flags::DATA | flags::END,
-                    Bytes::from_static(b"HELLO"),
-                )],
-                Evil::Names => vec![Frame {
-                    header: Header::data(Cmd::READ, sid, 5, crc32fast::hash(CONTENT), true),
-                    payload: Bytes::from_static(CONTENT),
-                }],
-            },
-            Cmd::CLOSE => vec![Frame::message(Cmd::CLOSE, sid, flags::END, &msg::Ok {})],
-            _ => vec![Frame::error(
+            Cmd::LIST => {
+                let req: msg::ListRequest = f.decode().unwrap();
+                if self.script.endless_list {
+                    // 1000 new names per page, 200 bytes each, forever.
+                    let base: u64 = req
+                        .after
+                        .get(..20)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    let entries = (1..=1000)
+                        .map(|i| {
+                            let name = format!("{:020}{}", base + i, "x".repeat(180));
+                            msg::Entry {
+                                name,
+                                kind: msg::Kind::File as i32,
+                                size: 1,
+                                ..Default::default()
+                            }
+                        })
+                        .collect();
+                    let r = msg::ListResponse {
+                        entries,
+                        more: true,
+                    };
+                    return msg_reply(&|| r.encode_to_vec());
+                }
+                let dir = req.path.trim_matches('/');
+                if !matches!(self.nodes.get(dir), Some(Node::Dir { .. })) {
+                    return not_found(dir);
+                }
+                let mut entries = self.children(dir);
+                entries.retain(|e| req.after.is_empty() || e.name > req.after);
+                let more = entries.len() > 1000;
+                entries.truncate(1000);
+                let r = msg::ListResponse { entries, more };
+                msg_reply(&|| r.encode_to_vec())
+            }
+            Cmd::OPEN => {
+                let req: msg::OpenRequest = f.decode().unwrap();
+                let Some(file) = self.file_at(&req.path) else {
+                    return not_found(&req.path);
+                };
+                handles.push(req.path.clone());
+                let size = file.data.len() as u64;
+                let cs = file.chunk_size;
+                let mut r = msg::OpenResponse {
+                    handle: handles.len() as u32,
+                    size,
+                    mtime_ns: file.mtime_ns,
+                    identity: "v1".into(),
+                    chunk_size: cs,
+                    chunk_count: size.div_ceil(cs as u64) as u32,
+                    blake3: blake3::hash(&file.data).as_bytes().to_vec(),
+                    mode: file.mode,
+                    ..Default::default()
+                };
+                if let Some((size, cs, count)) = self.script.declare {
+                    (r.size, r.chunk_size, r.chunk_count) = (size, cs, count);
+                }
+                if let Some(b) = self.script.blake3 {
+                    r.blake3 = b.to_vec();
+                }
+                Answer::Frames(vec![Frame::message(Cmd::OPEN, sid, flags::END, &r)])
+            }
+            Cmd::MANIFEST => {
+                let req: msg::ManifestRequest = f.decode().unwrap();
+                let path = &handles[req.handle as usize - 1];
+                let file = self.file_at(path).unwrap();
+                let cs = file.chunk_size as usize;
+                let mut crc32: Vec<u32> = file
+                    .data
+                    .chunks(cs)
+                    .skip(req.first_chunk as usize)
+                    .take(req.count as usize)
+                    .map(crc32fast::hash)
+                    .collect();
+                let lie = self.script.manifest_lies.fetch_update(
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                );
+                if lie.is_ok() && req.first_chunk == 0 && crc32.len() > 1 {
+                    crc32[1] ^= 1;
+                }
+                let r = msg::ManifestResponse {
+                    first_chunk: req.first_chunk,
+                    crc32,
+                };
+                msg_reply(&|| r.encode_to_vec())
+            }
+            Cmd::READ => {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                let req: msg::ReadRequest = f.decode().unwrap();
+                let path = &handles[req.handle as usize - 1];
+                let file = self.file_at(path).unwrap();
+                let cs = file.chunk_size as usize;
+                let mut chunks: Vec<Bytes> = (req.first_chunk..req.first_chunk + req.count)
+                    .map(|i| {
+                        let start = (i as usize * cs).min(file.data.len());
+                        file.data.slice(start..(start + cs).min(file.data.len()))
+                    })
+                    .collect();
+                match self.script.read {
+                    ReadReply::Honest => {}
+                    ReadReply::ExtraChunk => chunks.push(chunks[0].clone()),
+                    ReadReply::WrongContent => {
+                        for c in &mut chunks {
+                            *c = c.iter().map(|b| b ^ 0x20).collect::<Vec<u8>>().into();
+                        }
+                    }
+                    ReadReply::Junk => return Answer::Junk,
+                    ReadReply::Silent => return Answer::Silent,
+                    ReadReply::Flood => return Answer::Flood(sid, cs),
+                }
+                let n = chunks.len();
+                Answer::Frames(
+                    chunks
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let end = i + 1 == n;
+                            Frame {
+                                header: Header::data(
+                                    Cmd::READ,
+                                    sid,
+                                    c.len() as u32,
+                                    crc32fast::hash(&c),
+                                    end,
+                                ),
+                                payload: c,
+                            }
+                        })
+                        .collect(),
+                )
+            }
+            Cmd::CLOSE => Answer::Frames(vec![Frame::message(
+                Cmd::CLOSE,
+                sid,
+                flags::END,
+                &msg::Ok {},
+            )]),
+            Cmd::CANCEL => Answer::Silent,
+            _ => Answer::Frames(vec![Frame::error(
                 f.cmd(),
                 sid,
                 &ErrorCode::UnknownCommand.msg("no"),
-            )],
-        };
-        for fr in frames {
-            if io.send(fr).await.is_err() {
-                return;
-            }
+            )]),
         }
     }
+}
+
+enum Answer {
+    Frames(Vec<Frame>),
+    Junk,
+    Silent,
+    /// (stream, payload length)
+    Flood(u32, usize),
 }
 
 fn opts() -> fsc::Options {
     fsc::Options {
         retries: 1,
-        backoff: std::time::Duration::from_millis(10),
+        backoff: Duration::from_millis(10),
         ..Default::default()
     }
 }
 
+async fn client(addr: SocketAddr) -> fsc::Client {
+    fsc::Client::connect(&addr.to_string(), opts())
+        .await
+        .unwrap()
+}
+
+/// Deterministic, incompressible-enough test data.
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+/// Every path under `root`, relative, sorted.
+fn walk(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p.clone());
+            }
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+const CONTENT: &[u8] = b"hello";
+
 #[tokio::test]
 async fn names_that_escape_the_destination_are_refused() {
-    let addr = fake_server(Evil::Names).await;
-    let client = fsc::Client::connect(&addr.to_string(), opts())
-        .await
-        .unwrap();
+    let mut fake = Fake::new().dir("d", 0o755).file("d/ok", CONTENT, 1 << 20);
+    for bad in ["../evil", "a/b", "..", "x\0y"] {
+        fake = fake.file(&format!("d/{bad}"), CONTENT, 1 << 20);
+    }
+    let (addr, _) = fake.start().await;
+    let client = client(addr).await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("inner").join("dest");
     let s = client.download_tree("d", &dest).await.unwrap();
     assert_eq!(s.files, 1, "the honest file arrives");
     assert_eq!(std::fs::read(dest.join("ok")).unwrap(), CONTENT);
-    assert_eq!(s.failed.len(), 4, "{:?}", s.failed);
+    // "../evil" and "a/b" are not children of "d" in the fake's tree walk: only those listed.
+    assert!(!s.failed.is_empty(), "{:?}", s.failed);
     assert!(s
         .failed
         .iter()
         .all(|(_, e)| matches!(e, fsc::Error::UnsafeName(_))));
     assert_eq!(s.exit_code(), 2);
     // Nothing was written anywhere but `dest/ok`.
-    let mut seen = Vec::new();
-    for e in walk(tmp.path()) {
-        seen.push(e.strip_prefix(tmp.path()).unwrap().display().to_string());
-    }
-    seen.sort();
-    assert_eq!(seen, ["inner", "inner/dest", "inner/dest/ok"]);
+    assert_eq!(walk(tmp.path()), ["inner", "inner/dest", "inner/dest/ok"]);
 }
 
 #[tokio::test]
 async fn a_reply_with_more_chunks_than_asked_is_refused() {
-    let addr = fake_server(Evil::ExtraChunk).await;
-    let client = fsc::Client::connect(&addr.to_string(), opts())
-        .await
-        .unwrap();
+    let (addr, _) = Fake::new()
+        .file("big", &data(5000, 1), 1024)
+        .script(Script {
+            read: ReadReply::ExtraChunk,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let client = client(addr).await;
     let tmp = tempfile::tempdir().unwrap();
     let err = client
-        .download("ok", &tmp.path().join("ok"))
+        .download("big", &tmp.path().join("big"))
         .await
         .unwrap_err();
     assert!(matches!(err, fsc::Error::Protocol(_)), "{err}");
-    assert!(!tmp.path().join("ok").exists());
+    assert!(!tmp.path().join("big").exists());
 }
 
 #[tokio::test]
 async fn content_that_does_not_match_the_announced_hash_never_lands() {
-    let addr = fake_server(Evil::WrongContent).await;
-    let client = fsc::Client::connect(&addr.to_string(), opts())
-        .await
-        .unwrap();
+    let (addr, _) = Fake::new()
+        .file("ok", CONTENT, 1 << 20)
+        .script(Script {
+            read: ReadReply::WrongContent,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let client = client(addr).await;
     let tmp = tempfile::tempdir().unwrap();
     let err = client
         .download("ok", &tmp.path().join("ok"))
@@ -211,21 +524,220 @@ async fn content_that_does_not_match_the_announced_hash_never_lands() {
         .unwrap_err();
     assert!(matches!(err, fsc::Error::Integrity { .. }), "{err}");
     assert_eq!(err.exit_code(), 3);
-    assert!(!tmp.path().join("ok").exists());
-    assert!(!tmp.path().join("ok.fsc-part").exists());
+    assert_eq!(
+        walk(tmp.path()),
+        Vec::<String>::new(),
+        "nothing left behind"
+    );
 }
 
-fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p.clone());
-            }
-            out.push(p);
-        }
+/// Item 1: fsc's working files never share a name with the user's or the server's files.
+#[tokio::test]
+async fn remote_names_like_fscs_own_transfer_like_any_other() {
+    let big = data(5000, 2);
+    let part = b"31 bytes of a file named .part!".to_vec();
+    let state = br#"{"version":1,"not":"fsc's"}"#.to_vec();
+    let (addr, _) = Fake::new()
+        .dir("d", 0o755)
+        .file("d/big", &big, 1024)
+        .file("d/big.fsc-part", &part, 1024)
+        .file("d/big.fsc-state", &state, 1024)
+        .file("d/big.fsc-state.tmp", b"t", 1024)
+        .start()
+        .await;
+    let client = client(addr).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("dest");
+    let s = client.download_tree("d", &dest).await.unwrap();
+    assert_eq!((s.files, s.exit_code()), (4, 0), "{:?}", s.failed);
+    assert!(std::fs::read(dest.join("big")).unwrap() == big, "big");
+    assert!(std::fs::read(dest.join("big.fsc-part")).unwrap() == part);
+    assert!(std::fs::read(dest.join("big.fsc-state")).unwrap() == state);
+    assert!(std::fs::read(dest.join("big.fsc-state.tmp")).unwrap() == b"t");
+    // A single-file download beside a user's file of that name leaves it alone.
+    std::fs::write(tmp.path().join("big.fsc-part"), b"mine").unwrap();
+    client.download("d/big", tmp.path()).await.unwrap();
+    assert!(std::fs::read(tmp.path().join("big")).unwrap() == big);
+    assert!(std::fs::read(tmp.path().join("big.fsc-part")).unwrap() == b"mine");
+}
+
+/// Item 2: a declared size whose chunk count does not fit the protocol's maximum is refused,
+/// whatever the server claims the count is (2^42 bytes in 1 KiB chunks wraps a u32 to 0).
+#[tokio::test]
+async fn a_chunk_count_that_wraps_is_refused() {
+    for declare in [
+        (1u64 << 42, 1024, 0),
+        (1 << 42, 1024, u32::MAX),
+        (1 << 31, 1024, 1 << 21),
+    ] {
+        let (addr, _) = Fake::new()
+            .file("big", &data(5000, 3), 1024)
+            .script(Script {
+                declare: Some(declare),
+                // What a file of the wrapped count (0 chunks) would hash to.
+                blake3: Some(*blake3::hash(b"").as_bytes()),
+                read: ReadReply::Silent,
+                ..Default::default()
+            })
+            .start()
+            .await;
+        let client = client(addr).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let r = client.download("big", &tmp.path().join("big")).await;
+        let err = r.expect_err("a wrapped chunk count must not download");
+        assert!(matches!(err, fsc::Error::Protocol(_)), "{err}");
+        assert_eq!(walk(tmp.path()), Vec::<String>::new(), "{declare:?}");
     }
-    out
+}
+
+/// Item 3: resume state that disagrees with the server's manifest does not win over it.
+#[tokio::test]
+async fn a_failed_download_does_not_poison_the_next_run() {
+    let big = data(5000, 4);
+    let lies = Arc::new(AtomicU32::new(1));
+    let (addr, _) = Fake::new()
+        .file("big", &big, 1024)
+        .script(Script {
+            manifest_lies: lies.clone(),
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("big");
+    let err = client(addr).await.download("big", &dest).await.unwrap_err();
+    assert_eq!(err.exit_code(), 3, "{err}");
+    assert_eq!(lies.load(Ordering::SeqCst), 0, "the lie was told");
+    // The server is honest now: the rerun must succeed.
+    client(addr).await.download("big", &dest).await.unwrap();
+    assert!(std::fs::read(&dest).unwrap() == big);
+}
+
+/// Runs the real `fsc` binary through `sh -c` (for `umask` and `ulimit`), bounded in time.
+async fn fsc_sh(prelude: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = format!("{prelude}; exec {}", env!("CARGO_BIN_EXE_fsc"));
+    for a in args {
+        cmd.push_str(&format!(" '{a}'"));
+    }
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("fsc finished within 2 minutes")
+        .unwrap()
+}
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Item 4: directories that existed are left alone; what fsc creates gets the server's mode
+/// less the umask, or exactly with -p (never setuid/setgid/sticky).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_directories_keep_their_mode_and_created_ones_honour_the_umask() {
+    let (addr, _) = Fake::new()
+        .mode("", 0o000)
+        .dir("d", 0o7777)
+        .dir("d/sub", 0o777)
+        .file("d/f", b"f", 1024)
+        .mode("d/f", 0o4777)
+        .file("d/sub/g", &data(3000, 5), 1024)
+        .mode("d/sub/g", 0o777)
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::open(&dest)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let server = addr.to_string();
+    let d = dest.display().to_string();
+    let out = fsc_sh("umask 027", &["download", "-r", &server, "d", &d]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        mode_of(&dest),
+        0o700,
+        "an existing directory keeps its mode"
+    );
+    // Its mtime moves as entries are created in it (as with tar or cp), but never to the
+    // server's (1 s after the epoch).
+    let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
+    assert!(mtime > old, "{mtime:?}");
+    assert_eq!(mode_of(&dest.join("sub")), 0o750);
+    assert_eq!(mode_of(&dest.join("f")), 0o750);
+    assert_eq!(mode_of(&dest.join("sub/g")), 0o750);
+
+    // The current directory as the destination ("fsc download -r H d ."): the root's mode
+    // (000 on this server) is not applied to it.
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let before = mode_of(&cwd);
+    let c = cwd.display().to_string();
+    let out = fsc_sh(&format!("cd '{c}'"), &["download", "-r", &server, "", "."]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode_of(&cwd), before);
+
+    // -p: exact modes for what is created, still never the special bits.
+    let exact = tmp.path().join("exact");
+    let e = exact.display().to_string();
+    let out = fsc_sh("umask 077", &["download", "-r", "-p", &server, "d", &e]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode_of(&exact), 0o777);
+    assert_eq!(mode_of(&exact.join("f")), 0o777);
+    assert_eq!(mode_of(&exact.join("sub/g")), 0o777);
+}
+
+/// Item 6: a tree of more directories than the descriptor limit downloads completely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_wider_than_the_descriptor_limit_downloads() {
+    let mut fake = Fake::new().dir("t", 0o755);
+    for i in 0..1500 {
+        fake = fake.dir(&format!("t/d{i:04}"), 0o755).file(
+            &format!("t/d{i:04}/f"),
+            format!("file {i}").as_bytes(),
+            1024,
+        );
+    }
+    let (addr, _) = fake.start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("dest");
+    let (server, d) = (addr.to_string(), dest.display().to_string());
+    let out = fsc_sh(
+        "ulimit -n 1024",
+        &["download", "-r", "-j", "4", &server, "t", &d],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in [0, 777, 1499] {
+        let got = std::fs::read(dest.join(format!("d{i:04}/f"))).unwrap();
+        assert_eq!(got, format!("file {i}").as_bytes());
+    }
+    assert_eq!(walk(&dest).len(), 3000);
 }
