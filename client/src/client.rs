@@ -15,6 +15,15 @@ use crate::progress::{Event, EventFn};
 use crate::tls::{self, Tls};
 
 /// How a [`Client`] connects, retries and reports.
+/// Most memory [`Client::list`] spends on one listing, counted as [`entry_cost`].
+pub const MAX_LIST_BYTES: u64 = 64 << 20;
+
+/// What keeping an entry costs, roughly: its strings and a fixed overhead.
+pub(crate) fn entry_cost(e: &Entry) -> u64 {
+    let target = e.target.as_ref().map_or(0, String::len);
+    (e.name.len() + target) as u64 + 128
+}
+
 #[derive(Clone)]
 pub struct Options {
     /// Bearer token sent in Auth. Without one, a client that presents a TLS client certificate
@@ -272,9 +281,34 @@ impl Client {
         }
     }
 
-    /// Lists a remote directory ("" is the root), all pages, sorted by name.
+    /// Lists a remote directory ("" is the root), all pages, sorted by name. At most
+    /// [`MAX_LIST_BYTES`] of names and link targets are collected (a server can list without
+    /// end); [`Client::list_each`] has no such limit.
     pub async fn list(&self, path: &str) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
+        let mut cost = 0u64;
+        self.list_each(path, |e| {
+            cost += entry_cost(&e);
+            if cost > MAX_LIST_BYTES {
+                return Err(Error::Protocol(format!(
+                    "listing of {path:?} exceeds {} MiB",
+                    MAX_LIST_BYTES >> 20
+                )));
+            }
+            out.push(e);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Lists a remote directory page by page, calling `f` with each entry in order; memory
+    /// stays one page however long the listing (an error from `f` stops it).
+    pub async fn list_each(
+        &self,
+        path: &str,
+        mut f: impl FnMut(Entry) -> Result<()>,
+    ) -> Result<()> {
         let mut after = String::new();
         loop {
             let req = msg::ListRequest {
@@ -285,18 +319,17 @@ impl Client {
             let page: msg::ListResponse = self.control(Cmd::LIST, &req, path).await?;
             let n = page.entries.len();
             for e in page.entries {
-                // Pages must move forward, or a hostile server could keep us here forever.
                 if e.name <= after && !after.is_empty() {
                     return Err(Error::Protocol(format!(
                         "list of {path:?} went backwards at {:?}",
                         e.name
                     )));
                 }
-                after = e.name.clone();
-                out.push(Entry::from(e));
+                after.clone_from(&e.name);
+                f(Entry::from(e))?;
             }
             if !page.more {
-                return Ok(out);
+                return Ok(());
             }
             if n == 0 {
                 return Err(Error::Protocol(format!(

@@ -98,8 +98,12 @@ struct Inner {
     window_total: u32,
     shutdown: CancellationToken,
     epoch: Instant,
-    /// Milliseconds since `epoch` of the last received frame (or of the first request after idle).
+    /// Milliseconds since `epoch` of the last frame received on a stream we opened (or of the
+    /// first request after idle). Frames on other streams do not count: a server must not keep
+    /// the watchdog quiet with junk while the requests we wait for get no answer.
     activity: AtomicU64,
+    /// Frames dropped because their stream is not open, for one rate-limited warning.
+    junk: Throttle,
     stall: Duration,
     /// Set once by the Hello exchange.
     server: Mutex<msg::Hello>,
@@ -204,6 +208,7 @@ impl Conn {
             epoch: Instant::now(),
             activity: AtomicU64::new(0),
             stall: opts.stall_timeout,
+            junk: Throttle::new(JUNK_REPORT_EVERY),
             server: Mutex::new(msg::Hello::default()),
             host: host.to_string(),
         });
@@ -415,27 +420,77 @@ impl Inner {
             std::mem::take(&mut t.routes)
         };
         drop(routes);
+        if let Some(n) = self.junk.flush() {
+            warn!(host = %self.host, "{n} more frame(s) on streams that were not open; dropped");
+        }
         self.streams.close();
         self.window.close();
         self.shutdown.cancel();
     }
 
     fn route(&self, item: Incoming) {
-        self.touch();
         let h = match &item {
             Ok(f) => f.header,
             Err(bad) => bad.header,
         };
         let mut t = self.table.lock().unwrap();
         let Some(route) = t.routes.get(&h.stream_id) else {
-            // Not a stream we opened: bytes we did not ask for are dropped, never used.
-            warn!(stream = h.stream_id, cmd = %h.cmd, "frame on a stream that is not open; dropped");
+            drop(t);
+            // Not a stream we opened: bytes we did not ask for are dropped, never used, and
+            // reported once, then summarized (one line per junk frame flooded stderr).
+            if let Some(n) = self.junk.hit() {
+                warn!(
+                    host = %self.host,
+                    stream = h.stream_id,
+                    cmd = %h.cmd,
+                    "{n} frame(s) on streams that are not open; dropped"
+                );
+            }
             return;
         };
+        self.touch();
         let _ = route.tx.send(item);
         if h.is_end() {
             t.routes.remove(&h.stream_id);
         }
+    }
+}
+
+/// How often a repeated warning is summarized.
+const JUNK_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limits a repeated warning: the first occurrence is reported, later ones are counted
+/// and reported as one number at most once per period (and once more at the end).
+pub(crate) struct Throttle {
+    period: Duration,
+    st: Mutex<(u64, Option<Instant>)>,
+}
+
+impl Throttle {
+    pub fn new(period: Duration) -> Throttle {
+        Throttle {
+            period,
+            st: Mutex::new((0, None)),
+        }
+    }
+
+    /// Counts one occurrence; `Some(n)` when it is time to report the `n` not yet reported.
+    pub fn hit(&self) -> Option<u64> {
+        let mut st = self.st.lock().unwrap();
+        st.0 += 1;
+        match st.1 {
+            Some(last) if last.elapsed() < self.period => None,
+            _ => {
+                st.1 = Some(Instant::now());
+                Some(std::mem::take(&mut st.0))
+            }
+        }
+    }
+
+    /// The occurrences not yet reported, if any.
+    pub fn flush(&self) -> Option<u64> {
+        let n = std::mem::take(&mut self.st.lock().unwrap().0);
+        (n > 0).then_some(n)
     }
 }
 

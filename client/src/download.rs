@@ -31,7 +31,7 @@ use nix::unistd::Whence;
 use tracing::{debug, warn};
 
 use crate::client::{Client, Transfer};
-use crate::conn::{Conn, Window};
+use crate::conn::{Conn, Throttle, Window};
 use crate::error::{Error, Result};
 use crate::local::{check_name, new_mode, publish, LocalDir, Work};
 use crate::progress::Event;
@@ -122,6 +122,7 @@ impl Client {
             out,
             slots,
             transferred: AtomicU64::new(0),
+            corrupt_log: Throttle::new(Duration::from_secs(10)),
         };
         let r = job.run().await;
         match &r {
@@ -176,6 +177,8 @@ struct Job {
     out: Out,
     slots: Slots,
     transferred: AtomicU64,
+    /// Chunks that failed their CRC32, for a rate-limited warning.
+    corrupt_log: Throttle,
 }
 
 /// What OPEN(READ) said about the file.
@@ -549,7 +552,10 @@ impl Job {
                     *n += 1;
                     *n
                 };
-                warn!(remote = %self.remote, chunk = i, "chunk failed its CRC32; fetching it again");
+                if let Some(n) = self.corrupt_log.hit() {
+                    let remote = crate::progress::escape(&self.remote);
+                    warn!(%remote, chunk = i, "{n} chunk(s) failed their CRC32; fetching again");
+                }
                 if n >= MAX_CORRUPT {
                     return Err(Stop::Fail(Error::Integrity {
                         path: self.remote.clone(),

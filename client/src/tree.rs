@@ -10,7 +10,7 @@ use std::time::Duration;
 use fsd::durable::GroupSync;
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use crate::client::{Client, Kind, Transfer};
+use crate::client::{entry_cost, Client, Entry, Kind, Transfer};
 use crate::download::{Out, Slots};
 use crate::error::{Error, Result};
 use crate::local::{check_name, new_mode, LocalDir, Work, WORK_DIR};
@@ -68,11 +68,12 @@ const LISTS_IN_FLIGHT: usize = 16;
 /// Files up to this size use one connection; bigger ones are split across all of them.
 const SMALL_FILE: u64 = 4 << 20;
 
-/// Most entries (files and directories) a tree download takes from a server, and most bytes of
-/// path names it keeps for them: the plan of a tree is held in memory, so a server that lists
-/// without end (or very deep) must meet a limit, not exhaust the machine.
+/// Most entries (files, directories, anything listed) a tree download takes from a server, and
+/// most memory it spends on them (paths, names, link targets and a fixed overhead each): the
+/// plan of a tree is held in memory, so a server that lists without end, or very deep, meets a
+/// limit rather than exhausting the machine.
 pub const MAX_TREE_ENTRIES: u64 = 1 << 20;
-const MAX_TREE_PATH_BYTES: u64 = 128 << 20;
+pub const MAX_TREE_BYTES: u64 = 128 << 20;
 /// Deepest directory level of a tree download (fsd refuses paths over 4096 bytes anyway).
 pub const MAX_TREE_DEPTH: usize = 1024;
 /// Descriptors a tree download keeps for itself and the connections, beyond files in flight.
@@ -106,17 +107,22 @@ struct Budget {
 }
 
 impl Budget {
-    fn take(&mut self, path: &str) -> Result<()> {
+    /// Charges entry `e` listed in `dir` (its remote and local paths are kept as well).
+    fn take(&mut self, dir: &str, e: &Entry) -> Result<()> {
         self.entries += 1;
-        self.bytes += path.len() as u64;
-        if self.entries > MAX_TREE_ENTRIES || self.bytes > MAX_TREE_PATH_BYTES {
+        self.bytes += 2 * (dir.len() + 1 + e.name.len()) as u64 + entry_cost(e);
+        if self.exceeded() {
             return Err(Error::Protocol(format!(
                 "the tree has more than {MAX_TREE_ENTRIES} entries or {} MiB of names; \
                  download it in parts",
-                MAX_TREE_PATH_BYTES >> 20
+                MAX_TREE_BYTES >> 20
             )));
         }
         Ok(())
+    }
+
+    fn exceeded(&self) -> bool {
+        self.entries > MAX_TREE_ENTRIES || self.bytes > MAX_TREE_BYTES
     }
 }
 
@@ -174,7 +180,7 @@ impl Client {
                 mtime_ns: top.mtime_ns,
             });
         }
-        let mut budget = Budget::default();
+        let budget = &std::sync::Mutex::new(Budget::default());
         // Files are made durable in groups (one syncfs each), then renamed; see fsd::durable.
         let group = GroupSync::new(root.fd(), SYNC_GATHER, SYNC_BATCH)
             .map_err(|e| Error::io(local.display(), e))?;
@@ -190,7 +196,13 @@ impl Client {
                     break;
                 };
                 lists.push(async move {
-                    let r = self.list(&path).await;
+                    let mut entries = Vec::new();
+                    let r = self.list_each(&path, |e| {
+                        budget.lock().unwrap().take(&path, &e)?;
+                        entries.push(e);
+                        Ok(())
+                    });
+                    let r = r.await.map(|()| entries);
                     (path, rel, depth, r)
                 });
             }
@@ -199,6 +211,8 @@ impl Client {
             };
             let entries = match listed {
                 Ok(e) => e,
+                // Too big to plan: nothing of it is transferred.
+                Err(e) if budget.lock().unwrap().exceeded() => return Err(e),
                 Err(e) => {
                     self.emit(error_event(&path, &e));
                     summary.failed.push((path, e));
@@ -221,7 +235,6 @@ impl Client {
                     summary.failed.push((rpath, err));
                     continue;
                 }
-                budget.take(&rpath)?;
                 match e.kind {
                     Kind::File => files.push(RemoteFile {
                         remote: rpath,

@@ -21,7 +21,6 @@ use tokio_util::codec::Framed;
 
 /// A node of the fake server's tree. Paths are relative, "" is the root.
 #[derive(Clone)]
-#[allow(dead_code)] // TODO(this branch): cases for every variant
 enum Node {
     Dir { mode: u32, mtime_ns: i64 },
     File(FileNode),
@@ -740,4 +739,115 @@ async fn a_tree_wider_than_the_descriptor_limit_downloads() {
         assert_eq!(got, format!("file {i}").as_bytes());
     }
     assert_eq!(walk(&dest).len(), 3000);
+}
+
+/// Item 8: frames on streams fsc never opened do not count as progress: the stall watchdog
+/// still fires when the READ it waits for gets no answer.
+#[tokio::test]
+async fn junk_on_unopened_streams_does_not_hold_off_the_stall_watchdog() {
+    let (addr, _) = Fake::new()
+        .file("big", &data(5000, 6), 1024)
+        .script(Script {
+            read: ReadReply::Junk,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let client = fsc::Client::connect(
+        &addr.to_string(),
+        fsc::Options {
+            retries: 0,
+            stall_timeout: Duration::from_secs(2),
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.download("big", &tmp.path().join("big")),
+    )
+    .await
+    .expect("fsc gave up on the stalled READ instead of hanging");
+    assert!(matches!(r, Err(fsc::Error::Stalled(_))), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+}
+
+/// Item 9: a flood of junk frames is reported once and then summarized, not one line each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_frames_are_summarized_in_the_log() {
+    let (addr, _) = Fake::new()
+        .file("big", &data(5000, 7), 1024)
+        .script(Script {
+            read: ReadReply::Junk,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, dest) = (addr.to_string(), tmp.path().join("big"));
+    let args = ["--retries", "0", "--stall-timeout", "3"];
+    let d = dest.display().to_string();
+    let out = fsc_sh(
+        "true",
+        &[&args[..], &["download", &server, "big", &d]].concat(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(4), "stalled");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines = stderr.lines().count();
+    // About 1,000 junk frames arrive in those 3 s.
+    assert!(lines < 10, "{lines} lines:\n{stderr}");
+    assert!(stderr.contains("on streams that"), "{stderr}");
+}
+
+/// Item 10: names, link targets and messages from the server never reach the terminal raw;
+/// NDJSON carries them exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_strings_are_escaped_when_printed() {
+    let evil = "e\x1b[2Jvil\u{202e}txt\u{9b}\x07";
+    let mut fake = Fake::new()
+        .dir("d", 0o755)
+        .file(&format!("d/{evil}"), b"x", 1024);
+    fake.nodes
+        .insert("d/link".into(), Node::Symlink("\x1b]0;pwned\x07".into()));
+    let (addr, _) = fake.start().await;
+    let server = addr.to_string();
+    let raw = |s: &str| {
+        s.chars()
+            .any(|c| c.is_control() && c != '\n' || c == '\u{202e}')
+    };
+
+    let out = fsc_sh("true", &["ls", &server, "d"]).await;
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(!raw(&stdout), "{stdout:?}");
+    assert!(
+        stdout.contains(r"e\x1b[2Jvil\u{202e}txt\u{009b}\x07"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r"-> \x1b]0;pwned\x07"), "{stdout}");
+
+    let out = fsc_sh("true", &["--json", "ls", &server, "d"]).await;
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(!raw(&stdout), "{stdout:?}");
+    let names: Vec<String> = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(names.iter().any(|n| n == evil), "exact in JSON: {names:?}");
+
+    // An error message quoting a server string.
+    let out = fsc_sh("true", &["stat", &server, &format!("d/x{evil}")]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!raw(&stderr), "{stderr:?}");
+    assert!(stderr.contains(r"\x1b[2J"), "{stderr}");
 }
