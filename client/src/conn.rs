@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use fsd::frame_reader::FrameReader;
 use fsd::protocol::{
     chunk_count, chunk_size_for, flags, msg, Cmd, CodecError, Frame, FrameCodec, Header,
-    MAX_UPLOADS_PER_CONNECTION, MIN_CHUNK_SIZE, VERSION,
+    MAX_CHUNK_SIZE, MAX_UPLOADS_PER_CONNECTION, MIN_CHUNK_SIZE, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,9 +35,15 @@ use crate::tls::{self, Tls};
 /// header, and so the chunk it carried, is still known).
 pub(crate) type Incoming = <FrameCodec as Decoder>::Item;
 
-/// Largest DATA payload this client accepts (announced in Hello). Chunks are at most 16 MiB
-/// except for files beyond 16 TiB; the limit only bounds what one frame may make us allocate.
-pub const MAX_DATA_FRAME: u32 = 64 << 20;
+/// Largest DATA payload this client accepts (announced in Hello), and so the largest chunk it
+/// downloads or uploads: 16 MiB, the protocol's largest base chunk size. It bounds what one
+/// frame, and every buffer of chunks, may make us allocate; the price is that files beyond
+/// 2^20 chunks of 16 MiB (16 TiB) cannot be transferred.
+pub const MAX_DATA_FRAME: u32 = MAX_CHUNK_SIZE;
+/// What a stream may receive unless told otherwise ([`Stream::expect`]): a reply, an inline
+/// file of at most one small chunk, and room for an error.
+const DEFAULT_STREAM_FRAMES: u32 = 4;
+const DEFAULT_STREAM_BYTES: u64 = 1 << 20;
 /// Streams used when the server's Hello does not say (and the most we ever use).
 const DEFAULT_MAX_STREAMS: u32 = 64;
 /// Frames queued for the writer task before senders wait.
@@ -121,6 +127,22 @@ struct Table {
 struct Route {
     tx: mpsc::UnboundedSender<Incoming>,
     _permit: Option<OwnedSemaphorePermit>,
+    /// Frames and payload bytes this stream may still receive. Its channel is unbounded (the
+    /// reader never waits on one slow stream), so this is what bounds it: a server that sends
+    /// more than was asked loses the connection.
+    frames_left: u32,
+    bytes_left: u64,
+}
+
+impl Route {
+    fn new(tx: mpsc::UnboundedSender<Incoming>, permit: Option<OwnedSemaphorePermit>) -> Route {
+        Route {
+            tx,
+            _permit: permit,
+            frames_left: DEFAULT_STREAM_FRAMES,
+            bytes_left: DEFAULT_STREAM_BYTES,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -241,7 +263,7 @@ impl Conn {
 
     async fn hello_and_auth(&self, opts: &ConnOptions) -> Result<()> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.table().routes.insert(0, Route { tx, _permit: None });
+        self.table().routes.insert(0, Route::new(tx, None));
         let mut s = Stream {
             conn: self.clone(),
             id: 0,
@@ -304,8 +326,11 @@ impl Conn {
     /// Whether a file of `size` bytes is at most one chunk on this server (§8.1 of
     /// docs/PROTOCOL.md, from the base chunk size in its Hello).
     pub fn is_single_chunk(&self, size: u64) -> bool {
+        // The protocol's range of base chunk sizes, whatever the Hello said: a server claiming
+        // 2^31 must not turn a 1 GiB file into one PUT held in memory.
         let base = self.inner.server.lock().unwrap().chunk_size;
-        chunk_count(size, chunk_size_for(size, base.max(MIN_CHUNK_SIZE))) <= 1
+        let base = base.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
+        chunk_count(size, chunk_size_for(size, base)) <= 1
     }
 
     /// Largest DATA payload the server accepts.
@@ -340,13 +365,7 @@ impl Conn {
                 break id;
             }
         };
-        t.routes.insert(
-            id,
-            Route {
-                tx,
-                _permit: Some(permit),
-            },
-        );
+        t.routes.insert(id, Route::new(tx, Some(permit)));
         Ok(Stream {
             conn: self.clone(),
             id,
@@ -434,7 +453,7 @@ impl Inner {
             Err(bad) => bad.header,
         };
         let mut t = self.table.lock().unwrap();
-        let Some(route) = t.routes.get(&h.stream_id) else {
+        let Some(route) = t.routes.get_mut(&h.stream_id) else {
             drop(t);
             // Not a stream we opened: bytes we did not ask for are dropped, never used, and
             // reported once, then summarized (one line per junk frame flooded stderr).
@@ -448,6 +467,17 @@ impl Inner {
             }
             return;
         };
+        let len = u64::from(h.payload_len);
+        if route.frames_left == 0 || route.bytes_left < len {
+            drop(t);
+            self.kill(Dead::Lost(format!(
+                "the server sent more than was asked on stream {}",
+                h.stream_id
+            )));
+            return;
+        }
+        route.frames_left -= 1;
+        route.bytes_left -= len;
         self.touch();
         let _ = route.tx.send(item);
         if h.is_end() {
@@ -601,6 +631,15 @@ pub(crate) struct Stream {
 impl Stream {
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Allows this stream to receive up to `frames` frames of `bytes` payload in all (plus the
+    /// default's room for an error reply), e.g. the chunks a READ asked for.
+    pub fn expect(&self, frames: u32, bytes: u64) {
+        if let Some(r) = self.conn.table().routes.get_mut(&self.id) {
+            r.frames_left = frames.saturating_add(1);
+            r.bytes_left = bytes.saturating_add(DEFAULT_STREAM_BYTES);
+        }
     }
 
     pub async fn send(&mut self, frame: Frame) -> Result<()> {

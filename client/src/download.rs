@@ -49,8 +49,10 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Chunks up to this size are written on the async thread (see `Sink::put`).
 const INLINE_WRITE: usize = 64 * 1024;
 /// To stdout, lanes fetch no chunk this far or further past the next one stdout needs: the
-/// chunks in between wait in memory (`Reorder`).
+/// chunks in between wait in memory (`Reorder`). At most this many chunks, and at most
+/// [`STDOUT_AHEAD_BYTES`] of them (chunk sizes are the server's choice), whatever `-j`.
 const STDOUT_AHEAD: u32 = 32;
+const STDOUT_AHEAD_BYTES: u32 = 32 << 20;
 /// A chunk that fails its CRC32 this many times in one attempt fails the attempt.
 const MAX_CORRUPT: u32 = 8;
 
@@ -450,10 +452,16 @@ impl Job {
         loop {
             // Registered before the check, so an advance in between is not missed.
             let advanced = sink.advanced.notified();
-            let Some((first, count)) = queue.take(RUN) else {
+            let Some((first, mut count)) = queue.take(RUN) else {
                 break;
             };
-            if !sink.may_fetch(first) {
+            let limit = sink.fetch_limit(first);
+            if limit < count && limit > 0 {
+                // Only the part of the run within reach; the rest goes back.
+                queue.requeue(first + limit, first + count);
+                count = limit;
+            }
+            if limit == 0 {
                 // Far ahead of stdout: leave the run for later; the lane holding stdout's next
                 // chunk is never held here (it already has its run), and a chunk put back at
                 // the front is within reach of any lane.
@@ -507,6 +515,8 @@ impl Job {
     ) -> Result<(), Stop> {
         let end = first + count;
         let mut s = conn.open().await?;
+        let bytes = (first..end).map(|i| u64::from(sink.chunk_len(i))).sum();
+        s.expect(count, bytes);
         let req = msg::ReadRequest {
             handle,
             first_chunk: first,
@@ -792,8 +802,8 @@ struct Have {
     last_save: Instant,
 }
 
-/// Chunks that arrived ahead of the next one stdout needs. Lanes fetch at most
-/// [`STDOUT_AHEAD`] chunks past it, so this holds at most that many.
+/// Chunks that arrived ahead of the next one stdout needs. Lanes fetch only within reach of it
+/// (`Sink::fetch_limit`), so this holds at most [`STDOUT_AHEAD_BYTES`] (or one chunk).
 struct Reorder {
     next: u32,
     pending: BTreeMap<u32, Bytes>,
@@ -924,12 +934,17 @@ impl Sink {
         self.st.lock().unwrap().have.count()
     }
 
-    /// Whether a lane may fetch chunk `first` now: always for a file; to stdout only within
-    /// [`STDOUT_AHEAD`] of the next chunk stdout needs, which bounds the reorder buffer.
-    fn may_fetch(&self, first: u32) -> bool {
+    /// How many chunks from `first` on a lane may fetch now: any number for a file; to stdout
+    /// only those within [`STDOUT_AHEAD`] chunks and [`STDOUT_AHEAD_BYTES`] of the next chunk
+    /// stdout needs (0: none yet), which bounds the reorder buffer in bytes.
+    fn fetch_limit(&self, first: u32) -> u32 {
         match &self.out {
-            SinkOut::File { .. } => true,
-            SinkOut::Stdout(r) => first < r.lock().unwrap().next + STDOUT_AHEAD,
+            SinkOut::File { .. } => u32::MAX,
+            SinkOut::Stdout(r) => {
+                let ahead = (STDOUT_AHEAD_BYTES / self.chunk_size).clamp(1, STDOUT_AHEAD);
+                let reach = r.lock().unwrap().next.saturating_add(ahead);
+                reach.saturating_sub(first)
+            }
         }
     }
 

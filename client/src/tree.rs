@@ -74,8 +74,11 @@ const SMALL_FILE: u64 = 4 << 20;
 /// limit rather than exhausting the machine.
 pub const MAX_TREE_ENTRIES: u64 = 1 << 20;
 pub const MAX_TREE_BYTES: u64 = 128 << 20;
-/// Deepest directory level of a tree download (fsd refuses paths over 4096 bytes anyway).
+/// Deepest directory level of a tree download.
 pub const MAX_TREE_DEPTH: usize = 1024;
+/// Longest remote path a tree download follows: the protocol's path limit (docs/PROTOCOL.md
+/// §13). Keeps what one entry of a deep tree costs bounded too.
+const MAX_REMOTE_PATH: usize = 4096;
 /// Descriptors a tree download keeps for itself and the connections, beyond files in flight.
 const FD_RESERVE: u64 = 64;
 /// Descriptors one file in flight may hold (its directory, part, direct-I/O twin, working
@@ -231,6 +234,14 @@ impl Client {
             for e in entries {
                 let rpath = remote_join(&path, &e.name);
                 if let Err(err) = check_name(&e.name) {
+                    self.emit(error_event(&rpath, &err));
+                    summary.failed.push((rpath, err));
+                    continue;
+                }
+                if rpath.len() > MAX_REMOTE_PATH {
+                    let err = Error::Protocol(format!(
+                        "path longer than {MAX_REMOTE_PATH} bytes; not transferred"
+                    ));
                     self.emit(error_event(&rpath, &err));
                     summary.failed.push((rpath, err));
                     continue;

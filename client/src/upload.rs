@@ -268,10 +268,8 @@ impl UpJob {
                 "chunk size {cs} is not a power of two >= 1024"
             )));
         }
-        if cs > conn.server_max_frame() {
-            return Err(bad(format!(
-                "chunk size {cs} exceeds the server's frame limit"
-            )));
+        if cs > conn.server_max_frame() || cs > crate::conn::MAX_DATA_FRAME {
+            return Err(bad(format!("chunk size {cs} exceeds the frame limit")));
         }
         // Checked in u64: the server chose the chunk size, and the bitmap is sized by it.
         let count = checked_chunk_count(self.src.size, cs).ok_or_else(|| {
@@ -363,7 +361,7 @@ impl UpJob {
         let rx = tokio::sync::Mutex::new(rx);
         let done = AtomicU64::new(present_bytes);
         let lanes = conns.iter().flat_map(|(c, h)| {
-            (0..LANES.min(missing as usize)).map(|_| self.lane(c, *h, &rx, &done))
+            (0..LANES.min(missing as usize)).map(|_| self.lane(c, *h, cs, &rx, &done))
         });
         let results: Vec<Result<u32>> = futures::future::join_all(lanes).await;
         drop(rx);
@@ -473,17 +471,21 @@ impl UpJob {
         &self,
         conn: &Conn,
         handle: u32,
+        cs: u32,
         rx: &tokio::sync::Mutex<mpsc::Receiver<(u32, Bytes, u32)>>,
         done: &AtomicU64,
     ) -> Result<u32> {
         let mut acked = 0;
         loop {
+            // The window first, then a chunk: a lane waiting for room holds no chunk, so the
+            // chunks in memory are bounded by the windows, not by lanes x chunk size.
+            let mut window = conn.window(u64::from(cs)).await?;
             let next = rx.lock().await.recv().await;
             let Some((i, data, crc)) = next else {
                 return Ok(acked);
             };
             let len = data.len() as u64;
-            let _window = conn.window(len).await?;
+            window.release(cs.saturating_sub(u32::try_from(data.len()).unwrap_or(cs)));
             let mut s = conn.open().await?;
             s.send_msg(Cmd::WRITE, 0, &msg::WriteRequest { handle, chunk: i })
                 .await?;

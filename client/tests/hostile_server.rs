@@ -30,14 +30,43 @@ enum Node {
 #[derive(Clone)]
 struct FileNode {
     data: Bytes,
+    /// A file of this size whose chunk i is all bytes `i as u8`, made up as it is read (big
+    /// files without holding them); its BLAKE3 is not computed (all zeros).
+    synthetic: Option<u64>,
     mode: u32,
     mtime_ns: i64,
     chunk_size: u32,
 }
 
+impl FileNode {
+    fn size(&self) -> u64 {
+        self.synthetic.unwrap_or(self.data.len() as u64)
+    }
+
+    fn count(&self) -> u32 {
+        self.size().div_ceil(u64::from(self.chunk_size)) as u32
+    }
+
+    fn chunk(&self, i: u32) -> Bytes {
+        let cs = u64::from(self.chunk_size);
+        let start = (u64::from(i) * cs).min(self.size());
+        let end = (start + cs).min(self.size());
+        match self.synthetic {
+            Some(_) => Bytes::from(vec![i as u8; (end - start) as usize]),
+            None => self.data.slice(start as usize..end as usize),
+        }
+    }
+
+    fn blake3(&self) -> [u8; 32] {
+        match self.synthetic {
+            Some(_) => [0; 32],
+            None => *blake3::hash(&self.data).as_bytes(),
+        }
+    }
+}
+
 /// How an answer is bent.
 #[derive(Clone, Default)]
-#[allow(dead_code)] // TODO(this branch): cases for every variant
 enum ReadReply {
     /// The chunks asked for.
     #[default]
@@ -66,12 +95,19 @@ struct Script {
     read: ReadReply,
     /// LIST never ends: every page says more=true, with new names.
     endless_list: bool,
+    /// Every directory under "deep" holds one directory with a 255-byte name: a tree without
+    /// a bottom.
+    bottomless: bool,
     /// Hello chunk_size.
     hello_chunk: Option<u32>,
+    /// The READ of chunk 0 is answered only after this long (the others at once).
+    delay_first: Option<Duration>,
 }
 
 struct Fake {
     nodes: BTreeMap<String, Node>,
+    /// Directory -> paths of its children, built by `start`.
+    children: std::collections::HashMap<String, Vec<String>>,
     script: Script,
     /// READ requests answered.
     reads: AtomicU64,
@@ -89,6 +125,7 @@ impl Fake {
         );
         Fake {
             nodes,
+            children: Default::default(),
             script: Script::default(),
             reads: AtomicU64::new(0),
         }
@@ -110,11 +147,21 @@ impl Fake {
             path.into(),
             Node::File(FileNode {
                 data: Bytes::copy_from_slice(data),
+                synthetic: None,
                 mode: 0o644,
                 mtime_ns: 1_000_000_000,
                 chunk_size,
             }),
         );
+        self
+    }
+
+    /// A big file made up as it is read (see [`FileNode::synthetic`]).
+    fn synthetic(mut self, path: &str, size: u64, chunk_size: u32) -> Fake {
+        self = self.file(path, b"", chunk_size);
+        if let Some(Node::File(f)) = self.nodes.get_mut(path) {
+            f.synthetic = Some(size);
+        }
         self
     }
 
@@ -133,7 +180,14 @@ impl Fake {
         self
     }
 
-    async fn start(self) -> (SocketAddr, Arc<Fake>) {
+    async fn start(mut self) -> (SocketAddr, Arc<Fake>) {
+        for p in self.nodes.keys().filter(|p| !p.is_empty()) {
+            let parent = p.rsplit_once('/').map_or("", |(d, _)| d);
+            self.children
+                .entry(parent.to_string())
+                .or_default()
+                .push(p.clone());
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let me = Arc::new(self);
@@ -149,7 +203,7 @@ impl Fake {
     fn entry(&self, path: &str, name: &str) -> Option<msg::Entry> {
         let (kind, size, mode, mtime_ns, target) = match self.nodes.get(path)? {
             Node::Dir { mode, mtime_ns } => (msg::Kind::Dir, 0, *mode, *mtime_ns, ""),
-            Node::File(f) => (msg::Kind::File, f.data.len() as u64, f.mode, f.mtime_ns, ""),
+            Node::File(f) => (msg::Kind::File, f.size(), f.mode, f.mtime_ns, ""),
             Node::Symlink(t) => (msg::Kind::Symlink, 0, 0o777, 0, t.as_str()),
         };
         Some(msg::Entry {
@@ -163,17 +217,16 @@ impl Fake {
     }
 
     fn children(&self, dir: &str) -> Vec<msg::Entry> {
-        let prefix = if dir.is_empty() {
-            String::new()
-        } else {
-            format!("{dir}/")
-        };
-        self.nodes
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .filter(|(p, _)| !p.is_empty() && !p[prefix.len()..].contains('/'))
-            .filter_map(|(p, _)| self.entry(p, &p[prefix.len()..]))
-            .collect()
+        let skip = if dir.is_empty() { 0 } else { dir.len() + 1 };
+        let mut v: Vec<msg::Entry> = self
+            .children
+            .get(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| self.entry(p, &p[skip..]))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     fn file_at(&self, path: &str) -> Option<&FileNode> {
@@ -184,45 +237,75 @@ impl Fake {
     }
 
     async fn serve(self: Arc<Self>, sock: TcpStream) {
-        let mut io = Framed::new(sock, FrameCodec::new(1 << 26));
+        let (mut tx, mut rx) = Framed::new(sock, FrameCodec::new(1 << 26)).split();
+        // One writer; answers that take time (delays, floods, junk) are tasks feeding it.
+        let (out, mut queue) = tokio::sync::mpsc::channel::<Frame>(64);
+        let writer = tokio::spawn(async move {
+            while let Some(f) = queue.recv().await {
+                if tx.send(f).await.is_err() {
+                    return;
+                }
+            }
+        });
         // Handle -> path of the file it reads.
         let mut handles: Vec<String> = Vec::new();
-        while let Some(Ok(Ok(f))) = io.next().await {
-            let frames = match self.answer(&f, &mut handles) {
-                Answer::Frames(v) => v,
-                Answer::Junk => {
+        let mut tasks = Vec::new();
+        while let Some(Ok(Ok(f))) = rx.next().await {
+            let out = out.clone();
+            match self.answer(&f, &mut handles) {
+                Answer::Frames(v) => {
+                    for fr in v {
+                        if out.send(fr).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Answer::Delayed(d, v) => tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    for fr in v {
+                        let _ = out.send(fr).await;
+                    }
+                })),
+                Answer::Junk => tasks.push(tokio::spawn(async move {
                     // Frames on streams fsc never opened, for at most a minute.
                     let start = Instant::now();
                     let mut sid = 1_000_000;
                     while start.elapsed() < Duration::from_secs(60) {
                         let fr = Frame::new(Cmd::PING, sid, flags::END, Bytes::new());
-                        if io.send(fr).await.is_err() {
+                        if out.send(fr).await.is_err() {
                             return;
                         }
                         sid += 1;
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    return;
-                }
-                Answer::Silent => continue,
-                Answer::Flood(sid, len) => {
+                })),
+                Answer::Silent => {}
+                Answer::Flood(sid, chunks, len) => tasks.push(tokio::spawn(async move {
+                    // The chunks asked for, good ones but with no END, then zeros.
+                    for c in chunks {
+                        if out
+                            .send(Frame::new(Cmd::READ, sid, flags::DATA, c))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
                     let payload = Bytes::from(vec![0u8; len]);
                     // At most 8 GiB; fsc must hang up long before.
                     for _ in 0..(8u64 << 30) / len as u64 {
                         let fr = Frame::new(Cmd::READ, sid, flags::DATA, payload.clone());
-                        if io.send(fr).await.is_err() {
+                        if out.send(fr).await.is_err() {
                             return;
                         }
                     }
-                    return;
-                }
-            };
-            for fr in frames {
-                if io.send(fr).await.is_err() {
-                    return;
-                }
+                })),
             }
         }
+        for t in tasks {
+            t.abort();
+        }
+        writer.abort();
     }
 
     fn answer(&self, f: &Frame, handles: &mut Vec<String>) -> Answer {
@@ -264,6 +347,18 @@ impl Fake {
             }
             Cmd::LIST => {
                 let req: msg::ListRequest = f.decode().unwrap();
+                if self.script.bottomless && req.path.starts_with("deep") {
+                    let r = msg::ListResponse {
+                        entries: vec![msg::Entry {
+                            name: "n".repeat(255),
+                            kind: msg::Kind::Dir as i32,
+                            mode: 0o755,
+                            ..Default::default()
+                        }],
+                        more: false,
+                    };
+                    return msg_reply(&|| r.encode_to_vec());
+                }
                 if self.script.endless_list {
                     // 1000 new names per page, 200 bytes each, forever.
                     let base: u64 = req
@@ -305,16 +400,14 @@ impl Fake {
                     return not_found(&req.path);
                 };
                 handles.push(req.path.clone());
-                let size = file.data.len() as u64;
-                let cs = file.chunk_size;
                 let mut r = msg::OpenResponse {
                     handle: handles.len() as u32,
-                    size,
+                    size: file.size(),
                     mtime_ns: file.mtime_ns,
                     identity: "v1".into(),
-                    chunk_size: cs,
-                    chunk_count: size.div_ceil(cs as u64) as u32,
-                    blake3: blake3::hash(&file.data).as_bytes().to_vec(),
+                    chunk_size: file.chunk_size,
+                    chunk_count: file.count(),
+                    blake3: file.blake3().to_vec(),
                     mode: file.mode,
                     ..Default::default()
                 };
@@ -330,13 +423,14 @@ impl Fake {
                 let req: msg::ManifestRequest = f.decode().unwrap();
                 let path = &handles[req.handle as usize - 1];
                 let file = self.file_at(path).unwrap();
-                let cs = file.chunk_size as usize;
-                let mut crc32: Vec<u32> = file
-                    .data
-                    .chunks(cs)
-                    .skip(req.first_chunk as usize)
-                    .take(req.count as usize)
-                    .map(crc32fast::hash)
+                // As many CRCs as OPEN declared; those past the real file are 0.
+                let total = self.script.declare.map_or(file.count(), |d| d.2);
+                let end = req.first_chunk.saturating_add(req.count).min(total);
+                let mut crc32: Vec<u32> = (req.first_chunk..end)
+                    .map(|i| match i < file.count() {
+                        true => crc32fast::hash(&file.chunk(i)),
+                        false => 0,
+                    })
                     .collect();
                 let lie = self.script.manifest_lies.fetch_update(
                     Ordering::SeqCst,
@@ -359,10 +453,7 @@ impl Fake {
                 let file = self.file_at(path).unwrap();
                 let cs = file.chunk_size as usize;
                 let mut chunks: Vec<Bytes> = (req.first_chunk..req.first_chunk + req.count)
-                    .map(|i| {
-                        let start = (i as usize * cs).min(file.data.len());
-                        file.data.slice(start..(start + cs).min(file.data.len()))
-                    })
+                    .map(|i| file.chunk(i))
                     .collect();
                 match self.script.read {
                     ReadReply::Honest => {}
@@ -374,28 +465,30 @@ impl Fake {
                     }
                     ReadReply::Junk => return Answer::Junk,
                     ReadReply::Silent => return Answer::Silent,
-                    ReadReply::Flood => return Answer::Flood(sid, cs),
+                    ReadReply::Flood => return Answer::Flood(sid, chunks, cs),
                 }
                 let n = chunks.len();
-                Answer::Frames(
-                    chunks
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, c)| {
-                            let end = i + 1 == n;
-                            Frame {
-                                header: Header::data(
-                                    Cmd::READ,
-                                    sid,
-                                    c.len() as u32,
-                                    crc32fast::hash(&c),
-                                    end,
-                                ),
-                                payload: c,
-                            }
-                        })
-                        .collect(),
-                )
+                let frames = chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let end = i + 1 == n;
+                        Frame {
+                            header: Header::data(
+                                Cmd::READ,
+                                sid,
+                                c.len() as u32,
+                                crc32fast::hash(&c),
+                                end,
+                            ),
+                            payload: c,
+                        }
+                    })
+                    .collect();
+                match self.script.delay_first {
+                    Some(d) if req.first_chunk == 0 => Answer::Delayed(d, frames),
+                    _ => Answer::Frames(frames),
+                }
             }
             Cmd::CLOSE => Answer::Frames(vec![Frame::message(
                 Cmd::CLOSE,
@@ -415,10 +508,12 @@ impl Fake {
 
 enum Answer {
     Frames(Vec<Frame>),
+    /// These frames, after a while.
+    Delayed(Duration, Vec<Frame>),
     Junk,
     Silent,
-    /// (stream, payload length)
-    Flood(u32, usize),
+    /// On this stream: these chunks, then DATA frames of this length without end.
+    Flood(u32, Vec<Bytes>, usize),
 }
 
 fn opts() -> fsc::Options {
@@ -850,4 +945,263 @@ async fn server_strings_are_escaped_when_printed() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(!raw(&stderr), "{stderr:?}");
     assert!(stderr.contains(r"\x1b[2J"), "{stderr}");
+}
+
+/// Peak resident memory and outcome of one `fsc` run.
+struct Measured {
+    code: Option<i32>,
+    peak_mib: u64,
+    stderr: String,
+}
+
+/// Runs the real `fsc` binary with `args` and measures its peak RSS exactly (wait4's
+/// ru_maxrss of that one child). It is killed after `limit` if still running. With
+/// `unread_stdout` its stdout is a pipe nobody reads (a consumer that stalls).
+// The child is reaped by wait4 (for its rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
+async fn fsc_measured(args: &[&str], limit: Duration, unread_stdout: bool) -> Measured {
+    let tmp = tempfile::tempdir().unwrap();
+    let err_path = tmp.path().join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fsc"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(match unread_stdout {
+            true => std::process::Stdio::piped(),
+            false => std::process::Stdio::null(),
+        })
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let unread = child.stdout.take();
+    let (code, peak_kib) = tokio::task::spawn_blocking(move || {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let killer = std::thread::spawn(move || {
+            if done_rx.recv_timeout(limit).is_err() {
+                // SAFETY: signals our own child, which is not reaped yet (see below).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        // Wait for the exit without reaping (WNOWAIT), so the pid cannot be reused while the
+        // killer may still signal it; then stop the killer, then reap with its rusage.
+        // SAFETY: plain syscalls on our own child with out-pointers to locals.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            );
+        }
+        drop(done_tx);
+        killer.join().unwrap();
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(r, pid);
+        let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        (code, usage.ru_maxrss as u64)
+    })
+    .await
+    .unwrap();
+    drop(unread);
+    eprintln!(
+        "fsc {args:?}: exit {code:?}, peak RSS {} MiB",
+        peak_kib / 1024
+    );
+    Measured {
+        code,
+        peak_mib: peak_kib / 1024,
+        stderr: std::fs::read_to_string(&err_path).unwrap(),
+    }
+}
+
+/// The issue's bound: fsc's peak RSS whatever the server does.
+const RSS_LIMIT_MIB: u64 = 256;
+
+/// Item 7: sizes and chunk counts a server declares never size fsc's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_sizes_do_not_size_memory() {
+    // 1 PiB in 2^26 chunks of 16 MiB (over the chunk-count limit), and the most chunks the
+    // protocol allows, 2^20 (of 1 KiB), which fsc must be able to track within the bound.
+    for declare in [
+        (1u64 << 50, 1u32 << 24, 1u32 << 26),
+        (1 << 30, 1024, 1 << 20),
+    ] {
+        let (addr, _) = Fake::new()
+            .file("big", &data(5000, 8), 1024)
+            .script(Script {
+                declare: Some(declare),
+                read: ReadReply::Silent,
+                ..Default::default()
+            })
+            .start()
+            .await;
+        let tmp = tempfile::tempdir().unwrap();
+        let (server, d) = (
+            addr.to_string(),
+            tmp.path().join("big").display().to_string(),
+        );
+        let args = [
+            "--retries",
+            "0",
+            "--stall-timeout",
+            "2",
+            "download",
+            &server,
+            "big",
+            &d,
+        ];
+        let m = fsc_measured(&args, Duration::from_secs(60), false).await;
+        assert!(
+            m.code.is_some_and(|c| c != 0),
+            "{declare:?}: {:?} {}",
+            m.code,
+            m.stderr
+        );
+        assert!(
+            m.peak_mib <= RSS_LIMIT_MIB,
+            "{declare:?}: {} MiB",
+            m.peak_mib
+        );
+    }
+}
+
+/// Item 7: a listing without end: `ls` streams it, a tree download stops at its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_listing_does_not_exhaust_memory() {
+    let (addr, _) = Fake::new()
+        .dir("d", 0o755)
+        .script(Script {
+            endless_list: true,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let server = addr.to_string();
+    let m = fsc_measured(&["ls", &server, "d"], Duration::from_secs(5), false).await;
+    assert_eq!(m.code, None, "still listing when killed: {}", m.stderr);
+    assert!(m.peak_mib <= RSS_LIMIT_MIB, "ls: {} MiB", m.peak_mib);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d").display().to_string();
+    let m = fsc_measured(
+        &["download", "-r", &server, "d", &d],
+        Duration::from_secs(120),
+        false,
+    )
+    .await;
+    assert_eq!(m.code, Some(1), "refused as too big: {}", m.stderr);
+    assert!(m.stderr.contains("entries"), "{}", m.stderr);
+    assert!(
+        m.peak_mib <= RSS_LIMIT_MIB,
+        "download -r: {} MiB",
+        m.peak_mib
+    );
+}
+
+/// Item 7: a tree without a bottom (255-byte names, one level under another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bottomless_tree_does_not_exhaust_memory() {
+    let (addr, _) = Fake::new()
+        .dir("deep", 0o755)
+        .script(Script {
+            bottomless: true,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, d) = (addr.to_string(), tmp.path().join("d").display().to_string());
+    let args = ["download", "-r", &server, "deep", &d];
+    let m = fsc_measured(&args, Duration::from_secs(120), false).await;
+    assert!(m.code.is_some(), "finished by itself: {}", m.stderr);
+    assert_ne!(m.code, Some(0));
+    assert!(m.peak_mib <= RSS_LIMIT_MIB, "{} MiB", m.peak_mib);
+    // It stopped where remote paths reach the protocol's 4096 bytes: 16 levels of 256.
+    let levels = walk(&tmp.path().join("d")).len();
+    assert!(levels <= 16, "{levels} levels created");
+    assert!(m.stderr.contains("longer than 4096"), "{}", m.stderr);
+}
+
+/// Item 7: READ answered with DATA without end while fsc's stdout is not being read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_data_than_asked_is_not_buffered() {
+    // Four chunks: one READ, so the one lane that reads it is the one stuck on stdout.
+    let (addr, _) = Fake::new()
+        .file("big", &data(4 << 20, 9), 1 << 20)
+        .script(Script {
+            read: ReadReply::Flood,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let server = addr.to_string();
+    let m = fsc_measured(
+        &["download", &server, "big", "-"],
+        Duration::from_secs(8),
+        true,
+    )
+    .await;
+    assert!(m.peak_mib <= RSS_LIMIT_MIB, "{} MiB", m.peak_mib);
+
+    // To a file: the connection is dropped as soon as the server oversteps.
+    let client = client(addr).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.download("big", &tmp.path().join("big")),
+    )
+    .await
+    .expect("no hang");
+    assert!(r.is_err(), "{r:?}");
+    assert!(!tmp.path().join("big").exists());
+}
+
+/// Item 7: `-j 4` to stdout with the largest chunks, while the first chunk is held back: what
+/// waits for it is bounded in bytes, not in chunks of a size the server chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stdout_reorder_buffer_is_bounded_in_bytes() {
+    let (addr, _) = Fake::new()
+        .synthetic("big", 32 << 24, 1 << 24)
+        .script(Script {
+            delay_first: Some(Duration::from_secs(60)),
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let server = addr.to_string();
+    let args = ["download", "-j", "4", &server, "big", "-"];
+    let m = fsc_measured(&args, Duration::from_secs(15), false).await;
+    assert!(m.peak_mib <= RSS_LIMIT_MIB, "{} MiB", m.peak_mib);
+}
+
+/// Item 7: a Hello chunk size of 2^31 does not make a 1 GiB upload one PUT held in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_hello_chunk_size_does_not_read_a_file_into_memory() {
+    let (addr, _) = Fake::new()
+        .script(Script {
+            hello_chunk: Some(1 << 31),
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("sparse");
+    // A sparse 1 GiB file: no disk used, reads as zeros.
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let (server, s) = (addr.to_string(), src.display().to_string());
+    let args = ["--retries", "0", "upload", &server, &s, "up"];
+    let m = fsc_measured(&args, Duration::from_secs(60), false).await;
+    assert!(
+        m.code.is_some_and(|c| c != 0),
+        "the fake takes no uploads: {}",
+        m.stderr
+    );
+    assert!(m.peak_mib <= RSS_LIMIT_MIB, "{} MiB", m.peak_mib);
 }
