@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use crate::client::{Client, Transfer};
 use crate::conn::{Conn, Throttle, Window};
 use crate::error::{Error, Result};
-use crate::local::{check_name, new_mode, publish, LocalDir, Work};
+use crate::local::{check_name, lacks_space, new_mode, publish, punch_hole, LocalDir, Work};
 use crate::progress::Event;
 use crate::state::{Bitmap, PartState};
 use crate::tree::remote_basename;
@@ -217,13 +217,28 @@ impl From<Error> for Stop {
 
 impl Job {
     async fn run(&self) -> Result<Transfer> {
+        let mut sink = None;
+        let r = self.attempts(&mut sink).await;
+        if let (Err(_), Some(s)) = (&r, sink) {
+            // Kept for a resume, but not the space of what never arrived.
+            let s = s.clone();
+            let _ = spawn_blocking(move || {
+                s.abandon();
+                Ok(())
+            })
+            .await;
+        }
+        r
+    }
+
+    /// Attempts with retries; `sink` is the local side once there is one.
+    async fn attempts(&self, sink: &mut Option<Arc<Sink>>) -> Result<Transfer> {
         let mut backoff = self.client.backoff();
-        let mut sink: Option<Arc<Sink>> = None;
         let (mut changes, mut bad_hashes) = (0, 0);
         loop {
             let before = sink.as_ref().map_or(0, |s| s.done_chunks());
             let stdout = matches!(self.out, Out::Stdout);
-            let reason = match self.attempt(&mut sink).await {
+            let reason = match self.attempt(sink).await {
                 Ok(t) => return Ok(t),
                 Err(Stop::Fail(e)) => {
                     if sink.as_ref().map_or(0, |s| s.done_chunks()) > before {
@@ -862,12 +877,31 @@ impl Sink {
                     debug!(%remote, chunks = have.have.count(), "resuming");
                 }
                 if stateful {
+                    // The server's size must fit before any of it is reserved.
+                    if let Some((needed, free)) = lacks_space(&part, m.size).map_err(err)? {
+                        drop(part);
+                        if state.is_none() {
+                            if let Some(wd) = &wd {
+                                let _ = wd.remove(&work.part());
+                                let _ = wd.remove(&work.state());
+                            }
+                            work.tidy();
+                        }
+                        return Err(Error::NoSpace {
+                            path: dir.display(&name),
+                            needed,
+                            free,
+                        });
+                    }
                     part.set_len(m.size).map_err(err)?;
                 }
                 if stateful && state.is_none() {
-                    // Reserve the space now: fewer fragments and an early ENOSPC.
-                    if let Err(e) = nix::fcntl::posix_fallocate(&part, 0, m.size as i64) {
+                    // Reserve the space now: fewer fragments. A reservation that fails half
+                    // way (the space went to someone else since the check) is given back.
+                    let len = i64::try_from(m.size).unwrap_or(i64::MAX);
+                    if let Err(e) = nix::fcntl::posix_fallocate(&part, 0, len) {
                         debug!("fallocate: {e}");
+                        let _ = punch_hole(&part, 0, m.size);
                     }
                 }
                 SinkOut::File {
@@ -1177,6 +1211,42 @@ impl Sink {
             SinkOut::File { dir, name, .. } => Error::io(dir.display(name), e),
             SinkOut::Stdout(_) => Error::io("<stdout>", e),
         }
+    }
+
+    /// After a download failed for good: a part with nothing received goes, with its state;
+    /// otherwise the part stays for a resume, but the space reserved for the chunks that never
+    /// arrived is given back.
+    fn abandon(&self) {
+        let SinkOut::File {
+            part, wd: Some(_), ..
+        } = &self.out
+        else {
+            return;
+        };
+        let have = self.st.lock().unwrap().have.clone();
+        if have.count() == 0 {
+            self.discard();
+            return;
+        }
+        let cs = u64::from(self.chunk_size);
+        let mut i = 0;
+        while i < self.count {
+            if have.get(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < self.count && !have.get(i) {
+                i += 1;
+            }
+            let off = u64::from(start) * cs;
+            let end = (u64::from(i) * cs).min(self.size);
+            if let Err(e) = punch_hole(part, off, end - off) {
+                debug!("punching unreceived chunks out of the part: {e}");
+                break;
+            }
+        }
+        let _ = self.checkpoint();
     }
 
     /// Deletes the part and state files (before starting over).

@@ -208,6 +208,28 @@ pub(crate) fn set_meta(fd: impl AsFd, mode: u32, mtime_ns: i64) -> std::io::Resu
     futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &mtime).map_err(io)
 }
 
+/// `Some((needed, free))` if the file system holding `file` lacks room for it to grow to
+/// `size` bytes (what it has allocated already counts as its own).
+pub(crate) fn lacks_space(file: &File, size: u64) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let have = file.metadata()?.blocks().saturating_mul(512);
+    let needed = size.saturating_sub(have);
+    let vfs = nix::sys::statvfs::fstatvfs(file).map_err(io)?;
+    // Blocks available to an unprivileged user, in fragment-size units.
+    let free = vfs.blocks_available().saturating_mul(vfs.fragment_size());
+    Ok((needed > free).then_some((needed, free)))
+}
+
+/// Gives back the space of byte ranges of `file` that hold nothing received (keeps its size).
+pub(crate) fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(file, flags, off, len).map_err(io)
+}
+
 /// The process's umask, read once (without changing it: /proc/self/status says it).
 fn umask() -> u32 {
     static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();

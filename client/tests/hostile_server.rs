@@ -102,6 +102,8 @@ struct Script {
     hello_chunk: Option<u32>,
     /// The READ of chunk 0 is answered only after this long (the others at once).
     delay_first: Option<Duration>,
+    /// Only this many READs are answered; later ones never are.
+    reads_answered: Option<u64>,
 }
 
 struct Fake {
@@ -447,7 +449,10 @@ impl Fake {
                 msg_reply(&|| r.encode_to_vec())
             }
             Cmd::READ => {
-                self.reads.fetch_add(1, Ordering::SeqCst);
+                let n = self.reads.fetch_add(1, Ordering::SeqCst);
+                if self.script.reads_answered.is_some_and(|max| n >= max) {
+                    return Answer::Silent;
+                }
                 let req: msg::ReadRequest = f.decode().unwrap();
                 let path = &handles[req.handle as usize - 1];
                 let file = self.file_at(path).unwrap();
@@ -1204,4 +1209,102 @@ async fn a_huge_hello_chunk_size_does_not_read_a_file_into_memory() {
         m.stderr
     );
     assert!(m.peak_mib <= RSS_LIMIT_MIB, "{} MiB", m.peak_mib);
+}
+
+/// Runs `fsc ARGS` in a fresh 16 MiB tmpfs (its working directory, in a user and mount
+/// namespace, so a real ENOSPC is near), then `after` there; `None` where this machine allows
+/// no user namespaces.
+async fn fsc_on_16_mib(args: &[&str], after: &str) -> Option<String> {
+    let mnt = tempfile::tempdir().unwrap();
+    let mut cmd = format!(
+        "mount -t tmpfs -o size=16m tmpfs '{0}' && cd '{0}' && {1}",
+        mnt.path().display(),
+        env!("CARGO_BIN_EXE_fsc")
+    );
+    for a in args {
+        cmd.push_str(&format!(" '{a}'"));
+    }
+    cmd.push_str(&format!(" 2>&1; echo \"rc=$?\"; {after}"));
+    let out = tokio::process::Command::new("unshare")
+        .args(["-Urm", "sh", "-c", &cmd])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("done within a minute")
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !text.contains("rc=") {
+        eprintln!(
+            "SKIPPED: no user namespace here: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    Some(text)
+}
+
+/// Item 5: a declared size beyond the free space fails at once and clearly, reserving nothing;
+/// a download that fails half way keeps what arrived and gives back what it had reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_space_is_checked_and_never_left_reserved() {
+    let (addr, _) = Fake::new()
+        .file("big", &data(5000, 10), 1 << 20)
+        .script(Script {
+            declare: Some((64 << 20, 1 << 20, 64)),
+            read: ReadReply::Silent,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let server = addr.to_string();
+    let args = [
+        "--retries",
+        "0",
+        "--stall-timeout",
+        "2",
+        "download",
+        &server,
+        "big",
+    ];
+    let Some(out) = fsc_on_16_mib(&args, "ls -A; df -k . | tail -1").await else {
+        return;
+    };
+    assert!(out.contains("rc=1"), "{out}");
+    assert!(out.contains("not enough free space"), "{out}");
+    let after = out.split_once("rc=1\n").unwrap().1;
+    let listing: Vec<&str> = after.lines().filter(|l| !l.starts_with("tmpfs")).collect();
+    assert!(listing.is_empty(), "nothing left behind: {out}");
+
+    // 8 MiB fits; the server answers one READ (4 of 8 chunks), then goes silent.
+    let big = data(8 << 20, 11);
+    let (addr, _) = Fake::new()
+        .file("big", &big, 1 << 20)
+        .script(Script {
+            reads_answered: Some(1),
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let server = addr.to_string();
+    let args = [
+        "--retries",
+        "0",
+        "--stall-timeout",
+        "2",
+        "download",
+        &server,
+        "big",
+    ];
+    let Some(out) = fsc_on_16_mib(&args, "du -sk .fsc-work").await else {
+        return;
+    };
+    assert!(out.contains("rc=4"), "stalled: {out}");
+    let kib: u64 = out
+        .lines()
+        .find(|l| l.ends_with(".fsc-work"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the part is kept for a resume: {out}"));
+    // 4 MiB received (and a small state file); not the 8 MiB reserved.
+    assert!((4096..5000).contains(&kib), "{kib} KiB allocated: {out}");
 }
