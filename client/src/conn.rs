@@ -410,6 +410,11 @@ impl Conn {
         }
     }
 
+    /// This connection's whole window, in bytes.
+    pub fn window_total(&self) -> u32 {
+        self.inner.window_total
+    }
+
     fn dead_error(&self) -> Error {
         match &self.table().dead {
             Some(d) => d.error(),

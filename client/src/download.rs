@@ -33,7 +33,9 @@ use tracing::{debug, warn};
 use crate::client::{Client, Transfer};
 use crate::conn::{Conn, Throttle, Window};
 use crate::error::{Error, Result};
-use crate::local::{check_name, lacks_space, new_mode, publish, punch_hole, LocalDir, Work};
+use crate::local::{
+    check_name, lacks_space, new_mode, publish, punch_hole, work_dir_name, LocalDir, Work,
+};
 use crate::progress::Event;
 use crate::state::{Bitmap, PartState};
 use crate::tree::remote_basename;
@@ -165,7 +167,7 @@ fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
     };
     let d = LocalDir::open(&dir).map_err(|e| Error::io(dir.display(), e))?;
     Ok(Out::File {
-        work: Work::new(d.clone(), &name),
+        work: Work::new(d.clone(), work_dir_name(|n| n == name), &name),
         dir: d,
         name,
         group: None,
@@ -467,7 +469,10 @@ impl Job {
         loop {
             // Registered before the check, so an advance in between is not missed.
             let advanced = sink.advanced.notified();
-            let Some((first, mut count)) = queue.take(RUN) else {
+            // A run never asks for more than the window holds (big chunks are the server's
+            // choice): what a READ may bring is what the window bounds.
+            let run = (conn.window_total() / sink.chunk_size).clamp(1, RUN);
+            let Some((first, mut count)) = queue.take(run) else {
                 break;
             };
             let limit = sink.fetch_limit(first);
@@ -1334,6 +1339,7 @@ fn has_data(f: &File, off: u64, len: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::local::WORK_DIR;
 
     #[test]
     fn queue_hands_out_consecutive_runs_and_takes_back_failures() {
@@ -1378,7 +1384,7 @@ mod tests {
             .map(|c| crc32fast::hash(c))
             .collect();
         let out = Out::File {
-            work: Work::new(dir.clone(), "f"),
+            work: Work::new(dir.clone(), WORK_DIR.into(), "f"),
             dir: dir.clone(),
             name: "f".into(),
             group: None,
@@ -1409,8 +1415,8 @@ mod tests {
         s.checkpoint().unwrap();
         put(&s, 5); // written, never claimed
                     // Corrupt chunk 3 on disk.
-        let work = Work::new(dir.clone(), "f");
-        let wd = tmp.path().join(crate::local::WORK_DIR);
+        let work = Work::new(dir.clone(), WORK_DIR.into(), "f");
+        let wd = tmp.path().join(WORK_DIR);
         let part = wd.join(work.part());
         let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
         f.write_all_at(b"X", 3 * 1024 + 10).unwrap();
@@ -1448,7 +1454,7 @@ mod tests {
             .map(|c| crc32fast::hash(c))
             .collect();
         let out = Out::File {
-            work: Work::new(dir.clone(), "g"),
+            work: Work::new(dir.clone(), WORK_DIR.into(), "g"),
             dir,
             name: "g".into(),
             group: None,

@@ -31,8 +31,34 @@ use crate::error::{Error, Result};
 /// Longest component name accepted from a server.
 const NAME_MAX: usize = 255;
 
-/// fsc's working directory in a destination root: partial downloads and their state.
+/// fsc's working directory in a destination root: partial downloads and their state. When the
+/// server has something of that name where it would go, `.fsc-work.1`, `.fsc-work.2`, ... (see
+/// [`work_dir_name`]), so a remote `.fsc-work` transfers like any other name.
 pub(crate) const WORK_DIR: &str = ".fsc-work";
+
+/// The working directory's name for a destination root where the server's names `taken`
+/// will appear: the first candidate that is not one of them. Deterministic, so a rerun
+/// against the same tree finds its partial downloads again.
+pub(crate) fn work_dir_name(taken: impl Fn(&str) -> bool) -> Arc<str> {
+    let candidates =
+        std::iter::once(WORK_DIR.to_string()).chain((1..1000).map(|i| format!("{WORK_DIR}.{i}")));
+    for name in candidates {
+        if !taken(&name) {
+            return name.into();
+        }
+    }
+    // A server that lists all thousand: a name of our own making, not resumable.
+    format!("{WORK_DIR}.{:016x}", rand::random::<u64>()).into()
+}
+
+/// Whether a local directory name is one of fsc's working directories.
+pub(crate) fn is_work_dir_name(name: &str) -> bool {
+    name == WORK_DIR
+        || name
+            .strip_prefix(WORK_DIR)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()))
+}
 
 /// Accepts only a plain file name: not empty, `.` or `..`, no `/` or NUL, at most 255 bytes.
 pub(crate) fn check_name(name: &str) -> Result<()> {
@@ -263,24 +289,27 @@ pub(crate) fn new_mode(server_mode: u32, preserve: bool) -> u32 {
 #[derive(Clone, Debug)]
 pub(crate) struct Work {
     root: LocalDir,
+    /// The working directory's name in `root` ([`work_dir_name`]).
+    name: Arc<str>,
     key: String,
 }
 
 impl Work {
-    /// `rel`: the destination's path relative to `root` ("a/b/file").
-    pub fn new(root: LocalDir, rel: &str) -> Work {
+    /// `rel`: the destination's path relative to `root` ("a/b/file"); `name`: the working
+    /// directory's ([`work_dir_name`]).
+    pub fn new(root: LocalDir, name: Arc<str>, rel: &str) -> Work {
         let key = hex::encode(&blake3::hash(rel.as_bytes()).as_bytes()[..16]);
-        Work { root, key }
+        Work { root, name, key }
     }
 
     /// Opens (creating, mode 0700) the working directory.
     pub fn dir(&self) -> std::io::Result<LocalDir> {
-        Ok(self.root.subdir(WORK_DIR, true, 0o700)?.0)
+        Ok(self.root.subdir(&self.name, true, 0o700)?.0)
     }
 
     /// The working directory if it exists.
     pub fn existing_dir(&self) -> std::io::Result<Option<LocalDir>> {
-        match self.root.subdir(WORK_DIR, false, 0) {
+        match self.root.subdir(&self.name, false, 0) {
             Ok((d, _)) => Ok(Some(d)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -302,7 +331,7 @@ impl Work {
 
     /// Removes the working directory if nothing is left in it.
     pub fn tidy(&self) {
-        let _ = unlinkat(self.root.fd(), WORK_DIR, UnlinkatFlags::RemoveDir);
+        let _ = unlinkat(self.root.fd(), &*self.name, UnlinkatFlags::RemoveDir);
     }
 }
 
@@ -348,6 +377,17 @@ mod tests {
     }
 
     #[test]
+    fn the_working_directory_avoids_the_servers_names() {
+        assert_eq!(&*work_dir_name(|_| false), ".fsc-work");
+        assert_eq!(&*work_dir_name(|n| n == ".fsc-work"), ".fsc-work.1");
+        let taken = |n: &str| n.starts_with(".fsc-work");
+        assert!(work_dir_name(taken).len() == ".fsc-work.".len() + 16);
+        assert!(is_work_dir_name(".fsc-work") && is_work_dir_name(".fsc-work.12"));
+        assert!(!is_work_dir_name(".fsc-work.") && !is_work_dir_name(".fsc-workx"));
+        assert!(!is_work_dir_name(".fsc-work.tmp"));
+    }
+
+    #[test]
     fn local_dir_does_not_follow_planted_symlinks() {
         let tmp = tempfile::tempdir().unwrap();
         let outside = tmp.path().join("outside");
@@ -367,7 +407,7 @@ mod tests {
         use std::io::Write;
         let tmp = tempfile::tempdir().unwrap();
         let root = LocalDir::open(tmp.path()).unwrap();
-        let work = Work::new(root.clone(), "f");
+        let work = Work::new(root.clone(), WORK_DIR.into(), "f");
         let wd = work.dir().unwrap();
         let mut part = wd.open_rw(&work.part(), true).unwrap();
         part.write_all(b"verified").unwrap();

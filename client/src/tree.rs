@@ -13,7 +13,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use crate::client::{entry_cost, Client, Entry, Kind, Transfer};
 use crate::download::{Out, Slots};
 use crate::error::{Error, Result};
-use crate::local::{check_name, new_mode, LocalDir, Work, WORK_DIR};
+use crate::local::{check_name, is_work_dir_name, new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
 use crate::upload::UploadOptions;
 
@@ -174,6 +174,8 @@ impl Client {
         let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
         let mut summary = TreeSummary::default();
         let mut files = Vec::new();
+        // Names the server has at the top, where fsc's working directory would go.
+        let mut top_names = std::collections::HashSet::new();
         let mut made = Vec::new();
         if root_is_new {
             made.push(MadeDir {
@@ -232,6 +234,9 @@ impl Client {
                 }
             };
             for e in entries {
+                if rel.is_empty() {
+                    top_names.insert(e.name.clone());
+                }
                 let rpath = remote_join(&path, &e.name);
                 if let Err(err) = check_name(&e.name) {
                     self.emit(error_event(&rpath, &err));
@@ -293,9 +298,12 @@ impl Client {
 
         self.emit(Event::Plan {
             files: files.len() as u64,
-            bytes: files.iter().map(|f| f.size).sum(),
+            bytes: files.iter().fold(0, |n: u64, f| n.saturating_add(f.size)),
         });
         let root = &root;
+        let work_name = work_dir_name(|n| top_names.contains(n));
+        drop(top_names);
+        let work_name = &work_name;
         let results = futures::stream::iter(files)
             .map(|f| async move {
                 let slots = if f.size <= SMALL_FILE {
@@ -308,7 +316,7 @@ impl Client {
                     Err(e) => return (f.remote, Err(Error::io(root.display(&f.dir), e))),
                 };
                 let out = Out::File {
-                    work: Work::new(root.clone(), &rel_join(&f.dir, &f.name)),
+                    work: Work::new(root.clone(), work_name.clone(), &rel_join(&f.dir, &f.name)),
                     dir,
                     name: f.name,
                     group: Some(group.clone()),
@@ -318,7 +326,7 @@ impl Client {
             })
             .buffer_unordered(files_in_flight(FILES_PER_CONN * self.connections()));
         summary.collect(results).await;
-        Work::new(root.clone(), "").tidy();
+        Work::new(root.clone(), work_name.clone(), "").tidy();
 
         // Directory metadata last, deepest first: creating entries changes a directory's mtime.
         // Each directory is synced once here (its renames) rather than after every rename in
@@ -401,7 +409,7 @@ impl Client {
                 let r = self.upload_file(&local, &remote, opts, slots).await;
                 (remote, r)
             })
-            .buffer_unordered(FILES_PER_CONN * self.connections());
+            .buffer_unordered(files_in_flight(FILES_PER_CONN * self.connections()));
         summary.collect(results).await;
         Ok(summary)
     }
@@ -481,7 +489,7 @@ fn walk_local(root: &Path, remote: &str) -> Result<LocalTree> {
             // lstat: a symlink is never followed out of the tree.
             let md = std::fs::symlink_metadata(&path).map_err(|e| Error::io(path.display(), e))?;
             let ft = md.file_type();
-            if ft.is_dir() && ent.file_name() == WORK_DIR {
+            if ft.is_dir() && ent.file_name().to_str().is_some_and(is_work_dir_name) {
                 // fsc's own partial downloads, not the user's data.
                 tree.skipped.push((rpath, "fsc working directory".into()));
             } else if ft.is_dir() {

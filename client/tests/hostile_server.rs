@@ -642,13 +642,16 @@ async fn remote_names_like_fscs_own_transfer_like_any_other() {
         .file("d/big.fsc-part", &part, 1024)
         .file("d/big.fsc-state", &state, 1024)
         .file("d/big.fsc-state.tmp", b"t", 1024)
+        // fsc's working directory's own name, as a multi-chunk file.
+        .file("d/.fsc-work", &big[..3000], 1024)
         .start()
         .await;
     let client = client(addr).await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("dest");
     let s = client.download_tree("d", &dest).await.unwrap();
-    assert_eq!((s.files, s.exit_code()), (4, 0), "{:?}", s.failed);
+    assert_eq!((s.files, s.exit_code()), (5, 0), "{:?}", s.failed);
+    assert!(std::fs::read(dest.join(".fsc-work")).unwrap() == big[..3000]);
     assert!(std::fs::read(dest.join("big")).unwrap() == big, "big");
     assert!(std::fs::read(dest.join("big.fsc-part")).unwrap() == part);
     assert!(std::fs::read(dest.join("big.fsc-state")).unwrap() == state);
@@ -658,6 +661,12 @@ async fn remote_names_like_fscs_own_transfer_like_any_other() {
     client.download("d/big", tmp.path()).await.unwrap();
     assert!(std::fs::read(tmp.path().join("big")).unwrap() == big);
     assert!(std::fs::read(tmp.path().join("big.fsc-part")).unwrap() == b"mine");
+    client.download("d/.fsc-work", tmp.path()).await.unwrap();
+    assert!(std::fs::read(tmp.path().join(".fsc-work")).unwrap() == big[..3000]);
+    // Nothing of fsc's is left: only what was downloaded, and the user's file.
+    let mut names = walk(tmp.path());
+    names.retain(|n| !n.starts_with("dest"));
+    assert_eq!(names, [".fsc-work", "big", "big.fsc-part"]);
 }
 
 /// Item 2: a declared size whose chunk count does not fit the protocol's maximum is refused,
