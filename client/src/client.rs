@@ -15,6 +15,20 @@ use crate::progress::{Event, EventFn};
 use crate::tls::{self, Tls};
 
 /// How a [`Client`] connects, retries and reports.
+/// Which connections a file may use.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Slots {
+    /// Every connection of the pool (a big file is split across them).
+    All,
+    /// Just this one (small files in a tree are spread instead).
+    One(usize),
+}
+
+/// The last component of a remote path ("" for the root).
+pub(crate) fn remote_basename(path: &str) -> &str {
+    path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+}
+
 /// Most memory [`Client::list`] spends on one listing, counted as [`entry_cost`].
 pub const MAX_LIST_BYTES: u64 = 64 << 20;
 
@@ -244,6 +258,14 @@ impl Client {
     }
 
     /// A slot for work that uses one connection, spreading such work over the pool.
+    /// The pool slots `slots` names.
+    pub(crate) fn slot_list(&self, slots: Slots) -> Vec<usize> {
+        match slots {
+            Slots::One(s) => vec![s],
+            Slots::All => (0..self.connections()).collect(),
+        }
+    }
+
     pub(crate) fn pick_slot(&self) -> usize {
         self.shared.next_slot.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len()
     }

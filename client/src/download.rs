@@ -30,7 +30,7 @@ use fsd::protocol::{
 use nix::unistd::Whence;
 use tracing::{debug, warn};
 
-use crate::client::{Client, Transfer};
+use crate::client::{remote_basename, Client, Slots, Transfer};
 use crate::conn::{Conn, Throttle, Window};
 use crate::error::{Error, Result};
 use crate::local::{
@@ -38,7 +38,6 @@ use crate::local::{
 };
 use crate::progress::Event;
 use crate::state::{Bitmap, PartState};
-use crate::tree::remote_basename;
 
 /// Chunks asked for by one READ.
 const RUN: u32 = 4;
@@ -81,15 +80,6 @@ pub(crate) enum Out {
         group: Option<Arc<GroupSync>>,
     },
     Stdout,
-}
-
-/// Which connections a file may use.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Slots {
-    /// Every connection of the pool (a big file is split across them).
-    All,
-    /// Just this one (small files in a tree are spread instead).
-    One(usize),
 }
 
 impl Client {
@@ -286,15 +276,8 @@ impl Job {
         }
     }
 
-    fn slot_list(&self) -> Vec<usize> {
-        match self.slots {
-            Slots::One(s) => vec![s],
-            Slots::All => (0..self.client.connections()).collect(),
-        }
-    }
-
     async fn attempt(&self, sink: &mut Option<Arc<Sink>>) -> Result<Transfer, Stop> {
-        let slots = self.slot_list();
+        let slots = self.client.slot_list(self.slots);
         let conn0 = self.client.conn(slots[0]).await?;
         let (meta, inline) = match open_read(&conn0, &self.remote).await {
             Err(e @ Error::Corrupt(_)) => {

@@ -10,17 +10,12 @@ use std::time::Duration;
 use fsd::durable::GroupSync;
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use crate::client::{entry_cost, Client, Entry, Kind, Transfer};
-use crate::download::{Out, Slots};
+use crate::client::{entry_cost, Client, Entry, Kind, Slots, Transfer};
+use crate::download::Out;
 use crate::error::{Error, Result};
 use crate::local::{check_name, is_work_dir_name, new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
 use crate::upload::UploadOptions;
-
-/// The last component of a remote path ("" for the root).
-pub(crate) fn remote_basename(path: &str) -> &str {
-    path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
-}
 
 /// `parent/name` for remote paths, where "" is the root.
 pub(crate) fn remote_join(parent: &str, name: &str) -> String {
@@ -516,6 +511,7 @@ mod tests {
 
     #[test]
     fn remote_path_helpers() {
+        use crate::client::remote_basename;
         assert_eq!(remote_basename("a/b/c"), "c");
         assert_eq!(remote_basename("c"), "c");
         assert_eq!(remote_basename("a/b/"), "b");

@@ -24,9 +24,8 @@ use fsd::protocol::{
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::client::{Client, Transfer};
+use crate::client::{Client, Slots, Transfer};
 use crate::conn::Conn;
-use crate::download::Slots;
 use crate::error::{Error, Result};
 use crate::progress::Event;
 use crate::state::Bitmap;
@@ -289,15 +288,8 @@ impl UpJob {
         })
     }
 
-    fn slot_list(&self) -> Vec<usize> {
-        match self.slots {
-            Slots::One(s) => vec![s],
-            Slots::All => (0..self.client.connections()).collect(),
-        }
-    }
-
     async fn attempt(&self, restart: bool) -> Result<Transfer, Stop> {
-        let slots = self.slot_list();
+        let slots = self.client.slot_list(self.slots);
         let conn0 = self.client.conn(slots[0]).await?;
         if conn0.is_single_chunk(self.src.size) {
             match self.put(&conn0).await {
