@@ -43,9 +43,10 @@
 //! - `client`: [`Client`], its connection pool, retries with backoff, list/stat/mkdir/rm/mv.
 //! - `download`: pipelined, verified, resumable downloads (the network side of one file).
 //! - `local`: the local side of a transfer: confined directory handles, the working directory
-//!   (`.fsc-work/`) of partial downloads, publishing the verified file, modes and the umask.
+//!   (`.fsc-work/`) of partial downloads, publishing the verified file, free space, modes and
+//!   the umask; `local::sink` (the part file of one download: writes, resume, preallocation,
+//!   verification) and `local::state` (its resume state).
 //! - `upload`: resumable uploads driven by the server's chunk bitmap.
-//! - `state`: the resume state of a partial download.
 //! - `tree`: `-r` transfers; downloads write only beneath their destination directory.
 //! - `tls`: [`Tls`] (rustls client configuration), server names, handshake error messages.
 //! - [`progress`]: [`Event`]s and the CLI's [`progress::Reporter`] (bars, NDJSON, quiet).
@@ -70,7 +71,6 @@ mod download;
 mod error;
 mod local;
 pub mod progress;
-mod state;
 mod tls;
 mod tree;
 mod upload;

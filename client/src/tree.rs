@@ -11,8 +11,8 @@ use fsd::durable::GroupSync;
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::client::{entry_cost, Client, Entry, Kind, Slots, Transfer};
-use crate::download::Out;
 use crate::error::{Error, Result};
+use crate::local::sink::Out;
 use crate::local::{check_name, is_work_dir_name, new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
 use crate::upload::UploadOptions;

@@ -27,8 +27,8 @@ use tracing::debug;
 use crate::client::{Client, Slots, Transfer};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
+use crate::local::state::Bitmap;
 use crate::progress::Event;
-use crate::state::Bitmap;
 
 /// WRITEs kept outstanding per connection.
 const LANES: usize = 8;

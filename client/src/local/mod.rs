@@ -28,6 +28,9 @@ use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use crate::error::{Error, Result};
 
+pub(crate) mod sink;
+pub(crate) mod state;
+
 /// Longest component name accepted from a server.
 const NAME_MAX: usize = 255;
 

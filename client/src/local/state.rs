@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::local::LocalDir;
+use super::LocalDir;
 
 /// Bump when the format changes; other versions are ignored (the download starts over).
 /// 2: no CRC32s (from the manifest instead), kept in the working directory.
