@@ -34,6 +34,7 @@ use crate::progress::Event;
 const LANES: usize = 8;
 /// Chunks read ahead of the lanes.
 const READ_AHEAD: usize = 4;
+const READ_AHEAD_BYTES: u32 = 8 << 20;
 /// Single-chunk files up to this size are read on the async thread (see `UpJob::put`).
 const INLINE_READ: u64 = 64 * 1024;
 
@@ -343,7 +344,10 @@ impl UpJob {
             }
         }
 
-        let (tx, rx) = mpsc::channel::<(u32, Bytes, u32)>(READ_AHEAD);
+        // Read-ahead in chunks, but never more than READ_AHEAD_BYTES of them (the chunk size
+        // is the server's choice).
+        let ahead = usize::try_from(READ_AHEAD_BYTES / cs.max(1)).unwrap_or(1);
+        let (tx, rx) = mpsc::channel::<(u32, Bytes, u32)>(ahead.clamp(1, READ_AHEAD));
         let reader = {
             let file = self.src.file.clone();
             let present = up.present.clone();

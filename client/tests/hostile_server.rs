@@ -104,6 +104,8 @@ struct Script {
     delay_first: Option<Duration>,
     /// Only this many READs are answered; later ones never are.
     reads_answered: Option<u64>,
+    /// Takes OPEN(WRITE) in chunks of this size; never acknowledges a WRITE.
+    upload_chunk: Option<u32>,
 }
 
 struct Fake {
@@ -398,6 +400,21 @@ impl Fake {
             }
             Cmd::OPEN => {
                 let req: msg::OpenRequest = f.decode().unwrap();
+                if let (Some(cs), true) = (
+                    self.script.upload_chunk,
+                    req.mode == msg::OpenMode::OpenWrite as i32,
+                ) {
+                    // Takes uploads in chunks of its choosing, and never acknowledges one.
+                    let r = msg::OpenResponse {
+                        handle: 1,
+                        size: req.size,
+                        chunk_size: cs,
+                        chunk_count: req.size.div_ceil(u64::from(cs)) as u32,
+                        upload_id: "u1".into(),
+                        ..Default::default()
+                    };
+                    return Answer::Frames(vec![Frame::message(Cmd::OPEN, sid, flags::END, &r)]);
+                }
                 let Some(file) = self.file_at(&req.path) else {
                     return not_found(&req.path);
                 };
@@ -501,7 +518,7 @@ impl Fake {
                 flags::END,
                 &msg::Ok {},
             )]),
-            Cmd::CANCEL => Answer::Silent,
+            Cmd::CANCEL | Cmd::WRITE => Answer::Silent,
             _ => Answer::Frames(vec![Frame::error(
                 f.cmd(),
                 sid,
@@ -1317,4 +1334,39 @@ async fn free_space_is_checked_and_never_left_reserved() {
         .unwrap_or_else(|| panic!("the part is kept for a resume: {out}"));
     // 4 MiB received (and a small state file); not the 8 MiB reserved.
     assert!((4096..5000).contains(&kib), "{kib} KiB allocated: {out}");
+}
+
+/// Item 7: an upload in the largest chunks a server may choose, with `-j 4` and no WRITE ever
+/// acknowledged: chunks in memory are bounded by the windows and the read-ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_in_the_largest_chunks_stays_within_memory() {
+    let (addr, _) = Fake::new()
+        .script(Script {
+            upload_chunk: Some(1 << 24),
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("sparse");
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let (server, s) = (addr.to_string(), src.display().to_string());
+    let args = [
+        "--retries",
+        "0",
+        "--stall-timeout",
+        "4",
+        "upload",
+        "-j",
+        "4",
+        &server,
+        &s,
+        "up",
+    ];
+    let m = fsc_measured(&args, Duration::from_secs(60), false).await;
+    assert_eq!(m.code, Some(4), "stalled: {}", m.stderr);
+    assert!(m.peak_mib <= RSS_LIMIT_MIB, "{} MiB", m.peak_mib);
 }
