@@ -133,9 +133,10 @@ fn rel_join(parent: &str, name: &str) -> String {
     }
 }
 
-/// Files a tree download keeps in flight: as many as asked, but never so many that their
-/// descriptors would exceed the process's limit (`ulimit -n`).
-fn files_in_flight(wanted: usize) -> usize {
+/// Files a tree transfer over `conns` connections keeps in flight: as many as asked, but
+/// never so many that their descriptors, with the connections' sockets, would exceed the
+/// process's limit (`ulimit -n`).
+fn files_in_flight(wanted: usize, conns: usize) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 1024,
         rlim_max: 1024,
@@ -145,7 +146,8 @@ fn files_in_flight(wanted: usize) -> usize {
         0 => lim.rlim_cur,
         _ => 1024,
     };
-    let budget = soft.saturating_sub(FD_RESERVE) / FDS_PER_FILE;
+    let reserve = FD_RESERVE + u64::try_from(conns).unwrap_or(u64::MAX);
+    let budget = soft.saturating_sub(reserve) / FDS_PER_FILE;
     wanted
         .min(usize::try_from(budget).unwrap_or(usize::MAX))
         .max(1)
@@ -319,7 +321,10 @@ impl Client {
                 let r = self.download_file(&f.remote, out, slots).await;
                 (f.remote, r)
             })
-            .buffer_unordered(files_in_flight(FILES_PER_CONN * self.connections()));
+            .buffer_unordered(files_in_flight(
+                FILES_PER_CONN * self.connections(),
+                self.connections(),
+            ));
         summary.collect(results).await;
         Work::new(root.clone(), work_name.clone(), "").tidy();
 
@@ -404,7 +409,10 @@ impl Client {
                 let r = self.upload_file(&local, &remote, opts, slots).await;
                 (remote, r)
             })
-            .buffer_unordered(files_in_flight(FILES_PER_CONN * self.connections()));
+            .buffer_unordered(files_in_flight(
+                FILES_PER_CONN * self.connections(),
+                self.connections(),
+            ));
         summary.collect(results).await;
         Ok(summary)
     }

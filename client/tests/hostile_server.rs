@@ -1370,3 +1370,45 @@ async fn an_upload_in_the_largest_chunks_stays_within_memory() {
     assert_eq!(m.code, Some(4), "stalled: {}", m.stderr);
     assert!(m.peak_mib <= RSS_LIMIT_MIB, "{} MiB", m.peak_mib);
 }
+
+/// Items 1-3, as a class: whatever a server declares about a file, fsc exits 0 only with a
+/// file that has exactly the declared size and hash — here never, since every declaration
+/// below is a lie about the same 5000 bytes — and leaves nothing under the final name.
+#[tokio::test]
+async fn no_declaration_makes_a_wrong_file_land() {
+    let real = data(5000, 12);
+    let empty = *blake3::hash(b"").as_bytes();
+    type Lie = (Option<(u64, u32, u32)>, Option<[u8; 32]>);
+    let cases: Vec<Lie> = vec![
+        (Some((5000, 1 << 31, 1)), None), // chunk size beyond the frame limit
+        (Some((5000, 1000, 5)), None),    // not a power of two
+        (Some((5000, 512, 10)), None),    // below the minimum
+        (Some((6000, 1024, 6)), None),    // longer than what is served
+        (Some((4000, 1024, 4)), None),    // shorter than what is served
+        (Some((0, 1024, 0)), Some([7; 32])), // empty, with a wrong hash
+        (Some((1 << 40, 1024, 0)), Some(empty)), // a wrapped count
+        (Some((5000, 1024, 4)), None),    // a count that does not match the size
+        (None, Some(empty)),              // honest sizes, wrong hash
+    ];
+    for (declare, blake3) in cases {
+        let (addr, _) = Fake::new()
+            .file("f", &real, 1024)
+            .script(Script {
+                declare,
+                blake3,
+                ..Default::default()
+            })
+            .start()
+            .await;
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("f");
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            client(addr).await.download("f", &dest),
+        )
+        .await
+        .expect("no hang");
+        assert!(r.is_err(), "{declare:?} {blake3:?}: {r:?}");
+        assert!(!dest.exists(), "{declare:?}: nothing under the final name");
+    }
+}
