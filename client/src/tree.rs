@@ -89,12 +89,12 @@ struct RemoteFile {
     size: u64,
 }
 
-/// A local directory this run created (only those get the server's mode and mtime).
-struct MadeDir {
+/// A local directory of a tree download: synced at the end (its renames), and given the
+/// server's mode and mtime only if this run created it (`meta`).
+struct TreeDir {
     depth: usize,
     rel: String,
-    mode: u32,
-    mtime_ns: i64,
+    meta: Option<(u32, i64)>,
 }
 
 /// Counts what a tree walk keeps, against [`MAX_TREE_ENTRIES`] and the path-bytes limit.
@@ -173,15 +173,11 @@ impl Client {
         let mut files = Vec::new();
         // Names the server has at the top, where fsc's working directory would go.
         let mut top_names = std::collections::HashSet::new();
-        let mut made = Vec::new();
-        if root_is_new {
-            made.push(MadeDir {
-                depth: 0,
-                rel: String::new(),
-                mode: top.mode,
-                mtime_ns: top.mtime_ns,
-            });
-        }
+        let mut dirs = vec![TreeDir {
+            depth: 0,
+            rel: String::new(),
+            meta: root_is_new.then_some((top.mode, top.mtime_ns)),
+        }];
         let budget = &std::sync::Mutex::new(Budget::default());
         // Files are made durable in groups (one syncfs each), then renamed; see fsd::durable.
         let group = GroupSync::new(root.fd(), SYNC_GATHER, SYNC_BATCH)
@@ -266,14 +262,11 @@ impl Client {
                     Kind::Dir => match dir.subdir(&e.name, true, 0o700) {
                         Ok((_, created)) => {
                             let sub = rel_join(&rel, &e.name);
-                            if created {
-                                made.push(MadeDir {
-                                    depth,
-                                    rel: sub.clone(),
-                                    mode: e.mode,
-                                    mtime_ns: e.mtime_ns,
-                                });
-                            }
+                            dirs.push(TreeDir {
+                                depth,
+                                rel: sub.clone(),
+                                meta: created.then_some((e.mode, e.mtime_ns)),
+                            });
                             waiting.push_back((rpath, sub, depth + 1));
                         }
                         Err(err) => {
@@ -332,15 +325,14 @@ impl Client {
         // Each directory is synced once here (its renames) rather than after every rename in
         // it. Only directories this run created get the server's mode and mtime.
         let preserve = self.shared.opts.preserve;
-        made.sort_by_key(|d| std::cmp::Reverse(d.depth));
-        let synced = root.sync().map_err(|e| Error::io(root.display(""), e));
-        if let Err(e) = synced {
-            summary.failed.push((root.display(""), e));
-        }
-        for d in made {
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
+        for d in dirs {
             let r = root.walk(&d.rel).and_then(|dir| {
                 dir.sync()?;
-                dir.set_meta(new_mode(d.mode, preserve), d.mtime_ns)
+                match d.meta {
+                    Some((mode, mtime_ns)) => dir.set_meta(new_mode(mode, preserve), mtime_ns),
+                    None => Ok(()),
+                }
             });
             if let Err(e) = r {
                 summary
