@@ -353,7 +353,12 @@ pub(crate) fn publish(file: &File, dir: &LocalDir, name: &str, work: &Work) -> s
     let staging = work.staging();
     wd.remove(&staging)?;
     link(&wd, &staging).map_err(io)?;
-    renameat(wd.fd(), staging.as_str(), dir.fd(), name).map_err(io)
+    let r = renameat(wd.fd(), staging.as_str(), dir.fd(), name).map_err(io);
+    if r.is_err() {
+        // E.g. a directory has that name: nothing of ours stays behind.
+        let _ = wd.remove(&staging);
+    }
+    r
 }
 
 #[cfg(test)]
@@ -428,5 +433,19 @@ mod tests {
         wd.rename("impostor", "g.part").unwrap();
         assert!(publish(&part, &root, "g", &work).is_err());
         assert!(!tmp.path().join("g").exists());
+
+        // A directory where the file goes: an error, and no staging name left behind.
+        let mut part = wd.open_rw("h.part", true).unwrap();
+        part.write_all(b"verified").unwrap();
+        std::fs::create_dir(tmp.path().join("h")).unwrap();
+        assert!(publish(&part, &root, "h", &work).is_err());
+        let mut left: Vec<_> = std::fs::read_dir(tmp.path().join(WORK_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want = vec![work.part(), "g.part".into(), "h.part".into()];
+        want.sort();
+        assert_eq!(left, want);
     }
 }
