@@ -110,6 +110,8 @@ struct Inner {
     activity: AtomicU64,
     /// Frames dropped because their stream is not open, for one rate-limited warning.
     junk: Throttle,
+    /// Such frames since the last frame on one of our streams.
+    junk_since_touch: AtomicU64,
     stall: Duration,
     /// Set once by the Hello exchange.
     server: Mutex<msg::Hello>,
@@ -149,6 +151,9 @@ impl Route {
 enum Dead {
     Lost(String),
     Stalled(Duration),
+    /// Stalled while the server kept sending frames on streams we never opened: not a network
+    /// that went quiet but a server that is not answering, so not worth a retry.
+    Junk(Duration),
     /// A TLS error from rustls (e.g. the server's alert refusing our client certificate, which
     /// in TLS 1.3 arrives after the client's side of the handshake has completed).
     Tls(String),
@@ -159,6 +164,9 @@ impl Dead {
         match self {
             Dead::Lost(why) => Error::ConnectionLost(why.clone()),
             Dead::Stalled(d) => Error::Stalled(*d),
+            Dead::Junk(d) => Error::Protocol(format!(
+                "no answer for {d:?}, only frames on streams that were not open"
+            )),
             // Once the connection worked, a TLS failure is like any other lost connection.
             Dead::Tls(why) => Error::ConnectionLost(format!("TLS: {why}")),
         }
@@ -231,6 +239,7 @@ impl Conn {
             activity: AtomicU64::new(0),
             stall: opts.stall_timeout,
             junk: Throttle::new(JUNK_REPORT_EVERY),
+            junk_since_touch: AtomicU64::new(0),
             server: Mutex::new(msg::Hello::default()),
             host: host.to_string(),
         });
@@ -427,6 +436,7 @@ impl Inner {
     fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.activity.store(ms, Ordering::Relaxed);
+        self.junk_since_touch.store(0, Ordering::Relaxed);
     }
 
     /// Marks the connection dead, wakes every stream with the reason and stops the tasks.
@@ -438,6 +448,9 @@ impl Inner {
                     Dead::Lost(m) => debug!("connection closed: {m}"),
                     Dead::Tls(m) => debug!("connection closed: TLS: {m}"),
                     Dead::Stalled(d) => warn!("connection stalled for {d:?}; dropping it"),
+                    Dead::Junk(d) => {
+                        warn!("no answer for {d:?}, only junk; dropping the connection")
+                    }
                 }
                 t.dead = Some(why);
             }
@@ -460,6 +473,7 @@ impl Inner {
         let mut t = self.table.lock().unwrap();
         let Some(route) = t.routes.get_mut(&h.stream_id) else {
             drop(t);
+            self.junk_since_touch.fetch_add(1, Ordering::Relaxed);
             // Not a stream we opened: bytes we did not ask for are dropped, never used, and
             // reported once, then summarized (one line per junk frame flooded stderr).
             if let Some(n) = self.junk.hit() {
@@ -607,7 +621,11 @@ async fn watchdog(inner: Arc<Inner>) {
         let idle =
             inner.epoch.elapsed().as_millis() as u64 - inner.activity.load(Ordering::Relaxed);
         if busy && idle > inner.stall.as_millis() as u64 {
-            inner.kill(Dead::Stalled(inner.stall));
+            let junk = inner.junk_since_touch.load(Ordering::Relaxed) > 0;
+            inner.kill(match junk {
+                true => Dead::Junk(inner.stall),
+                false => Dead::Stalled(inner.stall),
+            });
             return;
         }
     }
