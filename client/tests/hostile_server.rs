@@ -576,6 +576,140 @@ fn walk(root: &std::path::Path) -> Vec<String> {
     out
 }
 
+// Running the real fsc binary.
+
+/// Runs the real `fsc` binary through `sh -c` (for `umask` and `ulimit`), bounded in time.
+async fn fsc_sh(prelude: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = format!("{prelude}; exec {}", env!("CARGO_BIN_EXE_fsc"));
+    for a in args {
+        cmd.push_str(&format!(" '{a}'"));
+    }
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("fsc finished within 2 minutes")
+        .unwrap()
+}
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Peak resident memory and outcome of one `fsc` run.
+struct Measured {
+    code: Option<i32>,
+    peak_mib: u64,
+    stderr: String,
+}
+
+/// Runs the real `fsc` binary with `args` and measures its peak RSS exactly (wait4's
+/// ru_maxrss of that one child). It is killed after `limit` if still running. With
+/// `unread_stdout` its stdout is a pipe nobody reads (a consumer that stalls).
+// The child is reaped by wait4 (for its rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
+async fn fsc_measured(args: &[&str], limit: Duration, unread_stdout: bool) -> Measured {
+    let tmp = tempfile::tempdir().unwrap();
+    let err_path = tmp.path().join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fsc"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(match unread_stdout {
+            true => std::process::Stdio::piped(),
+            false => std::process::Stdio::null(),
+        })
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let unread = child.stdout.take();
+    let (code, peak_kib) = tokio::task::spawn_blocking(move || {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let killer = std::thread::spawn(move || {
+            if done_rx.recv_timeout(limit).is_err() {
+                // SAFETY: signals our own child, which is not reaped yet (see below).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        // Wait for the exit without reaping (WNOWAIT), so the pid cannot be reused while the
+        // killer may still signal it; then stop the killer, then reap with its rusage.
+        // SAFETY: plain syscalls on our own child with out-pointers to locals.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            );
+        }
+        drop(done_tx);
+        killer.join().unwrap();
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(r, pid);
+        let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        (code, usage.ru_maxrss as u64)
+    })
+    .await
+    .unwrap();
+    drop(unread);
+    eprintln!(
+        "fsc {args:?}: exit {code:?}, peak RSS {} MiB",
+        peak_kib / 1024
+    );
+    Measured {
+        code,
+        peak_mib: peak_kib / 1024,
+        stderr: std::fs::read_to_string(&err_path).unwrap(),
+    }
+}
+
+/// The issue's bound: fsc's peak RSS whatever the server does.
+const RSS_LIMIT_MIB: u64 = 256;
+
+/// Runs `fsc ARGS` in a fresh 16 MiB tmpfs (its working directory, in a user and mount
+/// namespace, so a real ENOSPC is near), then `after` there; `None` where this machine allows
+/// no user namespaces.
+async fn fsc_on_16_mib(args: &[&str], after: &str) -> Option<String> {
+    let mnt = tempfile::tempdir().unwrap();
+    let mut cmd = format!(
+        "mount -t tmpfs -o size=16m tmpfs '{0}' && cd '{0}' && {1}",
+        mnt.path().display(),
+        env!("CARGO_BIN_EXE_fsc")
+    );
+    for a in args {
+        cmd.push_str(&format!(" '{a}'"));
+    }
+    cmd.push_str(&format!(" 2>&1; echo \"rc=$?\"; {after}"));
+    let out = tokio::process::Command::new("unshare")
+        .args(["-Urm", "sh", "-c", &cmd])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("done within a minute")
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !text.contains("rc=") {
+        eprintln!(
+            "SKIPPED: no user namespace here: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    Some(text)
+}
+
 const CONTENT: &[u8] = b"hello";
 
 #[tokio::test]
@@ -736,31 +870,6 @@ async fn a_failed_download_does_not_poison_the_next_run() {
     // The server is honest now: the rerun must succeed.
     client(addr).await.download("big", &dest).await.unwrap();
     assert!(std::fs::read(&dest).unwrap() == big);
-}
-
-/// Runs the real `fsc` binary through `sh -c` (for `umask` and `ulimit`), bounded in time.
-async fn fsc_sh(prelude: &str, args: &[&str]) -> std::process::Output {
-    let mut cmd = format!("{prelude}; exec {}", env!("CARGO_BIN_EXE_fsc"));
-    for a in args {
-        cmd.push_str(&format!(" '{a}'"));
-    }
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
-        .await
-        .expect("fsc finished within 2 minutes")
-        .unwrap()
-}
-
-fn mode_of(p: &std::path::Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
 
 /// Item 4: directories that existed are left alone; what fsc creates gets the server's mode
@@ -991,80 +1100,6 @@ async fn server_strings_are_escaped_when_printed() {
     assert!(stderr.contains(r"\x1b[2J"), "{stderr}");
 }
 
-/// Peak resident memory and outcome of one `fsc` run.
-struct Measured {
-    code: Option<i32>,
-    peak_mib: u64,
-    stderr: String,
-}
-
-/// Runs the real `fsc` binary with `args` and measures its peak RSS exactly (wait4's
-/// ru_maxrss of that one child). It is killed after `limit` if still running. With
-/// `unread_stdout` its stdout is a pipe nobody reads (a consumer that stalls).
-// The child is reaped by wait4 (for its rusage), which clippy cannot see.
-#[allow(clippy::zombie_processes)]
-async fn fsc_measured(args: &[&str], limit: Duration, unread_stdout: bool) -> Measured {
-    let tmp = tempfile::tempdir().unwrap();
-    let err_path = tmp.path().join("stderr");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fsc"))
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(match unread_stdout {
-            true => std::process::Stdio::piped(),
-            false => std::process::Stdio::null(),
-        })
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let unread = child.stdout.take();
-    let (code, peak_kib) = tokio::task::spawn_blocking(move || {
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let killer = std::thread::spawn(move || {
-            if done_rx.recv_timeout(limit).is_err() {
-                // SAFETY: signals our own child, which is not reaped yet (see below).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        });
-        // Wait for the exit without reaping (WNOWAIT), so the pid cannot be reused while the
-        // killer may still signal it; then stop the killer, then reap with its rusage.
-        // SAFETY: plain syscalls on our own child with out-pointers to locals.
-        unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            );
-        }
-        drop(done_tx);
-        killer.join().unwrap();
-        let mut status = 0;
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        assert_eq!(r, pid);
-        let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
-        (code, usage.ru_maxrss as u64)
-    })
-    .await
-    .unwrap();
-    drop(unread);
-    eprintln!(
-        "fsc {args:?}: exit {code:?}, peak RSS {} MiB",
-        peak_kib / 1024
-    );
-    Measured {
-        code,
-        peak_mib: peak_kib / 1024,
-        stderr: std::fs::read_to_string(&err_path).unwrap(),
-    }
-}
-
-/// The issue's bound: fsc's peak RSS whatever the server does.
-const RSS_LIMIT_MIB: u64 = 256;
-
 /// Item 7: sizes and chunk counts a server declares never size fsc's memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_sizes_do_not_size_memory() {
@@ -1248,39 +1283,6 @@ async fn a_huge_hello_chunk_size_does_not_read_a_file_into_memory() {
         m.stderr
     );
     assert!(m.peak_mib <= RSS_LIMIT_MIB, "{} MiB", m.peak_mib);
-}
-
-/// Runs `fsc ARGS` in a fresh 16 MiB tmpfs (its working directory, in a user and mount
-/// namespace, so a real ENOSPC is near), then `after` there; `None` where this machine allows
-/// no user namespaces.
-async fn fsc_on_16_mib(args: &[&str], after: &str) -> Option<String> {
-    let mnt = tempfile::tempdir().unwrap();
-    let mut cmd = format!(
-        "mount -t tmpfs -o size=16m tmpfs '{0}' && cd '{0}' && {1}",
-        mnt.path().display(),
-        env!("CARGO_BIN_EXE_fsc")
-    );
-    for a in args {
-        cmd.push_str(&format!(" '{a}'"));
-    }
-    cmd.push_str(&format!(" 2>&1; echo \"rc=$?\"; {after}"));
-    let out = tokio::process::Command::new("unshare")
-        .args(["-Urm", "sh", "-c", &cmd])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("done within a minute")
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !text.contains("rc=") {
-        eprintln!(
-            "SKIPPED: no user namespace here: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    Some(text)
 }
 
 /// Item 5: a declared size beyond the free space fails at once and clearly, reserving nothing;
