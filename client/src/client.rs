@@ -281,6 +281,7 @@ impl Client {
             client: self.clone(),
             attempt: 0,
             delay: self.shared.opts.backoff,
+            stalls: 0,
         }
     }
 
@@ -410,14 +411,25 @@ pub(crate) struct Backoff {
     client: Client,
     attempt: u32,
     delay: Duration,
+    /// Stalls since the last progress.
+    stalls: u32,
 }
+
+/// Stalls in a row, with no progress between them, after which a server is given up on: one
+/// is a network that went quiet (retried on a new connection); a second right after it is a
+/// server that takes requests and answers none, and retrying it only multiplies the wait.
+const MAX_STALLS_IN_A_ROW: u32 = 2;
 
 impl Backoff {
     /// Sleeps before the next retry of `what` if `err` is recoverable and retries remain;
     /// otherwise returns `err`.
     pub async fn wait(&mut self, err: Error, what: &str) -> Result<()> {
         let opts = &self.client.shared.opts;
-        if !err.is_retryable() || self.attempt >= opts.retries {
+        if matches!(err, Error::Stalled(_)) {
+            self.stalls += 1;
+        }
+        if !err.is_retryable() || self.attempt >= opts.retries || self.stalls >= MAX_STALLS_IN_A_ROW
+        {
             return Err(err);
         }
         self.attempt += 1;
@@ -441,6 +453,7 @@ impl Backoff {
     /// The last attempt made progress: the next failure starts a fresh series of retries.
     pub fn reset(&mut self) {
         self.attempt = 0;
+        self.stalls = 0;
         self.delay = self.client.shared.opts.backoff;
     }
 }

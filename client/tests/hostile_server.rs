@@ -1426,3 +1426,39 @@ async fn no_declaration_makes_a_wrong_file_land() {
         assert!(!dest.exists(), "{declare:?}: nothing under the final name");
     }
 }
+
+/// A server that takes requests and answers none: one stall is retried (the network may have
+/// gone quiet), a second in a row without progress ends it, whatever --retries allows.
+#[tokio::test]
+async fn a_server_that_answers_nothing_is_given_up_after_two_stalls() {
+    let (addr, _) = Fake::new()
+        .file("big", &data(5000, 13), 1024)
+        .script(Script {
+            read: ReadReply::Silent,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let client = fsc::Client::connect(
+        &addr.to_string(),
+        fsc::Options {
+            retries: 5,
+            stall_timeout: Duration::from_secs(1),
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.download("big", &tmp.path().join("big")),
+    )
+    .await
+    .expect("no hang");
+    assert!(matches!(r, Err(fsc::Error::Stalled(_))), "{r:?}");
+    // Two stalls of 1 s and one short backoff; six of each before.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
