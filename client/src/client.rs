@@ -29,6 +29,10 @@ pub(crate) fn remote_basename(path: &str) -> &str {
     path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
 }
 
+/// A pool's connections share a window of this many connections' windows (4 × 32 MiB by
+/// default): more connections spread it, they do not add to it.
+const POOL_WINDOWS: usize = 4;
+
 /// Most memory [`Client::list`] spends on one listing, counted as [`entry_cost`].
 pub const MAX_LIST_BYTES: u64 = 64 << 20;
 
@@ -213,13 +217,18 @@ impl Client {
             (None, Some(t)) if t.has_client_certificate() => Some(String::new()),
             (None, _) => None,
         };
+        let n = opts.connections.max(1);
+        // One window for the whole pool: data in flight is bounded whatever -j is (it was
+        // 32 MiB per connection, so -j 8 to a slow disk could hold 256 MiB).
+        let pool_window = u64::from(opts.window_bytes) * n.min(POOL_WINDOWS) as u64;
+        let pool_window = usize::try_from(pool_window).unwrap_or(usize::MAX);
         let conn_opts = ConnOptions {
             token,
             tls: opts.tls.clone(),
             stall_timeout: opts.stall_timeout,
             window_bytes: opts.window_bytes,
+            shared_window: Some(Arc::new(tokio::sync::Semaphore::new(pool_window))),
         };
-        let n = opts.connections.max(1);
         let client = Client {
             shared: Arc::new(Shared {
                 addr: addr.to_string(),

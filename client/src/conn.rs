@@ -63,8 +63,11 @@ pub struct ConnOptions {
     /// Drop the connection when no frame arrived for this long while requests were outstanding.
     pub stall_timeout: Duration,
     /// Bytes of DATA requested but not yet written to disk (downloads), or sent but not yet
-    /// acknowledged (uploads), per connection.
+    /// acknowledged (uploads), per request at most.
     pub window_bytes: u32,
+    /// A window shared with other connections (a client's pool), bounding what all of them
+    /// have in flight together; `None`: this connection's own window of `window_bytes`.
+    pub shared_window: Option<Arc<Semaphore>>,
 }
 
 impl Default for ConnOptions {
@@ -74,6 +77,7 @@ impl Default for ConnOptions {
             tls: None,
             stall_timeout: Duration::from_secs(30),
             window_bytes: 32 << 20,
+            shared_window: None,
         }
     }
 }
@@ -101,6 +105,8 @@ struct Inner {
     /// The server's limit on multi-chunk uploads open at once on this connection.
     uploads: Arc<Semaphore>,
     window: Arc<Semaphore>,
+    /// The window is the pool's: never closed by this connection's death.
+    window_shared: bool,
     window_total: u32,
     shutdown: CancellationToken,
     epoch: Instant,
@@ -232,7 +238,11 @@ impl Conn {
             }),
             streams: Arc::new(Semaphore::new(0)),
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS_PER_CONNECTION)),
-            window: Arc::new(Semaphore::new(window_total as usize)),
+            window: opts
+                .shared_window
+                .clone()
+                .unwrap_or_else(|| Arc::new(Semaphore::new(window_total as usize))),
+            window_shared: opts.shared_window.is_some(),
             window_total,
             shutdown: CancellationToken::new(),
             epoch: Instant::now(),
@@ -461,7 +471,9 @@ impl Inner {
             warn!(host = %self.host, "{n} more frame(s) on streams that were not open; dropped");
         }
         self.streams.close();
-        self.window.close();
+        if !self.window_shared {
+            self.window.close();
+        }
         self.shutdown.cancel();
     }
 
@@ -944,6 +956,32 @@ mod tests {
         assert!(matches!(err, Error::Stalled(_)), "{err}");
         assert!(err.is_retryable());
         assert!(!conn.is_alive());
+    }
+
+    #[tokio::test]
+    async fn connections_sharing_a_window_share_its_bound() {
+        let shared = Arc::new(Semaphore::new(1 << 20));
+        let opts = ConnOptions {
+            window_bytes: 1 << 20,
+            shared_window: Some(shared.clone()),
+            ..Default::default()
+        };
+        let (a, _pa) = pair(opts.clone()).await;
+        let (b, pb) = pair(opts).await;
+        let wa = a.window(1 << 20).await.unwrap();
+        // The other connection has a window of its own size, but the pool's is taken.
+        let wait = tokio::time::timeout(Duration::from_millis(100), b.window(1)).await;
+        assert!(wait.is_err(), "b must wait for a's bytes");
+        drop(wa);
+        let wb = tokio::time::timeout(Duration::from_secs(2), b.window(1 << 20)).await;
+        let wb = wb.unwrap().unwrap();
+        // One connection dying does not close the pool's window.
+        drop(pb);
+        while b.is_alive() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(wb);
+        assert!(a.window(1 << 20).await.is_ok());
     }
 
     #[tokio::test]
