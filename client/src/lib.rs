@@ -75,11 +75,11 @@ mod tls;
 mod tree;
 mod upload;
 
-pub use client::{Client, Entry, Kind, Options, Transfer};
+pub use client::{Client, Entry, Kind, Options, Transfer, MAX_LIST_BYTES};
 pub use conn::MAX_DATA_FRAME;
 pub use download::Dest;
 pub use error::{Error, Result};
 pub use progress::{Event, EventFn};
 pub use tls::{Tls, TLS_SCHEME};
-pub use tree::TreeSummary;
+pub use tree::{TreeSummary, MAX_TREE_BYTES, MAX_TREE_DEPTH, MAX_TREE_ENTRIES};
 pub use upload::UploadOptions;
