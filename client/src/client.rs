@@ -33,7 +33,8 @@ pub(crate) fn remote_basename(path: &str) -> &str {
 /// default): more connections spread it, they do not add to it.
 const POOL_WINDOWS: usize = 4;
 
-/// Most memory [`Client::list`] spends on one listing, counted as [`entry_cost`].
+/// Most memory [`Client::list`] spends on one listing: names and link targets, plus 128 bytes
+/// per entry.
 pub const MAX_LIST_BYTES: u64 = 64 << 20;
 
 /// What keeping an entry costs, roughly: its strings and a fixed overhead.
