@@ -1462,3 +1462,52 @@ async fn a_server_that_answers_nothing_is_given_up_after_two_stalls() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(4), "{took:?}");
 }
+
+/// Item 10, on a terminal: progress bars and the lines printed between them (skips, errors,
+/// the final failures) escape what the server named. Runs fsc under `script` for a pty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_strings_are_escaped_on_a_terminal() {
+    let osc = "\x1b]0;pwned\x07";
+    let mut fake =
+        Fake::new()
+            .dir("d", 0o755)
+            .file(&format!("d/f{osc}\u{202e}"), &data(3000, 14), 1024);
+    fake.nodes
+        .insert(format!("d/l{osc}\u{202e}"), Node::Symlink("t".into()));
+    // A name fsc refuses, reported as an error line.
+    fake = fake.file("d/x\0\u{202e}", b"x", 1024);
+    let (addr, _) = fake.start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "{} download -r {} d '{}'",
+        env!("CARGO_BIN_EXE_fsc"),
+        addr,
+        tmp.path().join("d").display()
+    );
+    let run = tokio::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("done within a minute");
+    let Ok(out) = out else {
+        eprintln!("SKIPPED: no `script` (util-linux) for a pty");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("skipped"),
+        "bars mode printed the skip: {text:?}"
+    );
+    assert!(!text.contains(osc), "raw OSC sequence: {text:?}");
+    assert!(!text.contains('\u{202e}'), "raw bidi override: {text:?}");
+    assert!(!text.contains('\0'), "raw NUL: {text:?}");
+    assert!(text.contains(r"\x1b]0;pwned\x07"), "{text:?}");
+    // The file itself arrived under its exact name.
+    assert!(tmp
+        .path()
+        .join("d")
+        .join(format!("f{osc}\u{202e}"))
+        .exists());
+}
