@@ -510,6 +510,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn uploads_skip_fscs_working_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        for d in [".fsc-work", ".fsc-work.1", ".fsc-workshop"] {
+            std::fs::create_dir(tmp.path().join(d)).unwrap();
+            std::fs::write(tmp.path().join(d).join("x"), b"x").unwrap();
+        }
+        std::fs::write(tmp.path().join("f"), b"f").unwrap();
+        let tree = walk_local(tmp.path(), "r").unwrap();
+        let mut files: Vec<_> = tree.files.iter().map(|f| f.1.as_str()).collect();
+        files.sort();
+        assert_eq!(files, ["r/.fsc-workshop/x", "r/f"]);
+        assert_eq!(tree.skipped.len(), 2);
+    }
+
+    #[test]
     fn remote_path_helpers() {
         use crate::client::remote_basename;
         assert_eq!(remote_basename("a/b/c"), "c");
