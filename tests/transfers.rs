@@ -79,7 +79,8 @@ fn edge_sizes_both_ways() {
                 .to_hex()
                 .as_str()
         );
-        assert!(!local.path().join(format!("{name}.fsc-part")).exists());
+        // fsc's working directory is gone once nothing is left to resume.
+        assert!(!local.path().join(".fsc-work").exists());
 
         let up = format!("up/{name}");
         std::fs::create_dir_all(s.root.join("up")).unwrap();
@@ -158,7 +159,7 @@ fn download_resumes_after_fsc_is_killed() {
     let proxy = Proxy::start(s.addr, Fault::Tiny);
     let local = tempfile::tempdir().unwrap();
     let dst = local.path().join("big");
-    let part = local.path().join("big.fsc-part");
+    let work = local.path().join(".fsc-work");
     kill_fsc_when(
         &[
             "--json",
@@ -169,7 +170,15 @@ fn download_resumes_after_fsc_is_killed() {
         ],
         80 * CHUNK as u64,
     );
-    assert!(part.exists());
+    let parts = std::fs::read_dir(&work).unwrap().filter(|e| {
+        let name = e.as_ref().unwrap().file_name();
+        name.to_string_lossy().ends_with(".part")
+    });
+    assert_eq!(
+        parts.count(),
+        1,
+        "the partial download is in fsc's working directory"
+    );
     assert!(
         !dst.exists(),
         "a partial file must never appear under the final name"

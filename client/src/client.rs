@@ -15,6 +15,34 @@ use crate::progress::{Event, EventFn};
 use crate::tls::{self, Tls};
 
 /// How a [`Client`] connects, retries and reports.
+/// Which connections a file may use.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Slots {
+    /// Every connection of the pool (a big file is split across them).
+    All,
+    /// Just this one (small files in a tree are spread instead).
+    One(usize),
+}
+
+/// The last component of a remote path ("" for the root).
+pub(crate) fn remote_basename(path: &str) -> &str {
+    path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+}
+
+/// A pool's connections share a window of this many connections' windows (4 × 32 MiB by
+/// default): more connections spread it, they do not add to it.
+const POOL_WINDOWS: usize = 4;
+
+/// Most memory [`Client::list`] spends on one listing: names and link targets, plus 128 bytes
+/// per entry.
+pub const MAX_LIST_BYTES: u64 = 64 << 20;
+
+/// What keeping an entry costs, roughly: its strings and a fixed overhead.
+pub(crate) fn entry_cost(e: &Entry) -> u64 {
+    let target = e.target.as_ref().map_or(0, String::len);
+    (e.name.len() + target) as u64 + 128
+}
+
 #[derive(Clone)]
 pub struct Options {
     /// Bearer token sent in Auth. Without one, a client that presents a TLS client certificate
@@ -37,6 +65,9 @@ pub struct Options {
     /// Per-connection window: bytes requested and not yet on disk (downloads) or sent and not
     /// yet acknowledged (uploads).
     pub window_bytes: u32,
+    /// Downloads: give created files and directories the server's permission bits exactly
+    /// (never setuid, setgid or sticky) instead of those bits less the umask.
+    pub preserve: bool,
     /// Called with every [`Event`].
     pub on_event: Option<EventFn>,
 }
@@ -52,6 +83,7 @@ impl Default for Options {
             max_backoff: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(30),
             window_bytes: ConnOptions::default().window_bytes,
+            preserve: false,
             on_event: None,
         }
     }
@@ -186,13 +218,18 @@ impl Client {
             (None, Some(t)) if t.has_client_certificate() => Some(String::new()),
             (None, _) => None,
         };
+        let n = opts.connections.max(1);
+        // One window for the whole pool: data in flight is bounded whatever -j is (it was
+        // 32 MiB per connection, so -j 8 to a slow disk could hold 256 MiB).
+        let pool_window = u64::from(opts.window_bytes) * n.min(POOL_WINDOWS) as u64;
+        let pool_window = usize::try_from(pool_window).unwrap_or(usize::MAX);
         let conn_opts = ConnOptions {
             token,
             tls: opts.tls.clone(),
             stall_timeout: opts.stall_timeout,
             window_bytes: opts.window_bytes,
+            shared_window: Some(Arc::new(tokio::sync::Semaphore::new(pool_window))),
         };
-        let n = opts.connections.max(1);
         let client = Client {
             shared: Arc::new(Shared {
                 addr: addr.to_string(),
@@ -231,6 +268,14 @@ impl Client {
     }
 
     /// A slot for work that uses one connection, spreading such work over the pool.
+    /// The pool slots `slots` names.
+    pub(crate) fn slot_list(&self, slots: Slots) -> Vec<usize> {
+        match slots {
+            Slots::One(s) => vec![s],
+            Slots::All => (0..self.connections()).collect(),
+        }
+    }
+
     pub(crate) fn pick_slot(&self) -> usize {
         self.shared.next_slot.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len()
     }
@@ -246,6 +291,7 @@ impl Client {
             client: self.clone(),
             attempt: 0,
             delay: self.shared.opts.backoff,
+            stalls: 0,
         }
     }
 
@@ -268,9 +314,34 @@ impl Client {
         }
     }
 
-    /// Lists a remote directory ("" is the root), all pages, sorted by name.
+    /// Lists a remote directory ("" is the root), all pages, sorted by name. At most
+    /// [`MAX_LIST_BYTES`] of names and link targets are collected (a server can list without
+    /// end); [`Client::list_each`] has no such limit.
     pub async fn list(&self, path: &str) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
+        let mut cost = 0u64;
+        self.list_each(path, |e| {
+            cost += entry_cost(&e);
+            if cost > MAX_LIST_BYTES {
+                return Err(Error::Protocol(format!(
+                    "listing of {path:?} exceeds {} MiB",
+                    MAX_LIST_BYTES >> 20
+                )));
+            }
+            out.push(e);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Lists a remote directory page by page, calling `f` with each entry in order; memory
+    /// stays one page however long the listing (an error from `f` stops it).
+    pub async fn list_each(
+        &self,
+        path: &str,
+        mut f: impl FnMut(Entry) -> Result<()>,
+    ) -> Result<()> {
         let mut after = String::new();
         loop {
             let req = msg::ListRequest {
@@ -281,18 +352,17 @@ impl Client {
             let page: msg::ListResponse = self.control(Cmd::LIST, &req, path).await?;
             let n = page.entries.len();
             for e in page.entries {
-                // Pages must move forward, or a hostile server could keep us here forever.
                 if e.name <= after && !after.is_empty() {
                     return Err(Error::Protocol(format!(
                         "list of {path:?} went backwards at {:?}",
                         e.name
                     )));
                 }
-                after = e.name.clone();
-                out.push(Entry::from(e));
+                after.clone_from(&e.name);
+                f(Entry::from(e))?;
             }
             if !page.more {
-                return Ok(out);
+                return Ok(());
             }
             if n == 0 {
                 return Err(Error::Protocol(format!(
@@ -351,14 +421,25 @@ pub(crate) struct Backoff {
     client: Client,
     attempt: u32,
     delay: Duration,
+    /// Stalls since the last progress.
+    stalls: u32,
 }
+
+/// Stalls in a row, with no progress between them, after which a server is given up on: one
+/// is a network that went quiet (retried on a new connection); a second right after it is a
+/// server that takes requests and answers none, and retrying it only multiplies the wait.
+const MAX_STALLS_IN_A_ROW: u32 = 2;
 
 impl Backoff {
     /// Sleeps before the next retry of `what` if `err` is recoverable and retries remain;
     /// otherwise returns `err`.
     pub async fn wait(&mut self, err: Error, what: &str) -> Result<()> {
         let opts = &self.client.shared.opts;
-        if !err.is_retryable() || self.attempt >= opts.retries {
+        if matches!(err, Error::Stalled(_)) {
+            self.stalls += 1;
+        }
+        if !err.is_retryable() || self.attempt >= opts.retries || self.stalls >= MAX_STALLS_IN_A_ROW
+        {
             return Err(err);
         }
         self.attempt += 1;
@@ -382,6 +463,7 @@ impl Backoff {
     /// The last attempt made progress: the next failure starts a fresh series of retries.
     pub fn reset(&mut self) {
         self.attempt = 0;
+        self.stalls = 0;
         self.delay = self.client.shared.opts.backoff;
     }
 }

@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use fsd::frame_reader::FrameReader;
 use fsd::protocol::{
     chunk_count, chunk_size_for, flags, msg, Cmd, CodecError, Frame, FrameCodec, Header,
-    MAX_UPLOADS_PER_CONNECTION, MIN_CHUNK_SIZE, VERSION,
+    MAX_CHUNK_SIZE, MAX_UPLOADS_PER_CONNECTION, MIN_CHUNK_SIZE, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,9 +35,15 @@ use crate::tls::{self, Tls};
 /// header, and so the chunk it carried, is still known).
 pub(crate) type Incoming = <FrameCodec as Decoder>::Item;
 
-/// Largest DATA payload this client accepts (announced in Hello). Chunks are at most 16 MiB
-/// except for files beyond 16 TiB; the limit only bounds what one frame may make us allocate.
-pub const MAX_DATA_FRAME: u32 = 64 << 20;
+/// Largest DATA payload this client accepts (announced in Hello), and so the largest chunk it
+/// downloads or uploads: 16 MiB, the protocol's largest base chunk size. It bounds what one
+/// frame, and every buffer of chunks, may make us allocate; the price is that files beyond
+/// 2^20 chunks of 16 MiB (16 TiB) cannot be transferred.
+pub const MAX_DATA_FRAME: u32 = MAX_CHUNK_SIZE;
+/// What a stream may receive unless told otherwise ([`Stream::expect`]): a reply, an inline
+/// file of at most one small chunk, and room for an error.
+const DEFAULT_STREAM_FRAMES: u32 = 4;
+const DEFAULT_STREAM_BYTES: u64 = 1 << 20;
 /// Streams used when the server's Hello does not say (and the most we ever use).
 const DEFAULT_MAX_STREAMS: u32 = 64;
 /// Frames queued for the writer task before senders wait.
@@ -57,8 +63,11 @@ pub struct ConnOptions {
     /// Drop the connection when no frame arrived for this long while requests were outstanding.
     pub stall_timeout: Duration,
     /// Bytes of DATA requested but not yet written to disk (downloads), or sent but not yet
-    /// acknowledged (uploads), per connection.
+    /// acknowledged (uploads), per request at most.
     pub window_bytes: u32,
+    /// A window shared with other connections (a client's pool), bounding what all of them
+    /// have in flight together; `None`: this connection's own window of `window_bytes`.
+    pub shared_window: Option<Arc<Semaphore>>,
 }
 
 impl Default for ConnOptions {
@@ -68,6 +77,7 @@ impl Default for ConnOptions {
             tls: None,
             stall_timeout: Duration::from_secs(30),
             window_bytes: 32 << 20,
+            shared_window: None,
         }
     }
 }
@@ -95,11 +105,19 @@ struct Inner {
     /// The server's limit on multi-chunk uploads open at once on this connection.
     uploads: Arc<Semaphore>,
     window: Arc<Semaphore>,
+    /// The window is the pool's: never closed by this connection's death.
+    window_shared: bool,
     window_total: u32,
     shutdown: CancellationToken,
     epoch: Instant,
-    /// Milliseconds since `epoch` of the last received frame (or of the first request after idle).
+    /// Milliseconds since `epoch` of the last frame received on a stream we opened (or of the
+    /// first request after idle). Frames on other streams do not count: a server must not keep
+    /// the watchdog quiet with junk while the requests we wait for get no answer.
     activity: AtomicU64,
+    /// Frames dropped because their stream is not open, for one rate-limited warning.
+    junk: Throttle,
+    /// Such frames since the last frame on one of our streams.
+    junk_since_touch: AtomicU64,
     stall: Duration,
     /// Set once by the Hello exchange.
     server: Mutex<msg::Hello>,
@@ -117,12 +135,31 @@ struct Table {
 struct Route {
     tx: mpsc::UnboundedSender<Incoming>,
     _permit: Option<OwnedSemaphorePermit>,
+    /// Frames and payload bytes this stream may still receive. Its channel is unbounded (the
+    /// reader never waits on one slow stream), so this is what bounds it: a server that sends
+    /// more than was asked loses the connection.
+    frames_left: u32,
+    bytes_left: u64,
+}
+
+impl Route {
+    fn new(tx: mpsc::UnboundedSender<Incoming>, permit: Option<OwnedSemaphorePermit>) -> Route {
+        Route {
+            tx,
+            _permit: permit,
+            frames_left: DEFAULT_STREAM_FRAMES,
+            bytes_left: DEFAULT_STREAM_BYTES,
+        }
+    }
 }
 
 #[derive(Clone)]
 enum Dead {
     Lost(String),
     Stalled(Duration),
+    /// Stalled while the server kept sending frames on streams we never opened: not a network
+    /// that went quiet but a server that is not answering, so not worth a retry.
+    Junk(Duration),
     /// A TLS error from rustls (e.g. the server's alert refusing our client certificate, which
     /// in TLS 1.3 arrives after the client's side of the handshake has completed).
     Tls(String),
@@ -133,6 +170,9 @@ impl Dead {
         match self {
             Dead::Lost(why) => Error::ConnectionLost(why.clone()),
             Dead::Stalled(d) => Error::Stalled(*d),
+            Dead::Junk(d) => Error::Protocol(format!(
+                "no answer for {d:?}, only frames on streams that were not open"
+            )),
             // Once the connection worked, a TLS failure is like any other lost connection.
             Dead::Tls(why) => Error::ConnectionLost(format!("TLS: {why}")),
         }
@@ -198,12 +238,18 @@ impl Conn {
             }),
             streams: Arc::new(Semaphore::new(0)),
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS_PER_CONNECTION)),
-            window: Arc::new(Semaphore::new(window_total as usize)),
+            window: opts
+                .shared_window
+                .clone()
+                .unwrap_or_else(|| Arc::new(Semaphore::new(window_total as usize))),
+            window_shared: opts.shared_window.is_some(),
             window_total,
             shutdown: CancellationToken::new(),
             epoch: Instant::now(),
             activity: AtomicU64::new(0),
             stall: opts.stall_timeout,
+            junk: Throttle::new(JUNK_REPORT_EVERY),
+            junk_since_touch: AtomicU64::new(0),
             server: Mutex::new(msg::Hello::default()),
             host: host.to_string(),
         });
@@ -236,7 +282,7 @@ impl Conn {
 
     async fn hello_and_auth(&self, opts: &ConnOptions) -> Result<()> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.table().routes.insert(0, Route { tx, _permit: None });
+        self.table().routes.insert(0, Route::new(tx, None));
         let mut s = Stream {
             conn: self.clone(),
             id: 0,
@@ -299,8 +345,11 @@ impl Conn {
     /// Whether a file of `size` bytes is at most one chunk on this server (§8.1 of
     /// docs/PROTOCOL.md, from the base chunk size in its Hello).
     pub fn is_single_chunk(&self, size: u64) -> bool {
+        // The protocol's range of base chunk sizes, whatever the Hello said: a server claiming
+        // 2^31 must not turn a 1 GiB file into one PUT held in memory.
         let base = self.inner.server.lock().unwrap().chunk_size;
-        chunk_count(size, chunk_size_for(size, base.max(MIN_CHUNK_SIZE))) <= 1
+        let base = base.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
+        chunk_count(size, chunk_size_for(size, base)) <= 1
     }
 
     /// Largest DATA payload the server accepts.
@@ -335,13 +384,7 @@ impl Conn {
                 break id;
             }
         };
-        t.routes.insert(
-            id,
-            Route {
-                tx,
-                _permit: Some(permit),
-            },
-        );
+        t.routes.insert(id, Route::new(tx, Some(permit)));
         Ok(Stream {
             conn: self.clone(),
             id,
@@ -386,6 +429,11 @@ impl Conn {
         }
     }
 
+    /// This connection's whole window, in bytes.
+    pub fn window_total(&self) -> u32 {
+        self.inner.window_total
+    }
+
     fn dead_error(&self) -> Error {
         match &self.table().dead {
             Some(d) => d.error(),
@@ -398,6 +446,7 @@ impl Inner {
     fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.activity.store(ms, Ordering::Relaxed);
+        self.junk_since_touch.store(0, Ordering::Relaxed);
     }
 
     /// Marks the connection dead, wakes every stream with the reason and stops the tasks.
@@ -409,33 +458,100 @@ impl Inner {
                     Dead::Lost(m) => debug!("connection closed: {m}"),
                     Dead::Tls(m) => debug!("connection closed: TLS: {m}"),
                     Dead::Stalled(d) => warn!("connection stalled for {d:?}; dropping it"),
+                    Dead::Junk(d) => {
+                        warn!("no answer for {d:?}, only junk; dropping the connection")
+                    }
                 }
                 t.dead = Some(why);
             }
             std::mem::take(&mut t.routes)
         };
         drop(routes);
+        if let Some(n) = self.junk.flush() {
+            warn!(host = %self.host, "{n} more frame(s) on streams that were not open; dropped");
+        }
         self.streams.close();
-        self.window.close();
+        if !self.window_shared {
+            self.window.close();
+        }
         self.shutdown.cancel();
     }
 
     fn route(&self, item: Incoming) {
-        self.touch();
         let h = match &item {
             Ok(f) => f.header,
             Err(bad) => bad.header,
         };
         let mut t = self.table.lock().unwrap();
-        let Some(route) = t.routes.get(&h.stream_id) else {
-            // Not a stream we opened: bytes we did not ask for are dropped, never used.
-            warn!(stream = h.stream_id, cmd = %h.cmd, "frame on a stream that is not open; dropped");
+        let Some(route) = t.routes.get_mut(&h.stream_id) else {
+            drop(t);
+            self.junk_since_touch.fetch_add(1, Ordering::Relaxed);
+            // Not a stream we opened: bytes we did not ask for are dropped, never used, and
+            // reported once, then summarized (one line per junk frame flooded stderr).
+            if let Some(n) = self.junk.hit() {
+                warn!(
+                    host = %self.host,
+                    stream = h.stream_id,
+                    cmd = %h.cmd,
+                    "{n} frame(s) on streams that are not open; dropped"
+                );
+            }
             return;
         };
+        let len = u64::from(h.payload_len);
+        if route.frames_left == 0 || route.bytes_left < len {
+            drop(t);
+            self.kill(Dead::Lost(format!(
+                "the server sent more than was asked on stream {}",
+                h.stream_id
+            )));
+            return;
+        }
+        route.frames_left -= 1;
+        route.bytes_left -= len;
+        self.touch();
         let _ = route.tx.send(item);
         if h.is_end() {
             t.routes.remove(&h.stream_id);
         }
+    }
+}
+
+/// How often a repeated warning is summarized.
+const JUNK_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limits a repeated warning: the first occurrence is reported, later ones are counted
+/// and reported as one number at most once per period (and once more at the end).
+pub(crate) struct Throttle {
+    period: Duration,
+    st: Mutex<(u64, Option<Instant>)>,
+}
+
+impl Throttle {
+    pub fn new(period: Duration) -> Throttle {
+        Throttle {
+            period,
+            st: Mutex::new((0, None)),
+        }
+    }
+
+    /// Counts one occurrence; `Some(n)` when it is time to report the `n` not yet reported.
+    pub fn hit(&self) -> Option<u64> {
+        let mut st = self.st.lock().unwrap();
+        st.0 += 1;
+        match st.1 {
+            Some(last) if last.elapsed() < self.period => None,
+            _ => {
+                st.1 = Some(Instant::now());
+                Some(std::mem::take(&mut st.0))
+            }
+        }
+    }
+
+    /// The occurrences not yet reported, if any.
+    pub fn flush(&self) -> Option<u64> {
+        let n = std::mem::take(&mut self.st.lock().unwrap().0);
+        (n > 0).then_some(n)
     }
 }
 
@@ -517,7 +633,11 @@ async fn watchdog(inner: Arc<Inner>) {
         let idle =
             inner.epoch.elapsed().as_millis() as u64 - inner.activity.load(Ordering::Relaxed);
         if busy && idle > inner.stall.as_millis() as u64 {
-            inner.kill(Dead::Stalled(inner.stall));
+            let junk = inner.junk_since_touch.load(Ordering::Relaxed) > 0;
+            inner.kill(match junk {
+                true => Dead::Junk(inner.stall),
+                false => Dead::Stalled(inner.stall),
+            });
             return;
         }
     }
@@ -546,6 +666,15 @@ pub(crate) struct Stream {
 impl Stream {
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Allows this stream to receive up to `frames` frames of `bytes` payload in all (plus the
+    /// default's room for an error reply), e.g. the chunks a READ asked for.
+    pub fn expect(&self, frames: u32, bytes: u64) {
+        if let Some(r) = self.conn.table().routes.get_mut(&self.id) {
+            r.frames_left = frames.saturating_add(1);
+            r.bytes_left = bytes.saturating_add(DEFAULT_STREAM_BYTES);
+        }
     }
 
     pub async fn send(&mut self, frame: Frame) -> Result<()> {
@@ -827,6 +956,32 @@ mod tests {
         assert!(matches!(err, Error::Stalled(_)), "{err}");
         assert!(err.is_retryable());
         assert!(!conn.is_alive());
+    }
+
+    #[tokio::test]
+    async fn connections_sharing_a_window_share_its_bound() {
+        let shared = Arc::new(Semaphore::new(1 << 20));
+        let opts = ConnOptions {
+            window_bytes: 1 << 20,
+            shared_window: Some(shared.clone()),
+            ..Default::default()
+        };
+        let (a, _pa) = pair(opts.clone()).await;
+        let (b, pb) = pair(opts).await;
+        let wa = a.window(1 << 20).await.unwrap();
+        // The other connection has a window of its own size, but the pool's is taken.
+        let wait = tokio::time::timeout(Duration::from_millis(100), b.window(1)).await;
+        assert!(wait.is_err(), "b must wait for a's bytes");
+        drop(wa);
+        let wb = tokio::time::timeout(Duration::from_secs(2), b.window(1 << 20)).await;
+        let wb = wb.unwrap().unwrap();
+        // One connection dying does not close the pool's window.
+        drop(pb);
+        while b.is_alive() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(wb);
+        assert!(a.window(1 << 20).await.is_ok());
     }
 
     #[tokio::test]

@@ -1,37 +1,32 @@
-//! Downloads: pipelined, verified as data arrives, resumable.
+//! Downloads: pipelined, verified as data arrives, resumable — the network side of one file.
 //!
 //! One file: OPEN(READ) gives size, identity, chunk size and the whole-file BLAKE3; MANIFEST
-//! gives every chunk's CRC32. Chunks land in `NAME.fsc-part` (preallocated, one pwrite per
-//! chunk) while `NAME.fsc-state` records which ones are there. Each connection runs a few
-//! *lanes*, each keeping one READ of up to [`RUN`] chunks outstanding, so the link never drains;
-//! `-j N` connections pull from one shared queue of missing chunks. A chunk whose CRC32 fails is
-//! queued again. When all are in: BLAKE3 (built from per-chunk subtree hashes) is compared with
-//! the server's, the part is synced and renamed over the final name, and the state removed.
+//! gives every chunk's CRC32. Each connection runs a few *lanes*, each keeping one READ of up
+//! to [`RUN`] chunks outstanding, so the link never drains; `-j N` connections pull from one
+//! shared queue of missing chunks. A chunk whose CRC32 fails is queued again. Every chunk goes
+//! to the local side, `local::sink::Sink` (part file in the destination's working directory,
+//! resume state, preallocation); when all are in, the sink checks the whole-file BLAKE3 and
+//! publishes the very inode that was verified.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
-use fsd::direct::DirectFile;
-use fsd::durable::GroupSync;
-use fsd::integrity::{chunk_cv, hash_chunk, root_hash};
-use fsd::protocol::{chunk_count, chunk_len, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE};
-use nix::unistd::Whence;
+use fsd::protocol::{
+    checked_chunk_count, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE, MAX_CHUNKS_PER_FILE,
+};
 use tracing::{debug, warn};
 
-use crate::client::{Client, Transfer};
-use crate::conn::{Conn, Window};
+use crate::client::{remote_basename, Client, Slots, Transfer};
+use crate::conn::{Conn, Throttle, Window};
 use crate::error::{Error, Result};
+use crate::local::sink::{spawn_blocking, Meta, Out, Sink};
+use crate::local::state::PartState;
+use crate::local::{check_name, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
-use crate::state::{Bitmap, PartState, PART_SUFFIX, STATE_SUFFIX};
-use crate::tree::{check_name, remote_basename, LocalDir};
 
 /// Chunks asked for by one READ.
 const RUN: u32 = 4;
@@ -39,13 +34,6 @@ const RUN: u32 = 4;
 const INLINE_MAX: u32 = 64 * 1024;
 /// READs kept outstanding per connection for one file.
 const LANES: usize = 4;
-/// Write the resume state at most this often.
-const SAVE_EVERY: Duration = Duration::from_secs(1);
-/// Chunks up to this size are written on the async thread (see `Sink::put`).
-const INLINE_WRITE: usize = 64 * 1024;
-/// To stdout, lanes fetch no chunk this far or further past the next one stdout needs: the
-/// chunks in between wait in memory (`Reorder`).
-const STDOUT_AHEAD: u32 = 32;
 /// A chunk that fails its CRC32 this many times in one attempt fails the attempt.
 const MAX_CORRUPT: u32 = 8;
 
@@ -56,29 +44,6 @@ pub enum Dest {
     Path(std::path::PathBuf),
     /// Standard output, in order (no part or state file: not resumable).
     Stdout,
-}
-
-/// The local side of one file download.
-#[derive(Clone)]
-pub(crate) enum Out {
-    File {
-        dir: LocalDir,
-        name: String,
-        /// How the file is made durable before its rename: alone (fsync of the file, and of
-        /// the directory after), or with others in one group sync (a tree, which syncs each
-        /// directory once at the end).
-        group: Option<Arc<GroupSync>>,
-    },
-    Stdout,
-}
-
-/// Which connections a file may use.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Slots {
-    /// Every connection of the pool (a big file is split across them).
-    All,
-    /// Just this one (small files in a tree are spread instead).
-    One(usize),
 }
 
 impl Client {
@@ -115,6 +80,7 @@ impl Client {
             out,
             slots,
             transferred: AtomicU64::new(0),
+            corrupt_log: Throttle::new(Duration::from_secs(10)),
         };
         let r = job.run().await;
         match &r {
@@ -155,6 +121,7 @@ fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
     };
     let d = LocalDir::open(&dir).map_err(|e| Error::io(dir.display(), e))?;
     Ok(Out::File {
+        work: Work::new(d.clone(), work_dir_name(|n| n == name), &name),
         dir: d,
         name,
         group: None,
@@ -168,19 +135,8 @@ struct Job {
     out: Out,
     slots: Slots,
     transferred: AtomicU64,
-}
-
-/// What OPEN(READ) said about the file.
-#[derive(Debug, Clone)]
-struct Meta {
-    handle: u32,
-    size: u64,
-    mtime_ns: i64,
-    identity: String,
-    chunk_size: u32,
-    count: u32,
-    blake3: [u8; 32],
-    mode: u32,
+    /// Chunks that failed their CRC32, for a rate-limited warning.
+    corrupt_log: Throttle,
 }
 
 /// Why an attempt did not finish.
@@ -204,13 +160,28 @@ impl From<Error> for Stop {
 
 impl Job {
     async fn run(&self) -> Result<Transfer> {
+        let mut sink = None;
+        let r = self.attempts(&mut sink).await;
+        if let (Err(_), Some(s)) = (&r, sink) {
+            // Kept for a resume, but not the space of what never arrived.
+            let s = s.clone();
+            let _ = spawn_blocking(move || {
+                s.abandon();
+                Ok(())
+            })
+            .await;
+        }
+        r
+    }
+
+    /// Attempts with retries; `sink` is the local side once there is one.
+    async fn attempts(&self, sink: &mut Option<Arc<Sink>>) -> Result<Transfer> {
         let mut backoff = self.client.backoff();
-        let mut sink: Option<Arc<Sink>> = None;
         let (mut changes, mut bad_hashes) = (0, 0);
         loop {
             let before = sink.as_ref().map_or(0, |s| s.done_chunks());
             let stdout = matches!(self.out, Out::Stdout);
-            let reason = match self.attempt(&mut sink).await {
+            let reason = match self.attempt(sink).await {
                 Ok(t) => return Ok(t),
                 Err(Stop::Fail(e)) => {
                     if sink.as_ref().map_or(0, |s| s.done_chunks()) > before {
@@ -256,15 +227,8 @@ impl Job {
         }
     }
 
-    fn slot_list(&self) -> Vec<usize> {
-        match self.slots {
-            Slots::One(s) => vec![s],
-            Slots::All => (0..self.client.connections()).collect(),
-        }
-    }
-
     async fn attempt(&self, sink: &mut Option<Arc<Sink>>) -> Result<Transfer, Stop> {
-        let slots = self.slot_list();
+        let slots = self.client.slot_list(self.slots);
         let conn0 = self.client.conn(slots[0]).await?;
         let (meta, inline) = match open_read(&conn0, &self.remote).await {
             Err(e @ Error::Corrupt(_)) => {
@@ -386,9 +350,13 @@ impl Job {
         let (state, out) = match &self.out {
             // Nothing to resume in a file of at most one chunk: no state to look for.
             Out::File { .. } if meta.count <= 1 => (None, self.out.clone()),
-            Out::File { dir, name, .. } => {
-                let (dir, name) = (dir.clone(), name.clone());
-                let st = spawn_blocking(move || Ok(PartState::load(&dir, &name))).await?;
+            Out::File { work, .. } => {
+                let work = work.clone();
+                let st = spawn_blocking(move || {
+                    let wd = work.existing_dir().map_err(|e| Error::io(".fsc-work", e))?;
+                    Ok(wd.and_then(|wd| PartState::load(&wd, &work.state())))
+                })
+                .await?;
                 (st, self.out.clone())
             }
             Out::Stdout => (None, Out::Stdout),
@@ -406,19 +374,21 @@ impl Job {
             }
             None => None,
         };
-        let crcs = match state.as_ref().and_then(|s| s.crcs(meta.count)) {
-            Some(c) => c,
-            // A single chunk is checked by its frame CRC and the whole-file BLAKE3.
-            None if meta.count <= 1 => Vec::new(),
-            None => manifest(conn, meta.handle, meta.count).await?,
+        // Always the server's manifest, never CRCs remembered from an earlier run: what is on
+        // disk is checked against what the server says now. A single chunk is checked by its
+        // frame CRC and the whole-file BLAKE3.
+        let crcs = match meta.count {
+            0 | 1 => Vec::new(),
+            n => manifest(conn, meta.handle, n).await?,
         };
         let remote = self.remote.clone();
         let meta = meta.clone();
+        let preserve = self.client.shared.opts.preserve;
         if meta.count <= 1 {
             // Just an open: cheaper here than a hop to a blocking thread (many small files).
-            return Sink::create(remote, meta, crcs, out, None);
+            return Sink::create(remote, meta, crcs, out, None, preserve);
         }
-        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state)).await
+        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state, preserve)).await
     }
 
     /// Keeps one READ outstanding on `conn` until the queue is empty.
@@ -433,10 +403,19 @@ impl Job {
         loop {
             // Registered before the check, so an advance in between is not missed.
             let advanced = sink.advanced.notified();
-            let Some((first, count)) = queue.take(RUN) else {
+            // A run never asks for more than the window holds (big chunks are the server's
+            // choice): what a READ may bring is what the window bounds.
+            let run = (conn.window_total() / sink.chunk_size).clamp(1, RUN);
+            let Some((first, mut count)) = queue.take(run) else {
                 break;
             };
-            if !sink.may_fetch(first) {
+            let limit = sink.fetch_limit(first);
+            if limit < count && limit > 0 {
+                // Only the part of the run within reach; the rest goes back.
+                queue.requeue(first + limit, first + count);
+                count = limit;
+            }
+            if limit == 0 {
                 // Far ahead of stdout: leave the run for later; the lane holding stdout's next
                 // chunk is never held here (it already has its run), and a chunk put back at
                 // the front is within reach of any lane.
@@ -490,6 +469,8 @@ impl Job {
     ) -> Result<(), Stop> {
         let end = first + count;
         let mut s = conn.open().await?;
+        let bytes = (first..end).map(|i| u64::from(sink.chunk_len(i))).sum();
+        s.expect(count, bytes);
         let req = msg::ReadRequest {
             handle,
             first_chunk: first,
@@ -535,7 +516,10 @@ impl Job {
                     *n += 1;
                     *n
                 };
-                warn!(remote = %self.remote, chunk = i, "chunk failed its CRC32; fetching it again");
+                if let Some(n) = self.corrupt_log.hit() {
+                    let remote = crate::progress::escape(&self.remote);
+                    warn!(%remote, chunk = i, "{n} chunk(s) failed their CRC32; fetching again");
+                }
                 if n >= MAX_CORRUPT {
                     return Err(Stop::Fail(Error::Integrity {
                         path: self.remote.clone(),
@@ -588,14 +572,6 @@ impl Drop for Handles {
     }
 }
 
-async fn spawn_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-}
-
 /// OPEN(READ), with the reply checked for internal consistency. A file of at most
 /// [`INLINE_MAX`] bytes comes back whole with the reply (no handle: nothing to READ or CLOSE).
 async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u32)>)> {
@@ -635,7 +611,14 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u3
     if cs > crate::conn::MAX_DATA_FRAME {
         return Err(bad(&format!("chunk size {cs} exceeds our frame limit")));
     }
-    if r.chunk_count != chunk_count(r.size, cs) {
+    // In u64, checked: a wrapped count once published 0 bytes for a 4 TiB file.
+    let count = checked_chunk_count(r.size, cs).ok_or_else(|| {
+        bad(&format!(
+            "{} bytes in chunks of {cs} is more than {MAX_CHUNKS_PER_FILE} chunks",
+            r.size
+        ))
+    })?;
+    if r.chunk_count != count {
         return Err(bad("chunk count does not match size"));
     }
     let blake3: [u8; 32] = r
@@ -714,453 +697,6 @@ impl Queue {
     }
 }
 
-/// The local side of one download: the part file (or stdout), the chunks present and their
-/// BLAKE3 chaining values, and the resume state.
-struct Sink {
-    remote: String,
-    identity: String,
-    size: u64,
-    chunk_size: u32,
-    count: u32,
-    blake3: [u8; 32],
-    mode: u32,
-    mtime_ns: i64,
-    /// Manifest CRCs; empty for files of at most one chunk.
-    crcs: Vec<u32>,
-    out: SinkOut,
-    st: Mutex<Have>,
-    /// Serializes checkpoints (state writes).
-    saving: Mutex<()>,
-    /// Serializes pwrites: buffered writes to one file contend on its inode lock anyway, and
-    /// a futex wait is cheaper than the kernel's spinning on 2 cores.
-    writing: Mutex<()>,
-    /// Signalled when stdout's next chunk advances (lanes wait on it, see `Sink::may_fetch`).
-    advanced: tokio::sync::Notify,
-}
-
-enum SinkOut {
-    File {
-        dir: LocalDir,
-        name: String,
-        part: File,
-        /// The part again, for direct writes of whole chunks (multi-chunk files, fsd::direct).
-        direct: Option<DirectFile>,
-        /// The part has no name (O_TMPFILE): it is linked in, not renamed.
-        anonymous: bool,
-        /// Whether a state file is kept (multi-chunk files only).
-        stateful: bool,
-        group: Option<Arc<GroupSync>>,
-    },
-    Stdout(Mutex<Reorder>),
-}
-
-struct Have {
-    have: Bitmap,
-    cvs: Vec<ChainingValue>,
-    done_bytes: u64,
-    unsaved: u32,
-    last_save: Instant,
-}
-
-/// Chunks that arrived ahead of the next one stdout needs. Lanes fetch at most
-/// [`STDOUT_AHEAD`] chunks past it, so this holds at most that many.
-struct Reorder {
-    next: u32,
-    pending: BTreeMap<u32, Bytes>,
-}
-
-impl Sink {
-    /// Opens or creates the part file; with a matching `state`, keeps every chunk already on
-    /// disk that passes its CRC32 (claimed in the state or not: data written just before a
-    /// kill is in the page cache even if the state did not yet claim it).
-    fn create(
-        remote: String,
-        m: Meta,
-        crcs: Vec<u32>,
-        out: Out,
-        state: Option<PartState>,
-    ) -> Result<Arc<Sink>> {
-        let mut have = Have {
-            have: Bitmap::new(m.count),
-            cvs: vec![[0; 32]; m.count as usize],
-            done_bytes: 0,
-            unsaved: 0,
-            last_save: Instant::now(),
-        };
-        let out = match out {
-            Out::Stdout => SinkOut::Stdout(Mutex::new(Reorder {
-                next: 0,
-                pending: BTreeMap::new(),
-            })),
-            Out::File { dir, name, group } => {
-                let part_name = format!("{name}{PART_SUFFIX}");
-                let err = |e| Error::io(dir.display(&part_name), e);
-                let stateful = m.count > 1;
-                // Nothing to resume in one chunk: an unnamed file, linked in when complete.
-                let anonymous = (!stateful).then(|| dir.create_anonymous()).flatten();
-                let is_anonymous = anonymous.is_some();
-                let part = match anonymous {
-                    Some(f) => f,
-                    None => dir.open_rw(&part_name, state.is_none()).map_err(err)?,
-                };
-                if let Some(st) = &state {
-                    let claimed = st.bitmap(m.count);
-                    verify_part(&part, &m, &crcs, &claimed, &mut have).map_err(err)?;
-                    debug!(%remote, chunks = have.have.count(), "resuming");
-                }
-                if stateful {
-                    part.set_len(m.size).map_err(err)?;
-                }
-                if stateful && state.is_none() {
-                    // Reserve the space now: fewer fragments and an early ENOSPC.
-                    if let Err(e) = nix::fcntl::posix_fallocate(&part, 0, m.size as i64) {
-                        debug!("fallocate: {e}");
-                    }
-                }
-                SinkOut::File {
-                    direct: stateful.then(|| DirectFile::reopen(&part)).flatten(),
-                    anonymous: is_anonymous,
-                    dir,
-                    name,
-                    part,
-                    stateful,
-                    group,
-                }
-            }
-        };
-        let sink = Sink {
-            remote,
-            identity: m.identity,
-            size: m.size,
-            chunk_size: m.chunk_size,
-            count: m.count,
-            blake3: m.blake3,
-            mode: m.mode,
-            mtime_ns: m.mtime_ns,
-            crcs,
-            out,
-            st: Mutex::new(have),
-            saving: Mutex::new(()),
-            advanced: tokio::sync::Notify::new(),
-            writing: Mutex::new(()),
-        };
-        if let SinkOut::File { stateful: true, .. } = sink.out {
-            // Record what the part belongs to before any chunk is written into it.
-            sink.checkpoint()?;
-        }
-        Ok(Arc::new(sink))
-    }
-
-    fn same_version(&self, m: &Meta) -> bool {
-        self.identity == m.identity
-            && self.size == m.size
-            && self.chunk_size == m.chunk_size
-            && self.blake3 == m.blake3
-    }
-
-    fn chunk_len(&self, i: u32) -> u32 {
-        chunk_len(self.size, self.chunk_size, i)
-    }
-
-    fn crc(&self, i: u32) -> Option<u32> {
-        self.crcs.get(i as usize).copied()
-    }
-
-    fn missing(&self) -> Vec<u32> {
-        let st = self.st.lock().unwrap();
-        (0..self.count).filter(|&i| !st.have.get(i)).collect()
-    }
-
-    fn done_bytes(&self) -> u64 {
-        self.st.lock().unwrap().done_bytes
-    }
-
-    fn done_chunks(&self) -> u32 {
-        self.st.lock().unwrap().have.count()
-    }
-
-    /// Whether a lane may fetch chunk `first` now: always for a file; to stdout only within
-    /// [`STDOUT_AHEAD`] of the next chunk stdout needs, which bounds the reorder buffer.
-    fn may_fetch(&self, first: u32) -> bool {
-        match &self.out {
-            SinkOut::File { .. } => true,
-            SinkOut::Stdout(r) => first < r.lock().unwrap().next + STDOUT_AHEAD,
-        }
-    }
-
-    fn is_complete(&self) -> bool {
-        self.st.lock().unwrap().have.is_full()
-    }
-
-    /// Checks chunk `i` against `crc` (the connection's codec leaves that to us, see
-    /// `conn::reader`) and writes it (off the reactor: disk and hashing block). Ok(false): the
-    /// chunk failed its CRC32 and was not stored.
-    async fn put(self: &Arc<Self>, i: u32, data: Bytes, crc: u32) -> Result<bool> {
-        if data.len() <= INLINE_WRITE
-            && matches!(
-                self.out,
-                SinkOut::File {
-                    stateful: false,
-                    ..
-                }
-            )
-        {
-            // A few KiB into the page cache costs less than the hop to a blocking thread.
-            return self.put_blocking(i, data, crc);
-        }
-        let me = self.clone();
-        spawn_blocking(move || me.put_blocking(i, data, crc)).await
-    }
-
-    fn put_blocking(&self, i: u32, data: Bytes, crc: u32) -> Result<bool> {
-        // Both hashes in one visit, while the chunk is in this core's cache.
-        let (actual, cv) = hash_chunk(&data, i, self.chunk_size, self.size);
-        if actual != crc {
-            return Ok(false);
-        }
-        let len = data.len() as u64;
-        match &self.out {
-            SinkOut::File {
-                dir,
-                name,
-                part,
-                direct,
-                ..
-            } => {
-                let off = i as u64 * self.chunk_size as u64;
-                let err = |e| Error::io(dir.display(&format!("{name}{PART_SUFFIX}")), e);
-                let written = match direct {
-                    Some(d) => d.write_at(&data, off).map_err(err)?,
-                    None => false,
-                };
-                if !written {
-                    let _one_writer = self.writing.lock().unwrap();
-                    part.write_all_at(&data, off).map_err(err)?;
-                }
-            }
-            SinkOut::Stdout(r) => {
-                let mut r = r.lock().unwrap();
-                if i >= r.next {
-                    r.pending.insert(i, data);
-                }
-                let before = r.next;
-                while let Some(d) = {
-                    let n = r.next;
-                    r.pending.remove(&n)
-                } {
-                    write_stdout(&d)?;
-                    r.next += 1;
-                }
-                if r.next != before {
-                    self.advanced.notify_waiters();
-                }
-            }
-        }
-        let checkpoint = {
-            let mut st = self.st.lock().unwrap();
-            if st.have.get(i) {
-                return Ok(true);
-            }
-            st.have.set(i);
-            st.cvs[i as usize] = cv;
-            st.done_bytes += len;
-            st.unsaved += 1;
-            matches!(self.out, SinkOut::File { stateful: true, .. })
-                && st.last_save.elapsed() >= SAVE_EVERY
-        };
-        if checkpoint {
-            self.checkpoint()?;
-        }
-        Ok(true)
-    }
-
-    /// Records the chunks the part now holds. Not synced, and the part is not either: a claim
-    /// only says where to look, since resuming verifies every chunk on disk by its CRC32.
-    fn checkpoint(&self) -> Result<()> {
-        let SinkOut::File { dir, name, .. } = &self.out else {
-            return Ok(());
-        };
-        let Ok(_one_at_a_time) = self.saving.try_lock() else {
-            return Ok(());
-        };
-        let have = {
-            let mut st = self.st.lock().unwrap();
-            st.unsaved = 0;
-            st.last_save = Instant::now();
-            st.have.clone()
-        };
-        let err = |e| Error::io(dir.display(&format!("{name}{STATE_SUFFIX}")), e);
-        PartState::new(
-            &self.remote,
-            &self.identity,
-            self.size,
-            self.chunk_size,
-            &self.blake3,
-            &self.crcs,
-            &have,
-        )
-        .save(dir, name)
-        .map_err(err)
-    }
-
-    /// Verifies the whole-file BLAKE3 and publishes: metadata, durable, named, state removed.
-    /// A one-chunk file of a tree does its few syscalls right here and awaits its shared sync
-    /// holding no thread; anything else runs on a blocking thread.
-    async fn finish(self: &Arc<Self>) -> Result<[u8; 32]> {
-        let (part, group) = match &self.out {
-            SinkOut::File {
-                part,
-                group: Some(g),
-                ..
-            } if self.count <= 1 => (part, g.clone()),
-            _ => {
-                let me = self.clone();
-                return spawn_blocking(move || me.finish_blocking()).await;
-            }
-        };
-        let root = self.seal()?;
-        group.sync(part).await.map_err(|e| self.local_error(e))?;
-        self.name()?;
-        Ok(root)
-    }
-
-    /// [`Sink::finish`] on the current (blocking) thread.
-    fn finish_blocking(&self) -> Result<[u8; 32]> {
-        let root = self.seal()?;
-        if let SinkOut::File { part, group, .. } = &self.out {
-            // Data durable before the name points at it.
-            match group {
-                Some(g) => tokio::runtime::Handle::current().block_on(g.sync(part)),
-                None => part.sync_all(),
-            }
-            .map_err(|e| self.local_error(e))?;
-        }
-        self.name()?;
-        Ok(root)
-    }
-
-    /// Checks the whole-file BLAKE3 and sets the file's mode and mtime.
-    fn seal(&self) -> Result<[u8; 32]> {
-        let root = {
-            let st = self.st.lock().unwrap();
-            root_hash(&st.cvs, self.chunk_size, self.size)
-        };
-        if root != self.blake3 {
-            return Err(Error::Integrity {
-                path: self.remote.clone(),
-                detail: format!(
-                    "whole-file BLAKE3 {} differs from the server's {}",
-                    hex::encode(root),
-                    hex::encode(self.blake3)
-                ),
-            });
-        }
-        if let SinkOut::File { part, .. } = &self.out {
-            crate::tree::set_meta(part, self.mode, self.mtime_ns)
-                .map_err(|e| self.local_error(e))?;
-        }
-        Ok(root)
-    }
-
-    /// Gives the (durable) part its final name, makes that durable unless a tree does it for
-    /// the whole directory, and drops the resume state.
-    fn name(&self) -> Result<()> {
-        let SinkOut::File {
-            dir,
-            name,
-            part,
-            stateful,
-            group,
-            anonymous,
-            ..
-        } = &self.out
-        else {
-            return Ok(());
-        };
-        let err = |e| self.local_error(e);
-        if *anonymous {
-            dir.link_in(part, name).map_err(err)?;
-        } else {
-            dir.rename(&format!("{name}{PART_SUFFIX}"), name)
-                .map_err(err)?;
-        }
-        if group.is_none() {
-            dir.sync().map_err(err)?;
-        }
-        if *stateful {
-            dir.remove(&format!("{name}{STATE_SUFFIX}")).map_err(err)?;
-        }
-        Ok(())
-    }
-
-    /// An I/O error on the local file.
-    fn local_error(&self, e: std::io::Error) -> Error {
-        match &self.out {
-            SinkOut::File { dir, name, .. } => Error::io(dir.display(name), e),
-            SinkOut::Stdout(_) => Error::io("<stdout>", e),
-        }
-    }
-
-    /// Deletes the part and state files (before starting over).
-    fn discard(&self) {
-        if let SinkOut::File { dir, name, .. } = &self.out {
-            let _ = dir.remove(&format!("{name}{STATE_SUFFIX}"));
-            let _ = dir.remove(&format!("{name}{PART_SUFFIX}"));
-        }
-    }
-}
-
-fn write_stdout(data: &[u8]) -> Result<()> {
-    use std::os::fd::FromRawFd;
-    // Raw fd 1: no line buffering scanning binary data for newlines.
-    let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
-    f.write_all(data).map_err(|e| Error::io("<stdout>", e))
-}
-
-/// One pass over an existing part file: keeps chunks whose CRC32 matches the manifest.
-/// Unclaimed chunks are read only if the file holds data there (SEEK_DATA), so a fresh
-/// preallocated region costs nothing.
-fn verify_part(
-    part: &File,
-    m: &Meta,
-    crcs: &[u32],
-    claimed: &Bitmap,
-    have: &mut Have,
-) -> std::io::Result<()> {
-    let file_len = part.metadata()?.len();
-    let mut buf = vec![0u8; m.chunk_size as usize];
-    for i in 0..m.count {
-        let off = i as u64 * m.chunk_size as u64;
-        let len = chunk_len(m.size, m.chunk_size, i) as usize;
-        if off + len as u64 > file_len {
-            break;
-        }
-        if !claimed.get(i) && !has_data(part, off, len as u64) {
-            continue;
-        }
-        let data = &mut buf[..len];
-        part.read_exact_at(data, off)?;
-        let ok = match crcs.get(i as usize) {
-            Some(&c) => crc32fast::hash(data) == c,
-            None => false,
-        };
-        if ok {
-            have.have.set(i);
-            have.cvs[i as usize] = chunk_cv(data, i, m.chunk_size, m.size);
-            have.done_bytes += len as u64;
-        }
-    }
-    Ok(())
-}
-
-/// Whether `[off, off+len)` of the file contains data (not only a hole).
-fn has_data(f: &File, off: u64, len: u64) -> bool {
-    match nix::unistd::lseek(f, off as i64, Whence::SeekData) {
-        Ok(pos) => (pos as u64) < off + len,
-        Err(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1175,109 +711,5 @@ mod tests {
         assert_eq!(q.take(4), Some((7, 2)));
         assert_eq!(q.take(4), Some((10, 1)));
         assert_eq!(q.take(4), None);
-    }
-
-    fn meta(size: u64, chunk_size: u32, data: &[u8]) -> Meta {
-        Meta {
-            handle: 1,
-            size,
-            mtime_ns: 1_600_000_000_123_456_789,
-            identity: "v1".into(),
-            chunk_size,
-            count: chunk_count(size, chunk_size),
-            blake3: *blake3::hash(data).as_bytes(),
-            mode: 0o640,
-        }
-    }
-
-    fn chunks(data: &[u8], cs: u32) -> Vec<Bytes> {
-        data.chunks(cs as usize)
-            .map(Bytes::copy_from_slice)
-            .collect()
-    }
-
-    #[test]
-    fn sink_writes_resumes_verifies_and_publishes() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = LocalDir::open(tmp.path()).unwrap();
-        let cs = 1024;
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 / 7) as u8).collect();
-        let m = meta(data.len() as u64, cs, &data);
-        let crcs: Vec<u32> = chunks(&data, cs)
-            .iter()
-            .map(|c| crc32fast::hash(c))
-            .collect();
-        let out = Out::File {
-            dir: dir.clone(),
-            name: "f".into(),
-            group: None,
-        };
-        let crcs_v: Vec<u32> = crcs.clone();
-        let put = |s: &Sink, i: u32| {
-            let c = chunks(&data, cs)[i as usize].clone();
-            s.put_blocking(i, c, crcs_v[i as usize]).unwrap()
-        };
-        // First run: chunks 0, 3 and 9 land, then the process "dies" (no finish).
-        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out.clone(), None).unwrap();
-        // A chunk that does not match the CRC it came with is refused, not stored.
-        assert!(!s
-            .put_blocking(2, chunks(&data, cs)[2].clone(), crcs_v[2] ^ 1)
-            .unwrap());
-        assert_eq!(s.missing().len(), 10);
-        for i in [0u32, 3, 9] {
-            assert!(put(&s, i));
-        }
-        s.checkpoint().unwrap();
-        put(&s, 5); // written, never claimed
-                    // Corrupt chunk 3 on disk.
-        let part = tmp.path().join("f.fsc-part");
-        let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
-        f.write_all_at(b"X", 3 * 1024 + 10).unwrap();
-        drop((s, f));
-        assert!(!tmp.path().join("f").exists());
-
-        // Second run: the state matches; 0, 5 and 9 verify, 3 does not.
-        let st = PartState::load(&dir, "f").unwrap();
-        assert!(st.matches("v1", m.size, cs, &m.blake3));
-        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out, Some(st)).unwrap();
-        let missing = s.missing();
-        assert_eq!(missing, vec![1, 2, 3, 4, 6, 7, 8]);
-        for i in missing {
-            assert!(put(&s, i));
-        }
-        assert!(s.is_complete());
-        assert_eq!(s.finish_blocking().unwrap(), m.blake3);
-        assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), data);
-        assert!(!part.exists());
-        assert!(!tmp.path().join("f.fsc-state").exists());
-        let md = std::fs::metadata(tmp.path().join("f")).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(md.mode() & 0o7777, 0o640);
-        assert_eq!(md.mtime_nsec(), 123_456_789);
-    }
-
-    #[test]
-    fn a_wrong_whole_file_hash_is_an_integrity_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = LocalDir::open(tmp.path()).unwrap();
-        let data = vec![7u8; 3000];
-        let mut m = meta(3000, 1024, &data);
-        m.blake3[0] ^= 1;
-        let crcs = chunks(&data, 1024)
-            .iter()
-            .map(|c| crc32fast::hash(c))
-            .collect();
-        let out = Out::File {
-            dir,
-            name: "g".into(),
-            group: None,
-        };
-        let s = Sink::create("g".into(), m, crcs, out, None).unwrap();
-        for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
-            let crc = crc32fast::hash(&c);
-            s.put_blocking(i as u32, c, crc).unwrap();
-        }
-        assert!(matches!(s.finish_blocking(), Err(Error::Integrity { .. })));
-        assert!(!tmp.path().join("g").exists());
     }
 }

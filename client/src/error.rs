@@ -46,6 +46,14 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    /// The destination's file system cannot hold the file (checked before anything is
+    /// reserved; a download never fills the disk with space it has not received).
+    #[error("{path}: not enough free space: {needed} more bytes needed, {free} free")]
+    NoSpace {
+        path: String,
+        needed: u64,
+        free: u64,
+    },
     /// Bad arguments to a library call (e.g. a remote path that cannot be a local name).
     #[error("{0}")]
     Usage(String),
@@ -82,7 +90,7 @@ impl Error {
             | Error::Stalled(_)
             | Error::Corrupt(_)
             | Error::Remote { .. } => 4,
-            Error::Protocol(_) | Error::Io { .. } | Error::Usage(_) => 1,
+            Error::Protocol(_) | Error::Io { .. } | Error::NoSpace { .. } | Error::Usage(_) => 1,
         }
     }
 

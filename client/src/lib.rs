@@ -41,9 +41,12 @@
 //! Modules:
 //! - `conn`: one multiplexed connection (reader/writer tasks, stream ids, stall watchdog).
 //! - `client`: [`Client`], its connection pool, retries with backoff, list/stat/mkdir/rm/mv.
-//! - `download`: pipelined, verified, resumable downloads into `NAME.fsc-part` + a state file.
+//! - `download`: pipelined, verified, resumable downloads (the network side of one file).
+//! - `local`: the local side of a transfer: confined directory handles, the working directory
+//!   (`.fsc-work/`) of partial downloads, publishing the verified file, free space, modes and
+//!   the umask; `local::sink` (the part file of one download: writes, resume, preallocation,
+//!   verification) and `local::state` (its resume state).
 //! - `upload`: resumable uploads driven by the server's chunk bitmap.
-//! - `state`: the `.fsc-state` file of a partial download.
 //! - `tree`: `-r` transfers; downloads write only beneath their destination directory.
 //! - `tls`: [`Tls`] (rustls client configuration), server names, handshake error messages.
 //! - [`progress`]: [`Event`]s and the CLI's [`progress::Reporter`] (bars, NDJSON, quiet).
@@ -66,17 +69,17 @@ mod client;
 mod conn;
 mod download;
 mod error;
+mod local;
 pub mod progress;
-mod state;
 mod tls;
 mod tree;
 mod upload;
 
-pub use client::{Client, Entry, Kind, Options, Transfer};
+pub use client::{Client, Entry, Kind, Options, Transfer, MAX_LIST_BYTES};
 pub use conn::MAX_DATA_FRAME;
 pub use download::Dest;
 pub use error::{Error, Result};
 pub use progress::{Event, EventFn};
 pub use tls::{Tls, TLS_SCHEME};
-pub use tree::TreeSummary;
+pub use tree::{TreeSummary, MAX_TREE_BYTES, MAX_TREE_DEPTH, MAX_TREE_ENTRIES};
 pub use upload::UploadOptions;

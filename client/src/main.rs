@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use fsc::progress::{Mode, Reporter};
+use fsc::progress::{escape, json, Mode, Reporter};
 use fsc::{Client, Dest, Event, Options, TreeSummary, UploadOptions};
 
 macro_rules! exit_codes {
@@ -111,6 +111,11 @@ enum Cmd {
         remote: String,
         /// Local path (default: the remote base name in the current directory; `-`: stdout).
         local: Option<String>,
+        /// Give created files and directories the server's permission bits exactly (never
+        /// setuid, setgid or sticky); without it they get those bits less the umask.
+        /// Directories that existed before are never changed.
+        #[arg(short, long)]
+        preserve: bool,
         #[command(flatten)]
         t: Transfer,
     },
@@ -253,7 +258,8 @@ async fn run(cli: Cli) -> i32 {
                     message: e.to_string(),
                 });
             }
-            eprintln!("fsc: {e}");
+            // Error messages may quote the server: escaped like every server string.
+            eprintln!("fsc: {}", escape(&e.to_string()));
             if let Some(e) = e.downcast_ref::<fsc::Error>() {
                 hint(e);
             }
@@ -294,7 +300,7 @@ fn reported(r: fsc::Result<()>, path: &str, quiet: bool) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             if !quiet {
-                eprintln!("fsc: {path}: {e}");
+                eprintln!("fsc: {}: {}", escape(path), escape(&e.to_string()));
                 hint(&e);
             }
             e.exit_code()
@@ -321,7 +327,7 @@ fn hint(e: &fsc::Error) {
 fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
     if !quiet {
         for (path, e) in &s.failed {
-            eprintln!("fsc: {path}: {e}");
+            eprintln!("fsc: {}: {}", escape(path), escape(&e.to_string()));
         }
     }
     if reporter.mode() == Mode::Bars {
@@ -351,9 +357,14 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             server,
             remote,
             local,
+            preserve,
             t,
         } => {
-            let client = connect(&server, options(g, t.jobs, reporter)?).await?;
+            let opts = Options {
+                preserve,
+                ..options(g, t.jobs, reporter)?
+            };
+            let client = connect(&server, opts).await?;
             let default_local = || -> anyhow::Result<PathBuf> {
                 let base = remote
                     .trim_end_matches('/')
@@ -409,20 +420,25 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
         }
         Cmd::Ls { server, path } => {
             let client = connect(&server, options(g, 1, reporter)?).await?;
-            for e in client.list(&path).await? {
-                if g.json {
-                    println!("{}", serde_json::to_string(&e)?);
-                } else {
-                    println!("{}", format_entry(&e));
-                }
-            }
+            // Page by page: a listing that never ends costs time, not memory.
+            let mut out = std::io::stdout().lock();
+            client
+                .list_each(&path, |e| {
+                    use std::io::Write;
+                    let line = if g.json { json(&e) } else { format_entry(&e) };
+                    writeln!(out, "{line}").map_err(|err| fsc::Error::Io {
+                        path: "<stdout>".into(),
+                        source: err,
+                    })
+                })
+                .await?;
             Ok(0)
         }
         Cmd::Stat { server, path } => {
             let client = connect(&server, options(g, 1, reporter)?).await?;
             let e = client.stat(&path).await?;
             if g.json {
-                println!("{}", serde_json::to_string(&e)?);
+                println!("{}", json(&e));
             } else {
                 println!("{}", format_entry(&e));
             }
@@ -475,10 +491,12 @@ fn format_entry(e: &fsc::Entry) -> String {
         perms.push(if b & 1 != 0 { 'x' } else { '-' });
     }
     let secs = e.mtime_ns.div_euclid(1_000_000_000);
+    // Names and link targets come from the server: escaped, never raw to the terminal.
+    let name = escape(&e.name);
     let name = match (&e.kind, &e.target) {
-        (fsc::Kind::Dir, _) => format!("{}/", e.name),
-        (fsc::Kind::Symlink, Some(t)) => format!("{} -> {t}", e.name),
-        _ => e.name.clone(),
+        (fsc::Kind::Dir, _) => format!("{name}/"),
+        (fsc::Kind::Symlink, Some(t)) => format!("{name} -> {}", escape(t)),
+        _ => name.into_owned(),
     };
     format!("{kind}{perms} {:>12} {} {name}", e.size, utc(secs))
 }

@@ -1,7 +1,12 @@
 //! Transfer events and the three ways fsc shows them: indicatif bars on a terminal, NDJSON with
 //! `--json`, nothing otherwise. The library only emits [`Event`]s through a callback; the
 //! [`Reporter`] is what the CLI plugs in.
+//!
+//! Paths, names and messages in events often come from the server. Everything printed for a
+//! person goes through [`escape`] (a name with an escape sequence cannot drive the terminal);
+//! NDJSON goes through [`json`], exact JSON that decodes to the very same strings.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -9,6 +14,56 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
+
+/// Whether `c` must not reach a terminal raw: C0 controls, DEL, C1 controls, and the Unicode
+/// bidirectional controls that reorder what is displayed (Trojan Source, CVE-2021-42574).
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` fit to print: unchanged if it holds no control character; otherwise every control
+/// character as `\xNN` (ASCII) or `\u{NNNN}`, and every backslash doubled, so the escaped
+/// form cannot be mistaken for a name that really holds those characters.
+pub fn escape(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(is_unsafe) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if is_unsafe(c) && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if is_unsafe(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `v` as one line of JSON in which every control character (C1 and bidirectional controls
+/// too, which JSON would allow raw) is a `\uNNNN` escape: the same value to a JSON parser,
+/// harmless on a terminal.
+pub fn json<T: Serialize + ?Sized>(v: &T) -> String {
+    let raw = serde_json::to_string(v).expect("serializes");
+    if !raw.chars().any(is_unsafe) {
+        return raw;
+    }
+    // serde_json already escaped C0 and DEL is not special; outside strings JSON is ASCII,
+    // so anything left to escape is inside a string, where \uNNNN means the same character.
+    let mut out = String::with_capacity(raw.len() + 16);
+    for c in raw.chars() {
+        if is_unsafe(c) {
+            let mut buf = [0u16; 2];
+            for unit in c.encode_utf16(&mut buf) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// Something that happened during a transfer. Serialized as one NDJSON object per line with an
 /// `"event"` field naming the variant.
@@ -139,7 +194,7 @@ impl Reporter {
         if let Event::Done { path, .. } | Event::Error { path, .. } = e {
             self.state.lock().unwrap().last_json.remove(path);
         }
-        let mut line = serde_json::to_vec(e).expect("events serialize");
+        let mut line = json(e).into_bytes();
         line.push(b'\n');
         // One write per line so concurrent events never interleave inside a line.
         let _ = if to_stderr {
@@ -178,7 +233,7 @@ impl Reporter {
                     None => multi.add(ProgressBar::new(*size)),
                 };
                 bar.set_style(style());
-                bar.set_message(short(path));
+                bar.set_message(short(&escape(path)));
                 bar.set_position(*resumed);
                 if let Some(t) = &st.total {
                     t.inc(*resumed);
@@ -202,6 +257,7 @@ impl Reporter {
                 match &st.total {
                     Some(t) => t.inc(bytes.saturating_sub(shown)),
                     None => {
+                        let path = escape(path);
                         let _ = multi.println(format!("{path}: {bytes} bytes, verified"));
                     }
                 }
@@ -210,19 +266,20 @@ impl Reporter {
                 if let Some(bar) = st.bars.remove(path) {
                     bar.abandon();
                 }
-                let _ = multi.println(format!("{path}: {message}"));
+                let _ = multi.println(format!("{}: {}", escape(path), escape(message)));
             }
             Event::Retry { path, error, .. } => {
-                let _ = multi.println(format!("{path}: {error}; retrying"));
+                let _ = multi.println(format!("{}: {}; retrying", escape(path), escape(error)));
             }
             Event::Restart { path, reason } => {
-                let _ = multi.println(format!("{path}: {reason}; starting over"));
+                let line = format!("{}: {}; starting over", escape(path), escape(reason));
+                let _ = multi.println(line);
                 if let Some(bar) = st.bars.get(path) {
                     bar.set_position(0);
                 }
             }
             Event::Skip { path, reason } => {
-                let _ = multi.println(format!("{path}: skipped ({reason})"));
+                let _ = multi.println(format!("{}: skipped ({})", escape(path), escape(reason)));
             }
             Event::Corrupt { .. } => {}
         }
@@ -282,5 +339,22 @@ mod tests {
             message: "nope".into(),
         };
         assert_eq!(serde_json::to_value(&e).unwrap()["event"], "error");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_json_stays_exact() {
+        let hostile = "a\x1b[2Jb\u{9b}c\u{202e}d\\e\x7f\n";
+        let shown = escape(hostile);
+        assert_eq!(shown, "a\\x1b[2Jb\\u{009b}c\\u{202e}d\\\\e\\x7f\\x0a");
+        assert!(!shown.chars().any(is_unsafe));
+        assert_eq!(escape("plain/ünïcode name"), "plain/ünïcode name");
+        let e = Event::Skip {
+            path: hostile.into(),
+            reason: "r".into(),
+        };
+        let line = json(&e);
+        assert!(!line.chars().any(is_unsafe), "{line}");
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["path"], hostile, "the JSON decodes to the exact name");
     }
 }

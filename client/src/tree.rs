@@ -1,212 +1,21 @@
-//! Local directory handles and `-r` transfers.
-//!
-//! The client is attacked too (rsync CVE-2024-12086/12087, scp CVE-2019-6111): a hostile
-//! server can name files we never asked for. Downloads therefore write only through a
-//! [`LocalDir`] — an open directory fd — by one checked leaf name at a time, with `O_NOFOLLOW`,
-//! so neither `../x`, `a/b`, an absolute name nor a symlink planted in the destination can lead
-//! a write outside it.
-
-use std::ffi::OsStr;
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
-
-use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, OFlag};
-use nix::sys::stat::{fchmod, futimens, mkdirat, Mode};
-use nix::sys::time::TimeSpec;
-use nix::unistd::{unlinkat, UnlinkatFlags};
+//! `-r` transfers. Downloads write only beneath their destination directory, through
+//! [`LocalDir`] handles by checked names (see `local`).
 
 use std::collections::VecDeque;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use fsd::durable::{link_anonymous, GroupSync};
+use fsd::durable::GroupSync;
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use crate::client::{Client, Kind, Transfer};
-use crate::download::{Out, Slots};
+use crate::client::{entry_cost, Client, Entry, Kind, Slots, Transfer};
 use crate::error::{Error, Result};
+use crate::local::sink::Out;
+use crate::local::{check_name, is_work_dir_name, new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
 use crate::upload::UploadOptions;
-
-/// Longest component name accepted from a server.
-const NAME_MAX: usize = 255;
-
-/// Accepts only a plain file name: not empty, `.` or `..`, no `/` or NUL, at most 255 bytes.
-pub(crate) fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name == "."
-        || name == ".."
-        || name.contains('/')
-        || name.contains('\0')
-        || name.len() > NAME_MAX
-    {
-        return Err(Error::UnsafeName(name.to_string()));
-    }
-    Ok(())
-}
-
-/// An open directory. Every file operation is relative to it, by a single leaf name.
-#[derive(Clone, Debug)]
-pub(crate) struct LocalDir {
-    fd: Arc<OwnedFd>,
-    path: PathBuf,
-}
-
-fn io(e: Errno) -> std::io::Error {
-    std::io::Error::from(e)
-}
-
-impl LocalDir {
-    /// Opens a directory the user named (symlinks in the user's own path are followed).
-    pub fn open(path: &Path) -> std::io::Result<LocalDir> {
-        let fd = openat(
-            nix::fcntl::AT_FDCWD,
-            path,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io)?;
-        Ok(LocalDir {
-            fd: Arc::new(fd),
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Path for messages.
-    pub fn display(&self, name: &str) -> String {
-        self.path.join(name).display().to_string()
-    }
-
-    /// Opens (creating if `create`) the subdirectory `name`; a symlink there is refused.
-    pub fn subdir(&self, name: &str, create: bool, mode: u32) -> std::io::Result<LocalDir> {
-        if create {
-            match mkdirat(self.fd.as_fd(), name, Mode::from_bits_truncate(mode)) {
-                Ok(()) | Err(Errno::EEXIST) => {}
-                Err(e) => return Err(io(e)),
-            }
-        }
-        let fd = openat(
-            self.fd.as_fd(),
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io)?;
-        Ok(LocalDir {
-            fd: Arc::new(fd),
-            path: self.path.join(name),
-        })
-    }
-
-    /// Opens `name` read-write, creating it (mode 0600 until published) if missing; a symlink
-    /// there is refused.
-    pub fn open_rw(&self, name: &str, truncate: bool) -> std::io::Result<File> {
-        let mut flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        if truncate {
-            flags |= OFlag::O_TRUNC;
-        }
-        let fd = openat(
-            self.fd.as_fd(),
-            name,
-            flags,
-            Mode::from_bits_truncate(0o600),
-        )
-        .map_err(io)?;
-        Ok(File::from(fd))
-    }
-
-    /// A new file with no name yet (O_TMPFILE) in this directory, for [`LocalDir::link_in`]:
-    /// nothing is visible, and nothing is left behind by a crash, until it is complete.
-    /// `None` where the file system does not support it.
-    pub fn create_anonymous(&self) -> Option<File> {
-        let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
-        let fd = openat(self.fd.as_fd(), ".", flags, Mode::from_bits_truncate(0o600)).ok()?;
-        Some(File::from(fd))
-    }
-
-    /// Gives an anonymous file the name `name`, replacing (atomically) whatever is there.
-    pub fn link_in(&self, file: &File, name: &str) -> std::io::Result<()> {
-        let link = |to: &str| link_anonymous(file.as_fd(), self.fd.as_fd(), to);
-        match link(name) {
-            Err(Errno::EEXIST) => {}
-            r => return r.map_err(io),
-        }
-        // Something is there already (an older copy, or a planted symlink, which a rename
-        // replaces rather than follows): link under a private name, then rename over it.
-        let tmp = format!("{name}{}", crate::state::PART_SUFFIX);
-        self.remove(&tmp)?;
-        link(&tmp).map_err(io)?;
-        self.rename(&tmp, name)
-    }
-
-    /// Reads a small file; `None` if it does not exist.
-    pub fn read(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
-        let fd = match openat(
-            self.fd.as_fd(),
-            name,
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Ok(None),
-            Err(e) => return Err(io(e)),
-        };
-        let mut buf = Vec::new();
-        File::from(fd).read_to_end(&mut buf)?;
-        Ok(Some(buf))
-    }
-
-    /// Replaces `name` with `data` atomically (temp file + rename; not synced: see state.rs).
-    pub fn write_atomic(&self, name: &str, data: &[u8]) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = format!("{name}.tmp");
-        let mut f = self.open_rw(&tmp, true)?;
-        f.write_all(data)?;
-        drop(f);
-        self.rename(&tmp, name)
-    }
-
-    pub fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
-        renameat(self.fd.as_fd(), from, self.fd.as_fd(), to).map_err(io)
-    }
-
-    /// Removes a file; a missing one is fine.
-    pub fn remove(&self, name: &str) -> std::io::Result<()> {
-        match unlinkat(self.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => Ok(()),
-            Err(e) => Err(io(e)),
-        }
-    }
-
-    /// Makes renames in this directory durable.
-    pub fn sync(&self) -> std::io::Result<()> {
-        nix::unistd::fsync(self.fd.as_fd()).map_err(io)
-    }
-
-    /// Sets the directory's own permission bits and mtime.
-    pub fn set_meta(&self, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
-        set_meta(self.fd.as_fd(), mode, mtime_ns)
-    }
-}
-
-/// Sets permission bits (never setuid/setgid/sticky from a server) and mtime on an open fd.
-pub(crate) fn set_meta(fd: impl AsFd, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
-    fchmod(fd.as_fd(), Mode::from_bits_truncate(mode & 0o777)).map_err(io)?;
-    let mtime = TimeSpec::new(
-        mtime_ns.div_euclid(1_000_000_000),
-        mtime_ns.rem_euclid(1_000_000_000),
-    );
-    futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &mtime).map_err(io)
-}
-
-/// The last component of a remote path ("" for the root).
-pub(crate) fn remote_basename(path: &str) -> &str {
-    path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
-}
 
 /// `parent/name` for remote paths, where "" is the root.
 pub(crate) fn remote_join(parent: &str, name: &str) -> String {
@@ -254,61 +63,183 @@ const LISTS_IN_FLIGHT: usize = 16;
 /// Files up to this size use one connection; bigger ones are split across all of them.
 const SMALL_FILE: u64 = 4 << 20;
 
+/// Most entries (files, directories, anything listed) a tree download takes from a server, and
+/// most memory it spends on them (paths, names, link targets and a fixed overhead each): the
+/// plan of a tree is held in memory, so a server that lists without end, or very deep, meets a
+/// limit rather than exhausting the machine.
+pub const MAX_TREE_ENTRIES: u64 = 1 << 20;
+pub const MAX_TREE_BYTES: u64 = 128 << 20;
+/// Deepest directory level of a tree download.
+pub const MAX_TREE_DEPTH: usize = 1024;
+/// Longest remote path a tree download follows: the protocol's path limit (docs/PROTOCOL.md
+/// §13). Keeps what one entry of a deep tree costs bounded too.
+const MAX_REMOTE_PATH: usize = 4096;
+/// Descriptors a tree download keeps for itself and the connections, beyond files in flight.
+const FD_RESERVE: u64 = 64;
+/// Descriptors one file in flight may hold (its directory, part, direct-I/O twin, working
+/// directory, and one spare for publishing).
+const FDS_PER_FILE: u64 = 6;
+
 /// A remote file found by a tree walk, and where it goes locally.
 struct RemoteFile {
     remote: String,
-    dir: LocalDir,
+    /// Local directory, relative to the destination root ("" for the root itself).
+    dir: String,
     name: String,
     size: u64,
 }
 
+/// A local directory of a tree download: synced at the end (its renames), and given the
+/// server's mode and mtime only if this run created it (`meta`).
+struct TreeDir {
+    depth: usize,
+    rel: String,
+    meta: Option<(u32, i64)>,
+}
+
+/// Counts what a tree walk keeps, against [`MAX_TREE_ENTRIES`] and the path-bytes limit.
+#[derive(Default)]
+struct Budget {
+    entries: u64,
+    bytes: u64,
+}
+
+impl Budget {
+    /// Charges entry `e` listed in `dir` (its remote and local paths are kept as well).
+    fn take(&mut self, dir: &str, e: &Entry) -> Result<()> {
+        self.entries += 1;
+        self.bytes += 2 * (dir.len() + 1 + e.name.len()) as u64 + entry_cost(e);
+        if self.exceeded() {
+            return Err(Error::Protocol(format!(
+                "the tree has more than {MAX_TREE_ENTRIES} entries or {} MiB of names; \
+                 download it in parts",
+                MAX_TREE_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn exceeded(&self) -> bool {
+        self.entries > MAX_TREE_ENTRIES || self.bytes > MAX_TREE_BYTES
+    }
+}
+
+/// `parent/name` for local relative paths, where "" is the root.
+fn rel_join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+/// Files a tree transfer over `conns` connections keeps in flight: as many as asked, but
+/// never so many that their descriptors, with the connections' sockets, would exceed the
+/// process's limit (`ulimit -n`).
+fn files_in_flight(wanted: usize, conns: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    // SAFETY: getrlimit writes into the struct we pass, nothing else.
+    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+        0 => lim.rlim_cur,
+        _ => 1024,
+    };
+    let reserve = FD_RESERVE + u64::try_from(conns).unwrap_or(u64::MAX);
+    let budget = soft.saturating_sub(reserve) / FDS_PER_FILE;
+    wanted
+        .min(usize::try_from(budget).unwrap_or(usize::MAX))
+        .max(1)
+}
+
 impl Client {
     /// Downloads the remote directory `remote` into `local` (created if missing): files, modes
-    /// and mtimes. Symlinks and special files are skipped (a [`Event::Skip`] each). Every write
-    /// goes through an open handle on `local` by checked names; a server that names anything
-    /// else (`..`, `a/b`, NUL) is refused.
+    /// (less the umask, unless [`Options::preserve`](crate::Options)) and mtimes of what this
+    /// run creates; a directory that existed before is left as it was. Symlinks and special
+    /// files are skipped (a [`Event::Skip`] each). Every write goes through handles opened
+    /// beneath `local` by checked names; a server that names anything else (`..`, `a/b`, NUL)
+    /// is refused. Directories are opened when needed and closed after, so the number of
+    /// open files is bounded whatever the tree's shape.
     pub async fn download_tree(&self, remote: &str, local: &Path) -> Result<TreeSummary> {
         let top = self.stat(remote).await?;
         if top.kind != Kind::Dir {
             return Err(Error::Usage(format!("{remote}: not a directory (drop -r)")));
         }
+        let root_is_new = std::fs::symlink_metadata(local).is_err();
         std::fs::create_dir_all(local).map_err(|e| Error::io(local.display(), e))?;
         let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
         let mut summary = TreeSummary::default();
         let mut files = Vec::new();
-        let mut dirs = vec![(0usize, root.clone(), top.mode, top.mtime_ns)];
+        // Names the server has at the top, where fsc's working directory would go.
+        let mut top_names = std::collections::HashSet::new();
+        let mut dirs = vec![TreeDir {
+            depth: 0,
+            rel: String::new(),
+            meta: root_is_new.then_some((top.mode, top.mtime_ns)),
+        }];
+        let budget = &std::sync::Mutex::new(Budget::default());
         // Files are made durable in groups (one syncfs each), then renamed; see fsd::durable.
-        let group = GroupSync::new(root.fd.as_fd(), SYNC_GATHER, SYNC_BATCH)
+        let group = GroupSync::new(root.fd(), SYNC_GATHER, SYNC_BATCH)
             .map_err(|e| Error::io(local.display(), e))?;
         let group = &group;
 
-        // Breadth-first, with listings of different directories overlapping.
+        // Breadth-first, with listings of different directories overlapping. A queued
+        // directory is a remote path and a local relative path, not an open handle.
         let mut lists = FuturesUnordered::new();
-        let mut waiting = VecDeque::from([(remote.to_string(), root, 1usize)]);
+        let mut waiting = VecDeque::from([(remote.to_string(), String::new(), 1usize)]);
         loop {
             while lists.len() < LISTS_IN_FLIGHT {
-                let Some((path, dir, depth)) = waiting.pop_front() else {
+                let Some((path, rel, depth)) = waiting.pop_front() else {
                     break;
                 };
                 lists.push(async move {
-                    let r = self.list(&path).await;
-                    (path, dir, depth, r)
+                    let mut entries = Vec::new();
+                    let r = self.list_each(&path, |e| {
+                        budget.lock().unwrap().take(&path, &e)?;
+                        entries.push(e);
+                        Ok(())
+                    });
+                    let r = r.await.map(|()| entries);
+                    (path, rel, depth, r)
                 });
             }
-            let Some((path, dir, depth, listed)) = lists.next().await else {
+            let Some((path, rel, depth, listed)) = lists.next().await else {
                 break;
             };
             let entries = match listed {
                 Ok(e) => e,
+                // Too big to plan: nothing of it is transferred.
+                Err(e) if budget.lock().unwrap().exceeded() => return Err(e),
                 Err(e) => {
                     self.emit(error_event(&path, &e));
                     summary.failed.push((path, e));
                     continue;
                 }
             };
+            let dir = match root.walk(&rel) {
+                Ok(d) => d,
+                Err(e) => {
+                    let e = Error::io(root.display(&rel), e);
+                    self.emit(error_event(&path, &e));
+                    summary.failed.push((path, e));
+                    continue;
+                }
+            };
             for e in entries {
+                if rel.is_empty() {
+                    top_names.insert(e.name.clone());
+                }
                 let rpath = remote_join(&path, &e.name);
                 if let Err(err) = check_name(&e.name) {
+                    self.emit(error_event(&rpath, &err));
+                    summary.failed.push((rpath, err));
+                    continue;
+                }
+                if rpath.len() > MAX_REMOTE_PATH {
+                    let err = Error::Protocol(format!(
+                        "path longer than {MAX_REMOTE_PATH} bytes; not transferred"
+                    ));
                     self.emit(error_event(&rpath, &err));
                     summary.failed.push((rpath, err));
                     continue;
@@ -316,13 +247,26 @@ impl Client {
                 match e.kind {
                     Kind::File => files.push(RemoteFile {
                         remote: rpath,
-                        dir: dir.clone(),
+                        dir: rel.clone(),
                         name: e.name,
                         size: e.size,
                     }),
+                    Kind::Dir if depth >= MAX_TREE_DEPTH => {
+                        let err = Error::Protocol(format!(
+                            "deeper than {MAX_TREE_DEPTH} levels; not descending"
+                        ));
+                        self.emit(error_event(&rpath, &err));
+                        summary.failed.push((rpath, err));
+                    }
+                    // Writable by us until the end, whatever the server's mode says.
                     Kind::Dir => match dir.subdir(&e.name, true, 0o700) {
-                        Ok(sub) => {
-                            dirs.push((depth, sub.clone(), e.mode, e.mtime_ns));
+                        Ok((_, created)) => {
+                            let sub = rel_join(&rel, &e.name);
+                            dirs.push(TreeDir {
+                                depth,
+                                rel: sub.clone(),
+                                meta: created.then_some((e.mode, e.mtime_ns)),
+                            });
                             waiting.push_back((rpath, sub, depth + 1));
                         }
                         Err(err) => {
@@ -344,8 +288,12 @@ impl Client {
 
         self.emit(Event::Plan {
             files: files.len() as u64,
-            bytes: files.iter().map(|f| f.size).sum(),
+            bytes: files.iter().fold(0, |n: u64, f| n.saturating_add(f.size)),
         });
+        let root = &root;
+        let work_name = work_dir_name(|n| top_names.contains(n));
+        drop(top_names);
+        let work_name = &work_name;
         let results = futures::stream::iter(files)
             .map(|f| async move {
                 let slots = if f.size <= SMALL_FILE {
@@ -353,26 +301,43 @@ impl Client {
                 } else {
                     Slots::All
                 };
+                let dir = match root.walk(&f.dir) {
+                    Ok(d) => d,
+                    Err(e) => return (f.remote, Err(Error::io(root.display(&f.dir), e))),
+                };
                 let out = Out::File {
-                    dir: f.dir,
+                    work: Work::new(root.clone(), work_name.clone(), &rel_join(&f.dir, &f.name)),
+                    dir,
                     name: f.name,
                     group: Some(group.clone()),
                 };
-                (
-                    f.remote.clone(),
-                    self.download_file(&f.remote, out, slots).await,
-                )
+                let r = self.download_file(&f.remote, out, slots).await;
+                (f.remote, r)
             })
-            .buffer_unordered(FILES_PER_CONN * self.connections());
+            .buffer_unordered(files_in_flight(
+                FILES_PER_CONN * self.connections(),
+                self.connections(),
+            ));
         summary.collect(results).await;
+        Work::new(root.clone(), work_name.clone(), "").tidy();
 
         // Directory metadata last, deepest first: creating entries changes a directory's mtime.
-        // Each directory is synced once here (its renames) rather than after every rename in it.
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
-        for (_, dir, mode, mtime_ns) in dirs {
-            if let Err(e) = dir.sync().and_then(|_| dir.set_meta(mode, mtime_ns)) {
-                let e = Error::io(dir.display(""), e);
-                summary.failed.push((dir.display(""), e));
+        // Each directory is synced once here (its renames) rather than after every rename in
+        // it. Only directories this run created get the server's mode and mtime.
+        let preserve = self.shared.opts.preserve;
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
+        for d in dirs {
+            let r = root.walk(&d.rel).and_then(|dir| {
+                dir.sync()?;
+                match d.meta {
+                    Some((mode, mtime_ns)) => dir.set_meta(new_mode(mode, preserve), mtime_ns),
+                    None => Ok(()),
+                }
+            });
+            if let Err(e) = r {
+                summary
+                    .failed
+                    .push((root.display(&d.rel), Error::io(root.display(&d.rel), e)));
             }
         }
         Ok(summary)
@@ -436,7 +401,10 @@ impl Client {
                 let r = self.upload_file(&local, &remote, opts, slots).await;
                 (remote, r)
             })
-            .buffer_unordered(FILES_PER_CONN * self.connections());
+            .buffer_unordered(files_in_flight(
+                FILES_PER_CONN * self.connections(),
+                self.connections(),
+            ));
         summary.collect(results).await;
         Ok(summary)
     }
@@ -516,7 +484,10 @@ fn walk_local(root: &Path, remote: &str) -> Result<LocalTree> {
             // lstat: a symlink is never followed out of the tree.
             let md = std::fs::symlink_metadata(&path).map_err(|e| Error::io(path.display(), e))?;
             let ft = md.file_type();
-            if ft.is_dir() {
+            if ft.is_dir() && ent.file_name().to_str().is_some_and(is_work_dir_name) {
+                // fsc's own partial downloads, not the user's data.
+                tree.skipped.push((rpath, "fsc working directory".into()));
+            } else if ft.is_dir() {
                 tree.dirs.push((rpath.clone(), md.mode() & 0o7777, depth));
                 stack.push((path, rpath, depth + 1));
             } else if ft.is_file() {
@@ -539,41 +510,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hostile_names_are_refused() {
-        for bad in [
-            "",
-            ".",
-            "..",
-            "../x",
-            "a/b",
-            "/etc",
-            "x\0y",
-            &"n".repeat(256),
-        ] {
-            assert!(check_name(bad).is_err(), "{bad:?}");
-        }
-        for good in ["a", ".hidden", "..x", "x..", "naïve", &"n".repeat(255)] {
-            check_name(good).unwrap();
-        }
-    }
-
-    #[test]
-    fn local_dir_does_not_follow_planted_symlinks() {
+    fn uploads_skip_fscs_working_directories() {
         let tmp = tempfile::tempdir().unwrap();
-        let outside = tmp.path().join("outside");
-        std::fs::create_dir(&outside).unwrap();
-        let dest = tmp.path().join("dest");
-        std::fs::create_dir(&dest).unwrap();
-        std::os::unix::fs::symlink(&outside, dest.join("sub")).unwrap();
-        std::os::unix::fs::symlink(outside.join("f"), dest.join("f")).unwrap();
-        let dir = LocalDir::open(&dest).unwrap();
-        assert!(dir.subdir("sub", true, 0o755).is_err());
-        assert!(dir.open_rw("f", false).is_err());
-        assert!(!outside.join("f").exists());
+        for d in [".fsc-work", ".fsc-work.1", ".fsc-workshop"] {
+            std::fs::create_dir(tmp.path().join(d)).unwrap();
+            std::fs::write(tmp.path().join(d).join("x"), b"x").unwrap();
+        }
+        std::fs::write(tmp.path().join("f"), b"f").unwrap();
+        let tree = walk_local(tmp.path(), "r").unwrap();
+        let mut files: Vec<_> = tree.files.iter().map(|f| f.1.as_str()).collect();
+        files.sort();
+        assert_eq!(files, ["r/.fsc-workshop/x", "r/f"]);
+        assert_eq!(tree.skipped.len(), 2);
     }
 
     #[test]
     fn remote_path_helpers() {
+        use crate::client::remote_basename;
         assert_eq!(remote_basename("a/b/c"), "c");
         assert_eq!(remote_basename("c"), "c");
         assert_eq!(remote_basename("a/b/"), "b");

@@ -18,21 +18,23 @@ use std::sync::{Arc, Mutex};
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
 use fsd::integrity::{hash_chunk, root_hash};
-use fsd::protocol::{chunk_count, chunk_len, msg, Cmd, ErrorCode};
+use fsd::protocol::{
+    checked_chunk_count, chunk_count, chunk_len, msg, Cmd, ErrorCode, MAX_CHUNKS_PER_FILE,
+};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::client::{Client, Transfer};
+use crate::client::{Client, Slots, Transfer};
 use crate::conn::Conn;
-use crate::download::Slots;
 use crate::error::{Error, Result};
+use crate::local::state::Bitmap;
 use crate::progress::Event;
-use crate::state::Bitmap;
 
 /// WRITEs kept outstanding per connection.
 const LANES: usize = 8;
 /// Chunks read ahead of the lanes.
 const READ_AHEAD: usize = 4;
+const READ_AHEAD_BYTES: u32 = 8 << 20;
 /// Single-chunk files up to this size are read on the async thread (see `UpJob::put`).
 const INLINE_READ: u64 = 64 * 1024;
 
@@ -266,12 +268,15 @@ impl UpJob {
                 "chunk size {cs} is not a power of two >= 1024"
             )));
         }
-        if cs > conn.server_max_frame() {
-            return Err(bad(format!(
-                "chunk size {cs} exceeds the server's frame limit"
-            )));
+        if cs > conn.server_max_frame() || cs > crate::conn::MAX_DATA_FRAME {
+            return Err(bad(format!("chunk size {cs} exceeds the frame limit")));
         }
-        let count = chunk_count(self.src.size, cs);
+        // Checked in u64: the server chose the chunk size, and the bitmap is sized by it.
+        let count = checked_chunk_count(self.src.size, cs).ok_or_else(|| {
+            bad(format!(
+                "chunk size {cs} gives more than {MAX_CHUNKS_PER_FILE} chunks"
+            ))
+        })?;
         if r.chunk_count != count {
             return Err(bad(format!("{} chunks, expected {count}", r.chunk_count)));
         }
@@ -284,15 +289,8 @@ impl UpJob {
         })
     }
 
-    fn slot_list(&self) -> Vec<usize> {
-        match self.slots {
-            Slots::One(s) => vec![s],
-            Slots::All => (0..self.client.connections()).collect(),
-        }
-    }
-
     async fn attempt(&self, restart: bool) -> Result<Transfer, Stop> {
-        let slots = self.slot_list();
+        let slots = self.client.slot_list(self.slots);
         let conn0 = self.client.conn(slots[0]).await?;
         if conn0.is_single_chunk(self.src.size) {
             match self.put(&conn0).await {
@@ -346,7 +344,10 @@ impl UpJob {
             }
         }
 
-        let (tx, rx) = mpsc::channel::<(u32, Bytes, u32)>(READ_AHEAD);
+        // Read-ahead in chunks, but never more than READ_AHEAD_BYTES of them (the chunk size
+        // is the server's choice).
+        let ahead = usize::try_from(READ_AHEAD_BYTES / cs.max(1)).unwrap_or(1);
+        let (tx, rx) = mpsc::channel::<(u32, Bytes, u32)>(ahead.clamp(1, READ_AHEAD));
         let reader = {
             let file = self.src.file.clone();
             let present = up.present.clone();
@@ -356,7 +357,7 @@ impl UpJob {
         let rx = tokio::sync::Mutex::new(rx);
         let done = AtomicU64::new(present_bytes);
         let lanes = conns.iter().flat_map(|(c, h)| {
-            (0..LANES.min(missing as usize)).map(|_| self.lane(c, *h, &rx, &done))
+            (0..LANES.min(missing as usize)).map(|_| self.lane(c, *h, cs, &rx, &done))
         });
         let results: Vec<Result<u32>> = futures::future::join_all(lanes).await;
         drop(rx);
@@ -466,17 +467,21 @@ impl UpJob {
         &self,
         conn: &Conn,
         handle: u32,
+        cs: u32,
         rx: &tokio::sync::Mutex<mpsc::Receiver<(u32, Bytes, u32)>>,
         done: &AtomicU64,
     ) -> Result<u32> {
         let mut acked = 0;
         loop {
+            // The window first, then a chunk: a lane waiting for room holds no chunk, so the
+            // chunks in memory are bounded by the windows, not by lanes x chunk size.
+            let mut window = conn.window(u64::from(cs)).await?;
             let next = rx.lock().await.recv().await;
             let Some((i, data, crc)) = next else {
                 return Ok(acked);
             };
             let len = data.len() as u64;
-            let _window = conn.window(len).await?;
+            window.release(cs.saturating_sub(u32::try_from(data.len()).unwrap_or(cs)));
             let mut s = conn.open().await?;
             s.send_msg(Cmd::WRITE, 0, &msg::WriteRequest { handle, chunk: i })
                 .await?;

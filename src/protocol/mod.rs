@@ -44,9 +44,24 @@ pub fn chunk_size_for(size: u64, base: u32) -> u32 {
     chunk.min(u32::MAX as u64 / 2 + 1) as u32
 }
 
-/// Number of chunks of a file (0 for an empty file).
+/// Number of chunks of a file (0 for an empty file). Saturates at `u32::MAX` rather than wrap
+/// (a wrapped count once turned a 4 TiB file into 0 chunks); for sizes and chunk sizes that
+/// came off the wire use [`checked_chunk_count`], which also enforces [`MAX_CHUNKS_PER_FILE`].
 pub fn chunk_count(size: u64, chunk_size: u32) -> u32 {
-    size.div_ceil(chunk_size as u64) as u32
+    u32::try_from(size.div_ceil(u64::from(chunk_size.max(1)))).unwrap_or(u32::MAX)
+}
+
+/// Number of chunks of a file, or `None` if the chunk size is 0 or the count exceeds
+/// [`MAX_CHUNKS_PER_FILE`] (docs/PROTOCOL.md §8.1).
+pub fn checked_chunk_count(size: u64, chunk_size: u32) -> Option<u32> {
+    if chunk_size == 0 {
+        return None;
+    }
+    let n = size.div_ceil(u64::from(chunk_size));
+    if n > MAX_CHUNKS_PER_FILE {
+        return None;
+    }
+    u32::try_from(n).ok()
 }
 
 /// Byte length of chunk `index` of a file of `size` bytes.
@@ -187,6 +202,13 @@ mod tests {
         assert_eq!(chunk_count(1025, 1024), 2);
         assert_eq!(chunk_len(1025, 1024, 1), 1);
         assert_eq!(chunk_len(1025, 1024, 0), 1024);
+        // 2^42 bytes in 1 KiB chunks is 2^32 chunks: never 0.
+        assert_eq!(chunk_count(1 << 42, 1024), u32::MAX);
+        assert_eq!(checked_chunk_count(1 << 42, 1024), None);
+        assert_eq!(checked_chunk_count(1 << 30, 1024), Some(1 << 20));
+        assert_eq!(checked_chunk_count((1 << 30) + 1, 1024), None);
+        assert_eq!(checked_chunk_count(5, 0), None);
+        assert_eq!(checked_chunk_count(0, 1024), Some(0));
         let huge = 5u64 << 40; // 5 TiB
         let cs = chunk_size_for(huge, DEFAULT_CHUNK_SIZE);
         assert!(chunk_count(huge, cs) as u64 <= MAX_CHUNKS_PER_FILE);

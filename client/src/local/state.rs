@@ -1,22 +1,23 @@
-//! Resume state of a partial download: `NAME.fsc-state` beside `NAME.fsc-part`.
+//! Resume state of a partial download: `KEY.state` beside `KEY.part` in the destination's
+//! working directory (`local::Work`).
 //!
 //! JSON, replaced atomically (temp file + rename). It records what the part file was downloaded
-//! from (identity, size, chunk size, whole-file BLAKE3, per-chunk CRC32s) and which chunks it
-//! holds. Neither the state nor the part is synced while downloading: a claim only says where to
+//! from (identity, size, chunk size, whole-file BLAKE3) and which chunks it holds: one bit per
+//! chunk, so at most 128 KiB of bitmap (256 KiB as hex) for the protocol's 2^20 chunks. The
+//! chunks' CRC32s are not kept: they come from the server's manifest on every run, so a state
+//! written during a run that failed can never outvote the server. Neither the state nor the part is synced while downloading: a claim only says where to
 //! look, and on resume every chunk on disk (claimed or not) is verified by its CRC32, so a chunk
 //! lost or torn by a crash is simply fetched again. Only the finished file is fsynced.
 
 use serde::{Deserialize, Serialize};
 
-use crate::tree::LocalDir;
+use super::LocalDir;
 
 /// Bump when the format changes; other versions are ignored (the download starts over).
-const VERSION: u32 = 1;
-
-/// Suffix of the partial file.
-pub(crate) const PART_SUFFIX: &str = ".fsc-part";
-/// Suffix of the state file.
-pub(crate) const STATE_SUFFIX: &str = ".fsc-state";
+/// 2: no CRC32s (from the manifest instead), kept in the working directory.
+const VERSION: u32 = 2;
+/// Largest state file read: the bitmap of 2^20 chunks in hex, and the other fields.
+const MAX_STATE_BYTES: u64 = 512 * 1024;
 
 /// One bit per chunk: chunk i present <=> bits[i/8] & (1 << (i%8)), as on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,8 +79,6 @@ pub(crate) struct PartState {
     pub chunk_size: u32,
     /// Whole-file BLAKE3 (hex).
     pub blake3: String,
-    /// CRC32 of every chunk: 8 hex digits each.
-    pub crcs: String,
     /// Chunks written to the part file (hex of the bitmap bytes).
     pub bitmap: String,
 }
@@ -91,10 +90,8 @@ impl PartState {
         size: u64,
         chunk_size: u32,
         blake3: &[u8; 32],
-        crcs: &[u32],
         have: &Bitmap,
     ) -> PartState {
-        let crcs: String = crcs.iter().map(|c| format!("{c:08x}")).collect();
         PartState {
             version: VERSION,
             remote: remote.to_string(),
@@ -102,14 +99,14 @@ impl PartState {
             size,
             chunk_size,
             blake3: hex::encode(blake3),
-            crcs,
             bitmap: hex::encode(have.as_bytes()),
         }
     }
 
-    /// Reads `NAME.fsc-state`; a missing, unreadable or foreign file is `None` (start over).
+    /// Reads the state file `name`; a missing, unreadable, oversized or foreign file is `None`
+    /// (start over).
     pub fn load(dir: &LocalDir, name: &str) -> Option<PartState> {
-        let bytes = dir.read(&format!("{name}{STATE_SUFFIX}")).ok()??;
+        let bytes = dir.read(name, MAX_STATE_BYTES).ok()??;
         match serde_json::from_slice::<PartState>(&bytes) {
             Ok(s) if s.version == VERSION => Some(s),
             Ok(_) => None,
@@ -120,10 +117,10 @@ impl PartState {
         }
     }
 
-    /// Replaces `NAME.fsc-state` atomically.
+    /// Replaces the state file `name` atomically.
     pub fn save(&self, dir: &LocalDir, name: &str) -> std::io::Result<()> {
         let json = serde_json::to_vec(self).expect("state serializes");
-        dir.write_atomic(&format!("{name}{STATE_SUFFIX}"), &json)
+        dir.write_atomic(name, &json)
     }
 
     /// Whether this state describes the same remote content version.
@@ -132,16 +129,6 @@ impl PartState {
             && self.size == size
             && self.chunk_size == chunk_size
             && self.blake3 == hex::encode(blake3)
-    }
-
-    /// The stored CRC32s, if well-formed and `count` of them.
-    pub fn crcs(&self, count: u32) -> Option<Vec<u32>> {
-        if self.crcs.len() != count as usize * 8 || !self.crcs.is_ascii() {
-            return None;
-        }
-        (0..count as usize)
-            .map(|i| u32::from_str_radix(&self.crcs[i * 8..i * 8 + 8], 16).ok())
-            .collect()
     }
 
     /// The stored bitmap (empty if malformed: every chunk is then checked as unclaimed).
@@ -176,20 +163,10 @@ mod tests {
         let dir = LocalDir::open(tmp.path()).unwrap();
         let mut have = Bitmap::new(3);
         have.set(1);
-        let s = PartState::new(
-            "r/f",
-            "id1",
-            2500,
-            1024,
-            &[7; 32],
-            &[1, 0xdeadbeef, 3],
-            &have,
-        );
+        let s = PartState::new("r/f", "id1", 2500, 1024, &[7; 32], &have);
         s.save(&dir, "f").unwrap();
         let back = PartState::load(&dir, "f").unwrap();
         assert_eq!(back, s);
-        assert_eq!(back.crcs(3).unwrap(), vec![1, 0xdeadbeef, 3]);
-        assert_eq!(back.crcs(4), None);
         assert_eq!(back.bitmap(3), have);
         assert!(back.matches("id1", 2500, 1024, &[7; 32]));
         assert!(!back.matches("id2", 2500, 1024, &[7; 32]));

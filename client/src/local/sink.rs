@@ -1,0 +1,762 @@
+//! The local side of one download: the part file (or stdout), the chunks present and their
+//! BLAKE3 chaining values, the resume state, preallocation and, once verified, publishing.
+//!
+//! `download` drives the network side and hands every chunk to [`Sink::put`]; nothing here
+//! talks to the server. A multi-chunk file is written into a named part in the destination's
+//! working directory ([`Work`]) with a state file beside it; a file of at most one chunk into
+//! an anonymous (O_TMPFILE) file. Either is published by linking the inode that was written
+//! and hashed ([`publish`]).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blake3::hazmat::ChainingValue;
+use bytes::Bytes;
+use fsd::direct::DirectFile;
+use fsd::durable::GroupSync;
+use fsd::integrity::{chunk_cv, hash_chunk, root_hash};
+use fsd::protocol::chunk_len;
+use nix::unistd::Whence;
+use tracing::debug;
+
+use super::state::{Bitmap, PartState};
+use super::{lacks_space, new_mode, publish, punch_hole, LocalDir, Work};
+use crate::error::{Error, Result};
+
+/// Write the resume state at most this often.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// Chunks up to this size are written on the async thread (see `Sink::put`).
+const INLINE_WRITE: usize = 64 * 1024;
+/// To stdout, lanes fetch no chunk this far or further past the next one stdout needs: the
+/// chunks in between wait in memory (`Reorder`). At most this many chunks, and at most
+/// [`STDOUT_AHEAD_BYTES`] of them (chunk sizes are the server's choice), whatever `-j`.
+const STDOUT_AHEAD: u32 = 32;
+const STDOUT_AHEAD_BYTES: u32 = 32 << 20;
+
+/// The local side of one file download.
+#[derive(Clone)]
+pub(crate) enum Out {
+    File {
+        dir: LocalDir,
+        name: String,
+        /// Where its working files go.
+        work: Work,
+        /// How the file is made durable before its rename: alone (fsync of the file, and of
+        /// the directory after), or with others in one group sync (a tree, which syncs each
+        /// directory once at the end).
+        group: Option<Arc<GroupSync>>,
+    },
+    Stdout,
+}
+
+/// What OPEN(READ) said about the file.
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    pub(crate) handle: u32,
+    pub(crate) size: u64,
+    pub(crate) mtime_ns: i64,
+    pub(crate) identity: String,
+    pub(crate) chunk_size: u32,
+    pub(crate) count: u32,
+    pub(crate) blake3: [u8; 32],
+    pub(crate) mode: u32,
+}
+
+pub(crate) async fn spawn_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// The local side of one download: the part file (or stdout), the chunks present and their
+/// BLAKE3 chaining values, and the resume state.
+pub(crate) struct Sink {
+    remote: String,
+    identity: String,
+    pub(crate) size: u64,
+    pub(crate) chunk_size: u32,
+    count: u32,
+    blake3: [u8; 32],
+    mode: u32,
+    mtime_ns: i64,
+    /// Give the file the server's mode exactly rather than less the umask.
+    preserve: bool,
+    /// Manifest CRCs; empty for files of at most one chunk.
+    crcs: Vec<u32>,
+    out: SinkOut,
+    st: Mutex<Have>,
+    /// Serializes checkpoints (state writes).
+    saving: Mutex<()>,
+    /// Serializes pwrites: buffered writes to one file contend on its inode lock anyway, and
+    /// a futex wait is cheaper than the kernel's spinning on 2 cores.
+    writing: Mutex<()>,
+    /// Signalled when stdout's next chunk advances (lanes wait on it, see `Sink::may_fetch`).
+    pub(crate) advanced: tokio::sync::Notify,
+}
+
+enum SinkOut {
+    File {
+        dir: LocalDir,
+        name: String,
+        work: Work,
+        /// The working directory, when the part has a name there (`stateful`).
+        wd: Option<LocalDir>,
+        part: File,
+        /// The part again, for direct writes of whole chunks (multi-chunk files, fsd::direct).
+        direct: Option<DirectFile>,
+        /// Whether a state file is kept (multi-chunk files only).
+        stateful: bool,
+        group: Option<Arc<GroupSync>>,
+    },
+    Stdout(Mutex<Reorder>),
+}
+
+struct Have {
+    have: Bitmap,
+    cvs: Vec<ChainingValue>,
+    done_bytes: u64,
+    unsaved: u32,
+    last_save: Instant,
+}
+
+/// Chunks that arrived ahead of the next one stdout needs. Lanes fetch only within reach of it
+/// (`Sink::fetch_limit`), so this holds at most [`STDOUT_AHEAD_BYTES`] (or one chunk).
+struct Reorder {
+    next: u32,
+    pending: BTreeMap<u32, Bytes>,
+}
+
+impl Sink {
+    /// Opens or creates the part file; with a matching `state`, keeps every chunk already on
+    /// disk that passes its CRC32 (claimed in the state or not: data written just before a
+    /// kill is in the page cache even if the state did not yet claim it).
+    pub(crate) fn create(
+        remote: String,
+        m: Meta,
+        crcs: Vec<u32>,
+        out: Out,
+        state: Option<PartState>,
+        preserve: bool,
+    ) -> Result<Arc<Sink>> {
+        let mut have = Have {
+            have: Bitmap::new(m.count),
+            cvs: vec![[0; 32]; m.count as usize],
+            done_bytes: 0,
+            unsaved: 0,
+            last_save: Instant::now(),
+        };
+        let out = match out {
+            Out::Stdout => SinkOut::Stdout(Mutex::new(Reorder {
+                next: 0,
+                pending: BTreeMap::new(),
+            })),
+            Out::File {
+                dir,
+                name,
+                work,
+                group,
+            } => {
+                let err = |e| Error::io(dir.display(&name), e);
+                let stateful = m.count > 1;
+                // Nothing to resume in one chunk: an unnamed file, linked in when complete.
+                let anonymous = (!stateful).then(|| dir.create_anonymous()).flatten();
+                let wd = match anonymous {
+                    Some(_) => None,
+                    None => Some(work.dir().map_err(err)?),
+                };
+                let part = match (anonymous, &wd) {
+                    (Some(f), _) => f,
+                    (None, Some(wd)) => {
+                        let f = wd.open_rw(&work.part(), state.is_none()).map_err(err)?;
+                        lock_exclusive(&f).map_err(err)?;
+                        f
+                    }
+                    (None, None) => unreachable!("a named part has a working directory"),
+                };
+                if let Some(st) = &state {
+                    let claimed = st.bitmap(m.count);
+                    verify_part(&part, &m, &crcs, &claimed, &mut have).map_err(err)?;
+                    debug!(%remote, chunks = have.have.count(), "resuming");
+                }
+                if stateful {
+                    // The server's size must fit before any of it is reserved.
+                    if let Some((needed, free)) = lacks_space(&part, m.size).map_err(err)? {
+                        drop(part);
+                        if state.is_none() {
+                            if let Some(wd) = &wd {
+                                let _ = wd.remove(&work.part());
+                                let _ = wd.remove(&work.state());
+                            }
+                            work.tidy();
+                        }
+                        return Err(Error::NoSpace {
+                            path: dir.display(&name),
+                            needed,
+                            free,
+                        });
+                    }
+                    part.set_len(m.size).map_err(err)?;
+                }
+                if stateful && state.is_none() {
+                    // Reserve the space now: fewer fragments. A reservation that fails half
+                    // way (the space went to someone else since the check) is given back.
+                    let len = i64::try_from(m.size).unwrap_or(i64::MAX);
+                    if let Err(e) = nix::fcntl::posix_fallocate(&part, 0, len) {
+                        debug!("fallocate: {e}");
+                        let _ = punch_hole(&part, 0, m.size);
+                    }
+                }
+                SinkOut::File {
+                    direct: stateful.then(|| DirectFile::reopen(&part)).flatten(),
+                    dir,
+                    name,
+                    work,
+                    wd,
+                    part,
+                    stateful,
+                    group,
+                }
+            }
+        };
+        let sink = Sink {
+            remote,
+            identity: m.identity,
+            size: m.size,
+            chunk_size: m.chunk_size,
+            count: m.count,
+            blake3: m.blake3,
+            mode: m.mode,
+            mtime_ns: m.mtime_ns,
+            preserve,
+            crcs,
+            out,
+            st: Mutex::new(have),
+            saving: Mutex::new(()),
+            advanced: tokio::sync::Notify::new(),
+            writing: Mutex::new(()),
+        };
+        if let SinkOut::File { stateful: true, .. } = sink.out {
+            // Record what the part belongs to before any chunk is written into it.
+            sink.checkpoint()?;
+        }
+        Ok(Arc::new(sink))
+    }
+
+    pub(crate) fn same_version(&self, m: &Meta) -> bool {
+        self.identity == m.identity
+            && self.size == m.size
+            && self.chunk_size == m.chunk_size
+            && self.blake3 == m.blake3
+    }
+
+    pub(crate) fn chunk_len(&self, i: u32) -> u32 {
+        chunk_len(self.size, self.chunk_size, i)
+    }
+
+    pub(crate) fn crc(&self, i: u32) -> Option<u32> {
+        self.crcs.get(i as usize).copied()
+    }
+
+    pub(crate) fn missing(&self) -> Vec<u32> {
+        let st = self.st.lock().unwrap();
+        (0..self.count).filter(|&i| !st.have.get(i)).collect()
+    }
+
+    pub(crate) fn done_bytes(&self) -> u64 {
+        self.st.lock().unwrap().done_bytes
+    }
+
+    pub(crate) fn done_chunks(&self) -> u32 {
+        self.st.lock().unwrap().have.count()
+    }
+
+    /// How many chunks from `first` on a lane may fetch now: any number for a file; to stdout
+    /// only those within [`STDOUT_AHEAD`] chunks and [`STDOUT_AHEAD_BYTES`] of the next chunk
+    /// stdout needs (0: none yet), which bounds the reorder buffer in bytes.
+    pub(crate) fn fetch_limit(&self, first: u32) -> u32 {
+        match &self.out {
+            SinkOut::File { .. } => u32::MAX,
+            SinkOut::Stdout(r) => {
+                let ahead = (STDOUT_AHEAD_BYTES / self.chunk_size).clamp(1, STDOUT_AHEAD);
+                let reach = r.lock().unwrap().next.saturating_add(ahead);
+                reach.saturating_sub(first)
+            }
+        }
+    }
+
+    pub(crate) fn is_complete(&self) -> bool {
+        self.st.lock().unwrap().have.is_full()
+    }
+
+    /// Checks chunk `i` against `crc` (the connection's codec leaves that to us, see
+    /// `conn::reader`) and writes it (off the reactor: disk and hashing block). Ok(false): the
+    /// chunk failed its CRC32 and was not stored.
+    pub(crate) async fn put(self: &Arc<Self>, i: u32, data: Bytes, crc: u32) -> Result<bool> {
+        if data.len() <= INLINE_WRITE
+            && matches!(
+                self.out,
+                SinkOut::File {
+                    stateful: false,
+                    ..
+                }
+            )
+        {
+            // A few KiB into the page cache costs less than the hop to a blocking thread.
+            return self.put_blocking(i, data, crc);
+        }
+        let me = self.clone();
+        spawn_blocking(move || me.put_blocking(i, data, crc)).await
+    }
+
+    pub(crate) fn put_blocking(&self, i: u32, data: Bytes, crc: u32) -> Result<bool> {
+        // Both hashes in one visit, while the chunk is in this core's cache.
+        let (actual, cv) = hash_chunk(&data, i, self.chunk_size, self.size);
+        if actual != crc {
+            return Ok(false);
+        }
+        let len = data.len() as u64;
+        match &self.out {
+            SinkOut::File {
+                dir,
+                name,
+                part,
+                direct,
+                ..
+            } => {
+                let off = u64::from(i) * u64::from(self.chunk_size);
+                let err = |e| Error::io(dir.display(name), e);
+                let written = match direct {
+                    Some(d) => d.write_at(&data, off).map_err(err)?,
+                    None => false,
+                };
+                if !written {
+                    let _one_writer = self.writing.lock().unwrap();
+                    part.write_all_at(&data, off).map_err(err)?;
+                }
+            }
+            SinkOut::Stdout(r) => {
+                let mut r = r.lock().unwrap();
+                if i >= r.next {
+                    r.pending.insert(i, data);
+                }
+                let before = r.next;
+                while let Some(d) = {
+                    let n = r.next;
+                    r.pending.remove(&n)
+                } {
+                    write_stdout(&d)?;
+                    r.next += 1;
+                }
+                if r.next != before {
+                    self.advanced.notify_waiters();
+                }
+            }
+        }
+        let checkpoint = {
+            let mut st = self.st.lock().unwrap();
+            if st.have.get(i) {
+                return Ok(true);
+            }
+            st.have.set(i);
+            st.cvs[i as usize] = cv;
+            st.done_bytes += len;
+            st.unsaved += 1;
+            matches!(self.out, SinkOut::File { stateful: true, .. })
+                && st.last_save.elapsed() >= SAVE_EVERY
+        };
+        if checkpoint {
+            self.checkpoint()?;
+        }
+        Ok(true)
+    }
+
+    /// Records the chunks the part now holds. Not synced, and the part is not either: a claim
+    /// only says where to look, since resuming verifies every chunk on disk by its CRC32.
+    pub(crate) fn checkpoint(&self) -> Result<()> {
+        let SinkOut::File {
+            dir,
+            name,
+            work,
+            wd: Some(wd),
+            ..
+        } = &self.out
+        else {
+            return Ok(());
+        };
+        let Ok(_one_at_a_time) = self.saving.try_lock() else {
+            return Ok(());
+        };
+        let have = {
+            let mut st = self.st.lock().unwrap();
+            st.unsaved = 0;
+            st.last_save = Instant::now();
+            st.have.clone()
+        };
+        let err = |e| Error::io(dir.display(name), e);
+        PartState::new(
+            &self.remote,
+            &self.identity,
+            self.size,
+            self.chunk_size,
+            &self.blake3,
+            &have,
+        )
+        .save(wd, &work.state())
+        .map_err(err)
+    }
+
+    /// Verifies the whole-file BLAKE3 and publishes: metadata, durable, named, state removed.
+    /// A one-chunk file of a tree does its few syscalls right here and awaits its shared sync
+    /// holding no thread; anything else runs on a blocking thread.
+    pub(crate) async fn finish(self: &Arc<Self>) -> Result<[u8; 32]> {
+        let (part, group) = match &self.out {
+            SinkOut::File {
+                part,
+                group: Some(g),
+                ..
+            } if self.count <= 1 => (part, g.clone()),
+            _ => {
+                let me = self.clone();
+                return spawn_blocking(move || me.finish_blocking()).await;
+            }
+        };
+        let root = self.seal()?;
+        group.sync(part).await.map_err(|e| self.local_error(e))?;
+        self.name()?;
+        Ok(root)
+    }
+
+    /// [`Sink::finish`] on the current (blocking) thread.
+    pub(crate) fn finish_blocking(&self) -> Result<[u8; 32]> {
+        let root = self.seal()?;
+        if let SinkOut::File { part, group, .. } = &self.out {
+            // Data durable before the name points at it.
+            match group {
+                Some(g) => tokio::runtime::Handle::current().block_on(g.sync(part)),
+                None => part.sync_all(),
+            }
+            .map_err(|e| self.local_error(e))?;
+        }
+        self.name()?;
+        Ok(root)
+    }
+
+    /// Checks the whole-file BLAKE3 and sets the file's mode and mtime.
+    pub(crate) fn seal(&self) -> Result<[u8; 32]> {
+        let root = {
+            let st = self.st.lock().unwrap();
+            root_hash(&st.cvs, self.chunk_size, self.size)
+        };
+        if root != self.blake3 {
+            return Err(Error::Integrity {
+                path: self.remote.clone(),
+                detail: format!(
+                    "whole-file BLAKE3 {} differs from the server's {}",
+                    hex::encode(root),
+                    hex::encode(self.blake3)
+                ),
+            });
+        }
+        if let SinkOut::File { part, .. } = &self.out {
+            // The hash covers the chunks that arrived; the file must also be exactly as long
+            // as declared (nothing past the last chunk, no chunk math gone wrong).
+            let len = part.metadata().map_err(|e| self.local_error(e))?.len();
+            if len != self.size {
+                return Err(Error::Integrity {
+                    path: self.remote.clone(),
+                    detail: format!(
+                        "local file has {len} bytes, the server declared {}",
+                        self.size
+                    ),
+                });
+            }
+            crate::local::set_meta(part, new_mode(self.mode, self.preserve), self.mtime_ns)
+                .map_err(|e| self.local_error(e))?;
+        }
+        Ok(root)
+    }
+
+    /// Gives the (durable, verified) part its final name, makes that durable unless a tree
+    /// does it for the whole directory, and drops the working files.
+    pub(crate) fn name(&self) -> Result<()> {
+        let SinkOut::File {
+            dir,
+            name,
+            part,
+            group,
+            work,
+            wd,
+            ..
+        } = &self.out
+        else {
+            return Ok(());
+        };
+        let err = |e| self.local_error(e);
+        // The inode we wrote and hashed, whatever carries the working name by now.
+        publish(part, dir, name, work).map_err(err)?;
+        if group.is_none() {
+            dir.sync().map_err(err)?;
+        }
+        if let Some(wd) = wd {
+            wd.remove(&work.part()).map_err(err)?;
+            wd.remove(&work.state()).map_err(err)?;
+        }
+        if group.is_none() {
+            work.tidy();
+        }
+        Ok(())
+    }
+
+    /// An I/O error on the local file.
+    pub(crate) fn local_error(&self, e: std::io::Error) -> Error {
+        match &self.out {
+            SinkOut::File { dir, name, .. } => Error::io(dir.display(name), e),
+            SinkOut::Stdout(_) => Error::io("<stdout>", e),
+        }
+    }
+
+    /// After a download failed for good: a part with nothing received goes, with its state;
+    /// otherwise the part stays for a resume, but the space reserved for the chunks that never
+    /// arrived is given back.
+    pub(crate) fn abandon(&self) {
+        let SinkOut::File {
+            part, wd: Some(_), ..
+        } = &self.out
+        else {
+            return;
+        };
+        let have = self.st.lock().unwrap().have.clone();
+        if have.count() == 0 {
+            self.discard();
+            return;
+        }
+        let cs = u64::from(self.chunk_size);
+        let mut i = 0;
+        while i < self.count {
+            if have.get(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < self.count && !have.get(i) {
+                i += 1;
+            }
+            let off = u64::from(start) * cs;
+            let end = (u64::from(i) * cs).min(self.size);
+            if let Err(e) = punch_hole(part, off, end - off) {
+                debug!("punching unreceived chunks out of the part: {e}");
+                break;
+            }
+        }
+        let _ = self.checkpoint();
+    }
+
+    /// Deletes the part and state files (before starting over).
+    pub(crate) fn discard(&self) {
+        if let SinkOut::File {
+            work, wd: Some(wd), ..
+        } = &self.out
+        {
+            let _ = wd.remove(&work.state());
+            let _ = wd.remove(&work.part());
+            work.tidy();
+        }
+    }
+}
+
+fn write_stdout(data: &[u8]) -> Result<()> {
+    use std::os::fd::FromRawFd;
+    // Raw fd 1: no line buffering scanning binary data for newlines.
+    let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
+    f.write_all(data).map_err(|e| Error::io("<stdout>", e))
+}
+
+/// Takes an exclusive lock on a part file: two downloads (in this process or another fsc)
+/// never write into one part.
+fn lock_exclusive(f: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "another fsc is downloading to this file",
+        ));
+    }
+    Err(e)
+}
+
+/// One pass over an existing part file: keeps chunks whose CRC32 matches the manifest.
+/// Unclaimed chunks are read only if the file holds data there (SEEK_DATA), so a fresh
+/// preallocated region costs nothing.
+fn verify_part(
+    part: &File,
+    m: &Meta,
+    crcs: &[u32],
+    claimed: &Bitmap,
+    have: &mut Have,
+) -> std::io::Result<()> {
+    let file_len = part.metadata()?.len();
+    let mut buf = vec![0u8; m.chunk_size as usize];
+    for i in 0..m.count {
+        let off = i as u64 * m.chunk_size as u64;
+        let len = chunk_len(m.size, m.chunk_size, i) as usize;
+        if off + len as u64 > file_len {
+            break;
+        }
+        if !claimed.get(i) && !has_data(part, off, len as u64) {
+            continue;
+        }
+        let data = &mut buf[..len];
+        part.read_exact_at(data, off)?;
+        let ok = match crcs.get(i as usize) {
+            Some(&c) => crc32fast::hash(data) == c,
+            None => false,
+        };
+        if ok {
+            have.have.set(i);
+            have.cvs[i as usize] = chunk_cv(data, i, m.chunk_size, m.size);
+            have.done_bytes += len as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `[off, off+len)` of the file contains data (not only a hole).
+fn has_data(f: &File, off: u64, len: u64) -> bool {
+    match nix::unistd::lseek(f, off as i64, Whence::SeekData) {
+        Ok(pos) => (pos as u64) < off + len,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::WORK_DIR;
+    use fsd::protocol::checked_chunk_count;
+
+    fn meta(size: u64, chunk_size: u32, data: &[u8]) -> Meta {
+        Meta {
+            handle: 1,
+            size,
+            mtime_ns: 1_600_000_000_123_456_789,
+            identity: "v1".into(),
+            chunk_size,
+            count: checked_chunk_count(size, chunk_size).unwrap(),
+            blake3: *blake3::hash(data).as_bytes(),
+            mode: 0o640,
+        }
+    }
+
+    fn chunks(data: &[u8], cs: u32) -> Vec<Bytes> {
+        data.chunks(cs as usize)
+            .map(Bytes::copy_from_slice)
+            .collect()
+    }
+
+    #[test]
+    fn sink_writes_resumes_verifies_and_publishes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let cs = 1024;
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 / 7) as u8).collect();
+        let m = meta(data.len() as u64, cs, &data);
+        let crcs: Vec<u32> = chunks(&data, cs)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let out = Out::File {
+            work: Work::new(dir.clone(), WORK_DIR.into(), "f"),
+            dir: dir.clone(),
+            name: "f".into(),
+            group: None,
+        };
+        let crcs_v: Vec<u32> = crcs.clone();
+        let put = |s: &Sink, i: u32| {
+            let c = chunks(&data, cs)[i as usize].clone();
+            s.put_blocking(i, c, crcs_v[i as usize]).unwrap()
+        };
+        // First run: chunks 0, 3 and 9 land, then the process "dies" (no finish).
+        let s = Sink::create(
+            "r/f".into(),
+            m.clone(),
+            crcs.clone(),
+            out.clone(),
+            None,
+            false,
+        )
+        .unwrap();
+        // A chunk that does not match the CRC it came with is refused, not stored.
+        assert!(!s
+            .put_blocking(2, chunks(&data, cs)[2].clone(), crcs_v[2] ^ 1)
+            .unwrap());
+        assert_eq!(s.missing().len(), 10);
+        for i in [0u32, 3, 9] {
+            assert!(put(&s, i));
+        }
+        s.checkpoint().unwrap();
+        put(&s, 5); // written, never claimed
+                    // Corrupt chunk 3 on disk.
+        let work = Work::new(dir.clone(), WORK_DIR.into(), "f");
+        let wd = tmp.path().join(WORK_DIR);
+        let part = wd.join(work.part());
+        let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
+        f.write_all_at(b"X", 3 * 1024 + 10).unwrap();
+        drop((s, f));
+        assert!(!tmp.path().join("f").exists());
+
+        // Second run: the state matches; 0, 5 and 9 verify, 3 does not.
+        let st = PartState::load(&work.dir().unwrap(), &work.state()).unwrap();
+        assert!(st.matches("v1", m.size, cs, &m.blake3));
+        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out, Some(st), true).unwrap();
+        let missing = s.missing();
+        assert_eq!(missing, vec![1, 2, 3, 4, 6, 7, 8]);
+        for i in missing {
+            assert!(put(&s, i));
+        }
+        assert!(s.is_complete());
+        assert_eq!(s.finish_blocking().unwrap(), m.blake3);
+        assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), data);
+        assert!(!wd.exists(), "working files and directory removed");
+        let md = std::fs::metadata(tmp.path().join("f")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(md.mode() & 0o7777, 0o640);
+        assert_eq!(md.mtime_nsec(), 123_456_789);
+    }
+
+    #[test]
+    fn a_wrong_whole_file_hash_is_an_integrity_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let data = vec![7u8; 3000];
+        let mut m = meta(3000, 1024, &data);
+        m.blake3[0] ^= 1;
+        let crcs = chunks(&data, 1024)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let out = Out::File {
+            work: Work::new(dir.clone(), WORK_DIR.into(), "g"),
+            dir,
+            name: "g".into(),
+            group: None,
+        };
+        let s = Sink::create("g".into(), m, crcs, out, None, false).unwrap();
+        for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
+            let crc = crc32fast::hash(&c);
+            s.put_blocking(i as u32, c, crc).unwrap();
+        }
+        assert!(matches!(s.finish_blocking(), Err(Error::Integrity { .. })));
+        assert!(!tmp.path().join("g").exists());
+    }
+}
