@@ -1,5 +1,5 @@
 //! fsc against a scripted fake server (SECURITY.md, "The client is attacked too";
-//! docs/SECURITY-client.md lists what each case proves).
+//! docs/SECURITY.md §9 lists what each case proves).
 //!
 //! [`Fake`] serves an in-memory tree honestly (LIST, STAT, OPEN, MANIFEST, READ, CLOSE), and a
 //! [`Script`] bends one part of that per case: what OPEN declares, what MANIFEST says, how READ
