@@ -229,6 +229,51 @@ impl Bucket {
     }
 }
 
+/// New connections a source that never authenticated may open: a burst, then a rate. Beyond,
+/// fsd closes them at accept, before spending a task, a buffer or a handshake on them, so that a
+/// flood of connections from one address cannot take the CPU the server's users need. Sources
+/// that authenticated in the last 24 h are not limited.
+pub const CONNECTIONS_BURST_PER_SOURCE: f64 = 64.0;
+pub const CONNECTIONS_PER_SEC_PER_SOURCE: f64 = 32.0;
+
+/// [`CONNECTIONS_PER_SEC_PER_SOURCE`]'s buckets.
+#[derive(Default)]
+pub struct AcceptRate {
+    sources: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+impl AcceptRate {
+    /// Whether a new connection from `ip` may be served. `trusted`: the source authenticated
+    /// successfully before ([`AuthLimiter::is_trusted`]).
+    pub fn allow(&self, ip: IpAddr, trusted: bool) -> bool {
+        if trusted {
+            return true;
+        }
+        let (burst, rate) = (CONNECTIONS_BURST_PER_SOURCE, CONNECTIONS_PER_SEC_PER_SOURCE);
+        let now = Instant::now();
+        let source = source_of(ip);
+        let mut sources = self.sources.lock().unwrap();
+        if sources.len() >= MAX_SOURCES && !sources.contains_key(&source) {
+            sources.retain(|_, b| {
+                b.refill(burst, rate, now);
+                b.tokens < burst
+            });
+            if sources.len() >= MAX_SOURCES {
+                return true; // a sweep of sources: each one opens few connections anyway
+            }
+        }
+        let b = sources
+            .entry(source)
+            .or_insert_with(|| Bucket::full(burst, now));
+        b.refill(burst, rate, now);
+        if b.tokens < 1.0 {
+            return false;
+        }
+        b.tokens -= 1.0;
+        true
+    }
+}
+
 /// Budgets of wrong tokens.
 pub struct AuthLimiter {
     inner: Mutex<LimiterInner>,
@@ -363,6 +408,24 @@ mod tests {
         fn admit_t(self: &Arc<Startups>, ip: IpAddr) -> Option<Startup> {
             self.admit(ip, false)
         }
+    }
+
+    #[test]
+    fn connections_from_a_never_authenticated_source_are_rate_limited() {
+        let r = AcceptRate::default();
+        let burst = CONNECTIONS_BURST_PER_SOURCE as usize;
+        let allowed = (0..2 * burst)
+            .filter(|_| r.allow(ip("10.0.0.1"), false))
+            .count();
+        assert!((burst..burst + 4).contains(&allowed), "{allowed}");
+        assert!(
+            r.allow(ip("10.0.0.2"), false),
+            "another source has its own bucket"
+        );
+        assert!(
+            r.allow(ip("10.0.0.1"), true),
+            "a trusted source is not limited"
+        );
     }
 
     #[test]

@@ -143,6 +143,8 @@ pub struct Server {
     pub startups: Arc<limits::Startups>,
     /// Budgets of wrong tokens, per source and server-wide.
     pub auth_limiter: limits::AuthLimiter,
+    /// New connections per source that never authenticated.
+    pub accept_rate: limits::AcceptRate,
     /// Connections served at once: `--max-connections`, lowered to what the descriptors allow.
     pub max_connections: usize,
     /// The descriptors connections and handles may hold (RLIMIT_NOFILE less a reserve).
@@ -270,6 +272,7 @@ impl Server {
             metrics: metrics::Metrics::default(),
             startups,
             auth_limiter: limits::AuthLimiter::default(),
+            accept_rate: limits::AcceptRate::default(),
             max_connections,
             fds: Arc::new(Semaphore::new(fd_budget)),
             accounts,
@@ -320,7 +323,14 @@ pub async fn run(
     server: Arc<Server>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let permits = Arc::new(Semaphore::new(server.max_connections));
+    // Connection places: most for anyone, a reserve only for sources that authenticated before,
+    // so that a flood of new connections (which fsd may not get to close as fast as they come)
+    // cannot keep known clients out.
+    let reserved = (server.max_connections / 8)
+        .max(1)
+        .min(server.max_connections - 1);
+    let permits = Arc::new(Semaphore::new(server.max_connections - reserved));
+    let reserve = Arc::new(Semaphore::new(reserved));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let mut accept_failures = 0u32;
     let tracker = TaskTracker::new();
@@ -370,12 +380,23 @@ pub async fn run(
             tracing::warn!(failures = accept_failures, "accepting again");
             accept_failures = 0;
         }
+        let trusted = server.auth_limiter.is_trusted(peer.ip());
+        if !server.accept_rate.allow(peer.ip(), trusted) {
+            // Closed at once: a flood of connections costs fsd an accept and a close each.
+            server
+                .stats
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
         // A connection's socket counts against the descriptors, like its handles.
-        let slot = permits
-            .clone()
-            .try_acquire_owned()
-            .ok()
-            .zip(server.fds.clone().try_acquire_owned().ok());
+        let place = permits.clone().try_acquire_owned().ok().or_else(|| {
+            trusted
+                .then(|| reserve.clone().try_acquire_owned().ok())
+                .flatten()
+        });
+        let slot = place.zip(server.fds.clone().try_acquire_owned().ok());
         let Some(permit) = slot else {
             server
                 .stats
@@ -393,7 +414,6 @@ pub async fn run(
             continue;
         };
         // Decided here, in accept order: who waits to authenticate, and who has waited longest.
-        let trusted = server.auth_limiter.is_trusted(peer.ip());
         let Some(startup) = server.startups.admit(peer.ip(), trusted) else {
             if server.config.tls.is_none() {
                 if let Ok(p) = refusals.clone().try_acquire_owned() {
