@@ -523,7 +523,9 @@ type Sum = (u32, [u8; 32]);
 /// Bytes of one slot of a sums file: CRC32 (little-endian), then the chaining value.
 const SUM_LEN: usize = 4 + 32;
 
-/// Where an upload keeps its chunks' sums. A stateful upload: a file of fixed slots beside its
+/// Where an upload keeps its chunks' sums. Chunk indices and counts here are u32 bounded by
+/// `MAX_CHUNKS_PER_FILE` (chunk_size_for), and pages by MANIFEST_PAGE or 4096: `as usize` only
+/// widens. A stateful upload: a file of fixed slots beside its
 /// data, so that what the server holds in memory per upload is its two bitmaps, not 36 bytes
 /// per chunk (2^20 chunks of 64 KiB would pin 36 MiB each). The file needs no sync: the log
 /// holds the sums of durable chunks, and a resume rewrites their slots from it. An anonymous

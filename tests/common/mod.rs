@@ -293,7 +293,11 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(addr: SocketAddr) -> Raw {
-        let sock = TcpStream::connect(addr).unwrap();
+        Raw::over(TcpStream::connect(addr).unwrap())
+    }
+
+    /// A connected socket, with the harness's read timeout.
+    fn over(sock: TcpStream) -> Raw {
         sock.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         Raw {
@@ -310,14 +314,7 @@ impl Raw {
         let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         sock.bind(&SocketAddr::new(from, 0).into()).unwrap();
         sock.connect(&addr.into()).unwrap();
-        let sock = TcpStream::from(sock);
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Raw {
-            sock,
-            codec: FrameCodec::new(16 << 20),
-            buf: BytesMut::new(),
-        }
+        Raw::over(TcpStream::from(sock))
     }
 
     /// Sends Hello and Auth with `token`; returns the Auth reply.

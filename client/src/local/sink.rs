@@ -54,6 +54,11 @@ pub(crate) enum Out {
 }
 
 /// What OPEN(READ) said about the file.
+///
+/// Built only from an OpenResponse that passed its checks (download.rs `open_read`): `chunk_size`
+/// is a power of two ≤ the frame limit (16 MiB) and `count` ≤ `MAX_CHUNKS_PER_FILE` (2^20),
+/// computed in u64. So `as usize` on either (widening on the 64-bit targets fsc builds for)
+/// sizes at most a 16 MiB buffer or a 2^20-entry table.
 #[derive(Debug, Clone)]
 pub(crate) struct Meta {
     pub(crate) handle: u32,
