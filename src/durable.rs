@@ -14,6 +14,9 @@
 //! Only the leader's syncfs runs on a blocking thread.
 //!
 //! The price of syncfs: it also writes whatever else is dirty on that file system.
+//!
+//! On a shared file system (crate::fskind) syncfs returns 0 without reaching any server, so a
+//! group there syncs each file by itself and refuses to pretend a file-system-wide sync.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -22,6 +25,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+use crate::fskind::FsKind;
 
 /// Gives the anonymous (O_TMPFILE) file `file` the name `name` in `dir`; EEXIST if something is
 /// there (a link never replaces and never follows). Through /proc/self/fd: the documented way to
@@ -46,6 +51,8 @@ pub struct GroupSync {
     /// Any fd on the file system (syncfs syncs the file system the fd is on).
     fs: OwnedFd,
     dev: u64,
+    /// Whether syncfs is durable here; if not, every file gets its own fsync.
+    kind: FsKind,
     gather: Duration,
     batch: usize,
     st: Mutex<State>,
@@ -70,12 +77,25 @@ struct State {
 impl GroupSync {
     /// A group for the file system that `fd` is on: a sync waits up to `gather` for `batch`
     /// callers to join it.
+    /// The file system's kind is detected (crate::fskind).
     pub fn new(fd: impl AsFd, gather: Duration, batch: usize) -> io::Result<Arc<GroupSync>> {
+        let (kind, _) = crate::fskind::detect(fd.as_fd())?;
+        GroupSync::with_kind(fd, kind, gather, batch)
+    }
+
+    /// [`GroupSync::new`] for a file system of a known (or overridden) kind.
+    pub fn with_kind(
+        fd: impl AsFd,
+        kind: FsKind,
+        gather: Duration,
+        batch: usize,
+    ) -> io::Result<Arc<GroupSync>> {
         let fs = fd.as_fd().try_clone_to_owned()?;
         let dev = std::fs::File::from(fs.try_clone()?).metadata()?.dev();
         Ok(Arc::new(GroupSync {
             fs,
             dev,
+            kind,
             gather,
             batch,
             st: Mutex::new(State::default()),
@@ -85,10 +105,12 @@ impl GroupSync {
     }
 
     /// Makes everything written to `file` so far durable (its data and metadata, and every name
-    /// created or renamed on this file system before the call). A file on another file system
-    /// gets its own fsync.
+    /// created or renamed on this file system before the call). A file on another file system,
+    /// or on one whose syncfs is not durable, gets its own fsync (and then names created before
+    /// the call are not covered: the caller fsyncs their directories).
     pub async fn sync(self: &Arc<Self>, file: impl AsFd) -> io::Result<()> {
-        if nix::sys::stat::fstat(file.as_fd())?.st_dev != self.dev {
+        if !self.kind.syncfs_is_durable() || nix::sys::stat::fstat(file.as_fd())?.st_dev != self.dev
+        {
             let f = std::fs::File::from(file.as_fd().try_clone_to_owned()?);
             return tokio::task::spawn_blocking(move || f.sync_all())
                 .await
@@ -99,7 +121,14 @@ impl GroupSync {
 
     /// Makes every write to this file system so far durable, sharing a sync with concurrent
     /// callers.
+    /// Refused where syncfs is not durable: it would report success for nothing.
     pub async fn sync_all(self: &Arc<Self>) -> io::Result<()> {
+        if !self.kind.syncfs_is_durable() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "syncfs does not make data durable on this file system",
+            ));
+        }
         let mut finished = self.finished.subscribe();
         let want = {
             let mut st = self.st.lock().unwrap();
@@ -214,5 +243,22 @@ mod tests {
         g.sync_all().await.unwrap();
         g.sync_all().await.unwrap();
         assert_eq!(g.st.lock().unwrap().started, 2);
+    }
+
+    #[tokio::test]
+    async fn on_a_shared_file_system_each_file_is_fsynced_and_syncfs_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = GroupSync::with_kind(
+            std::fs::File::open(dir.path()).unwrap(),
+            FsKind::Shared,
+            Duration::ZERO,
+            1,
+        )
+        .unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        g.sync(std::fs::File::open(&path).unwrap()).await.unwrap();
+        assert_eq!(g.st.lock().unwrap().started, 0, "no syncfs was run");
+        assert!(g.sync_all().await.is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! - [`protocol`]: the wire format (frame header, codec, messages, error codes); docs/PROTOCOL.md.
 //! - [`integrity`]: chunk CRC32s and the whole-file BLAKE3 built from per-chunk subtrees.
 //! - [`durable`]: group commit (one syncfs for many files), used by server and client.
+//! - [`fskind`]: local or shared file system, and so which mechanisms are safe on it.
 //! - [`direct`]: O_DIRECT writes of big files' chunks, used by server and client.
 //! - [`frame_reader`]: reading frames off a connection, used by server and client.
 
@@ -10,6 +11,7 @@ pub mod direct;
 pub mod durable;
 pub mod frame_reader;
 pub mod fs;
+pub mod fskind;
 pub mod integrity;
 pub mod protocol;
 pub mod server;

@@ -121,6 +121,12 @@ struct Args {
     /// many clients open uncached files at once; further work queues.
     #[arg(long, default_value_t = server::MAX_BLOCKING_THREADS)]
     max_blocking_threads: usize,
+    /// How to treat the root's file system: `local` (O_TMPFILE for small uploads, one syncfs
+    /// for many files), `shared` (named temporary files, an fsync per file: network, FUSE and
+    /// distributed file systems), or `auto` (by statfs type: known local disks are local,
+    /// anything else shared).
+    #[arg(long, default_value = "auto", value_name = "auto|local|shared")]
+    fs_kind: String,
 }
 
 fn main() -> Result<()> {
@@ -212,6 +218,8 @@ async fn serve(args: Args) -> Result<()> {
         auth_timeout: Duration::from_secs(args.auth_timeout),
         upload_ttl: Duration::from_secs(args.upload_ttl),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        fs_kind: fsd::fskind::FsKind::parse_override(&args.fs_kind)
+            .map_err(|e| anyhow::anyhow!("--fs-kind {e}"))?,
         ..Config::new(args.root.clone(), credentials.clone())
     };
     let srv = server::Server::new(config)

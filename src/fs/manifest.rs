@@ -6,13 +6,14 @@
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
 
+use super::identity::{RootId, Version};
 use crate::protocol::{chunk_count, chunk_len};
 use crate::state::ManifestRecord;
 
@@ -31,44 +32,10 @@ pub struct Manifest {
     pub identity: String,
 }
 
-/// What identifies a file version: if any of these changed, the content may have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Version {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-    chunk_size: u32,
-}
-
-impl Version {
-    fn of(meta: &Metadata, chunk_size: u32) -> Version {
-        Version {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-            chunk_size,
-        }
-    }
-
-    fn identity(&self) -> String {
-        format!(
-            "{:x}-{:x}-{}-{}-{}",
-            self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns
-        )
-    }
-
-    fn file_name(&self) -> String {
-        format!("{:x}-{:x}-{}", self.dev, self.ino, self.chunk_size)
-    }
-}
-
-/// Identity string of a file version (also used for files published by uploads).
-pub fn identity_of(meta: &Metadata) -> String {
-    Version::of(meta, 0).identity()
+/// The cache file of a version's manifest: one per file and chunk size, whichever node
+/// computed it (no st_dev in it: crate::fs::identity).
+fn file_name(v: &Version) -> String {
+    format!("{}-{:x}-{}", v.volume.tag(), v.ino, v.chunk_size)
 }
 
 /// Counters a test or /metrics can read.
@@ -83,22 +50,24 @@ pub struct ManifestStats {
 pub struct ManifestCache {
     mem: Mutex<HashMap<Version, Arc<Manifest>>>,
     dir: PathBuf,
+    ids: RootId,
     pub stats: ManifestStats,
 }
 
 impl ManifestCache {
-    pub fn new(dir: PathBuf) -> io::Result<ManifestCache> {
+    pub fn new(dir: PathBuf, ids: RootId) -> io::Result<ManifestCache> {
         std::fs::create_dir_all(&dir)?;
         Ok(ManifestCache {
             mem: Mutex::new(HashMap::new()),
             dir,
+            ids,
             stats: ManifestStats::default(),
         })
     }
 
     /// The manifest of `file` as it is now. Blocking: call from a blocking thread.
     pub fn get(&self, file: &File, meta: &Metadata, chunk_size: u32) -> io::Result<Arc<Manifest>> {
-        let v = Version::of(meta, chunk_size);
+        let v = Version::of(&self.ids, meta, chunk_size);
         if let Some(m) = self.mem.lock().unwrap().get(&v) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(m.clone());
@@ -112,7 +81,7 @@ impl ManifestCache {
                 let m = compute(file, &v)?;
                 self.stats.computed.fetch_add(1, Ordering::Relaxed);
                 // Only cache if the file did not change while we read it.
-                if Version::of(&file.metadata()?, chunk_size) != v {
+                if Version::of(&self.ids, &file.metadata()?, chunk_size) != v {
                     return Ok(Arc::new(m));
                 }
                 self.store(&v, &m);
@@ -128,10 +97,15 @@ impl ManifestCache {
         Ok(m)
     }
 
+    /// The identity of the file version `meta` describes (crate::fs::identity).
+    pub fn identity(&self, meta: &Metadata) -> String {
+        self.ids.identity(meta)
+    }
+
     fn load(&self, v: &Version) -> Option<Manifest> {
-        let bytes = std::fs::read(self.dir.join(v.file_name())).ok()?;
+        let bytes = std::fs::read(self.dir.join(file_name(v))).ok()?;
         let r = ManifestRecord::decode(&bytes[..]).ok()?;
-        let matches = r.dev == v.dev
+        let matches = r.volume == v.volume.tag()
             && r.ino == v.ino
             && r.size == v.size
             && r.mtime_ns == v.mtime_ns
@@ -152,7 +126,7 @@ impl ManifestCache {
     /// Best effort: a manifest that fails to persist is recomputed next time.
     fn store(&self, v: &Version, m: &Manifest) {
         let r = ManifestRecord {
-            dev: v.dev,
+            volume: v.volume.tag(),
             ino: v.ino,
             size: v.size,
             mtime_ns: v.mtime_ns,
@@ -161,7 +135,7 @@ impl ManifestCache {
             crc32: m.crcs.clone(),
             blake3: m.blake3.to_vec(),
         };
-        let path = self.dir.join(v.file_name());
+        let path = self.dir.join(file_name(v));
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let res =
             std::fs::write(&tmp, r.encode_to_vec()).and_then(|_| std::fs::rename(&tmp, &path));
@@ -206,7 +180,8 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let f = File::open(&path).unwrap();
         let meta = f.metadata().unwrap();
-        let cache = ManifestCache::new(dir.path().join("m")).unwrap();
+        let ids = RootId::new([7; 16], std::os::unix::fs::MetadataExt::dev(&meta));
+        let cache = ManifestCache::new(dir.path().join("m"), ids).unwrap();
         let m = cache.get(&f, &meta, 65536).unwrap();
         assert_eq!(m.crcs.len(), 5);
         assert_eq!(m.crcs[4], crc32fast::hash(&data[4 * 65536..]));
@@ -214,7 +189,7 @@ mod tests {
         cache.get(&f, &meta, 65536).unwrap();
         assert_eq!(cache.stats.computed.load(Ordering::Relaxed), 1);
         assert_eq!(cache.stats.memory_hits.load(Ordering::Relaxed), 1);
-        let cache2 = ManifestCache::new(dir.path().join("m")).unwrap();
+        let cache2 = ManifestCache::new(dir.path().join("m"), ids).unwrap();
         let m2 = cache2.get(&f, &meta, 65536).unwrap();
         assert_eq!(m2.crcs, m.crcs);
         assert_eq!(cache2.stats.disk_hits.load(Ordering::Relaxed), 1);

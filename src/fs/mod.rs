@@ -4,6 +4,7 @@
 //! on it directly.
 #![allow(clippy::disallowed_methods)]
 
+pub mod identity;
 pub mod listing;
 pub mod manifest;
 pub mod root;

@@ -84,6 +84,10 @@ pub enum FsError {
         #[source]
         source: io::Error,
     },
+    /// The file system under the root cannot do this (ENOTSUP/ENOSYS, or a flag it lacks):
+    /// retrying will not help.
+    #[error("{path:?}: the server's file system cannot {what}")]
+    NotSupportedHere { path: String, what: &'static str },
     #[error("{path:?}: {source}")]
     Io {
         path: String,
@@ -106,6 +110,7 @@ impl FsError {
             FsError::NoSpace { .. } => ErrorCode::NoSpace,
             FsError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
             FsError::Unsupported { .. } => ErrorCode::Internal,
+            FsError::NotSupportedHere { .. } => ErrorCode::Unsupported,
             FsError::Io { .. } => ErrorCode::Io,
         }
     }
@@ -130,6 +135,10 @@ impl FsError {
             },
             // Opening a socket, or a device without a driver.
             Some(libc::ENXIO) => FsError::NotAFile { path },
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => FsError::NotSupportedHere {
+                path,
+                what: "do this operation",
+            },
             _ => FsError::Io { path, source: e },
         }
     }
@@ -543,12 +552,35 @@ impl Root {
         } else {
             RenameFlags::empty()
         };
-        fcntl::renameat2(&from_dir, from_leaf.as_c_str(), &to_dir, to_leaf.as_c_str(), flags).map_err(|e| match e {
+        let renamed = fcntl::renameat2(&from_dir, from_leaf.as_c_str(), &to_dir, to_leaf.as_c_str(), flags);
+        let renamed = match renamed {
+            // EINVAL: a directory moving beneath itself, or a file system without
+            // RENAME_NOREPLACE (GlusterFS, MooseFS). A file cannot hold anything, so for a file
+            // it is the missing flag: link, which never replaces.
+            Err(Errno::EINVAL) if no_clobber => {
+                if !lstat_at(&from_dir, &from_leaf).is_ok_and(|st| is_dir(&st)) {
+                    return move_without_clobbering(&from_dir, &from_leaf, &to_dir, &to_leaf)
+                        .map_err(|e| match e {
+                            Errno::ENOENT => FsError::from_io(from, e.into()),
+                            _ => rename_error(to, e),
+                        });
+                }
+                if !(to == from || to.starts_with(&format!("{from}/"))) {
+                    return Err(FsError::NotSupportedHere {
+                        path: shown(to),
+                        what: "move a directory without replacing the destination (no RENAME_NOREPLACE), unless the move is beneath itself",
+                    });
+                }
+                renamed
+            }
+            r => r,
+        };
+        renamed.map_err(|e| match e {
             // Both parents exist, so a missing entry is the source.
             Errno::ENOENT => FsError::from_io(from, e.into()),
             Errno::EINVAL => FsError::InvalidPath {
                 path: shown(to),
-                reason: "a directory cannot move beneath itself (or the file system lacks RENAME_NOREPLACE)",
+                reason: "a directory cannot move beneath itself",
             },
             _ => rename_error(to, e),
         })
@@ -572,8 +604,14 @@ impl Root {
         } else {
             RenameFlags::empty()
         };
-        fcntl::renameat2(src_dir, src_name, &parent, leaf.as_c_str(), flags)
-            .map_err(|e| rename_error(dest, e))?;
+        match fcntl::renameat2(src_dir, src_name, &parent, leaf.as_c_str(), flags) {
+            // No RENAME_NOREPLACE here (GlusterFS, MooseFS): link, which never replaces.
+            Err(Errno::EINVAL) if no_clobber => {
+                move_without_clobbering(&src_dir, src_name, &parent, &leaf)
+            }
+            r => r,
+        }
+        .map_err(|e| rename_error(dest, e))?;
         Ok(parent)
     }
 
@@ -686,6 +724,25 @@ impl Root {
                 lstat_at(&parent, &leaf).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
             })
     }
+}
+
+/// Moves `from` to `to` without ever replacing `to`, where RENAME_NOREPLACE is missing: a hard
+/// link (EEXIST if `to` exists: exactly one of racing linkers wins, on every engine tried) and
+/// then the old name's removal. Files only: a directory cannot be hard-linked.
+fn move_without_clobbering(
+    from_dir: impl AsFd,
+    from: &CStr,
+    to_dir: impl AsFd,
+    to: &CStr,
+) -> Result<(), Errno> {
+    unistd::linkat(
+        from_dir.as_fd(),
+        from,
+        to_dir.as_fd(),
+        to,
+        AtFlags::empty(),
+    )?;
+    unistd::unlinkat(from_dir.as_fd(), from, UnlinkatFlags::NoRemoveDir)
 }
 
 /// A rename's error, reported on the destination `path`. EXDEV from a rename is a move across

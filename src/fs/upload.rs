@@ -5,9 +5,12 @@
 //! the root, so nothing ever exists at the final path before the whole file is verified.
 //!
 //! An upload of at most one chunk has nothing to resume (the client re-sends it), so it keeps
-//! no state at all: its data goes to an anonymous O_TMPFILE (a crash leaves nothing behind),
-//! commit links it into place, and the syncs are shared with concurrent commits (one syncfs for
-//! many small files, [`GroupSync`]) instead of an fsync of the file and one of its directory.
+//! no state at all: on a local disk its data goes to an anonymous O_TMPFILE (a crash leaves
+//! nothing behind), commit links it into place, and the syncs are shared with concurrent commits
+//! (one syncfs for many small files, [`GroupSync`]) instead of an fsync of the file and one of
+//! its directory. On a shared file system, where O_TMPFILE and syncfs cannot be trusted
+//! (crate::fskind), it is a named temporary file, fsynced, renamed (or linked) into place, its
+//! directory fsynced; one left by a crash is removed after the upload TTL.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -23,10 +26,11 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use prost::Message;
 
-use super::manifest::identity_of;
+use super::identity::RootId;
 use super::root::{FsError, Root};
 use crate::direct::DirectFile;
 use crate::durable::GroupSync;
+use crate::fskind::FsKind;
 use crate::integrity::{chunk_cv, RootHasher};
 use crate::protocol::{chunk_count, chunk_len, chunk_size_for, ErrorCode};
 use crate::state::UploadRecord;
@@ -177,6 +181,8 @@ impl Tally {
 pub struct UploadStore {
     dir: PathBuf,
     dir_fd: File,
+    /// Where single-chunk uploads go: anonymous files (local disks) or named ones.
+    kind: FsKind,
     group: Arc<GroupSync>,
     ttl: Duration,
     live: Mutex<HashMap<String, Weak<Upload>>>,
@@ -184,13 +190,14 @@ pub struct UploadStore {
 }
 
 impl UploadStore {
-    pub fn new(dir: PathBuf, ttl: Duration) -> io::Result<UploadStore> {
+    /// The store in `dir`, on a file system of `kind` (crate::fskind).
+    pub fn new(dir: PathBuf, ttl: Duration, kind: FsKind) -> io::Result<UploadStore> {
         std::fs::create_dir_all(&dir)?;
         let dir_fd = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY)
             .open(&dir)?;
-        let group = GroupSync::new(&dir_fd, SYNC_GATHER, SYNC_BATCH)?;
+        let group = GroupSync::with_kind(&dir_fd, kind, SYNC_GATHER, SYNC_BATCH)?;
         let mut tally = Tally::default();
         for e in std::fs::read_dir(&dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -207,6 +214,7 @@ impl UploadStore {
         Ok(UploadStore {
             dir,
             dir_fd,
+            kind,
             group,
             ttl,
             live: Mutex::new(HashMap::new()),
@@ -228,7 +236,7 @@ impl UploadStore {
         };
         let chunk_size = chunk_size_for(p.size, p.base_chunk_size);
         if chunk_count(p.size, chunk_size) <= 1 {
-            return self.open_anonymous(p, id, chunk_size);
+            return self.open_stateless(p, id, chunk_size);
         }
         let mut live = self.live.lock().unwrap();
         if let Some(u) = live.get(&id).and_then(Weak::upgrade) {
@@ -337,6 +345,7 @@ impl UploadStore {
             count,
             direct: DirectFile::reopen(&data),
             data,
+            temp_name: None,
             sums,
             log: Some(log),
             sync_lock: Mutex::new(()),
@@ -354,25 +363,33 @@ impl UploadStore {
         Ok(upload)
     }
 
-    /// A single-chunk upload: an anonymous file, no lock, log or record.
-    fn open_anonymous(
+    /// A single-chunk upload: no lock, log or record; an anonymous file on a local disk, a
+    /// named temporary one elsewhere.
+    fn open_stateless(
         &self,
         p: &UploadParams,
         id: String,
         chunk_size: u32,
     ) -> Result<Arc<Upload>, UploadError> {
+        use nix::fcntl::OFlag;
         let io_err = |source| UploadError::Io {
             id: id.clone(),
             source,
         };
         self.check_space(p.size).map_err(io_err)?;
-        let fd = nix::fcntl::openat(
-            &self.dir_fd,
-            c".",
-            nix::fcntl::OFlag::O_TMPFILE | nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
-        )
-        .map_err(|e| io_err(e.into()))?;
+        let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+        let (fd, temp_name) = if self.kind.keeps_anonymous_files() {
+            let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+            let fd = nix::fcntl::openat(&self.dir_fd, c".", flags, mode);
+            (fd.map_err(|e| io_err(e.into()))?, None)
+        } else {
+            static TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = CString::new(format!("{id}.{}.{n}.tmp", std::process::id())).unwrap();
+            let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+            let fd = nix::fcntl::openat(&self.dir_fd, name.as_c_str(), flags, mode);
+            (fd.map_err(|e| io_err(e.into()))?, Some(name))
+        };
         let count = chunk_count(p.size, chunk_size);
         Ok(Arc::new(Upload {
             id: id.clone(),
@@ -380,6 +397,7 @@ impl UploadStore {
             chunk_size,
             count,
             data: File::from(fd),
+            temp_name,
             direct: None,
             sums: Sums::Memory(Mutex::new(vec![(0, [0; 32]); count as usize])),
             log: None,
@@ -425,6 +443,15 @@ impl UploadStore {
         let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                // A single-chunk upload's temporary file left by a crash (on a shared file
+                // system, of any node: its age, not its pid, says it is dead).
+                let idle = e.metadata().ok().and_then(|m| m.modified().ok()?.elapsed().ok());
+                if idle.is_some_and(|idle| idle >= self.ttl) && std::fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+                continue;
+            }
             let Some(id) = name.strip_suffix(".data") else {
                 continue;
             };
@@ -666,6 +693,9 @@ pub struct Upload {
     pub chunk_size: u32,
     pub count: u32,
     data: File,
+    /// A single-chunk upload's named temporary file in `dir` (shared file systems); None for
+    /// an anonymous one and for a resumable upload (`<id>.data`).
+    temp_name: Option<CString>,
     /// The data file again, for direct writes of whole chunks (multi-chunk uploads,
     /// crate::direct).
     direct: Option<DirectFile>,
@@ -950,18 +980,18 @@ impl Upload {
     /// before [`Upload::publish`] and the new name after. None for a stateful upload, whose
     /// publish syncs by itself.
     pub fn group(&self) -> Option<&Arc<GroupSync>> {
-        (!self.resumable()).then_some(&self.group)
+        (!self.resumable() && self.temp_name.is_none()).then_some(&self.group)
     }
 
     /// Puts a sealed upload at its destination beneath `root`: COMMIT's second step, after
     /// [`Upload::seal`] (and for an anonymous upload a group sync). A stateful upload is
     /// fsynced, renamed into place and its directory fsynced; an anonymous one is linked into
     /// place, and its new name needs a group sync before it is reported durable. Blocking.
-    pub fn publish(&self, root: &Root) -> Result<(u64, String), UploadError> {
+    pub fn publish(&self, root: &Root, ids: &RootId) -> Result<(u64, String), UploadError> {
         if self.inner.lock().unwrap().phase != Phase::Sealing {
             return Err(self.sealing("publish before seal"));
         }
-        let published = self.link_into(root);
+        let published = self.link_into(root, ids);
         let mut inner = self.inner.lock().unwrap();
         match published {
             Ok(done) => {
@@ -977,23 +1007,33 @@ impl Upload {
     }
 
     /// [`Upload::publish`]'s file-system work.
-    fn link_into(&self, root: &Root) -> Result<(u64, String), UploadError> {
+    fn link_into(&self, root: &Root, ids: &RootId) -> Result<(u64, String), UploadError> {
         let (path, no_clobber) = (&self.params.path, self.params.no_clobber);
-        if self.resumable() {
+        // Taken before the name moves: on JuiceFS, once another node has replaced the name,
+        // fstat of the published inode fails with ENOENT although the publish happened.
+        let before = self.data.metadata().map_err(|e| self.io(e))?;
+        let named = match &self.temp_name {
+            _ if self.resumable() => Some(CString::new(format!("{}.data", self.id)).unwrap()),
+            Some(name) => Some(name.clone()),
+            None => None,
+        };
+        if let Some(name) = named {
             // Data durable before the name points at it; then the name itself.
             self.data.sync_all().map_err(|e| self.io(e))?;
-            let name = CString::new(format!("{}.data", self.id)).unwrap();
             let parent = root.publish(self.dir_fd.as_fd(), &name, path, no_clobber)?;
             nix::unistd::fsync(parent).map_err(|e| self.io(e.into()))?;
-            for ext in ["state", "log", "lock"] {
-                let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
+            if self.resumable() {
+                for ext in ["state", "log", "lock"] {
+                    let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
+                }
+                self.tally.lock().unwrap().remove(&self.id);
             }
-            self.tally.lock().unwrap().remove(&self.id);
         } else {
             root.publish_anonymous(self.data.as_fd(), self.dir_fd.as_fd(), path, no_clobber)?;
         }
-        let identity = identity_of(&self.data.metadata().map_err(|e| self.io(e))?);
-        Ok((self.params.size, identity))
+        // The identity as published (the rename changed the ctime), else as before it.
+        let meta = self.data.metadata().unwrap_or(before);
+        Ok((self.params.size, ids.identity(&meta)))
     }
 
     fn io(&self, source: io::Error) -> UploadError {
@@ -1005,8 +1045,19 @@ impl Upload {
 }
 
 impl Drop for Upload {
-    /// Last handle gone (client closed, connection dropped, shutdown): keep what arrived.
+    /// Last handle gone (client closed, connection dropped, shutdown): keep what arrived; a
+    /// named temporary file that was not published goes.
     fn drop(&mut self) {
+        if let Some(name) = &self.temp_name {
+            let committed = matches!(self.inner.lock().unwrap().phase, Phase::Committed(_));
+            if !committed {
+                let _ = nix::unistd::unlinkat(
+                    &self.dir_fd,
+                    name.as_c_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                );
+            }
+        }
         let pending = {
             let inner = self.inner.lock().unwrap();
             inner.phase == Phase::Open && inner.unsynced > 0 && self.resumable()

@@ -123,6 +123,9 @@ pub enum ErrorCode {
     Internal = 26,
     /// The stream was reset by CANCEL.
     Cancelled = 27,
+    /// The server's file system cannot do this (e.g. a no-clobber directory rename where the
+    /// file system lacks RENAME_NOREPLACE).
+    Unsupported = 28,
 }
 
 impl ErrorCode {
@@ -142,7 +145,7 @@ impl ErrorCode {
 
     pub fn from_u32(code: u32) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 27] = [
+        const ALL: [ErrorCode; 28] = [
             BadRequest,
             UnsupportedVersion,
             UnknownCommand,
@@ -170,6 +173,7 @@ impl ErrorCode {
             Io,
             Internal,
             Cancelled,
+            Unsupported,
         ];
         ALL.into_iter().find(|c| *c as u32 == code)
     }

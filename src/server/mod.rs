@@ -31,9 +31,11 @@ pub use auth::{Credential, Credentials};
 pub use connection::{run as run_connection, ReadSide};
 pub use writer::WriteSide;
 
+use crate::fs::identity::RootId;
 use crate::fs::manifest::ManifestCache;
 use crate::fs::root::Root;
 use crate::fs::upload::UploadStore;
+use crate::fskind::FsKind;
 use crate::protocol::{ErrorCode, Frame, MAX_CHUNK_SIZE};
 
 /// Default limits; each has a flag on `fsd`.
@@ -84,6 +86,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// TLS settings; None serves plain TCP (and file data by sendfile).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How the root's file system is treated; None detects it (crate::fskind).
+    pub fs_kind: Option<FsKind>,
 }
 
 impl Config {
@@ -110,6 +114,7 @@ impl Config {
             upload_ttl: UPLOAD_TTL,
             shutdown_grace: SHUTDOWN_GRACE,
             tls: None,
+            fs_kind: None,
         }
     }
 }
@@ -135,6 +140,8 @@ pub struct Server {
     pub config: Config,
     pub root: Root,
     pub manifests: ManifestCache,
+    /// Names file versions the same on every node serving this root (fs::identity).
+    pub ids: RootId,
     pub uploads: UploadStore,
     pub stats: Arc<Stats>,
     /// Request counters and latencies, active transfers (for --metrics).
@@ -243,8 +250,23 @@ impl Server {
         }
         // The resolved path from here on: renaming a symlink on the given path later must not
         // move the server's state.
-        let uploads = UploadStore::new(state_abs.join("uploads"), config.upload_ttl)?;
-        let manifests = ManifestCache::new(state_abs.join("manifests"))?;
+        let (detected, fs_name) = crate::fskind::detect(std::fs::File::open(&state_abs)?)?;
+        let fs_kind = config.fs_kind.unwrap_or(detected);
+        // Said only when it changes behaviour: scripts read fsd's first line ("listening on").
+        if fs_kind == FsKind::Shared {
+            tracing::info!(
+                file_system = %fs_name,
+                overridden = config.fs_kind.is_some(),
+                "shared file system: named temporary files and an fsync per file"
+            );
+        }
+        let uploads = UploadStore::new(state_abs.join("uploads"), config.upload_ttl, fs_kind)?;
+        let root_dev = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&root_abs)?.dev()
+        };
+        let ids = RootId::load_or_create(&state_abs, root_dev)?;
+        let manifests = ManifestCache::new(state_abs.join("manifests"), ids)?;
         let nofile = quotas::nofile();
         let fd_budget = nofile.saturating_sub(quotas::FD_RESERVE).max(64);
         // At least half the descriptors stay for the handles of the connections.
@@ -267,6 +289,7 @@ impl Server {
             config,
             root,
             manifests,
+            ids,
             uploads,
             stats: Arc::new(Stats::default()),
             metrics: metrics::Metrics::default(),

@@ -16,7 +16,7 @@ use super::files::blocking;
 use super::metrics::{Direction, Tracked, Transfer, TransferInfo};
 use super::quotas::{Held, FDS_PER_READ, FDS_PER_UPLOAD};
 use super::writer::Outgoing;
-use crate::fs::manifest::{identity_of, Manifest};
+use crate::fs::manifest::Manifest;
 use crate::fs::upload::{Upload, UploadParams};
 use crate::protocol::{
     chunk_count, chunk_len, chunk_size_for, flags, msg, ErrorCode, Frame, Header, MANIFEST_PAGE,
@@ -255,8 +255,8 @@ fn read_inline(
     let mut data = vec![0u8; meta.len() as usize];
     let read = file.read_exact_at(&mut data, 0);
     // Changed while we read (a short read included): the bytes may be a mix of two versions.
-    let identity = identity_of(meta);
-    if identity_of(&file.metadata().map_err(io)?) != identity {
+    let identity = s.server.ids.identity(meta);
+    if s.server.ids.identity(&file.metadata().map_err(io)?) != identity {
         return Err(Failure::new(
             ErrorCode::Changed,
             format!("{path} changed while being read"),
@@ -624,7 +624,7 @@ async fn publish_upload(
             return Err(synced(e));
         }
     }
-    let done = blocking(session, move |s| Ok(upload.publish(s.root())?)).await?;
+    let done = blocking(session, move |s| Ok(upload.publish(s.root(), &s.server.ids)?)).await?;
     if let Some(g) = &group {
         g.sync_all().await.map_err(synced)?;
     }

@@ -167,8 +167,13 @@ impl LocalDir {
 
     /// A new file with no name yet (O_TMPFILE) in this directory, for [`publish`]: nothing is
     /// visible, and nothing is left behind by a crash, until it is complete. `None` where the
-    /// file system does not support it.
+    /// file system does not support it, or is not known to keep such a file once it is linked
+    /// (JuiceFS links it, then destroys it: fsd::fskind).
     pub fn create_anonymous(&self) -> Option<File> {
+        let (kind, _) = fsd::fskind::detect(self.fd.as_fd()).ok()?;
+        if !kind.keeps_anonymous_files() {
+            return None;
+        }
         let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
         let fd = openat(self.fd.as_fd(), ".", flags, Mode::from_bits_truncate(0o600)).ok()?;
         Some(File::from(fd))
