@@ -98,6 +98,7 @@ impl FsKind {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a temp dir, not a client path
 mod tests {
     use super::*;
 

@@ -83,6 +83,11 @@ struct Args {
     /// Seconds an unfinished upload is kept after its last activity.
     #[arg(long, default_value_t = server::UPLOAD_TTL.as_secs())]
     upload_ttl: u64,
+    /// Seconds after which an upload lock whose holder stopped renewing it (a dead or hung
+    /// node sharing the state directory) is taken over; renewed every quarter of it. Node
+    /// clocks must agree within a small part of it.
+    #[arg(long, default_value_t = fsd::fs::lease::UPLOAD_LEASE.as_secs())]
+    upload_lease: u64,
     /// Seconds in-flight transfers get to finish on SIGINT/SIGTERM.
     #[arg(long, default_value_t = server::SHUTDOWN_GRACE.as_secs())]
     shutdown_grace: u64,
@@ -217,6 +222,7 @@ async fn serve(args: Args) -> Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         auth_timeout: Duration::from_secs(args.auth_timeout),
         upload_ttl: Duration::from_secs(args.upload_ttl),
+        upload_lease: Duration::from_secs(args.upload_lease.max(1)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         fs_kind: fsd::fskind::FsKind::parse_override(&args.fs_kind)
             .map_err(|e| anyhow::anyhow!("--fs-kind {e}"))?,

@@ -581,6 +581,7 @@ fn upload(r: &mut Raw, req: msg::OpenRequest, data: &[u8]) -> Result<Result<Fram
         &msg::CommitRequest {
             handle: open.handle,
             blake3: blake3::hash(data).as_bytes().to_vec(),
+            upload_id: String::new(),
         },
     )?;
     Ok(Ok(c))
@@ -1136,6 +1137,7 @@ fn path_cases(env: &Env) -> Vec<Case> {
                 &msg::CommitRequest {
                     handle: open.handle,
                     blake3: blake3::hash(b"EVIL!").as_bytes().to_vec(),
+                    upload_id: String::new(),
                 },
             )?;
             expect_code(&c, InvalidPath, "commit through the swapped parent")?;
@@ -1767,6 +1769,7 @@ fn protocol_cases() -> Vec<Case> {
                 let c = msg::CommitRequest {
                     handle: open.handle,
                     blake3: blake3::hash(b"hello").as_bytes().to_vec(),
+                    upload_id: String::new(),
                 };
                 let _: msg::CommitResponse =
                     expect_ok(&call(&mut r, Cmd::COMMIT, 6, &c)?, "commit")?;
@@ -1889,6 +1892,7 @@ fn protocol_cases() -> Vec<Case> {
                 msg::CommitRequest {
                     handle: h,
                     blake3: vec![0; 32],
+                    upload_id: String::new(),
                 }
                 .encode_to_vec(),
             )
@@ -2018,6 +2022,7 @@ fn protocol_cases() -> Vec<Case> {
             let c = msg::CommitRequest {
                 handle: open.handle,
                 blake3: blake3::hash(b"EVIL!").as_bytes().to_vec(),
+                upload_id: String::new(),
             };
             expect_code(&call(&mut r, Cmd::COMMIT, 6, &c)?, BadHandle, "commit")?;
             ensure!(
@@ -2048,6 +2053,7 @@ fn protocol_cases() -> Vec<Case> {
             let c = msg::CommitRequest {
                 handle: open.handle,
                 blake3: blake3::hash(&data).as_bytes().to_vec(),
+                upload_id: String::new(),
             };
             expect_code(&call(&mut r, Cmd::COMMIT, 6, &c)?, Incomplete, "commit")?;
             ensure!(!e.root.join("inc.bin").exists(), "published");
@@ -2067,11 +2073,13 @@ fn protocol_cases() -> Vec<Case> {
             let c = msg::CommitRequest {
                 handle: open.handle,
                 blake3: blake3::hash(b"HELLO").as_bytes().to_vec(),
+                upload_id: String::new(),
             };
             expect_code(&call(&mut r, Cmd::COMMIT, 6, &c)?, HashMismatch, "commit")?;
             let c = msg::CommitRequest {
                 handle: open.handle,
                 blake3: vec![],
+                upload_id: String::new(),
             };
             expect_code(
                 &call(&mut r, Cmd::COMMIT, 6, &c)?,
@@ -2206,6 +2214,7 @@ fn protocol_cases() -> Vec<Case> {
             msg::CommitRequest {
                 handle: 1,
                 blake3: vec![],
+                upload_id: String::new(),
             }
             .encode_to_vec(),
         ),

@@ -61,6 +61,7 @@ fn commit(r: &mut Raw, sid: u32, handle: u32, data: &[u8]) -> Frame {
         sid,
         &msg::CommitRequest {
             handle,
+            upload_id: String::new(),
             blake3: blake3::hash(data).as_bytes().to_vec(),
         },
     )

@@ -392,6 +392,7 @@ impl<'a> Client<'a> {
         let c = msg::CommitRequest {
             handle: open.handle,
             blake3: blake3::hash(data).as_bytes().to_vec(),
+            upload_id: String::new(),
         };
         let f = self.call(Cmd::COMMIT, &c)?;
         let done: msg::CommitResponse = ok(&f, "commit")?;

@@ -208,6 +208,7 @@ fn upload_write_commit_publishes_atomically() {
         &msg::CommitRequest {
             handle: open.handle,
             blake3: vec![0; 32],
+            upload_id: String::new(),
         },
     );
     assert_eq!(code(&bad), ErrorCode::HashMismatch);
@@ -219,6 +220,7 @@ fn upload_write_commit_publishes_atomically() {
             &msg::CommitRequest {
                 handle: open.handle,
                 blake3: blake3::hash(&data).as_bytes().to_vec(),
+                upload_id: String::new(),
             },
         )
         .decode()

@@ -73,6 +73,7 @@ impl Client {
                 slots,
                 transferred: AtomicU64::new(0),
                 cvs: Mutex::new(Vec::new()),
+                committing: Mutex::new(None),
                 src,
             };
             job.run().await
@@ -182,6 +183,9 @@ struct UpJob {
     transferred: AtomicU64,
     /// Chaining value of every chunk hashed so far, kept across attempts.
     cvs: Mutex<Vec<Option<ChainingValue>>>,
+    /// A COMMIT sent whose answer may have been lost: the upload id and whole-file BLAKE3. The
+    /// next attempt asks for that commit's result first (COMMIT by upload id, on any node).
+    committing: Mutex<Option<(String, [u8; 32])>>,
 }
 
 /// What OPEN(WRITE) answered.
@@ -300,6 +304,12 @@ impl UpJob {
             }
         }
         let _slot0 = conn0.upload_slot(self.src.size).await?;
+        let asked = self.committing.lock().unwrap().take();
+        if let Some((upload_id, blake3)) = asked {
+            if let Some(t) = self.committed(&conn0, upload_id, blake3).await? {
+                return Ok(t);
+            }
+        }
         let up = self.open(&conn0, restart).await?;
         let (cs, count, size) = (up.chunk_size, up.count, self.src.size);
         {
@@ -385,8 +395,11 @@ impl UpJob {
         let req = msg::CommitRequest {
             handle: up.handle,
             blake3: blake3.to_vec(),
+            upload_id: String::new(),
         };
+        *self.committing.lock().unwrap() = Some((up.upload_id.clone(), blake3));
         let r: msg::CommitResponse = conn0.request(Cmd::COMMIT, &req).await?;
+        *self.committing.lock().unwrap() = None;
         if r.size != size {
             return Err(Stop::Fail(Error::Protocol(format!(
                 "commit published {} bytes, sent {size}",
@@ -399,6 +412,47 @@ impl UpJob {
             transferred: self.transferred.load(Ordering::Relaxed),
             blake3,
         })
+    }
+
+    /// Whether the COMMIT of an earlier attempt, whose answer was lost, published the file:
+    /// asked by upload id. None if not (or the server cannot tell): upload as usual.
+    async fn committed(
+        &self,
+        conn: &Conn,
+        upload_id: String,
+        blake3: [u8; 32],
+    ) -> Result<Option<Transfer>, Stop> {
+        let req = msg::CommitRequest {
+            handle: 0,
+            upload_id,
+            blake3: blake3.to_vec(),
+        };
+        match conn
+            .request::<_, msg::CommitResponse>(Cmd::COMMIT, &req)
+            .await
+        {
+            Ok(r) if r.size == self.src.size => {
+                debug!(remote = %self.remote, "the lost COMMIT had published the file");
+                Ok(Some(Transfer {
+                    path: self.remote.clone(),
+                    bytes: r.size,
+                    transferred: self.transferred.load(Ordering::Relaxed),
+                    blake3,
+                }))
+            }
+            // Not committed (NotFound), or a server without COMMIT by id (BadHandle: it has no
+            // handle 0): the upload goes on by OPEN, resuming.
+            Ok(_) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.remote_code(),
+                    Some(ErrorCode::NotFound | ErrorCode::BadHandle)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(Stop::Fail(e)),
+        }
     }
 
     /// A file of at most one chunk in one request (PUT: the file, its CRC32 and BLAKE3; the

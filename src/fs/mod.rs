@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod identity;
+pub mod lease;
 pub mod listing;
 pub mod manifest;
 pub mod root;

@@ -552,7 +552,13 @@ impl Root {
         } else {
             RenameFlags::empty()
         };
-        let renamed = fcntl::renameat2(&from_dir, from_leaf.as_c_str(), &to_dir, to_leaf.as_c_str(), flags);
+        let renamed = fcntl::renameat2(
+            &from_dir,
+            from_leaf.as_c_str(),
+            &to_dir,
+            to_leaf.as_c_str(),
+            flags,
+        );
         let renamed = match renamed {
             // EINVAL: a directory moving beneath itself, or a file system without
             // RENAME_NOREPLACE (GlusterFS, MooseFS). A file cannot hold anything, so for a file
@@ -607,7 +613,7 @@ impl Root {
         match fcntl::renameat2(src_dir, src_name, &parent, leaf.as_c_str(), flags) {
             // No RENAME_NOREPLACE here (GlusterFS, MooseFS): link, which never replaces.
             Err(Errno::EINVAL) if no_clobber => {
-                move_without_clobbering(&src_dir, src_name, &parent, &leaf)
+                move_without_clobbering(src_dir, src_name, &parent, &leaf)
             }
             r => r,
         }
@@ -735,13 +741,7 @@ fn move_without_clobbering(
     to_dir: impl AsFd,
     to: &CStr,
 ) -> Result<(), Errno> {
-    unistd::linkat(
-        from_dir.as_fd(),
-        from,
-        to_dir.as_fd(),
-        to,
-        AtFlags::empty(),
-    )?;
+    unistd::linkat(from_dir.as_fd(), from, to_dir.as_fd(), to, AtFlags::empty())?;
     unistd::unlinkat(from_dir.as_fd(), from, UnlinkatFlags::NoRemoveDir)
 }
 

@@ -23,17 +23,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
 use prost::Message;
 
 use super::identity::RootId;
+use super::lease::{Lease, Refused};
 use super::root::{FsError, Root};
 use crate::direct::DirectFile;
 use crate::durable::GroupSync;
 use crate::fskind::FsKind;
 use crate::integrity::{chunk_cv, RootHasher};
 use crate::protocol::{chunk_count, chunk_len, chunk_size_for, ErrorCode};
-use crate::state::UploadRecord;
+use crate::state::{CommitRecord, UploadRecord};
 
 /// Sync policy: fdatasync after this many unsynced bytes (about one client window, so a crash
 /// costs a resend of at most that much)...
@@ -185,13 +185,20 @@ pub struct UploadStore {
     kind: FsKind,
     group: Arc<GroupSync>,
     ttl: Duration,
+    /// How long a dead node's upload lock keeps others out (fs::lease).
+    lease: Duration,
     live: Mutex<HashMap<String, Weak<Upload>>>,
     tally: Arc<Mutex<Tally>>,
 }
 
 impl UploadStore {
     /// The store in `dir`, on a file system of `kind` (crate::fskind).
-    pub fn new(dir: PathBuf, ttl: Duration, kind: FsKind) -> io::Result<UploadStore> {
+    pub fn new(
+        dir: PathBuf,
+        ttl: Duration,
+        lease: Duration,
+        kind: FsKind,
+    ) -> io::Result<UploadStore> {
         std::fs::create_dir_all(&dir)?;
         let dir_fd = OpenOptions::new()
             .read(true)
@@ -217,6 +224,7 @@ impl UploadStore {
             kind,
             group,
             ttl,
+            lease,
             live: Mutex::new(HashMap::new()),
             tally: Arc::new(Mutex::new(tally)),
         })
@@ -250,27 +258,13 @@ impl UploadStore {
                 Phase::Committed(_) => {}
             }
         }
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.path(&id, "lock"))
-            .map_err(io_err)?;
         // If this process held the upload a moment ago, its last handle may still be syncing it
         // on drop: wait for that (briefly) instead of answering Busy.
-        let ours = live.contains_key(&id);
-        let mut lock_file = lock_file;
-        let mut tries = if ours { 40 } else { 1 };
-        let lock = loop {
-            match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => break l,
-                Err((f, _)) if tries > 1 => {
-                    tries -= 1;
-                    lock_file = f;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(_) => return Err(UploadError::Busy { id }),
-            }
+        let tries = if live.contains_key(&id) { 40 } else { 1 };
+        let lease = match Lease::acquire(&self.dir, &id, self.lease, tries) {
+            Ok(l) => l,
+            Err(Refused::Busy) => return Err(UploadError::Busy { id }),
+            Err(Refused::Io(e)) => return Err(io_err(e)),
         };
 
         let record = if p.restart {
@@ -353,7 +347,8 @@ impl UploadStore {
             dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
             group: self.group.clone(),
             tally: self.tally.clone(),
-            _lock: Some(lock),
+            lease: Some(lease),
+            lost: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(inner),
         });
         if fresh && upload.resumable() {
@@ -406,7 +401,8 @@ impl UploadStore {
             dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
             group: self.group.clone(),
             tally: self.tally.clone(),
-            _lock: None,
+            lease: None,
+            lost: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner::new(count)),
         }))
     }
@@ -422,6 +418,60 @@ impl UploadStore {
             ));
         }
         Ok(())
+    }
+
+    /// Renews the lease of every upload open in this process; one taken over by another node
+    /// is marked lost, so that this process never writes or publishes it again. Blocking.
+    pub fn renew_leases(&self) {
+        let open: Vec<Arc<Upload>> = {
+            let live = self.live.lock().unwrap();
+            live.values().filter_map(Weak::upgrade).collect()
+        };
+        for u in open {
+            let Some(lease) = &u.lease else { continue };
+            match lease.renew() {
+                Ok(true) => {}
+                Ok(false) => u.lose(),
+                Err(e) => {
+                    tracing::warn!(upload = %u.id, error = %e, "could not renew the upload lease")
+                }
+            }
+        }
+    }
+
+    /// The result of upload `id` if it was committed with `blake3` by `owner` (on any node
+    /// sharing this state directory): COMMIT by upload id, for a client whose COMMIT's answer
+    /// was lost. None if it was not (or not yet) published. Blocking.
+    pub fn committed(
+        &self,
+        id: &str,
+        owner: &str,
+        blake3: &[u8],
+        root: &Root,
+        ids: &RootId,
+    ) -> Option<(u64, String)> {
+        // Ids are what UploadParams::id makes; anything else names no file of ours.
+        if id.len() != 32
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return None;
+        }
+        let bytes = std::fs::read(self.path(id, "done")).ok()?;
+        let r = CommitRecord::decode(&bytes[..]).ok()?;
+        // Data still there: the rename has not happened (or a fresh upload reuses the id).
+        let published = !self.path(id, "data").exists();
+        if !published || r.owner != owner || r.blake3 != blake3 {
+            return None;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let identity = match root.open_read(&r.path) {
+            Ok((_, meta)) if meta.ino() == r.ino => ids.identity(&meta),
+            // Replaced or removed since: the identity it was published with.
+            _ => r.identity,
+        };
+        Some((r.size, identity))
     }
 
     fn path(&self, id: &str, ext: &str) -> PathBuf {
@@ -443,11 +493,17 @@ impl UploadStore {
         let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") {
+            if name.ends_with(".tmp") || name.ends_with(".done") || name.contains(".takeover.") {
                 // A single-chunk upload's temporary file left by a crash (on a shared file
-                // system, of any node: its age, not its pid, says it is dead).
-                let idle = e.metadata().ok().and_then(|m| m.modified().ok()?.elapsed().ok());
-                if idle.is_some_and(|idle| idle >= self.ttl) && std::fs::remove_file(e.path()).is_ok() {
+                // system, of any node: its age, not its pid, says it is dead), or the record
+                // of a commit whose answer nobody asked for again.
+                let idle = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok()?.elapsed().ok());
+                if idle.is_some_and(|idle| idle >= self.ttl)
+                    && std::fs::remove_file(e.path()).is_ok()
+                {
                     removed += 1;
                 }
                 continue;
@@ -464,15 +520,8 @@ impl UploadStore {
             if idle.is_none_or(|idle| idle < self.ttl) {
                 continue;
             }
-            let Ok(lock_file) = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(self.path(id, "lock"))
-            else {
-                continue;
-            };
-            if let Ok(_lock) = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            // Held by a live process: not expired. Held by a dead node: taken over.
+            if let Ok(_lease) = Lease::acquire(&self.dir, id, self.lease, 1) {
                 for ext in ["data", "state", "log", "sums", "lock"] {
                     let _ = std::fs::remove_file(self.path(id, ext));
                 }
@@ -637,6 +686,8 @@ struct Inner {
     /// WRITEs past the phase check and not yet recorded: a COMMIT must not hash around them.
     writers: u32,
     phase: Phase,
+    /// The whole-file BLAKE3 that COMMIT verified (set when sealed).
+    verified: [u8; 32],
 }
 
 /// Where an upload is in its life. Only `Open` takes chunks, so once COMMIT has verified the
@@ -664,6 +715,7 @@ impl Inner {
             syncing: false,
             writers: 0,
             phase: Phase::Open,
+            verified: [0; 32],
         }
     }
 
@@ -709,7 +761,10 @@ pub struct Upload {
     dir: PathBuf,
     dir_fd: File,
     group: Arc<GroupSync>,
-    _lock: Option<Flock<File>>,
+    /// The upload lock of a resumable upload (fs::lease), renewed by [`UploadStore::renew_leases`].
+    lease: Option<Lease>,
+    /// The lease was taken over by another node: this process must not touch the upload again.
+    lost: std::sync::atomic::AtomicBool,
     /// Where this upload counts against its owner's quota until published.
     tally: Arc<Mutex<Tally>>,
     inner: Mutex<Inner>,
@@ -750,6 +805,7 @@ impl Upload {
         }
         let cv = chunk_cv(data, index, self.chunk_size, self.params.size);
         let offset = index as u64 * self.chunk_size as u64;
+        self.check_held()?;
         {
             let mut inner = self.inner.lock().unwrap();
             match inner.phase {
@@ -884,6 +940,7 @@ impl Upload {
     /// From here the upload takes no more chunks; [`Upload::publish`] ends the commit, or
     /// [`Upload::unseal`] reopens it when a later step fails. Blocking.
     pub fn seal(&self, expected: &[u8]) -> Result<(), UploadError> {
+        self.check_held()?;
         {
             let mut inner = self.inner.lock().unwrap();
             match inner.phase {
@@ -922,6 +979,7 @@ impl Upload {
                 server: hex::encode(server),
             });
         }
+        self.inner.lock().unwrap().verified = server;
         let finished = self.finish_metadata();
         if finished.is_err() {
             self.unseal();
@@ -993,17 +1051,23 @@ impl Upload {
         }
         let published = self.link_into(root, ids);
         let mut inner = self.inner.lock().unwrap();
-        match published {
-            Ok(done) => {
-                inner.phase = Phase::Committed(done.clone());
-                inner.unsynced = 0;
-                Ok(done)
-            }
-            Err(e) => {
-                inner.phase = Phase::Open;
-                Err(e)
-            }
+        // Committed from the moment the name is in place (link_into says so), even if a sync
+        // after that fails: the data file is the published file now, and no WRITE may reach it.
+        if published.is_err() && inner.phase == Phase::Sealing {
+            inner.phase = Phase::Open;
         }
+        published
+    }
+
+    /// The name is in place: from here the upload is committed, whatever fails next.
+    fn named(&self, before: std::fs::Metadata, ids: &RootId) -> (u64, String) {
+        // The identity as published (the rename changed the ctime), else as before it.
+        let meta = self.data.metadata().unwrap_or(before);
+        let done = (self.params.size, ids.identity(&meta));
+        let mut inner = self.inner.lock().unwrap();
+        inner.phase = Phase::Committed(done.clone());
+        inner.unsynced = 0;
+        done
     }
 
     /// [`Upload::publish`]'s file-system work.
@@ -1020,20 +1084,79 @@ impl Upload {
         if let Some(name) = named {
             // Data durable before the name points at it; then the name itself.
             self.data.sync_all().map_err(|e| self.io(e))?;
-            let parent = root.publish(self.dir_fd.as_fd(), &name, path, no_clobber)?;
-            nix::unistd::fsync(parent).map_err(|e| self.io(e.into()))?;
+            if self.resumable() {
+                // Still ours right before the rename: a node that took the upload over may be
+                // writing it (the periodic renewal would only notice later).
+                if !self.lease.as_ref().is_some_and(Lease::is_ours) {
+                    self.lose();
+                    self.check_held()?;
+                }
+                self.write_commit_record(&before, ids)?;
+            }
+            let parent = match root.publish(self.dir_fd.as_fd(), &name, path, no_clobber) {
+                Ok(parent) => parent,
+                Err(e) => {
+                    let _ = std::fs::remove_file(self.dir.join(format!("{}.done", self.id)));
+                    return Err(e.into());
+                }
+            };
+            let done = self.named(before, ids);
             if self.resumable() {
                 for ext in ["state", "log", "lock"] {
                     let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
                 }
                 self.tally.lock().unwrap().remove(&self.id);
             }
+            nix::unistd::fsync(parent).map_err(|e| self.io(e.into()))?;
+            Ok(done)
         } else {
             root.publish_anonymous(self.data.as_fd(), self.dir_fd.as_fd(), path, no_clobber)?;
+            Ok(self.named(before, ids))
         }
-        // The identity as published (the rename changed the ctime), else as before it.
-        let meta = self.data.metadata().unwrap_or(before);
-        Ok((self.params.size, ids.identity(&meta)))
+    }
+
+    /// Marks the upload as taken over by another node.
+    fn lose(&self) {
+        if !self.lost.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(upload = %self.id, "upload lease taken over by another node; giving it up");
+        }
+    }
+
+    /// Refuses to touch an upload whose lease another node took over.
+    fn check_held(&self) -> Result<(), UploadError> {
+        if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(UploadError::Sealing {
+                id: self.id.clone(),
+                why: "taken over by another server node (this one's lease ran out)",
+            });
+        }
+        Ok(())
+    }
+
+    /// `<id>.done`, synced before the publish: from the rename on, a COMMIT by upload id on
+    /// any node is answered from it ([`UploadStore::committed`]).
+    fn write_commit_record(
+        &self,
+        data: &std::fs::Metadata,
+        ids: &RootId,
+    ) -> Result<(), UploadError> {
+        use std::os::unix::fs::MetadataExt;
+        let record = CommitRecord {
+            owner: self.params.owner.clone(),
+            dest: self.params.dest.clone(),
+            path: self.params.path.clone(),
+            size: self.params.size,
+            blake3: self.inner.lock().unwrap().verified.to_vec(),
+            ino: data.ino(),
+            identity: ids.identity(data),
+        };
+        let path = self.dir.join(format!("{}.done", self.id));
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&path)?;
+            f.write_all(&record.encode_to_vec())?;
+            f.sync_all()
+        };
+        write().map_err(|e| self.io(e))
     }
 
     fn io(&self, source: io::Error) -> UploadError {
@@ -1060,7 +1183,10 @@ impl Drop for Upload {
         }
         let pending = {
             let inner = self.inner.lock().unwrap();
-            inner.phase == Phase::Open && inner.unsynced > 0 && self.resumable()
+            inner.phase == Phase::Open
+                && inner.unsynced > 0
+                && self.resumable()
+                && !self.lost.load(std::sync::atomic::Ordering::Relaxed)
         };
         if pending {
             if let Err(e) = self.sync() {

@@ -83,6 +83,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub auth_timeout: Duration,
     pub upload_ttl: Duration,
+    /// How long an upload lock of a dead node keeps others out (fs::lease); renewed every
+    /// quarter of it.
+    pub upload_lease: Duration,
     pub shutdown_grace: Duration,
     /// TLS settings; None serves plain TCP (and file data by sendfile).
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -112,6 +115,7 @@ impl Config {
             idle_timeout: IDLE_TIMEOUT,
             auth_timeout: AUTH_TIMEOUT,
             upload_ttl: UPLOAD_TTL,
+            upload_lease: crate::fs::lease::UPLOAD_LEASE,
             shutdown_grace: SHUTDOWN_GRACE,
             tls: None,
             fs_kind: None,
@@ -260,7 +264,12 @@ impl Server {
                 "shared file system: named temporary files and an fsync per file"
             );
         }
-        let uploads = UploadStore::new(state_abs.join("uploads"), config.upload_ttl, fs_kind)?;
+        let uploads = UploadStore::new(
+            state_abs.join("uploads"),
+            config.upload_ttl,
+            config.upload_lease,
+            fs_kind,
+        )?;
         let root_dev = {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(&root_abs)?.dev()
@@ -380,6 +389,21 @@ pub async fn run(
             }
         })
     };
+    let leases = {
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let every = (server.config.upload_lease / 4).max(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let s = server.clone();
+                let _ = tokio::task::spawn_blocking(move || s.uploads.renew_leases()).await;
+            }
+        })
+    };
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -469,6 +493,7 @@ pub async fn run(
         });
     }
     drop(gc);
+    drop(leases);
     tracker.close();
     tracker.wait().await;
     Ok(())

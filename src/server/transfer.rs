@@ -587,6 +587,9 @@ pub async fn write(
 
 pub async fn commit(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
     let req = msg::CommitRequest::decode(payload)?;
+    if req.handle == 0 && !req.upload_id.is_empty() {
+        return commit_by_id(session, req).await;
+    }
     let Handle::Write(upload) = get(session, req.handle)? else {
         return Err(Failure::new(
             ErrorCode::BadHandle,
@@ -597,6 +600,29 @@ pub async fn commit(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fai
     session.handles.lock().unwrap().remove(req.handle);
     tracing::info!(handle = req.handle, size, "upload committed");
     encoded(msg::CommitResponse { size, identity })
+}
+
+/// COMMIT by upload id: the answer to a COMMIT whose reply was lost, from the commit record
+/// (fs::upload::UploadStore::committed), on whichever node the client reached.
+async fn commit_by_id(session: &Arc<Session>, req: msg::CommitRequest) -> Result<Bytes, Failure> {
+    blocking(session, move |s| {
+        s.require_write()?;
+        let done = s.server.uploads.committed(
+            &req.upload_id,
+            &s.cred.name,
+            &req.blake3,
+            s.root(),
+            &s.server.ids,
+        );
+        let Some((size, identity)) = done else {
+            return Err(Failure::new(
+                ErrorCode::NotFound,
+                "no upload committed with that id and hash",
+            ));
+        };
+        encoded(msg::CommitResponse { size, identity })
+    })
+    .await
 }
 
 /// Verifies and publishes an upload (COMMIT, PUT). An anonymous upload's two syncs are shared
@@ -624,7 +650,10 @@ async fn publish_upload(
             return Err(synced(e));
         }
     }
-    let done = blocking(session, move |s| Ok(upload.publish(s.root(), &s.server.ids)?)).await?;
+    let done = blocking(session, move |s| {
+        Ok(upload.publish(s.root(), &s.server.ids)?)
+    })
+    .await?;
     if let Some(g) = &group {
         g.sync_all().await.map_err(synced)?;
     }

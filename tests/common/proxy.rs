@@ -22,6 +22,9 @@ pub enum Fault {
     Tiny,
     /// Hold each server->client read for this long before forwarding it (added latency).
     Delay(Duration),
+    /// Forward server->client frames until the first one with this command, then close both
+    /// directions without it (e.g. a COMMIT whose answer is lost).
+    CutAtCmd(u16),
 }
 
 pub struct Proxy {
@@ -87,8 +90,41 @@ impl Drop for Proxy {
     }
 }
 
+/// Copies whole frames from `from` to `to` until one with command `cmd`, which is not sent:
+/// both directions close there.
+fn cut_at_cmd(mut from: TcpStream, mut to: TcpStream, cmd: u16) {
+    use fsd::protocol::HEADER_LEN;
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    'read: loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while pending.len() >= HEADER_LEN {
+            if u16::from_be_bytes([pending[6], pending[7]]) == cmd {
+                break 'read;
+            }
+            let len = u32::from_be_bytes(pending[12..16].try_into().unwrap()) as usize;
+            if pending.len() < HEADER_LEN + len {
+                break;
+            }
+            if to.write_all(&pending[..HEADER_LEN + len]).is_err() {
+                break 'read;
+            }
+            pending.drain(..HEADER_LEN + len);
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
 /// Copies `from` to `to`, applying `fault`; closes both when either side ends.
 fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, rate: Option<u64>) {
+    if let Fault::CutAtCmd(cmd) = fault {
+        return cut_at_cmd(from, to, cmd);
+    }
     let mut buf = vec![0u8; 64 * 1024];
     let mut pos: u64 = 0;
     let started = std::time::Instant::now();

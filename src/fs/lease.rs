@@ -1,0 +1,200 @@
+//! Upload locks that a dead node cannot hold forever.
+//!
+//! A resumable upload is held by one fsd process at a time through `flock` on `<id>.lock` in the
+//! shared state directory. A process that dies releases it at once; but when a whole node dies
+//! (or hangs, or loses its network), the shared file system may keep that node's session, and so
+//! its flock, for as long as it likes (MooseFS: a day). So the holder also renews a lease, the
+//! lock file's mtime, every quarter of `--upload-lease`; a lock whose lease is older than that is
+//! taken over:
+//!
+//! 1. The taker creates `<id>.takeover.<ino>-<mtime_ns>` of the stale lock file with O_EXCL: of
+//!    several nodes trying, exactly one gets it (the others answer Busy). A lease renewed since
+//!    has another mtime, so a marker never blocks a later, legitimate takeover.
+//! 2. It creates a fresh lock file under a private name, flocks and stamps it, and renames it
+//!    over `<id>.lock`.
+//! 3. The old holder, if it was only slow, sees at its next renewal (and before it publishes)
+//!    that `<id>.lock` no longer names its file, and gives the upload up.
+//!
+//! The lease compares wall clocks of different nodes (the mtime is stamped by the holder's
+//! clock): nodes must agree within a small part of the lease (NTP does).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// Default `--upload-lease`.
+pub const UPLOAD_LEASE: Duration = Duration::from_secs(30);
+
+/// Why a lock could not be taken.
+#[derive(Debug)]
+pub enum Refused {
+    /// Another live process holds it (or is taking it over).
+    Busy,
+    Io(io::Error),
+}
+
+impl From<io::Error> for Refused {
+    fn from(e: io::Error) -> Refused {
+        Refused::Io(e)
+    }
+}
+
+/// A held upload lock.
+pub struct Lease {
+    lock: Flock<File>,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Lease {
+    /// Takes `<id>.lock` in `dir`, or takes it over if its holder's lease (`lease`) ran out.
+    /// `tries` nonblocking attempts 50 ms apart (a handle of this process may be releasing it).
+    pub fn acquire(dir: &Path, id: &str, lease: Duration, tries: u32) -> Result<Lease, Refused> {
+        let path = dir.join(format!("{id}.lock"));
+        // A takeover renames a new file over the name between our open and our flock: then
+        // the file we locked is no longer the lock; try again (a couple of times at most).
+        for _ in 0..3 {
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            let mut file = file;
+            let mut left = tries.max(1);
+            let locked = loop {
+                match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                    Ok(l) => break Ok(l),
+                    Err((f, _)) if left > 1 => {
+                        left -= 1;
+                        file = f;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err((f, _)) => break Err(f),
+                }
+            };
+            match locked {
+                Ok(lock) => {
+                    let ino = lock.metadata()?.ino();
+                    if names(&path, ino) {
+                        let lease = Lease { lock, path, ino };
+                        lease.stamp()?;
+                        return Ok(lease);
+                    }
+                }
+                Err(held) => {
+                    let meta = held.metadata()?;
+                    let age = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .unwrap_or(Duration::ZERO);
+                    if age < lease {
+                        return Err(Refused::Busy);
+                    }
+                    return take_over(dir, id, &path, &meta);
+                }
+            }
+        }
+        Err(Refused::Busy)
+    }
+
+    /// Renews the lease. False if the lock was taken over (the upload is no longer ours).
+    pub fn renew(&self) -> io::Result<bool> {
+        if !self.is_ours() {
+            return Ok(false);
+        }
+        self.stamp()?;
+        Ok(true)
+    }
+
+    /// Whether `<id>.lock` still names the file this lease holds.
+    pub fn is_ours(&self) -> bool {
+        names(&self.path, self.ino)
+    }
+
+    fn stamp(&self) -> io::Result<()> {
+        let now = nix::sys::time::TimeSpec::UTIME_NOW;
+        nix::sys::stat::futimens(&*self.lock, &now, &now).map_err(io::Error::from)
+    }
+}
+
+/// Whether `path` names inode `ino` (a lock file replaced by a takeover does not).
+fn names(path: &Path, ino: u64) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.ino() == ino)
+}
+
+/// Takes a lock whose holder stopped renewing it (module comment, steps 1 and 2).
+fn take_over(
+    dir: &Path,
+    id: &str,
+    path: &Path,
+    stale: &std::fs::Metadata,
+) -> Result<Lease, Refused> {
+    let stamp = stale.mtime() * 1_000_000_000 + stale.mtime_nsec();
+    let marker = dir.join(format!("{id}.takeover.{:x}-{stamp}", stale.ino()));
+    match File::options().write(true).create_new(true).open(&marker) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(Refused::Busy),
+        Err(e) => return Err(e.into()),
+    }
+    static FRESH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = FRESH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let fresh = dir.join(format!("{id}.lock.{}.{n}", std::process::id()));
+    let file = File::options().write(true).create_new(true).open(&fresh)?;
+    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| Refused::Io(e.into()))?;
+    let ino = lock.metadata()?.ino();
+    let lease = Lease {
+        lock,
+        path: path.to_path_buf(),
+        ino,
+    };
+    lease.stamp()?;
+    if let Err(e) = std::fs::rename(&fresh, path) {
+        let _ = std::fs::remove_file(&fresh);
+        return Err(e.into());
+    }
+    tracing::warn!(
+        upload = id,
+        "took over an upload whose holder stopped renewing its lease (a dead or hung node)"
+    );
+    Ok(lease)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lease_is_busy_until_it_runs_out_then_taken_over_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Lease::acquire(dir.path(), "u", Duration::from_secs(60), 1).unwrap();
+        assert!(matches!(
+            Lease::acquire(dir.path(), "u", Duration::from_secs(60), 1),
+            Err(Refused::Busy)
+        ));
+        // The holder stops renewing: its stamp ages past a short lease.
+        std::thread::sleep(Duration::from_millis(1100));
+        let second = Lease::acquire(dir.path(), "u", Duration::from_secs(1), 1).unwrap();
+        assert!(second.is_ours());
+        assert!(!first.is_ours());
+        assert!(
+            !first.renew().unwrap(),
+            "the old holder learns it lost the lock"
+        );
+        // A third node that saw the same stale lock cannot take it again; the new holder's
+        // fresh stamp keeps everyone else out.
+        assert!(matches!(
+            Lease::acquire(dir.path(), "u", Duration::from_secs(1), 1),
+            Err(Refused::Busy)
+        ));
+        drop(second);
+        // Released: taken normally.
+        let third = Lease::acquire(dir.path(), "u", Duration::from_secs(60), 1).unwrap();
+        assert!(third.is_ours());
+    }
+}

@@ -1,0 +1,261 @@
+//! Several fsd nodes serving one root with one state directory (what a cluster over a shared
+//! file system is, minus the network file system: tests/cluster.rs has that). A hung node's
+//! upload lock is taken over after its lease, a COMMIT whose answer was lost is answered on any
+//! node, and file identities agree between nodes.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::proxy::{Fault, Proxy};
+use common::*;
+use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame};
+
+/// Chunk size the raw clients ask for: a few hundred KiB make a multi-chunk upload.
+const CHUNK: u32 = 64 * 1024;
+
+/// Two fsd processes on one root (so one state directory), each with `extra` arguments.
+fn two_nodes(extra: &[&str]) -> (tempfile::TempDir, Fsd, Fsd) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let a = Fsd::start_on(&root, extra);
+    let b = Fsd::start_on(&root, extra);
+    (dir, a, b)
+}
+
+fn open_write(r: &mut Raw, sid: u32, path: &str, size: u64) -> Frame {
+    r.call(
+        Cmd::OPEN,
+        sid,
+        &msg::OpenRequest {
+            path: path.into(),
+            mode: msg::OpenMode::OpenWrite as i32,
+            size,
+            resume_key: "k".into(),
+            ..Default::default()
+        },
+    )
+}
+
+fn write(r: &mut Raw, sid: u32, handle: u32, chunk: u32, data: &[u8]) -> Frame {
+    r.send_msg(Cmd::WRITE, sid, 0, &msg::WriteRequest { handle, chunk });
+    r.send(&Frame::new(
+        Cmd::WRITE,
+        sid,
+        flags::DATA | flags::END,
+        Bytes::copy_from_slice(data),
+    ))
+    .unwrap();
+    r.recv().expect("write reply")
+}
+
+fn commit(r: &mut Raw, sid: u32, handle: u32, upload_id: &str, blake3: &[u8]) -> Frame {
+    r.call(
+        Cmd::COMMIT,
+        sid,
+        &msg::CommitRequest {
+            handle,
+            blake3: blake3.to_vec(),
+            upload_id: upload_id.into(),
+        },
+    )
+}
+
+fn ok<M: prost::Message + Default>(f: &Frame, what: &str) -> M {
+    assert!(!f.header.is_error(), "{what}: {:?}", error_of(f));
+    f.decode().unwrap()
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// A node that hangs (SIGSTOP: its flock stays held, as a dead node's does on a shared file
+/// system that keeps its session) holds its upload only until its lease runs out; then another
+/// node takes the upload over and finishes it, and the hung node, woken, can no longer write or
+/// publish it.
+#[test]
+fn a_hung_node_s_upload_is_taken_over_after_its_lease() {
+    let (_dir, a, b) = two_nodes(&["--upload-lease", "2"]);
+    let data = random_bytes(3 * CHUNK as usize, 7);
+    let mut ra = Raw::authed_as(a.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(
+        &open_write(&mut ra, 3, "f.bin", data.len() as u64),
+        "A open",
+    );
+    assert_eq!(up.chunk_count, 3);
+    let ack = write(&mut ra, 5, up.handle, 0, &data[..CHUNK as usize]);
+    ok::<msg::Ok>(&ack, "A write 0");
+
+    signal(a.pid(), nix::sys::signal::Signal::SIGSTOP);
+    let _wake = Defer(|| signal(a.pid(), nix::sys::signal::Signal::SIGCONT));
+    let mut rb = Raw::authed_as(b.addr, TOKEN, CHUNK);
+    let first = open_write(&mut rb, 3, "f.bin", data.len() as u64);
+    assert!(
+        first.header.is_error(),
+        "B opened an upload a live lease holds"
+    );
+    assert_eq!(error_of(&first).code, ErrorCode::Busy as u32);
+    // Taken over once the lease (2 s) has run out: bounded wait.
+    let started = Instant::now();
+    let taken = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let f = open_write(&mut rb, 3, "f.bin", data.len() as u64);
+        if !f.header.is_error() {
+            break f;
+        }
+        assert_eq!(
+            error_of(&f).code,
+            ErrorCode::Busy as u32,
+            "{:?}",
+            error_of(&f)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the hung node's lock was never taken over"
+        );
+    };
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "taken before the lease ran out"
+    );
+    let up_b: msg::OpenResponse = ok(&taken, "B open");
+    assert_eq!(up_b.upload_id, up.upload_id);
+    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+        ok::<msg::Ok>(&write(&mut rb, 5, up_b.handle, i as u32, c), "B write");
+    }
+    let hash = blake3::hash(&data);
+    ok::<msg::CommitResponse>(
+        &commit(&mut rb, 7, up_b.handle, "", hash.as_bytes()),
+        "B commit",
+    );
+    assert_eq!(std::fs::read(a.root.join("f.bin")).unwrap(), data);
+
+    // A wakes up: its next renewal (every 0.5 s) finds the lock is no longer its own.
+    drop(_wake);
+    std::thread::sleep(Duration::from_millis(1500));
+    let evil = vec![0xAA; CHUNK as usize];
+    let w = write(&mut ra, 9, up.handle, 1, &evil);
+    assert!(
+        w.header.is_error(),
+        "the hung node still wrote the taken-over upload"
+    );
+    let c = commit(&mut ra, 11, up.handle, "", hash.as_bytes());
+    assert!(
+        c.header.is_error(),
+        "the hung node committed the taken-over upload"
+    );
+    assert_eq!(std::fs::read(a.root.join("f.bin")).unwrap(), data);
+}
+
+/// Runs its closure when dropped (wakes a stopped process even if an assertion fails).
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// A COMMIT whose answer is lost (connection or node gone after the rename) is answered, on any
+/// node, by upload id: with the published size and identity for the right hash, NotFound for
+/// another hash or an upload never committed.
+#[test]
+fn a_commit_whose_answer_was_lost_is_answered_by_id_on_another_node() {
+    let (_dir, a, b) = two_nodes(&[]);
+    let data = random_bytes(2 * CHUNK as usize + 5, 9);
+    let hash = blake3::hash(&data);
+    let mut ra = Raw::authed_as(a.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(&open_write(&mut ra, 3, "g.bin", data.len() as u64), "open");
+    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+        ok::<msg::Ok>(&write(&mut ra, 5, up.handle, i as u32, c), "write");
+    }
+    let mut rb = Raw::authed_as(b.addr, TOKEN, CHUNK);
+    // Not committed yet: nothing to answer.
+    let early = commit(&mut rb, 3, 0, &up.upload_id, hash.as_bytes());
+    assert!(early.header.is_error());
+    assert_eq!(error_of(&early).code, ErrorCode::NotFound as u32);
+
+    let done: msg::CommitResponse = ok(
+        &commit(&mut ra, 7, up.handle, "", hash.as_bytes()),
+        "commit",
+    );
+    drop(ra);
+    let again: msg::CommitResponse = ok(
+        &commit(&mut rb, 5, 0, &up.upload_id, hash.as_bytes()),
+        "commit by id on B",
+    );
+    assert_eq!(again.size, data.len() as u64);
+    assert_eq!(again.identity, done.identity);
+    let wrong = commit(&mut rb, 7, 0, &up.upload_id, &[0u8; 32]);
+    assert_eq!(error_of(&wrong).code, ErrorCode::NotFound as u32);
+    let bogus = commit(&mut rb, 9, 0, "../../etc/passwd", hash.as_bytes());
+    assert_eq!(error_of(&bogus).code, ErrorCode::NotFound as u32);
+    assert_eq!(std::fs::read(a.root.join("g.bin")).unwrap(), data);
+}
+
+/// fsc end to end: the connection drops just before the COMMIT's answer arrives. With
+/// --no-clobber a second publish would be refused (the file now exists), so fsc must learn that
+/// its first COMMIT published the file: exit 0, and the file was published exactly once.
+#[test]
+fn fsc_learns_that_a_commit_whose_answer_was_lost_published_the_file() {
+    let fsd = Fsd::start();
+    let proxy = Proxy::start(fsd.addr, Fault::CutAtCmd(Cmd::COMMIT.0));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.bin");
+    let data = write_random(&src, 5 * 1024 * 1024 + 3, 11);
+    let out = fsc(&[
+        "upload",
+        "-j",
+        "1",
+        "--no-clobber",
+        &proxy.addr(),
+        src.to_str().unwrap(),
+        "up.bin",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "fsc failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        proxy.connections.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the answer was never cut"
+    );
+    assert_eq!(std::fs::read(fsd.root.join("up.bin")).unwrap(), data);
+    let commits = fsd.log_text().matches("upload committed").count();
+    assert_eq!(commits, 1, "published {commits} times");
+}
+
+/// Both nodes name a file version the same way (root id from the shared state directory).
+#[test]
+fn both_nodes_give_a_file_the_same_identity() {
+    let (_dir, a, b) = two_nodes(&[]);
+    write_random(&a.root.join("big.bin"), 3 * CHUNK as usize, 3);
+    let open = |addr| {
+        let mut r = Raw::authed_as(addr, TOKEN, CHUNK);
+        let f = r.call(
+            Cmd::OPEN,
+            3,
+            &msg::OpenRequest {
+                path: "big.bin".into(),
+                mode: msg::OpenMode::OpenRead as i32,
+                ..Default::default()
+            },
+        );
+        ok::<msg::OpenResponse>(&f, "open read").identity
+    };
+    let (ia, ib) = (open(a.addr), open(b.addr));
+    assert_eq!(ia, ib);
+    let root_id = std::fs::read_to_string(a.state.join("root-id")).unwrap();
+    assert!(
+        ia.starts_with(root_id.trim()),
+        "{ia} does not name the root id {root_id}"
+    );
+}
