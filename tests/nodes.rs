@@ -259,3 +259,68 @@ fn both_nodes_give_a_file_the_same_identity() {
         "{ia} does not name the root id {root_id}"
     );
 }
+
+/// `fsc download -j 4 A,B`: a big file's chunks come from both nodes, and when node A dies
+/// halfway the download finishes from B, verified, exit 0.
+#[test]
+fn a_download_spread_over_two_nodes_survives_one_dying() {
+    let (_dir, mut a, b) = two_nodes(&[]);
+    let size = 48 * 1024 * 1024;
+    let data = write_random(&a.root.join("big.bin"), size, 21);
+    // Paced, so that the download is still running when A is killed.
+    let (pa, pb) = (
+        Proxy::throttled_down(a.addr, 24 << 20),
+        Proxy::throttled_down(b.addr, 24 << 20),
+    );
+    let out_dir = tempfile::tempdir().unwrap();
+    let dest = out_dir.path().join("big.bin");
+    let nodes = format!("{},{}", pa.addr(), pb.addr());
+    let mut child = fsc(&[
+        "download",
+        "-j",
+        "4",
+        &nodes,
+        "big.bin",
+        dest.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let read = |p: &Proxy| p.down.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    while read(&pa) < (size / 4) as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node A never served a quarter"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "fsc ended before A was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(read(&pb) > 0, "node B served nothing while both were up");
+    a.kill9();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "fsc did not finish after A died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        status.success(),
+        "fsc failed after node A died ({status}): {err}"
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), data, "wrong bytes");
+    assert!(
+        read(&pb) > (size / 4) as u64,
+        "B did not take over the rest"
+    );
+}

@@ -25,6 +25,9 @@ pub(crate) enum Slots {
 }
 
 /// The last component of a remote path ("" for the root).
+/// Server nodes one client may be given (`HOST:PORT,HOST:PORT,...`).
+pub const MAX_NODES: usize = 16;
+
 pub(crate) fn remote_basename(path: &str) -> &str {
     path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
 }
@@ -180,10 +183,14 @@ pub struct Client {
 }
 
 pub(crate) struct Shared {
-    addr: String,
+    /// The servers (several nodes serving one root, or one): `HOST:PORT` each.
+    addrs: Vec<String>,
     pub(crate) opts: Options,
     conn_opts: ConnOptions,
     slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
+    /// Per slot, how many servers it has moved on from (a failed connect moves it to the next):
+    /// slot `i` connects to `addrs[(i + failover[i]) % addrs.len()]`.
+    failover: Vec<AtomicUsize>,
     /// Round-robin cursor for work that needs one connection.
     next_slot: AtomicUsize,
 }
@@ -195,30 +202,47 @@ impl Client {
     /// `addr` is `HOST:PORT` (plain TCP, or TLS if [`Options::tls`] is set) or
     /// `fss://HOST:PORT` (TLS). With TLS the server's certificate must be valid for HOST, a DNS
     /// name or an IP address. A TLS handshake failure is not retried ([`Error::Tls`]).
+    ///
+    /// Several nodes serving one root: `HOST1:PORT,HOST2:PORT,...` (the scheme, if any, on the
+    /// first). The pool has at least one connection per node, connection `i` goes to node
+    /// `i mod nodes`, and a connection whose node cannot be reached moves to the next node:
+    /// a big file's chunks are spread over the nodes, and a transfer survives a node's death.
     pub async fn connect(addr: &str, mut opts: Options) -> Result<Client> {
-        let (addr, scheme_tls) = tls::strip_scheme(addr);
-        // Not HOST:PORT (e.g. arguments in the wrong order) is a usage error, never retried.
-        match addr.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-            _ => {
-                return Err(Error::Usage(format!(
-                    "{addr:?} is not a server address: expected HOST:PORT or fss://HOST:PORT"
-                )))
+        let (list, scheme_tls) = tls::strip_scheme(addr);
+        let addrs: Vec<&str> = list.split(',').map(str::trim).collect();
+        if addrs.len() > MAX_NODES {
+            return Err(Error::Usage(format!(
+                "{} servers given; at most {MAX_NODES}",
+                addrs.len()
+            )));
+        }
+        for addr in &addrs {
+            // Not HOST:PORT (e.g. arguments in the wrong order) is a usage error, never retried.
+            match addr.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "{addr:?} is not a server address: expected HOST:PORT or fss://HOST:PORT \
+                         (several nodes: HOST:PORT,HOST:PORT)"
+                    )))
+                }
             }
         }
         if scheme_tls && opts.tls.is_none() {
             opts.tls = Some(Tls::new(None, None)?);
         }
         if opts.tls.is_some() {
-            // A bad server name is a usage error, found before any connection.
-            tls::server_name(addr)?;
+            for addr in &addrs {
+                // A bad server name is a usage error, found before any connection.
+                tls::server_name(addr)?;
+            }
         }
         let token = match (&opts.token, &opts.tls) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(t)) if t.has_client_certificate() => Some(String::new()),
             (None, _) => None,
         };
-        let n = opts.connections.max(1);
+        let n = opts.connections.max(addrs.len()).max(1);
         // One window for the whole pool: data in flight is bounded whatever -j is (it was
         // 32 MiB per connection, so -j 8 to a slow disk could hold 256 MiB).
         let pool_window = u64::from(opts.window_bytes) * n.min(POOL_WINDOWS) as u64;
@@ -232,10 +256,11 @@ impl Client {
         };
         let client = Client {
             shared: Arc::new(Shared {
-                addr: addr.to_string(),
+                addrs: addrs.iter().map(|a| a.to_string()).collect(),
                 opts,
                 conn_opts,
                 slots: (0..n).map(|_| tokio::sync::Mutex::new(None)).collect(),
+                failover: (0..n).map(|_| AtomicUsize::new(0)).collect(),
                 next_slot: AtomicUsize::new(0),
             }),
         };
@@ -243,7 +268,7 @@ impl Client {
         loop {
             match client.conn(0).await {
                 Ok(_) => return Ok(client),
-                Err(e) => backoff.wait(e, addr).await?,
+                Err(e) => backoff.wait(e, list).await?,
             }
         }
     }
@@ -251,6 +276,11 @@ impl Client {
     /// Number of connections in the pool.
     pub fn connections(&self) -> usize {
         self.shared.slots.len()
+    }
+
+    /// Whether several server nodes were given (they may not all serve every file alike).
+    pub(crate) fn several_nodes(&self) -> bool {
+        self.shared.addrs.len() > 1
     }
 
     /// Connection `slot`, reconnecting if it failed. One attempt: callers own the retry loop.
@@ -261,8 +291,21 @@ impl Client {
         if let Some(c) = guard.as_ref().filter(|c| c.is_alive()) {
             return Ok(c.clone());
         }
-        debug!(slot, addr = %self.shared.addr, "connecting");
-        let c = Conn::connect(&self.shared.addr, &self.shared.conn_opts).await?;
+        let slot = slot % self.shared.slots.len();
+        let addrs = &self.shared.addrs;
+        let moved = &self.shared.failover[slot];
+        let addr = &addrs[(slot + moved.load(Ordering::Relaxed)) % addrs.len()];
+        debug!(slot, %addr, "connecting");
+        let c = match Conn::connect(addr, &self.shared.conn_opts).await {
+            Ok(c) => c,
+            Err(e) => {
+                // The next attempt of this slot tries the next node.
+                if addrs.len() > 1 && e.is_retryable() {
+                    moved.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        };
         *guard = Some(c.clone());
         Ok(c)
     }

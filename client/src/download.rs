@@ -294,6 +294,12 @@ impl Job {
                 Ok((c, m)) => {
                     handles.push(c.clone(), m.handle);
                     if m.identity != meta.identity {
+                        if self.client.several_nodes() {
+                            // Another node that does not serve this version (another root, a
+                            // stale cache): the nodes that do go on without it.
+                            debug!(remote = %self.remote, "a node serves another version; not used");
+                            continue;
+                        }
                         return Err(Stop::Changed);
                     }
                     conns.push((c, m.handle));

@@ -28,6 +28,9 @@ macro_rules! transport {
   HOST:PORT        plain TCP (or TLS with --tls, --ca or --cert)
   fss://HOST:PORT  TLS 1.3; the server's certificate must be valid for HOST
                    (a DNS name or an IP address)
+  H1:P1,H2:P2      several fsd nodes serving one root (shared file system): chunks
+                   are spread over them (at least one connection each) and a node
+                   that dies is left for the others
   --tls            verify the server against the built-in web roots (Mozilla's)
   --ca FILE        trust only the CA certificate(s) in FILE (PEM) instead
   --cert FILE --key FILE
@@ -104,7 +107,7 @@ enum Cmd {
 
 ", transport!(), "\n\n", exit_codes!()))]
     Download {
-        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS; several nodes of one root: HOST:PORT,HOST:PORT.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         /// Remote path.
@@ -127,7 +130,7 @@ enum Cmd {
 
 ", transport!(), "\n\n", exit_codes!()))]
     Upload {
-        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS; several nodes of one root: HOST:PORT,HOST:PORT.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         /// Local file or directory.
@@ -143,7 +146,7 @@ enum Cmd {
     /// List a remote directory.
     #[command(after_help = "Example:\n  fsc ls 127.0.0.1:7070 isos")]
     Ls {
-        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS; several nodes of one root: HOST:PORT,HOST:PORT.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         /// Remote directory (default: the root).
@@ -153,7 +156,7 @@ enum Cmd {
     /// Show a remote path's metadata.
     #[command(after_help = "Example:\n  fsc stat 127.0.0.1:7070 isos/big.iso")]
     Stat {
-        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS; several nodes of one root: HOST:PORT,HOST:PORT.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         path: String,
@@ -161,7 +164,7 @@ enum Cmd {
     /// Create a remote directory.
     #[command(after_help = "Example:\n  fsc mkdir -p 127.0.0.1:7070 backup/2026/11")]
     Mkdir {
-        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS; several nodes of one root: HOST:PORT,HOST:PORT.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         path: String,
@@ -172,7 +175,7 @@ enum Cmd {
     /// Remove a remote file or directory.
     #[command(after_help = "Example:\n  fsc rm -r 127.0.0.1:7070 backup/old")]
     Rm {
-        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS; several nodes of one root: HOST:PORT,HOST:PORT.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         path: String,
@@ -183,7 +186,7 @@ enum Cmd {
     /// Rename a remote path.
     #[command(after_help = "Example:\n  fsc mv 127.0.0.1:7070 inbox/a.txt archive/a.txt")]
     Mv {
-        /// Server: HOST:PORT, or fss://HOST:PORT for TLS.
+        /// Server: HOST:PORT, or fss://HOST:PORT for TLS; several nodes of one root: HOST:PORT,HOST:PORT.
         #[arg(value_name = "HOST:PORT")]
         server: String,
         from: String,

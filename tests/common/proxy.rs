@@ -31,6 +31,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     pub connections: Arc<AtomicUsize>,
+    /// Server->client bytes forwarded, all connections.
+    pub down: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
@@ -44,13 +46,29 @@ impl Proxy {
         Proxy::start_with(upstream, Fault::None, Some(bytes_per_sec))
     }
 
+    /// A proxy that paces every connection's server->client bytes to `bytes_per_sec` (a
+    /// download that takes long enough to kill a node in the middle of it).
+    pub fn throttled_down(upstream: SocketAddr, bytes_per_sec: u64) -> Proxy {
+        Proxy::start_paced(upstream, Fault::None, None, Some(bytes_per_sec))
+    }
+
     fn start_with(upstream: SocketAddr, fault: Fault, rate: Option<u64>) -> Proxy {
+        Proxy::start_paced(upstream, fault, rate, None)
+    }
+
+    fn start_paced(
+        upstream: SocketAddr,
+        fault: Fault,
+        rate: Option<u64>,
+        rate_down: Option<u64>,
+    ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (stop2, conns) = (stop.clone(), connections.clone());
+        let down = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, conns, down2) = (stop.clone(), connections.clone(), down.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -64,10 +82,11 @@ impl Proxy {
                 };
                 let fault = if n == 0 { fault } else { Fault::None };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pump(c2, s2, Fault::None, rate));
+                std::thread::spawn(move || pump(c2, s2, Fault::None, rate, None));
                 let stop3 = stop2.clone();
+                let down3 = down2.clone();
                 std::thread::spawn(move || {
-                    pump(server, client, fault, None);
+                    pump(server, client, fault, rate_down, Some(down3));
                     drop(stop3);
                 });
             }
@@ -76,6 +95,7 @@ impl Proxy {
             addr,
             stop,
             connections,
+            down,
         }
     }
 
@@ -121,7 +141,13 @@ fn cut_at_cmd(mut from: TcpStream, mut to: TcpStream, cmd: u16) {
 }
 
 /// Copies `from` to `to`, applying `fault`; closes both when either side ends.
-fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, rate: Option<u64>) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    fault: Fault,
+    rate: Option<u64>,
+    counted: Option<Arc<std::sync::atomic::AtomicU64>>,
+) {
     if let Fault::CutAtCmd(cmd) = fault {
         return cut_at_cmd(from, to, cmd);
     }
@@ -158,6 +184,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, rate: Option<u64>)
             _ => to.write_all(chunk).is_ok(),
         };
         pos = end;
+        if let Some(c) = &counted {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
         if !ok {
             break;
         }
