@@ -324,3 +324,39 @@ fn a_download_spread_over_two_nodes_survives_one_dying() {
         "B did not take over the rest"
     );
 }
+
+/// `fsc upload A,B`: an upload is held by one node at a time (its lease); when that node dies
+/// the upload resumes on the other one and is published once, verified.
+#[test]
+fn an_upload_to_two_nodes_survives_the_one_holding_it_dying() {
+    let (_dir, mut a, b) = two_nodes(&[]);
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = src_dir.path().join("up.bin");
+    let data = write_random(&src, 32 * 1024 * 1024, 23);
+    let (pa, pb) = (
+        Proxy::throttled(a.addr, 16 << 20),
+        Proxy::throttled(b.addr, 16 << 20),
+    );
+    let nodes = format!("{},{}", pa.addr(), pb.addr());
+    let mut child = fsc(&["upload", "-j", "2", &nodes, src.to_str().unwrap(), "up.bin"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(child.try_wait().unwrap().is_none(), "fsc ended before A was killed");
+    a.kill9();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "fsc did not finish after A died");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "fsc failed after node A died ({status}): {err}");
+    assert_eq!(std::fs::read(b.root.join("up.bin")).unwrap(), data);
+    assert!(b.log_text().contains("upload committed"), "B did not publish it");
+}
