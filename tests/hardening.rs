@@ -791,3 +791,48 @@ fn a_refused_write_gets_exactly_one_final_frame() {
         "the error does not name the request it ends"
     );
 }
+
+/// Abandoned uploads hold no file descriptors: 40 multi-chunk uploads opened, partly written and
+/// left (their connections dropped) leave fsd's descriptor count where it was, and each is
+/// still resumable. An upload holds descriptors only while a handle on it is open, and a handle
+/// only as long as its connection, which the idle timeout ends.
+#[test]
+fn abandoned_uploads_hold_no_descriptors() {
+    let fsd = Fsd::start();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", fsd.pid())).unwrap().count();
+    // One upload first, so that lazily created things (the state dirs, pools) exist.
+    let chunk = random_bytes(CHUNK as usize, 1);
+    let warm = |name: &str| {
+        let mut r = Raw::authed_as(fsd.addr, TOKEN, CHUNK);
+        let o = opened(&open_write(&mut r, 2, name, 3 * CHUNK as u64, "k"), "open");
+        let ack = write(&mut r, 3, o.handle, 0, &chunk);
+        assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
+    };
+    warm("warm");
+    let settle = |want: usize| {
+        let t = Instant::now();
+        loop {
+            let now = fds();
+            if now <= want || t.elapsed() > Duration::from_secs(10) {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The warm-up connection's descriptors go when fsd sees it closed.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = fds();
+    for i in 0..40 {
+        warm(&format!("u{i}"));
+    }
+    let after = settle(before + 2);
+    assert!(
+        after <= before + 2,
+        "40 abandoned uploads still hold {} descriptors",
+        after - before
+    );
+    // Still there, resumable: chunk 0 is present.
+    let mut r = Raw::authed_as(fsd.addr, TOKEN, CHUNK);
+    let o = opened(&open_write(&mut r, 2, "u7", 3 * CHUNK as u64, "k"), "reopen");
+    assert_eq!(o.bitmap.first().map(|b| b & 1), Some(1), "the abandoned upload lost its chunk");
+}
