@@ -799,7 +799,11 @@ fn a_refused_write_gets_exactly_one_final_frame() {
 #[test]
 fn abandoned_uploads_hold_no_descriptors() {
     let fsd = Fsd::start();
-    let fds = || std::fs::read_dir(format!("/proc/{}/fd", fsd.pid())).unwrap().count();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", fsd.pid()))
+            .unwrap()
+            .count()
+    };
     // One upload first, so that lazily created things (the state dirs, pools) exist.
     let chunk = random_bytes(CHUNK as usize, 1);
     let warm = |name: &str| {
@@ -833,6 +837,13 @@ fn abandoned_uploads_hold_no_descriptors() {
     );
     // Still there, resumable: chunk 0 is present.
     let mut r = Raw::authed_as(fsd.addr, TOKEN, CHUNK);
-    let o = opened(&open_write(&mut r, 2, "u7", 3 * CHUNK as u64, "k"), "reopen");
-    assert_eq!(o.bitmap.first().map(|b| b & 1), Some(1), "the abandoned upload lost its chunk");
+    let o = opened(
+        &open_write(&mut r, 2, "u7", 3 * CHUNK as u64, "k"),
+        "reopen",
+    );
+    assert_eq!(
+        o.bitmap.first().map(|b| b & 1),
+        Some(1),
+        "the abandoned upload lost its chunk"
+    );
 }

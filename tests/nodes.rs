@@ -344,19 +344,31 @@ fn an_upload_to_two_nodes_survives_the_one_holding_it_dying() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    assert!(child.try_wait().unwrap().is_none(), "fsc ended before A was killed");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "fsc ended before A was killed"
+    );
     a.kill9();
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "fsc did not finish after A died");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "fsc did not finish after A died"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(status.success(), "fsc failed after node A died ({status}): {err}");
+    assert!(
+        status.success(),
+        "fsc failed after node A died ({status}): {err}"
+    );
     assert_eq!(std::fs::read(b.root.join("up.bin")).unwrap(), data);
-    assert!(b.log_text().contains("upload committed"), "B did not publish it");
+    assert!(
+        b.log_text().contains("upload committed"),
+        "B did not publish it"
+    );
 }

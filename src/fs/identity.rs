@@ -48,7 +48,7 @@ impl RootId {
         if !path.exists() {
             let mut id = [0u8; 16];
             rand::fill(&mut id);
-            let tmp = state_dir.join(format!("{ROOT_ID_FILE}.{}.tmp", std::process::id()));
+            let tmp = state_dir.join(format!("{ROOT_ID_FILE}.{}.tmp", super::private_suffix()));
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(format!("{}\n", hex::encode(id)).as_bytes())?;
             f.sync_all()?;

@@ -141,9 +141,7 @@ fn take_over(
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(Refused::Busy),
         Err(e) => return Err(e.into()),
     }
-    static FRESH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = FRESH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let fresh = dir.join(format!("{id}.lock.{}.{n}", std::process::id()));
+    let fresh = dir.join(format!("{id}.lock.{}", super::private_suffix()));
     let file = File::options().write(true).create_new(true).open(&fresh)?;
     let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| Refused::Io(e.into()))?;

@@ -136,7 +136,7 @@ impl ManifestCache {
             blake3: m.blake3.to_vec(),
         };
         let path = self.dir.join(file_name(v));
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = path.with_extension(format!("tmp.{}", super::private_suffix()));
         let res =
             std::fs::write(&tmp, r.encode_to_vec()).and_then(|_| std::fs::rename(&tmp, &path));
         if let Err(e) = res {

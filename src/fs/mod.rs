@@ -10,3 +10,15 @@ pub mod listing;
 pub mod manifest;
 pub mod root;
 pub mod upload;
+
+/// A suffix for a private file name in the state directory that no other process, on this or
+/// any other node sharing the directory, uses: a random per-process nonce (pids repeat across
+/// nodes) and a counter.
+pub fn private_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static NONCE: OnceLock<u64> = OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nonce = NONCE.get_or_init(rand::random::<u64>);
+    format!("{nonce:016x}.{}", COUNT.fetch_add(1, Ordering::Relaxed))
+}

@@ -638,9 +638,7 @@ impl Root {
             Err(Errno::EEXIST) if !no_clobber => {}
             Err(e) => return Err(rename_error(dest, e)),
         }
-        static SPARE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = SPARE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let spare = CString::new(format!("replace.{}.{n}", std::process::id())).unwrap();
+        let spare = CString::new(format!("replace.{}", super::private_suffix())).unwrap();
         link(spare_dir, &spare).map_err(errno(dest))?;
         let moved = fcntl::renameat2(
             spare_dir,

@@ -95,6 +95,9 @@ impl UploadError {
 fn io_code(e: &io::Error) -> ErrorCode {
     match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::NoSpace,
+        // The file system cannot do it (e.g. O_TMPFILE where --fs-kind local was forced on a
+        // file system without it): retrying will not help.
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => ErrorCode::Unsupported,
         _ if e.kind() == io::ErrorKind::StorageFull => ErrorCode::NoSpace,
         _ => ErrorCode::Io,
     }
@@ -378,9 +381,7 @@ impl UploadStore {
             let fd = nix::fcntl::openat(&self.dir_fd, c".", flags, mode);
             (fd.map_err(|e| io_err(e.into()))?, None)
         } else {
-            static TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let name = CString::new(format!("{id}.{}.{n}.tmp", std::process::id())).unwrap();
+            let name = CString::new(format!("{id}.{}.tmp", super::private_suffix())).unwrap();
             let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC;
             let fd = nix::fcntl::openat(&self.dir_fd, name.as_c_str(), flags, mode);
             (fd.map_err(|e| io_err(e.into()))?, Some(name))
