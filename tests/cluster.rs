@@ -169,6 +169,19 @@ impl Env {
         self.c.mnt[i].join("data").join(&self.prefix).join(leaf)
     }
 
+    /// The file's bytes through mount `i`; a failure to read it names the file, the mount
+    /// and `when` (what fsc had said about it).
+    fn read_mount(&self, i: usize, leaf: &str, when: &str) -> Vec<u8> {
+        let p = self.on_mount(i, leaf);
+        std::fs::read(&p).unwrap_or_else(|e| {
+            panic!(
+                "{} unreadable through mount {} ({when}): {e}",
+                p.display(),
+                ["A", "B"][i]
+            )
+        })
+    }
+
     fn local(&self, name: &str) -> PathBuf {
         self.local.path().join(name)
     }
@@ -524,8 +537,11 @@ fn a_thousand_small_files_up_and_down_through_both_nodes() {
     }
     assert!(
         lost.is_empty(),
-        "{} files that fsc reported as uploaded are not there through the other mount; first: {:?}",
+        "{} files that fsc reported as uploaded are not there through the other mount (fsc \
+         via A: {}, via B: {}); first: {:?}",
         lost.len(),
+        ua.status,
+        ub.status,
         &lost[..lost.len().min(5)]
     );
     ua.assert_ok("upload -r of 500 files via node A");
@@ -742,7 +758,7 @@ fn a_node_killed_mid_upload() {
     assert!(to_a > 0, "the upload did not go through node A");
     if r.status.success() {
         // Exit 0 is a promise: the file is whole at its name.
-        let got = std::fs::read(e.on_mount(1, "big.bin")).unwrap_or_default();
+        let got = e.read_mount(1, "big.bin", "after fsc exit 0");
         assert!(
             got == data,
             "fsc exit 0 but the file through B's mount is {} bytes and differs",
@@ -787,19 +803,18 @@ fn racing_uploads_of_big_files_through_both_nodes_leave_one_winner() {
         ua.finish(Duration::from_secs(120)),
         ub.finish(Duration::from_secs(120)),
     );
-    ra.assert_ok("upload of a.bin via node A");
-    rb.assert_ok("upload of b.bin via node B");
-    let got = std::fs::read(e.on_mount(0, "same.bin")).unwrap();
-    let winner = if got == da {
-        &da
-    } else {
-        assert!(
-            got == db,
-            "the file is neither upload ({} bytes)",
-            got.len()
-        );
-        &db
+    // Which one is there, before judging the exit codes: a failure message then says whether
+    // the failed upload was in fact published.
+    let exits = format!("fsc via A: {}, via B: {}", ra.status, rb.status);
+    let got = e.read_mount(0, "same.bin", &exits);
+    let (winner, name) = match (got == da, got == db) {
+        (true, _) => (&da, "a.bin (via A)"),
+        (_, true) => (&db, "b.bin (via B)"),
+        _ => panic!("the file is neither upload ({} bytes; {exits})", got.len()),
     };
+    eprintln!("race: the file is {name}");
+    ra.assert_ok(&format!("upload of a.bin via node A (the file is {name})"));
+    rb.assert_ok(&format!("upload of b.bin via node B (the file is {name})"));
     e.assert_everywhere("same.bin", winner);
 }
 
@@ -834,7 +849,7 @@ fn racing_uploads_of_small_files_through_both_nodes_leave_one_winner() {
         ra.assert_ok(&format!("round {round}: small upload via node A"));
         rb.assert_ok(&format!("round {round}: small upload via node B"));
         for i in 0..2 {
-            let got = std::fs::read(e.on_mount(i, &leaf)).unwrap();
+            let got = e.read_mount(i, &leaf, &format!("round {round}, both exit 0"));
             assert!(
                 got == da || got == db,
                 "round {round}: through mount {i} the file is neither upload ({} bytes)",
@@ -842,8 +857,7 @@ fn racing_uploads_of_small_files_through_both_nodes_leave_one_winner() {
             );
         }
         assert!(
-            std::fs::read(e.on_mount(0, &leaf)).unwrap()
-                == std::fs::read(e.on_mount(1, &leaf)).unwrap(),
+            e.read_mount(0, &leaf, "") == e.read_mount(1, &leaf, ""),
             "round {round}: the two mounts show different files"
         );
     }
@@ -896,7 +910,7 @@ fn racing_no_clobber_uploads_through_both_nodes_have_one_winner() {
             lose.describe()
         );
         for i in 0..2 {
-            let got = std::fs::read(e.on_mount(i, &leaf)).unwrap();
+            let got = e.read_mount(i, &leaf, &format!("{what}, one exit 0"));
             assert!(
                 got == *want,
                 "{what}: through mount {i} the file is not the winner's"
