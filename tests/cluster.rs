@@ -136,7 +136,11 @@ fn setup(name: &str) -> Option<Env> {
     };
     let node = |m: &Path| {
         let state = m.join("state");
-        Fsd::start_on(&m.join("data"), &["--state-dir", state.to_str().unwrap()])
+        let state = state.to_str().unwrap();
+        Fsd::start_on(
+            &m.join("data"),
+            &["--state-dir", state, "--metrics", "127.0.0.1:0"],
+        )
     };
     let (a, b) = (node(&c.mnt[0]), node(&c.mnt[1]));
     std::fs::create_dir_all(c.mnt[0].join("data").join(name)).unwrap();
@@ -197,6 +201,34 @@ impl Env {
 
     fn node(&self, i: usize) -> String {
         [&self.a, &self.b][i].addr()
+    }
+
+    /// Bytes node `i` has sent in file data (`fsd_sent_bytes_total`, sendfile and copy), from
+    /// its metrics endpoint.
+    fn sent_bytes(&self, i: usize) -> u64 {
+        use std::io::Write;
+        let node = [&self.a, &self.b][i];
+        let log = node.log_text();
+        let addr = log
+            .lines()
+            .find_map(|l| l.strip_prefix("fsd: metrics on "))
+            .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+            .trim()
+            .to_string();
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            sock,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        sock.read_to_string(&mut resp).unwrap();
+        resp.lines()
+            .filter(|l| l.starts_with("fsd_sent_bytes_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 
     /// `leaf` holds exactly `want`, read straight through both mounts and downloaded with fsc
@@ -679,22 +711,27 @@ fn download_j4_through_a_balancer_over_both_nodes() {
         assert_same_content(&out, &data, "download -j 4 over both nodes (exit 0)");
     }
     r.assert_ok("download -j 4 through the balancer over A and B");
-    let (sa, sb) = (bal.served(0), bal.served(1));
-    eprintln!("-j 4: node A sent {sa} bytes, node B {sb} bytes");
+    let (sa, sb) = (e.sent_bytes(0), e.sent_bytes(1));
+    eprintln!(
+        "-j 4: fsd metrics: A sent {sa}, B {sb} bytes of file data; the balancer passed on {} and {} bytes",
+        bal.served(0),
+        bal.served(1)
+    );
     assert!(
         sa >= 8 * MIB as u64 && sb >= 8 * MIB as u64,
         "both nodes should serve chunks: A sent {sa}, B sent {sb} bytes"
     );
 }
 
-/// Node A is SIGKILLed halfway through a download spread over A and B: fsc's retries land on B
-/// (the balancer skips the dead node) and the file arrives whole. Never exit 0 with wrong bytes.
+/// Node A is SIGKILLed halfway through a 256 MiB download spread over A and B (`-j 2`, fsd
+/// metrics show both serving): fsc's retries land on B (the balancer skips the dead node) and
+/// the file arrives whole. Never exit 0 with wrong bytes.
 #[test]
 fn a_node_killed_mid_download() {
     let Some(mut e) = setup("node_killed_download") else {
         return;
     };
-    let size = 128 * MIB;
+    let size = 256 * MIB;
     let data = random_bytes(size, 1904);
     e.put_direct("big.bin", &data);
     // About 16 MiB/s per connection, so that halfway is a few seconds in.
@@ -711,12 +748,18 @@ fn a_node_killed_mid_download() {
         &e.remote("big.bin"),
         out.to_str().unwrap(),
     ]);
-    let reached = dl.wait_for(Duration::from_secs(60), done_at_least(size / 2));
-    let before = bal.served(0);
+    let reached = dl.wait_for(Duration::from_secs(90), done_at_least(size / 2));
+    let a_sent = if reached { e.sent_bytes(0) } else { 0 };
     e.a.kill9();
     let r = dl.finish(Duration::from_secs(120));
-    assert!(reached, "never reached halfway: {}", r.describe());
-    assert!(before > 0, "node A served nothing before it was killed");
+    assert!(
+        reached,
+        "fsc did not get halfway, before any node was killed: {}",
+        r.describe()
+    );
+    let b_sent = e.sent_bytes(1);
+    eprintln!("node A sent {a_sent} bytes before it was killed, node B {b_sent} in all");
+    assert!(a_sent > 0, "node A served nothing before it was killed");
     if r.status.success() {
         assert_same_content(&out, &data, "download after node A was killed (exit 0)");
     } else {
@@ -726,6 +769,10 @@ fn a_node_killed_mid_download() {
         );
     }
     r.assert_ok("download -j 2 over A and B with A killed halfway");
+    assert!(
+        b_sent >= (size / 2) as u64,
+        "node B sent only {b_sent} bytes: it should have served what A left"
+    );
 }
 
 /// Node A is SIGKILLed mid-upload: fsc's retries reach B through the balancer, B resumes the
