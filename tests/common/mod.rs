@@ -459,5 +459,6 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 pub fn payload(m: &impl Message) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
+pub mod balancer;
 pub mod inproc;
 pub mod proxy;
