@@ -783,6 +783,98 @@ fn a_node_killed_mid_download() {
     );
 }
 
+/// `fsc download -j 4 A,B`: fsc itself spreads its connections over the two nodes (no
+/// balancer), and both serve chunks of one file version (the same identity through both mounts).
+#[test]
+fn download_j4_given_both_nodes() {
+    let Some(e) = setup("download_j4_nodes") else {
+        return;
+    };
+    let size = 96 * MIB;
+    let data = random_bytes(size, 1905);
+    e.put_direct("big.bin", &data);
+    let out = e.local("big.bin");
+    let nodes = format!("{},{}", e.a.addr, e.b.addr);
+    let r = run(
+        &[
+            "--json",
+            "download",
+            "-j",
+            "4",
+            &nodes,
+            &e.remote("big.bin"),
+        ],
+        Some(&out),
+        Duration::from_secs(120),
+    );
+    if r.status.success() {
+        assert_same_content(&out, &data, "download -j 4 A,B (exit 0)");
+    }
+    r.assert_ok("download -j 4 given both nodes");
+    let (sa, sb) = (e.sent_bytes(0), e.sent_bytes(1));
+    eprintln!("-j 4 A,B: fsd metrics: A sent {sa}, B {sb} bytes of file data");
+    assert!(
+        sa >= 8 * MIB as u64 && sb >= 8 * MIB as u64,
+        "both nodes should serve chunks: A sent {sa}, B sent {sb} bytes"
+    );
+}
+
+/// A 256 MiB download given both nodes (`fsc download -j 2 A,B`, each node behind its own
+/// pacing balancer so that halfway is a few seconds in): both serve chunks (fsd metrics), node A
+/// is killed halfway, fsc moves A's connection to B and the file arrives whole.
+#[test]
+fn a_node_killed_mid_download_given_both_nodes() {
+    let Some(mut e) = setup("node_killed_download_nodes") else {
+        return;
+    };
+    let size = 256 * MIB;
+    let data = random_bytes(size, 1906);
+    e.put_direct("big.bin", &data);
+    let pace = Some(Duration::from_millis(4));
+    let (ba, bb) = (
+        Balancer::start_paced(&[e.a.addr], pace),
+        Balancer::start_paced(&[e.b.addr], pace),
+    );
+    let nodes = format!("{},{}", ba.addr(), bb.addr());
+    let out = e.local("big.bin");
+    let mut dl = spawn_fsc(&[
+        "--json",
+        "--retries",
+        "10",
+        "download",
+        "-j",
+        "2",
+        &nodes,
+        &e.remote("big.bin"),
+        out.to_str().unwrap(),
+    ]);
+    let reached = dl.wait_for(Duration::from_secs(90), done_at_least(size / 2));
+    let (a_sent, b_before) = if reached {
+        (e.sent_bytes(0), e.sent_bytes(1))
+    } else {
+        (0, 0)
+    };
+    e.a.kill9();
+    let r = dl.finish(Duration::from_secs(120));
+    assert!(reached, "fsc did not get halfway: {}", r.describe());
+    let b_sent = e.sent_bytes(1);
+    eprintln!("A,B: node A sent {a_sent} bytes before it was killed; node B {b_before} by then, {b_sent} in all");
+    assert!(
+        a_sent > 0 && b_before > 0,
+        "both nodes should serve before the kill"
+    );
+    if r.status.success() {
+        assert_same_content(&out, &data, "download A,B after node A was killed (exit 0)");
+    } else {
+        assert!(
+            !out.exists(),
+            "a failed download left a file at the final name"
+        );
+    }
+    r.assert_ok("download -j 2 A,B with A killed halfway");
+    assert!(b_sent > b_before, "node B did not take over A's part");
+}
+
 /// Node A is SIGKILLed mid-upload: fsc's retries reach B through the balancer, B resumes the
 /// upload from the shared state directory, and the file is whole through both nodes.
 #[test]
