@@ -634,6 +634,60 @@ fn a_thousand_small_files_up_and_down_through_both_nodes() {
     );
 }
 
+/// fsc downloading a tree *into* a shared mount (the client side of the same traps: JuiceFS
+/// links an O_TMPFILE and then destroys it, GlusterFS refuses it, syncfs reaches no server):
+/// every file fsc reports is readable, whole, through the other mount.
+#[test]
+fn fsc_downloads_a_tree_into_a_shared_mount() {
+    let Some(e) = setup("download_into_mount") else {
+        return;
+    };
+    std::fs::create_dir_all(e.on_mount(0, "tree")).unwrap();
+    let mut files = Vec::new();
+    for i in 0..200usize {
+        // Mostly one-chunk files (the anonymous-file path), two of several chunks.
+        let len = if i < 2 { 3 * 1024 * 1024 + i } else { (i * 7919) % 20000 };
+        let data = random_bytes(len, 23_000 + i as u64);
+        e.put_direct(&format!("tree/f{i:03}.bin"), &data);
+        files.push((format!("f{i:03}.bin"), data));
+    }
+    // The destination is on the volume, through mount B; it is read back through mount A.
+    let dest = |i: usize| e.c.mnt[i].join("client").join(&e.prefix);
+    std::fs::create_dir_all(dest(1)).unwrap();
+    let r = run(
+        &[
+            "--json",
+            "--retries",
+            "2",
+            "download",
+            "-r",
+            &e.node(0),
+            &e.remote("tree"),
+            dest(1).join("tree").to_str().unwrap(),
+        ],
+        None,
+        Duration::from_secs(180),
+    );
+    let mut bad = Vec::new();
+    for (name, data) in &files {
+        let p = dest(0).join("tree").join(name);
+        match std::fs::read(&p) {
+            Ok(got) if got == *data => {}
+            Ok(got) => bad.push(format!("{}: {} bytes differ", p.display(), got.len())),
+            Err(err) => bad.push(format!("{}: {err}", p.display())),
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of 200 files downloaded into mount B are not there through mount A (fsc: {}); \
+         first: {:?}",
+        bad.len(),
+        r.status,
+        &bad[..bad.len().min(5)]
+    );
+    r.assert_ok("download -r into a shared mount");
+}
+
 /// A download interrupted (fsc SIGKILLed) on node A is resumed on node B: B serves the same
 /// file identity, so fsc keeps the verified part instead of starting over.
 #[test]
