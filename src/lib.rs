@@ -7,6 +7,7 @@
 //! - [`direct`]: O_DIRECT writes of big files' chunks, used by server and client.
 //! - [`frame_reader`]: reading frames off a connection, used by server and client.
 
+pub mod compress;
 pub mod direct;
 pub mod durable;
 pub mod frame_reader;

@@ -74,6 +74,12 @@ struct Args {
     /// Largest DATA payload accepted, in bytes.
     #[arg(long, default_value_t = server::MAX_FRAME)]
     max_frame: u32,
+    /// Highest zstd level a client may have chunks compressed at, for READ replies and its
+    /// uploads (0: never compress; at most 19). Compression costs this server's CPU: the
+    /// default, zstd's own default level, is several times cheaper than the top levels.
+    #[arg(long, default_value_t = fsd::compress::DEFAULT_LEVEL,
+          value_parser = clap::value_parser!(u32).range(0..=fsd::compress::MAX_LEVEL as i64))]
+    max_compress_level: u32,
     /// Seconds an authenticated connection may sit idle.
     #[arg(long, default_value_t = server::IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
@@ -219,6 +225,7 @@ async fn serve(args: Args) -> Result<()> {
         max_streams: args.max_streams,
         max_handles: args.max_handles,
         max_frame: args.max_frame.max(args.chunk_size),
+        max_compress_level: args.max_compress_level,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         auth_timeout: Duration::from_secs(args.auth_timeout),
         upload_ttl: Duration::from_secs(args.upload_ttl),

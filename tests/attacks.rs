@@ -497,6 +497,7 @@ fn read_chunks(
                 handle: open.handle,
                 first_chunk: first,
                 count,
+                compress_level: 0,
             },
         ),
     )?;
@@ -1666,6 +1667,7 @@ fn protocol_cases() -> Vec<Case> {
                             handle: open.handle,
                             first_chunk: 0,
                             count: 256,
+                            compress_level: 0,
                         },
                     ),
                 )?;
@@ -1719,6 +1721,7 @@ fn protocol_cases() -> Vec<Case> {
                         handle: open.handle,
                         first_chunk: 0,
                         count: 256,
+                        compress_level: 0,
                     },
                 ),
             )?;
@@ -1821,6 +1824,7 @@ fn protocol_cases() -> Vec<Case> {
                     handle: open.handle,
                     first_chunk: 0,
                     count: 256,
+                    compress_level: 0,
                 };
                 send(&mut r, &Frame::message(Cmd::READ, 9, flags::END, &req))?;
                 let mut bad = Frame::message(Cmd::STAT, 9, flags::END, &stat_req("known.txt"));
@@ -1882,6 +1886,7 @@ fn protocol_cases() -> Vec<Case> {
                     handle: h,
                     first_chunk: 0,
                     count: 1,
+                    compress_level: 0,
                 }
                 .encode_to_vec(),
             )
@@ -1966,6 +1971,7 @@ fn protocol_cases() -> Vec<Case> {
                 handle: open.handle,
                 first_chunk: first,
                 count,
+                compress_level: 0,
             };
             expect_code(
                 &call(&mut r, Cmd::READ, 6, &req)?,
@@ -2198,6 +2204,7 @@ fn protocol_cases() -> Vec<Case> {
                 handle: 1,
                 first_chunk: 0,
                 count: 1,
+                compress_level: 0,
             }
             .encode_to_vec(),
         ),

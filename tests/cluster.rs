@@ -646,7 +646,11 @@ fn fsc_downloads_a_tree_into_a_shared_mount() {
     let mut files = Vec::new();
     for i in 0..200usize {
         // Mostly one-chunk files (the anonymous-file path), two of several chunks.
-        let len = if i < 2 { 3 * 1024 * 1024 + i } else { (i * 7919) % 20000 };
+        let len = if i < 2 {
+            3 * 1024 * 1024 + i
+        } else {
+            (i * 7919) % 20000
+        };
         let data = random_bytes(len, 23_000 + i as u64);
         e.put_direct(&format!("tree/f{i:03}.bin"), &data);
         files.push((format!("f{i:03}.bin"), data));

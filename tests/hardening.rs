@@ -573,6 +573,7 @@ fn handles_are_bounded_per_credential_and_by_descriptors() {
             handle: o.handle,
             first_chunk: 0,
             count: 1,
+            compress_level: 0,
         },
     );
     let d = bob.recv().expect("bob's READ answered");
@@ -662,6 +663,7 @@ fn chunks_fit_the_clients_frames() {
                 handle: o.handle,
                 first_chunk: 0,
                 count: o.chunk_count,
+                compress_level: 0,
             },
         );
         let mut got = Vec::new();

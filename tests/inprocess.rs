@@ -48,6 +48,7 @@ fn download_many(
                 handle: o.handle,
                 first_chunk: 0,
                 count: o.chunk_count,
+                compress_level: 0,
             },
         );
     }
@@ -261,6 +262,7 @@ fn shutdown_lets_in_flight_reads_finish() {
             handle: o.handle,
             first_chunk: 0,
             count: o.chunk_count,
+            compress_level: 0,
         },
     );
     let first = r.recv().unwrap();

@@ -274,6 +274,7 @@ impl<'a> Client<'a> {
                 handle: open.handle,
                 first_chunk: 0,
                 count: open.chunk_count,
+                compress_level: 0,
             };
             self.r
                 .send(&Frame::message(Cmd::READ, sid, flags::END, &req))

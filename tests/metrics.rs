@@ -248,6 +248,7 @@ fn transfers_lists_a_stalled_download_until_its_connection_ends() {
             handle: open.handle,
             first_chunk: 0,
             count: open.chunk_count,
+            compress_level: 0,
         },
     );
     let mut list = Vec::new();

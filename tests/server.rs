@@ -36,6 +36,7 @@ fn download(r: &mut Raw, path: &str, sid: u32) -> (msg::OpenResponse, Vec<u8>) {
                 handle: open.handle,
                 first_chunk: 0,
                 count: open.chunk_count,
+                compress_level: 0,
             },
         );
         for i in 0..open.chunk_count {
@@ -286,7 +287,8 @@ fn bad_input_gets_its_error_and_the_server_keeps_serving() {
             &msg::ReadRequest {
                 handle: 999,
                 first_chunk: 0,
-                count: 1
+                count: 1,
+                compress_level: 0,
             }
         )),
         ErrorCode::BadHandle
@@ -400,6 +402,7 @@ fn stream_and_handle_limits() {
             handle: h1.handle,
             first_chunk: 0,
             count: 64,
+            compress_level: 0,
         };
         batch.push(Frame::message(Cmd::READ, sid, flags::END, &read));
     }

@@ -9,7 +9,7 @@ use fsd::protocol::{msg, Cmd};
 use serde::Serialize;
 use tracing::debug;
 
-use crate::conn::{Conn, ConnOptions};
+use crate::conn::{Compress, Conn, ConnOptions};
 use crate::error::{Error, Result};
 use crate::progress::{Event, EventFn};
 use crate::tls::{self, Tls};
@@ -71,6 +71,8 @@ pub struct Options {
     /// Downloads: give created files and directories the server's permission bits exactly
     /// (never setuid, setgid or sticky) instead of those bits less the umask.
     pub preserve: bool,
+    /// Compression of chunks on the wire, both directions (`-z/--compress`; default auto).
+    pub compress: Compress,
     /// Called with every [`Event`].
     pub on_event: Option<EventFn>,
 }
@@ -87,6 +89,7 @@ impl Default for Options {
             stall_timeout: Duration::from_secs(30),
             window_bytes: ConnOptions::default().window_bytes,
             preserve: false,
+            compress: Compress::Auto,
             on_event: None,
         }
     }
@@ -253,6 +256,7 @@ impl Client {
             stall_timeout: opts.stall_timeout,
             window_bytes: opts.window_bytes,
             shared_window: Some(Arc::new(tokio::sync::Semaphore::new(pool_window))),
+            compress: opts.compress,
         };
         let client = Client {
             shared: Arc::new(Shared {

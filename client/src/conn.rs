@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
+use crate::link::Link;
 use crate::tls::{self, Tls};
+use fsd::compress::Probe;
 
 /// What the reader hands a stream: a frame, or a frame whose payload failed its CRC32 (the
 /// header, and so the chunk it carried, is still known).
@@ -68,6 +70,30 @@ pub struct ConnOptions {
     /// A window shared with other connections (a client's pool), bounding what all of them
     /// have in flight together; `None`: this connection's own window of `window_bytes`.
     pub shared_window: Option<Arc<Semaphore>>,
+    /// Whether chunks go compressed (PROTOCOL.md §8.3), in both directions.
+    pub compress: Compress,
+}
+
+/// What `-z/--compress` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compress {
+    Off,
+    /// zstd's fastest level, only on a long path slower than compression (crate::link), and
+    /// only for data that shrinks (fsd::compress::Probe).
+    Auto,
+    /// This level (at most what the server allows) on any path, for data that shrinks.
+    Level(u32),
+}
+
+impl Compress {
+    /// The level asked for in Hello.
+    fn level(self) -> u32 {
+        match self {
+            Compress::Off => 0,
+            Compress::Auto => fsd::compress::AUTO_LEVEL,
+            Compress::Level(n) => n.min(fsd::compress::MAX_LEVEL),
+        }
+    }
 }
 
 impl Default for ConnOptions {
@@ -78,6 +104,7 @@ impl Default for ConnOptions {
             stall_timeout: Duration::from_secs(30),
             window_bytes: 32 << 20,
             shared_window: None,
+            compress: Compress::Off,
         }
     }
 }
@@ -123,6 +150,9 @@ struct Inner {
     server: Mutex<msg::Hello>,
     /// Host we connected to, for error messages.
     host: String,
+    compress: Compress,
+    /// The TCP path, when the transport is a TCP socket we can ask.
+    link: Option<Link>,
 }
 
 #[derive(Default)]
@@ -198,10 +228,10 @@ impl Conn {
         // Frames are batched by the writer task; never let Nagle delay a small request.
         let _ = tcp.set_nodelay(true);
         let host = tls::host_of(addr);
+        let fd = tcp.as_raw_fd();
         let Some(tls) = &opts.tls else {
-            let fd = tcp.as_raw_fd();
             let (r, w) = tcp.into_split();
-            return Conn::handshake(r, w, opts, host, Some(fd)).await;
+            return Conn::handshake(r, w, opts, host, Some(fd), Some(fd)).await;
         };
         let name = tls::server_name(addr)?;
         let handshake = tls.connector().connect(name, tcp);
@@ -211,18 +241,21 @@ impl Conn {
             Err(_) => return Err(Error::Stalled(opts.stall_timeout)),
         };
         let (r, w) = tokio::io::split(stream);
-        Conn::handshake(r, w, opts, host, None).await
+        // The TLS stream owns the socket: its fd is valid for as long as the connection.
+        Conn::handshake(r, w, opts, host, None, Some(fd)).await
     }
 
     /// Starts the reader, writer and watchdog tasks over any transport, then Hello and Auth.
     /// `host` names the server in error messages; `tcp` is the socket when the transport is
-    /// plain TCP (the reader tunes its wakeups through it).
+    /// plain TCP (the reader tunes its wakeups through it); `socket` is the TCP socket under any
+    /// transport (for TCP_INFO).
     async fn handshake<R, W>(
         r: R,
         w: W,
         opts: &ConnOptions,
         host: &str,
         tcp: Option<RawFd>,
+        socket: Option<RawFd>,
     ) -> Result<Conn>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -252,6 +285,8 @@ impl Conn {
             junk_since_touch: AtomicU64::new(0),
             server: Mutex::new(msg::Hello::default()),
             host: host.to_string(),
+            compress: opts.compress,
+            link: socket.map(Link::new),
         });
         tokio::spawn(reader(inner.clone(), r, tcp));
         tokio::spawn(writer(inner.clone(), w, out_rx));
@@ -295,6 +330,7 @@ impl Conn {
             chunk_size: 0,
             max_streams: 0,
             agent: concat!("fsc/", env!("CARGO_PKG_VERSION")).to_string(),
+            compress_level: opts.compress.level(),
         };
         s.send_msg(Cmd::HELLO, flags::END, &hello).await?;
         let server: msg::Hello = s.reply(Cmd::HELLO).await?;
@@ -309,6 +345,10 @@ impl Conn {
             n => n.min(DEFAULT_MAX_STREAMS),
         };
         debug!(?server, "hello");
+        let mut server = server;
+        // Never more than we asked for: a level we did not ask for would be a level we cannot
+        // be held to.
+        server.compress_level = server.compress_level.min(opts.compress.level());
         *self.inner.server.lock().unwrap() = server;
         self.inner.streams.add_permits(max_streams as usize);
         if let Some(token) = &opts.token {
@@ -353,6 +393,21 @@ impl Conn {
     }
 
     /// Largest DATA payload the server accepts.
+    /// Whether COMPRESSED frames may travel on this connection (agreed in Hello).
+    pub fn accepts_compressed(&self) -> bool {
+        self.inner.server.lock().unwrap().compress_level > 0
+    }
+
+    /// The zstd level to ask for (READ, OPEN) or to compress at (WRITE, PUT) now; 0: none.
+    /// `auto` asks for it only while the path is long and slower than compression.
+    pub fn compress_level(&self) -> u32 {
+        let agreed = self.inner.server.lock().unwrap().compress_level;
+        match self.inner.compress {
+            Compress::Auto if !self.inner.link.as_ref().is_some_and(Link::is_slow) => 0,
+            _ => agreed,
+        }
+    }
+
     pub fn server_max_frame(&self) -> u32 {
         self.inner.server.lock().unwrap().max_frame
     }
@@ -703,6 +758,42 @@ impl Stream {
         self.send(Frame { header, payload }).await
     }
 
+    /// Sends a chunk as its one DATA frame: compressed at `level` (on a blocking thread) when
+    /// the probe picks it and that pays, else as it is. Returns the bytes put on the wire.
+    pub async fn send_chunk(
+        &mut self,
+        cmd: Cmd,
+        chunk: Bytes,
+        crc: u32,
+        level: u32,
+        probe: &Arc<Probe>,
+    ) -> Result<u64> {
+        if level == 0 || !probe.should_try() {
+            let n = chunk.len() as u64;
+            self.send_data(cmd, chunk, crc).await?;
+            return Ok(n);
+        }
+        let p = probe.clone();
+        let c = chunk.clone();
+        let packed = tokio::task::spawn_blocking(move || {
+            let z = fsd::compress::compress(&c, crc, level);
+            p.record(z.is_some());
+            z.map(|z| (crc32fast::hash(&z), z))
+        })
+        .await
+        .expect("compressing thread");
+        let Some((wire_crc, z)) = packed else {
+            let n = chunk.len() as u64;
+            self.send_data(cmd, chunk, crc).await?;
+            return Ok(n);
+        };
+        let n = z.len() as u64;
+        let mut header = Header::data(cmd, self.id, z.len() as u32, wire_crc, true);
+        header.flags |= flags::COMPRESSED;
+        self.send(Frame { header, payload: z }).await?;
+        Ok(n)
+    }
+
     /// The next frame on this stream, or the reason the connection died.
     pub async fn recv(&mut self) -> Result<Incoming> {
         if self.state == StreamState::Ended {
@@ -818,6 +909,7 @@ mod tests {
                 chunk_size: 1 << 20,
                 max_streams: 4,
                 agent: "fake".into(),
+                compress_level: 0,
             };
             use futures::SinkExt;
             peer.send(Frame::message(Cmd::HELLO, 0, flags::END, &hello))
@@ -826,7 +918,9 @@ mod tests {
             peer
         });
         let (r, w) = tokio::io::split(a);
-        let conn = Conn::handshake(r, w, &opts, "fake", None).await.unwrap();
+        let conn = Conn::handshake(r, w, &opts, "fake", None, None)
+            .await
+            .unwrap();
         (conn, server.await.unwrap())
     }
 

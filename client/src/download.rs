@@ -261,9 +261,8 @@ impl Job {
             resumed: sink.done_bytes(),
         });
 
-        if let Some((data, crc)) = inline {
-            self.transferred
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(Inline { data, crc, wire }) = inline {
+            self.transferred.fetch_add(wire, Ordering::Relaxed);
             // Checked where it is hashed (Sink::put); an empty file's CRC32 is 0.
             let intact = match meta.count {
                 0 => crc == 0,
@@ -481,6 +480,7 @@ impl Job {
             handle,
             first_chunk: first,
             count,
+            compress_level: conn.compress_level(),
         };
         s.send_msg(Cmd::READ, flags::END, &req).await?;
         while *next < end {
@@ -503,12 +503,21 @@ impl Job {
             }
             self.transferred
                 .fetch_add(header.payload_len as u64, Ordering::Relaxed);
-            let good = payload.filter(|p| {
-                p.len() == len as usize && sink.crc(i).is_none_or(|c| c == header.checksum)
+            let chunk = match payload {
+                Some(p) if header.is_compressed() => match unpack(conn, &p, len, Cmd::READ).await {
+                    Ok(c) => Some(c),
+                    Err(Error::Corrupt(_)) => None,
+                    Err(e) => return Err(e.into()),
+                },
+                Some(p) => Some((p, header.checksum)),
+                None => None,
+            };
+            let good = chunk.filter(|(p, crc)| {
+                p.len() == len as usize && sink.crc(i).is_none_or(|c| c == *crc)
             });
             *next += 1;
             let stored = match good {
-                Some(p) => sink.put(i, p, header.checksum).await?,
+                Some((p, crc)) => sink.put(i, p, crc).await?,
                 None => false,
             };
             if !stored {
@@ -579,12 +588,14 @@ impl Drop for Handles {
 }
 
 /// OPEN(READ), with the reply checked for internal consistency. A file of at most
-/// [`INLINE_MAX`] bytes comes back whole with the reply (no handle: nothing to READ or CLOSE).
-async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u32)>)> {
+/// [`INLINE_MAX`] bytes comes back whole with the reply (no handle: nothing to READ or CLOSE):
+/// its contents, CRC32 and bytes on the wire.
+async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<Inline>)> {
     let req = msg::OpenRequest {
         path: remote.to_string(),
         mode: msg::OpenMode::OpenRead as i32,
         inline_max: INLINE_MAX,
+        compress_level: conn.compress_level(),
         ..Default::default()
     };
     let mut s = conn.open().await?;
@@ -602,11 +613,20 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u3
         if !d.header.is_data() || !d.header.is_end() {
             return Err(bad("inline contents are not one final DATA frame"));
         }
-        if r.handle != 0 || d.payload.len() as u64 != r.size || r.size > INLINE_MAX as u64 {
+        if r.handle != 0 || r.size > INLINE_MAX as u64 {
             return Err(bad("inline reply does not match its OpenResponse"));
         }
-        // Unchecked (the codec leaves DATA checksums to us, conn::reader): Job::attempt does it.
-        Some((d.payload, d.header.checksum))
+        let wire = d.payload.len() as u64;
+        let (data, crc) = match d.header.is_compressed() {
+            true => unpack(conn, &d.payload, r.size as u32, Cmd::OPEN).await?,
+            // Unchecked (the codec leaves DATA checksums to us, conn::reader): Job::attempt
+            // does it.
+            false => (d.payload, d.header.checksum),
+        };
+        if data.len() as u64 != r.size {
+            return Err(bad("inline reply does not match its OpenResponse"));
+        }
+        Some(Inline { data, crc, wire })
     };
     let cs = r.chunk_size;
     if !cs.is_power_of_two() || cs < 1024 {
@@ -643,6 +663,33 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u3
         mode: r.mode,
     };
     Ok((meta, inline))
+}
+
+/// A small file's contents as they came with its OPEN reply.
+struct Inline {
+    data: Bytes,
+    crc: u32,
+    /// Bytes on the wire (less than the contents when compressed).
+    wire: u64,
+}
+
+/// The chunk in a COMPRESSED payload: exactly `len` bytes, its CRC32 checked against the one
+/// the payload carries (decompressed on a blocking thread: up to a chunk of CPU work). A
+/// payload that does not decompress is a corrupt chunk, like one failing its CRC32.
+async fn unpack(conn: &Conn, payload: &Bytes, len: u32, cmd: Cmd) -> Result<(Bytes, u32)> {
+    if !conn.accepts_compressed() {
+        return Err(Error::Protocol(
+            "compressed chunk on a connection that agreed on none".into(),
+        ));
+    }
+    let p = payload.clone();
+    tokio::task::spawn_blocking(move || fsd::compress::decompress(&p, len as usize))
+        .await
+        .expect("decompressing thread")
+        .map_err(|e| {
+            debug!("{e}");
+            Error::Corrupt(cmd)
+        })
 }
 
 /// Every chunk's CRC32, pages fetched concurrently.

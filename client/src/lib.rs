@@ -69,6 +69,7 @@ mod client;
 mod conn;
 mod download;
 mod error;
+mod link;
 mod local;
 pub mod progress;
 mod tls;
@@ -76,7 +77,7 @@ mod tree;
 mod upload;
 
 pub use client::{Client, Entry, Kind, Options, Transfer, MAX_LIST_BYTES};
-pub use conn::MAX_DATA_FRAME;
+pub use conn::{Compress, MAX_DATA_FRAME};
 pub use download::Dest;
 pub use error::{Error, Result};
 pub use progress::{Event, EventFn};

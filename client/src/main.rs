@@ -92,6 +92,29 @@ struct Transfer {
     #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     jobs: u16,
+    /// Compress chunks on the wire with zstd: `auto` (the default) compresses at level 1 only
+    /// on a long path (round trip over 1 ms) slower than 250 MB/s; `-z` alone means level 3
+    /// on any path; `--compress=N` level N (1-19, capped by the server); `off` never.
+    /// Either way a file whose chunks do not shrink goes uncompressed.
+    #[arg(short = 'z', long = "compress", value_name = "auto|off|LEVEL",
+          num_args = 0..=1, require_equals = true, default_value = "auto",
+          default_missing_value = "3", value_parser = parse_compress)]
+    compress: fsc::Compress,
+}
+
+/// `auto`, `off` (or 0), or a zstd level 1-19.
+fn parse_compress(s: &str) -> Result<fsc::Compress, String> {
+    match s {
+        "auto" => Ok(fsc::Compress::Auto),
+        "off" | "0" => Ok(fsc::Compress::Off),
+        n => match n.parse::<u32>() {
+            Ok(l) if (1..=fsd::compress::MAX_LEVEL).contains(&l) => Ok(fsc::Compress::Level(l)),
+            _ => Err(format!(
+                "expected auto, off or a level 1-{}",
+                fsd::compress::MAX_LEVEL
+            )),
+        },
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -271,7 +294,11 @@ async fn run(cli: Cli) -> i32 {
     }
 }
 
-fn options(g: &Global, jobs: u16, reporter: &std::sync::Arc<Reporter>) -> anyhow::Result<Options> {
+fn options(
+    g: &Global,
+    t: Option<&Transfer>,
+    reporter: &std::sync::Arc<Reporter>,
+) -> anyhow::Result<Options> {
     anyhow::ensure!(
         g.stall_timeout.is_finite() && g.stall_timeout > 0.0,
         "--stall-timeout must be positive"
@@ -285,7 +312,8 @@ fn options(g: &Global, jobs: u16, reporter: &std::sync::Arc<Reporter>) -> anyhow
     Ok(Options {
         token: g.token.clone(),
         tls,
-        connections: jobs as usize,
+        connections: t.map_or(1, |t| t.jobs as usize),
+        compress: t.map_or(fsc::Compress::Auto, |t| t.compress),
         retries: g.retries,
         stall_timeout: Duration::from_secs_f64(g.stall_timeout),
         on_event: Some(reporter.callback()),
@@ -365,7 +393,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
         } => {
             let opts = Options {
                 preserve,
-                ..options(g, t.jobs, reporter)?
+                ..options(g, Some(&t), reporter)?
             };
             let client = connect(&server, opts).await?;
             let default_local = || -> anyhow::Result<PathBuf> {
@@ -412,7 +440,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
                     .map(str::to_string)
                     .with_context(|| format!("{}: no usable base name", local.display()))?,
             };
-            let client = connect(&server, options(g, t.jobs, reporter)?).await?;
+            let client = connect(&server, options(g, Some(&t), reporter)?).await?;
             let opts = UploadOptions { no_clobber };
             if t.recursive {
                 let s = client.upload_tree(&local, &remote, &opts).await?;
@@ -422,7 +450,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             Ok(reported(r, &remote, quiet))
         }
         Cmd::Ls { server, path } => {
-            let client = connect(&server, options(g, 1, reporter)?).await?;
+            let client = connect(&server, options(g, None, reporter)?).await?;
             // Page by page: a listing that never ends costs time, not memory.
             let mut out = std::io::stdout().lock();
             client
@@ -438,7 +466,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             Ok(0)
         }
         Cmd::Stat { server, path } => {
-            let client = connect(&server, options(g, 1, reporter)?).await?;
+            let client = connect(&server, options(g, None, reporter)?).await?;
             let e = client.stat(&path).await?;
             if g.json {
                 println!("{}", json(&e));
@@ -452,7 +480,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             path,
             parents,
         } => {
-            let client = connect(&server, options(g, 1, reporter)?).await?;
+            let client = connect(&server, options(g, None, reporter)?).await?;
             client.mkdir(&path, parents, 0).await?;
             Ok(0)
         }
@@ -461,7 +489,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             path,
             recursive,
         } => {
-            let client = connect(&server, options(g, 1, reporter)?).await?;
+            let client = connect(&server, options(g, None, reporter)?).await?;
             client.remove(&path, recursive).await?;
             Ok(0)
         }
@@ -471,7 +499,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             to,
             no_clobber,
         } => {
-            let client = connect(&server, options(g, 1, reporter)?).await?;
+            let client = connect(&server, options(g, None, reporter)?).await?;
             client.rename(&from, &to, no_clobber).await?;
             Ok(0)
         }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
+use fsd::compress::Probe;
 use fsd::integrity::{hash_chunk, root_hash};
 use fsd::protocol::{
     checked_chunk_count, chunk_count, chunk_len, msg, Cmd, ErrorCode, MAX_CHUNKS_PER_FILE,
@@ -74,6 +75,7 @@ impl Client {
                 transferred: AtomicU64::new(0),
                 cvs: Mutex::new(Vec::new()),
                 committing: Mutex::new(None),
+                probe: Arc::default(),
                 src,
             };
             job.run().await
@@ -186,6 +188,8 @@ struct UpJob {
     /// A COMMIT sent whose answer may have been lost: the upload id and whole-file BLAKE3. The
     /// next attempt asks for that commit's result first (COMMIT by upload id, on any node).
     committing: Mutex<Option<(String, [u8; 32])>>,
+    /// Whether this file's chunks are worth compressing (fsd::compress).
+    probe: Arc<Probe>,
 }
 
 /// What OPEN(WRITE) answered.
@@ -256,7 +260,7 @@ impl UpJob {
             restart,
             mode_bits: self.src.mode,
             mtime_ns: self.src.mtime_ns,
-            inline_max: 0,
+            ..Default::default()
         })
     }
 
@@ -493,7 +497,9 @@ impl UpJob {
         };
         let mut s = conn.open().await?;
         s.send_msg(Cmd::PUT, 0, &req).await?;
-        s.send_data(Cmd::PUT, data, crc).await?;
+        let wire = s
+            .send_chunk(Cmd::PUT, data, crc, conn.compress_level(), &self.probe)
+            .await?;
         let r: msg::CommitResponse = s.reply(Cmd::PUT).await?;
         if r.size != size {
             return Err(Stop::Fail(Error::Protocol(format!(
@@ -501,7 +507,7 @@ impl UpJob {
                 r.size
             ))));
         }
-        let transferred = self.transferred.fetch_add(size, Ordering::Relaxed) + size;
+        let transferred = self.transferred.fetch_add(wire, Ordering::Relaxed) + wire;
         self.client.emit(Event::Progress {
             path: self.remote.clone(),
             done: size,
@@ -539,7 +545,9 @@ impl UpJob {
             let mut s = conn.open().await?;
             s.send_msg(Cmd::WRITE, 0, &msg::WriteRequest { handle, chunk: i })
                 .await?;
-            s.send_data(Cmd::WRITE, data, crc).await?;
+            let wire = s
+                .send_chunk(Cmd::WRITE, data, crc, conn.compress_level(), &self.probe)
+                .await?;
             let ack: msg::WriteAck = s.reply(Cmd::WRITE).await?;
             if ack.chunk != i {
                 return Err(Error::Protocol(format!(
@@ -548,7 +556,7 @@ impl UpJob {
                 )));
             }
             acked += 1;
-            let transferred = self.transferred.fetch_add(len, Ordering::Relaxed) + len;
+            let transferred = self.transferred.fetch_add(wire, Ordering::Relaxed) + wire;
             self.client.emit(Event::Progress {
                 path: self.remote.clone(),
                 done: done.fetch_add(len, Ordering::Relaxed) + len,

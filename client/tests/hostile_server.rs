@@ -335,6 +335,7 @@ impl Fake {
                     chunk_size: self.script.hello_chunk.unwrap_or(1 << 20),
                     max_streams: 16,
                     agent: "fake".into(),
+                    compress_level: 0,
                 },
             )]),
             Cmd::STAT => {

@@ -118,7 +118,8 @@ impl FrameCodec {
                 stream_id: h.stream_id,
             });
         }
-        if h.flags & !flags::KNOWN != 0 {
+        // COMPRESSED qualifies a DATA payload; on anything else it is as unknown as 0xF0.
+        if h.flags & !flags::KNOWN != 0 || (h.is_compressed() && !h.is_data()) {
             return Err(CodecError::UnknownFlags {
                 flags: h.flags,
                 cmd: h.cmd,

@@ -17,8 +17,11 @@ pub mod flags {
     pub const DATA: u8 = 0x02;
     /// Payload is an `Error` message; implies END.
     pub const ERROR: u8 = 0x04;
+    /// With DATA only, and only on a connection whose Hello agreed on a compression level:
+    /// the payload is a compressed chunk (crate::compress, PROTOCOL.md §8.3).
+    pub const COMPRESSED: u8 = 0x08;
     /// All bits defined in version 1; a frame with any other bit set is rejected.
-    pub const KNOWN: u8 = END | DATA | ERROR;
+    pub const KNOWN: u8 = END | DATA | ERROR | COMPRESSED;
 }
 
 /// A command id. Unknown ids decode fine so the receiver can answer `UnknownCommand`.
@@ -139,6 +142,11 @@ impl Header {
     pub fn is_end(&self) -> bool {
         self.flags & (flags::END | flags::ERROR) != 0
     }
+
+    pub fn is_compressed(&self) -> bool {
+        self.flags & flags::COMPRESSED != 0
+    }
+
     pub fn is_data(&self) -> bool {
         self.flags & flags::DATA != 0
     }

@@ -155,6 +155,8 @@ pub struct Session {
     pub base_chunk_size: u32,
     /// Largest DATA payload the client accepts.
     pub client_max_frame: u32,
+    /// Highest zstd level agreed in Hello (crate::compress); 0: no COMPRESSED frames either way.
+    pub compress_level: u32,
     pub handles: Mutex<transfer::Handles>,
     /// [`REPLY_BUDGET`] of this connection.
     pub replies: Arc<Semaphore>,
@@ -231,6 +233,7 @@ struct Conn {
     subject: Option<String>,
     base_chunk_size: u32,
     client_max_frame: u32,
+    compress_level: u32,
     auth_failures: u32,
     /// This connection's place among the unauthenticated ones, until it authenticates.
     startup: Startup,
@@ -364,6 +367,7 @@ async fn speak(
     let mut conn = Conn {
         base_chunk_size: server.config.chunk_size,
         client_max_frame: MAX_CHUNK_SIZE,
+        compress_level: 0,
         server: server.clone(),
         peer,
         tx,
@@ -546,8 +550,18 @@ impl Conn {
             // The payload is held until stored: waiting here for the budget stops reading
             // from the socket, so the client's sending is paced by the disk.
             let held = match (cmd, self.pending_writes.contains_key(&sid), &self.session) {
-                (Cmd::WRITE | Cmd::PUT, true, Some(_)) => {
-                    let n = u32::try_from(f.payload.len()).unwrap_or(u32::MAX);
+                (Cmd::WRITE | Cmd::PUT, true, Some(session)) => {
+                    // A compressed chunk takes its decompressed size once it is stored.
+                    let n = match f.header.is_compressed() {
+                        true => self.pending_writes.get(&sid).map_or(0, |p| match p {
+                            Pending::Write(req) => transfer::chunk_room(session, req),
+                            Pending::Put(req) => req.size.min(MAX_CHUNK_SIZE as u64) as u32,
+                        }),
+                        false => 0,
+                    };
+                    let n = n
+                        .max(u32::try_from(f.payload.len()).unwrap_or(u32::MAX))
+                        .min(INBOUND_BUDGET.max(self.server.config.max_frame));
                     Some(
                         self.inbound
                             .clone()
@@ -809,12 +823,17 @@ impl Conn {
         // most the largest power of two within its max_frame.
         let fits = 1u32 << (31 - self.client_max_frame.leading_zeros());
         self.base_chunk_size = self.base_chunk_size.min(fits);
+        self.compress_level = h
+            .compress_level
+            .min(self.server.config.max_compress_level)
+            .min(crate::compress::MAX_LEVEL);
         let reply = msg::Hello {
             version: VERSION as u32,
             max_frame: self.server.config.max_frame,
             chunk_size: self.base_chunk_size,
             max_streams: self.server.config.max_streams as u32,
             agent: concat!("fsd/", env!("CARGO_PKG_VERSION")).into(),
+            compress_level: self.compress_level,
         };
         self.send(Frame::message(
             Cmd::HELLO,
@@ -928,6 +947,7 @@ impl Conn {
             sub_root,
             base_chunk_size: self.base_chunk_size,
             client_max_frame: self.client_max_frame,
+            compress_level: self.compress_level,
             handles: Mutex::new(transfer::Handles::default()),
             replies: Arc::new(Semaphore::new(REPLY_BUDGET as usize)),
             account,

@@ -80,6 +80,8 @@ pub struct Config {
     pub max_streams: usize,
     pub max_handles: usize,
     pub max_frame: u32,
+    /// Highest zstd level fsd compresses at or accepts (crate::compress); 0: no compression.
+    pub max_compress_level: u32,
     pub idle_timeout: Duration,
     pub auth_timeout: Duration,
     pub upload_ttl: Duration,
@@ -112,6 +114,7 @@ impl Config {
             max_streams: MAX_STREAMS,
             max_handles: MAX_HANDLES,
             max_frame: MAX_FRAME,
+            max_compress_level: crate::compress::DEFAULT_LEVEL,
             idle_timeout: IDLE_TIMEOUT,
             auth_timeout: AUTH_TIMEOUT,
             upload_ttl: UPLOAD_TTL,

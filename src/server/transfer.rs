@@ -15,7 +15,8 @@ use super::connection::{Failure, Session, StreamTx};
 use super::files::blocking;
 use super::metrics::{Direction, Tracked, Transfer, TransferInfo};
 use super::quotas::{Held, FDS_PER_READ, FDS_PER_UPLOAD};
-use super::writer::Outgoing;
+use super::writer::{read_up_to, Outgoing};
+use crate::compress::{self, Probe};
 use crate::fs::manifest::Manifest;
 use crate::fs::upload::{Upload, UploadParams};
 use crate::protocol::{
@@ -33,6 +34,8 @@ pub enum Handle {
     Read {
         file: Arc<File>,
         manifest: Arc<Manifest>,
+        /// Whether this file's chunks are worth compressing (crate::compress).
+        probe: Arc<Probe>,
     },
     Write(Arc<Upload>),
 }
@@ -137,7 +140,12 @@ fn encoded(m: impl Message) -> Result<Bytes, Failure> {
 /// OpenResponse (no handle) followed by the file's contents as one DATA frame.
 enum Opened {
     Reply(Bytes),
-    Inline { reply: Bytes, data: Bytes },
+    /// `data` is a COMPRESSED payload when `compressed`.
+    Inline {
+        reply: Bytes,
+        data: Bytes,
+        compressed: bool,
+    },
 }
 
 pub async fn open(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
@@ -166,12 +174,20 @@ pub async fn open(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
             st.finish(Outgoing::Frame(Frame::new(cmd, sid, flags::END, reply)))
                 .await
         }
-        Ok(Opened::Inline { reply, data }) => {
+        Ok(Opened::Inline {
+            reply,
+            data,
+            compressed,
+        }) => {
             if st
                 .send(Outgoing::Frame(Frame::new(cmd, sid, 0, reply)))
                 .await
             {
-                let last = Frame::new(cmd, sid, flags::DATA | flags::END, data);
+                let fl = match compressed {
+                    true => flags::DATA | flags::END | flags::COMPRESSED,
+                    false => flags::DATA | flags::END,
+                };
+                let last = Frame::new(cmd, sid, fl, data);
                 // Keep what the contents take; the rest of the reservation goes back now.
                 let item = match held.as_mut().and_then(|h| h.split(last.payload.len())) {
                     Some(h) => Outgoing::Held(last, h),
@@ -203,7 +219,8 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
         if req.inline_max > 0
             && meta.size() <= req.inline_max.min(MAX_INLINE).min(chunk_size) as u64
         {
-            return read_inline(s, &req.path, &file, &meta, chunk_size);
+            let level = req.compress_level.min(s.compress_level);
+            return read_inline(s, &req.path, &file, &meta, chunk_size, level);
         }
         let manifest = s
             .server
@@ -225,6 +242,7 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
         let handle = Handle::Read {
             file: Arc::new(file),
             manifest,
+            probe: Arc::default(),
         };
         let tracked = track(s, Direction::Download, &req.path, reply.size, 0);
         let id =
@@ -243,13 +261,15 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
 }
 
 /// A file of at most one chunk, read whole and hashed here: cheaper than a manifest lookup, a
-/// handle, a READ and a CLOSE (a tree of small files is mostly per-file overhead).
+/// handle, a READ and a CLOSE (a tree of small files is mostly per-file overhead). Compressed
+/// at `level` (0: never) if that pays.
 fn read_inline(
     s: &Session,
     path: &str,
     file: &File,
     meta: &std::fs::Metadata,
     chunk_size: u32,
+    level: u32,
 ) -> Result<Opened, Failure> {
     let io = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("{path}: {e}"));
     let mut data = vec![0u8; meta.len() as usize];
@@ -279,9 +299,14 @@ fn read_inline(
         .fetch_add(data.len() as u64, Ordering::Relaxed);
     stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
     tracing::info!(path, size = meta.len(), "read inline");
+    let packed = match level {
+        0 => None,
+        _ => compress::compress(&data, crc32fast::hash(&data), level),
+    };
     Ok(Opened::Inline {
         reply: Bytes::from(reply.encode_to_vec()),
-        data: Bytes::from(data),
+        compressed: packed.is_some(),
+        data: packed.unwrap_or_else(|| Bytes::from(data)),
     })
 }
 
@@ -396,6 +421,12 @@ pub async fn put(
     _held: OwnedSemaphorePermit,
 ) {
     let _timer = session.server.metrics.request(st.cmd);
+    // A PUT is one chunk at most: never more than the base chunk size to decompress.
+    let room = req.size.min(u64::from(session.base_chunk_size)) as u32;
+    let data = match unpacked(&session, data, room).await {
+        Ok(d) => d,
+        Err(e) => return st.fail(e).await,
+    };
     let written = blocking(&session, move |s| {
         let blake3 = std::mem::take(&mut req.blake3);
         let open = msg::OpenRequest {
@@ -466,12 +497,15 @@ pub async fn manifest(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, F
 }
 
 /// Answers a READ with one DATA frame per chunk, sent by the writer from the open fd. Each
-/// chunk waits its turn in the writer queue, so streams interleave chunk by chunk.
+/// chunk waits its turn in the writer queue, so streams interleave chunk by chunk. When the
+/// client asked for compression, chunks that the handle's probe picks are read, compressed and
+/// sent from memory instead.
 pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
-    let (file, manifest, req) = match prepare_read(session, payload).await {
+    let (file, manifest, probe, req) = match prepare_read(session, payload).await {
         Ok(x) => x,
         Err(e) => return st.fail(e).await,
     };
+    let level = req.compress_level.min(session.compress_level);
     let progress = progress(session, req.handle);
     let last = req.first_chunk + req.count - 1;
     for i in req.first_chunk..=last {
@@ -481,16 +515,24 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
                 .await;
         }
         let len = chunk_len(manifest.size, manifest.chunk_size, i);
-        let item = Outgoing::File {
-            header: Header::data(
-                st.cmd,
-                st.stream_id,
-                len,
-                manifest.crcs[i as usize],
-                i == last,
-            ),
-            file: file.clone(),
-            offset: i as u64 * manifest.chunk_size as u64,
+        let header = Header::data(
+            st.cmd,
+            st.stream_id,
+            len,
+            manifest.crcs[i as usize],
+            i == last,
+        );
+        let offset = i as u64 * manifest.chunk_size as u64;
+        let item = match level > 0 && probe.should_try() {
+            true => match packed_chunk(session, &file, offset, header, level, &probe).await {
+                Ok(item) => item,
+                Err(e) => return st.fail(e).await,
+            },
+            false => Outgoing::File {
+                header,
+                file: file.clone(),
+                offset,
+            },
         };
         if i == last {
             // finish() cannot tell whether the connection is gone: count the chunk as queued.
@@ -508,12 +550,78 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
     }
 }
 
-async fn prepare_read(
-    session: &Arc<Session>,
-    payload: Bytes,
-) -> Result<(Arc<File>, Arc<Manifest>, msg::ReadRequest), Failure> {
+/// One chunk read into memory and compressed at `level`: the COMPRESSED frame if that paid,
+/// else the chunk as it is (already read: no second read by sendfile). Held in the
+/// connection's reply budget until written.
+async fn packed_chunk(
+    session: &Session,
+    file: &Arc<File>,
+    offset: u64,
+    header: Header,
+    level: u32,
+    probe: &Arc<Probe>,
+) -> Result<Outgoing, Failure> {
+    let len = header.payload_len;
+    let mut held = session.reserve_reply(len).await;
+    let (f, p) = (file.clone(), probe.clone());
+    let (mut header, payload) = tokio::task::spawn_blocking(move || {
+        let mut data = vec![0u8; len as usize];
+        let n = read_up_to(&f, &mut data, offset)?;
+        if n < data.len() {
+            // Shrunk since the manifest: the zero-padded send of Outgoing::File reports it.
+            return Ok::<_, std::io::Error>((header, None));
+        }
+        let packed = compress::compress(&data, header.checksum, level);
+        p.record(packed.is_some());
+        Ok(match packed {
+            Some(z) => {
+                let mut h = Header::data(
+                    header.cmd,
+                    header.stream_id,
+                    z.len() as u32,
+                    crc32fast::hash(&z),
+                    header.is_end(),
+                );
+                h.flags |= flags::COMPRESSED;
+                (h, Some(z))
+            }
+            None => (header, Some(Bytes::from(data))),
+        })
+    })
+    .await
+    .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?
+    .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?;
+    let Some(payload) = payload else {
+        return Ok(Outgoing::File {
+            header,
+            file: file.clone(),
+            offset,
+        });
+    };
+    header.payload_len = payload.len() as u32;
+    session
+        .server
+        .stats
+        .bytes_copied
+        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+    let frame = Frame { header, payload };
+    Ok(match held.split(frame.payload.len()) {
+        Some(h) => Outgoing::Held(frame, h),
+        None => Outgoing::Frame(frame),
+    })
+}
+
+/// A read's file, manifest and probe, checked against the request and the file's state.
+type Readable = (Arc<File>, Arc<Manifest>, Arc<Probe>, msg::ReadRequest);
+
+async fn prepare_read(session: &Arc<Session>, payload: Bytes) -> Result<Readable, Failure> {
     let req = msg::ReadRequest::decode(payload)?;
-    let Handle::Read { file, manifest } = get(session, req.handle)? else {
+    let Handle::Read {
+        file,
+        manifest,
+        probe,
+    } = get(session, req.handle)?
+    else {
         return Err(Failure::new(ErrorCode::BadHandle, "READ on a write handle"));
     };
     let n = manifest.crcs.len() as u32;
@@ -544,7 +652,7 @@ async fn prepare_read(
             "file changed since it was opened",
         ));
     }
-    Ok((file, manifest, req))
+    Ok((file, manifest, probe, req))
 }
 
 /// Stores one uploaded chunk (already CRC-checked by the codec) and acknowledges it.
@@ -561,6 +669,7 @@ pub async fn write(
         let Handle::Write(upload) = get(&session, req.handle)? else {
             return Err(Failure::new(ErrorCode::BadHandle, "WRITE on a read handle"));
         };
+        let data = unpacked(&session, data, chunk_room(&session, &req)).await?;
         let crc = data.header.checksum;
         let len = data.payload.len() as u64;
         let up = upload.clone();
@@ -583,6 +692,46 @@ pub async fn write(
         Ok(ack) => st.reply(&ack).await,
         Err(e) => st.fail(e).await,
     }
+}
+
+/// The decompressed size of the chunk a WRITE names (0 if its handle or chunk is not one): what
+/// a COMPRESSED DATA frame for it may expand to, and takes from the inbound budget.
+pub fn chunk_room(session: &Session, req: &msg::WriteRequest) -> u32 {
+    match session.handles.lock().unwrap().map.get(&req.handle) {
+        Some(Handle::Write(u)) if req.chunk < chunk_count(u.params.size, u.chunk_size) => {
+            chunk_len(u.params.size, u.chunk_size, req.chunk)
+        }
+        _ => 0,
+    }
+}
+
+/// A WRITE's or PUT's DATA frame as the chunk it carries. A COMPRESSED one is decompressed on a
+/// blocking thread into at most `room` bytes, which it must fill exactly, and its CRC32 checked;
+/// the result looks as if it had come uncompressed (the header's checksum is the chunk's CRC32).
+async fn unpacked(session: &Session, data: Frame, room: u32) -> Result<Frame, Failure> {
+    if !data.header.is_compressed() {
+        return Ok(data);
+    }
+    if session.compress_level == 0 {
+        return Err(Failure::new(
+            ErrorCode::BadRequest,
+            "COMPRESSED DATA on a connection whose Hello agreed on no compression",
+        ));
+    }
+    let mut header = data.header;
+    let (chunk, crc) =
+        tokio::task::spawn_blocking(move || compress::decompress(&data.payload, room as usize))
+            .await
+            .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?
+            // Damaged in transit, or sent for another chunk: retryable, like a bad CRC32.
+            .map_err(|e| Failure::new(ErrorCode::ChecksumMismatch, e.to_string()))?;
+    header.flags &= !flags::COMPRESSED;
+    header.payload_len = chunk.len() as u32;
+    header.checksum = crc;
+    Ok(Frame {
+        header,
+        payload: chunk,
+    })
 }
 
 pub async fn commit(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {

@@ -169,7 +169,7 @@ async fn send_payload(
     Ok(())
 }
 
-fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub(super) fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match f.read_at(&mut buf[done..], offset + done as u64) {

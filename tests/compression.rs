@@ -1,0 +1,350 @@
+//! Per-chunk zstd on the wire (PROTOCOL.md §8.3), real fsd and fsc on loopback: compressible
+//! files move in a fraction of their bytes and land identical, both ways, big and small;
+//! incompressible ones go as they are; a peer that does not negotiate compression is served as
+//! before; hostile COMPRESSED frames are refused without harm.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::path::Path;
+
+use bytes::Bytes;
+use common::*;
+use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame, Header};
+
+/// Text that compresses about 5:1 or better with zstd's fast levels: log lines with varying
+/// numbers.
+fn log_text(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 128);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut n = 0u64;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        n += 1;
+        let line = format!(
+            "2026-12-01T23:{:02}:{:02}Z INFO fsd::server: request {n} path=projects/set-{}/part-{}.csv bytes={} status=ok\n",
+            (x >> 8) % 60,
+            (x >> 16) % 60,
+            x % 7,
+            (x >> 24) % 100,
+            (x >> 32) % 1_000_000
+        );
+        out.extend_from_slice(line.as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn done(stdout: &[u8]) -> serde_json::Value {
+    events(stdout)
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == "done")
+        .unwrap_or_else(|| panic!("no done event in {}", String::from_utf8_lossy(stdout)))
+}
+
+/// Bytes on the wire of one fsc transfer (`transferred` of its done event).
+fn download(s: &Fsd, remote: &str, to: &Path, extra: &[&str]) -> u64 {
+    let addr = s.addr();
+    let mut args = vec!["--json", "download"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[&addr, remote, to.to_str().unwrap()]);
+    let out = fsc_ok(&args);
+    done(&out.stdout)["transferred"].as_u64().unwrap()
+}
+
+fn upload(s: &Fsd, from: &Path, remote: &str, extra: &[&str]) -> u64 {
+    let addr = s.addr();
+    let mut args = vec!["--json", "upload"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[&addr, from.to_str().unwrap(), remote]);
+    let out = fsc_ok(&args);
+    done(&out.stdout)["transferred"].as_u64().unwrap()
+}
+
+#[test]
+fn compressible_files_move_in_a_fraction_of_their_bytes_both_ways() {
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    // 9 chunks (READ and WRITE) and one small file (inline OPEN and PUT).
+    for (name, len) in [
+        ("big.log", 8 * 1024 * 1024 + 12_345),
+        ("small.log", 100_000),
+    ] {
+        let data = log_text(len, len as u64);
+        std::fs::write(s.root.join(name), &data).unwrap();
+        let got = local.path().join(name);
+        let wire = download(&s, name, &got, &["-z"]);
+        assert_eq!(std::fs::read(&got).unwrap(), data, "{name} downloaded");
+        assert!(
+            wire < len as u64 / 4,
+            "{name}: {wire} bytes on the wire for {len}"
+        );
+
+        let remote = format!("up-{name}");
+        let wire = upload(&s, &got, &remote, &["--compress=6"]);
+        assert_eq!(
+            std::fs::read(s.root.join(&remote)).unwrap(),
+            data,
+            "{name} uploaded"
+        );
+        assert!(
+            wire < len as u64 / 4,
+            "{name}: {wire} bytes on the wire for {len}"
+        );
+    }
+}
+
+#[test]
+fn incompressible_files_go_as_they_are_and_auto_stays_off_on_loopback() {
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let len = 5 * 1024 * 1024 + 3;
+    let data = write_random(&s.root.join("noise.bin"), len, 7);
+    let got = local.path().join("noise.bin");
+    let wire = download(&s, "noise.bin", &got, &["-z"]);
+    assert_eq!(std::fs::read(&got).unwrap(), data);
+    assert_eq!(wire, len as u64, "noise is sent as it is");
+    let wire = upload(&s, &got, "noise-up.bin", &["--compress=19"]);
+    assert_eq!(wire, len as u64);
+    assert_same_file(&got, &s.root.join("noise-up.bin"));
+
+    // The default (auto) on loopback: a fast, short path, never compressed.
+    let text = log_text(3 * 1024 * 1024, 1);
+    std::fs::write(s.root.join("t.log"), &text).unwrap();
+    let wire = download(&s, "t.log", &local.path().join("t.log"), &[]);
+    assert_eq!(wire, text.len() as u64, "auto compressed on loopback");
+}
+
+#[test]
+fn a_server_that_allows_no_compression_is_used_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let s = Fsd::start_on(&root, &["--max-compress-level", "0"]);
+    let local = tempfile::tempdir().unwrap();
+    let text = log_text(2 * 1024 * 1024 + 5, 3);
+    std::fs::write(root.join("t.log"), &text).unwrap();
+    let got = local.path().join("t.log");
+    assert_eq!(download(&s, "t.log", &got, &["-z"]), text.len() as u64);
+    assert_eq!(std::fs::read(&got).unwrap(), text);
+    assert_eq!(upload(&s, &got, "u.log", &["-z"]), text.len() as u64);
+    assert_eq!(std::fs::read(root.join("u.log")).unwrap(), text);
+}
+
+/// OPEN(READ) of `path` on stream `sid`: every frame of the reply.
+fn open_read(r: &mut Raw, sid: u32, path: &str, inline_max: u32, level: u32) -> Vec<Frame> {
+    r.send_msg(
+        Cmd::OPEN,
+        sid,
+        flags::END,
+        &msg::OpenRequest {
+            path: path.into(),
+            mode: msg::OpenMode::OpenRead as i32,
+            inline_max,
+            compress_level: level,
+            ..Default::default()
+        },
+    );
+    let mut frames = vec![r.recv().unwrap()];
+    while !frames.last().unwrap().header.is_end() {
+        frames.push(r.recv().unwrap());
+    }
+    frames
+}
+
+fn hello(r: &mut Raw, level: u32) -> msg::Hello {
+    let f = r.call(
+        Cmd::HELLO,
+        0,
+        &msg::Hello {
+            version: 1,
+            compress_level: level,
+            ..Default::default()
+        },
+    );
+    prost::Message::decode(f.payload).unwrap()
+}
+
+/// A client that never asks (an older one: no Hello field, or 0) never sees a COMPRESSED
+/// frame, even when its READ or OPEN asks for a level; one that asks gets at most the server's
+/// cap.
+#[test]
+fn only_a_client_that_negotiated_gets_compressed_frames() {
+    let s = Fsd::start();
+    let text = log_text(3 * 1024 * 1024, 9);
+    std::fs::write(s.root.join("t.log"), &text).unwrap();
+    std::fs::write(s.root.join("s.log"), &text[..50_000]).unwrap();
+    for asked in [0u32, 19] {
+        let mut r = Raw::connect(s.addr);
+        let h = hello(&mut r, asked);
+        assert_eq!(h.compress_level, asked.min(3), "asked {asked}");
+        let f = r.call(
+            Cmd::AUTH,
+            1,
+            &msg::Auth {
+                token: TOKEN.into(),
+            },
+        );
+        assert!(!f.header.is_error());
+        // Inline, asking for level 3 in the OPEN.
+        let frames = open_read(&mut r, 3, "s.log", 256 * 1024, 3);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[1].header.is_compressed(), asked > 0);
+        // By handle.
+        let frames = open_read(&mut r, 5, "t.log", 0, 0);
+        let open: msg::OpenResponse = frames[0].decode().unwrap();
+        r.send_msg(
+            Cmd::READ,
+            7,
+            flags::END,
+            &msg::ReadRequest {
+                handle: open.handle,
+                first_chunk: 0,
+                count: open.chunk_count,
+                compress_level: 3,
+            },
+        );
+        let mut got = Vec::new();
+        for i in 0..open.chunk_count {
+            let d = r.recv().unwrap();
+            assert!(d.header.is_data(), "chunk {i}");
+            assert_eq!(d.header.is_compressed(), asked > 0, "chunk {i}");
+            assert_eq!(crc32fast::hash(&d.payload), d.header.checksum);
+            let len = fsd::protocol::chunk_len(open.size, open.chunk_size, i) as usize;
+            let chunk = match d.header.is_compressed() {
+                true => fsd::compress::decompress(&d.payload, len).unwrap().0,
+                false => d.payload,
+            };
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, text);
+    }
+}
+
+/// COMPRESSED frames that lie: on a connection that did not agree on compression, a chunk that
+/// decompresses to the wrong size, a bomb, garbage. Each is refused with a clear error and the
+/// upload stays as it was; a good chunk afterwards completes it.
+#[test]
+fn hostile_compressed_writes_are_refused_and_lose_nothing() {
+    let s = Fsd::start();
+    let chunk = 64 * 1024;
+    let text = log_text(2 * chunk, 4);
+    let crc0 = crc32fast::hash(&text[..chunk]);
+    let good = fsd::compress::compress(&text[..chunk], crc0, 3).unwrap();
+    let upload = |r: &mut Raw| -> u32 {
+        let f = r.call(
+            Cmd::OPEN,
+            3,
+            &msg::OpenRequest {
+                path: "h.log".into(),
+                mode: msg::OpenMode::OpenWrite as i32,
+                size: text.len() as u64,
+                resume_key: "k".into(),
+                ..Default::default()
+            },
+        );
+        assert!(!f.header.is_error(), "{:?}", error_of(&f));
+        let open: msg::OpenResponse = f.decode().unwrap();
+        assert_eq!(open.chunk_size as usize, chunk);
+        open.handle
+    };
+    let write = |r: &mut Raw, sid: u32, handle: u32, index: u32, payload: Bytes| -> Frame {
+        r.send_msg(
+            Cmd::WRITE,
+            sid,
+            0,
+            &msg::WriteRequest {
+                handle,
+                chunk: index,
+            },
+        );
+        let mut h = Header::data(
+            Cmd::WRITE,
+            sid,
+            payload.len() as u32,
+            crc32fast::hash(&payload),
+            true,
+        );
+        h.flags |= flags::COMPRESSED;
+        r.send(&Frame { header: h, payload }).unwrap();
+        r.recv().unwrap()
+    };
+
+    // Not negotiated: BadRequest.
+    let mut r = Raw::authed_as(s.addr, TOKEN, chunk as u32);
+    let h = upload(&mut r);
+    let f = write(&mut r, 5, h, 0, good.clone());
+    assert_eq!(error_of(&f).code, ErrorCode::BadRequest as u32);
+    drop(r);
+
+    let mut r = Raw::connect(s.addr);
+    let f = r.call(
+        Cmd::HELLO,
+        0,
+        &msg::Hello {
+            version: 1,
+            chunk_size: chunk as u32,
+            compress_level: 3,
+            ..Default::default()
+        },
+    );
+    assert!(!f.header.is_error());
+    let f = r.call(
+        Cmd::AUTH,
+        1,
+        &msg::Auth {
+            token: TOKEN.into(),
+        },
+    );
+    assert!(!f.header.is_error());
+    let h = upload(&mut r);
+    let short = fsd::compress::compress(&text[..chunk / 2], crc32fast::hash(&text[..chunk / 2]), 3)
+        .unwrap();
+    let bomb = {
+        let z = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+        let mut p = 0u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&z);
+        Bytes::from(p)
+    };
+    let mut bad_crc = good.to_vec();
+    bad_crc[1] ^= 0x40;
+    let cases: [(&str, Bytes); 4] = [
+        ("short", short),
+        ("bomb", bomb),
+        ("bad crc prefix", Bytes::from(bad_crc)),
+        ("garbage", Bytes::from(random_bytes(5000, 1))),
+    ];
+    let mut sid = 7;
+    for (what, payload) in cases {
+        let f = write(&mut r, sid, h, 0, payload);
+        assert_eq!(
+            error_of(&f).code,
+            ErrorCode::ChecksumMismatch as u32,
+            "{what}: {:?}",
+            error_of(&f)
+        );
+        sid += 2;
+    }
+    // Still one connection, nothing stored: both chunks go now, compressed, and it commits.
+    let crc1 = crc32fast::hash(&text[chunk..]);
+    let second = fsd::compress::compress(&text[chunk..], crc1, 3).unwrap();
+    for (i, p) in [(0u32, good), (1, second)] {
+        let f = write(&mut r, sid, h, i, p);
+        assert!(!f.header.is_error(), "chunk {i}: {:?}", error_of(&f));
+        sid += 2;
+    }
+    let f = r.call(
+        Cmd::COMMIT,
+        sid,
+        &msg::CommitRequest {
+            handle: h,
+            blake3: blake3::hash(&text).as_bytes().to_vec(),
+            ..Default::default()
+        },
+    );
+    assert!(!f.header.is_error(), "{:?}", error_of(&f));
+    assert_eq!(std::fs::read(s.root.join("h.log")).unwrap(), text);
+}
