@@ -80,6 +80,10 @@ struct Args {
     #[arg(long, default_value_t = fsd::compress::DEFAULT_LEVEL,
           value_parser = clap::value_parser!(u32).range(0..=fsd::compress::MAX_LEVEL as i64))]
     max_compress_level: u32,
+    /// Bytes of compressed chunks kept in the state directory for files downloaded again
+    /// (least recently used go first; 0: keep none). Suffixes K, M, G, T (powers of 1024).
+    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+    compress_cache: u64,
     /// Seconds an authenticated connection may sit idle.
     #[arg(long, default_value_t = server::IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
@@ -226,6 +230,7 @@ async fn serve(args: Args) -> Result<()> {
         max_handles: args.max_handles,
         max_frame: args.max_frame.max(args.chunk_size),
         max_compress_level: args.max_compress_level,
+        compress_cache: args.compress_cache,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         auth_timeout: Duration::from_secs(args.auth_timeout),
         upload_ttl: Duration::from_secs(args.upload_ttl),
@@ -311,4 +316,20 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// A byte count: digits with an optional K, M, G or T suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if "KMGT".contains(c.to_ascii_uppercase()) => {
+            let k = "KMGT".find(c.to_ascii_uppercase()).unwrap() as u32;
+            (&s[..i], 10 * (k + 1))
+        }
+        _ => (s, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("{s:?} is not a byte count (digits, then K, M, G or T)"))
 }

@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 
 use bytes::Bytes;
+use common::inproc;
 use common::*;
 use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame, Header};
 
@@ -347,4 +348,42 @@ fn hostile_compressed_writes_are_refused_and_lose_nothing() {
     );
     assert!(!f.header.is_error(), "{:?}", error_of(&f));
     assert_eq!(std::fs::read(s.root.join("h.log")).unwrap(), text);
+}
+
+/// A file downloaded again is served from the compressed-chunk cache: its chunks are not
+/// compressed a second time, and the copy is exact.
+#[test]
+fn chunks_compressed_once_are_served_from_the_cache() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let s = inproc::start(&root);
+    let z = &s.server.zchunks.stats;
+    let data = log_text((6 << 20) - 1000, 5);
+    std::fs::write(root.join("mixed.bin"), &data).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let addr = s.addr.to_string();
+    let mut wires = Vec::new();
+    for run in 0..2 {
+        let got = local.path().join(format!("run{run}"));
+        let out = fsc_ok(&[
+            "--json",
+            "download",
+            "-z",
+            &addr,
+            "mixed.bin",
+            got.to_str().unwrap(),
+        ]);
+        assert_eq!(std::fs::read(&got).unwrap(), data, "run {run}");
+        wires.push(done(&out.stdout)["transferred"].as_u64().unwrap());
+        if run == 0 {
+            assert_eq!(z.stored.load(Relaxed), 6);
+            assert_eq!(z.hits.load(Relaxed), 0);
+        }
+    }
+    assert_eq!(z.stored.load(Relaxed), 6, "compressed again");
+    assert_eq!(z.hits.load(Relaxed), 6);
+    assert_eq!(wires[0], wires[1]);
+    assert!(wires[0] < (6 << 20) / 4, "{} bytes", wires[0]);
 }

@@ -10,6 +10,7 @@ pub mod listing;
 pub mod manifest;
 pub mod root;
 pub mod upload;
+pub mod zcache;
 
 /// A suffix for a private file name in the state directory that no other process, on this or
 /// any other node sharing the directory, uses: a random per-process nonce (pids repeat across

@@ -436,6 +436,28 @@ pub fn render(server: &Server) -> String {
         None,
         load(&ms.computed),
     );
+    let zs = &server.zchunks.stats;
+    counter(
+        &mut reg,
+        "compressed_chunk_cache_hits",
+        "READ chunks whose compression result came from the state directory's cache",
+        None,
+        load(&zs.hits),
+    );
+    counter(
+        &mut reg,
+        "compressed_chunk_cache_stored",
+        "Compression results stored in the cache (compressed chunks and chunks that did not shrink)",
+        None,
+        load(&zs.stored),
+    );
+    counter(
+        &mut reg,
+        "compressed_chunk_cache_evicted",
+        "Cache entries removed to stay within --compress-cache",
+        None,
+        load(&zs.evicted),
+    );
 
     let mut out = String::new();
     // Writing into a String cannot fail.

@@ -35,6 +35,7 @@ use crate::fs::identity::RootId;
 use crate::fs::manifest::ManifestCache;
 use crate::fs::root::Root;
 use crate::fs::upload::UploadStore;
+use crate::fs::zcache::ChunkCache;
 use crate::fskind::FsKind;
 use crate::protocol::{ErrorCode, Frame, MAX_CHUNK_SIZE};
 
@@ -58,6 +59,8 @@ pub const MAX_STARTUPS_PER_SOURCE: usize = 32;
 /// Refusals (over `--max-connections`) being written at once; beyond, a refused connection is
 /// closed without a word, so a flood cannot hold descriptors for refusals.
 const MAX_REFUSALS: usize = 64;
+/// Default bytes of compressed chunks kept for files served again.
+pub const COMPRESS_CACHE: u64 = 1 << 30;
 /// Name of the state directory when it lives inside the root (then invisible to clients).
 pub const STATE_DIR_NAME: &str = ".fsd-state";
 
@@ -82,6 +85,8 @@ pub struct Config {
     pub max_frame: u32,
     /// Highest zstd level fsd compresses at or accepts (crate::compress); 0: no compression.
     pub max_compress_level: u32,
+    /// Bytes of compressed chunks kept in the state directory (crate::fs::zcache); 0: none.
+    pub compress_cache: u64,
     pub idle_timeout: Duration,
     pub auth_timeout: Duration,
     pub upload_ttl: Duration,
@@ -115,6 +120,7 @@ impl Config {
             max_handles: MAX_HANDLES,
             max_frame: MAX_FRAME,
             max_compress_level: crate::compress::DEFAULT_LEVEL,
+            compress_cache: COMPRESS_CACHE,
             idle_timeout: IDLE_TIMEOUT,
             auth_timeout: AUTH_TIMEOUT,
             upload_ttl: UPLOAD_TTL,
@@ -147,6 +153,8 @@ pub struct Server {
     pub config: Config,
     pub root: Root,
     pub manifests: ManifestCache,
+    /// Compressed chunks for the next download of the same file version.
+    pub zchunks: ChunkCache,
     /// Names file versions the same on every node serving this root (fs::identity).
     pub ids: RootId,
     pub uploads: UploadStore,
@@ -279,6 +287,7 @@ impl Server {
         };
         let ids = RootId::load_or_create(&state_abs, root_dev)?;
         let manifests = ManifestCache::new(state_abs.join("manifests"), ids)?;
+        let zchunks = ChunkCache::new(state_abs.join("zchunks"), config.compress_cache)?;
         let nofile = quotas::nofile();
         let fd_budget = nofile.saturating_sub(quotas::FD_RESERVE).max(64);
         // At least half the descriptors stay for the handles of the connections.
@@ -301,6 +310,7 @@ impl Server {
             config,
             root,
             manifests,
+            zchunks,
             ids,
             uploads,
             stats: Arc::new(Stats::default()),

@@ -19,6 +19,7 @@ use super::writer::{read_up_to, Outgoing};
 use crate::compress::{self, Probe};
 use crate::fs::manifest::Manifest;
 use crate::fs::upload::{Upload, UploadParams};
+use crate::fs::zcache::{Cached, ChunkKey};
 use crate::protocol::{
     chunk_count, chunk_len, chunk_size_for, flags, msg, ErrorCode, Frame, Header, MANIFEST_PAGE,
     MAX_INLINE, MAX_UPLOADS_PER_CONNECTION,
@@ -523,16 +524,24 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
             i == last,
         );
         let offset = i as u64 * manifest.chunk_size as u64;
-        let item = match level > 0 && probe.should_try() {
-            true => match packed_chunk(session, &file, offset, header, level, &probe).await {
-                Ok(item) => item,
-                Err(e) => return st.fail(e).await,
-            },
-            false => Outgoing::File {
+        let item = match level {
+            0 => Outgoing::File {
                 header,
                 file: file.clone(),
                 offset,
             },
+            _ => {
+                let key = ChunkKey {
+                    identity: &manifest.identity,
+                    chunk_size: manifest.chunk_size,
+                    level,
+                    index: i,
+                };
+                match packed_chunk(session, &file, offset, header, key, &probe).await {
+                    Ok(item) => item,
+                    Err(e) => return st.fail(e).await,
+                }
+            }
         };
         if i == last {
             // finish() cannot tell whether the connection is gone: count the chunk as queued.
@@ -550,21 +559,59 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
     }
 }
 
-/// One chunk read into memory and compressed at `level`: the COMPRESSED frame if that paid,
-/// else the chunk as it is (already read: no second read by sendfile). Held in the
-/// connection's reply budget until written.
+/// One chunk of a READ that asked for compression at `key.level`: from the compressed-chunk
+/// cache, else read and compressed if the probe says to try. The COMPRESSED frame if that
+/// pays, else the chunk as it is (from memory if it was read, by sendfile if not). A chunk sent
+/// from memory is held in the connection's reply budget until written.
 async fn packed_chunk(
-    session: &Session,
+    session: &Arc<Session>,
     file: &Arc<File>,
     offset: u64,
     header: Header,
-    level: u32,
+    key: ChunkKey<'_>,
     probe: &Arc<Probe>,
 ) -> Result<Outgoing, Failure> {
     let len = header.payload_len;
     let mut held = session.reserve_reply(len).await;
-    let (f, p) = (file.clone(), probe.clone());
+    let (f, p, s) = (file.clone(), probe.clone(), session.clone());
+    let (identity, chunk_size, level, index) = (
+        key.identity.to_string(),
+        key.chunk_size,
+        key.level,
+        key.index,
+    );
     let (mut header, payload) = tokio::task::spawn_blocking(move || {
+        let key = ChunkKey {
+            identity: &identity,
+            chunk_size,
+            level,
+            index,
+        };
+        let cache = &s.server.zchunks;
+        let compressed = |z: Bytes| {
+            let mut h = Header::data(
+                header.cmd,
+                header.stream_id,
+                z.len() as u32,
+                crc32fast::hash(&z),
+                header.is_end(),
+            );
+            h.flags |= flags::COMPRESSED;
+            (h, Some(z))
+        };
+        // A cached result is what a try would have given: the probe learns from it too.
+        match cache.get(&key) {
+            Some(Cached::Packed(z)) => {
+                p.record(true);
+                return Ok(compressed(z));
+            }
+            Some(Cached::Raw) => {
+                p.record(false);
+                return Ok((header, None));
+            }
+            None if !p.should_try() => return Ok((header, None)),
+            None => {}
+        }
         let mut data = vec![0u8; len as usize];
         let n = read_up_to(&f, &mut data, offset)?;
         if n < data.len() {
@@ -573,18 +620,9 @@ async fn packed_chunk(
         }
         let packed = compress::compress(&data, header.checksum, level);
         p.record(packed.is_some());
+        cache.put(&key, packed.as_deref());
         Ok(match packed {
-            Some(z) => {
-                let mut h = Header::data(
-                    header.cmd,
-                    header.stream_id,
-                    z.len() as u32,
-                    crc32fast::hash(&z),
-                    header.is_end(),
-                );
-                h.flags |= flags::COMPRESSED;
-                (h, Some(z))
-            }
+            Some(z) => compressed(z),
             None => (header, Some(Bytes::from(data))),
         })
     })
