@@ -101,8 +101,28 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The whole-file BLAKE3 of a remote file, from OPEN READ: no file data moves (fsd keeps
+    /// it in its manifest cache). Retried like any request.
+    pub(crate) async fn remote_blake3(&self, remote: &str) -> Result<[u8; 32]> {
+        let mut backoff = self.backoff();
+        loop {
+            let r = async {
+                let conn = self.conn(self.pick_slot()).await?;
+                let (meta, _) = open_read(&conn, remote, 0).await?;
+                drop(Handles::new(vec![(conn, meta.handle)]));
+                Ok(meta.blake3)
+            };
+            match r.await {
+                Ok(h) => return Ok(h),
+                Err(e) => backoff.wait(e, remote).await?,
+            }
+        }
+    }
+}
+
 /// `local` as a directory and a leaf name.
-fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
+pub(crate) fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
     let (dir, name) = if local.is_dir() {
         let base = remote_basename(remote);
         check_name(base)
@@ -230,7 +250,7 @@ impl Job {
     async fn attempt(&self, sink: &mut Option<Arc<Sink>>) -> Result<Transfer, Stop> {
         let slots = self.client.slot_list(self.slots);
         let conn0 = self.client.conn(slots[0]).await?;
-        let (meta, inline) = match open_read(&conn0, &self.remote).await {
+        let (meta, inline) = match open_read(&conn0, &self.remote, INLINE_MAX).await {
             Err(e @ Error::Corrupt(_)) => {
                 self.client.emit(Event::Corrupt {
                     path: self.remote.clone(),
@@ -285,7 +305,7 @@ impl Job {
         let extra = slots.iter().skip(1).take(wanted_conns.saturating_sub(1));
         let opened = futures::future::join_all(extra.map(|&slot| async move {
             let c = self.client.conn(slot).await?;
-            let (m, _) = open_read(&c, &self.remote).await?;
+            let (m, _) = open_read(&c, &self.remote, INLINE_MAX).await?;
             Ok::<_, Error>((c, m))
         }))
         .await;
@@ -580,11 +600,15 @@ impl Drop for Handles {
 
 /// OPEN(READ), with the reply checked for internal consistency. A file of at most
 /// [`INLINE_MAX`] bytes comes back whole with the reply (no handle: nothing to READ or CLOSE).
-async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u32)>)> {
+async fn open_read(
+    conn: &Conn,
+    remote: &str,
+    inline_max: u32,
+) -> Result<(Meta, Option<(Bytes, u32)>)> {
     let req = msg::OpenRequest {
         path: remote.to_string(),
         mode: msg::OpenMode::OpenRead as i32,
-        inline_max: INLINE_MAX,
+        inline_max,
         ..Default::default()
     };
     let mut s = conn.open().await?;
@@ -602,7 +626,7 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<(Bytes, u3
         if !d.header.is_data() || !d.header.is_end() {
             return Err(bad("inline contents are not one final DATA frame"));
         }
-        if r.handle != 0 || d.payload.len() as u64 != r.size || r.size > INLINE_MAX as u64 {
+        if r.handle != 0 || d.payload.len() as u64 != r.size || r.size > u64::from(inline_max) {
             return Err(bad("inline reply does not match its OpenResponse"));
         }
         // Unchecked (the codec leaves DATA checksums to us, conn::reader): Job::attempt does it.

@@ -722,7 +722,10 @@ async fn names_that_escape_the_destination_are_refused() {
     let client = client(addr).await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("inner").join("dest");
-    let s = client.download_tree("d", &dest).await.unwrap();
+    let s = client
+        .download_tree("d", &dest, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(s.files, 1, "the honest file arrives");
     assert_eq!(std::fs::read(dest.join("ok")).unwrap(), CONTENT);
     // "../evil" and "a/b" are not children of "d" in the fake's tree walk: only those listed.
@@ -800,7 +803,10 @@ async fn remote_names_like_fscs_own_transfer_like_any_other() {
     let client = client(addr).await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("dest");
-    let s = client.download_tree("d", &dest).await.unwrap();
+    let s = client
+        .download_tree("d", &dest, &Default::default())
+        .await
+        .unwrap();
     assert_eq!((s.files, s.exit_code()), (5, 0), "{:?}", s.failed);
     assert!(std::fs::read(dest.join(".fsc-work")).unwrap() == big[..3000]);
     assert!(std::fs::read(dest.join("big")).unwrap() == big, "big");
