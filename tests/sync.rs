@@ -42,8 +42,8 @@ fn paths(ev: &[serde_json::Value], kind: &str) -> Vec<String> {
     p
 }
 
-/// Every entry beneath `root` (not the server's state directory): path, kind, size, mtime and
-/// contents of files; symlinks as their target.
+/// Every entry beneath `root` (not the server's state directory): path, kind, mtime (files and
+/// directories) and contents of files; symlinks as their target.
 fn tree(root: &Path) -> Vec<(String, String, i64, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -55,9 +55,10 @@ fn tree(root: &Path) -> Vec<(String, String, i64, Vec<u8>)> {
             if rel.starts_with(".fsd-state") {
                 continue;
             }
+            let mtime = m.mtime_nsec() + m.mtime() * 1_000_000_000;
             if m.is_dir() {
                 stack.push(e.path());
-                out.push((rel, "dir".into(), 0, Vec::new()));
+                out.push((rel, "dir".into(), mtime, Vec::new()));
             } else if m.file_type().is_symlink() {
                 let t = std::fs::read_link(e.path()).unwrap();
                 out.push((rel, "link".into(), 0, t.display().to_string().into_bytes()));
@@ -74,6 +75,11 @@ fn tree(root: &Path) -> Vec<(String, String, i64, Vec<u8>)> {
     }
     out.sort();
     out
+}
+
+fn mtime(p: &Path) -> i64 {
+    let m = std::fs::metadata(p).unwrap();
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
 }
 
 fn set_mtime(p: &Path, t: SystemTime) {
@@ -105,6 +111,7 @@ fn a_rerun_of_an_unchanged_tree_or_file_moves_nothing_both_ways() {
     assert_eq!(of(&ev, "done").len(), 4);
     assert!(moved(&ev) > 3 * CHUNK as u64);
     assert_eq!(tree(&s.root.join("t")), tree(&dst), "mtimes carried down");
+    assert_eq!(mtime(&s.root.join("t")), mtime(&dst), "the top's too");
     assert!(dst.join("d/empty-dir").is_dir(), "empty directories kept");
 
     let ev = run(&["download", "-r", &s.addr(), "t", dst_s]);
@@ -122,6 +129,7 @@ fn a_rerun_of_an_unchanged_tree_or_file_moves_nothing_both_ways() {
     let ev = run(&["upload", "-r", &s.addr(), dst_s, "back"]);
     assert_eq!(of(&ev, "done").len(), 4);
     assert_eq!(tree(&dst), tree(&s.root.join("back")), "mtimes carried up");
+    assert_eq!(mtime(&dst), mtime(&s.root.join("back")));
     assert!(s.root.join("back/d/empty-dir").is_dir());
     let ev = run(&["upload", "-r", &s.addr(), dst_s, "back"]);
     assert_eq!((moved(&ev), of(&ev, "done").len()), (0, 0), "{ev:?}");
@@ -510,4 +518,54 @@ fn an_upload_creates_its_missing_parents_within_the_prefix() {
     let out = team(&["-q", "upload", &s.addr(), f_s, "elsewhere/z/f"]);
     assert_eq!(out.status.code(), Some(2), "outside the prefix: refused");
     assert!(!root.join("elsewhere").exists());
+}
+
+/// MKDIR `mtime_ns` (how a tree upload carries directory mtimes) is confined like every path:
+/// nothing outside the root, never through a final symlink, nothing in the state directory.
+#[test]
+fn setting_a_directory_mtime_is_confined() {
+    use fsd::protocol::{msg, Cmd, ErrorCode};
+    let s = Fsd::start();
+    let outside = tempfile::tempdir().unwrap();
+    let before = mtime(outside.path());
+    std::fs::create_dir(s.root.join("inside")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), s.root.join("out")).unwrap();
+    std::os::unix::fs::symlink("inside", s.root.join("in-link")).unwrap();
+    let mut r = Raw::authed(s.addr);
+    let mut mkdir = |path: &str| {
+        let req = msg::MkdirRequest {
+            path: path.into(),
+            parents: true,
+            mode_bits: 0,
+            mtime_ns: 1_000_000_000_123,
+        };
+        let f = r.call(Cmd::MKDIR, 3, &req);
+        f.header
+            .is_error()
+            .then(|| ErrorCode::from_u32(error_of(&f).code).unwrap())
+    };
+    assert_eq!(mkdir("inside"), None);
+    assert_eq!(mtime(&s.root.join("inside")), 1_000_000_000_123);
+    assert_eq!(mkdir("new/dir"), None, "created, then stamped");
+    assert_eq!(mtime(&s.root.join("new/dir")), 1_000_000_000_123);
+    for (path, code) in [
+        ("out", ErrorCode::InvalidPath),
+        ("out/x", ErrorCode::InvalidPath),
+        ("../x", ErrorCode::InvalidPath),
+        (".fsd-state", ErrorCode::InvalidPath),
+        ("in-link", ErrorCode::NotADirectory),
+    ] {
+        assert_eq!(mkdir(path), Some(code), "{path}");
+    }
+    assert_eq!(
+        mtime(&s.root.join("inside")),
+        1_000_000_000_123,
+        "not through in-link"
+    );
+    assert_eq!(
+        mtime(outside.path()),
+        before,
+        "nothing outside the root changed"
+    );
+    assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
 }

@@ -75,12 +75,55 @@ const FD_RESERVE: u64 = 64;
 /// directory, and one spare for publishing).
 const FDS_PER_FILE: u64 = 6;
 
-/// A local directory of a tree download: synced at the end (its renames), and given the
-/// server's mode and mtime only if this run created it (`meta`).
+/// A destination directory of a tree transfer, whose metadata is set once everything beneath
+/// it is done (creating entries changes a directory's mtime): the source's mtime, both ways;
+/// on a download also the source's mode, if this run created it.
 struct TreeDir {
     depth: usize,
     rel: String,
-    meta: Option<(u32, i64)>,
+    /// Created by this run (downloads: give it this mode).
+    created: Option<u32>,
+    mtime_ns: i64,
+    /// The destination had it with this very mtime before the run.
+    same: bool,
+}
+
+impl TreeDir {
+    /// The plan's directories, and the top (`top`: source mode and mtime; `top_dst`: the
+    /// destination top's mtime, if it existed), deepest first.
+    fn all(
+        plan: &Plan,
+        src: &Walk,
+        dst: &Walk,
+        top: (u32, i64),
+        top_dst: Option<i64>,
+    ) -> Vec<Self> {
+        let mut dirs = vec![TreeDir {
+            depth: 0,
+            rel: String::new(),
+            created: top_dst.is_none().then_some(top.0),
+            mtime_ns: top.1,
+            same: top_dst == Some(top.1),
+        }];
+        for (rel, create) in &plan.dirs {
+            let Some(Node::Dir { mode, mtime_ns }) = src.nodes.get(rel) else {
+                continue;
+            };
+            let had = match dst.nodes.get(rel) {
+                Some(Node::Dir { mtime_ns, .. }) if !create => Some(*mtime_ns),
+                _ => None,
+            };
+            dirs.push(TreeDir {
+                depth: depth_of(rel),
+                rel: rel.clone(),
+                created: create.then_some(*mode),
+                mtime_ns: *mtime_ns,
+                same: had == Some(*mtime_ns),
+            });
+        }
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
+        dirs
+    }
 }
 
 /// Files a tree transfer over `conns` connections keeps in flight: as many as asked, but
@@ -115,7 +158,7 @@ impl Client {
         &self,
         summary: &mut TreeSummary,
         src: &mut Walk,
-        dst: Walk,
+        dst: &mut Walk,
         sync: &SyncOptions,
         shown_dst: &dyn Fn(&str) -> String,
     ) -> Plan {
@@ -124,7 +167,7 @@ impl Client {
             self.emit(Event::Skip { path, reason });
         }
         let complete = src.complete() && dst.complete();
-        for (path, e) in src.failed.drain(..).chain(dst.failed) {
+        for (path, e) in src.failed.drain(..).chain(dst.failed.drain(..)) {
             summary.fail(self, path, e);
         }
         if sync.delete && !complete {
@@ -192,13 +235,16 @@ impl Client {
         }
         let mut src = self.walk_remote(remote, &sync.filter).await?;
         let root_is_new = std::fs::symlink_metadata(local).is_err();
+        let top_dst = std::fs::metadata(local)
+            .ok()
+            .map(|md| md.mtime() * 1_000_000_000 + md.mtime_nsec());
         let root = if root_is_new && sync.dry_run {
             None
         } else {
             std::fs::create_dir_all(local).map_err(|e| Error::io(local.display(), e))?;
             Some(LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?)
         };
-        let dst = match &root {
+        let mut dst = match &root {
             Some(r) => {
                 let (r, f) = (r.clone(), sync.filter.clone());
                 spawn_blocking(move || Ok(walk_local(&r, &f))).await?
@@ -207,7 +253,7 @@ impl Client {
         };
         let shown = |rel: &str| local.join(rel).display().to_string();
         let mut summary = TreeSummary::default();
-        let plan = self.plan_tree(&mut summary, &mut src, dst, sync, &shown);
+        let plan = self.plan_tree(&mut summary, &mut src, &mut dst, sync, &shown);
         let files = self.plan_files(&plan, &src);
         let Some(root) = root else {
             // A dry run into a missing directory: everything is new.
@@ -236,35 +282,30 @@ impl Client {
                 Err(e) => summary.fail(self, shown(rel), Error::io(shown(rel), e)),
             }
         }
-        let mut dirs = vec![TreeDir {
-            depth: 0,
-            rel: String::new(),
-            meta: root_is_new.then_some((top.mode, top.mtime_ns)),
-        }];
-        for (rel, create) in plan.dirs.iter().filter(|_| !dry_run) {
-            let Some(Node::Dir { mode, mtime_ns }) = src.nodes.get(rel) else {
+        let mut dirs = TreeDir::all(&plan, &src, &dst, (top.mode, top.mtime_ns), top_dst);
+        // Parents before children: the reverse of the order their metadata is set in.
+        let mut failed = std::collections::HashSet::new();
+        for d in dirs
+            .iter_mut()
+            .rev()
+            .filter(|d| !dry_run && d.created.is_some())
+        {
+            if d.rel.is_empty() {
                 continue;
-            };
-            let depth = depth_of(rel);
-            let meta = if *create {
-                let (parent, name) = rel_split(rel);
-                // Writable by us until the end, whatever the server's mode says.
-                match root.walk(parent).and_then(|d| d.subdir(name, true, 0o700)) {
-                    Ok((_, created)) => created.then_some((*mode, *mtime_ns)),
-                    Err(e) => {
-                        summary.fail(self, shown(rel), Error::io(shown(rel), e));
-                        continue;
-                    }
+            }
+            let (parent, name) = rel_split(&d.rel);
+            // Writable by us until the end, whatever the server's mode says.
+            match root.walk(parent).and_then(|p| p.subdir(name, true, 0o700)) {
+                Ok((_, true)) => {}
+                // Someone else made it meanwhile: not ours to give a mode.
+                Ok((_, false)) => d.created = None,
+                Err(e) => {
+                    summary.fail(self, shown(&d.rel), Error::io(shown(&d.rel), e));
+                    failed.insert(d.rel.clone());
                 }
-            } else {
-                None
-            };
-            dirs.push(TreeDir {
-                depth,
-                rel: rel.clone(),
-                meta,
-            });
+            }
         }
+        dirs.retain(|d| !failed.contains(&d.rel));
 
         if !dry_run {
             self.emit(Event::Plan {
@@ -332,23 +373,24 @@ impl Client {
             return Ok(summary);
         }
 
-        // Directory metadata last, deepest first: creating entries changes a directory's mtime.
-        // Each directory is synced once here (its renames) rather than after every rename in
-        // it. Only directories this run created get the server's mode and mtime.
+        // Directory metadata last, deepest first. Each directory is synced once here (its
+        // renames) rather than after every rename in it. A run that changed nothing leaves
+        // alone the directories whose mtime is already the source's.
         let preserve = self.shared.opts.preserve;
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
-        for d in dirs {
+        let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
+        for d in dirs.into_iter().filter(|d| changed || !d.same) {
             let r = root.walk(&d.rel).and_then(|dir| {
-                dir.sync()?;
-                match d.meta {
-                    Some((mode, mtime_ns)) => dir.set_meta(new_mode(mode, preserve), mtime_ns),
-                    None => Ok(()),
+                if changed {
+                    dir.sync()?;
+                }
+                match d.created {
+                    Some(mode) => dir.set_meta(new_mode(mode, preserve), d.mtime_ns),
+                    None => dir.set_mtime(d.mtime_ns),
                 }
             });
             if let Err(e) = r {
-                summary
-                    .failed
-                    .push((root.display(&d.rel), Error::io(root.display(&d.rel), e)));
+                let shown = root.display(&d.rel);
+                summary.fail(self, shown.clone(), Error::io(shown, e));
             }
         }
         Ok(summary)
@@ -387,16 +429,22 @@ impl Client {
         let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
         let filter = sync.filter.clone();
         let mut src = spawn_blocking(move || Ok(walk_local(&root, &filter))).await?;
-        let dst = match self.stat(remote).await {
-            Ok(e) if e.kind == Kind::Dir => self.walk_remote(remote, &sync.filter).await?,
+        let (mut dst, top_dst) = match self.stat(remote).await {
+            Ok(e) if e.kind == Kind::Dir => (
+                self.walk_remote(remote, &sync.filter).await?,
+                Some(e.mtime_ns),
+            ),
             // Nothing there yet (or not a directory: creating it says what is wrong).
-            Ok(_) => Walk::default(),
-            Err(e) if e.remote_code() == Some(ErrorCode::NotFound) => Walk::default(),
+            Ok(_) => (Walk::default(), None),
+            Err(e) if e.remote_code() == Some(ErrorCode::NotFound) => (Walk::default(), None),
             Err(e) => return Err(e),
         };
-        let shown = |rel: &str| remote_join(remote, rel);
+        let shown = |rel: &str| match rel {
+            "" => remote.to_string(),
+            rel => remote_join(remote, rel),
+        };
         let mut summary = TreeSummary::default();
-        let plan = self.plan_tree(&mut summary, &mut src, dst, sync, &shown);
+        let plan = self.plan_tree(&mut summary, &mut src, &mut dst, sync, &shown);
         let files = self.plan_files(&plan, &src);
         if !sync.dry_run {
             let deleted = futures::stream::iter(&plan.delete)
@@ -450,6 +498,28 @@ impl Client {
                 self.connections(),
             ));
         summary.collect(results).await;
+        if !dry_run {
+            let top = (
+                md.mode() & 0o7777,
+                md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            );
+            let dirs = TreeDir::all(&plan, &src, &dst, top, top_dst);
+            let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
+            let stamped = futures::stream::iter(dirs.into_iter().filter(|d| changed || !d.same))
+                .map(|d| async move {
+                    let path = shown(&d.rel);
+                    let r = self.set_dir_mtime(&path, d.mtime_ns).await;
+                    (path, r)
+                })
+                .buffer_unordered(LISTS_IN_FLIGHT)
+                .collect::<Vec<_>>()
+                .await;
+            for (path, r) in stamped {
+                if let Err(e) = r {
+                    summary.fail(self, path, e);
+                }
+            }
+        }
         Ok(summary)
     }
 
@@ -517,6 +587,11 @@ impl TreeSummary {
                 Err(e) => self.failed.push((path, e)),
             }
         }
+    }
+
+    /// Whether the run changed the destination's contents (so directory mtimes moved).
+    fn changed(&self) -> bool {
+        self.files > 0 || self.deleted > 0
     }
 
     /// The exit code for this outcome: 0 if everything verified, else the worst failure's.

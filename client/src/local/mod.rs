@@ -238,6 +238,11 @@ impl LocalDir {
         set_meta(self.fd.as_fd(), mode, mtime_ns)
     }
 
+    /// Sets the directory's mtime only.
+    pub fn set_mtime(&self, mtime_ns: i64) -> std::io::Result<()> {
+        futimens(self.fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
+    }
+
     /// The entries of this directory (not `.` and `..`), each `lstat`ed: a symlink is reported
     /// as itself, never followed.
     pub fn entries(&self) -> std::io::Result<Vec<(std::ffi::OsString, nix::sys::stat::FileStat)>> {
