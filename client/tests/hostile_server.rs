@@ -739,6 +739,29 @@ async fn names_that_escape_the_destination_are_refused() {
     assert_eq!(walk(tmp.path()), ["inner", "inner/dest", "inner/dest/ok"]);
 }
 
+/// A listing with names fsc refuses is incomplete: `--delete` then removes nothing, so a server
+/// cannot make fsc delete local files by naming its own entries badly.
+#[tokio::test]
+async fn delete_removes_nothing_after_a_listing_with_refused_names() {
+    let (addr, _) = Fake::new()
+        .dir("d", 0o755)
+        .file("d/ok", CONTENT, 1 << 20)
+        .file("d/..", CONTENT, 1 << 20)
+        .start()
+        .await;
+    let client = client(addr).await;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("mine"), b"keep").unwrap();
+    let sync = fsc::SyncOptions {
+        delete: true,
+        ..Default::default()
+    };
+    let s = client.download_tree("d", tmp.path(), &sync).await.unwrap();
+    assert_eq!((s.files, s.deleted), (1, 0));
+    assert!(s.failed.iter().any(|(p, _)| p == "--delete"), "{:?}", s.failed);
+    assert_eq!(std::fs::read(tmp.path().join("mine")).unwrap(), b"keep");
+}
+
 #[tokio::test]
 async fn a_reply_with_more_chunks_than_asked_is_refused() {
     let (addr, _) = Fake::new()
