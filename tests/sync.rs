@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use common::proxy::{Fault, Proxy};
 use common::*;
 
 const CHUNK: usize = 1 << 20;
@@ -568,4 +569,74 @@ fn setting_a_directory_mtime_is_confined() {
         "nothing outside the root changed"
     );
     assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+}
+
+/// Runs `fsc --json ARGS` and SIGKILLs it at the first event for which `stop` holds.
+fn kill_fsc_at(args: &[&str], stop: impl Fn(&serde_json::Value) -> bool) {
+    use std::io::BufRead;
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let mut child = fsc(&all)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.map_while(Result::ok) {
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if stop(&e) {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "fsc finished before it was killed");
+}
+
+#[test]
+fn an_interrupted_sync_run_again_ends_identical_both_ways() {
+    let s = Fsd::start();
+    let src = s.root.join("t");
+    make_tree(&src);
+    for i in 0..3 {
+        write_random(&src.join(format!("big{i}")), 24 * CHUNK + i, 80 + i as u64);
+    }
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    write_random(&dst.join("stale"), 10, 90);
+
+    // Down, through a link slow enough to be killed with files done and files half-way.
+    let proxy = Proxy::start(s.addr, Fault::Tiny);
+    let args = ["download", "-r", "--delete", &proxy.addr(), "t", dst_s];
+    kill_fsc_at(&args, |e| {
+        e["event"] == "progress" && e["done"].as_u64().unwrap_or(0) >= 4 * CHUNK as u64
+    });
+    let ev = run(&["download", "-r", "--delete", &s.addr(), "t", dst_s]);
+    assert_eq!(tree(&src), tree(&dst));
+    assert!(
+        !of(&ev, "unchanged").is_empty(),
+        "files done before the kill stay: {ev:?}"
+    );
+    let resumed: u64 = of(&ev, "start")
+        .iter()
+        .map(|e| e["resumed"].as_u64().unwrap())
+        .sum();
+    assert!(resumed > 0, "partial files resume: {ev:?}");
+
+    // Up: acknowledgements held back, killed once a big file is partly in, then run again.
+    let back = s.root.join("back");
+    let slow = Proxy::start(s.addr, Fault::Delay(Duration::from_millis(50)));
+    let args = ["upload", "-r", "--delete", &slow.addr(), dst_s, "back"];
+    kill_fsc_at(&args, |e| {
+        e["event"] == "progress"
+            && e["size"].as_u64().unwrap_or(0) > 20 * CHUNK as u64
+            && e["done"].as_u64().unwrap_or(0) >= CHUNK as u64
+    });
+    let ev = run(&["upload", "-r", "--delete", &s.addr(), dst_s, "back"]);
+    assert_eq!(tree(&dst), tree(&back));
+    assert!(
+        moved(&ev) < 3 * 24 * CHUNK as u64,
+        "the second run resumes: {ev:?}"
+    );
 }

@@ -758,7 +758,11 @@ async fn delete_removes_nothing_after_a_listing_with_refused_names() {
     };
     let s = client.download_tree("d", tmp.path(), &sync).await.unwrap();
     assert_eq!((s.files, s.deleted), (1, 0));
-    assert!(s.failed.iter().any(|(p, _)| p == "--delete"), "{:?}", s.failed);
+    assert!(
+        s.failed.iter().any(|(p, _)| p == "--delete"),
+        "{:?}",
+        s.failed
+    );
     assert_eq!(std::fs::read(tmp.path().join("mine")).unwrap(), b"keep");
 }
 
