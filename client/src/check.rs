@@ -145,6 +145,13 @@ impl Client {
         sync: &SyncOptions,
     ) -> Result<Option<Transfer>> {
         let md = std::fs::metadata(local).map_err(|e| Error::io(local.display(), e))?;
+        let Some(src) = local_file(&md) else {
+            // Not a file: the upload says what is wrong with it, and nothing is created.
+            return self
+                .upload_file(local, remote, opts, Slots::All)
+                .await
+                .map(Some);
+        };
         let have = match self.stat(remote).await {
             Ok(e) if e.kind == Kind::File => Some((e.size, e.mtime_ns)),
             Ok(_) => None,
@@ -156,19 +163,17 @@ impl Client {
             }
             Err(e) => return Err(e),
         };
-        if let Some(src) = local_file(&md) {
-            let verdict = compare(src, have, sync.checksum);
-            let path = local.to_path_buf();
-            let shown = local.display().to_string();
-            let verdict = self
-                .settle_hash(verdict, remote, shown.clone(), move || File::open(path))
-                .await?;
-            if self
-                .report(verdict, sync.dry_run, remote, &shown, src.0)
-                .is_some()
-            {
-                return Ok(None);
-            }
+        let verdict = compare(src, have, sync.checksum);
+        let path = local.to_path_buf();
+        let shown = local.display().to_string();
+        let verdict = self
+            .settle_hash(verdict, remote, shown.clone(), move || File::open(path))
+            .await?;
+        if self
+            .report(verdict, sync.dry_run, remote, &shown, src.0)
+            .is_some()
+        {
+            return Ok(None);
         }
         self.upload_file(local, remote, opts, Slots::All)
             .await

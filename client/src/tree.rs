@@ -86,6 +86,9 @@ struct TreeDir {
     mtime_ns: i64,
     /// The destination had it with this very mtime before the run.
     same: bool,
+    /// The top, when it existed before: the user's directory keeps its mode and mtime (as
+    /// with tar or cp); only what is beneath it follows the source.
+    keep: bool,
 }
 
 impl TreeDir {
@@ -104,6 +107,7 @@ impl TreeDir {
             created: top_dst.is_none().then_some(top.0),
             mtime_ns: top.1,
             same: top_dst == Some(top.1),
+            keep: top_dst.is_some(),
         }];
         for (rel, create) in &plan.dirs {
             let Some(Node::Dir { mode, mtime_ns }) = src.nodes.get(rel) else {
@@ -119,6 +123,7 @@ impl TreeDir {
                 created: create.then_some(*mode),
                 mtime_ns: *mtime_ns,
                 same: had == Some(*mtime_ns),
+                keep: false,
             });
         }
         dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
@@ -385,6 +390,7 @@ impl Client {
                 }
                 match d.created {
                     Some(mode) => dir.set_meta(new_mode(mode, preserve), d.mtime_ns),
+                    None if d.keep => Ok(()),
                     None => dir.set_mtime(d.mtime_ns),
                 }
             });
@@ -505,7 +511,8 @@ impl Client {
             );
             let dirs = TreeDir::all(&plan, &src, &dst, top, top_dst);
             let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
-            let stamped = futures::stream::iter(dirs.into_iter().filter(|d| changed || !d.same))
+            let stamp = dirs.into_iter().filter(|d| !d.keep && (changed || !d.same));
+            let stamped = futures::stream::iter(stamp)
                 .map(|d| async move {
                     let path = shown(&d.rel);
                     let r = self.set_dir_mtime(&path, d.mtime_ns).await;
