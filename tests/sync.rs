@@ -148,6 +148,18 @@ fn a_rerun_of_an_unchanged_tree_or_file_moves_nothing_both_ways() {
     let ev = run(&["upload", &s.addr(), one.to_str().unwrap(), "one.bin"]);
     assert_eq!((moved(&ev), of(&ev, "done").len()), (0, 0), "{ev:?}");
     assert_eq!(paths(&ev, "unchanged"), ["one.bin"]);
+    // --no-clobber still refuses an existing file, identical or not.
+    let out = fsc(&[
+        "-q",
+        "upload",
+        "--no-clobber",
+        &s.addr(),
+        one.to_str().unwrap(),
+        "one.bin",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]

@@ -32,6 +32,16 @@ pub(crate) fn local_file(md: &std::fs::Metadata) -> Option<(u64, i64)> {
         .then(|| (md.len(), md.mtime() * 1_000_000_000 + md.mtime_nsec()))
 }
 
+/// With `--no-clobber` an existing remote file is refused even when it is the same, as it
+/// always was: scripts rely on "exists" failing. Nothing is skipped then.
+pub(crate) fn clobber_check(verdict: Verdict, opts: &UploadOptions) -> Verdict {
+    match verdict {
+        Verdict::New => Verdict::New,
+        _ if opts.no_clobber => Verdict::Changed("exists (--no-clobber refuses it)"),
+        v => v,
+    }
+}
+
 impl Client {
     /// Settles a [`Verdict::Hash`]: BLAKE3 of the local file (opened by `open_local`) against
     /// the remote one's. Other verdicts are returned as they are.
@@ -163,7 +173,7 @@ impl Client {
             }
             Err(e) => return Err(e),
         };
-        let verdict = compare(src, have, sync.checksum);
+        let verdict = clobber_check(compare(src, have, sync.checksum), opts);
         let path = local.to_path_buf();
         let shown = local.display().to_string();
         let verdict = self

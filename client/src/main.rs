@@ -206,7 +206,8 @@ enum Cmd {
         local: PathBuf,
         /// Remote path (default: the local base name, at the root).
         remote: Option<String>,
-        /// Fail instead of replacing an existing remote file.
+        /// Fail instead of replacing an existing remote file (even an identical one: no
+        /// file is skipped as unchanged).
         #[arg(long)]
         no_clobber: bool,
         #[command(flatten)]

@@ -12,7 +12,7 @@ use fsd::durable::GroupSync;
 use fsd::protocol::ErrorCode;
 use futures::stream::StreamExt;
 
-use crate::check::Outcome;
+use crate::check::{clobber_check, Outcome};
 use crate::client::{Client, Kind, Slots};
 use crate::error::{Error, Result};
 use crate::local::sink::{spawn_blocking, Out};
@@ -481,6 +481,7 @@ impl Client {
                 let path = local.join(&rel);
                 let shown_local = path.display().to_string();
                 let p = path.clone();
+                let verdict = clobber_check(verdict, opts);
                 let verdict = self.settle_hash(verdict, &rpath, shown_local.clone(), move || {
                     std::fs::File::open(p)
                 });
