@@ -652,3 +652,29 @@ fn an_interrupted_sync_run_again_ends_identical_both_ways() {
         "the second run resumes: {ev:?}"
     );
 }
+
+/// Chunk-level delta (issue 16 item 2), downloads: a changed file keeps the chunks of the old
+/// local version that still match the server's CRC32s; only the others cross the network.
+#[test]
+fn a_changed_file_fetches_only_its_changed_chunks() {
+    use std::os::unix::fs::FileExt;
+    let s = Fsd::start();
+    let f = s.root.join("f");
+    write_random(&f, 8 * CHUNK + 5, 100);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("f");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", &s.addr(), "f", dst_s]);
+
+    // One chunk rewritten in place, a few bytes appended.
+    let file = std::fs::File::options().write(true).open(&f).unwrap();
+    file.write_all_at(&random_bytes(100, 101), 3 * CHUNK as u64 + 7)
+        .unwrap();
+    file.write_all_at(b"tail", 8 * CHUNK as u64 + 5).unwrap();
+    drop(file);
+    let ev = run(&["download", &s.addr(), "f", dst_s]);
+    assert_same_file(&f, &dst);
+    // Chunk 3 and the last chunk (5 + 4 bytes).
+    assert_eq!(moved(&ev), CHUNK as u64 + 9, "{ev:?}");
+    assert_eq!(of(&ev, "start")[0]["resumed"], 7 * CHUNK as u64);
+}

@@ -81,6 +81,7 @@ impl Client {
             slots,
             transferred: AtomicU64::new(0),
             corrupt_log: Throttle::new(Duration::from_secs(10)),
+            fresh: std::sync::atomic::AtomicBool::new(false),
         };
         let r = job.run().await;
         match &r {
@@ -157,6 +158,9 @@ struct Job {
     transferred: AtomicU64,
     /// Chunks that failed their CRC32, for a rate-limited warning.
     corrupt_log: Throttle,
+    /// Set once the whole-file BLAKE3 failed: the next attempt starts from nothing, not from
+    /// the destination's old version (whose chunks may have matched a CRC32 by chance).
+    fresh: std::sync::atomic::AtomicBool,
 }
 
 /// Why an attempt did not finish.
@@ -225,6 +229,7 @@ impl Job {
                 }
                 Err(Stop::BadHash(detail)) => {
                     bad_hashes += 1;
+                    self.fresh.store(true, Ordering::Relaxed);
                     if bad_hashes > 1 || stdout {
                         if let Some(s) = sink.take() {
                             s.discard();
@@ -412,9 +417,10 @@ impl Job {
         let preserve = self.client.shared.opts.preserve;
         if meta.count <= 1 {
             // Just an open: cheaper here than a hop to a blocking thread (many small files).
-            return Sink::create(remote, meta, crcs, out, None, preserve);
+            return Sink::create(remote, meta, crcs, out, None, preserve, false);
         }
-        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state, preserve)).await
+        let seed = !self.fresh.load(Ordering::Relaxed);
+        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state, preserve, seed)).await
     }
 
     /// Keeps one READ outstanding on `conn` until the queue is empty.

@@ -179,9 +179,10 @@ impl LocalDir {
         Some(File::from(fd))
     }
 
-    /// Opens `name` read-only; a symlink there is refused.
+    /// Opens `name` read-only; a symlink there is refused, and a FIFO does not block the open
+    /// (O_NONBLOCK changes nothing for a regular file).
     pub fn open_read(&self, name: &str) -> std::io::Result<File> {
-        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
         let fd = openat(self.fd.as_fd(), name, flags, Mode::empty()).map_err(io)?;
         Ok(File::from(fd))
     }
