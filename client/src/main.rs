@@ -180,7 +180,7 @@ enum Cmd {
         local: Option<String>,
         /// Give created files and directories the server's permission bits exactly (never
         /// setuid, setgid or sticky); without it they get those bits less the umask.
-        /// Directories that existed before are never changed.
+        /// Directories that existed before keep their mode.
         #[arg(short, long)]
         preserve: bool,
         #[command(flatten)]

@@ -219,9 +219,10 @@ impl Client {
         });
     }
 
-    /// Downloads the remote directory `remote` into `local` (created if missing): files, modes
-    /// (less the umask, unless [`Options::preserve`](crate::Options)) and mtimes of what this
-    /// run creates; a directory that existed before keeps its mode. A file the destination
+    /// Downloads the remote directory `remote` into `local` (created if missing): files, the
+    /// modes (less the umask, unless [`Options::preserve`](crate::Options)) of what this run
+    /// creates, and the mtimes of every file and directory; a directory that existed before
+    /// keeps its mode, and `local` itself, if it existed, its mtime too. A file the destination
     /// already holds is left alone ([`Event::Unchanged`]; [`SyncOptions`] says how that is
     /// decided, what is filtered out, whether extra entries are deleted). Symlinks and
     /// special files are skipped (a [`Event::Skip`] each). Every write and removal goes
@@ -262,6 +263,7 @@ impl Client {
         let files = self.plan_files(&plan, &src);
         let Some(root) = root else {
             // A dry run into a missing directory: everything is new.
+            self.dry_run("mkdir", shown(""), "new directory");
             for (rel, size, verdict) in files {
                 self.report(
                     verdict,
@@ -452,6 +454,9 @@ impl Client {
         let mut summary = TreeSummary::default();
         let plan = self.plan_tree(&mut summary, &mut src, &mut dst, sync, &shown);
         let files = self.plan_files(&plan, &src);
+        if sync.dry_run && top_dst.is_none() {
+            self.dry_run("mkdir", remote.to_string(), "new directory");
+        }
         if !sync.dry_run {
             let deleted = futures::stream::iter(&plan.delete)
                 .map(|rel| async move { (shown(rel), self.remove(&shown(rel), true).await) })
