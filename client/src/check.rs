@@ -125,9 +125,12 @@ impl Client {
         let shown = dir.display(name);
         let entry = self.stat(remote).await?;
         if entry.kind == Kind::File {
-            let have = std::fs::symlink_metadata(&shown)
-                .ok()
-                .and_then(|md| local_file(&md));
+            let have = dir.lstat(name).ok().and_then(|st| {
+                (st.st_mode & libc::S_IFMT == libc::S_IFREG).then(|| {
+                    let size = u64::try_from(st.st_size).unwrap_or(0);
+                    (size, st.st_mtime * 1_000_000_000 + st.st_mtime_nsec)
+                })
+            });
             let verdict = compare((entry.size, entry.mtime_ns), have, sync.checksum);
             let (dir, name) = (dir.clone(), name.clone());
             let verdict = self

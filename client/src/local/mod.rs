@@ -244,6 +244,16 @@ impl LocalDir {
         futimens(self.fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
     }
 
+    /// `lstat` of `name`: a symlink is reported as itself.
+    pub fn lstat(&self, name: &str) -> std::io::Result<nix::sys::stat::FileStat> {
+        nix::sys::stat::fstatat(
+            self.fd.as_fd(),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(io)
+    }
+
     /// The entries of this directory (not `.` and `..`), each `lstat`ed: a symlink is reported
     /// as itself, never followed.
     pub fn entries(&self) -> std::io::Result<Vec<(std::ffi::OsString, nix::sys::stat::FileStat)>> {
@@ -263,12 +273,9 @@ impl LocalDir {
                 continue;
             }
             let name = std::ffi::OsStr::from_bytes(name).to_os_string();
-            let st = nix::sys::stat::fstatat(
-                self.fd.as_fd(),
-                name.as_os_str(),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .map_err(io)?;
+            let flags = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+            let st =
+                nix::sys::stat::fstatat(self.fd.as_fd(), name.as_os_str(), flags).map_err(io)?;
             out.push((name, st));
         }
         Ok(out)
