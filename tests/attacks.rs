@@ -672,7 +672,7 @@ fn path_op_in(r: &mut Raw, op: Op, path: &str, inside: &str) -> Result<Frame, St
             &msg::MkdirRequest {
                 path: p,
                 parents: op == Op::MkdirP,
-                mode_bits: 0,
+                ..Default::default()
             },
         ),
         Op::Remove | Op::RemoveR => call(

@@ -173,9 +173,11 @@ fn counters_move_by_what_a_download_and_an_upload_did() {
     assert!(d.of("fsd_connections_total") >= 1.0);
     assert_eq!(d.after["fsd_transfers_active"], 0.0);
 
-    // The same file again: its manifest comes from memory.
+    // The same file again (to a new place: an identical copy would be skipped): its manifest
+    // comes from memory.
     let before = d.after;
-    fsc_ok(&["-q", "download", &s.addr(), "f", dst.to_str().unwrap()]);
+    let dst2 = dir.path().join("f.copy2");
+    fsc_ok(&["-q", "download", &s.addr(), "f", dst2.to_str().unwrap()]);
     let d = settle(m, &before, |d| {
         d.of(r#"fsd_requests_total{command="close"}"#) >= 1.0
     });

@@ -436,6 +436,20 @@ impl Client {
             path: path.to_string(),
             parents,
             mode_bits,
+            mtime_ns: 0,
+        };
+        let _: msg::Ok = self.control(Cmd::MKDIR, &req, path).await?;
+        Ok(())
+    }
+
+    /// Sets a remote directory's mtime (MKDIR with `parents` and `mtime_ns`: it is created if
+    /// missing). A server older than this field leaves the mtime as it is.
+    pub async fn set_dir_mtime(&self, path: &str, mtime_ns: i64) -> Result<()> {
+        let req = msg::MkdirRequest {
+            path: path.to_string(),
+            parents: true,
+            mode_bits: 0,
+            mtime_ns,
         };
         let _: msg::Ok = self.control(Cmd::MKDIR, &req, path).await?;
         Ok(())

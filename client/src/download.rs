@@ -81,6 +81,7 @@ impl Client {
             slots,
             transferred: AtomicU64::new(0),
             corrupt_log: Throttle::new(Duration::from_secs(10)),
+            fresh: std::sync::atomic::AtomicBool::new(false),
         };
         let r = job.run().await;
         match &r {
@@ -101,8 +102,28 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The whole-file BLAKE3 of a remote file, from OPEN READ: no file data moves (fsd keeps
+    /// it in its manifest cache). Retried like any request.
+    pub(crate) async fn remote_blake3(&self, remote: &str) -> Result<[u8; 32]> {
+        let mut backoff = self.backoff();
+        loop {
+            let r = async {
+                let conn = self.conn(self.pick_slot()).await?;
+                let (meta, _) = open_read(&conn, remote, 0).await?;
+                drop(Handles::new(vec![(conn, meta.handle)]));
+                Ok(meta.blake3)
+            };
+            match r.await {
+                Ok(h) => return Ok(h),
+                Err(e) => backoff.wait(e, remote).await?,
+            }
+        }
+    }
+}
+
 /// `local` as a directory and a leaf name.
-fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
+pub(crate) fn resolve_local(remote: &str, local: &Path) -> Result<Out> {
     let (dir, name) = if local.is_dir() {
         let base = remote_basename(remote);
         check_name(base)
@@ -137,6 +158,9 @@ struct Job {
     transferred: AtomicU64,
     /// Chunks that failed their CRC32, for a rate-limited warning.
     corrupt_log: Throttle,
+    /// Set once the whole-file BLAKE3 failed: the next attempt starts from nothing, not from
+    /// the destination's old version (whose chunks may have matched a CRC32 by chance).
+    fresh: std::sync::atomic::AtomicBool,
 }
 
 /// Why an attempt did not finish.
@@ -205,6 +229,7 @@ impl Job {
                 }
                 Err(Stop::BadHash(detail)) => {
                     bad_hashes += 1;
+                    self.fresh.store(true, Ordering::Relaxed);
                     if bad_hashes > 1 || stdout {
                         if let Some(s) = sink.take() {
                             s.discard();
@@ -230,7 +255,7 @@ impl Job {
     async fn attempt(&self, sink: &mut Option<Arc<Sink>>) -> Result<Transfer, Stop> {
         let slots = self.client.slot_list(self.slots);
         let conn0 = self.client.conn(slots[0]).await?;
-        let (meta, inline) = match open_read(&conn0, &self.remote).await {
+        let (meta, inline) = match open_read(&conn0, &self.remote, INLINE_MAX).await {
             Err(e @ Error::Corrupt(_)) => {
                 self.client.emit(Event::Corrupt {
                     path: self.remote.clone(),
@@ -284,7 +309,7 @@ impl Job {
         let extra = slots.iter().skip(1).take(wanted_conns.saturating_sub(1));
         let opened = futures::future::join_all(extra.map(|&slot| async move {
             let c = self.client.conn(slot).await?;
-            let (m, _) = open_read(&c, &self.remote).await?;
+            let (m, _) = open_read(&c, &self.remote, INLINE_MAX).await?;
             Ok::<_, Error>((c, m))
         }))
         .await;
@@ -391,9 +416,10 @@ impl Job {
         let preserve = self.client.shared.opts.preserve;
         if meta.count <= 1 {
             // Just an open: cheaper here than a hop to a blocking thread (many small files).
-            return Sink::create(remote, meta, crcs, out, None, preserve);
+            return Sink::create(remote, meta, crcs, out, None, preserve, false);
         }
-        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state, preserve)).await
+        let seed = !self.fresh.load(Ordering::Relaxed);
+        spawn_blocking(move || Sink::create(remote, meta, crcs, out, state, preserve, seed)).await
     }
 
     /// Keeps one READ outstanding on `conn` until the queue is empty.
@@ -589,12 +615,12 @@ impl Drop for Handles {
 
 /// OPEN(READ), with the reply checked for internal consistency. A file of at most
 /// [`INLINE_MAX`] bytes comes back whole with the reply (no handle: nothing to READ or CLOSE):
-/// its contents, CRC32 and bytes on the wire.
-async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<Inline>)> {
+/// its contents, CRC32 and bytes on the wire. `inline_max` 0 asks for the metadata only.
+async fn open_read(conn: &Conn, remote: &str, inline_max: u32) -> Result<(Meta, Option<Inline>)> {
     let req = msg::OpenRequest {
         path: remote.to_string(),
         mode: msg::OpenMode::OpenRead as i32,
-        inline_max: INLINE_MAX,
+        inline_max,
         compress_level: conn.compress_level(),
         ..Default::default()
     };
@@ -613,7 +639,7 @@ async fn open_read(conn: &Conn, remote: &str) -> Result<(Meta, Option<Inline>)> 
         if !d.header.is_data() || !d.header.is_end() {
             return Err(bad("inline contents are not one final DATA frame"));
         }
-        if r.handle != 0 || r.size > INLINE_MAX as u64 {
+        if r.handle != 0 || r.size > u64::from(inline_max) {
             return Err(bad("inline reply does not match its OpenResponse"));
         }
         let wire = d.payload.len() as u64;

@@ -47,6 +47,11 @@
 //!   the umask; `local::sink` (the part file of one download: writes, resume, preallocation,
 //!   verification) and `local::state` (its resume state).
 //! - `upload`: resumable uploads driven by the server's chunk bitmap.
+//! - `sync`: what a transfer may skip, what `--delete` removes, `--exclude`/`--include`
+//!   ([`SyncOptions`], [`Filter`]); decisions only, no I/O. `check`: the per-file checks that
+//!   need I/O (`--checksum`) and the single-file entry points ([`Client::download_sync`],
+//!   [`Client::upload_sync`]).
+//! - `walk`: tree walks of either side, bounded and confined.
 //! - `tree`: `-r` transfers; downloads write only beneath their destination directory.
 //! - `tls`: [`Tls`] (rustls client configuration), server names, handshake error messages.
 //! - [`progress`]: [`Event`]s and the CLI's [`progress::Reporter`] (bars, NDJSON, quiet).
@@ -65,6 +70,7 @@
 //! | 3 | integrity failure after retries |
 //! | 4 | connection failed (refused, lost, stalled) after retries; a TLS handshake failure at once (not retried) |
 
+mod check;
 mod client;
 mod conn;
 mod download;
@@ -72,15 +78,18 @@ mod error;
 mod link;
 mod local;
 pub mod progress;
+mod sync;
 mod tls;
 mod tree;
 mod upload;
+mod walk;
 
 pub use client::{Client, Entry, Kind, Options, Transfer, MAX_LIST_BYTES};
 pub use conn::{Compress, MAX_DATA_FRAME};
 pub use download::Dest;
 pub use error::{Error, Result};
 pub use progress::{Event, EventFn};
+pub use sync::{Filter, Rule, SyncOptions};
 pub use tls::{Tls, TLS_SCHEME};
 pub use tree::{TreeSummary, MAX_TREE_BYTES, MAX_TREE_DEPTH, MAX_TREE_ENTRIES};
 pub use upload::UploadOptions;

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fsc::progress::{escape, json, Mode, Reporter};
-use fsc::{Client, Dest, Event, Options, TreeSummary, UploadOptions};
+use fsc::{Client, Dest, Event, Filter, Options, Rule, SyncOptions, TreeSummary, UploadOptions};
 
 macro_rules! exit_codes {
     () => {
@@ -117,14 +117,78 @@ fn parse_compress(s: &str) -> Result<fsc::Compress, String> {
     }
 }
 
+/// What a transfer may skip, delete or leave out. Filters are gitignore lines matched against
+/// paths relative to the tree's top; the last rule that matches decides.
+#[derive(Args, Debug)]
+struct SyncArgs {
+    /// Compare files of equal size by whole-file BLAKE3 instead of size and mtime (reads
+    /// every such local file; the server reports its hash without sending the data).
+    #[arg(short = 'c', long)]
+    checksum: bool,
+    /// With -r: remove destination entries that the source lacks (excluded ones are kept);
+    /// refused, and the run fails, if any listing of either side failed.
+    #[arg(long, requires = "recursive")]
+    delete: bool,
+    /// Print what would be copied, updated, deleted and skipped; change nothing.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// With -r: leave out entries matching PATTERN (a gitignore line: `*.log`, `build/`,
+    /// `/top-only`, `a/**/b`; repeatable).
+    #[arg(long, value_name = "PATTERN", requires = "recursive")]
+    exclude: Vec<String>,
+    /// With -r: keep entries matching PATTERN even if an earlier rule excluded them (the
+    /// gitignore line `!PATTERN`; repeatable). A later rule wins over an earlier one.
+    #[arg(long, value_name = "PATTERN", requires = "recursive")]
+    include: Vec<String>,
+    /// With -r: gitignore lines from FILE (`#` comments, `!PATTERN` re-includes), in the
+    /// rule order where the option stands.
+    #[arg(long, value_name = "FILE", requires = "recursive")]
+    exclude_from: Vec<PathBuf>,
+}
+
+impl SyncArgs {
+    /// The options, with the filter rules in command-line order (`sub`: the subcommand's
+    /// matches, which know where each rule stood).
+    fn options(&self, sub: &ArgMatches) -> anyhow::Result<SyncOptions> {
+        let mut rules: Vec<(usize, Rule)> = Vec::new();
+        let at = |id: &str| sub.indices_of(id).into_iter().flatten();
+        rules.extend(
+            at("exclude")
+                .zip(&self.exclude)
+                .map(|(i, p)| (i, Rule::Exclude(p.clone()))),
+        );
+        rules.extend(
+            at("include")
+                .zip(&self.include)
+                .map(|(i, p)| (i, Rule::Include(p.clone()))),
+        );
+        rules.extend(
+            at("exclude_from")
+                .zip(&self.exclude_from)
+                .map(|(i, f)| (i, Rule::ExcludeFrom(f.clone()))),
+        );
+        rules.sort_by_key(|r| r.0);
+        let rules: Vec<Rule> = rules.into_iter().map(|r| r.1).collect();
+        Ok(SyncOptions {
+            checksum: self.checksum,
+            delete: self.delete,
+            dry_run: self.dry_run,
+            filter: Filter::new(&rules)?,
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Download a file (or a directory with -r); re-run to resume.
+    /// Download a file (or a directory with -r); re-run to resume. Files already there (same
+    /// size and mtime, or same BLAKE3 with -c) are left alone.
     #[command(after_help = concat!("Examples:
   fsc download 127.0.0.1:7070 isos/big.iso            # -> ./big.iso
   fsc download -j 4 127.0.0.1:7070 isos/big.iso /tmp/big.iso
   fsc download 127.0.0.1:7070 logs/today.log - | less  # to stdout
   fsc download -r 127.0.0.1:7070 photos ./photos
+  fsc download -r --delete --exclude '*.tmp' 127.0.0.1:7070 photos ./photos  # mirror
+  fsc download -r -n --delete 127.0.0.1:7070 photos ./photos   # what would change
   fsc download --ca ca.pem fss://files.example.com:7070 isos/big.iso
   fsc download --ca ca.pem --cert me.pem --key me.key fss://10.0.0.5:7070 a.bin
 
@@ -139,16 +203,21 @@ enum Cmd {
         local: Option<String>,
         /// Give created files and directories the server's permission bits exactly (never
         /// setuid, setgid or sticky); without it they get those bits less the umask.
-        /// Directories that existed before are never changed.
+        /// Directories that existed before keep their mode.
         #[arg(short, long)]
         preserve: bool,
         #[command(flatten)]
         t: Transfer,
+        #[command(flatten)]
+        sync: SyncArgs,
     },
-    /// Upload a file (or a directory with -r); re-run to resume.
+    /// Upload a file (or a directory with -r); re-run to resume. Files already there (same
+    /// size and mtime, or same BLAKE3 with -c) are left alone; missing parent directories of
+    /// the destination are created.
     #[command(after_help = concat!("Examples:
   fsc upload 127.0.0.1:7070 big.iso isos/big.iso
   fsc upload -r -j 4 127.0.0.1:7070 ./photos backup/photos
+  fsc upload -r --delete --exclude-from .fscignore 127.0.0.1:7070 ./site www/site
   fsc upload --tls fss://files.example.com:7070 big.iso isos/big.iso
 
 ", transport!(), "\n\n", exit_codes!()))]
@@ -160,11 +229,14 @@ enum Cmd {
         local: PathBuf,
         /// Remote path (default: the local base name, at the root).
         remote: Option<String>,
-        /// Fail instead of replacing an existing remote file.
+        /// Fail instead of replacing an existing remote file (even an identical one: no
+        /// file is skipped as unchanged).
         #[arg(long)]
         no_clobber: bool,
         #[command(flatten)]
         t: Transfer,
+        #[command(flatten)]
+        sync: SyncArgs,
     },
     /// List a remote directory.
     #[command(after_help = "Example:\n  fsc ls 127.0.0.1:7070 isos")]
@@ -224,7 +296,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // Parsed through the matches: they keep where each filter rule stood.
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -241,7 +317,7 @@ fn main() -> ExitCode {
         .init();
     keep_freed_memory();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    ExitCode::from(rt.block_on(run(cli)) as u8)
+    ExitCode::from(rt.block_on(run(cli, matches)) as u8)
 }
 
 /// Chunk buffers (1 MiB each) are allocated on the reader thread and freed on a disk thread.
@@ -257,7 +333,7 @@ fn keep_freed_memory() {
 }
 
 /// Runs the command; returns the exit code.
-async fn run(cli: Cli) -> i32 {
+async fn run(cli: Cli, matches: ArgMatches) -> i32 {
     let data_on_stdout = matches!(&cli.cmd, Cmd::Download { local: Some(l), .. } if l == "-");
     let mode = if cli.global.json {
         Mode::Json {
@@ -269,7 +345,7 @@ async fn run(cli: Cli) -> i32 {
         Mode::Bars
     };
     let reporter = Reporter::new(mode);
-    let r = dispatch(cli, &reporter).await;
+    let r = dispatch(cli, &matches, &reporter).await;
     reporter.finish();
     match r {
         Ok(code) => code,
@@ -364,10 +440,13 @@ fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
     if reporter.mode() == Mode::Bars {
         reporter.finish();
         eprintln!(
-            "{} files, {} bytes verified ({} over the network), {} skipped, {} failed",
+            "{} files, {} bytes verified ({} over the network), {} unchanged, {} deleted, \
+             {} skipped, {} failed",
             s.files,
             s.bytes,
             s.transferred,
+            s.unchanged,
+            s.deleted,
             s.skipped,
             s.failed.len()
         );
@@ -375,8 +454,13 @@ fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
     s.exit_code()
 }
 
-async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Result<i32> {
+async fn dispatch(
+    cli: Cli,
+    matches: &ArgMatches,
+    reporter: &std::sync::Arc<Reporter>,
+) -> anyhow::Result<i32> {
     let g = &cli.global;
+    let sub = matches.subcommand().map_or(matches, |(_, m)| m);
     // In JSON mode the error events already say it; don't say it twice on stderr.
     let quiet = g.json;
     match cli.cmd {
@@ -390,7 +474,9 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             local,
             preserve,
             t,
+            sync,
         } => {
+            let sync = sync.options(sub)?;
             let opts = Options {
                 preserve,
                 ..options(g, Some(&t), reporter)?
@@ -414,7 +500,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
                     Some(l) => PathBuf::from(l),
                     None => default_local()?,
                 };
-                let s = client.download_tree(&remote, &local).await?;
+                let s = client.download_tree(&remote, &local, &sync).await?;
                 return Ok(tree_code(&s, quiet, reporter));
             }
             let dest = match local {
@@ -422,7 +508,7 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
                 Some(l) => Dest::Path(l.into()),
                 None => Dest::Path(default_local()?),
             };
-            let r = client.download_to(&remote, dest).await.map(|_| ());
+            let r = client.download_sync(&remote, dest, &sync).await.map(|_| ());
             Ok(reported(r, &remote, quiet))
         }
         Cmd::Upload {
@@ -431,7 +517,9 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             remote,
             no_clobber,
             t,
+            sync,
         } => {
+            let sync = sync.options(sub)?;
             let remote = match remote {
                 Some(r) => r,
                 None => local
@@ -443,10 +531,13 @@ async fn dispatch(cli: Cli, reporter: &std::sync::Arc<Reporter>) -> anyhow::Resu
             let client = connect(&server, options(g, Some(&t), reporter)?).await?;
             let opts = UploadOptions { no_clobber };
             if t.recursive {
-                let s = client.upload_tree(&local, &remote, &opts).await?;
+                let s = client.upload_tree(&local, &remote, &opts, &sync).await?;
                 return Ok(tree_code(&s, quiet, reporter));
             }
-            let r = client.upload(&local, &remote, &opts).await.map(|_| ());
+            let r = client
+                .upload_sync(&local, &remote, &opts, &sync)
+                .await
+                .map(|_| ());
             Ok(reported(r, &remote, quiet))
         }
         Cmd::Ls { server, path } => {

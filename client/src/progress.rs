@@ -99,6 +99,23 @@ pub enum Event {
     },
     /// An entry that is not transferred (symlink, special file).
     Skip { path: String, reason: String },
+    /// A file not transferred because the destination already holds it: `reason` says how
+    /// that was decided ("same size and mtime", or "same BLAKE3" with `--checksum`).
+    Unchanged {
+        path: String,
+        local: String,
+        bytes: u64,
+        reason: String,
+    },
+    /// `--delete` removed `path` (and everything beneath it) from the destination.
+    Deleted { path: String },
+    /// `--dry-run`: what a real run would do with `path`: `action` is "copy" (new), "update",
+    /// "delete" or "mkdir"; `reason` says why.
+    DryRun {
+        action: String,
+        path: String,
+        reason: String,
+    },
     /// The file arrived complete and verified: `bytes` is its size, `transferred` the bytes
     /// moved over the network in this run, `blake3` its whole-file hash.
     Done {
@@ -175,6 +192,11 @@ impl Reporter {
 
     /// Prints one event.
     pub fn event(&self, e: &Event) {
+        if let (Event::DryRun { .. }, Mode::Quiet | Mode::Bars) = (e, self.mode) {
+            // What a dry run would do is its result, not progress: always printed.
+            println!("{}", dry_run_line(e));
+            return;
+        }
         match self.mode {
             Mode::Quiet => {}
             Mode::Json { to_stderr } => self.json(e, to_stderr),
@@ -281,6 +303,23 @@ impl Reporter {
             Event::Skip { path, reason } => {
                 let _ = multi.println(format!("{}: skipped ({})", escape(path), escape(reason)));
             }
+            Event::Unchanged {
+                path,
+                bytes,
+                reason,
+                ..
+            } => match &st.total {
+                Some(t) => t.inc(*bytes),
+                None => {
+                    let line = format!("{}: unchanged ({})", escape(path), escape(reason));
+                    let _ = multi.println(line);
+                }
+            },
+            Event::Deleted { path } => {
+                let _ = multi.println(format!("deleted {}", escape(path)));
+            }
+            // Printed to stdout by `event`.
+            Event::DryRun { .. } => {}
             Event::Corrupt { .. } => {}
         }
     }
@@ -294,6 +333,18 @@ impl Reporter {
         for (_, b) in st.bars.drain() {
             b.finish_and_clear();
         }
+    }
+}
+
+/// `would update a/b (mtime differs)`
+fn dry_run_line(e: &Event) -> String {
+    match e {
+        Event::DryRun {
+            action,
+            path,
+            reason,
+        } => format!("would {action} {} ({})", escape(path), escape(reason)),
+        _ => String::new(),
     }
 }
 

@@ -1,21 +1,26 @@
-//! `-r` transfers. Downloads write only beneath their destination directory, through
-//! [`LocalDir`] handles by checked names (see `local`).
+//! `-r` transfers: walk both sides (`walk`), compare them (`sync::plan`), then delete what
+//! `--delete` removes, create directories, and transfer the files that differ. Downloads write
+//! only beneath their destination directory, through [`LocalDir`] handles by checked names
+//! (see `local`).
 
-use std::collections::VecDeque;
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::Duration;
 
 use fsd::durable::GroupSync;
-use futures::stream::{FuturesUnordered, StreamExt};
+use fsd::protocol::ErrorCode;
+use futures::stream::StreamExt;
 
-use crate::client::{entry_cost, Client, Entry, Kind, Slots, Transfer};
+use crate::check::{clobber_check, Outcome};
+use crate::client::{Client, Kind, Slots};
 use crate::error::{Error, Result};
-use crate::local::sink::Out;
-use crate::local::{check_name, is_work_dir_name, new_mode, work_dir_name, LocalDir, Work};
+use crate::local::sink::{spawn_blocking, Out};
+use crate::local::{new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
+use crate::sync::{plan, Node, Plan, SyncOptions, Verdict};
 use crate::upload::UploadOptions;
+use crate::walk::{rel_split, walk_local, Walk, LISTS_IN_FLIGHT};
 
 /// `parent/name` for remote paths, where "" is the root.
 pub(crate) fn remote_join(parent: &str, name: &str) -> String {
@@ -27,15 +32,6 @@ pub(crate) fn remote_join(parent: &str, name: &str) -> String {
     }
 }
 
-/// A local file name as a remote name component (must be UTF-8).
-pub(crate) fn utf8_name(name: &OsStr) -> Result<&str> {
-    std::str::from_utf8(name.as_bytes()).map_err(|_| {
-        Error::Usage(format!(
-            "{name:?}: not UTF-8, cannot be named on the server"
-        ))
-    })
-}
-
 /// What a `-r` transfer did.
 #[derive(Debug, Default)]
 pub struct TreeSummary {
@@ -45,6 +41,10 @@ pub struct TreeSummary {
     pub bytes: u64,
     /// Payload bytes moved over the network.
     pub transferred: u64,
+    /// Files left as they were: the destination already held them.
+    pub unchanged: u64,
+    /// Destination entries removed by `--delete` (a directory counts once).
+    pub deleted: u64,
     /// Entries skipped (symlinks, special files).
     pub skipped: u64,
     /// Files that failed, with the error.
@@ -58,78 +58,76 @@ const FILES_PER_CONN: usize = 128;
 /// A download tree's group sync waits this long for this many files to join (fsd::durable).
 const SYNC_GATHER: Duration = Duration::from_millis(3);
 const SYNC_BATCH: usize = 64;
-/// Directory listings in flight at once.
-const LISTS_IN_FLIGHT: usize = 16;
 /// Files up to this size use one connection; bigger ones are split across all of them.
 const SMALL_FILE: u64 = 4 << 20;
 
-/// Most entries (files, directories, anything listed) a tree download takes from a server, and
+/// Most entries (files, directories, anything listed) a tree walk takes from a server, and
 /// most memory it spends on them (paths, names, link targets and a fixed overhead each): the
 /// plan of a tree is held in memory, so a server that lists without end, or very deep, meets a
 /// limit rather than exhausting the machine.
 pub const MAX_TREE_ENTRIES: u64 = 1 << 20;
 pub const MAX_TREE_BYTES: u64 = 128 << 20;
-/// Deepest directory level of a tree download.
+/// Deepest directory level of a tree transfer.
 pub const MAX_TREE_DEPTH: usize = 1024;
-/// Longest remote path a tree download follows: the protocol's path limit (docs/PROTOCOL.md
-/// §13). Keeps what one entry of a deep tree costs bounded too.
-const MAX_REMOTE_PATH: usize = 4096;
 /// Descriptors a tree download keeps for itself and the connections, beyond files in flight.
 const FD_RESERVE: u64 = 64;
 /// Descriptors one file in flight may hold (its directory, part, direct-I/O twin, working
 /// directory, and one spare for publishing).
 const FDS_PER_FILE: u64 = 6;
 
-/// A remote file found by a tree walk, and where it goes locally.
-struct RemoteFile {
-    remote: String,
-    /// Local directory, relative to the destination root ("" for the root itself).
-    dir: String,
-    name: String,
-    size: u64,
-}
-
-/// A local directory of a tree download: synced at the end (its renames), and given the
-/// server's mode and mtime only if this run created it (`meta`).
+/// A destination directory of a tree transfer, whose metadata is set once everything beneath
+/// it is done (creating entries changes a directory's mtime): the source's mtime, both ways;
+/// on a download also the source's mode, if this run created it.
 struct TreeDir {
     depth: usize,
     rel: String,
-    meta: Option<(u32, i64)>,
+    /// Created by this run (downloads: give it this mode).
+    created: Option<u32>,
+    mtime_ns: i64,
+    /// The destination had it with this very mtime before the run.
+    same: bool,
+    /// The top, when it existed before: the user's directory keeps its mode and mtime (as
+    /// with tar or cp); only what is beneath it follows the source.
+    keep: bool,
 }
 
-/// Counts what a tree walk keeps, against [`MAX_TREE_ENTRIES`] and the path-bytes limit.
-#[derive(Default)]
-struct Budget {
-    entries: u64,
-    bytes: u64,
-}
-
-impl Budget {
-    /// Charges entry `e` listed in `dir` (its remote and local paths are kept as well).
-    fn take(&mut self, dir: &str, e: &Entry) -> Result<()> {
-        self.entries += 1;
-        self.bytes += 2 * (dir.len() + 1 + e.name.len()) as u64 + entry_cost(e);
-        if self.exceeded() {
-            return Err(Error::Protocol(format!(
-                "the tree has more than {MAX_TREE_ENTRIES} entries or {} MiB of names; \
-                 download it in parts",
-                MAX_TREE_BYTES >> 20
-            )));
+impl TreeDir {
+    /// The plan's directories, and the top (`top`: source mode and mtime; `top_dst`: the
+    /// destination top's mtime, if it existed), deepest first.
+    fn all(
+        plan: &Plan,
+        src: &Walk,
+        dst: &Walk,
+        top: (u32, i64),
+        top_dst: Option<i64>,
+    ) -> Vec<Self> {
+        let mut dirs = vec![TreeDir {
+            depth: 0,
+            rel: String::new(),
+            created: top_dst.is_none().then_some(top.0),
+            mtime_ns: top.1,
+            same: top_dst == Some(top.1),
+            keep: top_dst.is_some(),
+        }];
+        for (rel, create) in &plan.dirs {
+            let Some(Node::Dir { mode, mtime_ns }) = src.nodes.get(rel) else {
+                continue;
+            };
+            let had = match dst.nodes.get(rel) {
+                Some(Node::Dir { mtime_ns, .. }) if !create => Some(*mtime_ns),
+                _ => None,
+            };
+            dirs.push(TreeDir {
+                depth: depth_of(rel),
+                rel: rel.clone(),
+                created: create.then_some(*mode),
+                mtime_ns: *mtime_ns,
+                same: had == Some(*mtime_ns),
+                keep: false,
+            });
         }
-        Ok(())
-    }
-
-    fn exceeded(&self) -> bool {
-        self.entries > MAX_TREE_ENTRIES || self.bytes > MAX_TREE_BYTES
-    }
-}
-
-/// `parent/name` for local relative paths, where "" is the root.
-fn rel_join(parent: &str, name: &str) -> String {
-    if parent.is_empty() {
-        name.to_string()
-    } else {
-        format!("{parent}/{name}")
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
+        dirs
     }
 }
 
@@ -153,166 +151,224 @@ fn files_in_flight(wanted: usize, conns: usize) -> usize {
         .max(1)
 }
 
+fn depth_of(rel: &str) -> usize {
+    rel.bytes().filter(|&b| b == b'/').count() + 1
+}
+
 impl Client {
-    /// Downloads the remote directory `remote` into `local` (created if missing): files, modes
-    /// (less the umask, unless [`Options::preserve`](crate::Options)) and mtimes of what this
-    /// run creates; a directory that existed before is left as it was. Symlinks and special
-    /// files are skipped (a [`Event::Skip`] each). Every write goes through handles opened
-    /// beneath `local` by checked names; a server that names anything else (`..`, `a/b`, NUL)
-    /// is refused. Directories are opened when needed and closed after, so the number of
-    /// open files is bounded whatever the tree's shape.
-    pub async fn download_tree(&self, remote: &str, local: &Path) -> Result<TreeSummary> {
+    /// Reports what the walks skipped and could not list, and compares them. `--delete` acts
+    /// only on complete walks: after any listing failure nothing is deleted (and the run
+    /// fails). `shown_dst` names a destination entry for messages.
+    fn plan_tree(
+        &self,
+        summary: &mut TreeSummary,
+        src: &mut Walk,
+        dst: &mut Walk,
+        sync: &SyncOptions,
+        shown_dst: &dyn Fn(&str) -> String,
+    ) -> Plan {
+        for (path, reason) in src.skipped.drain(..) {
+            summary.skipped += 1;
+            self.emit(Event::Skip { path, reason });
+        }
+        let complete = src.complete() && dst.complete();
+        for (path, e) in src.failed.drain(..).chain(dst.failed.drain(..)) {
+            summary.fail(self, path, e);
+        }
+        if sync.delete && !complete {
+            let e = Error::Usage(
+                "not deleting anything: a listing failed, so the source or destination is \
+                 not known completely"
+                    .into(),
+            );
+            summary.fail(self, "--delete".into(), e);
+        }
+        let p = plan(
+            &src.nodes,
+            &dst.nodes,
+            sync.delete && complete,
+            sync.checksum,
+        );
+        for rel in &p.blocked {
+            let e = Error::Usage(format!(
+                "{}: something of another type is in the way (--delete replaces it)",
+                shown_dst(rel)
+            ));
+            summary.fail(self, shown_dst(rel), e);
+        }
+        if sync.dry_run {
+            for rel in &p.delete {
+                self.dry_run(
+                    "delete",
+                    shown_dst(rel),
+                    "not in the source, or of another type",
+                );
+            }
+            for (rel, _) in p.dirs.iter().filter(|(_, create)| *create) {
+                self.dry_run("mkdir", shown_dst(rel), "new directory");
+            }
+        }
+        p
+    }
+
+    fn dry_run(&self, action: &str, path: String, reason: &str) {
+        self.emit(Event::DryRun {
+            action: action.into(),
+            path,
+            reason: reason.into(),
+        });
+    }
+
+    /// Downloads the remote directory `remote` into `local` (created if missing): files, the
+    /// modes (less the umask, unless [`Options::preserve`](crate::Options)) of what this run
+    /// creates, and the mtimes of every file and directory; a directory that existed before
+    /// keeps its mode, and `local` itself, if it existed, its mtime too. A file the destination
+    /// already holds is left alone ([`Event::Unchanged`]; [`SyncOptions`] says how that is
+    /// decided, what is filtered out, whether extra entries are deleted). Symlinks and
+    /// special files are skipped (a [`Event::Skip`] each). Every write and removal goes
+    /// through handles opened beneath `local` by checked names; a server that names anything
+    /// else (`..`, `a/b`, NUL) is refused. Directories are opened when needed and closed
+    /// after, so the number of open files is bounded whatever the tree's shape.
+    pub async fn download_tree(
+        &self,
+        remote: &str,
+        local: &Path,
+        sync: &SyncOptions,
+    ) -> Result<TreeSummary> {
         let top = self.stat(remote).await?;
         if top.kind != Kind::Dir {
             return Err(Error::Usage(format!("{remote}: not a directory (drop -r)")));
         }
+        let mut src = self.walk_remote(remote, &sync.filter).await?;
         let root_is_new = std::fs::symlink_metadata(local).is_err();
-        std::fs::create_dir_all(local).map_err(|e| Error::io(local.display(), e))?;
-        let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
-        let mut summary = TreeSummary::default();
-        let mut files = Vec::new();
-        // Names the server has at the top, where fsc's working directory would go.
-        let mut top_names = std::collections::HashSet::new();
-        let mut dirs = vec![TreeDir {
-            depth: 0,
-            rel: String::new(),
-            meta: root_is_new.then_some((top.mode, top.mtime_ns)),
-        }];
-        let budget = &std::sync::Mutex::new(Budget::default());
-        // Files are made durable in groups (one syncfs each), then renamed; see fsd::durable.
-        let group = GroupSync::new(root.fd(), SYNC_GATHER, SYNC_BATCH)
-            .map_err(|e| Error::io(local.display(), e))?;
-        let group = &group;
-
-        // Breadth-first, with listings of different directories overlapping. A queued
-        // directory is a remote path and a local relative path, not an open handle.
-        let mut lists = FuturesUnordered::new();
-        let mut waiting = VecDeque::from([(remote.to_string(), String::new(), 1usize)]);
-        loop {
-            while lists.len() < LISTS_IN_FLIGHT {
-                let Some((path, rel, depth)) = waiting.pop_front() else {
-                    break;
-                };
-                lists.push(async move {
-                    let mut entries = Vec::new();
-                    let r = self.list_each(&path, |e| {
-                        budget.lock().unwrap().take(&path, &e)?;
-                        entries.push(e);
-                        Ok(())
-                    });
-                    let r = r.await.map(|()| entries);
-                    (path, rel, depth, r)
-                });
+        let top_dst = std::fs::metadata(local)
+            .ok()
+            .map(|md| md.mtime() * 1_000_000_000 + md.mtime_nsec());
+        let root = if root_is_new && sync.dry_run {
+            None
+        } else {
+            std::fs::create_dir_all(local).map_err(|e| Error::io(local.display(), e))?;
+            Some(LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?)
+        };
+        let mut dst = match &root {
+            Some(r) => {
+                let (r, f) = (r.clone(), sync.filter.clone());
+                spawn_blocking(move || Ok(walk_local(&r, &f))).await?
             }
-            let Some((path, rel, depth, listed)) = lists.next().await else {
-                break;
-            };
-            let entries = match listed {
-                Ok(e) => e,
-                // Too big to plan: nothing of it is transferred.
-                Err(e) if budget.lock().unwrap().exceeded() => return Err(e),
+            None => Walk::default(),
+        };
+        let shown = |rel: &str| local.join(rel).display().to_string();
+        let mut summary = TreeSummary::default();
+        let plan = self.plan_tree(&mut summary, &mut src, &mut dst, sync, &shown);
+        let files = self.plan_files(&plan, &src);
+        let Some(root) = root else {
+            // A dry run into a missing directory: everything is new.
+            self.dry_run("mkdir", shown(""), "new directory");
+            for (rel, size, verdict) in files {
+                self.report(
+                    verdict,
+                    true,
+                    &remote_join(remote, &rel),
+                    &shown(&rel),
+                    size,
+                );
+            }
+            return Ok(summary);
+        };
+        let dry_run = sync.dry_run;
+        for rel in plan.delete.iter().filter(|_| !dry_run) {
+            let (parent, name) = rel_split(rel);
+            let r = root
+                .walk(parent)
+                .and_then(|d| d.remove_all(OsStr::new(name), MAX_TREE_DEPTH));
+            match r {
+                Ok(()) => {
+                    summary.deleted += 1;
+                    self.emit(Event::Deleted { path: shown(rel) });
+                }
+                Err(e) => summary.fail(self, shown(rel), Error::io(shown(rel), e)),
+            }
+        }
+        let mut dirs = TreeDir::all(&plan, &src, &dst, (top.mode, top.mtime_ns), top_dst);
+        // Parents before children: the reverse of the order their metadata is set in.
+        let mut failed = std::collections::HashSet::new();
+        for d in dirs
+            .iter_mut()
+            .rev()
+            .filter(|d| !dry_run && d.created.is_some())
+        {
+            if d.rel.is_empty() {
+                continue;
+            }
+            let (parent, name) = rel_split(&d.rel);
+            // Writable by us until the end, whatever the server's mode says.
+            match root.walk(parent).and_then(|p| p.subdir(name, true, 0o700)) {
+                Ok((_, true)) => {}
+                // Someone else made it meanwhile: not ours to give a mode.
+                Ok((_, false)) => d.created = None,
                 Err(e) => {
-                    self.emit(error_event(&path, &e));
-                    summary.failed.push((path, e));
-                    continue;
-                }
-            };
-            let dir = match root.walk(&rel) {
-                Ok(d) => d,
-                Err(e) => {
-                    let e = Error::io(root.display(&rel), e);
-                    self.emit(error_event(&path, &e));
-                    summary.failed.push((path, e));
-                    continue;
-                }
-            };
-            for e in entries {
-                if rel.is_empty() {
-                    top_names.insert(e.name.clone());
-                }
-                let rpath = remote_join(&path, &e.name);
-                if let Err(err) = check_name(&e.name) {
-                    self.emit(error_event(&rpath, &err));
-                    summary.failed.push((rpath, err));
-                    continue;
-                }
-                if rpath.len() > MAX_REMOTE_PATH {
-                    let err = Error::Protocol(format!(
-                        "path longer than {MAX_REMOTE_PATH} bytes; not transferred"
-                    ));
-                    self.emit(error_event(&rpath, &err));
-                    summary.failed.push((rpath, err));
-                    continue;
-                }
-                match e.kind {
-                    Kind::File => files.push(RemoteFile {
-                        remote: rpath,
-                        dir: rel.clone(),
-                        name: e.name,
-                        size: e.size,
-                    }),
-                    Kind::Dir if depth >= MAX_TREE_DEPTH => {
-                        let err = Error::Protocol(format!(
-                            "deeper than {MAX_TREE_DEPTH} levels; not descending"
-                        ));
-                        self.emit(error_event(&rpath, &err));
-                        summary.failed.push((rpath, err));
-                    }
-                    // Writable by us until the end, whatever the server's mode says.
-                    Kind::Dir => match dir.subdir(&e.name, true, 0o700) {
-                        Ok((_, created)) => {
-                            let sub = rel_join(&rel, &e.name);
-                            dirs.push(TreeDir {
-                                depth,
-                                rel: sub.clone(),
-                                meta: created.then_some((e.mode, e.mtime_ns)),
-                            });
-                            waiting.push_back((rpath, sub, depth + 1));
-                        }
-                        Err(err) => {
-                            let err = Error::io(dir.display(&e.name), err);
-                            self.emit(error_event(&rpath, &err));
-                            summary.failed.push((rpath, err));
-                        }
-                    },
-                    Kind::Symlink | Kind::Other => {
-                        summary.skipped += 1;
-                        self.emit(Event::Skip {
-                            path: rpath,
-                            reason: format!("{:?}", e.kind).to_lowercase(),
-                        });
-                    }
+                    summary.fail(self, shown(&d.rel), Error::io(shown(&d.rel), e));
+                    failed.insert(d.rel.clone());
                 }
             }
         }
+        dirs.retain(|d| !failed.contains(&d.rel));
 
-        self.emit(Event::Plan {
-            files: files.len() as u64,
-            bytes: files.iter().fold(0, |n: u64, f| n.saturating_add(f.size)),
-        });
-        let root = &root;
-        let work_name = work_dir_name(|n| top_names.contains(n));
-        drop(top_names);
-        let work_name = &work_name;
+        if !dry_run {
+            self.emit(Event::Plan {
+                files: files.len() as u64,
+                bytes: files.iter().fold(0, |n: u64, f| n.saturating_add(f.1)),
+            });
+        }
+        // Files are made durable in groups (one syncfs each), then renamed; see fsd::durable.
+        let group = GroupSync::new(root.fd(), SYNC_GATHER, SYNC_BATCH)
+            .map_err(|e| Error::io(local.display(), e))?;
+        let (group, root) = (&group, &root);
+        let top_names = |n: &str| src.nodes.contains_key(n);
+        let work_name = &work_dir_name(top_names);
         let results = futures::stream::iter(files)
-            .map(|f| async move {
-                let slots = if f.size <= SMALL_FILE {
+            .map(|(rel, size, verdict)| async move {
+                let rpath = remote_join(remote, &rel);
+                let (dir_rel, name) = rel_split(&rel);
+                let open_dir = || {
+                    root.walk(dir_rel)
+                        .map_err(|e| Error::io(root.display(dir_rel), e))
+                };
+                let verdict = match verdict {
+                    Verdict::Hash => match open_dir() {
+                        Ok(d) => {
+                            let n = name.to_string();
+                            let open = move || d.open_read(&n);
+                            self.settle_hash(verdict, &rpath, shown(&rel), open).await
+                        }
+                        Err(e) => Err(e),
+                    },
+                    v => Ok(v),
+                };
+                let verdict = match verdict {
+                    Ok(v) => v,
+                    Err(e) => return (rpath, Err(e)),
+                };
+                if let Some(o) = self.report(verdict, dry_run, &rpath, &shown(&rel), size) {
+                    return (rpath, Ok(o));
+                }
+                let dir = match open_dir() {
+                    Ok(d) => d,
+                    Err(e) => return (rpath, Err(e)),
+                };
+                let slots = if size <= SMALL_FILE {
                     Slots::One(self.pick_slot())
                 } else {
                     Slots::All
                 };
-                let dir = match root.walk(&f.dir) {
-                    Ok(d) => d,
-                    Err(e) => return (f.remote, Err(Error::io(root.display(&f.dir), e))),
-                };
                 let out = Out::File {
-                    work: Work::new(root.clone(), work_name.clone(), &rel_join(&f.dir, &f.name)),
+                    work: Work::new(root.clone(), work_name.clone(), &rel),
                     dir,
-                    name: f.name,
+                    name: name.to_string(),
                     group: Some(group.clone()),
                 };
-                let r = self.download_file(&f.remote, out, slots).await;
-                (f.remote, r)
+                let r = self.download_file(&rpath, out, slots).await;
+                (rpath, r.map(Outcome::Sent))
             })
             .buffer_unordered(files_in_flight(
                 FILES_PER_CONN * self.connections(),
@@ -320,65 +376,189 @@ impl Client {
             ));
         summary.collect(results).await;
         Work::new(root.clone(), work_name.clone(), "").tidy();
+        if dry_run {
+            return Ok(summary);
+        }
 
-        // Directory metadata last, deepest first: creating entries changes a directory's mtime.
-        // Each directory is synced once here (its renames) rather than after every rename in
-        // it. Only directories this run created get the server's mode and mtime.
+        // Directory metadata last, deepest first. Each directory is synced once here (its
+        // renames) rather than after every rename in it. A run that changed nothing leaves
+        // alone the directories whose mtime is already the source's.
         let preserve = self.shared.opts.preserve;
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
-        for d in dirs {
+        let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
+        for d in dirs.into_iter().filter(|d| changed || !d.same) {
             let r = root.walk(&d.rel).and_then(|dir| {
-                dir.sync()?;
-                match d.meta {
-                    Some((mode, mtime_ns)) => dir.set_meta(new_mode(mode, preserve), mtime_ns),
-                    None => Ok(()),
+                if changed {
+                    dir.sync()?;
+                }
+                match d.created {
+                    Some(mode) => dir.set_meta(new_mode(mode, preserve), d.mtime_ns),
+                    None if d.keep => Ok(()),
+                    None => dir.set_mtime(d.mtime_ns),
                 }
             });
             if let Err(e) = r {
-                summary
-                    .failed
-                    .push((root.display(&d.rel), Error::io(root.display(&d.rel), e)));
+                let shown = root.display(&d.rel);
+                summary.fail(self, shown.clone(), Error::io(shown, e));
             }
         }
         Ok(summary)
     }
 
+    /// The plan's files with their sizes, in the order they are transferred.
+    fn plan_files(&self, plan: &Plan, src: &Walk) -> Vec<(String, u64, Verdict)> {
+        plan.files
+            .iter()
+            .filter_map(|(rel, v)| match src.nodes.get(rel) {
+                Some(Node::File { size, .. }) => Some((rel.clone(), *size, *v)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Uploads the local directory `local` to the remote directory `remote` (created with
-    /// parents if missing). Symlinks and special files are skipped. The protocol cannot set a
-    /// remote directory's mtime, so only files keep theirs.
+    /// parents if missing), leaving alone the files the server already holds (as
+    /// [`Client::download_tree`] decides, with the same [`SyncOptions`]). Symlinks and
+    /// special files are skipped. `--delete` removes remote entries the local tree lacks,
+    /// each by one recursive REMOVE beneath `remote` (fsd never follows symlinks there).
     pub async fn upload_tree(
         &self,
         local: &Path,
         remote: &str,
         opts: &UploadOptions,
+        sync: &SyncOptions,
     ) -> Result<TreeSummary> {
-        let local_owned = local.to_path_buf();
-        let remote_owned = remote.to_string();
-        let walk = tokio::task::spawn_blocking(move || walk_local(&local_owned, &remote_owned))
-            .await
-            .expect("walk thread")?;
-        let mut summary = TreeSummary::default();
-        for (path, reason) in walk.skipped {
-            summary.skipped += 1;
-            self.emit(Event::Skip { path, reason });
+        let md = std::fs::metadata(local).map_err(|e| Error::io(local.display(), e))?;
+        if !md.is_dir() {
+            return Err(Error::Usage(format!(
+                "{}: not a directory (drop -r)",
+                local.display()
+            )));
         }
-        // Parents before children: one level at a time, each level's mkdirs overlapping.
-        let mut by_depth: Vec<Vec<(String, u32)>> = Vec::new();
-        for (path, mode, depth) in walk.dirs {
+        let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
+        let filter = sync.filter.clone();
+        let mut src = spawn_blocking(move || Ok(walk_local(&root, &filter))).await?;
+        let (mut dst, top_dst) = match self.stat(remote).await {
+            Ok(e) if e.kind == Kind::Dir => (
+                self.walk_remote(remote, &sync.filter).await?,
+                Some(e.mtime_ns),
+            ),
+            // Nothing there yet (or not a directory: creating it says what is wrong).
+            Ok(_) => (Walk::default(), None),
+            Err(e) if e.remote_code() == Some(ErrorCode::NotFound) => (Walk::default(), None),
+            Err(e) => return Err(e),
+        };
+        let shown = |rel: &str| match rel {
+            "" => remote.to_string(),
+            rel => remote_join(remote, rel),
+        };
+        let mut summary = TreeSummary::default();
+        let plan = self.plan_tree(&mut summary, &mut src, &mut dst, sync, &shown);
+        let files = self.plan_files(&plan, &src);
+        if sync.dry_run && top_dst.is_none() {
+            self.dry_run("mkdir", remote.to_string(), "new directory");
+        }
+        if !sync.dry_run {
+            let deleted = futures::stream::iter(&plan.delete)
+                .map(|rel| async move { (shown(rel), self.remove(&shown(rel), true).await) })
+                .buffer_unordered(LISTS_IN_FLIGHT)
+                .collect::<Vec<_>>()
+                .await;
+            for (path, r) in deleted {
+                match r {
+                    Ok(()) => {
+                        summary.deleted += 1;
+                        self.emit(Event::Deleted { path });
+                    }
+                    Err(e) => summary.fail(self, path, e),
+                }
+            }
+            self.make_dirs(remote, md.mode() & 0o7777, &plan, &src)
+                .await?;
+            self.emit(Event::Plan {
+                files: files.len() as u64,
+                bytes: files.iter().map(|f| f.1).sum(),
+            });
+        }
+        let dry_run = sync.dry_run;
+        let results = futures::stream::iter(files)
+            .map(|(rel, size, verdict)| async move {
+                let rpath = shown(&rel);
+                let path = local.join(&rel);
+                let shown_local = path.display().to_string();
+                let p = path.clone();
+                let verdict = clobber_check(verdict, opts);
+                let verdict = self.settle_hash(verdict, &rpath, shown_local.clone(), move || {
+                    std::fs::File::open(p)
+                });
+                let verdict = match verdict.await {
+                    Ok(v) => v,
+                    Err(e) => return (rpath, Err(e)),
+                };
+                if let Some(o) = self.report(verdict, dry_run, &rpath, &shown_local, size) {
+                    return (rpath, Ok(o));
+                }
+                let slots = if size <= SMALL_FILE {
+                    Slots::One(self.pick_slot())
+                } else {
+                    Slots::All
+                };
+                let r = self.upload_file(&path, &rpath, opts, slots).await;
+                (rpath, r.map(Outcome::Sent))
+            })
+            .buffer_unordered(files_in_flight(
+                FILES_PER_CONN * self.connections(),
+                self.connections(),
+            ));
+        summary.collect(results).await;
+        if !dry_run {
+            let top = (
+                md.mode() & 0o7777,
+                md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            );
+            let dirs = TreeDir::all(&plan, &src, &dst, top, top_dst);
+            let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
+            let stamp = dirs.into_iter().filter(|d| !d.keep && (changed || !d.same));
+            let stamped = futures::stream::iter(stamp)
+                .map(|d| async move {
+                    let path = shown(&d.rel);
+                    let r = self.set_dir_mtime(&path, d.mtime_ns).await;
+                    (path, r)
+                })
+                .buffer_unordered(LISTS_IN_FLIGHT)
+                .collect::<Vec<_>>()
+                .await;
+            for (path, r) in stamped {
+                if let Err(e) = r {
+                    summary.fail(self, path, e);
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Creates `remote` (with parents) and the plan's new directories beneath it: parents
+    /// before children, one level at a time, each level's MKDIRs overlapping.
+    async fn make_dirs(&self, remote: &str, top_mode: u32, plan: &Plan, src: &Walk) -> Result<()> {
+        let mut by_depth: Vec<Vec<(String, u32)>> = vec![vec![(remote.to_string(), top_mode)]];
+        for (rel, _) in plan.dirs.iter().filter(|(_, create)| *create) {
+            let Some(Node::Dir { mode, .. }) = src.nodes.get(rel) else {
+                continue;
+            };
+            let depth = depth_of(rel);
             if by_depth.len() <= depth {
                 by_depth.resize(depth + 1, Vec::new());
             }
-            by_depth[depth].push((path, mode));
+            by_depth[depth].push((remote_join(remote, rel), *mode));
         }
         for level in by_depth {
-            let made =
-                futures::stream::iter(level)
-                    .map(|(path, mode)| async move {
-                        (path.clone(), self.mkdir(&path, true, mode).await)
-                    })
-                    .buffer_unordered(LISTS_IN_FLIGHT)
-                    .collect::<Vec<_>>()
-                    .await;
+            let made = futures::stream::iter(level)
+                .map(|(path, mode)| async move {
+                    let r = self.mkdir(&path, true, mode).await;
+                    (path, r)
+                })
+                .buffer_unordered(LISTS_IN_FLIGHT)
+                .collect::<Vec<_>>()
+                .await;
             for (path, r) in made {
                 if let Err(e) = r {
                     // Without its directory nothing beneath can be uploaded.
@@ -387,26 +567,7 @@ impl Client {
                 }
             }
         }
-        self.emit(Event::Plan {
-            files: walk.files.len() as u64,
-            bytes: walk.files.iter().map(|f| f.2).sum(),
-        });
-        let results = futures::stream::iter(walk.files)
-            .map(|(local, remote, size)| async move {
-                let slots = if size <= SMALL_FILE {
-                    Slots::One(self.pick_slot())
-                } else {
-                    Slots::All
-                };
-                let r = self.upload_file(&local, &remote, opts, slots).await;
-                (remote, r)
-            })
-            .buffer_unordered(files_in_flight(
-                FILES_PER_CONN * self.connections(),
-                self.connections(),
-            ));
-        summary.collect(results).await;
-        Ok(summary)
+        Ok(())
     }
 }
 
@@ -419,18 +580,31 @@ fn error_event(path: &str, e: &Error) -> Event {
 }
 
 impl TreeSummary {
-    async fn collect(&mut self, results: impl futures::Stream<Item = (String, Result<Transfer>)>) {
+    /// Records (and reports) a failure that is not a file transfer's own.
+    fn fail(&mut self, client: &Client, path: String, e: Error) {
+        client.emit(error_event(&path, &e));
+        self.failed.push((path, e));
+    }
+
+    async fn collect(&mut self, results: impl futures::Stream<Item = (String, Result<Outcome>)>) {
         futures::pin_mut!(results);
         while let Some((path, r)) = results.next().await {
             match r {
-                Ok(t) => {
+                Ok(Outcome::Sent(t)) => {
                     self.files += 1;
                     self.bytes += t.bytes;
                     self.transferred += t.transferred;
                 }
+                Ok(Outcome::Unchanged) => self.unchanged += 1,
+                Ok(Outcome::DryRun) => {}
                 Err(e) => self.failed.push((path, e)),
             }
         }
+    }
+
+    /// Whether the run changed the destination's contents (so directory mtimes moved).
+    fn changed(&self) -> bool {
+        self.files > 0 || self.deleted > 0
     }
 
     /// The exit code for this outcome: 0 if everything verified, else the worst failure's.
@@ -443,86 +617,9 @@ impl TreeSummary {
     }
 }
 
-/// A local tree: directories (remote path, mode, depth), files (local, remote, size), skipped.
-struct LocalTree {
-    dirs: Vec<(String, u32, usize)>,
-    files: Vec<(PathBuf, String, u64)>,
-    skipped: Vec<(String, String)>,
-}
-
-fn walk_local(root: &Path, remote: &str) -> Result<LocalTree> {
-    use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata(root).map_err(|e| Error::io(root.display(), e))?;
-    if !md.is_dir() {
-        return Err(Error::Usage(format!(
-            "{}: not a directory (drop -r)",
-            root.display()
-        )));
-    }
-    let mut tree = LocalTree {
-        dirs: vec![(remote.to_string(), md.mode() & 0o7777, 0)],
-        files: Vec::new(),
-        skipped: Vec::new(),
-    };
-    let mut stack = vec![(root.to_path_buf(), remote.to_string(), 1usize)];
-    while let Some((dir, rdir, depth)) = stack.pop() {
-        let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(dir.display(), e))?;
-        let mut entries: Vec<_> = rd
-            .collect::<std::io::Result<_>>()
-            .map_err(|e| Error::io(dir.display(), e))?;
-        entries.sort_by_key(|e| e.file_name());
-        for ent in entries {
-            let path = ent.path();
-            let rpath = match utf8_name(&ent.file_name()) {
-                Ok(n) => remote_join(&rdir, n),
-                Err(e) => {
-                    tree.skipped
-                        .push((path.display().to_string(), e.to_string()));
-                    continue;
-                }
-            };
-            // lstat: a symlink is never followed out of the tree.
-            let md = std::fs::symlink_metadata(&path).map_err(|e| Error::io(path.display(), e))?;
-            let ft = md.file_type();
-            if ft.is_dir() && ent.file_name().to_str().is_some_and(is_work_dir_name) {
-                // fsc's own partial downloads, not the user's data.
-                tree.skipped.push((rpath, "fsc working directory".into()));
-            } else if ft.is_dir() {
-                tree.dirs.push((rpath.clone(), md.mode() & 0o7777, depth));
-                stack.push((path, rpath, depth + 1));
-            } else if ft.is_file() {
-                tree.files.push((path, rpath, md.len()));
-            } else {
-                let why = if ft.is_symlink() {
-                    "symlink"
-                } else {
-                    "special file"
-                };
-                tree.skipped.push((rpath, why.to_string()));
-            }
-        }
-    }
-    Ok(tree)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uploads_skip_fscs_working_directories() {
-        let tmp = tempfile::tempdir().unwrap();
-        for d in [".fsc-work", ".fsc-work.1", ".fsc-workshop"] {
-            std::fs::create_dir(tmp.path().join(d)).unwrap();
-            std::fs::write(tmp.path().join(d).join("x"), b"x").unwrap();
-        }
-        std::fs::write(tmp.path().join("f"), b"f").unwrap();
-        let tree = walk_local(tmp.path(), "r").unwrap();
-        let mut files: Vec<_> = tree.files.iter().map(|f| f.1.as_str()).collect();
-        files.sort();
-        assert_eq!(files, ["r/.fsc-workshop/x", "r/f"]);
-        assert_eq!(tree.skipped.len(), 2);
-    }
 
     #[test]
     fn remote_path_helpers() {

@@ -723,7 +723,10 @@ async fn names_that_escape_the_destination_are_refused() {
     let client = client(addr).await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("inner").join("dest");
-    let s = client.download_tree("d", &dest).await.unwrap();
+    let s = client
+        .download_tree("d", &dest, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(s.files, 1, "the honest file arrives");
     assert_eq!(std::fs::read(dest.join("ok")).unwrap(), CONTENT);
     // "../evil" and "a/b" are not children of "d" in the fake's tree walk: only those listed.
@@ -735,6 +738,33 @@ async fn names_that_escape_the_destination_are_refused() {
     assert_eq!(s.exit_code(), 2);
     // Nothing was written anywhere but `dest/ok`.
     assert_eq!(walk(tmp.path()), ["inner", "inner/dest", "inner/dest/ok"]);
+}
+
+/// A listing with names fsc refuses is incomplete: `--delete` then removes nothing, so a server
+/// cannot make fsc delete local files by naming its own entries badly.
+#[tokio::test]
+async fn delete_removes_nothing_after_a_listing_with_refused_names() {
+    let (addr, _) = Fake::new()
+        .dir("d", 0o755)
+        .file("d/ok", CONTENT, 1 << 20)
+        .file("d/..", CONTENT, 1 << 20)
+        .start()
+        .await;
+    let client = client(addr).await;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("mine"), b"keep").unwrap();
+    let sync = fsc::SyncOptions {
+        delete: true,
+        ..Default::default()
+    };
+    let s = client.download_tree("d", tmp.path(), &sync).await.unwrap();
+    assert_eq!((s.files, s.deleted), (1, 0));
+    assert!(
+        s.failed.iter().any(|(p, _)| p == "--delete"),
+        "{:?}",
+        s.failed
+    );
+    assert_eq!(std::fs::read(tmp.path().join("mine")).unwrap(), b"keep");
 }
 
 #[tokio::test]
@@ -801,7 +831,10 @@ async fn remote_names_like_fscs_own_transfer_like_any_other() {
     let client = client(addr).await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("dest");
-    let s = client.download_tree("d", &dest).await.unwrap();
+    let s = client
+        .download_tree("d", &dest, &Default::default())
+        .await
+        .unwrap();
     assert_eq!((s.files, s.exit_code()), (5, 0), "{:?}", s.failed);
     assert!(std::fs::read(dest.join(".fsc-work")).unwrap() == big[..3000]);
     assert!(std::fs::read(dest.join("big")).unwrap() == big, "big");

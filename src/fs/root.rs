@@ -526,6 +526,20 @@ impl Root {
         }
     }
 
+    /// Sets the mtime of the directory at `path` (MKDIR `mtime_ns`), resolved beneath the root
+    /// like every path; its final component is never followed (O_NOFOLLOW with O_DIRECTORY:
+    /// a symlink there is NotADirectory).
+    pub fn set_dir_mtime(&self, path: &str, mtime_ns: i64) -> Result<(), FsError> {
+        self.check_target(path)?;
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW;
+        let fd = self.open_beneath(path, flags)?;
+        let t = nix::sys::time::TimeSpec::new(
+            mtime_ns.div_euclid(1_000_000_000),
+            mtime_ns.rem_euclid(1_000_000_000),
+        );
+        stat::futimens(&fd, &nix::sys::time::TimeSpec::UTIME_OMIT, &t).map_err(errno(path))
+    }
+
     /// Removes a file, a symlink (not its target) or an empty directory; with `recursive`, a
     /// whole tree, never following a symlink: each entry is unlinked through its directory's fd.
     pub fn remove(&self, path: &str, recursive: bool) -> Result<(), FsError> {

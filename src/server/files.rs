@@ -80,7 +80,11 @@ pub async fn mkdir(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fail
         } else {
             req.mode_bits & 0o7777
         };
-        s.root().mkdir(s.path(&req.path)?, req.parents, mode)?;
+        let path = s.path(&req.path)?;
+        s.root().mkdir(path, req.parents, mode)?;
+        if req.mtime_ns != 0 {
+            s.root().set_dir_mtime(path, req.mtime_ns)?;
+        }
         tracing::info!(path = %req.path, "mkdir");
         ok()
     })

@@ -179,6 +179,14 @@ impl LocalDir {
         Some(File::from(fd))
     }
 
+    /// Opens `name` read-only; a symlink there is refused, and a FIFO does not block the open
+    /// (O_NONBLOCK changes nothing for a regular file).
+    pub fn open_read(&self, name: &str) -> std::io::Result<File> {
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = openat(self.fd.as_fd(), name, flags, Mode::empty()).map_err(io)?;
+        Ok(File::from(fd))
+    }
+
     /// Reads a small file (at most `max` bytes, else InvalidData); `None` if it does not exist.
     pub fn read(&self, name: &str, max: u64) -> std::io::Result<Option<Vec<u8>>> {
         let fd = match openat(
@@ -230,16 +238,83 @@ impl LocalDir {
     pub fn set_meta(&self, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
         set_meta(self.fd.as_fd(), mode, mtime_ns)
     }
+
+    /// Sets the directory's mtime only.
+    pub fn set_mtime(&self, mtime_ns: i64) -> std::io::Result<()> {
+        futimens(self.fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
+    }
+
+    /// `lstat` of `name`: a symlink is reported as itself.
+    pub fn lstat(&self, name: &str) -> std::io::Result<nix::sys::stat::FileStat> {
+        nix::sys::stat::fstatat(
+            self.fd.as_fd(),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(io)
+    }
+
+    /// The entries of this directory (not `.` and `..`), each `lstat`ed: a symlink is reported
+    /// as itself, never followed.
+    pub fn entries(&self) -> std::io::Result<Vec<(std::ffi::OsString, nix::sys::stat::FileStat)>> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut d = nix::dir::Dir::openat(
+            self.fd.as_fd(),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io)?;
+        let mut out = Vec::new();
+        for ent in d.iter() {
+            let ent = ent.map_err(io)?;
+            let name = ent.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let name = std::ffi::OsStr::from_bytes(name).to_os_string();
+            let flags = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+            let st =
+                nix::sys::stat::fstatat(self.fd.as_fd(), name.as_os_str(), flags).map_err(io)?;
+            out.push((name, st));
+        }
+        Ok(out)
+    }
+
+    /// Removes `name` and, if it is a directory, everything beneath it, through handles opened
+    /// with `O_NOFOLLOW` one level at a time: a symlink is removed as itself, never followed,
+    /// so nothing outside this directory can be touched. At most `depth` levels deep.
+    pub fn remove_all(&self, name: &std::ffi::OsStr, depth: usize) -> std::io::Result<()> {
+        match unlinkat(self.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+            // Linux answers EISDIR for a directory (POSIX allows EPERM).
+            Err(Errno::EISDIR | Errno::EPERM) => {}
+            Err(e) => return Err(io(e)),
+        }
+        if depth == 0 {
+            return Err(std::io::Error::other("directory tree too deep to remove"));
+        }
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(self.fd.as_fd(), name, flags, Mode::empty()).map_err(io)?;
+        let sub = LocalDir {
+            fd: Arc::new(fd),
+            path: self.path.join(name),
+        };
+        for (child, _) in sub.entries()? {
+            sub.remove_all(&child, depth - 1)?;
+        }
+        unlinkat(self.fd.as_fd(), name, UnlinkatFlags::RemoveDir).map_err(io)
+    }
 }
 
 /// Sets permission bits (never setuid/setgid/sticky from a server) and mtime on an open fd.
 pub(crate) fn set_meta(fd: impl AsFd, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
     fchmod(fd.as_fd(), Mode::from_bits_truncate(mode & 0o777)).map_err(io)?;
-    let mtime = TimeSpec::new(
-        mtime_ns.div_euclid(1_000_000_000),
-        mtime_ns.rem_euclid(1_000_000_000),
-    );
-    futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &mtime).map_err(io)
+    futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
+}
+
+fn timespec(ns: i64) -> TimeSpec {
+    TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
 }
 
 /// `Some((needed, free))` if the file system holding `file` lacks room for it to grow to

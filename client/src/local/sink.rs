@@ -140,7 +140,8 @@ struct Reorder {
 impl Sink {
     /// Opens or creates the part file; with a matching `state`, keeps every chunk already on
     /// disk that passes its CRC32 (claimed in the state or not: data written just before a
-    /// kill is in the page cache even if the state did not yet claim it).
+    /// kill is in the page cache even if the state did not yet claim it). Without one, and
+    /// with `seed`, starts from the destination's old version ([`seed_from_old`]).
     pub(crate) fn create(
         remote: String,
         m: Meta,
@@ -148,6 +149,7 @@ impl Sink {
         out: Out,
         state: Option<PartState>,
         preserve: bool,
+        seed: bool,
     ) -> Result<Arc<Sink>> {
         let mut have = Have {
             have: Bitmap::new(m.count),
@@ -188,6 +190,12 @@ impl Sink {
                     let claimed = st.bitmap(m.count);
                     verify_part(&part, &m, &crcs, &claimed, &mut have).map_err(err)?;
                     debug!(%remote, chunks = have.have.count(), "resuming");
+                } else if seed && stateful && seed_from_old(&dir, &name, &part, m.size) {
+                    // Only chunks that pass the server's CRC32 are kept (and the whole file
+                    // is checked by BLAKE3 as always).
+                    let none = Bitmap::new(m.count);
+                    verify_part(&part, &m, &crcs, &none, &mut have).map_err(err)?;
+                    debug!(%remote, chunks = have.have.count(), "kept from the old version");
                 }
                 if stateful {
                     // The server's size must fit before any of it is reserved.
@@ -636,6 +644,29 @@ fn verify_part(
     Ok(())
 }
 
+/// Chunk-level delta: a fresh part of a file whose destination holds another version of it
+/// starts as a copy of that version (copy_file_range: a reflink or an in-kernel copy, no
+/// network), so the chunks that did not change are verified and kept instead of fetched.
+/// Returns whether the part may hold anything to verify. Only a regular file is copied (the
+/// open neither follows a symlink nor waits on a FIFO).
+fn seed_from_old(dir: &LocalDir, name: &str, part: &File, size: u64) -> bool {
+    use std::io::Read;
+    let Ok(old) = dir.open_read(name) else {
+        return false;
+    };
+    if !old.metadata().is_ok_and(|md| md.is_file()) {
+        return false;
+    }
+    match std::io::copy(&mut (&old).take(size), &mut &*part) {
+        Ok(n) => n > 0,
+        Err(e) => {
+            // What was copied is still checked chunk by chunk; the rest is fetched.
+            debug!("copying the old version: {e}");
+            true
+        }
+    }
+}
+
 /// Whether `[off, off+len)` of the file contains data (not only a hole).
 fn has_data(f: &File, off: u64, len: u64) -> bool {
     match nix::unistd::lseek(f, off as i64, Whence::SeekData) {
@@ -699,6 +730,7 @@ mod tests {
             out.clone(),
             None,
             false,
+            true,
         )
         .unwrap();
         // A chunk that does not match the CRC it came with is refused, not stored.
@@ -723,7 +755,16 @@ mod tests {
         // Second run: the state matches; 0, 5 and 9 verify, 3 does not.
         let st = PartState::load(&work.dir().unwrap(), &work.state()).unwrap();
         assert!(st.matches("v1", m.size, cs, &m.blake3));
-        let s = Sink::create("r/f".into(), m.clone(), crcs.clone(), out, Some(st), true).unwrap();
+        let s = Sink::create(
+            "r/f".into(),
+            m.clone(),
+            crcs.clone(),
+            out,
+            Some(st),
+            true,
+            true,
+        )
+        .unwrap();
         let missing = s.missing();
         assert_eq!(missing, vec![1, 2, 3, 4, 6, 7, 8]);
         for i in missing {
@@ -756,7 +797,7 @@ mod tests {
             name: "g".into(),
             group: None,
         };
-        let s = Sink::create("g".into(), m, crcs, out, None, false).unwrap();
+        let s = Sink::create("g".into(), m, crcs, out, None, false, true).unwrap();
         for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
             let crc = crc32fast::hash(&c);
             s.put_blocking(i as u32, c, crc).unwrap();

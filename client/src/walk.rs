@@ -1,0 +1,272 @@
+//! Tree walks, one per side: [`Client::walk_remote`] lists a remote tree (bounded: a server
+//! can list without end), [`walk_local`] a local one through confined directory handles. Both
+//! give every entry the filter keeps as a [`Node`] by relative path, what they skipped, and
+//! what they could not list — a walk with failures is incomplete, and `--delete` must not act
+//! on it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::ffi::OsStrExt;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::client::{entry_cost, Client, Entry, Kind};
+use crate::error::{Error, Result};
+use crate::local::{check_name, is_work_dir_name, LocalDir};
+use crate::sync::{Filter, Node};
+use crate::tree::{remote_join, MAX_TREE_BYTES, MAX_TREE_DEPTH, MAX_TREE_ENTRIES};
+
+/// Directory listings in flight at once.
+pub(crate) const LISTS_IN_FLIGHT: usize = 16;
+/// Longest remote path a tree walk follows: the protocol's path limit (docs/PROTOCOL.md §13).
+/// Keeps what one entry of a deep tree costs bounded too.
+const MAX_REMOTE_PATH: usize = 4096;
+
+/// One side of a tree transfer.
+#[derive(Debug, Default)]
+pub(crate) struct Walk {
+    /// Every entry the filter keeps, by path relative to the top.
+    pub nodes: BTreeMap<String, Node>,
+    /// Entries that are not transferred (symlinks, special files, unusable names): (path as
+    /// shown, why).
+    pub skipped: Vec<(String, String)>,
+    /// What could not be listed or is refused: (path as shown, error).
+    pub failed: Vec<(String, Error)>,
+}
+
+impl Walk {
+    pub fn complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+/// Counts what a tree walk keeps, against [`MAX_TREE_ENTRIES`] and the path-bytes limit.
+#[derive(Default)]
+struct Budget {
+    entries: u64,
+    bytes: u64,
+}
+
+impl Budget {
+    /// Charges entry `e` listed in `dir` (its remote and relative paths are kept as well).
+    fn take(&mut self, dir: &str, e: &Entry) -> Result<()> {
+        self.entries += 1;
+        self.bytes += 2 * (dir.len() + 1 + e.name.len()) as u64 + entry_cost(e);
+        if self.exceeded() {
+            return Err(Error::Protocol(format!(
+                "the tree has more than {MAX_TREE_ENTRIES} entries or {} MiB of names; \
+                 transfer it in parts",
+                MAX_TREE_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn exceeded(&self) -> bool {
+        self.entries > MAX_TREE_ENTRIES || self.bytes > MAX_TREE_BYTES
+    }
+}
+
+/// `parent/name` for relative paths, where "" is the top.
+pub(crate) fn rel_join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+/// `a/b/c` → (`a/b`, `c`); `c` → ("", `c`).
+pub(crate) fn rel_split(rel: &str) -> (&str, &str) {
+    rel.rsplit_once('/').unwrap_or(("", rel))
+}
+
+impl Client {
+    /// Lists the remote directory `top` and everything beneath it, breadth-first with
+    /// listings of different directories overlapping. A server that names anything but plain
+    /// names (`..`, `a/b`, NUL) gets those entries refused; one that lists more than the
+    /// budget fails the whole walk (nothing of it is planned).
+    pub(crate) async fn walk_remote(&self, top: &str, filter: &Filter) -> Result<Walk> {
+        let mut walk = Walk::default();
+        let budget = &std::sync::Mutex::new(Budget::default());
+        let mut lists = FuturesUnordered::new();
+        let mut waiting = VecDeque::from([(top.to_string(), String::new(), 1usize)]);
+        loop {
+            while lists.len() < LISTS_IN_FLIGHT {
+                let Some((path, rel, depth)) = waiting.pop_front() else {
+                    break;
+                };
+                lists.push(async move {
+                    let mut entries = Vec::new();
+                    let r = self.list_each(&path, |e| {
+                        budget.lock().unwrap().take(&path, &e)?;
+                        entries.push(e);
+                        Ok(())
+                    });
+                    let r = r.await.map(|()| entries);
+                    (path, rel, depth, r)
+                });
+            }
+            let Some((path, rel, depth, listed)) = lists.next().await else {
+                break;
+            };
+            let entries = match listed {
+                Ok(e) => e,
+                Err(e) if budget.lock().unwrap().exceeded() => return Err(e),
+                Err(e) => {
+                    walk.failed.push((path, e));
+                    continue;
+                }
+            };
+            for e in entries {
+                let rpath = remote_join(&path, &e.name);
+                if let Err(err) = check_name(&e.name) {
+                    walk.failed.push((rpath, err));
+                    continue;
+                }
+                if rpath.len() > MAX_REMOTE_PATH {
+                    let err = Error::Protocol(format!(
+                        "path longer than {MAX_REMOTE_PATH} bytes; not transferred"
+                    ));
+                    walk.failed.push((rpath, err));
+                    continue;
+                }
+                let sub = rel_join(&rel, &e.name);
+                if filter.excludes(&sub, e.kind == Kind::Dir) {
+                    continue;
+                }
+                let node = match e.kind {
+                    Kind::File => Node::File {
+                        size: e.size,
+                        mtime_ns: e.mtime_ns,
+                        mode: e.mode,
+                    },
+                    Kind::Dir if depth >= MAX_TREE_DEPTH => {
+                        let err = Error::Protocol(format!(
+                            "deeper than {MAX_TREE_DEPTH} levels; not descending"
+                        ));
+                        walk.failed.push((rpath, err));
+                        continue;
+                    }
+                    Kind::Dir => {
+                        waiting.push_back((rpath, sub.clone(), depth + 1));
+                        Node::Dir {
+                            mode: e.mode,
+                            mtime_ns: e.mtime_ns,
+                        }
+                    }
+                    Kind::Symlink | Kind::Other => {
+                        let why = format!("{:?}", e.kind).to_lowercase();
+                        walk.skipped.push((rpath, why));
+                        Node::Other
+                    }
+                };
+                walk.nodes.insert(sub, node);
+            }
+        }
+        Ok(walk)
+    }
+}
+
+/// Walks the local tree beneath `root` through handles opened one component at a time with
+/// `O_NOFOLLOW`: a symlink is an entry of its own, never followed. fsc's working directories
+/// are not part of any tree; names that are not UTF-8 cannot be named on the server and are
+/// skipped. Blocking.
+pub(crate) fn walk_local(root: &LocalDir, filter: &Filter) -> Walk {
+    let mut walk = Walk::default();
+    let mut waiting = VecDeque::from([(String::new(), 1usize)]);
+    while let Some((rel, depth)) = waiting.pop_front() {
+        let entries = root.walk(&rel).and_then(|d| d.entries());
+        let entries = match entries {
+            Ok(e) => e,
+            Err(e) => {
+                walk.failed
+                    .push((root.display(&rel), Error::io(root.display(&rel), e)));
+                continue;
+            }
+        };
+        for (name, st) in entries {
+            let Ok(name) = std::str::from_utf8(name.as_bytes()) else {
+                let shown = root.display(&rel_join(&rel, &name.to_string_lossy()));
+                walk.skipped.push((shown, "name is not UTF-8".into()));
+                continue;
+            };
+            let sub = rel_join(&rel, name);
+            let fmt = st.st_mode & libc::S_IFMT;
+            let is_dir = fmt == libc::S_IFDIR;
+            if is_dir && is_work_dir_name(name) {
+                // fsc's own partial downloads, not the user's data.
+                walk.skipped
+                    .push((root.display(&sub), "fsc working directory".into()));
+                continue;
+            }
+            if filter.excludes(&sub, is_dir) {
+                continue;
+            }
+            let mtime_ns = st.st_mtime * 1_000_000_000 + st.st_mtime_nsec;
+            let mode = st.st_mode & 0o7777;
+            let node = match fmt {
+                libc::S_IFDIR if depth >= MAX_TREE_DEPTH => {
+                    let err = Error::Usage(format!(
+                        "{}: deeper than {MAX_TREE_DEPTH} levels; not descending",
+                        root.display(&sub)
+                    ));
+                    walk.failed.push((root.display(&sub), err));
+                    continue;
+                }
+                libc::S_IFDIR => {
+                    waiting.push_back((sub.clone(), depth + 1));
+                    Node::Dir { mode, mtime_ns }
+                }
+                libc::S_IFREG => Node::File {
+                    size: u64::try_from(st.st_size).unwrap_or(0),
+                    mtime_ns,
+                    mode,
+                },
+                other => {
+                    let why = if other == libc::S_IFLNK {
+                        "symlink"
+                    } else {
+                        "special file"
+                    };
+                    walk.skipped.push((root.display(&sub), why.into()));
+                    Node::Other
+                }
+            };
+            walk.nodes.insert(sub, node);
+        }
+    }
+    walk
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_walks_skip_working_directories_and_never_follow_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        for d in [".fsc-work", ".fsc-work.1", ".fsc-workshop"] {
+            std::fs::create_dir(tmp.path().join(d)).unwrap();
+            std::fs::write(tmp.path().join(d).join("x"), b"x").unwrap();
+        }
+        std::fs::write(tmp.path().join("f"), b"f").unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("link")).unwrap();
+        let root = LocalDir::open(tmp.path()).unwrap();
+        let w = walk_local(&root, &Filter::default());
+        let names: Vec<_> = w.nodes.keys().map(String::as_str).collect();
+        assert_eq!(names, [".fsc-workshop", ".fsc-workshop/x", "f", "link"]);
+        assert_eq!(w.nodes["link"], Node::Other);
+        assert_eq!(w.skipped.len(), 3);
+        assert!(w.complete());
+    }
+
+    #[test]
+    fn relative_path_helpers() {
+        assert_eq!(rel_join("", "x"), "x");
+        assert_eq!(rel_join("a/b", "x"), "a/b/x");
+        assert_eq!(rel_split("a/b/c"), ("a/b", "c"));
+        assert_eq!(rel_split("c"), ("", "c"));
+    }
+}

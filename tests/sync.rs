@@ -1,0 +1,680 @@
+//! Sync with the real binaries (issue 16): a re-run moves only what changed, in both
+//! directions, for single files and trees; `--checksum`, `--delete` (and its refusal when a
+//! listing is incomplete), `--dry-run`, filters, and uploads that create their parents.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::proxy::{Fault, Proxy};
+use common::*;
+
+const CHUNK: usize = 1 << 20;
+
+/// Runs `fsc --json ARGS` (must succeed) and returns its events.
+fn run(args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    events(&fsc_ok(&all).stdout)
+}
+
+fn of<'a>(ev: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    ev.iter().filter(|e| e["event"] == kind).collect()
+}
+
+/// File data moved over the network, by the done events.
+fn moved(ev: &[serde_json::Value]) -> u64 {
+    of(ev, "done")
+        .iter()
+        .map(|e| e["transferred"].as_u64().unwrap())
+        .sum()
+}
+
+/// Paths of the events of one kind, sorted.
+fn paths(ev: &[serde_json::Value], kind: &str) -> Vec<String> {
+    let mut p: Vec<String> = of(ev, kind)
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_string())
+        .collect();
+    p.sort();
+    p
+}
+
+/// Every entry beneath `root` (not the server's state directory): path, kind, mtime (files and
+/// directories) and contents of files; symlinks as their target.
+fn tree(root: &Path) -> Vec<(String, String, i64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            if rel.starts_with(".fsd-state") {
+                continue;
+            }
+            let mtime = m.mtime_nsec() + m.mtime() * 1_000_000_000;
+            if m.is_dir() {
+                stack.push(e.path());
+                out.push((rel, "dir".into(), mtime, Vec::new()));
+            } else if m.file_type().is_symlink() {
+                let t = std::fs::read_link(e.path()).unwrap();
+                out.push((rel, "link".into(), 0, t.display().to_string().into_bytes()));
+            } else {
+                let data = std::fs::read(e.path()).unwrap();
+                out.push((
+                    rel,
+                    "file".into(),
+                    m.mtime_nsec() + m.mtime() * 1_000_000_000,
+                    data,
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn mtime(p: &Path) -> i64 {
+    let m = std::fs::metadata(p).unwrap();
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
+}
+
+fn set_mtime(p: &Path, t: SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+/// A tree with nested and empty directories, an empty file and a file of several chunks.
+fn make_tree(top: &Path) {
+    write_random(&top.join("a.txt"), 1000, 1);
+    write_random(&top.join("empty"), 0, 2);
+    write_random(&top.join("d/big.bin"), 3 * CHUNK + 5, 3);
+    write_random(&top.join("d/e/f.txt"), 70_000, 4);
+    std::fs::create_dir_all(top.join("d/empty-dir")).unwrap();
+}
+
+#[test]
+fn a_rerun_of_an_unchanged_tree_or_file_moves_nothing_both_ways() {
+    let s = Fsd::start();
+    make_tree(&s.root.join("t"));
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    let ev = run(&["download", "-r", &s.addr(), "t", dst_s]);
+    assert_eq!(of(&ev, "done").len(), 4);
+    assert!(moved(&ev) > 3 * CHUNK as u64);
+    assert_eq!(tree(&s.root.join("t")), tree(&dst), "mtimes carried down");
+    assert_eq!(mtime(&s.root.join("t")), mtime(&dst), "the top's too");
+    assert!(dst.join("d/empty-dir").is_dir(), "empty directories kept");
+
+    let ev = run(&["download", "-r", &s.addr(), "t", dst_s]);
+    assert_eq!(moved(&ev), 0, "{ev:?}");
+    assert!(of(&ev, "done").is_empty(), "{ev:?}");
+    assert_eq!(
+        paths(&ev, "unchanged"),
+        ["t/a.txt", "t/d/big.bin", "t/d/e/f.txt", "t/empty"]
+    );
+    assert!(of(&ev, "unchanged")
+        .iter()
+        .all(|e| e["reason"] == "same size and mtime"));
+
+    // Up: the first run sends, the second nothing.
+    let ev = run(&["upload", "-r", &s.addr(), dst_s, "back"]);
+    assert_eq!(of(&ev, "done").len(), 4);
+    assert_eq!(tree(&dst), tree(&s.root.join("back")), "mtimes carried up");
+    assert_eq!(mtime(&dst), mtime(&s.root.join("back")));
+    assert!(s.root.join("back/d/empty-dir").is_dir());
+    let ev = run(&["upload", "-r", &s.addr(), dst_s, "back"]);
+    assert_eq!((moved(&ev), of(&ev, "done").len()), (0, 0), "{ev:?}");
+    assert_eq!(of(&ev, "unchanged").len(), 4);
+
+    // Single files, both ways.
+    let one = local.path().join("one.bin");
+    let ev = run(&["download", &s.addr(), "t/d/big.bin", one.to_str().unwrap()]);
+    assert_eq!(of(&ev, "done").len(), 1);
+    let ev = run(&["download", &s.addr(), "t/d/big.bin", one.to_str().unwrap()]);
+    assert_eq!((moved(&ev), of(&ev, "done").len()), (0, 0), "{ev:?}");
+    assert_eq!(paths(&ev, "unchanged"), ["t/d/big.bin"]);
+    let ev = run(&["upload", &s.addr(), one.to_str().unwrap(), "one.bin"]);
+    assert_eq!(of(&ev, "done").len(), 1);
+    let ev = run(&["upload", &s.addr(), one.to_str().unwrap(), "one.bin"]);
+    assert_eq!((moved(&ev), of(&ev, "done").len()), (0, 0), "{ev:?}");
+    assert_eq!(paths(&ev, "unchanged"), ["one.bin"]);
+    // --no-clobber still refuses an existing file, identical or not.
+    let out = fsc(&[
+        "-q",
+        "upload",
+        "--no-clobber",
+        &s.addr(),
+        one.to_str().unwrap(),
+        "one.bin",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn changed_files_are_sent_again_and_only_they() {
+    let s = Fsd::start();
+    make_tree(&s.root.join("t"));
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", "-r", &s.addr(), "t", dst_s]);
+
+    // Same size, new contents and mtime; and a new size.
+    let then = SystemTime::now() - Duration::from_secs(3600);
+    write_random(&s.root.join("t/a.txt"), 1000, 10);
+    set_mtime(&s.root.join("t/a.txt"), then);
+    write_random(&s.root.join("t/d/e/f.txt"), 70_001, 11);
+    let ev = run(&["download", "-r", &s.addr(), "t", dst_s]);
+    assert_eq!(paths(&ev, "done"), ["t/a.txt", "t/d/e/f.txt"]);
+    assert_eq!(paths(&ev, "unchanged"), ["t/d/big.bin", "t/empty"]);
+    assert_eq!(tree(&s.root.join("t")), tree(&dst));
+
+    // Up: one local file touched (same contents, new mtime) is sent again; so is a new size.
+    run(&["upload", "-r", &s.addr(), dst_s, "back"]);
+    set_mtime(&dst.join("d/big.bin"), then);
+    write_random(&dst.join("empty"), 3, 12);
+    let ev = run(&["upload", "-r", &s.addr(), dst_s, "back"]);
+    assert_eq!(paths(&ev, "done"), ["back/d/big.bin", "back/empty"]);
+    assert_eq!(of(&ev, "unchanged").len(), 2);
+    assert_eq!(tree(&dst), tree(&s.root.join("back")));
+}
+
+#[test]
+fn checksum_catches_a_change_that_keeps_size_and_mtime() {
+    let s = Fsd::start();
+    make_tree(&s.root.join("t"));
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", "-r", &s.addr(), "t", dst_s]);
+    run(&["upload", "-r", &s.addr(), dst_s, "back"]);
+
+    // Down: the remote big file rewritten in place, its mtime put back.
+    let f = s.root.join("t/d/big.bin");
+    let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+    write_random(&f, 3 * CHUNK + 5, 20);
+    set_mtime(&f, mtime);
+    let ev = run(&["download", "-r", &s.addr(), "t", dst_s]);
+    assert_eq!(moved(&ev), 0, "the quick check cannot see it");
+    let ev = run(&["download", "-r", "--checksum", &s.addr(), "t", dst_s]);
+    assert_eq!(paths(&ev, "done"), ["t/d/big.bin"]);
+    assert_eq!(of(&ev, "unchanged").len(), 3);
+    assert!(of(&ev, "unchanged")
+        .iter()
+        .all(|e| e["reason"] == "same BLAKE3"));
+    assert_same_file(&f, &dst.join("d/big.bin"));
+
+    // Up, single file: the local copy rewritten, mtime put back.
+    let g = dst.join("d/e/f.txt");
+    let mtime = std::fs::metadata(&g).unwrap().modified().unwrap();
+    write_random(&g, 70_000, 21);
+    set_mtime(&g, mtime);
+    let (g_s, remote) = (g.to_str().unwrap(), "back/d/e/f.txt");
+    let ev = run(&["upload", &s.addr(), g_s, remote]);
+    assert_eq!(paths(&ev, "unchanged"), [remote]);
+    let ev = run(&["upload", "-c", &s.addr(), g_s, remote]);
+    assert_eq!(paths(&ev, "done"), [remote]);
+    assert_same_file(&g, &s.root.join(remote));
+    let ev = run(&["upload", "-c", &s.addr(), g_s, remote]);
+    assert_eq!(paths(&ev, "unchanged"), [remote]);
+}
+
+/// The destination's extras, both ways: files, a directory tree, a symlink leading out (which
+/// must be removed as itself), and a file and a directory each where the source has the other.
+fn add_extras(top: &Path, outside: &Path) {
+    write_random(&top.join("extra.txt"), 10, 30);
+    write_random(&top.join("x/y/z.txt"), 10, 31);
+    std::fs::create_dir_all(top.join("x/empty")).unwrap();
+    std::os::unix::fs::symlink(outside, top.join("out-link")).unwrap();
+    std::fs::remove_file(top.join("a.txt")).unwrap();
+    write_random(&top.join("a.txt/inner"), 5, 32);
+    std::fs::remove_dir_all(top.join("d/e")).unwrap();
+    write_random(&top.join("d/e"), 5, 33);
+}
+
+#[test]
+fn delete_makes_the_destination_a_mirror_both_ways() {
+    let s = Fsd::start();
+    make_tree(&s.root.join("t"));
+    let outside = tempfile::tempdir().unwrap();
+    write_random(&outside.path().join("precious"), 10, 34);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", "-r", &s.addr(), "t", dst_s]);
+    add_extras(&dst, outside.path());
+
+    // Without --delete: extras stay, and what is in the way is reported as a failure.
+    let out = fsc(&["--json", "download", "-r", &s.addr(), "t", dst_s])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(dst.join("extra.txt").exists());
+
+    let ev = run(&["download", "-r", "--delete", &s.addr(), "t", dst_s]);
+    let d = |r: &str| dst.join(r).display().to_string();
+    assert_eq!(
+        paths(&ev, "deleted"),
+        [d("a.txt"), d("d/e"), d("extra.txt"), d("out-link"), d("x")]
+    );
+    assert_eq!(tree(&s.root.join("t")), tree(&dst));
+    assert!(
+        outside.path().join("precious").exists(),
+        "symlink not followed"
+    );
+
+    // Up: the same extras on the server.
+    run(&["upload", "-r", &s.addr(), dst_s, "back"]);
+    let back = s.root.join("back");
+    add_extras(&back, outside.path());
+    let ev = run(&["upload", "-r", "--delete", &s.addr(), dst_s, "back"]);
+    assert_eq!(
+        paths(&ev, "deleted"),
+        [
+            "back/a.txt",
+            "back/d/e",
+            "back/extra.txt",
+            "back/out-link",
+            "back/x"
+        ]
+    );
+    assert_eq!(tree(&dst), tree(&back));
+    assert!(outside.path().join("precious").exists());
+}
+
+/// Makes a listing of `top` incomplete: an entry whose path from `top` is longer than a
+/// protocol path may be (4096 bytes), which fsc refuses to take. Created through a directory
+/// handle, since its absolute path is longer than the kernel's PATH_MAX.
+fn plant_unlistable(top: &Path) {
+    let name = "n".repeat(255);
+    let dir = top.join(vec![name.as_str(); 15].join("/"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = std::fs::File::open(&dir).unwrap();
+    nix::sys::stat::mkdirat(
+        &d,
+        name.as_str(),
+        nix::sys::stat::Mode::from_bits_truncate(0o755),
+    )
+    .unwrap();
+}
+
+#[test]
+fn delete_is_refused_when_a_listing_is_incomplete() {
+    let s = Fsd::start();
+    make_tree(&s.root.join("t"));
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", "-r", &s.addr(), "t", dst_s]);
+    run(&["upload", "-r", &s.addr(), dst_s, "back"]);
+    write_random(&dst.join("extra.txt"), 10, 40);
+    write_random(&s.root.join("back/server-extra"), 10, 41);
+    plant_unlistable(&s.root.join("t"));
+    plant_unlistable(&s.root.join("back"));
+    write_random(&s.root.join("t/new.txt"), 10, 42);
+
+    // Down: the source listing is incomplete.
+    let out = fsc(&[
+        "--json",
+        "download",
+        "-r",
+        "--delete",
+        &s.addr(),
+        "t",
+        dst_s,
+    ])
+    .output()
+    .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let ev = events(&out.stdout);
+    assert!(of(&ev, "deleted").is_empty(), "{ev:?}");
+    assert!(
+        of(&ev, "error")
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().contains("not deleting")),
+        "{ev:?}"
+    );
+    assert!(dst.join("extra.txt").exists());
+    assert!(
+        dst.join("new.txt").exists(),
+        "the rest is still transferred"
+    );
+
+    // Up: the destination's listing is incomplete; the server's extra stays.
+    std::fs::remove_dir_all(dst.join("n".repeat(255))).unwrap();
+    let out = fsc(&[
+        "--json",
+        "upload",
+        "-r",
+        "--delete",
+        &s.addr(),
+        dst_s,
+        "back",
+    ])
+    .output()
+    .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(of(&events(&out.stdout), "deleted").is_empty());
+    assert!(s.root.join("back/server-extra").exists());
+}
+
+#[test]
+fn dry_run_reports_and_changes_nothing() {
+    let s = Fsd::start();
+    make_tree(&s.root.join("t"));
+    let outside = tempfile::tempdir().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+
+    // Into a missing directory: everything would be copied, nothing is created.
+    let ev = run(&["download", "-r", "-n", &s.addr(), "t", dst_s]);
+    assert_eq!(
+        of(&ev, "dry_run")
+            .iter()
+            .filter(|e| e["action"] == "copy")
+            .count(),
+        4
+    );
+    assert!(!dst.exists());
+
+    run(&["download", "-r", &s.addr(), "t", dst_s]);
+    add_extras(&dst, outside.path());
+    write_random(&s.root.join("t/d/big.bin"), 3 * CHUNK, 50);
+    write_random(&s.root.join("t/new"), 5, 51);
+    let before = tree(&dst);
+    let ev = run(&["download", "-r", "--delete", "-n", &s.addr(), "t", dst_s]);
+    assert_eq!(tree(&dst), before, "a dry run changes nothing");
+    assert_eq!(moved(&ev), 0);
+    let acts = |a: &str| -> Vec<String> {
+        let mut v: Vec<String> = of(&ev, "dry_run")
+            .iter()
+            .filter(|e| e["action"] == a)
+            .map(|e| e["path"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(acts("copy"), ["t/a.txt", "t/d/e/f.txt", "t/new"]);
+    assert_eq!(acts("update"), ["t/d/big.bin"]);
+    assert_eq!(acts("skip"), ["t/empty"]);
+    assert_eq!(acts("delete").len(), 5);
+    assert_eq!(acts("mkdir"), [dst.join("d/e").display().to_string()]);
+
+    // Without --json the plan is printed for a person.
+    let out = fsc_ok(&["download", "-r", "--delete", "-n", &s.addr(), "t", dst_s]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("would update t/d/big.bin (size differs)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("would delete {}", dst.join("x").display())),
+        "{text}"
+    );
+    assert_eq!(tree(&dst), before);
+
+    // Up, single file: nothing sent, nothing created.
+    let ev = run(&[
+        "upload",
+        "-n",
+        &s.addr(),
+        dst.join("empty").to_str().unwrap(),
+        "n/e/w",
+    ]);
+    assert_eq!(acts_of(&ev), [("copy".to_string(), "n/e/w".to_string())]);
+    assert!(!s.root.join("n").exists());
+}
+
+fn acts_of(ev: &[serde_json::Value]) -> Vec<(String, String)> {
+    of(ev, "dry_run")
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().into(),
+                e["path"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn filters_leave_entries_out_and_protect_them_from_delete() {
+    let s = Fsd::start();
+    let src = s.root.join("t");
+    make_tree(&src);
+    write_random(&src.join("x.log"), 5, 60);
+    write_random(&src.join("d/keep.log"), 5, 61);
+    write_random(&src.join("cache/blob"), 5, 62);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    let rules = [
+        "--exclude",
+        "*.log",
+        "--include",
+        "keep.log",
+        "--exclude",
+        "cache/",
+    ];
+    let addr = s.addr();
+    let mut args = vec!["download", "-r"];
+    args.extend_from_slice(&rules);
+    args.extend_from_slice(&[&addr, "t", dst_s]);
+    run(&args);
+    assert!(!dst.join("x.log").exists() && !dst.join("cache").exists());
+    assert!(dst.join("d/keep.log").exists() && dst.join("d/big.bin").exists());
+
+    // An excluded local file survives --delete; an extra that is not excluded does not.
+    write_random(&dst.join("local.log"), 5, 63);
+    write_random(&dst.join("stray"), 5, 64);
+    args.insert(2, "--delete");
+    let ev = run(&args);
+    assert_eq!(
+        paths(&ev, "deleted"),
+        [dst.join("stray").display().to_string()]
+    );
+    assert!(dst.join("local.log").exists());
+
+    // The last rule wins: including first, excluding after, leaves keep.log out.
+    let ex = local.path().join("ignore");
+    std::fs::write(&ex, "# gitignore lines\n*.log\n").unwrap();
+    let up_args = [
+        "upload",
+        "-r",
+        "--include",
+        "keep.log",
+        "--exclude-from",
+        ex.to_str().unwrap(),
+        &s.addr(),
+        dst_s,
+        "up",
+    ];
+    run(&up_args);
+    assert!(s.root.join("up/d/big.bin").exists());
+    assert!(!s.root.join("up/d/keep.log").exists() && !s.root.join("up/local.log").exists());
+}
+
+#[test]
+fn an_upload_creates_its_missing_parents_within_the_prefix() {
+    let top = tempfile::tempdir().unwrap();
+    let root = top.path().join("root");
+    std::fs::create_dir_all(root.join("team")).unwrap();
+    let tokens = top.path().join("tokens");
+    const TEAM: &str = "team-token-0123456789abcdef";
+    std::fs::write(&tokens, format!("admin {TOKEN} rw\nteam {TEAM} rw team\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let s = Fsd::start_on(&root, &["--token-file", tokens.to_str().unwrap()]);
+    let f = top.path().join("f");
+    write_random(&f, 2 * CHUNK + 1, 70);
+    let f_s = f.to_str().unwrap();
+    fsc_ok(&["-q", "upload", &s.addr(), f_s, "a/b/c/f"]);
+    assert_same_file(&f, &root.join("a/b/c/f"));
+
+    let team = |args: &[&str]| fsc(args).env("FSC_TOKEN", TEAM).output().unwrap();
+    assert!(team(&["-q", "upload", &s.addr(), f_s, "team/x/y/f"])
+        .status
+        .success());
+    assert_same_file(&f, &root.join("team/x/y/f"));
+    let out = team(&["-q", "upload", &s.addr(), f_s, "elsewhere/z/f"]);
+    assert_eq!(out.status.code(), Some(2), "outside the prefix: refused");
+    assert!(!root.join("elsewhere").exists());
+}
+
+/// MKDIR `mtime_ns` (how a tree upload carries directory mtimes) is confined like every path:
+/// nothing outside the root, never through a final symlink, nothing in the state directory.
+#[test]
+fn setting_a_directory_mtime_is_confined() {
+    use fsd::protocol::{msg, Cmd, ErrorCode};
+    let s = Fsd::start();
+    let outside = tempfile::tempdir().unwrap();
+    let before = mtime(outside.path());
+    std::fs::create_dir(s.root.join("inside")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), s.root.join("out")).unwrap();
+    std::os::unix::fs::symlink("inside", s.root.join("in-link")).unwrap();
+    let mut r = Raw::authed(s.addr);
+    let mut mkdir = |path: &str| {
+        let req = msg::MkdirRequest {
+            path: path.into(),
+            parents: true,
+            mode_bits: 0,
+            mtime_ns: 1_000_000_000_123,
+        };
+        let f = r.call(Cmd::MKDIR, 3, &req);
+        f.header
+            .is_error()
+            .then(|| ErrorCode::from_u32(error_of(&f).code).unwrap())
+    };
+    assert_eq!(mkdir("inside"), None);
+    assert_eq!(mtime(&s.root.join("inside")), 1_000_000_000_123);
+    assert_eq!(mkdir("new/dir"), None, "created, then stamped");
+    assert_eq!(mtime(&s.root.join("new/dir")), 1_000_000_000_123);
+    for (path, code) in [
+        ("out", ErrorCode::InvalidPath),
+        ("out/x", ErrorCode::InvalidPath),
+        ("../x", ErrorCode::InvalidPath),
+        (".fsd-state", ErrorCode::InvalidPath),
+        ("in-link", ErrorCode::NotADirectory),
+    ] {
+        assert_eq!(mkdir(path), Some(code), "{path}");
+    }
+    assert_eq!(
+        mtime(&s.root.join("inside")),
+        1_000_000_000_123,
+        "not through in-link"
+    );
+    assert_eq!(
+        mtime(outside.path()),
+        before,
+        "nothing outside the root changed"
+    );
+    assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+}
+
+/// Runs `fsc --json ARGS` and SIGKILLs it at the first event for which `stop` holds.
+fn kill_fsc_at(args: &[&str], stop: impl Fn(&serde_json::Value) -> bool) {
+    use std::io::BufRead;
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let mut child = fsc(&all)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.map_while(Result::ok) {
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if stop(&e) {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "fsc finished before it was killed");
+}
+
+#[test]
+fn an_interrupted_sync_run_again_ends_identical_both_ways() {
+    let s = Fsd::start();
+    let src = s.root.join("t");
+    make_tree(&src);
+    for i in 0..3 {
+        write_random(&src.join(format!("big{i}")), 24 * CHUNK + i, 80 + i as u64);
+    }
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    write_random(&dst.join("stale"), 10, 90);
+
+    // Down, through a link slow enough to be killed with files done and files half-way.
+    let proxy = Proxy::start(s.addr, Fault::Tiny);
+    let args = ["download", "-r", "--delete", &proxy.addr(), "t", dst_s];
+    kill_fsc_at(&args, |e| {
+        e["event"] == "progress" && e["done"].as_u64().unwrap_or(0) >= 4 * CHUNK as u64
+    });
+    let ev = run(&["download", "-r", "--delete", &s.addr(), "t", dst_s]);
+    assert_eq!(tree(&src), tree(&dst));
+    assert!(
+        !of(&ev, "unchanged").is_empty(),
+        "files done before the kill stay: {ev:?}"
+    );
+    let resumed: u64 = of(&ev, "start")
+        .iter()
+        .map(|e| e["resumed"].as_u64().unwrap())
+        .sum();
+    assert!(resumed > 0, "partial files resume: {ev:?}");
+
+    // Up: acknowledgements held back, killed once a big file is partly in, then run again.
+    let back = s.root.join("back");
+    let slow = Proxy::start(s.addr, Fault::Delay(Duration::from_millis(50)));
+    let args = ["upload", "-r", "--delete", &slow.addr(), dst_s, "back"];
+    kill_fsc_at(&args, |e| {
+        e["event"] == "progress"
+            && e["size"].as_u64().unwrap_or(0) > 20 * CHUNK as u64
+            && e["done"].as_u64().unwrap_or(0) >= CHUNK as u64
+    });
+    let ev = run(&["upload", "-r", "--delete", &s.addr(), dst_s, "back"]);
+    assert_eq!(tree(&dst), tree(&back));
+    assert!(
+        moved(&ev) < 3 * 24 * CHUNK as u64,
+        "the second run resumes: {ev:?}"
+    );
+}
+
+/// Chunk-level delta (issue 16 item 2), downloads: a changed file keeps the chunks of the old
+/// local version that still match the server's CRC32s; only the others cross the network.
+#[test]
+fn a_changed_file_fetches_only_its_changed_chunks() {
+    use std::os::unix::fs::FileExt;
+    let s = Fsd::start();
+    let f = s.root.join("f");
+    write_random(&f, 8 * CHUNK + 5, 100);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("f");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", &s.addr(), "f", dst_s]);
+
+    // One chunk rewritten in place, a few bytes appended.
+    let file = std::fs::File::options().write(true).open(&f).unwrap();
+    file.write_all_at(&random_bytes(100, 101), 3 * CHUNK as u64 + 7)
+        .unwrap();
+    file.write_all_at(b"tail", 8 * CHUNK as u64 + 5).unwrap();
+    drop(file);
+    let ev = run(&["download", &s.addr(), "f", dst_s]);
+    assert_same_file(&f, &dst);
+    // Chunk 3 and the last chunk (5 + 4 bytes).
+    assert_eq!(moved(&ev), CHUNK as u64 + 9, "{ev:?}");
+    assert_eq!(of(&ev, "start")[0]["resumed"], 7 * CHUNK as u64);
+}
