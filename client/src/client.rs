@@ -71,6 +71,12 @@ pub struct Options {
     /// Downloads: give created files and directories the server's permission bits exactly
     /// (never setuid, setgid or sticky) instead of those bits less the umask.
     pub preserve: bool,
+    /// TCP congestion control of every connection, already known to work (see
+    /// `fsd::net::choose_congestion`); `None` keeps the system default.
+    pub congestion: Option<String>,
+    /// Limit on the whole run's DATA, sent and received over all connections together, in
+    /// bytes per second.
+    pub bwlimit: Option<u64>,
     /// Called with every [`Event`].
     pub on_event: Option<EventFn>,
 }
@@ -87,6 +93,8 @@ impl Default for Options {
             stall_timeout: Duration::from_secs(30),
             window_bytes: ConnOptions::default().window_bytes,
             preserve: false,
+            congestion: None,
+            bwlimit: None,
             on_event: None,
         }
     }
@@ -253,6 +261,15 @@ impl Client {
             stall_timeout: opts.stall_timeout,
             window_bytes: opts.window_bytes,
             shared_window: Some(Arc::new(tokio::sync::Semaphore::new(pool_window))),
+            // One socket never needs more than the whole limit: pacing it there in the kernel
+            // smooths what the shared bucket grants in bursts.
+            tuning: fsd::net::Tuning {
+                congestion: opts.congestion.clone(),
+                max_pacing_rate: opts.bwlimit,
+            },
+            limit: opts
+                .bwlimit
+                .map(|r| Arc::new(fsd::net::TokenBucket::new(r))),
         };
         let client = Client {
             shared: Arc::new(Shared {

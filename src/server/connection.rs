@@ -251,6 +251,7 @@ async fn transport(
     evicted: &CancellationToken,
 ) -> Option<(ReadSide, WriteSide, Option<String>, Option<RawFd>)> {
     let _ = stream.set_nodelay(true);
+    server.config.tuning.connected(stream.as_raw_fd());
     let Some(tls) = server.config.tls.clone() else {
         let fd = stream.as_raw_fd();
         let (rd, wr) = stream.into_split();
@@ -284,7 +285,7 @@ async fn transport(
         let (tx, rx) = mpsc::channel(1);
         let _ = tx.send(Outgoing::Frame(f)).await;
         drop(tx);
-        let _ = writer::run(WriteSide::Tcp(wr), rx, server.stats.clone()).await;
+        let _ = writer::run(WriteSide::Tcp(wr), rx, server.stats.clone(), None).await;
         return None;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -360,7 +361,12 @@ async fn speak(
     startup: Startup,
 ) {
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-    let writer = tokio::spawn(writer::run(wr, rx, server.stats.clone()));
+    let writer = tokio::spawn(writer::run(
+        wr,
+        rx,
+        server.stats.clone(),
+        server.config.bwlimit.clone(),
+    ));
     let mut conn = Conn {
         base_chunk_size: server.config.chunk_size,
         client_max_frame: MAX_CHUNK_SIZE,
@@ -548,6 +554,11 @@ impl Conn {
             let held = match (cmd, self.pending_writes.contains_key(&sid), &self.session) {
                 (Cmd::WRITE | Cmd::PUT, true, Some(_)) => {
                     let n = u32::try_from(f.payload.len()).unwrap_or(u32::MAX);
+                    // Received data counts against the server-wide --bwlimit too: waiting
+                    // here stops reading, so TCP's window slows the sender down.
+                    if let Some(b) = &self.server.config.bwlimit {
+                        b.take(u64::from(n)).await;
+                    }
                     Some(
                         self.inbound
                             .clone()
