@@ -9,7 +9,10 @@
 # Cases: a 1 GiB download to a file (fsc, rsync daemon, nginx+curl); b to stdout > /dev/null
 # (fsc, curl, iperf3 -R); c 1 GiB upload (fsc, rsync push); d 10,000 x 4 KiB recursive download
 # and upload (fsc, rsync); e -j 1/2/4; f resume after kill -9 at 50%; g 100 concurrent downloads
-# of 100 different files (fsd vs nginx CPU per GiB and peak RSS); p perf profiles of fsd and fsc.
+# of 100 different files (fsd vs nginx CPU per GiB and peak RSS); p perf profiles of fsd and fsc;
+# w (only when asked for, root) a long, lossy link emulated between two network namespaces:
+# fsc vs curl, aria2c -x8 and iperf3 -P8 at 0 / 0.1 / 1 % loss under bbr and cubic
+# (scripts/bench/wan.sh, which has its own anchors and installs them).
 #
 # Each case does one untimed warm-up per tool (it also builds fsd's manifests), then RUNS timed
 # runs alternating the tools (rotating the order each run). The source is re-read right before
@@ -32,7 +35,8 @@ usage() {
   cat <<'EOF'
 Options:
   --quick            1 run per case, 256 MiB file, 1,000 small files, 100 x 4 MiB for (g)
-  --cases LIST       comma-separated subset of a,b,c,d,e,f,g,t,p (default a,b,c,d,e,f,g,t; t = TLS vs scp)
+  --cases LIST       comma-separated subset of a,b,c,d,e,f,g,t,p,w (default a,b,c,d,e,f,g,t; t = TLS
+                     vs scp; w = emulated long, lossy link, 2 runs unless --runs, ~15 min per run)
   --profile          also run p (perf record -e cpu-clock -g of fsd and fsc)
   --runs N           timed runs per tool and case (default 5; 1 with --quick)
   --workdir DIR      data and scratch (default /var/tmp/fsbench); data is kept for reuse
@@ -72,6 +76,8 @@ while [ $# -gt 0 ]; do
 done
 has_case() { [[ ",$cases," == *",$1,"* ]]; }
 
+# Case w runs the whole matrix (6 links x 6 tools) per run: 2 runs unless --runs says otherwise.
+wan_runs=${runs:-2}
 if [ "$quick" = 1 ]; then
   big=$((256 << 20)); big_h="256 MiB"
   small_n=1000
@@ -115,7 +121,8 @@ install_tools() {
   [ "$made_policy" = 1 ] && rm -f "$policy"
   return 0
 }
-install_tools
+only_w=0; [ "$cases" = w ] && only_w=1
+[ "$only_w" = 1 ] || install_tools
 [ -r /proc/self/io ] || die "/proc/PID/io is needed"
 
 if [ -n "${FSD_BIN:-}" ] || [ -n "${FSC_BIN:-}" ]; then
@@ -139,6 +146,15 @@ else
   if [ -n "$(cd "$repo" && git status --porcelain --untracked-files=no -- src client Cargo.toml Cargo.lock 2>/dev/null)" ]; then
     rev="$rev + uncommitted changes in src/client"
   fi
+fi
+
+# Case w has its own namespaces, servers and anchors (see scripts/bench/wan.sh).
+if has_case w; then
+  log "case w: emulated long, lossy link (scripts/bench/wan.sh), $wan_runs run(s)"
+  RUNS=$wan_runs FSD_BIN=$fsd_bin FSC_BIN=$fsc_bin NO_INSTALL=$((1 - install)) \
+    RESULTS=${results_out:+$results_out.wan.md} "$here/bench/wan.sh" || die "case w failed"
+  cases=$(tr ',' '\n' <<< "$cases" | grep -vx w | paste -sd, -)
+  [ -n "$cases" ] || exit 0
 fi
 
 # ---------------------------------------------------------------- processes we own

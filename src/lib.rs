@@ -6,6 +6,8 @@
 //! - [`fskind`]: local or shared file system, and so which mechanisms are safe on it.
 //! - [`direct`]: O_DIRECT writes of big files' chunks, used by server and client.
 //! - [`frame_reader`]: reading frames off a connection, used by server and client.
+//! - [`net`]: TCP settings for long paths (congestion control, send buffer, pacing) and rate
+//!   limits, used by server and client.
 
 pub mod compress;
 pub mod direct;
@@ -14,6 +16,7 @@ pub mod frame_reader;
 pub mod fs;
 pub mod fskind;
 pub mod integrity;
+pub mod net;
 pub mod protocol;
 pub mod server;
 

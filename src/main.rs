@@ -142,6 +142,22 @@ struct Args {
     /// anything else shared).
     #[arg(long, default_value = "auto", value_name = "auto|local|shared")]
     fs_kind: String,
+    /// TCP congestion control of every connection: `auto` (BBR when the kernel offers it and
+    /// this process may use it: it keeps long, lossy paths full where cubic collapses),
+    /// `system` (the system default), or a name from
+    /// /proc/sys/net/ipv4/tcp_available_congestion_control. A name that is not available, or
+    /// not in tcp_allowed_congestion_control for an unprivileged process, falls back to the
+    /// system default with a warning.
+    #[arg(long, default_value = "auto", value_name = "auto|system|NAME")]
+    congestion: String,
+    /// Limit on the file data all connections together send and receive, bytes per second:
+    /// `20M` = 20,000,000 (K, M, G, T decimal), `20Mi` = 20 × 2^20 (Ki, Mi, Gi, Ti binary).
+    #[arg(long, value_name = "RATE", value_parser = fsd::net::parse_rate)]
+    bwlimit: Option<u64>,
+    /// Limit on what each connection sends (downloads), bytes per second, paced by the kernel
+    /// (SO_MAX_PACING_RATE); same units as --bwlimit.
+    #[arg(long, value_name = "RATE", value_parser = fsd::net::parse_rate)]
+    bwlimit_conn: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -213,6 +229,14 @@ async fn serve(args: Args) -> Result<()> {
         ),
         _ => None,
     };
+    let (congestion, warning) = fsd::net::choose_congestion(&args.congestion);
+    if let Some(w) = warning {
+        tracing::warn!("--congestion: {w}");
+    }
+    let tuning = fsd::net::Tuning {
+        congestion,
+        max_pacing_rate: args.bwlimit_conn,
+    };
     let config = Config {
         tls: tls.clone(),
         state_dir: args.state_dir.clone(),
@@ -238,12 +262,16 @@ async fn serve(args: Args) -> Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         fs_kind: fsd::fskind::FsKind::parse_override(&args.fs_kind)
             .map_err(|e| anyhow::anyhow!("--fs-kind {e}"))?,
+        tuning: tuning.clone(),
+        bwlimit: args
+            .bwlimit
+            .map(|r| std::sync::Arc::new(fsd::net::TokenBucket::new(r))),
         ..Config::new(args.root.clone(), credentials.clone())
     };
     let srv = server::Server::new(config)
         .with_context(|| format!("cannot serve {}", args.root.display()))?;
-    let listener =
-        listen(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = fsd::net::listen(args.listen, &tuning)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     // Printed before the "listening on" line, which tells scripts that fsd is up.
     let metrics = match args.metrics {
@@ -301,21 +329,6 @@ async fn serve(args: Args) -> Result<()> {
     server::run(listener, srv, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Listen backlog: room for a burst of connection attempts (a flood included) without dropping
-/// a legitimate client's SYN, which would cost it a 1 s retransmission. The kernel caps it at
-/// net.core.somaxconn.
-const LISTEN_BACKLOG: u32 = 4096;
-
-fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A byte count: digits with an optional K, M, G or T suffix (powers of 1024).

@@ -73,6 +73,12 @@ pub struct Options {
     pub preserve: bool,
     /// Compression of chunks on the wire, both directions (`-z/--compress`; default auto).
     pub compress: Compress,
+    /// TCP congestion control of every connection, already known to work (see
+    /// `fsd::net::choose_congestion`); `None` keeps the system default.
+    pub congestion: Option<String>,
+    /// Limit on the whole run's DATA, sent and received over all connections together, in
+    /// bytes per second.
+    pub bwlimit: Option<u64>,
     /// Called with every [`Event`].
     pub on_event: Option<EventFn>,
 }
@@ -90,6 +96,8 @@ impl Default for Options {
             window_bytes: ConnOptions::default().window_bytes,
             preserve: false,
             compress: Compress::Auto,
+            congestion: None,
+            bwlimit: None,
             on_event: None,
         }
     }
@@ -257,6 +265,15 @@ impl Client {
             window_bytes: opts.window_bytes,
             shared_window: Some(Arc::new(tokio::sync::Semaphore::new(pool_window))),
             compress: opts.compress,
+            // One socket never needs more than the whole limit: pacing it there in the kernel
+            // smooths what the shared bucket grants in bursts.
+            tuning: fsd::net::Tuning {
+                congestion: opts.congestion.clone(),
+                max_pacing_rate: opts.bwlimit,
+            },
+            limit: opts
+                .bwlimit
+                .map(|r| Arc::new(fsd::net::TokenBucket::new(r))),
         };
         let client = Client {
             shared: Arc::new(Shared {

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fsd::frame_reader::FrameReader;
+use fsd::net::{TokenBucket, Tuning};
 use fsd::protocol::{
     chunk_count, chunk_size_for, flags, msg, Cmd, CodecError, Frame, FrameCodec, Header,
     MAX_CHUNK_SIZE, MAX_UPLOADS_PER_CONNECTION, MIN_CHUNK_SIZE, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -72,6 +72,11 @@ pub struct ConnOptions {
     pub shared_window: Option<Arc<Semaphore>>,
     /// Whether chunks go compressed (PROTOCOL.md §8.3), in both directions.
     pub compress: Compress,
+    /// Socket settings: congestion control, send buffer, pacing cap (`fsd::net`).
+    pub tuning: Tuning,
+    /// A rate limit shared by the client's connections (`--bwlimit`): DATA payloads sent and
+    /// received take their bytes from it.
+    pub limit: Option<Arc<TokenBucket>>,
 }
 
 /// What `-z/--compress` asks for.
@@ -105,6 +110,8 @@ impl Default for ConnOptions {
             window_bytes: 32 << 20,
             shared_window: None,
             compress: Compress::Off,
+            tuning: Tuning::default(),
+            limit: None,
         }
     }
 }
@@ -153,6 +160,8 @@ struct Inner {
     compress: Compress,
     /// The TCP path, when the transport is a TCP socket we can ask.
     link: Option<Link>,
+    /// See [`ConnOptions::limit`].
+    limit: Option<Arc<TokenBucket>>,
 }
 
 #[derive(Default)]
@@ -213,7 +222,7 @@ impl Conn {
     /// Connects over TCP (then TLS, if configured), exchanges Hello and authenticates. `addr` is
     /// `HOST:PORT`; with TLS the server's certificate must be valid for HOST.
     pub async fn connect(addr: &str, opts: &ConnOptions) -> Result<Conn> {
-        let connect = TcpStream::connect(addr);
+        let connect = fsd::net::connect(addr, &opts.tuning);
         let tcp = match tokio::time::timeout(opts.stall_timeout, connect).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
@@ -287,6 +296,7 @@ impl Conn {
             host: host.to_string(),
             compress: opts.compress,
             link: socket.map(Link::new),
+            limit: opts.limit.clone(),
         });
         tokio::spawn(reader(inner.clone(), r, tcp));
         tokio::spawn(writer(inner.clone(), w, out_rx));
@@ -498,6 +508,26 @@ impl Conn {
 }
 
 impl Inner {
+    /// Waits until the rate limit lets `bytes` more of DATA go, if there is one. The wait is
+    /// ours, not a stalled server's: it keeps the watchdog quiet. False if the connection
+    /// closed meanwhile.
+    async fn pace(&self, bytes: usize) -> bool {
+        let Some(limit) = &self.limit else {
+            return true;
+        };
+        let at = limit.reserve(bytes as u64);
+        let tick = (self.stall / 4).max(Duration::from_millis(50));
+        while tokio::time::Instant::now() < at {
+            let until = at.min(tokio::time::Instant::now() + tick);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            self.touch();
+        }
+        true
+    }
+
     fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.activity.store(ms, Ordering::Relaxed);
@@ -624,7 +654,18 @@ async fn reader<R: AsyncRead + Unpin>(inner: Arc<Inner>, r: R, tcp: Option<RawFd
             item = frames.next() => item,
         };
         match item {
-            Some(Ok(incoming)) => inner.route(incoming),
+            Some(Ok(incoming)) => {
+                let data = match &incoming {
+                    Ok(f) if f.header.is_data() => f.payload.len(),
+                    _ => 0,
+                };
+                // Held until the limit has paid for it; meanwhile not reading on stops the
+                // sender through TCP's window.
+                if data > 0 && !inner.pace(data).await {
+                    break Dead::Lost("connection closed".into());
+                }
+                inner.route(incoming);
+            }
             Some(Err(CodecError::Io(e))) if tls::rustls_error(&e).is_some() => {
                 break Dead::Tls(tls::rustls_error(&e).map(tls::explain).unwrap_or_default())
             }
@@ -644,10 +685,10 @@ async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut w: W, mut rx: mpsc
                 _ = inner.shutdown.cancelled() => return Ok(()),
                 f = rx.recv() => match f { Some(f) => f, None => return Ok(()) },
             };
-            put(&mut w, &mut buf, frame).await?;
+            put(&inner, &mut w, &mut buf, frame).await?;
             // Batch whatever else is queued into the same writes.
             while let Ok(f) = rx.try_recv() {
-                put(&mut w, &mut buf, f).await?;
+                put(&inner, &mut w, &mut buf, f).await?;
             }
             if !buf.is_empty() {
                 w.write_all_buf(&mut buf).await?;
@@ -663,10 +704,14 @@ async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut w: W, mut rx: mpsc
 }
 
 async fn put<W: AsyncWrite + Unpin>(
+    inner: &Inner,
     w: &mut W,
     buf: &mut BytesMut,
     f: Frame,
 ) -> std::io::Result<()> {
+    if f.header.is_data() && !inner.pace(f.payload.len()).await {
+        return Ok(());
+    }
     f.header.encode(buf);
     if f.payload.len() <= INLINE_PAYLOAD {
         buf.extend_from_slice(&f.payload);

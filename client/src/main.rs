@@ -81,6 +81,21 @@ struct Global {
     /// Private key (PEM) of --cert.
     #[arg(long, global = true, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    /// TCP congestion control: `auto` (BBR when the kernel offers it and this process may use
+    /// it: it keeps long, lossy paths full where cubic collapses), `system` (the system
+    /// default), or a name from /proc/sys/net/ipv4/tcp_available_congestion_control; one that
+    /// is not available or not allowed falls back to the system default with a warning.
+    #[arg(
+        long,
+        global = true,
+        default_value = "auto",
+        value_name = "auto|system|NAME"
+    )]
+    congestion: String,
+    /// Limit the whole run (all connections, both directions) to RATE bytes per second:
+    /// `20M` = 20,000,000 (K, M, G, T decimal), `20Mi` = 20 × 2^20 (Ki, Mi, Gi, Ti binary).
+    #[arg(long, global = true, value_name = "RATE", value_parser = fsd::net::parse_rate)]
+    bwlimit: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -385,9 +400,15 @@ fn options(
     } else {
         None
     };
+    let (congestion, warning) = fsd::net::choose_congestion(&g.congestion);
+    if let Some(w) = warning {
+        eprintln!("fsc: warning: --congestion: {w}");
+    }
     Ok(Options {
         token: g.token.clone(),
         tls,
+        congestion,
+        bwlimit: g.bwlimit,
         connections: t.map_or(1, |t| t.jobs as usize),
         compress: t.map_or(fsc::Compress::Auto, |t| t.compress),
         retries: g.retries,

@@ -254,6 +254,7 @@ async fn transport(
     evicted: &CancellationToken,
 ) -> Option<(ReadSide, WriteSide, Option<String>, Option<RawFd>)> {
     let _ = stream.set_nodelay(true);
+    server.config.tuning.connected(stream.as_raw_fd());
     let Some(tls) = server.config.tls.clone() else {
         let fd = stream.as_raw_fd();
         let (rd, wr) = stream.into_split();
@@ -287,7 +288,7 @@ async fn transport(
         let (tx, rx) = mpsc::channel(1);
         let _ = tx.send(Outgoing::Frame(f)).await;
         drop(tx);
-        let _ = writer::run(WriteSide::Tcp(wr), rx, server.stats.clone()).await;
+        let _ = writer::run(WriteSide::Tcp(wr), rx, server.stats.clone(), None).await;
         return None;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -363,7 +364,12 @@ async fn speak(
     startup: Startup,
 ) {
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-    let writer = tokio::spawn(writer::run(wr, rx, server.stats.clone()));
+    let writer = tokio::spawn(writer::run(
+        wr,
+        rx,
+        server.stats.clone(),
+        server.config.bwlimit.clone(),
+    ));
     let mut conn = Conn {
         base_chunk_size: server.config.chunk_size,
         client_max_frame: MAX_CHUNK_SIZE,
@@ -562,6 +568,11 @@ impl Conn {
                     let n = n
                         .max(u32::try_from(f.payload.len()).unwrap_or(u32::MAX))
                         .min(INBOUND_BUDGET.max(self.server.config.max_frame));
+                    // Received data counts against the server-wide --bwlimit too (bytes on
+                    // the wire): waiting here stops reading, so TCP's window slows the sender.
+                    if let Some(b) = &self.server.config.bwlimit {
+                        b.take(f.payload.len() as u64).await;
+                    }
                     Some(
                         self.inbound
                             .clone()

@@ -98,6 +98,11 @@ pub struct Config {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// How the root's file system is treated; None detects it (crate::fskind).
     pub fs_kind: Option<FsKind>,
+    /// Settings for each accepted socket (the congestion control is set on the listener, see
+    /// `crate::net::listen`; the send buffer and a per-connection pacing cap here).
+    pub tuning: crate::net::Tuning,
+    /// Rate limit on file data sent by all connections together (`--bwlimit`).
+    pub bwlimit: Option<Arc<crate::net::TokenBucket>>,
 }
 
 impl Config {
@@ -128,6 +133,8 @@ impl Config {
             shutdown_grace: SHUTDOWN_GRACE,
             tls: None,
             fs_kind: None,
+            tuning: crate::net::Tuning::default(),
+            bwlimit: None,
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::Stats;
+use crate::net::TokenBucket;
 use crate::protocol::{Frame, Header};
 
 /// Small frames are batched up to this size before a write.
@@ -67,11 +68,13 @@ impl WriteSide {
     }
 }
 
-/// Runs until every sender is dropped or the socket fails.
+/// Runs until every sender is dropped or the socket fails. File payloads first take their
+/// bytes from `limit`, the server-wide rate limit (`--bwlimit`), if any.
 pub async fn run(
     mut out: WriteSide,
     mut rx: mpsc::Receiver<Outgoing>,
     stats: Arc<Stats>,
+    limit: Option<Arc<TokenBucket>>,
 ) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(BATCH_BYTES);
     // Budget of the frames in `buf`: given back once they are written.
@@ -93,6 +96,9 @@ pub async fn run(
                     file,
                     offset,
                 } => {
+                    if let Some(b) = &limit {
+                        b.take(u64::from(header.payload_len)).await;
+                    }
                     header.encode(&mut buf);
                     out.write_all(&buf).await?;
                     buf.clear();

@@ -1,0 +1,221 @@
+//! Long, lossy paths (issue 15), with real fsd and fsc: the congestion control each side sets
+//! on its sockets (read back with `ss -ti`), the fallback on a name the kernel refuses, and
+//! rate limits by behaviour: a transfer at a limit takes at least the time the limit implies.
+//! (Whether it comes close to that time is a benchmark's question, not a test's.)
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SIZE: usize = 6 << 20;
+/// 2 MB/s: 6 MiB takes ~3.1 s.
+const RATE: &str = "2M";
+const RATE_BPS: f64 = 2e6;
+
+/// The shortest time `bytes` may take at RATE: what the limit grants, less one 1 MiB frame
+/// (kernel pacing may let a first burst out) and the bucket's 50 ms of credit.
+fn lower_bound(bytes: usize) -> Duration {
+    Duration::from_secs_f64((bytes - (1 << 20)) as f64 / RATE_BPS - 0.05)
+}
+
+/// `ss -tin` lines of established sockets whose local (`sport`) or remote (`dport`) port is
+/// `port`, with their TCP_INFO line joined.
+fn ss(filter: &str, port: u16) -> Option<String> {
+    let out = Command::new("ss")
+        .args([
+            "-tinH",
+            "state",
+            "established",
+            &format!("( {filter} = :{port} )"),
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The congestion control `auto` resolves to in this process (BBR where the kernel allows it),
+/// or the system default.
+fn auto_congestion() -> String {
+    fsd::net::choose_congestion("auto").0.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .unwrap()
+            .trim()
+            .to_string()
+    })
+}
+
+/// fsd set to reno, fsc left to its default (auto): while a rate-limited download runs, the
+/// server's socket reports reno and the client's the automatic choice.
+#[test]
+fn each_side_sets_its_congestion_control_on_its_sockets() {
+    if ss("sport", 1).is_none() {
+        eprintln!("skipped: no usable `ss`");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_random(&root.join("f.bin"), SIZE, 1);
+    let s = Fsd::start_on(&root, &["--congestion", "reno"]);
+    let dest = dir.path().join("f.bin");
+    let mut child = fsc(&[
+        "-q",
+        "--bwlimit",
+        RATE,
+        "download",
+        &s.addr(),
+        "f.bin",
+        dest.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let port = s.addr.port();
+    let (mut server_side, mut client_side) = (None, None);
+    while child.try_wait().unwrap().is_none() && (server_side.is_none() || client_side.is_none()) {
+        server_side = server_side.or(ss("sport", port).filter(|o| !o.trim().is_empty()));
+        client_side = client_side.or(ss("dport", port).filter(|o| !o.trim().is_empty()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.wait().unwrap().success());
+    let (server_side, client_side) = (server_side.unwrap(), client_side.unwrap());
+    assert!(
+        server_side.split_whitespace().any(|w| w == "reno"),
+        "fsd's socket: {server_side}"
+    );
+    let want = auto_congestion();
+    assert!(
+        client_side.split_whitespace().any(|w| w == want),
+        "fsc's socket should use {want}: {client_side}"
+    );
+    assert_same_file(&root.join("f.bin"), &dest);
+}
+
+/// A name the kernel does not have: one warning on each side, and the transfer works on the
+/// system default.
+#[test]
+fn an_unknown_congestion_control_falls_back_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_random(&root.join("f.bin"), 300_000, 2);
+    let s = Fsd::start_on(&root, &["--congestion", "nosuchcc"]);
+    let dest = dir.path().join("f.bin");
+    let out = fsc_ok(&[
+        "-q",
+        "--congestion",
+        "nosuchcc",
+        "download",
+        &s.addr(),
+        "f.bin",
+        dest.to_str().unwrap(),
+    ]);
+    assert_same_file(&root.join("f.bin"), &dest);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<_> = err.lines().filter(|l| l.contains("nosuchcc")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].contains("warning") && warnings[0].contains("system default"),
+        "{err}"
+    );
+    let log = s.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("nosuchcc") && l.contains("system default")),
+        "{log}"
+    );
+}
+
+fn timed_fsc(args: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    fsc_ok(args);
+    t0.elapsed()
+}
+
+#[test]
+fn fsc_bwlimit_holds_downloads_and_uploads_to_the_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_random(&root.join("f.bin"), SIZE, 3);
+    let s = Fsd::start_on(&root, &[]);
+    let dest = dir.path().join("down.bin");
+    let took = timed_fsc(&[
+        "-q",
+        "--bwlimit",
+        RATE,
+        "download",
+        "-j",
+        "2",
+        &s.addr(),
+        "f.bin",
+        dest.to_str().unwrap(),
+    ]);
+    assert!(took >= lower_bound(SIZE), "download took {took:?}");
+    assert_same_file(&root.join("f.bin"), &dest);
+
+    let took = timed_fsc(&[
+        "-q",
+        "--bwlimit",
+        RATE,
+        "upload",
+        &s.addr(),
+        dest.to_str().unwrap(),
+        "up.bin",
+    ]);
+    assert!(took >= lower_bound(SIZE), "upload took {took:?}");
+    assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
+}
+
+#[test]
+fn fsd_bwlimit_holds_the_server_to_the_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_random(&root.join("f.bin"), SIZE, 4);
+    // Two downloads at once share the server-wide limit.
+    let s = Fsd::start_on(&root, &["--bwlimit", RATE]);
+    let t0 = Instant::now();
+    let runs: Vec<_> = (0..2)
+        .map(|i| {
+            let dest = dir.path().join(format!("d{i}.bin"));
+            let c = fsc(&["-q", "download", &s.addr(), "f.bin", dest.to_str().unwrap()])
+                .spawn()
+                .unwrap();
+            (c, dest)
+        })
+        .collect();
+    for (mut c, dest) in runs {
+        assert!(c.wait().unwrap().success());
+        assert_same_file(&root.join("f.bin"), &dest);
+    }
+    let took = t0.elapsed();
+    assert!(took >= lower_bound(2 * SIZE), "two downloads took {took:?}");
+
+    // Uploads into the server count against the same limit.
+    let t0 = Instant::now();
+    fsc_ok(&[
+        "-q",
+        "upload",
+        &s.addr(),
+        root.join("f.bin").to_str().unwrap(),
+        "up.bin",
+    ]);
+    let took = t0.elapsed();
+    assert!(took >= lower_bound(SIZE), "upload took {took:?}");
+}
+
+#[test]
+fn fsd_bwlimit_conn_paces_each_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_random(&root.join("f.bin"), SIZE, 5);
+    let s = Fsd::start_on(&root, &["--bwlimit-conn", RATE]);
+    let dest = dir.path().join("d.bin");
+    let took = timed_fsc(&["-q", "download", &s.addr(), "f.bin", dest.to_str().unwrap()]);
+    assert!(took >= lower_bound(SIZE), "download took {took:?}");
+    assert_same_file(&root.join("f.bin"), &dest);
+}
