@@ -308,6 +308,7 @@ impl Client {
         let (group, root) = (&group, &root);
         let top_names = |n: &str| src.nodes.contains_key(n);
         let work_name = &work_dir_name(top_names);
+        let nodes = &src.nodes;
         let results = futures::stream::iter(files)
             .map(|(rel, size, verdict)| async move {
                 let rpath = remote_join(remote, &rel);
@@ -316,16 +317,15 @@ impl Client {
                     root.walk(dir_rel)
                         .map_err(|e| Error::io(root.display(dir_rel), e))
                 };
-                let verdict = match verdict {
-                    Verdict::Hash => match open_dir() {
+                let verdict = match (verdict, nodes.get(&rel)) {
+                    (Verdict::Hash, Some(Node::File { mtime_ns, .. })) => match open_dir() {
                         Ok(d) => {
-                            let n = name.to_string();
-                            let open = move || d.open_read(&n);
-                            self.settle_hash(verdict, &rpath, shown(&rel), open).await
+                            let (shown, mtime) = (shown(&rel), *mtime_ns);
+                            self.hash_down(d, name, &rpath, shown, mtime, dry_run).await
                         }
                         Err(e) => Err(e),
                     },
-                    v => Ok(v),
+                    (v, _) => Ok(v),
                 };
                 let verdict = match verdict {
                     Ok(v) => v,
