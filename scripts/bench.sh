@@ -9,7 +9,9 @@
 # Cases: a 1 GiB download to a file (fsc, rsync daemon, nginx+curl); b to stdout > /dev/null
 # (fsc, curl, iperf3 -R); c 1 GiB upload (fsc, rsync push); d 10,000 x 4 KiB recursive download
 # and upload (fsc, rsync); e -j 1/2/4; f resume after kill -9 at 50%; g 100 concurrent downloads
-# of 100 different files (fsd vs nginx CPU per GiB and peak RSS); p perf profiles of fsd and fsc;
+# of 100 different files (fsd vs nginx CPU per GiB and peak RSS); s re-runs over an unchanged
+# destination (issue 16: the small tree and the big file, download and upload, fsc vs rsync -rt,
+# both deciding by size and mtime; not in the default set); p perf profiles of fsd and fsc;
 # w (only when asked for, root) a long, lossy link emulated between two network namespaces:
 # fsc vs curl, aria2c -x8 and iperf3 -P8 at 0 / 0.1 / 1 % loss under bbr and cubic
 # (scripts/bench/wan.sh, which has its own anchors and installs them).
@@ -35,7 +37,7 @@ usage() {
   cat <<'EOF'
 Options:
   --quick            1 run per case, 256 MiB file, 1,000 small files, 100 x 4 MiB for (g)
-  --cases LIST       comma-separated subset of a,b,c,d,e,f,g,t,p,w (default a,b,c,d,e,f,g,t; t = TLS
+  --cases LIST       comma-separated subset of a,b,c,d,e,f,g,s,t,p,w (default a,b,c,d,e,f,g,t; t = TLS
                      vs scp; w = emulated long, lossy link, 2 runs unless --runs, ~15 min per run)
   --profile          also run p (perf record -e cpu-clock -g of fsd and fsc)
   --runs N           timed runs per tool and case (default 5; 1 with --quick)
@@ -653,6 +655,64 @@ case_d() {
   done_with "$W/out/"d-* "$data/up/"d-*
 }
 
+# case s: a re-run over a destination that already holds everything: the small tree and the
+# big file, each downloaded and uploaded. One untimed full copy per tool first; every timed run
+# (warm-up included) must move nothing and leave the copy as it was.
+case_s() {
+  local r t d u ld="re-run, $small_n × 4 KiB download -r unchanged" lu="re-run, $small_n × 4 KiB upload -r unchanged"
+  local bd="re-run, $big_h download unchanged" bu="re-run, $big_h upload unchanged"
+  log "case s: $ld / $lu / $bd / $bu"
+  fresh s-fsc; d[0]=$FRESH
+  fresh s-rsync; d[1]=$FRESH
+  "$fsc_bin" -q download -r "$fsd_addr" small "${d[0]}/tree"
+  "$fsc_bin" -q download "$fsd_addr" big.bin "${d[0]}/big.bin"
+  "$fsc_bin" -q upload -r "$fsd_addr" "$data/small" up/s-fsc
+  "$fsc_bin" -q upload "$fsd_addr" "$data/big.bin" up/s-fsc.bin
+  rsyncd_start
+  rsync -rt "$(rurl small/)" "${d[1]}/tree/"
+  rsync -t "$(rurl big.bin)" "${d[1]}/big.bin"
+  rsync -rt "$data/small/" "$(rurl up/s-rsync/)"
+  rsync -t "$data/big.bin" "$(rurl up/s-rsync.bin)"
+  rsyncd_stop
+  for ((r = 0; r <= runs; r++)); do
+    for t in $(rotate "$r" fsc rsync); do
+      warm_small
+      case $t in
+        fsc)
+          measure fsd /dev/null "$fsc_bin" -q download -r "$fsd_addr" small "${d[0]}/tree"
+          record s "$ld" fsc "$r" $((small_n * small_size)) "$small_n"
+          measure fsd /dev/null "$fsc_bin" -q upload -r "$fsd_addr" "$data/small" up/s-fsc
+          record s "$lu" fsc "$r" $((small_n * small_size)) "$small_n"
+          measure fsd /dev/null "$fsc_bin" -q download "$fsd_addr" big.bin "${d[0]}/big.bin"
+          record s "$bd" fsc "$r" "$big" 1
+          measure fsd /dev/null "$fsc_bin" -q upload "$fsd_addr" "$data/big.bin" up/s-fsc.bin
+          record s "$bu" fsc "$r" "$big" 1 ;;
+        rsync)
+          measure rsync /dev/null rsync -rt "$(rurl small/)" "${d[1]}/tree/"
+          record s "$ld" rsync "$r" $((small_n * small_size)) "$small_n"
+          measure rsync /dev/null rsync -rt "$data/small/" "$(rurl up/s-rsync/)"
+          record s "$lu" rsync "$r" $((small_n * small_size)) "$small_n"
+          measure rsync /dev/null rsync -t "$(rurl big.bin)" "${d[1]}/big.bin"
+          record s "$bd" rsync "$r" "$big" 1
+          measure rsync /dev/null rsync -t "$data/big.bin" "$(rurl up/s-rsync.bin)"
+          record s "$bu" rsync "$r" "$big" 1 ;;
+      esac
+    done
+  done
+  # fsc's re-runs moved no file data (its NDJSON has no done event, one unchanged per file).
+  local n
+  for args in "download -r $fsd_addr small ${d[0]}/tree" "upload -r $fsd_addr $data/small up/s-fsc" \
+      "download $fsd_addr big.bin ${d[0]}/big.bin" "upload $fsd_addr $data/big.bin up/s-fsc.bin"; do
+    # shellcheck disable=SC2086 # word splitting of the argument list is intended
+    n=$("$fsc_bin" --json $args | grep -c '"event":"done"' || true)
+    [ "$n" = 0 ] || die "fsc $args: a re-run moved $n file(s)"
+  done
+  for u in 0 1; do count_files "${d[$u]}/tree" "$small_n"; done
+  check_file "${d[0]}/big.bin"
+  check_file "${d[1]}/big.bin"
+  done_with "$W/out/"s-* "$data/up/"s-*
+}
+
 case_e() {
   local r j lf="$big_h download → file" ln="$big_h download → /dev/null" lu="$big_h upload"
   local sd="$small_n × 4 KiB download -r" su="$small_n × 4 KiB upload -r"
@@ -872,11 +932,11 @@ make_data
 start_fsd
 if has_case a || has_case b || has_case g; then start_nginx; fi
 if has_case b; then start_iperf3; fi
-if has_case a || has_case c || has_case d; then setup_rsyncd; fi
+if has_case a || has_case c || has_case d || has_case s; then setup_rsyncd; fi
 log "fsd $fsd_addr (pid $fsd_pid)${nginx_port:+, nginx :$nginx_port}${iperf_port:+, iperf3 :$iperf_port}${rsync_port:+, rsyncd :$rsync_port}; $runs run(s) per case"
 
 prev=
-for c in a b c d e f g t p; do
+for c in a b c d e f g s t p; do
   has_case "$c" || continue
   [ -z "$prev" ] || restart_fsd "$prev"
   "case_$c"

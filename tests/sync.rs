@@ -203,9 +203,9 @@ fn checksum_catches_a_change_that_keeps_size_and_mtime() {
 
     // Down: the remote big file rewritten in place, its mtime put back.
     let f = s.root.join("t/d/big.bin");
-    let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+    let was = std::fs::metadata(&f).unwrap().modified().unwrap();
     write_random(&f, 3 * CHUNK + 5, 20);
-    set_mtime(&f, mtime);
+    set_mtime(&f, was);
     let ev = run(&["download", "-r", &s.addr(), "t", dst_s]);
     assert_eq!(moved(&ev), 0, "the quick check cannot see it");
     let ev = run(&["download", "-r", "--checksum", &s.addr(), "t", dst_s]);
@@ -216,11 +216,21 @@ fn checksum_catches_a_change_that_keeps_size_and_mtime() {
         .all(|e| e["reason"] == "same BLAKE3"));
     assert_same_file(&f, &dst.join("d/big.bin"));
 
+    // Same contents, another mtime locally: -c leaves the data and takes the remote mtime, so
+    // the next quick check agrees.
+    let a = dst.join("a.txt");
+    set_mtime(&a, SystemTime::now() - Duration::from_secs(7200));
+    let ev = run(&["download", "-r", "-c", &s.addr(), "t", dst_s]);
+    assert_eq!(moved(&ev), 0);
+    assert_eq!(mtime(&a), mtime(&s.root.join("t/a.txt")));
+    let ev = run(&["download", "-r", &s.addr(), "t", dst_s]);
+    assert_eq!((moved(&ev), of(&ev, "unchanged").len()), (0, 4));
+
     // Up, single file: the local copy rewritten, mtime put back.
     let g = dst.join("d/e/f.txt");
-    let mtime = std::fs::metadata(&g).unwrap().modified().unwrap();
+    let was = std::fs::metadata(&g).unwrap().modified().unwrap();
     write_random(&g, 70_000, 21);
-    set_mtime(&g, mtime);
+    set_mtime(&g, was);
     let (g_s, remote) = (g.to_str().unwrap(), "back/d/e/f.txt");
     let ev = run(&["upload", &s.addr(), g_s, remote]);
     assert_eq!(paths(&ev, "unchanged"), [remote]);

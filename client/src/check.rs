@@ -13,6 +13,7 @@ use crate::client::{Client, Kind, Slots, Transfer};
 use crate::download::{resolve_local, Dest};
 use crate::error::{Error, Result};
 use crate::local::sink::{spawn_blocking, Out};
+use crate::local::LocalDir;
 use crate::progress::Event;
 use crate::sync::{compare, hash_file, SyncOptions, Verdict, SAME_HASH};
 use crate::upload::UploadOptions;
@@ -43,6 +44,30 @@ pub(crate) fn clobber_check(verdict: Verdict, opts: &UploadOptions) -> Verdict {
 }
 
 impl Client {
+    /// `--checksum` for a download: the local file `name` in `dir` against remote `remote`. A
+    /// local file found identical gets the remote mtime (as `rsync -c -t` does), so the next
+    /// quick check agrees without hashing. (Uploads cannot do the same: the protocol sets a
+    /// remote file's mtime only when it publishes one.)
+    pub(crate) async fn hash_down(
+        &self,
+        dir: LocalDir,
+        name: &str,
+        remote: &str,
+        shown: String,
+        mtime_ns: i64,
+        dry_run: bool,
+    ) -> Result<Verdict> {
+        let (d, n) = (dir.clone(), name.to_string());
+        let v = self
+            .settle_hash(Verdict::Hash, remote, shown, move || d.open_read(&n))
+            .await?;
+        if v == Verdict::Same(SAME_HASH) && !dry_run {
+            dir.set_file_mtime(name, mtime_ns)
+                .map_err(|e| Error::io(dir.display(name), e))?;
+        }
+        Ok(v)
+    }
+
     /// Settles a [`Verdict::Hash`]: BLAKE3 of the local file (opened by `open_local`) against
     /// the remote one's. Other verdicts are returned as they are.
     pub(crate) async fn settle_hash(
@@ -132,10 +157,15 @@ impl Client {
                 })
             });
             let verdict = compare((entry.size, entry.mtime_ns), have, sync.checksum);
-            let (dir, name) = (dir.clone(), name.clone());
-            let verdict = self
-                .settle_hash(verdict, remote, shown.clone(), move || dir.open_read(&name))
-                .await?;
+            let verdict = match verdict {
+                Verdict::Hash => {
+                    let (d, shown) = (dir.clone(), shown.clone());
+                    let mtime = entry.mtime_ns;
+                    self.hash_down(d, name, remote, shown, mtime, sync.dry_run)
+                        .await?
+                }
+                v => v,
+            };
             if self
                 .report(verdict, sync.dry_run, remote, &shown, entry.size)
                 .is_some()

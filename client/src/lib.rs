@@ -91,5 +91,6 @@ pub use error::{Error, Result};
 pub use progress::{Event, EventFn};
 pub use sync::{Filter, Rule, SyncOptions};
 pub use tls::{Tls, TLS_SCHEME};
-pub use tree::{TreeSummary, MAX_TREE_BYTES, MAX_TREE_DEPTH, MAX_TREE_ENTRIES};
+pub use tree::TreeSummary;
 pub use upload::UploadOptions;
+pub use walk::{MAX_TREE_BYTES, MAX_TREE_DEPTH, MAX_TREE_ENTRIES};

@@ -20,17 +20,7 @@ use crate::local::{new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
 use crate::sync::{plan, Node, Plan, SyncOptions, Verdict};
 use crate::upload::UploadOptions;
-use crate::walk::{rel_split, walk_local, Walk, LISTS_IN_FLIGHT};
-
-/// `parent/name` for remote paths, where "" is the root.
-pub(crate) fn remote_join(parent: &str, name: &str) -> String {
-    let parent = parent.trim_end_matches('/');
-    if parent.is_empty() || parent == "." {
-        name.to_string()
-    } else {
-        format!("{parent}/{name}")
-    }
-}
+use crate::walk::{rel_split, remote_join, walk_local, Walk, LISTS_IN_FLIGHT, MAX_TREE_DEPTH};
 
 /// What a `-r` transfer did.
 #[derive(Debug, Default)]
@@ -61,14 +51,6 @@ const SYNC_BATCH: usize = 64;
 /// Files up to this size use one connection; bigger ones are split across all of them.
 const SMALL_FILE: u64 = 4 << 20;
 
-/// Most entries (files, directories, anything listed) a tree walk takes from a server, and
-/// most memory it spends on them (paths, names, link targets and a fixed overhead each): the
-/// plan of a tree is held in memory, so a server that lists without end, or very deep, meets a
-/// limit rather than exhausting the machine.
-pub const MAX_TREE_ENTRIES: u64 = 1 << 20;
-pub const MAX_TREE_BYTES: u64 = 128 << 20;
-/// Deepest directory level of a tree transfer.
-pub const MAX_TREE_DEPTH: usize = 1024;
 /// Descriptors a tree download keeps for itself and the connections, beyond files in flight.
 const FD_RESERVE: u64 = 64;
 /// Descriptors one file in flight may hold (its directory, part, direct-I/O twin, working
@@ -326,6 +308,7 @@ impl Client {
         let (group, root) = (&group, &root);
         let top_names = |n: &str| src.nodes.contains_key(n);
         let work_name = &work_dir_name(top_names);
+        let nodes = &src.nodes;
         let results = futures::stream::iter(files)
             .map(|(rel, size, verdict)| async move {
                 let rpath = remote_join(remote, &rel);
@@ -334,16 +317,15 @@ impl Client {
                     root.walk(dir_rel)
                         .map_err(|e| Error::io(root.display(dir_rel), e))
                 };
-                let verdict = match verdict {
-                    Verdict::Hash => match open_dir() {
+                let verdict = match (verdict, nodes.get(&rel)) {
+                    (Verdict::Hash, Some(Node::File { mtime_ns, .. })) => match open_dir() {
                         Ok(d) => {
-                            let n = name.to_string();
-                            let open = move || d.open_read(&n);
-                            self.settle_hash(verdict, &rpath, shown(&rel), open).await
+                            let (shown, mtime) = (shown(&rel), *mtime_ns);
+                            self.hash_down(d, name, &rpath, shown, mtime, dry_run).await
                         }
                         Err(e) => Err(e),
                     },
-                    v => Ok(v),
+                    (v, _) => Ok(v),
                 };
                 let verdict = match verdict {
                     Ok(v) => v,
@@ -614,20 +596,5 @@ impl TreeSummary {
             .map(|(_, e)| e.exit_code())
             .max()
             .unwrap_or(0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn remote_path_helpers() {
-        use crate::client::remote_basename;
-        assert_eq!(remote_basename("a/b/c"), "c");
-        assert_eq!(remote_basename("c"), "c");
-        assert_eq!(remote_basename("a/b/"), "b");
-        assert_eq!(remote_join("", "x"), "x");
-        assert_eq!(remote_join("a/b", "x"), "a/b/x");
     }
 }

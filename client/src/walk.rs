@@ -13,7 +13,24 @@ use crate::client::{entry_cost, Client, Entry, Kind};
 use crate::error::{Error, Result};
 use crate::local::{check_name, is_work_dir_name, LocalDir};
 use crate::sync::{Filter, Node};
-use crate::tree::{remote_join, MAX_TREE_BYTES, MAX_TREE_DEPTH, MAX_TREE_ENTRIES};
+
+/// Most entries (files, directories, anything listed) a tree walk takes from a server, and
+/// most memory it spends on them (paths, names, link targets and a fixed overhead each): the
+/// plan of a tree is held in memory, so a server that lists without end, or very deep, meets a
+/// limit rather than exhausting the machine.
+pub const MAX_TREE_ENTRIES: u64 = 1 << 20;
+pub const MAX_TREE_BYTES: u64 = 128 << 20;
+/// Deepest directory level of a tree transfer.
+pub const MAX_TREE_DEPTH: usize = 1024;
+/// `parent/name` for remote paths, where "" is the root.
+pub(crate) fn remote_join(parent: &str, name: &str) -> String {
+    let parent = parent.trim_end_matches('/');
+    if parent.is_empty() || parent == "." {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
 
 /// Directory listings in flight at once.
 pub(crate) const LISTS_IN_FLIGHT: usize = 16;
@@ -263,10 +280,16 @@ mod tests {
     }
 
     #[test]
-    fn relative_path_helpers() {
+    fn path_helpers() {
         assert_eq!(rel_join("", "x"), "x");
         assert_eq!(rel_join("a/b", "x"), "a/b/x");
         assert_eq!(rel_split("a/b/c"), ("a/b", "c"));
         assert_eq!(rel_split("c"), ("", "c"));
+        use crate::client::remote_basename;
+        assert_eq!(remote_basename("a/b/c"), "c");
+        assert_eq!(remote_basename("c"), "c");
+        assert_eq!(remote_basename("a/b/"), "b");
+        assert_eq!(remote_join("", "x"), "x");
+        assert_eq!(remote_join("a/b", "x"), "a/b/x");
     }
 }

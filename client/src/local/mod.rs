@@ -244,6 +244,12 @@ impl LocalDir {
         futimens(self.fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
     }
 
+    /// Sets the mtime of the file `name` (a symlink there is refused, not followed).
+    pub fn set_file_mtime(&self, name: &str, mtime_ns: i64) -> std::io::Result<()> {
+        let f = self.open_read(name)?;
+        futimens(f.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
+    }
+
     /// `lstat` of `name`: a symlink is reported as itself.
     pub fn lstat(&self, name: &str) -> std::io::Result<nix::sys::stat::FileStat> {
         nix::sys::stat::fstatat(
