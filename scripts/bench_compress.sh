@@ -3,7 +3,8 @@
 # (gzip on), on loopback and on an emulated long link (../shared/wan/wanem: two network
 # namespaces joined by TUN devices; 1 Gbit/s, 50 ms RTT, 6.25 MB drop-tail queue, no loss).
 #
-#   scripts/bench_compress.sh [--runs N] [--size MiB] [--where loopback,wan] [--no-install]
+#   scripts/bench_compress.sh [--runs N] [--size MiB] [--where loopback,wan]
+#                             [--corpora log.txt,noise.bin] [--tools "fsc-auto rsync-z ..."] [--no-install]
 #
 # Corpora (generated once into $WORK, kept): log.txt, a synthetic web-server access log
 # (scripts/gen_log.py: timestamps, addresses, paths, statuses, sizes, user agents from small
@@ -27,12 +28,16 @@ shared=$(cd "$repo/../shared" 2>/dev/null && pwd || true)
 runs=3
 size_mib=1024
 where=loopback,wan
+corpora=log.txt,noise.bin
+tools="fsc-auto fsc-z3 fsc-off fsc-cached fsc-up-auto fsc-up-off rsync-z rsync-z-up curl-gz"
 install=1
 while [ $# -gt 0 ]; do
   case $1 in
     --runs) runs=$2; shift ;;
     --size) size_mib=$2; shift ;;
     --where) where=$2; shift ;;
+    --corpora) corpora=$2; shift ;;
+    --tools) tools=$2; shift ;;
     --no-install) install=0 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -189,8 +194,7 @@ for place in ${where//,/ }; do
   log "== $place"
   start_place
   mkdir -p "$WORK/data/up"
-  for f in log.txt noise.bin; do
-    tools="fsc-auto fsc-z3 fsc-off fsc-cached fsc-up-auto fsc-up-off rsync-z rsync-z-up curl-gz"
+  for f in ${corpora//,/ }; do
     declare -A ms=()
     for t in $tools; do
       one "$t" "$f" > /dev/null # warm-up (page cache, manifests; the cached fsd fills its cache)

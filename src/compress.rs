@@ -91,6 +91,8 @@ pub struct Probe {
     skip: AtomicU32,
     /// The interval after the next failure.
     backoff: AtomicU32,
+    /// The last try did not pay.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 const MAX_BACKOFF: u32 = 64;
@@ -104,8 +106,15 @@ impl Probe {
             .is_err()
     }
 
+    /// False once the last try did not pay (true before any try): whether this file is being
+    /// sent compressed.
+    pub fn paying(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+
     /// What the last try gave: `paid` when the chunk went compressed.
     pub fn record(&self, paid: bool) {
+        self.failing.store(!paid, Ordering::Relaxed);
         if paid {
             self.backoff.store(0, Ordering::Relaxed);
             return;
@@ -202,9 +211,11 @@ mod tests {
         }
         // 1 + 1 + 2 + 4 + … + 64, then one per 65 chunks.
         assert!((18..=25).contains(&tries), "{tries} tries");
+        assert!(!p.paying());
         // A chunk that pays resets the interval.
         while !p.should_try() {}
         p.record(true);
+        assert!(p.paying());
         assert!(p.should_try());
     }
 }

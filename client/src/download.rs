@@ -34,6 +34,10 @@ const RUN: u32 = 4;
 const INLINE_MAX: u32 = 64 * 1024;
 /// READs kept outstanding per connection for one file.
 const LANES: usize = 4;
+/// The same while chunks come compressed: each brings several times fewer bytes over the wire
+/// than it delivers, so filling a long path takes more of them in flight (still within the
+/// connection's window, which counts uncompressed bytes).
+const LANES_COMPRESSED: usize = 8;
 /// A chunk that fails its CRC32 this many times in one attempt fails the attempt.
 const MAX_CORRUPT: u32 = 8;
 
@@ -336,7 +340,11 @@ impl Job {
         let corrupt = Mutex::new(HashMap::new());
         let lanes = conns.iter().flat_map(|(c, h)| {
             let runs = queue.len().div_ceil(RUN) as usize;
-            (0..LANES.min(runs)).map(|_| self.lane(&sink, c, *h, &queue, &corrupt))
+            let lanes = match c.compress_level() {
+                0 => LANES,
+                _ => LANES_COMPRESSED,
+            };
+            (0..lanes.min(runs)).map(|_| self.lane(&sink, c, *h, &queue, &corrupt))
         });
         let results = futures::future::join_all(lanes).await;
         drop(handles);

@@ -33,6 +33,10 @@ use crate::progress::Event;
 
 /// WRITEs kept outstanding per connection.
 const LANES: usize = 8;
+/// The same while chunks go compressed (each is several times smaller on the wire, so a long
+/// path needs more of them in flight). The lanes beyond [`LANES`] stop as soon as the file's
+/// chunks are found not to shrink.
+const LANES_COMPRESSED: usize = 16;
 /// Chunks read ahead of the lanes.
 const READ_AHEAD: usize = 4;
 const READ_AHEAD_BYTES: u32 = 8 << 20;
@@ -371,7 +375,11 @@ impl UpJob {
         let rx = tokio::sync::Mutex::new(rx);
         let done = AtomicU64::new(present_bytes);
         let lanes = conns.iter().flat_map(|(c, h)| {
-            (0..LANES.min(missing as usize)).map(|_| self.lane(c, *h, cs, &rx, &done))
+            let lanes = match c.compress_level() {
+                0 => LANES,
+                _ => LANES_COMPRESSED,
+            };
+            (0..lanes.min(missing as usize)).map(|i| self.lane(c, *h, cs, &rx, &done, i >= LANES))
         });
         let results: Vec<Result<u32>> = futures::future::join_all(lanes).await;
         drop(rx);
@@ -530,9 +538,13 @@ impl UpJob {
         cs: u32,
         rx: &tokio::sync::Mutex<mpsc::Receiver<(u32, Bytes, u32)>>,
         done: &AtomicU64,
+        only_while_compressing: bool,
     ) -> Result<u32> {
         let mut acked = 0;
         loop {
+            if only_while_compressing && !self.probe.paying() {
+                return Ok(acked);
+            }
             // The window first, then a chunk: a lane waiting for room holds no chunk, so the
             // chunks in memory are bounded by the windows, not by lanes x chunk size.
             let mut window = conn.window(u64::from(cs)).await?;
