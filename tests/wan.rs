@@ -219,3 +219,32 @@ fn fsd_bwlimit_conn_paces_each_connection() {
     assert!(took >= lower_bound(SIZE), "download took {took:?}");
     assert_same_file(&root.join("f.bin"), &dest);
 }
+
+/// `-j auto` starts with one connection and adds one at the first sample (throughput rose from
+/// nothing); under a fixed --bwlimit the next sample shows no gain, so it stops there. The file
+/// arrives intact over both.
+#[test]
+fn j_auto_adds_a_connection_while_throughput_rises() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    // 48 MiB at 16 MB/s: ~3 s, and at the first sample more than the 16 chunks a new
+    // connection needs are still to be asked for.
+    write_random(&root.join("f.bin"), 48 << 20, 6);
+    let s = Fsd::start_on(&root, &[]);
+    let dest = dir.path().join("d.bin");
+    fsc_ok(&[
+        "-q",
+        "--bwlimit",
+        "16M",
+        "download",
+        "-j",
+        "auto",
+        &s.addr(),
+        "f.bin",
+        dest.to_str().unwrap(),
+    ]);
+    assert_same_file(&root.join("f.bin"), &dest);
+    let log = s.log_text();
+    let conns = log.matches("authenticated").count();
+    assert_eq!(conns, 2, "{log}");
+}

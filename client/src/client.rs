@@ -57,6 +57,9 @@ pub struct Options {
     /// Parallel connections (`-j`): one big file is split across them, many files spread over
     /// them.
     pub connections: usize,
+    /// `-j auto`: a big file's download starts on one connection and adds connections, up to
+    /// `connections`, while each addition raises the throughput.
+    pub grow: bool,
     /// Retries after a recoverable failure (connection lost, stall, retryable server error),
     /// with exponential backoff; the count restarts whenever a retry made progress.
     pub retries: u32,
@@ -87,6 +90,7 @@ impl Default for Options {
             token: None,
             tls: None,
             connections: 1,
+            grow: false,
             retries: 5,
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),

@@ -103,9 +103,12 @@ struct Transfer {
     /// Transfer a directory tree.
     #[arg(short, long)]
     recursive: bool,
-    /// Parallel connections: one big file is split across them, many files spread over them.
-    #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N",
-          value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Parallel connections (1..64): one big file is split across them, many files spread over
+    /// them. `auto`: a big file's download starts with one and adds connections (up to 8)
+    /// while that raises the throughput — for long paths, where one connection's send buffer
+    /// limits it; other transfers use 8.
+    #[arg(short = 'j', long = "jobs", default_value = "1", value_name = "N|auto",
+          value_parser = parse_jobs)]
     jobs: u16,
 }
 
@@ -115,6 +118,7 @@ enum Cmd {
     #[command(after_help = concat!("Examples:
   fsc download 127.0.0.1:7070 isos/big.iso            # -> ./big.iso
   fsc download -j 4 127.0.0.1:7070 isos/big.iso /tmp/big.iso
+  fsc download --bwlimit 20M 127.0.0.1:7070 isos/big.iso  # at most 20 MB/s
   fsc download 127.0.0.1:7070 logs/today.log - | less  # to stdout
   fsc download -r 127.0.0.1:7070 photos ./photos
   fsc download --ca ca.pem fss://files.example.com:7070 isos/big.iso
@@ -286,6 +290,22 @@ async fn run(cli: Cli) -> i32 {
     }
 }
 
+/// Connections of `-j auto`, at most.
+const AUTO_JOBS: u16 = 8;
+
+/// `-j N` (1..64), or `auto` as 0.
+fn parse_jobs(s: &str) -> Result<u16, String> {
+    if s == "auto" {
+        return Ok(0);
+    }
+    match s.parse::<u16>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!(
+            "{s:?}: expected a number of connections 1..64, or auto"
+        )),
+    }
+}
+
 fn options(g: &Global, jobs: u16, reporter: &std::sync::Arc<Reporter>) -> anyhow::Result<Options> {
     anyhow::ensure!(
         g.stall_timeout.is_finite() && g.stall_timeout > 0.0,
@@ -306,7 +326,8 @@ fn options(g: &Global, jobs: u16, reporter: &std::sync::Arc<Reporter>) -> anyhow
         tls,
         congestion,
         bwlimit: g.bwlimit,
-        connections: jobs as usize,
+        connections: if jobs == 0 { AUTO_JOBS } else { jobs } as usize,
+        grow: jobs == 0,
         retries: g.retries,
         stall_timeout: Duration::from_secs_f64(g.stall_timeout),
         on_event: Some(reporter.callback()),
@@ -585,5 +606,10 @@ mod tests {
                 ..
             }
         ));
+        assert_eq!(parse_jobs("auto"), Ok(0));
+        assert_eq!(parse_jobs("64"), Ok(64));
+        for bad in ["0", "65", "", "many"] {
+            assert!(parse_jobs(bad).is_err(), "{bad}");
+        }
     }
 }
