@@ -77,6 +77,8 @@ pub struct Options {
     /// TCP congestion control of every connection, already known to work (see
     /// `fsd::net::choose_congestion`); `None` keeps the system default.
     pub congestion: Option<String>,
+    /// Use `congestion` on long paths only (RTT of 1 ms or more): `--congestion auto`.
+    pub congestion_long_paths_only: bool,
     /// Limit on the whole run's DATA, sent and received over all connections together, in
     /// bytes per second.
     pub bwlimit: Option<u64>,
@@ -98,6 +100,7 @@ impl Default for Options {
             window_bytes: ConnOptions::default().window_bytes,
             preserve: false,
             congestion: None,
+            congestion_long_paths_only: false,
             bwlimit: None,
             on_event: None,
         }
@@ -269,6 +272,7 @@ impl Client {
             // smooths what the shared bucket grants in bursts.
             tuning: fsd::net::Tuning {
                 congestion: opts.congestion.clone(),
+                long_paths_only: opts.congestion_long_paths_only,
                 max_pacing_rate: opts.bwlimit,
             },
             limit: opts

@@ -82,8 +82,8 @@ struct Global {
     #[arg(long, global = true, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
     /// TCP congestion control: `auto` (BBR when the kernel offers it and this process may use
-    /// it: it keeps long, lossy paths full where cubic collapses), `system` (the system
-    /// default), or a name from /proc/sys/net/ipv4/tcp_available_congestion_control; one that
+    /// it: it keeps long, lossy paths full where cubic collapses; on a path with an RTT under
+    /// 1 ms the system default), `system` (the system default), or a name from /proc/sys/net/ipv4/tcp_available_congestion_control; one that
     /// is not available or not allowed falls back to the system default with a warning.
     #[arg(
         long,
@@ -325,6 +325,7 @@ fn options(g: &Global, jobs: u16, reporter: &std::sync::Arc<Reporter>) -> anyhow
         token: g.token.clone(),
         tls,
         congestion,
+        congestion_long_paths_only: g.congestion == "auto",
         bwlimit: g.bwlimit,
         connections: if jobs == 0 { AUTO_JOBS } else { jobs } as usize,
         grow: jobs == 0,
