@@ -18,7 +18,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -32,9 +32,12 @@ pub const PREFERRED_CONGESTION: &str = "bbr";
 /// 10 Gbit/s path. Only the kernel's `wmem_max` bounds it further.
 const ASSUMED_PATH_RATE: u64 = 10_000_000_000 / 8;
 
-/// `SO_MAX_PACING_RATE` from asm-generic/socket.h (x86, arm, riscv; libc 0.2 lacks it).
-#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64")))]
+/// `SO_MAX_PACING_RATE` (asm-generic/socket.h, and mips; sparc's own number): libc 0.2's
+/// stable API lacks it.
+#[cfg(not(target_arch = "sparc64"))]
 const SO_MAX_PACING_RATE: libc::c_int = 47;
+#[cfg(target_arch = "sparc64")]
+const SO_MAX_PACING_RATE: libc::c_int = 0x31;
 
 /// Below this RTT a path is short (loopback, a LAN): no SO_RCVLOWAT trouble, no need for BBR.
 pub const SHORT_PATH_RTT: Duration = Duration::from_millis(1);
@@ -121,27 +124,15 @@ pub fn choose_congestion(value: &str) -> (Option<String>, Option<String>) {
 }
 
 fn try_congestion(name: &str) -> io::Result<()> {
-    let s = scratch_socket()?;
-    set_congestion(s.0, name)
-}
-
-/// A plain IPv4 TCP socket, closed on drop (no connection: only to ask the kernel).
-struct ScratchSocket(RawFd);
-
-impl Drop for ScratchSocket {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is owned by this value and closed once.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn scratch_socket() -> io::Result<ScratchSocket> {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
+    // A plain TCP socket that never connects: only to ask the kernel.
+    // SAFETY: socket(2) with constant arguments; the result is checked before it is owned.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(ScratchSocket(fd))
+    // SAFETY: a new descriptor that nothing else owns; closed when `s` drops.
+    let s = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_congestion(s.as_raw_fd(), name)
 }
 
 #[allow(clippy::disallowed_methods)] // kernel settings in /proc, not a client path
@@ -302,7 +293,7 @@ pub async fn connect(addr: &str, tuning: &Tuning) -> io::Result<TcpStream> {
         .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"))))
 }
 
-fn raw(s: &impl std::os::fd::AsRawFd) -> RawFd {
+fn raw(s: &impl AsRawFd) -> RawFd {
     s.as_raw_fd()
 }
 
