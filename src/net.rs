@@ -71,8 +71,8 @@ impl Tuning {
     /// the path's RTT, and the pacing cap.
     pub fn connected(&self, fd: RawFd) {
         if self.congestion.is_some() && self.long_paths_only && is_short_path(fd) {
-            let system = sysctl("tcp_congestion_control");
-            if let Err(e) = set_congestion(fd, &system) {
+            let system = &limits().system_congestion;
+            if let Err(e) = set_congestion(fd, system) {
                 tracing::debug!("TCP_CONGESTION {system}: {e}");
             }
         }
@@ -197,13 +197,13 @@ pub fn is_short_path(fd: RawFd) -> bool {
 /// doc). Returns the size set, if any.
 pub fn size_send_buffer(fd: RawFd) -> Option<usize> {
     let rtt = rtt(fd).ok()?;
-    let auto_max = read_number("/proc/sys/net/ipv4/tcp_wmem", 2)?;
+    let auto_max = limits().wmem_auto_max?;
     let want = u64::try_from(ASSUMED_PATH_RATE as u128 * rtt.as_micros() / 1_000_000).ok()?;
     if want <= auto_max {
         return None;
     }
     // The kernel doubles SO_SNDBUF (bookkeeping overhead) and caps the request at wmem_max.
-    let max = read_number("/proc/sys/net/core/wmem_max", 0)?;
+    let max = limits().wmem_max?;
     let set = want.div_ceil(2).min(max);
     if set * 2 <= auto_max {
         // Locking the buffer there would stop autotuning short of its own reach.
@@ -213,6 +213,26 @@ pub fn size_send_buffer(fd: RawFd) -> Option<usize> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &v.to_ne_bytes()).ok()?;
     tracing::debug!(?rtt, bytes = set * 2, "send buffer sized to the path");
     usize::try_from(set * 2).ok()
+}
+
+/// The kernel settings every connection consults, read once: not per accepted connection (a
+/// flood of them would each read three /proc files), at the price of missing a change made
+/// while the process runs.
+struct Limits {
+    /// `net.ipv4.tcp_wmem`'s third field: how far send-buffer autotuning goes.
+    wmem_auto_max: Option<u64>,
+    /// `net.core.wmem_max`: the most SO_SNDBUF may ask for.
+    wmem_max: Option<u64>,
+    system_congestion: String,
+}
+
+fn limits() -> &'static Limits {
+    static LIMITS: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+    LIMITS.get_or_init(|| Limits {
+        wmem_auto_max: read_number("/proc/sys/net/ipv4/tcp_wmem", 2),
+        wmem_max: read_number("/proc/sys/net/core/wmem_max", 0),
+        system_congestion: sysctl("tcp_congestion_control"),
+    })
 }
 
 /// The `field`th whitespace-separated number of a /proc file.
