@@ -339,6 +339,11 @@ impl Job {
                 }
             }
         }
+        // A connection still opening when the work ran out: its handle is closed with the
+        // others rather than left open on a pooled connection.
+        while let Some(r) = opening.next().await {
+            let _ = self.admit(r, &meta, &handles);
+        }
         drop(handles);
 
         let mut first_err = None;
