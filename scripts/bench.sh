@@ -154,8 +154,8 @@ fi
 if has_case w; then
   log "case w: emulated long, lossy link (scripts/bench/wan.sh), $wan_runs run(s)"
   RUNS=$wan_runs FSD_BIN=$fsd_bin FSC_BIN=$fsc_bin NO_INSTALL=$((1 - install)) \
-    RESULTS=${results_out:+$results_out.wan.md} "$here/bench/wan.sh" || die "case w failed"
-  cases=$(tr ',' '\n' <<< "$cases" | grep -vx w | paste -sd, -)
+    RESULTS=${results_out:+$results_out.wan.md} bash "$here/bench/wan.sh" || die "case w failed"
+  cases=$(tr ',' '\n' <<< "$cases" | { grep -vx w || true; } | paste -sd, -)
   [ -n "$cases" ] || exit 0
 fi
 

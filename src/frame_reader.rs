@@ -77,16 +77,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Paths with an RTT below this keep SO_RCVLOWAT.
-const RCVLOWAT_RTT_MAX: std::time::Duration = std::time::Duration::from_millis(1);
-
 /// Whether the connection's RTT is short enough for SO_RCVLOWAT. On a long path it costs
 /// throughput: setting it sizes the receive buffer to the low mark, and receive autotuning then
 /// kept a 50 ms path's window at ~300 KB (fsc downloads 44 MB/s on a 1 Gbit/s link, the
 /// sender `rwnd_limited` 40 % of the time), while the wakeups it saves matter only where the
 /// RTT is as short as a wakeup.
 fn short_path(fd: RawFd) -> bool {
-    crate::net::rtt(fd).is_ok_and(|rtt| rtt < RCVLOWAT_RTT_MAX)
+    crate::net::is_short_path(fd)
 }
 
 fn set_rcvlowat(fd: RawFd, bytes: usize) -> io::Result<()> {

@@ -143,8 +143,8 @@ struct Args {
     #[arg(long, default_value = "auto", value_name = "auto|local|shared")]
     fs_kind: String,
     /// TCP congestion control of every connection: `auto` (BBR when the kernel offers it and
-    /// this process may use it: it keeps long, lossy paths full where cubic collapses),
-    /// `system` (the system default), or a name from
+    /// this process may use it: it keeps long, lossy paths full where cubic collapses; on a
+    /// path with an RTT under 1 ms the system default), `system` (the system default), or a name from
     /// /proc/sys/net/ipv4/tcp_available_congestion_control. A name that is not available, or
     /// not in tcp_allowed_congestion_control for an unprivileged process, falls back to the
     /// system default with a warning.
@@ -235,6 +235,7 @@ async fn serve(args: Args) -> Result<()> {
     }
     let tuning = fsd::net::Tuning {
         congestion,
+        long_paths_only: args.congestion == "auto",
         max_pacing_rate: args.bwlimit_conn,
     };
     let config = Config {

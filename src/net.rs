@@ -18,7 +18,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -32,9 +32,15 @@ pub const PREFERRED_CONGESTION: &str = "bbr";
 /// 10 Gbit/s path. Only the kernel's `wmem_max` bounds it further.
 const ASSUMED_PATH_RATE: u64 = 10_000_000_000 / 8;
 
-/// `SO_MAX_PACING_RATE` from asm-generic/socket.h (x86, arm, riscv; libc 0.2 lacks it).
-#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64")))]
+/// `SO_MAX_PACING_RATE` (asm-generic/socket.h, and mips; sparc's own number): libc 0.2's
+/// stable API lacks it.
+#[cfg(not(target_arch = "sparc64"))]
 const SO_MAX_PACING_RATE: libc::c_int = 47;
+#[cfg(target_arch = "sparc64")]
+const SO_MAX_PACING_RATE: libc::c_int = 0x31;
+
+/// Below this RTT a path is short (loopback, a LAN): no SO_RCVLOWAT trouble, no need for BBR.
+pub const SHORT_PATH_RTT: Duration = Duration::from_millis(1);
 
 /// Settings applied to every connection's socket.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +48,10 @@ pub struct Tuning {
     /// Congestion control to set; `None` keeps the system default. Resolve it with
     /// [`choose_congestion`] so that it is known to work.
     pub congestion: Option<String>,
+    /// The congestion control is `auto`'s choice: a short path goes back to the system default
+    /// after the handshake. BBR gains nothing there and costs CPU (TCP paces itself without
+    /// an fq qdisc): 1 GiB over loopback took 1.0–1.2 s with BBR against 0.6–0.7 s with cubic.
+    pub long_paths_only: bool,
     /// Cap on each socket's sending rate, bytes per second.
     pub max_pacing_rate: Option<u64>,
 }
@@ -57,8 +67,15 @@ impl Tuning {
         }
     }
 
-    /// On a connected socket: the send buffer for the path's RTT, and the pacing cap.
+    /// On a connected socket: the congestion control of a short path, the send buffer for
+    /// the path's RTT, and the pacing cap.
     pub fn connected(&self, fd: RawFd) {
+        if self.congestion.is_some() && self.long_paths_only && is_short_path(fd) {
+            let system = &limits().system_congestion;
+            if let Err(e) = set_congestion(fd, system) {
+                tracing::debug!("TCP_CONGESTION {system}: {e}");
+            }
+        }
         size_send_buffer(fd);
         if let Some(rate) = self.max_pacing_rate {
             if let Err(e) = set_max_pacing_rate(fd, rate) {
@@ -107,27 +124,15 @@ pub fn choose_congestion(value: &str) -> (Option<String>, Option<String>) {
 }
 
 fn try_congestion(name: &str) -> io::Result<()> {
-    let s = scratch_socket()?;
-    set_congestion(s.0, name)
-}
-
-/// A plain IPv4 TCP socket, closed on drop (no connection: only to ask the kernel).
-struct ScratchSocket(RawFd);
-
-impl Drop for ScratchSocket {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is owned by this value and closed once.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn scratch_socket() -> io::Result<ScratchSocket> {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
+    // A plain TCP socket that never connects: only to ask the kernel.
+    // SAFETY: socket(2) with constant arguments; the result is checked before it is owned.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(ScratchSocket(fd))
+    // SAFETY: a new descriptor that nothing else owns; closed when `s` drops.
+    let s = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_congestion(s.as_raw_fd(), name)
 }
 
 #[allow(clippy::disallowed_methods)] // kernel settings in /proc, not a client path
@@ -182,18 +187,23 @@ pub fn rtt(fd: RawFd) -> io::Result<Duration> {
     Ok(Duration::from_micros(u64::from(info.tcpi_rtt)))
 }
 
+/// Whether the connection's RTT is below [`SHORT_PATH_RTT`].
+pub fn is_short_path(fd: RawFd) -> bool {
+    rtt(fd).is_ok_and(|rtt| rtt < SHORT_PATH_RTT)
+}
+
 /// Gives a connection on a long path a send buffer that can hold its bandwidth-delay product,
 /// when autotuning could not reach it and the kernel lets a socket have more (see the module
 /// doc). Returns the size set, if any.
 pub fn size_send_buffer(fd: RawFd) -> Option<usize> {
     let rtt = rtt(fd).ok()?;
-    let auto_max = read_number("/proc/sys/net/ipv4/tcp_wmem", 2)?;
+    let auto_max = limits().wmem_auto_max?;
     let want = u64::try_from(ASSUMED_PATH_RATE as u128 * rtt.as_micros() / 1_000_000).ok()?;
     if want <= auto_max {
         return None;
     }
     // The kernel doubles SO_SNDBUF (bookkeeping overhead) and caps the request at wmem_max.
-    let max = read_number("/proc/sys/net/core/wmem_max", 0)?;
+    let max = limits().wmem_max?;
     let set = want.div_ceil(2).min(max);
     if set * 2 <= auto_max {
         // Locking the buffer there would stop autotuning short of its own reach.
@@ -203,6 +213,26 @@ pub fn size_send_buffer(fd: RawFd) -> Option<usize> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &v.to_ne_bytes()).ok()?;
     tracing::debug!(?rtt, bytes = set * 2, "send buffer sized to the path");
     usize::try_from(set * 2).ok()
+}
+
+/// The kernel settings every connection consults, read once: not per accepted connection (a
+/// flood of them would each read three /proc files), at the price of missing a change made
+/// while the process runs.
+struct Limits {
+    /// `net.ipv4.tcp_wmem`'s third field: how far send-buffer autotuning goes.
+    wmem_auto_max: Option<u64>,
+    /// `net.core.wmem_max`: the most SO_SNDBUF may ask for.
+    wmem_max: Option<u64>,
+    system_congestion: String,
+}
+
+fn limits() -> &'static Limits {
+    static LIMITS: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+    LIMITS.get_or_init(|| Limits {
+        wmem_auto_max: read_number("/proc/sys/net/ipv4/tcp_wmem", 2),
+        wmem_max: read_number("/proc/sys/net/core/wmem_max", 0),
+        system_congestion: sysctl("tcp_congestion_control"),
+    })
 }
 
 /// The `field`th whitespace-separated number of a /proc file.
@@ -283,7 +313,7 @@ pub async fn connect(addr: &str, tuning: &Tuning) -> io::Result<TcpStream> {
         .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"))))
 }
 
-fn raw(s: &impl std::os::fd::AsRawFd) -> RawFd {
+fn raw(s: &impl AsRawFd) -> RawFd {
     s.as_raw_fd()
 }
 
@@ -408,6 +438,7 @@ mod tests {
     async fn congestion_is_set_on_both_ends() {
         let tuning = Tuning {
             congestion: Some("reno".into()),
+            long_paths_only: false,
             max_pacing_rate: None,
         };
         let l = listen("127.0.0.1:0".parse().unwrap(), &tuning).unwrap();
@@ -416,9 +447,23 @@ mod tests {
         let (c, (a, _)) = (c.unwrap(), a.unwrap());
         assert_eq!(congestion(raw(&c)).unwrap(), "reno");
         assert_eq!(congestion(raw(&a)).unwrap(), "reno");
-        // And "auto" picks BBR where this kernel lets us.
+        // "auto" picks BBR where this kernel lets us, and a short path (this one) goes back
+        // to the system default after the handshake.
         if let (Some(cc), None) = choose_congestion("auto") {
             assert_eq!(cc, PREFERRED_CONGESTION);
+            let auto = Tuning {
+                congestion: Some(cc),
+                long_paths_only: true,
+                max_pacing_rate: None,
+            };
+            let (c, a) = tokio::join!(connect(&addr, &auto), l.accept());
+            let system = sysctl("tcp_congestion_control");
+            assert_eq!(congestion(raw(&c.unwrap())).unwrap(), system);
+            assert_eq!(
+                congestion(raw(&a.unwrap().0)).unwrap(),
+                "reno",
+                "not tuned by fsd"
+            );
         }
     }
 

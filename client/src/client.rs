@@ -57,6 +57,9 @@ pub struct Options {
     /// Parallel connections (`-j`): one big file is split across them, many files spread over
     /// them.
     pub connections: usize,
+    /// `-j auto`: a big file's download starts on one connection and adds connections, up to
+    /// `connections`, while each addition raises the throughput.
+    pub grow: bool,
     /// Retries after a recoverable failure (connection lost, stall, retryable server error),
     /// with exponential backoff; the count restarts whenever a retry made progress.
     pub retries: u32,
@@ -76,6 +79,8 @@ pub struct Options {
     /// TCP congestion control of every connection, already known to work (see
     /// `fsd::net::choose_congestion`); `None` keeps the system default.
     pub congestion: Option<String>,
+    /// Use `congestion` on long paths only (RTT of 1 ms or more): `--congestion auto`.
+    pub congestion_long_paths_only: bool,
     /// Limit on the whole run's DATA, sent and received over all connections together, in
     /// bytes per second.
     pub bwlimit: Option<u64>,
@@ -89,6 +94,7 @@ impl Default for Options {
             token: None,
             tls: None,
             connections: 1,
+            grow: false,
             retries: 5,
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
@@ -97,6 +103,7 @@ impl Default for Options {
             preserve: false,
             compress: Compress::Auto,
             congestion: None,
+            congestion_long_paths_only: false,
             bwlimit: None,
             on_event: None,
         }
@@ -269,6 +276,7 @@ impl Client {
             // smooths what the shared bucket grants in bursts.
             tuning: fsd::net::Tuning {
                 congestion: opts.congestion.clone(),
+                long_paths_only: opts.congestion_long_paths_only,
                 max_pacing_rate: opts.bwlimit,
             },
             limit: opts

@@ -709,8 +709,15 @@ async fn put<W: AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     f: Frame,
 ) -> std::io::Result<()> {
-    if f.header.is_data() && !inner.pace(f.payload.len()).await {
-        return Ok(());
+    if f.header.is_data() && inner.limit.is_some() {
+        // Frames batched so far (requests, CANCELs) go now, not after the wait.
+        if !buf.is_empty() {
+            w.write_all_buf(buf).await?;
+            w.flush().await?;
+        }
+        if !inner.pace(f.payload.len()).await {
+            return Ok(());
+        }
     }
     f.header.encode(buf);
     if f.payload.len() <= INLINE_PAYLOAD {

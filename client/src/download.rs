@@ -18,6 +18,8 @@ use bytes::Bytes;
 use fsd::protocol::{
     checked_chunk_count, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE, MAX_CHUNKS_PER_FILE,
 };
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tracing::{debug, warn};
 
 use crate::client::{remote_basename, Client, Slots, Transfer};
@@ -40,6 +42,11 @@ const LANES: usize = 4;
 const LANES_COMPRESSED: usize = 8;
 /// A chunk that fails its CRC32 this many times in one attempt fails the attempt.
 const MAX_CORRUPT: u32 = 8;
+/// With -j auto, how often the throughput is sampled: another connection is added when the
+/// last interval beat the one before the previous addition by [`GROW_GAIN`]. Long enough for
+/// a new connection to get past its first round trips on a long path.
+const GROW_EVERY: Duration = Duration::from_millis(500);
+const GROW_GAIN: f64 = 1.1;
 
 /// Where a download goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,45 +315,63 @@ impl Job {
         }
 
         // Every connection gets its own handle; one whose identity differs means a change.
-        let mut conns = vec![(conn0, meta.handle)];
-        let wanted_conns = (queue.len() as usize).div_ceil(RUN as usize * LANES);
+        // With `grow` (-j auto) the download starts on one connection and adds the others one
+        // at a time while that raises the throughput.
+        let grow = self.client.shared.opts.grow && slots.len() > 1;
+        let wanted_conns = match grow {
+            true => 1,
+            false => (queue.len() as usize).div_ceil(RUN as usize * LANES),
+        };
         let extra = slots.iter().skip(1).take(wanted_conns.saturating_sub(1));
-        let opened = futures::future::join_all(extra.map(|&slot| async move {
-            let c = self.client.conn(slot).await?;
-            let (m, _) = open_read(&c, &self.remote, INLINE_MAX).await?;
-            Ok::<_, Error>((c, m))
-        }))
-        .await;
+        let opened = futures::future::join_all(extra.map(|&slot| self.open_extra(slot))).await;
+        let mut conns = vec![(conn0, meta.handle)];
         for r in opened {
-            match r {
-                Ok((c, m)) => {
-                    handles.push(c.clone(), m.handle);
-                    if m.identity != meta.identity {
-                        if self.client.several_nodes() {
-                            // Another node that does not serve this version (another root, a
-                            // stale cache): the nodes that do go on without it.
-                            debug!(remote = %self.remote, "a node serves another version; not used");
-                            continue;
-                        }
-                        return Err(Stop::Changed);
-                    }
-                    conns.push((c, m.handle));
-                }
-                // The others can do the work; a retry will try this connection again.
-                Err(e) => debug!("extra connection unavailable: {e}"),
-            }
+            conns.extend(self.admit(r, &meta, &handles)?);
         }
 
         let corrupt = Mutex::new(HashMap::new());
-        let lanes = conns.iter().flat_map(|(c, h)| {
-            let runs = queue.len().div_ceil(RUN) as usize;
-            let lanes = match c.compress_level() {
-                0 => LANES,
-                _ => LANES_COMPRESSED,
-            };
-            (0..lanes.min(runs)).map(|_| self.lane(&sink, c, *h, &queue, &corrupt))
-        });
-        let results = futures::future::join_all(lanes).await;
+        let mut running: FuturesUnordered<_> = conns
+            .into_iter()
+            .flat_map(|(c, h)| self.lanes(&sink, c, h, &queue, &corrupt))
+            .collect();
+        let mut opening = FuturesUnordered::new();
+        let mut next_slot = if grow { 1 } else { slots.len() };
+        let (mut last_done, mut last_rate) = (sink.done_bytes(), 0u64);
+        let mut tick = tokio::time::interval(GROW_EVERY);
+        tick.tick().await;
+        let mut results = Vec::new();
+        loop {
+            tokio::select! {
+                r = running.next() => match r {
+                    Some(r) => results.push(r),
+                    None => break,
+                },
+                Some(r) = opening.next() => {
+                    if let Some((c, h)) = self.admit(r, &meta, &handles)? {
+                        running.extend(self.lanes(&sink, c, h, &queue, &corrupt));
+                    }
+                }
+                _ = tick.tick(), if next_slot < slots.len() && opening.is_empty() => {
+                    let done = sink.done_bytes();
+                    let rate = done.saturating_sub(last_done);
+                    last_done = done;
+                    let enough_left = queue.len() as usize >= RUN as usize * LANES;
+                    if enough_left && rate as f64 > last_rate as f64 * GROW_GAIN {
+                        last_rate = rate;
+                        opening.push(self.open_extra(slots[next_slot]));
+                        next_slot += 1;
+                    } else {
+                        // The last connection added did not pay: keep what we have.
+                        next_slot = slots.len();
+                    }
+                }
+            }
+        }
+        // A connection still opening when the work ran out: its handle is closed with the
+        // others rather than left open on a pooled connection.
+        while let Some(r) = opening.next().await {
+            let _ = self.admit(r, &meta, &handles);
+        }
         drop(handles);
 
         let mut first_err = None;
@@ -367,6 +392,64 @@ impl Job {
             }));
         }
         self.finish(&sink, &meta).await
+    }
+
+    /// Another connection's OPEN of the file, for more lanes.
+    async fn open_extra(&self, slot: usize) -> Result<(Conn, Meta)> {
+        let c = self.client.conn(slot).await?;
+        let (m, _) = open_read(&c, &self.remote, INLINE_MAX).await?;
+        Ok((c, m))
+    }
+
+    /// An extra connection joins if it opened the same version of the file.
+    fn admit(
+        &self,
+        opened: Result<(Conn, Meta)>,
+        meta: &Meta,
+        handles: &Handles,
+    ) -> Result<Option<(Conn, u32)>, Stop> {
+        match opened {
+            Ok((c, m)) => {
+                handles.push(c.clone(), m.handle);
+                if m.identity == meta.identity {
+                    return Ok(Some((c, m.handle)));
+                }
+                if !self.client.several_nodes() {
+                    return Err(Stop::Changed);
+                }
+                // Another node that does not serve this version (another root, a stale
+                // cache): the nodes that do go on without it.
+                debug!(remote = %self.remote, "a node serves another version; not used");
+                Ok(None)
+            }
+            // The others can do the work; a retry will try this connection again.
+            Err(e) => {
+                debug!("extra connection unavailable: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The lanes of one connection.
+    fn lanes<'a>(
+        &'a self,
+        sink: &'a Arc<Sink>,
+        conn: Conn,
+        handle: u32,
+        queue: &'a Queue,
+        corrupt: &'a Mutex<HashMap<u32, u32>>,
+    ) -> Vec<futures::future::BoxFuture<'a, Result<(), Stop>>> {
+        let runs = queue.len().div_ceil(RUN) as usize;
+        let lanes = match conn.compress_level() {
+            0 => LANES,
+            _ => LANES_COMPRESSED,
+        };
+        (0..lanes.min(runs))
+            .map(|_| {
+                let c = conn.clone();
+                async move { self.lane(sink, &c, handle, queue, corrupt).await }.boxed()
+            })
+            .collect()
     }
 
     /// Verifies and publishes a complete sink.

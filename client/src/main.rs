@@ -82,8 +82,8 @@ struct Global {
     #[arg(long, global = true, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
     /// TCP congestion control: `auto` (BBR when the kernel offers it and this process may use
-    /// it: it keeps long, lossy paths full where cubic collapses), `system` (the system
-    /// default), or a name from /proc/sys/net/ipv4/tcp_available_congestion_control; one that
+    /// it: it keeps long, lossy paths full where cubic collapses; on a path with an RTT under
+    /// 1 ms the system default), `system` (the system default), or a name from /proc/sys/net/ipv4/tcp_available_congestion_control; one that
     /// is not available or not allowed falls back to the system default with a warning.
     #[arg(
         long,
@@ -103,9 +103,12 @@ struct Transfer {
     /// Transfer a directory tree.
     #[arg(short, long)]
     recursive: bool,
-    /// Parallel connections: one big file is split across them, many files spread over them.
-    #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N",
-          value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Parallel connections (1..64): one big file is split across them, many files spread over
+    /// them. `auto`: a big file's download starts with one and adds connections (up to 8)
+    /// while that raises the throughput — for long paths, where one connection's send buffer
+    /// limits it; other transfers use 8.
+    #[arg(short = 'j', long = "jobs", default_value = "1", value_name = "N|auto",
+          value_parser = parse_jobs)]
     jobs: u16,
     /// Compress chunks on the wire with zstd: `auto` (the default) compresses at level 1 only
     /// on a long path (round trip over 1 ms) slower than 250 MB/s; `-z` alone means level 3
@@ -200,6 +203,7 @@ enum Cmd {
     #[command(after_help = concat!("Examples:
   fsc download 127.0.0.1:7070 isos/big.iso            # -> ./big.iso
   fsc download -j 4 127.0.0.1:7070 isos/big.iso /tmp/big.iso
+  fsc download --bwlimit 20M 127.0.0.1:7070 isos/big.iso  # at most 20 MB/s
   fsc download 127.0.0.1:7070 logs/today.log - | less  # to stdout
   fsc download -r 127.0.0.1:7070 photos ./photos
   fsc download -r --delete --exclude '*.tmp' 127.0.0.1:7070 photos ./photos  # mirror
@@ -385,11 +389,28 @@ async fn run(cli: Cli, matches: ArgMatches) -> i32 {
     }
 }
 
+/// Connections of `-j auto`, at most.
+const AUTO_JOBS: u16 = 8;
+
+/// `-j N` (1..64), or `auto` as 0.
+fn parse_jobs(s: &str) -> Result<u16, String> {
+    if s == "auto" {
+        return Ok(0);
+    }
+    match s.parse::<u16>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!(
+            "{s:?}: expected a number of connections 1..64, or auto"
+        )),
+    }
+}
+
 fn options(
     g: &Global,
     t: Option<&Transfer>,
     reporter: &std::sync::Arc<Reporter>,
 ) -> anyhow::Result<Options> {
+    let jobs = t.map_or(1, |t| t.jobs);
     anyhow::ensure!(
         g.stall_timeout.is_finite() && g.stall_timeout > 0.0,
         "--stall-timeout must be positive"
@@ -408,8 +429,10 @@ fn options(
         token: g.token.clone(),
         tls,
         congestion,
+        congestion_long_paths_only: g.congestion == "auto",
         bwlimit: g.bwlimit,
-        connections: t.map_or(1, |t| t.jobs as usize),
+        connections: if jobs == 0 { AUTO_JOBS } else { jobs } as usize,
+        grow: jobs == 0,
         compress: t.map_or(fsc::Compress::Auto, |t| t.compress),
         retries: g.retries,
         stall_timeout: Duration::from_secs_f64(g.stall_timeout),
@@ -704,5 +727,10 @@ mod tests {
                 ..
             }
         ));
+        assert_eq!(parse_jobs("auto"), Ok(0));
+        assert_eq!(parse_jobs("64"), Ok(64));
+        for bad in ["0", "65", "", "many"] {
+            assert!(parse_jobs(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -89,6 +89,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 echo "$ALLOWED_ORIG cubic" > /proc/sys/net/ipv4/tcp_allowed_congestion_control
+ip netns del $NS_S 2>/dev/null; ip netns del $NS_C 2>/dev/null # left by a run that was killed
 ip netns add $NS_S && ip netns add $NS_C || die "cannot create namespaces"
 ip -n $NS_S link set lo up; ip -n $NS_C link set lo up
 for ns in $NS_S $NS_C; do
@@ -98,7 +99,7 @@ done
 # link_up LOSS_S2C LOSS_C2S
 link_up() {
   "$WANEM" fwS fwC $DELAY "$1" "$2" $RATE $QUEUE 1800 > "$W/wanem.out" 2> "$W/wanem.err" & WPID=$!
-  local i; for i in $(seq 1 50); do grep -q ready "$W/wanem.out" 2>/dev/null && break; sleep 0.1; done
+  local i; for i in $(seq 1 50); do ip link show fwC >/dev/null 2>&1 && grep -q ready "$W/wanem.out" && break; sleep 0.1; done
   ip link set fwS netns $NS_S && ip link set fwC netns $NS_C || die "cannot move TUN devices"
   ip -n $NS_S addr add $SIP peer $CIP dev fwS; ip -n $NS_S link set fwS mtu 1500 txqueuelen 10000 up
   ip -n $NS_C addr add $CIP peer $SIP dev fwC; ip -n $NS_C link set fwC mtu 1500 txqueuelen 10000 up
