@@ -211,8 +211,30 @@ mod tests {
             prop::collection::vec(any::<u8>(), 0..4096),
         )
             .prop_map(|(fl, cmd, sid, payload)| {
-                Frame::new(Cmd(cmd), sid, fl & flags::KNOWN, Bytes::from(payload))
+                // Valid flags only: COMPRESSED qualifies DATA and nothing else.
+                let mut fl = fl & flags::KNOWN;
+                if fl & flags::DATA == 0 {
+                    fl &= !flags::COMPRESSED;
+                }
+                Frame::new(Cmd(cmd), sid, fl, Bytes::from(payload))
             })
+    }
+
+    #[test]
+    fn compressed_without_data_is_an_unknown_flag() {
+        for (fl, ok) in [
+            (flags::COMPRESSED, false),
+            (flags::COMPRESSED | flags::END, false),
+            (flags::COMPRESSED | flags::ERROR | flags::END, false),
+            (flags::COMPRESSED | flags::DATA, true),
+            (flags::COMPRESSED | flags::DATA | flags::END, true),
+            (0x10, false),
+        ] {
+            let f = Frame::new(Cmd::READ, 1, fl, Bytes::from_static(b"abc"));
+            let mut b = encode(&f);
+            let r = FrameCodec::new(1 << 20).decode(&mut b);
+            assert_eq!(r.is_ok(), ok, "flags {fl:#04x}: {r:?}");
+        }
     }
 
     proptest! {
