@@ -81,8 +81,9 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(0..=fsd::compress::MAX_LEVEL as i64))]
     max_compress_level: u32,
     /// Bytes of compressed chunks kept in the state directory for files downloaded again
-    /// (least recently used go first; 0: keep none). Suffixes K, M, G, T (powers of 1024).
-    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+    /// (least recently used go first; 0: keep none). Suffixes as --bwlimit: K, M, G, T decimal,
+    /// Ki, Mi, Gi, Ti binary.
+    #[arg(long, default_value = "1Gi", value_parser = fsd::net::parse_size)]
     compress_cache: u64,
     /// Seconds an authenticated connection may sit idle.
     #[arg(long, default_value_t = server::IDLE_TIMEOUT.as_secs())]
@@ -330,20 +331,4 @@ async fn serve(args: Args) -> Result<()> {
     server::run(listener, srv, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// A byte count: digits with an optional K, M, G or T suffix (powers of 1024).
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if "KMGT".contains(c.to_ascii_uppercase()) => {
-            let k = "KMGT".find(c.to_ascii_uppercase()).unwrap() as u32;
-            (&s[..i], 10 * (k + 1))
-        }
-        _ => (s, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
-        .ok_or_else(|| format!("{s:?} is not a byte count (digits, then K, M, G or T)"))
 }

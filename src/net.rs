@@ -317,11 +317,10 @@ fn raw(s: &impl AsRawFd) -> RawFd {
     s.as_raw_fd()
 }
 
-/// Parses a rate in bytes per second: a number with an optional suffix, `K`, `M`, `G`, `T`
-/// decimal (`20M` = 20,000,000 B/s) or `Ki`, `Mi`, `Gi`, `Ti` binary (`20Mi` = 20,971,520
-/// B/s); case-insensitive, a trailing `B` or `B/s` allowed. At least 1 KB/s (slower is not a
-/// useful limit, and keeps [`TokenBucket`]'s arithmetic sane).
-pub fn parse_rate(s: &str) -> Result<u64, String> {
+/// Parses a byte count: a number with an optional suffix, `K`, `M`, `G`, `T` decimal (`20M` =
+/// 20,000,000) or `Ki`, `Mi`, `Gi`, `Ti` binary (`20Mi` = 20,971,520); case-insensitive, a
+/// trailing `B` or `B/s` allowed. At most 10^15.
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     let body = lower
@@ -351,11 +350,21 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     let n: f64 = num
         .parse()
         .map_err(|_| format!("{s:?}: expected a number like 20M"))?;
-    let rate = n * mult;
-    if !(1e3..=1e15).contains(&rate) {
+    let size = n * mult;
+    if !(0.0..=1e15).contains(&size) {
+        return Err(format!("{s:?}: out of range (0..1000T)"));
+    }
+    Ok(size as u64)
+}
+
+/// Parses a rate in bytes per second, as [`parse_size`]. At least 1 KB/s (slower is not a
+/// useful limit, and keeps [`TokenBucket`]'s arithmetic sane).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let rate = parse_size(s)?;
+    if rate < 1000 {
         return Err(format!("{s:?}: out of range (1K..1000T bytes per second)"));
     }
-    Ok(rate as u64)
+    Ok(rate)
 }
 
 /// A rate limit shared by many tasks (every connection of a client, or of a server): a
@@ -415,6 +424,11 @@ mod tests {
         assert_eq!(parse_rate("20Mi"), Ok(20 << 20));
         assert_eq!(parse_rate("64KiB"), Ok(64 << 10));
         assert_eq!(parse_rate("5000"), Ok(5000));
+        // Sizes (--compress-cache) share the units; 0 is a size, not a rate.
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_size("2000T").is_err());
         for bad in ["", "M", "20X", "-1M", "1", "nanM", "1e9", "2000T"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }

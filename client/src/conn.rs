@@ -840,7 +840,8 @@ impl Stream {
             return Ok(n);
         };
         let n = z.len() as u64;
-        let mut header = Header::data(cmd, self.id, z.len() as u32, wire_crc, true);
+        let len = u32::try_from(z.len()).expect("a compressed chunk is shorter than the chunk");
+        let mut header = Header::data(cmd, self.id, len, wire_crc, true);
         header.flags |= flags::COMPRESSED;
         self.send(Frame { header, payload: z }).await?;
         Ok(n)

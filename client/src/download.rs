@@ -735,7 +735,11 @@ async fn open_read(conn: &Conn, remote: &str, inline_max: u32) -> Result<(Meta, 
         }
         let wire = d.payload.len() as u64;
         let (data, crc) = match d.header.is_compressed() {
-            true => unpack(conn, &d.payload, r.size as u32, Cmd::OPEN).await?,
+            // r.size ≤ inline_max (checked above), so it fits.
+            true => {
+                let len = u32::try_from(r.size).map_err(|_| bad("inline size"))?;
+                unpack(conn, &d.payload, len, Cmd::OPEN).await?
+            }
             // Unchecked (the codec leaves DATA checksums to us, conn::reader): Job::attempt
             // does it.
             false => (d.payload, d.header.checksum),

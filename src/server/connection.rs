@@ -561,7 +561,8 @@ impl Conn {
                     let n = match f.header.is_compressed() {
                         true => self.pending_writes.get(&sid).map_or(0, |p| match p {
                             Pending::Write(req) => transfer::chunk_room(session, req),
-                            Pending::Put(req) => req.size.min(MAX_CHUNK_SIZE as u64) as u32,
+                            Pending::Put(req) => u32::try_from(req.size)
+                                .map_or(MAX_CHUNK_SIZE, |n| n.min(MAX_CHUNK_SIZE)),
                         }),
                         false => 0,
                     };

@@ -423,7 +423,8 @@ pub async fn put(
 ) {
     let _timer = session.server.metrics.request(st.cmd);
     // A PUT is one chunk at most: never more than the base chunk size to decompress.
-    let room = req.size.min(u64::from(session.base_chunk_size)) as u32;
+    let room =
+        u32::try_from(req.size).map_or(session.base_chunk_size, |n| n.min(session.base_chunk_size));
     let data = match unpacked(&session, data, room).await {
         Ok(d) => d,
         Err(e) => return st.fail(e).await,
@@ -589,10 +590,12 @@ async fn packed_chunk(
         };
         let cache = &s.server.zchunks;
         let compressed = |z: Bytes| {
+            // Shorter than the chunk, whose length is a u32: compress() sends nothing longer.
+            let len = u32::try_from(z.len()).expect("a compressed chunk is shorter than the chunk");
             let mut h = Header::data(
                 header.cmd,
                 header.stream_id,
-                z.len() as u32,
+                len,
                 crc32fast::hash(&z),
                 header.is_end(),
             );
@@ -636,7 +639,7 @@ async fn packed_chunk(
             offset,
         });
     };
-    header.payload_len = payload.len() as u32;
+    header.payload_len = u32::try_from(payload.len()).expect("at most one chunk");
     session
         .server
         .stats
@@ -764,7 +767,7 @@ async fn unpacked(session: &Session, data: Frame, room: u32) -> Result<Frame, Fa
             // Damaged in transit, or sent for another chunk: retryable, like a bad CRC32.
             .map_err(|e| Failure::new(ErrorCode::ChecksumMismatch, e.to_string()))?;
     header.flags &= !flags::COMPRESSED;
-    header.payload_len = chunk.len() as u32;
+    header.payload_len = u32::try_from(chunk.len()).expect("at most `room` bytes");
     header.checksum = crc;
     Ok(Frame {
         header,
