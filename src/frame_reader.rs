@@ -44,6 +44,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// A reader that starts with `buffered`, bytes an earlier reader of the same stream read
+    /// and did not decode (see [`FrameReader::into_parts`]).
+    pub fn with_buffer(
+        r: R,
+        codec: FrameCodec,
+        tcp: Option<RawFd>,
+        buffered: BytesMut,
+    ) -> FrameReader<R> {
+        let mut reader = FrameReader::new(r, codec, tcp);
+        reader.buf.extend_from_slice(&buffered);
+        reader
+    }
+
+    /// The stream, the codec and the bytes read but not yet decoded.
+    pub fn into_parts(self) -> (R, FrameCodec, BytesMut) {
+        (self.r, self.codec, self.buf)
+    }
+
     /// The codec, e.g. to change its limits after authentication.
     pub fn codec_mut(&mut self) -> &mut FrameCodec {
         &mut self.codec

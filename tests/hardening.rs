@@ -322,6 +322,76 @@ fn silent_connections_do_not_lock_out_other_clients() {
     );
 }
 
+/// A source that never authenticated is served apart from the authenticated clients (on the
+/// startup runtime) until its AUTH succeeds, so a flood of unauthenticated work cannot queue
+/// ahead of their requests; then its connection moves, keeping every byte the client sent
+/// after AUTH without waiting for the reply. A source that authenticated before starts where
+/// authenticated clients are served.
+#[test]
+fn a_connection_moves_to_the_authenticated_clients_when_its_auth_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"0123456789").unwrap();
+    let s = common::inproc::start(dir.path());
+    let moved = || {
+        s.server
+            .stats
+            .connections_handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let from: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+    for (round, want_moved) in [(0, 1), (1, 1)] {
+        let mut r = Raw::connect_from(s.addr, from);
+        // Hello, Auth and two requests in one write: the requests arrive with the Auth.
+        let mut bytes = Vec::new();
+        let hello = msg::Hello {
+            version: 1,
+            ..Default::default()
+        };
+        let auth = msg::Auth {
+            token: TOKEN.into(),
+        };
+        let stat = msg::StatRequest { path: "f".into() };
+        for f in [
+            Frame::message(Cmd::HELLO, 0, flags::END, &hello),
+            Frame::message(Cmd::AUTH, 1, flags::END, &auth),
+            Frame::message(Cmd::STAT, 3, flags::END, &stat),
+            Frame::message(Cmd::PING, 5, flags::END, &msg::Ping::default()),
+        ] {
+            let mut b = bytes::BytesMut::new();
+            f.header.encode(&mut b);
+            bytes.extend_from_slice(&b);
+            bytes.extend_from_slice(&f.payload);
+        }
+        r.send_bytes(&bytes).unwrap();
+        let replies: Vec<Frame> = (0..4).map(|_| r.recv().expect("a reply")).collect();
+        // Hello and Auth in order; the two requests' replies in either (PING is answered inline,
+        // STAT after a file-system hop).
+        let mut cmds: Vec<(Cmd, u32)> = replies.iter().map(|f| (f.cmd(), f.stream_id())).collect();
+        cmds[2..].sort_by_key(|&(_, sid)| sid);
+        assert_eq!(
+            cmds,
+            [
+                (Cmd::HELLO, 0),
+                (Cmd::AUTH, 1),
+                (Cmd::STAT, 3),
+                (Cmd::PING, 5)
+            ],
+            "round {round}"
+        );
+        assert!(
+            replies.iter().all(|f| !f.header.is_error()),
+            "round {round}"
+        );
+        let stat_reply = replies.iter().find(|f| f.cmd() == Cmd::STAT).unwrap();
+        let st: msg::StatResponse = stat_reply.decode().unwrap();
+        assert_eq!(st.entry.unwrap().size, 10);
+        // Still served after the move.
+        let again = r.call(Cmd::STAT, 7, &stat);
+        assert!(!again.header.is_error());
+        assert_eq!(moved(), want_moved, "round {round}");
+    }
+}
+
 /// Wrong tokens are paid for before they are checked: from one address, hundreds of AUTHs on
 /// connections that hang up at once get at most a burst evaluated; a client on another address
 /// still logs in at once, and a user's single typo costs nothing.

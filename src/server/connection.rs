@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,13 +11,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::limits::Startup;
 use super::quotas::{Account, Held};
+use super::transport::{self, ReadSide};
 use super::writer::{self, Outgoing, WriteSide};
 use super::{files, transfer, Credential, Server, MAX_AUTH_FAILURES};
 use crate::frame_reader::FrameReader;
@@ -31,6 +34,10 @@ use crate::protocol::{
 /// Largest payload of any frame before Auth succeeds, whatever Hello says (Hello and Auth are
 /// tiny): an unauthenticated peer cannot make the server buffer more.
 const PRE_AUTH_PAYLOAD: u32 = 16 * 1024;
+
+/// Why the reader of a connection on the startup runtime stopped: it authenticated, and goes
+/// on on the main runtime.
+const HANDED_OVER: &str = "authenticated: handed to the main runtime";
 
 /// Refused WRITE or PUT requests whose DATA frame is still to be dropped, per connection.
 const MAX_DISCARDS: usize = 1024;
@@ -237,96 +244,31 @@ struct Conn {
     auth_failures: u32,
     /// This connection's place among the unauthenticated ones, until it authenticates.
     startup: Startup,
+    /// The main runtime, while this connection is served on the startup runtime: it moves
+    /// there once it authenticates.
+    handover: Option<Handle>,
     /// [`INBOUND_BUDGET`] of this connection.
     inbound: Arc<Semaphore>,
     /// Cancelled when the connection ends: stops every stream.
     done: CancellationToken,
 }
 
-/// The read half of a connection, whatever the transport.
-pub type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
-
-/// Sets up the transport: plain TCP (sendfile path) or TLS (copy path). Returns None when the
-/// connection ends before it can speak the protocol.
-async fn transport(
-    stream: TcpStream,
-    server: &Server,
-    evicted: &CancellationToken,
-) -> Option<(ReadSide, WriteSide, Option<String>, Option<RawFd>)> {
-    let _ = stream.set_nodelay(true);
-    server.config.tuning.connected(stream.as_raw_fd());
-    let Some(tls) = server.config.tls.clone() else {
-        let fd = stream.as_raw_fd();
-        let (rd, wr) = stream.into_split();
-        return Some((Box::new(rd), WriteSide::Tcp(wr), None, Some(fd)));
-    };
-    // A cleartext fsd client on a TLS port: tell it so in its own protocol, then close.
-    let mut first = [0u8; 4];
-    let peeked = tokio::time::timeout(server.config.auth_timeout, stream.peek(&mut first)).await;
-    if matches!(peeked, Ok(Ok(4))) && u32::from_be_bytes(first) == crate::protocol::MAGIC {
-        tracing::warn!("cleartext client on a TLS port");
-        let (mut rd, wr) = stream.into_split();
-        // Read what the client already sent (its Hello): closing with unread input would reset
-        // the connection and could discard our reply before it arrives.
-        let mut sink = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_millis(100), async {
-            use tokio::io::AsyncReadExt;
-            let mut drained = 0;
-            while drained < 64 * 1024 {
-                match rd.read(&mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => drained += n,
-                }
-            }
-        })
-        .await;
-        let f = Frame::error(
-            Cmd::HELLO,
-            0,
-            &ErrorCode::BadRequest.msg("this server requires TLS (use fsc --tls)"),
-        );
-        let (tx, rx) = mpsc::channel(1);
-        let _ = tx.send(Outgoing::Frame(f)).await;
-        drop(tx);
-        let _ = writer::run(WriteSide::Tcp(wr), rx, server.stats.clone(), None).await;
-        return None;
-    }
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handshake = tokio::time::timeout(server.config.auth_timeout, acceptor.accept(stream));
-    let stream = tokio::select! {
-        _ = evicted.cancelled() => {
-            tracing::debug!("TLS handshake cut: newer unauthenticated connections need the place");
-            return None;
-        }
-        r = handshake => match r {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "TLS handshake failed");
-                return None;
-            }
-            Err(_) => {
-                tracing::warn!("TLS handshake timed out");
-                return None;
-            }
-        },
-    };
-    let subject = super::tls::peer_subject(stream.get_ref().1);
-    let (rd, wr) = tokio::io::split(stream);
-    Some((Box::new(rd), WriteSide::Stream(Box::new(wr)), subject, None))
-}
-
+/// Serves one accepted connection. `handover` is the main runtime when this runs on the startup
+/// runtime (a source that never authenticated): once AUTH succeeds the connection moves there.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     server: Arc<Server>,
     shutdown: CancellationToken,
     startup: Startup,
+    handover: Option<Handle>,
 ) {
     let span = tracing::info_span!("conn", %peer);
     async move {
         tracing::debug!("connected");
-        if let Some((rd, wr, subject, tcp)) = transport(stream, &server, startup.evicted()).await {
-            speak(rd, wr, subject, tcp, peer, server, shutdown, startup).await;
+        if let Some(t) = transport::establish(stream, &server, startup.evicted()).await {
+            let conn = Conn::new(t.subject, peer, server, startup, handover);
+            speak(conn, t.rd, t.wr, t.tcp, shutdown).await;
         }
     }
     .instrument(span)
@@ -337,7 +279,7 @@ pub async fn serve(
 /// fuzzers and tests can drive a connection over an in-memory pipe.
 #[doc(hidden)]
 pub async fn run(
-    rd: ReadSide,
+    rd: impl AsyncRead + Send + Unpin + 'static,
     wr: WriteSide,
     subject: Option<String>,
     peer: SocketAddr,
@@ -348,54 +290,88 @@ pub async fn run(
     let Some(startup) = server.startups.admit(peer.ip(), trusted) else {
         return;
     };
-    speak(rd, wr, subject, None, peer, server, shutdown, startup).await
+    let conn = Conn::new(subject, peer, server, startup, None);
+    speak(conn, ReadSide::Stream(Box::new(rd)), wr, None, shutdown).await
 }
 
-/// [`run`]; `tcp` is the socket under `rd` on plain TCP (for the frame reader's wakeups).
-#[allow(clippy::too_many_arguments)]
+/// The writer task of a connection; it hands its write side back when every sender is gone.
+type Writer = JoinHandle<(WriteSide, std::io::Result<()>)>;
+
+fn spawn_writer(mut wr: WriteSide, rx: mpsc::Receiver<Outgoing>, server: &Server) -> Writer {
+    let stats = server.stats.clone();
+    let limit = server.config.bwlimit.clone();
+    tokio::spawn(async move {
+        let r = writer::run(&mut wr, rx, stats, limit).await;
+        (wr, r)
+    })
+}
+
+/// Runs `conn` over `rd`/`wr`: on the startup runtime until AUTH succeeds, then (or from the
+/// start) where the authenticated connections are served. `tcp` is the socket under `rd` on
+/// plain TCP (for the frame reader's wakeups).
 async fn speak(
+    mut conn: Conn,
     rd: ReadSide,
     wr: WriteSide,
-    subject: Option<String>,
     tcp: Option<RawFd>,
-    peer: SocketAddr,
-    server: Arc<Server>,
     shutdown: CancellationToken,
-    startup: Startup,
 ) {
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-    let writer = tokio::spawn(writer::run(
-        wr,
-        rx,
-        server.stats.clone(),
-        server.config.bwlimit.clone(),
-    ));
-    let mut conn = Conn {
-        base_chunk_size: server.config.chunk_size,
-        client_max_frame: MAX_CHUNK_SIZE,
-        compress_level: 0,
-        server: server.clone(),
-        peer,
-        tx,
-        streams: Arc::default(),
-        pending_writes: HashMap::new(),
-        discard_data: Default::default(),
-        session: None,
-        subject,
-        auth_failures: 0,
-        startup,
-        inbound: Arc::new(Semaphore::new(
-            INBOUND_BUDGET.max(server.config.max_frame) as usize
-        )),
-        done: CancellationToken::new(),
-    };
+    conn.tx = tx;
+    let writer = spawn_writer(wr, rx, &conn.server);
     // Until Auth succeeds only small frames, so an unauthenticated peer cannot make the server
     // buffer anything big.
     let mut codec = FrameCodec::new(PRE_AUTH_PAYLOAD);
     codec.set_max_control(PRE_AUTH_PAYLOAD);
-    let frames = FrameReader::new(rd, codec, tcp);
-    let reason = conn.read_loop(frames, &shutdown).await;
+    let mut frames = FrameReader::new(rd, codec, tcp);
+    let reason = conn.read_loop(&mut frames, &shutdown).await;
+    let Some(main) = conn.handover.take().filter(|_| reason == HANDED_OVER) else {
+        return finish(conn, writer, reason, &shutdown).await;
+    };
+    // Authenticated: let the writer drain what it was given (the AUTH reply), take both halves
+    // back and go on with the authenticated connections. Nothing else runs on this connection
+    // yet: no stream was opened before AUTH.
+    let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+    drop(std::mem::replace(&mut conn.tx, tx));
+    let wr = match writer.await {
+        Ok((wr, Ok(()))) => wr,
+        _ => return,
+    };
+    let (rd, codec, buffered) = frames.into_parts();
+    let span = tracing::Span::current();
+    let moved = main.spawn(
+        async move {
+            let (rd, wr) = match transport::rebind(rd, wr) {
+                Ok(halves) => halves,
+                Err(e) => {
+                    tracing::warn!(error = %e, "connection lost while moving to the main runtime");
+                    return;
+                }
+            };
+            conn.server
+                .stats
+                .connections_handed_over
+                .fetch_add(1, Ordering::Relaxed);
+            let writer = spawn_writer(wr, rx, &conn.server);
+            let mut frames = FrameReader::with_buffer(rd, codec, tcp, buffered);
+            let reason = conn.read_loop(&mut frames, &shutdown).await;
+            finish(conn, writer, reason, &shutdown).await
+        }
+        .instrument(span),
+    );
+    let _ = moved.await;
+}
+
+/// After the reader stopped: lets streams finish (on shutdown, within the grace period), ends
+/// them, and flushes and closes the write side.
+async fn finish(
+    mut conn: Conn,
+    writer: Writer,
+    reason: &'static str,
+    shutdown: &CancellationToken,
+) {
     tracing::debug!(reason, "closing");
+    let server = conn.server.clone();
     if shutdown.is_cancelled() {
         // Let in-flight streams finish within the grace period, then cut them.
         let deadline = Instant::now() + server.config.shutdown_grace;
@@ -408,9 +384,15 @@ async fn speak(
     drop(conn);
     // The last reference to an open upload syncs it on drop: keep that off the reactor.
     tokio::task::spawn_blocking(move || drop(session));
-    match tokio::time::timeout(Duration::from_secs(10), writer).await {
-        Ok(Ok(Err(e))) if !is_disconnect(&e) => tracing::warn!(error = %e, "write failed"),
-        Ok(Ok(Err(e))) => tracing::debug!(error = %e, "peer went away"),
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let (mut wr, r) = writer.await.map_err(std::io::Error::other)?;
+        r?;
+        wr.shutdown().await
+    })
+    .await;
+    match ended {
+        Ok(Err(e)) if !is_disconnect(&e) => tracing::warn!(error = %e, "write failed"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "peer went away"),
         _ => {}
     }
 }
@@ -425,14 +407,50 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 }
 
 impl Conn {
+    fn new(
+        subject: Option<String>,
+        peer: SocketAddr,
+        server: Arc<Server>,
+        startup: Startup,
+        handover: Option<Handle>,
+    ) -> Conn {
+        Conn {
+            base_chunk_size: server.config.chunk_size,
+            client_max_frame: MAX_CHUNK_SIZE,
+            compress_level: 0,
+            peer,
+            // Replaced by the writer's channel once it runs.
+            tx: mpsc::channel(1).0,
+            streams: Arc::default(),
+            pending_writes: HashMap::new(),
+            discard_data: Default::default(),
+            session: None,
+            subject,
+            auth_failures: 0,
+            startup,
+            handover,
+            inbound: Arc::new(Semaphore::new(
+                INBOUND_BUDGET.max(server.config.max_frame) as usize
+            )),
+            done: CancellationToken::new(),
+            server,
+        }
+    }
+
     async fn read_loop(
         &mut self,
-        mut frames: FrameReader<ReadSide>,
+        frames: &mut FrameReader<ReadSide>,
         shutdown: &CancellationToken,
     ) -> &'static str {
         let server = self.server.clone();
         let cfg = &server.config;
-        let mut deadline = Instant::now() + cfg.auth_timeout;
+        // A connection handed over from the startup runtime arrives authenticated.
+        let mut deadline = Instant::now()
+            + if self.session.is_some() {
+                cfg.idle_timeout
+            } else {
+                cfg.auth_timeout
+            };
         let evicted = self.startup.evicted().clone();
         loop {
             let next = tokio::select! {
@@ -645,6 +663,9 @@ impl Conn {
                     self.startup.authenticated();
                     codec.set_max_control(crate::protocol::MAX_CONTROL_PAYLOAD);
                     codec.set_max_data(self.server.config.max_frame);
+                    if self.handover.is_some() {
+                        return Some(HANDED_OVER);
+                    }
                 }
                 return close;
             }

@@ -323,6 +323,14 @@ pub fn render(server: &Server) -> String {
     );
     counter(
         &mut reg,
+        "connections_handed_over",
+        "Connections from sources that never authenticated before, moved from the startup \
+         runtime to the main one when their AUTH succeeded",
+        None,
+        load(&st.connections_handed_over),
+    );
+    counter(
+        &mut reg,
         "auth_failures",
         "Failed AUTH attempts",
         None,

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod quotas;
 pub mod tls;
 mod transfer;
+mod transport;
 mod writer;
 
 use std::io;
@@ -28,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 pub use auth::{Credential, Credentials};
 #[doc(hidden)]
-pub use connection::{run as run_connection, ReadSide};
+pub use connection::run as run_connection;
 pub use writer::WriteSide;
 
 use crate::fs::identity::RootId;
@@ -145,6 +146,8 @@ pub struct Stats {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Connections that authenticated on the startup runtime and moved to the main one.
+    pub connections_handed_over: AtomicU64,
     pub auth_failures: AtomicU64,
     pub bytes_sendfile: AtomicU64,
     pub bytes_copied: AtomicU64,
@@ -386,6 +389,8 @@ pub async fn run(
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let mut accept_failures = 0u32;
     let tracker = TaskTracker::new();
+    let main_runtime = tokio::runtime::Handle::current();
+    let startup_runtime = StartupRuntime::start()?;
     let gc = {
         let server = server.clone();
         let shutdown = shutdown.clone();
@@ -499,24 +504,73 @@ pub async fn run(
             .fetch_add(1, Ordering::Relaxed);
         let server = server.clone();
         let shutdown = shutdown.clone();
-        tracker.spawn(async move {
+        let connection = move |stream, handover| async move {
             server
                 .stats
                 .connections_open
                 .fetch_add(1, Ordering::Relaxed);
-            connection::serve(stream, peer, server.clone(), shutdown, startup).await;
+            connection::serve(stream, peer, server.clone(), shutdown, startup, handover).await;
             server
                 .stats
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
             drop(permit);
-        });
+        };
+        if trusted {
+            tracker.spawn(connection(stream, None));
+            continue;
+        }
+        // A source that never authenticated is served on the startup runtime until it does.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let main = main_runtime.clone();
+        startup_runtime.spawn(tracker.track_future(async move {
+            if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+                connection(stream, Some(main)).await;
+            }
+        }));
     }
     drop(gc);
     drop(leases);
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// The runtime that serves connections from sources that never authenticated, from accept to
+/// their first successful AUTH (then `connection::serve` moves them to the main runtime): its
+/// own threads, so that however many such connections arrive, and however much CPU their
+/// handshakes take, the main runtime's threads are free for authenticated clients' requests —
+/// an authenticated client's STAT does not queue behind a flood of unauthenticated work.
+struct StartupRuntime(Option<tokio::runtime::Runtime>);
+
+impl StartupRuntime {
+    fn start() -> io::Result<StartupRuntime> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .max_blocking_threads(4)
+            .thread_name("fsd-startup")
+            .enable_all()
+            .build()?;
+        Ok(StartupRuntime(Some(rt)))
+    }
+
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.0 {
+            rt.spawn(f);
+        }
+    }
+}
+
+impl Drop for StartupRuntime {
+    fn drop(&mut self) {
+        // Dropped from async code: a blocking shutdown would panic there.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Over a connection limit: say so, then close.

@@ -41,37 +41,37 @@ pub enum Outgoing {
 pub enum WriteSide {
     /// Plain TCP: file payloads go by sendfile.
     Tcp(OwnedWriteHalf),
-    /// Anything else (TLS): file payloads are read and copied.
+    /// TLS over TCP: file payloads are read and copied.
+    Tls(tokio::io::WriteHalf<super::transport::TlsStream>),
+    /// Anything else (in-memory pipes of tests and fuzzers): file payloads are read and copied.
     Stream(Box<dyn AsyncWrite + Send + Unpin>),
 }
 
 impl WriteSide {
+    fn stream(&mut self) -> &mut (dyn AsyncWrite + Send + Unpin) {
+        match self {
+            WriteSide::Tcp(w) => w,
+            WriteSide::Tls(w) => w,
+            WriteSide::Stream(w) => w.as_mut(),
+        }
+    }
+
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            WriteSide::Tcp(w) => w.write_all(buf).await,
-            WriteSide::Stream(w) => w.write_all(buf).await,
-        }
+        self.stream().write_all(buf).await
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
-        match self {
-            WriteSide::Tcp(w) => w.flush().await,
-            WriteSide::Stream(w) => w.flush().await,
-        }
-    }
-
-    async fn shutdown(&mut self) -> io::Result<()> {
-        match self {
-            WriteSide::Tcp(w) => w.shutdown().await,
-            WriteSide::Stream(w) => w.shutdown().await,
-        }
+    /// Ends the sending direction (FIN, or TLS close_notify then FIN).
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.stream().shutdown().await
     }
 }
 
-/// Runs until every sender is dropped or the socket fails. File payloads first take their
-/// bytes from `limit`, the server-wide rate limit (`--bwlimit`), if any.
+/// Runs until every sender is dropped (everything queued written and flushed, the socket left
+/// open: the caller shuts it down, or hands the connection to another runtime) or the socket
+/// fails. File payloads first take their bytes from `limit`, the server-wide rate limit
+/// (`--bwlimit`), if any.
 pub async fn run(
-    mut out: WriteSide,
+    out: &mut WriteSide,
     mut rx: mpsc::Receiver<Outgoing>,
     stats: Arc<Stats>,
     limit: Option<Arc<TokenBucket>>,
@@ -103,8 +103,7 @@ pub async fn run(
                     out.write_all(&buf).await?;
                     buf.clear();
                     held.clear();
-                    send_payload(&mut out, &file, offset, header.payload_len as usize, &stats)
-                        .await?;
+                    send_payload(out, &file, offset, header.payload_len as usize, &stats).await?;
                     stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -123,9 +122,8 @@ pub async fn run(
             buf.clear();
         }
         held.clear();
-        out.flush().await?;
+        out.stream().flush().await?;
     }
-    let _ = out.shutdown().await;
     Ok(())
 }
 
@@ -142,7 +140,7 @@ async fn send_payload(
             stats.bytes_sendfile.fetch_add(n as u64, Ordering::Relaxed);
             n
         }
-        WriteSide::Stream(w) => {
+        WriteSide::Tls(_) | WriteSide::Stream(_) => {
             let f = file.clone();
             let data = tokio::task::spawn_blocking(move || {
                 let mut data = vec![0u8; len];
@@ -152,7 +150,7 @@ async fn send_payload(
             })
             .await
             .map_err(io::Error::other)??;
-            w.write_all(&data).await?;
+            out.write_all(&data).await?;
             stats
                 .bytes_copied
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
