@@ -711,6 +711,51 @@ case_s() {
   check_file "${d[0]}/big.bin"
   check_file "${d[1]}/big.bin"
   done_with "$W/out/"s-* "$data/up/"s-*
+  delta_runs
+}
+
+# The big file with 16 scattered 4 KiB changes, to a destination holding the old version, both
+# ways (issue 16): fsc's chunk delta (download: old chunks kept by CRC32 and the whole-file
+# BLAKE3; upload: SEED) against rsync's delta algorithm (rsync daemon, -t). Before each timed
+# run the destination is reset to the old version with an old mtime (untimed). Bytes on the
+# wire: fsc's `transferred` (file data sent), rsync's --stats total bytes received (download) or
+# sent (upload), protocol included.
+delta_runs() {
+  local r t i off ld="$big_h with 16 × 4 KiB changed, download" lu="$big_h with 16 × 4 KiB changed, upload"
+  local new=$data/delta.bin old_remote out wire
+  log "case s: $ld / $lu"
+  cp "$data/big.bin" "$new"
+  for ((i = 0; i < 16; i++)); do
+    off=$(((i * big / 16 + 12345 * (i + 1)) / 4096 * 4096))
+    head -c 4096 /dev/urandom | dd of="$new" bs=4096 seek=$((off / 4096)) conv=notrunc status=none
+  done
+  mkdir -p "$data/up"
+  reset_old() { cp "$data/big.bin" "$1"; touch -d @1000000000 "$1"; sync; }
+  for ((r = 0; r <= runs; r++)); do
+    for t in $(rotate "$r" fsc rsync); do
+      out=$W/out/s-delta-$t.bin
+      old_remote=$data/up/s-delta-$t.bin
+      reset_old "$out"; cat "$new" > /dev/null
+      case $t in
+        fsc) measure fsd "$W/delta.out" "$fsc_bin" --json download "$fsd_addr" delta.bin "$out"
+             wire=$(sed -n 's/.*"event":"done".*"transferred":\([0-9]*\).*/\1/p' "$W/delta.out" | head -n1) ;;
+        rsync) measure rsync "$W/delta.out" rsync -t --stats "$(rurl delta.bin)" "$out"
+               wire=$(sed -n 's/^Total bytes received: \([0-9,]*\).*/\1/p' "$W/delta.out" | tr -d ,) ;;
+      esac
+      record s "$ld" "$t" "$r" "$big" 1 "wire=${wire:-?}"
+      cmp -s "$new" "$out" || die "$out differs from delta.bin"
+      reset_old "$old_remote"; cat "$new" > /dev/null
+      case $t in
+        fsc) measure fsd "$W/delta.out" "$fsc_bin" --json upload "$fsd_addr" "$new" "up/s-delta-$t.bin"
+             wire=$(sed -n 's/.*"event":"done".*"transferred":\([0-9]*\).*/\1/p' "$W/delta.out" | head -n1) ;;
+        rsync) measure rsync "$W/delta.out" rsync -t --stats "$new" "$(rurl "up/s-delta-$t.bin")"
+               wire=$(sed -n 's/^Total bytes sent: \([0-9,]*\).*/\1/p' "$W/delta.out" | tr -d ,) ;;
+      esac
+      record s "$lu" "$t" "$r" "$big" 1 "wire=${wire:-?}"
+      cmp -s "$new" "$old_remote" || die "$old_remote differs from delta.bin"
+    done
+  done
+  done_with "$W/out/"s-delta-* "$data/up/"s-delta-* "$new"
 }
 
 case_e() {

@@ -919,3 +919,109 @@ fn abandoned_uploads_hold_no_descriptors() {
         "the abandoned upload lost its chunk"
     );
 }
+
+fn seed(r: &mut Raw, sid: u32, handle: u32, first_chunk: u32, cvs: &[[u8; 32]]) -> Frame {
+    r.call(
+        Cmd::SEED,
+        sid,
+        &msg::SeedRequest {
+            handle,
+            first_chunk,
+            cvs: cvs.concat(),
+        },
+    )
+}
+
+/// SEED (delta upload) takes from the destination only the chunks whose BLAKE3 chaining value
+/// the client names, is bounded per request, never follows a symlink at the destination, and
+/// cannot make a wrong file publish: COMMIT still checks the whole-file hash.
+#[test]
+fn seeding_takes_only_matching_chunks_and_is_bounded() {
+    use fsd::integrity::hash_chunk;
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let size = 4 * CHUNK as usize;
+    let old = random_bytes(size, 1);
+    std::fs::write(dir.path().join("f"), &old).unwrap();
+    std::fs::write(outside.path().join("secret"), &old).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("lnk")).unwrap();
+    let s = common::inproc::start(dir.path());
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let cv_of = |data: &[u8], i: u32| {
+        let c = &data[i as usize * CHUNK as usize..][..CHUNK as usize];
+        hash_chunk(c, i, CHUNK, size as u64).1
+    };
+    // The new version differs from the old in chunk 2 only.
+    let mut new = old.clone();
+    new[2 * CHUNK as usize + 10] ^= 0xff;
+    let cvs: Vec<[u8; 32]> = (0..4).map(|i| cv_of(&new, i)).collect();
+
+    let up = opened(&open_write(&mut r, 1, "f", size as u64, "k"), "open f");
+    let code = |f: &Frame| ErrorCode::from_u32(error_of(f).code);
+    // Bounds: whole 32-byte values, at most 64, within the upload; a write handle.
+    let mut odd = seed(&mut r, 3, up.handle, 0, &cvs[..1]);
+    assert!(!odd.header.is_error());
+    let bad = msg::SeedRequest {
+        handle: up.handle,
+        first_chunk: 0,
+        cvs: vec![0; 33],
+    };
+    odd = r.call(Cmd::SEED, 3, &bad);
+    assert_eq!(code(&odd), Some(ErrorCode::BadRequest));
+    let many = vec![[0u8; 32]; 65];
+    assert_eq!(
+        code(&seed(&mut r, 3, up.handle, 0, &many)),
+        Some(ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        code(&seed(&mut r, 3, up.handle, 3, &cvs[..2])),
+        Some(ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        code(&seed(&mut r, 3, 999, 0, &cvs)),
+        Some(ErrorCode::BadHandle)
+    );
+
+    // Chunk 0 was seeded by the first call; now 1 and 3 match, 2 does not.
+    let reply = seed(&mut r, 5, up.handle, 0, &cvs);
+    let got: msg::SeedResponse = reply.decode().unwrap();
+    assert_eq!(
+        got.seeded,
+        vec![0b1010],
+        "chunk 0 already present, 1 and 3 taken"
+    );
+    // A value for the old chunk 2 takes the old bytes: COMMIT then refuses the new hash.
+    let reply = seed(&mut r, 5, up.handle, 2, &[cv_of(&old, 2)]);
+    assert_eq!(reply.decode::<msg::SeedResponse>().unwrap().seeded, vec![1]);
+    assert_eq!(
+        code(&commit(&mut r, 7, up.handle, &new)),
+        Some(ErrorCode::HashMismatch)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("f")).unwrap(),
+        old,
+        "nothing published"
+    );
+    // The right chunk 2, written, and the new version publishes.
+    let ack = write(
+        &mut r,
+        9,
+        up.handle,
+        2,
+        &new[2 * CHUNK as usize..][..CHUNK as usize],
+    );
+    assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
+    let c = commit(&mut r, 11, up.handle, &new);
+    assert!(!c.header.is_error(), "{:?}", error_of(&c));
+    assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), new);
+
+    // A symlink at the destination is never followed, in the root or out of it.
+    let up = opened(&open_write(&mut r, 13, "lnk", size as u64, "k"), "open lnk");
+    let old_cvs: Vec<[u8; 32]> = (0..4).map(|i| cv_of(&old, i)).collect();
+    let got: msg::SeedResponse = seed(&mut r, 15, up.handle, 0, &old_cvs).decode().unwrap();
+    assert_eq!(got.seeded, vec![0], "nothing read through the symlink");
+    assert_eq!(
+        opened(&open_write(&mut r, 17, "lnk", size as u64, "k"), "again").bitmap,
+        vec![0]
+    );
+}

@@ -688,3 +688,48 @@ fn a_changed_file_fetches_only_its_changed_chunks() {
     assert_eq!(moved(&ev), CHUNK as u64 + 9, "{ev:?}");
     assert_eq!(of(&ev, "start")[0]["resumed"], 7 * CHUNK as u64);
 }
+
+/// An upload that replaces a remote file sends only the chunks that differ (SEED, §10.3): the
+/// server takes the others from the file it replaces, by BLAKE3, and the result is verified as
+/// always. Single file and tree, and a change of size.
+#[test]
+fn a_changed_file_uploads_only_its_changed_chunks() {
+    use std::os::unix::fs::FileExt;
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("f");
+    write_random(&src, 8 * CHUNK + 5, 200);
+    let src_s = src.to_str().unwrap();
+    run(&["upload", &s.addr(), src_s, "f"]);
+    let remote = s.root.join("f");
+    assert_same_file(&src, &remote);
+
+    // Two 4 KiB changes in chunks 2 and 6, a few bytes appended.
+    let file = std::fs::File::options().write(true).open(&src).unwrap();
+    file.write_all_at(&random_bytes(4096, 201), 2 * CHUNK as u64 + 100)
+        .unwrap();
+    file.write_all_at(&random_bytes(4096, 202), 6 * CHUNK as u64 + 9000)
+        .unwrap();
+    file.write_all_at(b"tail", 8 * CHUNK as u64 + 5).unwrap();
+    drop(file);
+    let ev = run(&["upload", &s.addr(), src_s, "f"]);
+    assert_same_file(&src, &remote);
+    // Chunks 2 and 6, and the last chunk (5 + 4 bytes): the old file's last chunk was shorter.
+    assert_eq!(moved(&ev), 2 * CHUNK as u64 + 9, "{ev:?}");
+
+    // The same through a tree upload, with the file in a subdirectory.
+    let top = local.path().join("t");
+    std::fs::create_dir_all(top.join("d")).unwrap();
+    let big = top.join("d/big");
+    write_random(&big, 4 * CHUNK, 300);
+    write_random(&top.join("small"), 1000, 301);
+    let top_s = top.to_str().unwrap();
+    run(&["upload", "-r", &s.addr(), top_s, "t"]);
+    let file = std::fs::File::options().write(true).open(&big).unwrap();
+    file.write_all_at(&random_bytes(4096, 302), CHUNK as u64 + 5)
+        .unwrap();
+    drop(file);
+    let ev = run(&["upload", "-r", &s.addr(), top_s, "t"]);
+    assert_same_file(&big, &s.root.join("t/d/big"));
+    assert_eq!(moved(&ev), CHUNK as u64, "{ev:?}");
+}

@@ -191,7 +191,7 @@ impl Client {
         let Some(src) = local_file(&md) else {
             // Not a file: the upload says what is wrong with it, and nothing is created.
             return self
-                .upload_file(local, remote, opts, Slots::All)
+                .upload_file(local, remote, opts, Slots::All, None)
                 .await
                 .map(Some);
         };
@@ -218,7 +218,8 @@ impl Client {
         {
             return Ok(None);
         }
-        self.upload_file(local, remote, opts, Slots::All)
+        let replaces = have.map(|(size, _)| size);
+        self.upload_file(local, remote, opts, Slots::All, replaces)
             .await
             .map(Some)
     }

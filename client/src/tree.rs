@@ -462,8 +462,19 @@ impl Client {
             });
         }
         let dry_run = sync.dry_run;
+        // The size of the remote file each upload replaces, if any: a delta upload then.
+        let files: Vec<_> = files
+            .into_iter()
+            .map(|(rel, size, verdict)| {
+                let old = match dst.nodes.get(&rel) {
+                    Some(Node::File { size, .. }) => Some(*size),
+                    _ => None,
+                };
+                (rel, size, verdict, old)
+            })
+            .collect();
         let results = futures::stream::iter(files)
-            .map(|(rel, size, verdict)| async move {
+            .map(|(rel, size, verdict, old)| async move {
                 let rpath = shown(&rel);
                 let path = local.join(&rel);
                 let shown_local = path.display().to_string();
@@ -484,7 +495,7 @@ impl Client {
                 } else {
                     Slots::All
                 };
-                let r = self.upload_file(&path, &rpath, opts, slots).await;
+                let r = self.upload_file(&path, &rpath, opts, slots, old).await;
                 (rpath, r.map(Outcome::Sent))
             })
             .buffer_unordered(files_in_flight(

@@ -22,6 +22,7 @@ use fsd::integrity::{hash_chunk, root_hash};
 use fsd::protocol::{
     checked_chunk_count, chunk_count, chunk_len, msg, Cmd, ErrorCode, MAX_CHUNKS_PER_FILE,
 };
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -40,6 +41,10 @@ const LANES_COMPRESSED: usize = 16;
 /// Chunks read ahead of the lanes.
 const READ_AHEAD: usize = 4;
 const READ_AHEAD_BYTES: u32 = 8 << 20;
+/// Chunks named per SEED request (the server takes at most 64).
+const SEED_PAGE: u32 = 64;
+/// SEED requests outstanding at once.
+const SEEDS_IN_FLIGHT: usize = 4;
 /// Single-chunk files up to this size are read on the async thread (see `UpJob::put`).
 const INLINE_READ: u64 = 64 * 1024;
 
@@ -59,15 +64,20 @@ impl Client {
         remote: &str,
         opts: &UploadOptions,
     ) -> Result<Transfer> {
-        self.upload_file(local, remote, opts, Slots::All).await
+        self.upload_file(local, remote, opts, Slots::All, None)
+            .await
     }
 
+    /// `replaces`: the size of the remote file this upload will replace, when the caller knows
+    /// one is there. Then the upload is a delta: the server takes the chunks that file already
+    /// holds (SEED) and only the others are sent.
     pub(crate) async fn upload_file(
         &self,
         local: &Path,
         remote: &str,
         opts: &UploadOptions,
         slots: Slots,
+        replaces: Option<u64>,
     ) -> Result<Transfer> {
         let r = async {
             let src = Source::open(local)?;
@@ -80,6 +90,7 @@ impl Client {
                 cvs: Mutex::new(Vec::new()),
                 committing: Mutex::new(None),
                 probe: Arc::default(),
+                replaces,
                 src,
             };
             job.run().await
@@ -194,6 +205,8 @@ struct UpJob {
     committing: Mutex<Option<(String, [u8; 32])>>,
     /// Whether this file's chunks are worth compressing (fsd::compress).
     probe: Arc<Probe>,
+    /// Size of the remote file this upload replaces, if there is one: try a delta (SEED).
+    replaces: Option<u64>,
 }
 
 /// What OPEN(WRITE) answered.
@@ -318,13 +331,16 @@ impl UpJob {
                 return Ok(t);
             }
         }
-        let up = self.open(&conn0, restart).await?;
+        let mut up = self.open(&conn0, restart).await?;
         let (cs, count, size) = (up.chunk_size, up.count, self.src.size);
         {
             let mut cvs = self.cvs.lock().unwrap();
             if cvs.len() != count as usize {
                 *cvs = vec![None; count as usize];
             }
+        }
+        if let Some(old_size) = self.replaces {
+            self.seed(&conn0, &mut up, old_size).await?;
         }
         let present_bytes: u64 = (0..count)
             .filter(|&i| up.present.get(i))
@@ -424,6 +440,91 @@ impl UpJob {
             transferred: self.transferred.load(Ordering::Relaxed),
             blake3,
         })
+    }
+
+    /// A delta upload: hashes the chunks the server lacks that the file being replaced (of
+    /// `old_size` bytes) could hold, and asks the server to take those that match from it
+    /// (SEED). Marks them present in `up`. A server without SEED, or one that fails it, gets
+    /// every chunk sent as usual.
+    async fn seed(&self, conn: &Conn, up: &mut Upload, old_size: u64) -> Result<(), Stop> {
+        let (cs, size) = (up.chunk_size, self.src.size);
+        let candidate =
+            |i: u32| !up.present.get(i) && u64::from(i) * u64::from(cs) < old_size.min(size);
+        let wanted: Vec<u32> = (0..up.count).filter(|&i| candidate(i)).collect();
+        if up.count <= 1 || wanted.is_empty() {
+            return Ok(());
+        }
+        // Hashed on as many threads as there are CPUs, in contiguous runs of chunks.
+        let known: Arc<Vec<Option<ChainingValue>>> = Arc::new(self.cvs.lock().unwrap().clone());
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let runs: Vec<_> = wanted
+            .chunks(wanted.len().div_ceil(threads))
+            .map(|run| {
+                let (file, run, known) = (self.src.file.clone(), run.to_vec(), known.clone());
+                tokio::task::spawn_blocking(move || hash_chunks(&file, size, cs, &run, &known))
+            })
+            .collect();
+        let mut cvs = known.to_vec();
+        for hashed in futures::future::join_all(runs).await {
+            for (i, cv) in hashed.expect("hashing thread")? {
+                cvs[i as usize] = Some(cv);
+            }
+        }
+        *self.cvs.lock().unwrap() = cvs.clone();
+        // One SEED per page of chunks holding a candidate, a few at once.
+        let pages: Vec<u32> = {
+            let mut p: Vec<u32> = wanted.iter().map(|&i| i / SEED_PAGE).collect();
+            p.dedup();
+            p
+        };
+        let handle = up.handle;
+        let asks = pages.into_iter().map(|page| {
+            let first = page * SEED_PAGE;
+            let end = (first + SEED_PAGE).min(up.count);
+            let mut bytes = Vec::with_capacity(32 * (end - first) as usize);
+            for i in first..end {
+                // A chunk not hashed (present already, or past the old file) is named by zeros:
+                // no chunk hashes to that, and the server skips present chunks anyway.
+                bytes.extend_from_slice(&cvs[i as usize].unwrap_or([0; 32]));
+            }
+            let req = msg::SeedRequest {
+                handle,
+                first_chunk: first,
+                cvs: bytes,
+            };
+            async move {
+                (
+                    first,
+                    end,
+                    conn.request::<_, msg::SeedResponse>(Cmd::SEED, &req).await,
+                )
+            }
+        });
+        let mut answers = futures::stream::iter(asks).buffer_unordered(SEEDS_IN_FLIGHT);
+        let mut seeded = 0u64;
+        while let Some((first, end, answer)) = answers.next().await {
+            let r = match answer {
+                Ok(r) if r.first_chunk == first => r,
+                Ok(_) => {
+                    return Err(Stop::Fail(Error::Protocol(
+                        "SEED answered for other chunks".into(),
+                    )))
+                }
+                Err(e) => {
+                    debug!(remote = %self.remote, "no delta: {e}");
+                    return Ok(());
+                }
+            };
+            for i in first..end {
+                let k = (i - first) as usize;
+                if r.seeded.get(k / 8).is_some_and(|b| b & (1 << (k % 8)) != 0) {
+                    up.present.set(i);
+                    seeded += u64::from(chunk_len(size, cs, i));
+                }
+            }
+        }
+        debug!(remote = %self.remote, seeded, "delta: chunks taken from the old file");
+        Ok(())
     }
 
     /// Whether the COMMIT of an earlier attempt, whose answer was lost, published the file:
@@ -584,6 +685,29 @@ async fn close(conn: &Conn, handle: u32) {
     let _ = conn
         .send_detached(Cmd::CLOSE, &msg::CloseRequest { handle })
         .await;
+}
+
+/// Chaining values of chunks `run` of the file (those already in `known` are not read again).
+fn hash_chunks(
+    file: &File,
+    size: u64,
+    cs: u32,
+    run: &[u32],
+    known: &[Option<ChainingValue>],
+) -> Result<Vec<(u32, ChainingValue)>> {
+    let mut buf = Vec::new();
+    let mut out = Vec::with_capacity(run.len());
+    for &i in run {
+        if let Some(cv) = known[i as usize] {
+            out.push((i, cv));
+            continue;
+        }
+        buf.resize(chunk_len(size, cs, i) as usize, 0);
+        file.read_exact_at(&mut buf, u64::from(i) * u64::from(cs))
+            .map_err(|e| Error::io("read", e))?;
+        out.push((i, hash_chunk(&buf, i, cs, size).1));
+    }
+    Ok(out)
 }
 
 /// Reads the file once, in order: hashes every chunk whose chaining value is not yet known and

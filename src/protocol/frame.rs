@@ -42,6 +42,7 @@ impl Cmd {
     pub const CLOSE: Cmd = Cmd(0x0017);
     pub const CANCEL: Cmd = Cmd(0x0018);
     pub const PUT: Cmd = Cmd(0x0019);
+    pub const SEED: Cmd = Cmd(0x001A);
     pub const MKDIR: Cmd = Cmd(0x0020);
     pub const REMOVE: Cmd = Cmd(0x0021);
     pub const RENAME: Cmd = Cmd(0x0022);
@@ -62,6 +63,7 @@ impl Cmd {
             Cmd::CLOSE => "close",
             Cmd::CANCEL => "cancel",
             Cmd::PUT => "put",
+            Cmd::SEED => "seed",
             Cmd::MKDIR => "mkdir",
             Cmd::REMOVE => "remove",
             Cmd::RENAME => "rename",

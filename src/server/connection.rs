@@ -1014,6 +1014,7 @@ async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
         Cmd::RENAME => files::rename(&session, payload).await,
         Cmd::OPEN => return transfer::open(&session, payload, st).await,
         Cmd::MANIFEST => transfer::manifest(&session, payload).await,
+        Cmd::SEED => super::seed::seed(&session, payload).await,
         Cmd::COMMIT => transfer::commit(&session, payload).await,
         Cmd::CLOSE => transfer::close(&session, payload).await,
         Cmd::READ => return transfer::read(&session, payload, st).await,

@@ -10,6 +10,7 @@ mod files;
 pub mod limits;
 pub mod metrics;
 pub mod quotas;
+mod seed;
 pub mod tls;
 mod transfer;
 mod transport;

@@ -105,7 +105,7 @@ fn progress(session: &Session, id: u32) -> Option<Arc<Transfer>> {
     handles.tracked.get(&id).map(|(t, _)| t.transfer().clone())
 }
 
-fn get(session: &Session, id: u32) -> Result<Handle, Failure> {
+pub(super) fn get(session: &Session, id: u32) -> Result<Handle, Failure> {
     session
         .handles
         .lock()

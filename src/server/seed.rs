@@ -1,0 +1,103 @@
+//! SEED: a delta upload takes from the file it will replace the chunks that file already holds,
+//! so the client sends only the chunks that changed (docs/PROTOCOL.md §10.3).
+//!
+//! The client names each chunk of the new file by its BLAKE3 chaining value; fsd reads the
+//! destination's bytes at the same offset, hashes them as that chunk of the new file, and stores
+//! them into the upload where the values agree, exactly as a WRITE would (CRC32 and chaining
+//! value recorded, logged when durable). Equality is decided by BLAKE3, never by CRC32, and the
+//! upload is still published only after its whole-file BLAKE3 matches at COMMIT, so a seeded
+//! chunk can never make a wrong file look right. The destination is only read, through the
+//! session's confined root, as an OPEN READ of it would be; the published file is replaced by
+//! rename at COMMIT as for any upload.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::connection::{Failure, Session};
+use super::files::blocking;
+use super::transfer::{self, Handle};
+use crate::integrity::hash_chunk;
+use crate::protocol::{chunk_len, msg, ErrorCode};
+
+/// Most chunks one SEED may name: each is read and hashed on one blocking thread, so this
+/// bounds the work of one request (64 MiB with 1 MiB chunks).
+pub const MAX_SEED_CHUNKS: usize = 64;
+
+const CV_LEN: usize = 32;
+
+pub async fn seed(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::SeedRequest::decode(payload)?;
+    let Handle::Write(upload) = transfer::get(session, req.handle)? else {
+        return Err(Failure::new(ErrorCode::BadHandle, "SEED on a read handle"));
+    };
+    let bad = |why: String| Failure::new(ErrorCode::BadRequest, why);
+    if upload.count <= 1 {
+        return Err(bad("SEED needs a multi-chunk upload".into()));
+    }
+    if req.cvs.len() % CV_LEN != 0 || req.cvs.len() / CV_LEN > MAX_SEED_CHUNKS {
+        return Err(bad(format!(
+            "cvs must be whole 32-byte values, at most {MAX_SEED_CHUNKS} of them"
+        )));
+    }
+    let n = req.cvs.len() / CV_LEN;
+    let end = u64::from(req.first_chunk) + n as u64;
+    if end > u64::from(upload.count) {
+        return Err(bad(format!(
+            "chunks {}..{end} beyond the upload's {}",
+            req.first_chunk, upload.count
+        )));
+    }
+    let first = req.first_chunk;
+    let seeded = blocking(session, move |s| {
+        let mut seeded = vec![0u8; n.div_ceil(8)];
+        let (old, meta) = match s.root().open_read(&upload.params.path) {
+            Ok(x) => x,
+            // Nothing there to take chunks from (no file, a directory, a symlink — never
+            // followed —, a device): the client sends them all.
+            Err(e) => {
+                tracing::debug!(error = %e, "SEED: nothing to take chunks from");
+                return Ok(seeded);
+            }
+        };
+        let (size, cs) = (upload.params.size, upload.chunk_size);
+        let held = upload.bitmap();
+        let mut buf = Vec::new();
+        for (k, want) in req.cvs.chunks_exact(CV_LEN).enumerate() {
+            let i = first + u32::try_from(k).expect("k < MAX_SEED_CHUNKS");
+            let len = chunk_len(size, cs, i) as usize;
+            let offset = u64::from(i) * u64::from(cs);
+            let already = held
+                .get(i as usize / 8)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0);
+            if already || offset + len as u64 > meta.len() {
+                continue;
+            }
+            buf.resize(len, 0);
+            if old.read_exact_at(&mut buf, offset).is_err() {
+                // Shrunk or unreadable since it was opened: the client sends this chunk.
+                continue;
+            }
+            let (crc, cv) = hash_chunk(&buf, i, cs, size);
+            if cv[..] != want[..] {
+                continue;
+            }
+            let written = upload.write_chunk(i, &buf, crc)?;
+            if written.start_sync {
+                upload.background_sync();
+            }
+            seeded[k / 8] |= 1 << (k % 8);
+        }
+        Ok(seeded)
+    })
+    .await?;
+    Ok(Bytes::from(
+        msg::SeedResponse {
+            first_chunk: first,
+            seeded,
+        }
+        .encode_to_vec(),
+    ))
+}
