@@ -142,6 +142,32 @@ impl Probe {
     }
 }
 
+/// A client from an address fsd has never seen, 1 s into the attack: logs in as a client that
+/// retries would (every 100 ms, for at most 10 s). Reports how long until it was in.
+fn newcomer(addr: SocketAddr, token: String) -> std::thread::JoinHandle<String> {
+    const NEWCOMER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 1, 0, 1));
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        let t = Instant::now();
+        let mut tries = 0;
+        let mut last = String::new();
+        while t.elapsed() < Duration::from_secs(10) {
+            tries += 1;
+            match Conn::login(addr, NEWCOMER, &token, 0) {
+                Ok(_) => {
+                    return format!(
+                        "never-seen client in after {:.1}ms ({tries} attempt(s))",
+                        t.elapsed().as_secs_f64() * 1e3
+                    )
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        format!("never-seen client NOT in after 10 s ({tries} attempts; last: {last})")
+    })
+}
+
 /// Runs the legitimate client until `stop`: a fresh login every 500 ms, STATs in between.
 fn probe(addr: SocketAddr, token: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Probe> {
     std::thread::spawn(move || {
@@ -219,7 +245,13 @@ fn main() {
     let metrics = args.get(6).map(String::as_str);
     let rss0 = proc_kib(pid, "VmRSS:");
     let stop = Arc::new(AtomicBool::new(false));
+    // The legitimate user is a known one: it logged in before the attack (as a server's users
+    // have, within the last 24 h). A never-seen client is measured apart (`newcomer`).
+    if let Err(e) = Conn::login(addr, LEGIT, &token, 0) {
+        eprintln!("the legitimate client cannot log in before the attack: {e}");
+    }
     let legit = probe(addr, token.clone(), stop.clone());
+    let newcomer = newcomer(addr, token.clone());
     let peak = Arc::new(AtomicU64::new(0));
     let watcher = {
         let (stop, peak) = (stop.clone(), peak.clone());
@@ -246,9 +278,10 @@ fn main() {
     };
     stop.store(true, Ordering::Relaxed);
     let mut p = legit.join().unwrap();
+    let newcomer = newcomer.join().unwrap();
     let most_fds = watcher.join().unwrap();
     println!(
-        "{scenario:15} {:5.1}s  fsd RSS {} -> peak {} MiB, peak fds {most_fds}; {detail}; {}",
+        "{scenario:15} {:5.1}s  fsd RSS {} -> peak {} MiB, peak fds {most_fds}; {detail}; {}; {newcomer}",
         t0.elapsed().as_secs_f64(),
         rss0 / 1024,
         peak.load(Ordering::Relaxed) / 1024,

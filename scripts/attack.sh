@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Denial-of-service scenarios against a release fsd on loopback (examples/attack.rs), one fresh
-# fsd per scenario, each while a legitimate client on 127.0.0.1 (attackers: 127.0.0.2 and up)
-# logs in every 500 ms and STATs in between. Prints per scenario: fsd RSS before and at peak,
+# fsd per scenario, each while a legitimate client on 127.0.0.1 (attackers: 127.0.0.2 and up),
+# a known user that logged in once before the attack, logs in every 500 ms and STATs in between,
+# and a never-seen client on 127.1.0.1 tries to log in 1 s into the attack. Prints per scenario: fsd RSS before and at peak,
 # peak open descriptors, what the attack achieved, the legitimate client's worst AUTH latency
 # and STAT p50/p99, and its failures. docs/SECURITY.md quotes a run.
 #
