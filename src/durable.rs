@@ -104,6 +104,15 @@ impl GroupSync {
         }))
     }
 
+    /// Whether [`GroupSync::sync_all`] makes `file` durable: it is on this file system and
+    /// that file system's syncfs is durable. Otherwise the file needs its own fsync.
+    pub fn covers(&self, file: impl AsFd) -> io::Result<bool> {
+        Ok(
+            self.kind.syncfs_is_durable()
+                && nix::sys::stat::fstat(file.as_fd())?.st_dev == self.dev,
+        )
+    }
+
     /// Makes everything written to `file` so far durable (its data and metadata, and every name
     /// created or renamed on this file system before the call). A file on another file system,
     /// or on one whose syncfs is not durable, gets its own fsync (and then names created before
