@@ -101,6 +101,7 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
         };
         drop(held);
         if last {
+            tracing::info!(dir = ?req.path, files = req.files.len(), "tree read");
             return st.finish(item).await;
         }
         if !st.send(item).await {
