@@ -575,13 +575,22 @@ impl Client {
 }
 
 /// Reads the files `names` beneath `root` for one TREE_WRITE frame: regular files of at most
-/// `max_file` bytes, unchanged while read. Files that are not (or fail) are left out: the
-/// per-file path takes them and reports what is wrong. Blocking.
+/// `max_file` bytes, unchanged while read, opened through directory handles with O_NOFOLLOW
+/// (as the local walk saw them: a symlink planted since is not followed). Files that are not
+/// (or fail) are left out: the per-file path takes them and reports what is wrong. Blocking.
 fn read_files(root: &Path, names: Vec<String>, max_file: u64) -> Vec<Read1> {
     let mut out = Vec::with_capacity(names.len());
     let mut bytes = 0usize;
+    let Ok(top) = LocalDir::open(root) else {
+        return out;
+    };
+    let mut dirs: HashMap<String, Option<LocalDir>> = HashMap::new();
     for (index, rel) in names.into_iter().enumerate() {
-        let Ok(file) = std::fs::File::open(root.join(&rel)) else {
+        let (dir_rel, name) = rel_split(&rel);
+        let dir = dirs
+            .entry(dir_rel.to_string())
+            .or_insert_with(|| top.walk(dir_rel).ok());
+        let Some(Ok(file)) = dir.as_ref().map(|d| d.open_read(name)) else {
             continue;
         };
         let Ok(md) = file.metadata() else { continue };
