@@ -279,7 +279,7 @@ impl Client {
         if staged.is_empty() {
             return;
         }
-        let synced = t.group.sync_all().await;
+        let synced = t.group.sync_for(staged.len()).await;
         let t2 = t.clone();
         let named = spawn_blocking(move || {
             Ok(staged

@@ -292,8 +292,9 @@ async fn write_tree(
     let synced = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("sync: {e}"));
     // Data durable before any name points at it.
     let mut staged = staged;
+    let n = staged.len();
     if let Some(g) = &group {
-        if let Err(e) = g.sync_all().await {
+        if let Err(e) = g.sync_for(n).await {
             let e = synced(e);
             staged = staged
                 .into_iter()
@@ -315,7 +316,7 @@ async fn write_tree(
     .await?;
     // The names durable before the client hears they are there.
     if let Some(g) = &group {
-        if let Err(e) = g.sync_all().await {
+        if let Err(e) = g.sync_for(n).await {
             let e = synced(e);
             for r in results.iter_mut().filter(|r| r.is_ok()) {
                 *r = Err(Failure::new(e.code, e.message.clone()));
