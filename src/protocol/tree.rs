@@ -124,7 +124,9 @@ mod tests {
         push(&mut buf, &entry("d/b", b""), b"");
         assert_eq!(
             buf.len(),
-            record_len(&entry("a", b"hello"), 5) + 4 + record_len(&entry("d/b", b""), 0) - 4
+            record_len(&entry("a", b"hello"), 5)
+                + record_len(&TreeEntry::default(), 0)
+                + record_len(&entry("d/b", b""), 0)
         );
         let got: Vec<_> = Records::new(buf.into()).map(Result::unwrap).collect();
         assert_eq!(got.len(), 3);
