@@ -7,8 +7,9 @@
 #   scripts/bench.sh --cases a,b,p   # some cases; p (perf profiles) runs only when asked for
 #
 # Cases: a 1 GiB download to a file (fsc, rsync daemon, nginx+curl); b to stdout > /dev/null
-# (fsc, curl, iperf3 -R); c 1 GiB upload (fsc, rsync push); d 10,000 x 4 KiB recursive download
-# and upload (fsc, rsync); e -j 1/2/4; f resume after kill -9 at 50%; g 100 concurrent downloads
+# (fsc, curl, iperf3 -R); c 1 GiB upload (fsc, rsync push); d small files, recursive download
+# and upload (fsc, rsync daemon, and tar | tar as the local floor): 10,000 x 4 KiB in 20
+# directories, 100,000 x 1 KiB flat and 100,000 x 1 KiB in 20 x 5,000; e -j 1/2/4; f resume after kill -9 at 50%; g 100 concurrent downloads
 # of 100 different files (fsd vs nginx CPU per GiB and peak RSS); s re-runs over an unchanged
 # destination (issue 16: the small tree and the big file, download and upload, fsc vs rsync -rt,
 # both deciding by size and mtime; not in the default set); p perf profiles of fsd and fsc;
@@ -93,6 +94,9 @@ else
 fi
 small_dirs=20
 small_size=4096
+# Case d's other trees: 1 KiB files, flat and in 20 directories.
+if [ "$quick" = 1 ]; then tiny_n=10000; else tiny_n=100000; fi
+tiny_size=1024
 [ "$runs" -ge 1 ] && [ "$runs" -le 50 ] || { echo "bench.sh: --runs must be 1..50" >&2; exit 1; }
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -244,6 +248,20 @@ make_data() {
     [ "$(find "$data/small" -type f | wc -l)" = "$small_n" ] || die "small files: wrong count"
     touch "$data/.small-complete-$small_n"
   fi
+  if has_case d && [ ! -e "$data/.tiny-complete-$tiny_n" ]; then
+    log "making $tiny_n x $tiny_size-byte files, flat and in $small_dirs directories"
+    rm -rf "$data/tiny-flat" "$data/tiny-dirs" "$data"/.tiny-complete-*
+    mkdir -p "$data/tiny-flat"
+    head -c $((tiny_n * tiny_size)) /dev/urandom | (cd "$data/tiny-flat" && split -b "$tiny_size" -d -a 6 - f)
+    for ((i = 0; i < small_dirs; i++)); do
+      d=$(printf '%s/tiny-dirs/d%02d' "$data" "$i")
+      mkdir -p "$d"
+      head -c $((tiny_n / small_dirs * tiny_size)) /dev/urandom | (cd "$d" && split -b "$tiny_size" -d -a 6 - f)
+    done
+    [ "$(find "$data/tiny-flat" -type f | wc -l)" = "$tiny_n" ] || die "tiny-flat: wrong count"
+    [ "$(find "$data/tiny-dirs" -type f | wc -l)" = "$tiny_n" ] || die "tiny-dirs: wrong count"
+    touch "$data/.tiny-complete-$tiny_n"
+  fi
   if has_case g || has_case p; then
     mkdir -p "$data/g"
     for ((i = 0; i < g_n; i++)); do
@@ -262,7 +280,7 @@ make_data() {
 
 # Page cache on this VM is evicted after ~30 s idle: re-read sources right before each run.
 warm_big() { cat "$data/big.bin" > /dev/null; }
-warm_small() { find "$data/small" -type f -exec cat {} + > /dev/null; }
+warm_small() { find "$data/${1:-small}" -type f -exec cat {} + > /dev/null; }
 warm_g() { (cd "$data" && xargs cat < "$W/g.list" > /dev/null); }
 
 # ---------------------------------------------------------------- ports and servers
@@ -618,41 +636,57 @@ count_files() { # count_files DIR EXPECTED
   [ "$n" = "$2" ] || die "$1 has $n files, expected $2"
 }
 
-# small_runs CASE LABEL-SUFFIX JOBS...: recursive download and upload of the small tree.
-small_down() { # small_down CASE LABEL TOOL RUN JOBS
-  local c=$1 label=$2 tool=$3 r=$4 j=$5
-  warm_small; fresh "$c-down-$tool-$j-$r"
+# Recursive download and upload of a small-file tree under $data: TREE N SIZE say which one.
+# tar is the local floor: the same tree copied through a pipe, no network, no sync.
+small_down() { # small_down CASE LABEL TOOL RUN JOBS [TREE N SIZE [SUFFIX]]
+  local c=$1 label=$2 tool=$3 r=$4 j=$5 tree=${6:-small} n=${7:-$small_n} size=${8:-$small_size}
+  warm_small "$tree"; fresh "$c-down-$tree-$tool-$j-$r"
   local dst=$FRESH/tree
   case $tool in
-    fsc) measure fsd /dev/null "$fsc_bin" -q download -r -j "$j" "$fsd_addr" small "$dst"
-         record "$c" "$label" "fsc${6:-}" "$r" $((small_n * small_size)) "$small_n" ;;
-    rsync) measure rsync /dev/null rsync -r --whole-file "$(rurl small/)" "$dst/"
-         record "$c" "$label" rsync "$r" $((small_n * small_size)) "$small_n" ;;
+    fsc) measure fsd /dev/null "$fsc_bin" -q download -r -j "$j" "$fsd_addr" "$tree" "$dst"
+         record "$c" "$label" "fsc${9:-}" "$r" $((n * size)) "$n" ;;
+    rsync) measure rsync /dev/null rsync -r --whole-file "$(rurl "$tree/")" "$dst/"
+         record "$c" "$label" rsync "$r" $((n * size)) "$n" ;;
+    tar) mkdir -p "$dst"
+         measure none /dev/null bash -c 'tar -C "$1" -cf - . | tar -C "$2" -xf -' tar "$data/$tree" "$dst"
+         record "$c" "$label" "tar | tar" "$r" $((n * size)) "$n" ;;
   esac
-  [ "$r" -gt 0 ] || count_files "$dst" "$small_n"
+  [ "$r" -gt 0 ] || count_files "$dst" "$n"
   # Each run writes to a fresh directory; all are deleted at the end of the case.
 }
-small_up() { # small_up CASE LABEL TOOL RUN JOBS [SUFFIX]
-  local c=$1 label=$2 tool=$3 r=$4 j=$5
-  warm_small
-  local dst=up/$c-$tool-$j-$r
+small_up() { # small_up CASE LABEL TOOL RUN JOBS [TREE N SIZE [SUFFIX]]
+  local c=$1 label=$2 tool=$3 r=$4 j=$5 tree=${6:-small} n=${7:-$small_n} size=${8:-$small_size}
+  warm_small "$tree"
+  local dst=up/$c-$tree-$tool-$j-$r
   case $tool in
-    fsc) measure fsd /dev/null "$fsc_bin" -q upload -r -j "$j" "$fsd_addr" "$data/small" "$dst"
-         record "$c" "$label" "fsc${6:-}" "$r" $((small_n * small_size)) "$small_n" ;;
-    rsync) measure rsync /dev/null rsync -r --whole-file "$data/small/" "$(rurl "$dst/")"
-         record "$c" "$label" rsync "$r" $((small_n * small_size)) "$small_n" ;;
+    fsc) measure fsd /dev/null "$fsc_bin" -q upload -r -j "$j" "$fsd_addr" "$data/$tree" "$dst"
+         record "$c" "$label" "fsc${9:-}" "$r" $((n * size)) "$n" ;;
+    rsync) measure rsync /dev/null rsync -r --whole-file "$data/$tree/" "$(rurl "$dst/")"
+         record "$c" "$label" rsync "$r" $((n * size)) "$n" ;;
+    tar) mkdir -p "$data/$dst"
+         measure none /dev/null bash -c 'tar -C "$1" -cf - . | tar -C "$2" -xf -' tar "$data/$tree" "$data/$dst"
+         record "$c" "$label" "tar | tar" "$r" $((n * size)) "$n" ;;
   esac
-  [ "$r" -gt 0 ] || count_files "$data/$dst" "$small_n"
+  [ "$r" -gt 0 ] || count_files "$data/$dst" "$n"
 }
 
 case_d() {
-  local r t ld="$small_n × 4 KiB download -r" lu="$small_n × 4 KiB upload -r"
-  log "case d: $ld / $lu"
-  for ((r = 0; r <= runs; r++)); do
-    for t in $(rotate "$r" fsc rsync); do small_down d "$ld" "$t" "$r" 1; done
-    for t in $(rotate "$r" fsc rsync); do small_up d "$lu" "$t" "$r" 1; done
+  local r t tree n size what ld lu
+  for tree in small tiny-flat tiny-dirs; do
+    case $tree in
+      small) n=$small_n size=$small_size what="$small_n × 4 KiB ($small_dirs dirs)" ;;
+      tiny-flat) n=$tiny_n size=$tiny_size what="$tiny_n × 1 KiB (flat)" ;;
+      tiny-dirs) n=$tiny_n size=$tiny_size what="$tiny_n × 1 KiB ($small_dirs dirs)" ;;
+    esac
+    ld="$what download -r" lu="$what upload -r"
+    log "case d: $ld / $lu"
+    for ((r = 0; r <= runs; r++)); do
+      for t in $(rotate "$r" fsc rsync tar); do small_down d "$ld" "$t" "$r" 1 "$tree" "$n" "$size"; done
+      for t in $(rotate "$r" fsc rsync tar); do small_up d "$lu" "$t" "$r" 1 "$tree" "$n" "$size"; done
+    done
+    # Fresh directories per run, removed per tree: 100,000-file trees are slow to delete late.
+    done_with "$W/out/"d-* "$data/up/"d-*
   done
-  done_with "$W/out/"d-* "$data/up/"d-*
 }
 
 # case s: a re-run over a destination that already holds everything: the small tree and the
@@ -781,8 +815,8 @@ case_e() {
       record e "$lu" "fsc -j $j" "$r" "$big" 1
       done_with "$data/up/e-$j-$r.bin"
     done
-    for j in $(rotate "$r" 1 4); do small_down e "$sd" fsc "$r" "$j" " -j $j"; done
-    for j in $(rotate "$r" 1 4); do small_up e "$su" fsc "$r" "$j" " -j $j"; done
+    for j in $(rotate "$r" 1 4); do small_down e "$sd" fsc "$r" "$j" small "$small_n" "$small_size" " -j $j"; done
+    for j in $(rotate "$r" 1 4); do small_up e "$su" fsc "$r" "$j" small "$small_n" "$small_size" " -j $j"; done
   done
   done_with "$W/out/"e-* "$data/up/"e-*
 }
@@ -1026,10 +1060,12 @@ targets() {
     verdict "(c) fsc ÷ rsync push, upload" "$(ratio "$(med c "$a" fsc wall)" "$(med c "$a" "rsync push" wall)")" "≤" 1.0
   fi
   if has_case d; then
-    a="$small_n × 4 KiB download -r"
-    verdict "(d) fsc ÷ rsync, small files download" "$(ratio "$(med d "$a" fsc wall)" "$(med d "$a" rsync wall)")" "≤" 0.5
-    a="$small_n × 4 KiB upload -r"
-    verdict "(d) fsc ÷ rsync, small files upload" "$(ratio "$(med d "$a" fsc wall)" "$(med d "$a" rsync wall)")" "≤" 0.5
+    local what
+    for what in "$small_n × 4 KiB ($small_dirs dirs)" "$tiny_n × 1 KiB (flat)" "$tiny_n × 1 KiB ($small_dirs dirs)"; do
+      for a in "$what download -r" "$what upload -r"; do
+        verdict "(d) fsc ÷ rsync, $a" "$(ratio "$(med d "$a" fsc wall)" "$(med d "$a" rsync wall)")" "≤" 0.5
+      done
+    done
   fi
   if has_case f; then
     local lost lanes

@@ -104,6 +104,15 @@ impl GroupSync {
         }))
     }
 
+    /// Whether [`GroupSync::sync_all`] makes `file` durable: it is on this file system and
+    /// that file system's syncfs is durable. Otherwise the file needs its own fsync.
+    pub fn covers(&self, file: impl AsFd) -> io::Result<bool> {
+        Ok(
+            self.kind.syncfs_is_durable()
+                && nix::sys::stat::fstat(file.as_fd())?.st_dev == self.dev,
+        )
+    }
+
     /// Makes everything written to `file` so far durable (its data and metadata, and every name
     /// created or renamed on this file system before the call). A file on another file system,
     /// or on one whose syncfs is not durable, gets its own fsync (and then names created before
@@ -123,6 +132,14 @@ impl GroupSync {
     /// callers.
     /// Refused where syncfs is not durable: it would report success for nothing.
     pub async fn sync_all(self: &Arc<Self>) -> io::Result<()> {
+        self.sync_for(1).await
+    }
+
+    /// [`GroupSync::sync_all`] for a caller that publishes `files` files at once (a tree
+    /// stream's frame): it counts as that many waiters, so a big enough batch starts its sync
+    /// at once instead of gathering for others.
+    pub async fn sync_for(self: &Arc<Self>, files: usize) -> io::Result<()> {
+        let files = files.max(1);
         if !self.kind.syncfs_is_durable() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -132,7 +149,7 @@ impl GroupSync {
         let mut finished = self.finished.subscribe();
         let want = {
             let mut st = self.st.lock().unwrap();
-            st.waiting += 1;
+            st.waiting += files;
             if st.waiting >= self.batch {
                 self.joined.notify_one();
             }
@@ -140,7 +157,7 @@ impl GroupSync {
             // next one (a gathering leader's sync has not started yet: it will do).
             st.started + 1
         };
-        let _leave = Leave(self);
+        let _leave = Leave(self, files);
         loop {
             if *finished.borrow_and_update() >= want {
                 return match &self.st.lock().unwrap().failed {
@@ -189,12 +206,13 @@ impl GroupSync {
     }
 }
 
-/// Counts a caller out of `waiting` however its wait ends (returned, failed or dropped).
-struct Leave<'a>(&'a GroupSync);
+/// Counts a caller (as this many waiters) out of `waiting` however its wait ends (returned,
+/// failed or dropped).
+struct Leave<'a>(&'a GroupSync, usize);
 
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
-        self.0.st.lock().unwrap().waiting -= 1;
+        self.0.st.lock().unwrap().waiting -= self.1;
     }
 }
 

@@ -85,6 +85,10 @@ struct Args {
     /// Ki, Mi, Gi, Ti binary.
     #[arg(long, default_value = "1Gi", value_parser = fsd::net::parse_size)]
     compress_cache: u64,
+    /// Neither offer nor serve TREE_READ / TREE_WRITE, like a server that predates them
+    /// (clients then move small files one request each).
+    #[arg(long, hide = true)]
+    no_tree_stream: bool,
     /// Seconds an authenticated connection may sit idle.
     #[arg(long, default_value_t = server::IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
@@ -256,6 +260,7 @@ async fn serve(args: Args) -> Result<()> {
         max_handles: args.max_handles,
         max_frame: args.max_frame.max(args.chunk_size),
         max_compress_level: args.max_compress_level,
+        tree: !args.no_tree_stream,
         compress_cache: args.compress_cache,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         auth_timeout: Duration::from_secs(args.auth_timeout),

@@ -1601,7 +1601,7 @@ fn protocol_cases() -> Vec<Case> {
             "unknown command id -> UnknownCommand, connection usable",
             |e| {
                 let mut r = e.admin()?;
-                for cmd in [0x0000, 0x0004, 0x001a, 0x7777, 0xffff] {
+                for cmd in [0x0000, 0x0004, 0x001f, 0x7777, 0xffff] {
                     let f = call(&mut r, Cmd(cmd), 9, &msg::Ok {})?;
                     expect_code(&f, UnknownCommand, &format!("cmd {cmd:#06x}"))?;
                 }

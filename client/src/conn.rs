@@ -341,6 +341,7 @@ impl Conn {
             max_streams: 0,
             agent: concat!("fsc/", env!("CARGO_PKG_VERSION")).to_string(),
             compress_level: opts.compress.level(),
+            features: fsd::protocol::tree::FEATURE_TREE,
         };
         s.send_msg(Cmd::HELLO, flags::END, &hello).await?;
         let server: msg::Hello = s.reply(Cmd::HELLO).await?;
@@ -416,6 +417,12 @@ impl Conn {
             Compress::Auto if !self.inner.link.as_ref().is_some_and(Link::is_slow) => 0,
             _ => agreed,
         }
+    }
+
+    /// Whether the server speaks TREE_READ and TREE_WRITE (Hello `features`, PROTOCOL.md §12).
+    pub fn has_tree(&self) -> bool {
+        let features = self.inner.server.lock().unwrap().features;
+        features & fsd::protocol::tree::FEATURE_TREE != 0
     }
 
     pub fn server_max_frame(&self) -> u32 {
@@ -963,6 +970,7 @@ mod tests {
                 max_streams: 4,
                 agent: "fake".into(),
                 compress_level: 0,
+                features: 0,
             };
             use futures::SinkExt;
             peer.send(Frame::message(Cmd::HELLO, 0, flags::END, &hello))

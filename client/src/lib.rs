@@ -70,6 +70,7 @@
 //! | 3 | integrity failure after retries |
 //! | 4 | connection failed (refused, lost, stalled) after retries; a TLS handshake failure at once (not retried) |
 
+mod batch;
 mod check;
 mod client;
 mod conn;

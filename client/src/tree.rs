@@ -12,6 +12,7 @@ use fsd::durable::GroupSync;
 use fsd::protocol::ErrorCode;
 use futures::stream::StreamExt;
 
+use crate::batch::DownTarget;
 use crate::check::{clobber_check, Outcome};
 use crate::client::{Client, Kind, Slots};
 use crate::error::{Error, Result};
@@ -309,6 +310,14 @@ impl Client {
         let top_names = |n: &str| src.nodes.contains_key(n);
         let work_name = &work_dir_name(top_names);
         let nodes = &src.nodes;
+        let (small, files) = self.split_small(files, dry_run, |v| v).await;
+        let target = DownTarget {
+            root: root.clone(),
+            work_name: work_name.clone(),
+            group: group.clone(),
+            preserve: self.shared.opts.preserve,
+        };
+        let small = self.download_small(remote, &target, small);
         let results = futures::stream::iter(files)
             .map(|(rel, size, verdict)| async move {
                 let rpath = remote_join(remote, &rel);
@@ -356,7 +365,9 @@ impl Client {
                 FILES_PER_CONN * self.connections(),
                 self.connections(),
             ));
-        summary.collect(results).await;
+        summary
+            .collect(futures::stream::select(results, small))
+            .await;
         Work::new(root.clone(), work_name.clone(), "").tidy();
         if dry_run {
             return Ok(summary);
@@ -462,6 +473,10 @@ impl Client {
             });
         }
         let dry_run = sync.dry_run;
+        let (small, files) = self
+            .split_small(files, dry_run, |v| clobber_check(v, opts))
+            .await;
+        let small = self.upload_small(local, remote, opts, small);
         // The size of the remote file each upload replaces, if any: a delta upload then.
         let files: Vec<_> = files
             .into_iter()
@@ -502,7 +517,9 @@ impl Client {
                 FILES_PER_CONN * self.connections(),
                 self.connections(),
             ));
-        summary.collect(results).await;
+        summary
+            .collect(futures::stream::select(results, small))
+            .await;
         if !dry_run {
             let top = (
                 md.mode() & 0o7777,

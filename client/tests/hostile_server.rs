@@ -336,6 +336,8 @@ impl Fake {
                     max_streams: 16,
                     agent: "fake".into(),
                     compress_level: 0,
+                    // No tree streams: fsc must use its per-file requests with this server.
+                    features: 0,
                 },
             )]),
             Cmd::STAT => {

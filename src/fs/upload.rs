@@ -183,7 +183,9 @@ impl Tally {
 /// The uploads directory.
 pub struct UploadStore {
     dir: PathBuf,
-    dir_fd: File,
+    /// Shared by every upload: a tree upload stages many files at once, each holding one
+    /// descriptor (its data), not two.
+    dir_fd: Arc<File>,
     /// Where single-chunk uploads go: anonymous files (local disks) or named ones.
     kind: FsKind,
     group: Arc<GroupSync>,
@@ -223,7 +225,7 @@ impl UploadStore {
         }
         Ok(UploadStore {
             dir,
-            dir_fd,
+            dir_fd: Arc::new(dir_fd),
             kind,
             group,
             ttl,
@@ -347,7 +349,7 @@ impl UploadStore {
             log: Some(log),
             sync_lock: Mutex::new(()),
             dir: self.dir.clone(),
-            dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
+            dir_fd: self.dir_fd.clone(),
             group: self.group.clone(),
             tally: self.tally.clone(),
             lease: Some(lease),
@@ -399,7 +401,7 @@ impl UploadStore {
             log: None,
             sync_lock: Mutex::new(()),
             dir: self.dir.clone(),
-            dir_fd: self.dir_fd.try_clone().map_err(io_err)?,
+            dir_fd: self.dir_fd.clone(),
             group: self.group.clone(),
             tally: self.tally.clone(),
             lease: None,
@@ -760,7 +762,7 @@ pub struct Upload {
     /// Serializes syncs (background and foreground).
     sync_lock: Mutex<()>,
     dir: PathBuf,
-    dir_fd: File,
+    dir_fd: Arc<File>,
     group: Arc<GroupSync>,
     /// The upload lock of a resumable upload (fs::lease), renewed by [`UploadStore::renew_leases`].
     lease: Option<Lease>,
@@ -1176,7 +1178,7 @@ impl Drop for Upload {
             let committed = matches!(self.inner.lock().unwrap().phase, Phase::Committed(_));
             if !committed {
                 let _ = nix::unistd::unlinkat(
-                    &self.dir_fd,
+                    &*self.dir_fd,
                     name.as_c_str(),
                     nix::unistd::UnlinkatFlags::NoRemoveDir,
                 );

@@ -46,6 +46,8 @@ impl Cmd {
     pub const MKDIR: Cmd = Cmd(0x0020);
     pub const REMOVE: Cmd = Cmd(0x0021);
     pub const RENAME: Cmd = Cmd(0x0022);
+    pub const TREE_READ: Cmd = Cmd(0x0023);
+    pub const TREE_WRITE: Cmd = Cmd(0x0024);
 
     /// Name for logs; `None` for ids this version does not define.
     pub fn name(self) -> Option<&'static str> {
@@ -67,6 +69,8 @@ impl Cmd {
             Cmd::MKDIR => "mkdir",
             Cmd::REMOVE => "remove",
             Cmd::RENAME => "rename",
+            Cmd::TREE_READ => "tree_read",
+            Cmd::TREE_WRITE => "tree_write",
             _ => return None,
         })
     }

@@ -4,6 +4,7 @@
 
 mod codec;
 mod frame;
+pub mod tree;
 
 pub use codec::{BadChecksum, CodecError, FrameCodec};
 pub use frame::{flags, Cmd, Frame, Header, HEADER_LEN, MAGIC, VERSION};

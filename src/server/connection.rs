@@ -22,7 +22,7 @@ use super::limits::Startup;
 use super::quotas::{Account, Held};
 use super::transport::{self, ReadSide};
 use super::writer::{self, Outgoing, WriteSide};
-use super::{files, transfer, Credential, Server, MAX_AUTH_FAILURES};
+use super::{files, transfer, tree, Credential, Server, MAX_AUTH_FAILURES};
 use crate::frame_reader::FrameReader;
 use crate::fs::root::{FsError, Root};
 use crate::fs::upload::UploadError;
@@ -98,6 +98,7 @@ impl From<tokio::task::JoinError> for Failure {
 enum Pending {
     Write(msg::WriteRequest),
     Put(msg::PutRequest),
+    Tree(msg::TreeWriteRequest),
 }
 
 impl Pending {
@@ -105,8 +106,14 @@ impl Pending {
         match self {
             Pending::Write(_) => Cmd::WRITE,
             Pending::Put(_) => Cmd::PUT,
+            Pending::Tree(_) => Cmd::TREE_WRITE,
         }
     }
+}
+
+/// Requests whose DATA frame follows them on the same stream.
+fn takes_data(cmd: Cmd) -> bool {
+    matches!(cmd, Cmd::WRITE | Cmd::PUT | Cmd::TREE_WRITE)
 }
 
 /// Streams in use on a connection, each with the token that cancels it.
@@ -520,9 +527,7 @@ impl Conn {
                         // A request is running on this stream: it sends the final frame.
                         t.cancel();
                         continue;
-                    } else if matches!(bad.header.cmd, Cmd::WRITE | Cmd::PUT)
-                        && !bad.header.is_data()
-                    {
+                    } else if takes_data(bad.header.cmd) && !bad.header.is_data() {
                         // Its DATA frame follows: drop it quietly, this error ends the stream.
                         if let Some(why) = self.discard_next_data(sid) {
                             return why;
@@ -574,13 +579,15 @@ impl Conn {
             // The payload is held until stored: waiting here for the budget stops reading
             // from the socket, so the client's sending is paced by the disk.
             let held = match (cmd, self.pending_writes.contains_key(&sid), &self.session) {
-                (Cmd::WRITE | Cmd::PUT, true, Some(session)) => {
+                (Cmd::WRITE | Cmd::PUT | Cmd::TREE_WRITE, true, Some(session)) => {
                     // A compressed chunk takes its decompressed size once it is stored.
                     let n = match f.header.is_compressed() {
                         true => self.pending_writes.get(&sid).map_or(0, |p| match p {
                             Pending::Write(req) => transfer::chunk_room(session, req),
                             Pending::Put(req) => u32::try_from(req.size)
                                 .map_or(MAX_CHUNK_SIZE, |n| n.min(MAX_CHUNK_SIZE)),
+                            // Refused if compressed: only its bytes on the wire count.
+                            Pending::Tree(_) => 0,
                         }),
                         false => 0,
                     };
@@ -614,6 +621,12 @@ impl Conn {
                     let session = session.clone();
                     let span = tracing::debug_span!("stream", id = sid, %cmd);
                     tokio::spawn(transfer::put(session, req, f, st, held).instrument(span));
+                }
+                (Cmd::TREE_WRITE, Some(Pending::Tree(req)), Some(session), Some(held)) => {
+                    let st = self.stream_tx(sid, cmd);
+                    let session = session.clone();
+                    let span = tracing::debug_span!("stream", id = sid, %cmd);
+                    tokio::spawn(tree::write(session, req, f, st, held).instrument(span));
                 }
                 (_, pending, _, _) => {
                     // The error ends the pending request, if any: it carries that request's cmd.
@@ -688,7 +701,10 @@ impl Conn {
                     t.cancel();
                 }
             }
-            _ if cmd.name().is_none() => {
+            _ if cmd.name().is_none()
+                || (!self.server.config.tree
+                    && matches!(cmd, Cmd::TREE_READ | Cmd::TREE_WRITE)) =>
+            {
                 tracing::warn!(%cmd, "unknown command");
                 self.send_error(
                     cmd,
@@ -702,7 +718,7 @@ impl Conn {
                 // A WRITE or PUT refused here leaves nothing pending: its DATA frame, which
                 // follows, is dropped unanswered, so that the refusal is the stream's one final
                 // frame.
-                let refused_write = matches!(cmd, Cmd::WRITE | Cmd::PUT);
+                let refused_write = takes_data(cmd);
                 let Some(session) = self.session.clone() else {
                     self.send_error(cmd, sid, ErrorCode::NotAuthenticated, "authenticate first")
                         .await;
@@ -729,11 +745,11 @@ impl Conn {
                 // A new request on the stream: a DATA frame still awaited from an earlier
                 // refusal will not come.
                 self.discard_data.remove(&sid);
-                if matches!(cmd, Cmd::WRITE | Cmd::PUT) {
-                    let pending = if cmd == Cmd::WRITE {
-                        f.decode().map(Pending::Write)
-                    } else {
-                        f.decode().map(Pending::Put)
+                if takes_data(cmd) {
+                    let pending = match cmd {
+                        Cmd::WRITE => f.decode().map(Pending::Write),
+                        Cmd::PUT => f.decode().map(Pending::Put),
+                        _ => f.decode().map(Pending::Tree),
                     };
                     match pending {
                         Ok(p) => {
@@ -867,6 +883,10 @@ impl Conn {
             max_streams: self.server.config.max_streams as u32,
             agent: concat!("fsd/", env!("CARGO_PKG_VERSION")).into(),
             compress_level: self.compress_level,
+            features: match self.server.config.tree {
+                true => crate::protocol::tree::FEATURE_TREE,
+                false => 0,
+            },
         };
         self.send(Frame::message(
             Cmd::HELLO,
@@ -1018,6 +1038,7 @@ async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
         Cmd::COMMIT => transfer::commit(&session, payload).await,
         Cmd::CLOSE => transfer::close(&session, payload).await,
         Cmd::READ => return transfer::read(&session, payload, st).await,
+        Cmd::TREE_READ => return tree::read(&session, payload, st).await,
         _ => Err(Failure::new(
             ErrorCode::UnknownCommand,
             format!("{} is not a request", f.cmd()),

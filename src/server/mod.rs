@@ -14,6 +14,7 @@ mod seed;
 pub mod tls;
 mod transfer;
 mod transport;
+mod tree;
 mod writer;
 
 use std::io;
@@ -89,6 +90,9 @@ pub struct Config {
     pub max_compress_level: u32,
     /// Bytes of compressed chunks kept in the state directory (crate::fs::zcache); 0: none.
     pub compress_cache: u64,
+    /// Offer and serve TREE_READ / TREE_WRITE (server::tree). Off: answered UnknownCommand and
+    /// not in Hello, as by a server that predates them (to test clients' fallback).
+    pub tree: bool,
     pub idle_timeout: Duration,
     pub auth_timeout: Duration,
     pub upload_ttl: Duration,
@@ -128,6 +132,7 @@ impl Config {
             max_frame: MAX_FRAME,
             max_compress_level: crate::compress::DEFAULT_LEVEL,
             compress_cache: COMPRESS_CACHE,
+            tree: true,
             idle_timeout: IDLE_TIMEOUT,
             auth_timeout: AUTH_TIMEOUT,
             upload_ttl: UPLOAD_TTL,

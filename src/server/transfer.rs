@@ -313,7 +313,7 @@ fn read_inline(
 
 /// The checks of an OPEN WRITE (and a PUT) that come before any state: rights, path, parent,
 /// `no_clobber`, frame size. Blocking.
-fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Failure> {
+pub(super) fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Failure> {
     s.require_write()?;
     let path = s.path(&req.path)?.to_string();
     // The root (of the server or of the credential's prefix) can never be replaced by a file:

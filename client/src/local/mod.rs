@@ -174,9 +174,16 @@ impl LocalDir {
         if !kind.keeps_anonymous_files() {
             return None;
         }
+        self.anonymous().ok()
+    }
+
+    /// [`LocalDir::create_anonymous`] without asking the file system first: for a directory
+    /// already known to keep anonymous files (a batch writes many into one directory).
+    pub fn anonymous(&self) -> std::io::Result<File> {
         let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
-        let fd = openat(self.fd.as_fd(), ".", flags, Mode::from_bits_truncate(0o600)).ok()?;
-        Some(File::from(fd))
+        let fd =
+            openat(self.fd.as_fd(), ".", flags, Mode::from_bits_truncate(0o600)).map_err(io)?;
+        Ok(File::from(fd))
     }
 
     /// Opens `name` read-only; a symlink there is refused, and a FIFO does not block the open
