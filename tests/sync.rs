@@ -733,3 +733,105 @@ fn a_changed_file_uploads_only_its_changed_chunks() {
     assert_same_file(&big, &s.root.join("t/d/big"));
     assert_eq!(moved(&ev), CHUNK as u64, "{ev:?}");
 }
+
+/// `-l`: symlinks whose relative target stays inside the tree are copied as symlinks, both
+/// ways; absolute ones and ones that leave the tree are skipped with a note; a changed target
+/// is replaced on a re-run, an unchanged one left alone; without `-l` every symlink is skipped.
+#[test]
+fn links_copy_symlinks_that_stay_inside_the_tree_both_ways() {
+    use std::os::unix::fs::symlink;
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let top = local.path().join("t");
+    std::fs::create_dir_all(top.join("a")).unwrap();
+    std::fs::create_dir_all(top.join("b")).unwrap();
+    std::fs::write(top.join("b/f"), b"data").unwrap();
+    symlink("../b/f", top.join("a/in")).unwrap();
+    symlink("b", top.join("dirlink")).unwrap();
+    symlink("../../outside", top.join("a/out")).unwrap();
+    symlink("/etc/passwd", top.join("abs")).unwrap();
+    let top_s = top.to_str().unwrap();
+    let link_of = |p: &Path| std::fs::read_link(p).ok();
+
+    // Without -l: nothing but the file.
+    run(&["upload", "-r", &s.addr(), top_s, "plain"]);
+    assert!(link_of(&s.root.join("plain/a/in")).is_none());
+    assert!(!s.root.join("plain/a/in").exists());
+
+    let ev = run(&["upload", "-r", "-l", &s.addr(), top_s, "t"]);
+    let r = s.root.join("t");
+    assert_eq!(link_of(&r.join("a/in")).unwrap(), Path::new("../b/f"));
+    assert_eq!(link_of(&r.join("dirlink")).unwrap(), Path::new("b"));
+    assert!(link_of(&r.join("a/out")).is_none() && link_of(&r.join("abs")).is_none());
+    let skipped = paths(&ev, "skip");
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert_eq!(of(&ev, "linked").len(), 2);
+
+    // Back down, into a fresh directory, and a re-run that changes nothing.
+    let back = local.path().join("back");
+    let back_s = back.to_str().unwrap();
+    let ev = run(&["download", "-r", "-l", &s.addr(), "t", back_s]);
+    assert_eq!(of(&ev, "linked").len(), 2);
+    assert_eq!(link_of(&back.join("a/in")).unwrap(), Path::new("../b/f"));
+    assert_eq!(std::fs::read(back.join("a/in")).unwrap(), b"data");
+    let ev = run(&["download", "-r", "-l", &s.addr(), "t", back_s]);
+    assert!(of(&ev, "linked").is_empty(), "{ev:?}");
+
+    // A changed target is replaced both ways; a file where a link goes is replaced by it.
+    std::fs::remove_file(top.join("a/in")).unwrap();
+    symlink("../b", top.join("a/in")).unwrap();
+    let ev = run(&["upload", "-r", "-l", &s.addr(), top_s, "t"]);
+    assert_eq!(paths(&ev, "linked"), vec!["t/a/in".to_string()], "{ev:?}");
+    assert_eq!(link_of(&r.join("a/in")).unwrap(), Path::new("../b"));
+    std::fs::remove_file(back.join("dirlink")).unwrap();
+    std::fs::write(back.join("dirlink"), b"a file in the way").unwrap();
+    run(&["download", "-r", "-l", &s.addr(), "t", back_s]);
+    assert_eq!(link_of(&back.join("a/in")).unwrap(), Path::new("../b"));
+    assert_eq!(link_of(&back.join("dirlink")).unwrap(), Path::new("b"));
+}
+
+/// fsd refuses to create a symlink that is absolute or leaves the credential's root, whatever
+/// the client; and fsc never creates one a server lists with such a target.
+#[test]
+fn symlinks_out_of_the_root_are_refused_by_fsd() {
+    use fsd::protocol::{msg, Cmd, ErrorCode};
+    let s = Fsd::start();
+    std::fs::create_dir(s.root.join("d")).unwrap();
+    let mut r = Raw::authed(s.addr);
+    let mut sid = 1;
+    let mut link = |path: &str, target: &str| {
+        sid += 2;
+        let f = r.call(
+            Cmd::SYMLINK,
+            sid,
+            &msg::SymlinkRequest {
+                path: path.into(),
+                target: target.into(),
+            },
+        );
+        f.header
+            .is_error()
+            .then(|| ErrorCode::from_u32(error_of(&f).code).unwrap())
+    };
+    for (path, target) in [
+        ("l", "/etc/passwd"),
+        ("l", ".."),
+        ("d/l", "../../x"),
+        ("l", ""),
+        ("../l", "x"),
+    ] {
+        assert_eq!(
+            link(path, target),
+            Some(ErrorCode::InvalidPath),
+            "{path} -> {target}"
+        );
+    }
+    assert_eq!(link("d", "x"), Some(ErrorCode::IsADirectory));
+    assert_eq!(link("d/ok", "../d"), None);
+    assert_eq!(
+        std::fs::read_link(s.root.join("d/ok")).unwrap(),
+        Path::new("../d")
+    );
+    // Outside: nothing was created.
+    assert!(std::fs::symlink_metadata(s.root.join("l")).is_err());
+}

@@ -480,6 +480,17 @@ impl Client {
         Ok(())
     }
 
+    /// Makes the remote `path` a symlink to `target` (replacing a file or symlink there); the
+    /// server refuses a target that is absolute or leaves its root.
+    pub async fn symlink(&self, path: &str, target: &str) -> Result<()> {
+        let req = msg::SymlinkRequest {
+            path: path.to_string(),
+            target: target.to_string(),
+        };
+        let _: msg::Ok = self.control(Cmd::SYMLINK, &req, path).await?;
+        Ok(())
+    }
+
     /// Removes a remote file or (empty, unless `recursive`) directory.
     pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
         let req = msg::RemoveRequest {

@@ -162,6 +162,10 @@ struct SyncArgs {
     /// rule order where the option stands.
     #[arg(long, value_name = "FILE", requires = "recursive")]
     exclude_from: Vec<PathBuf>,
+    /// With -r: copy symlinks as symlinks, if their target is relative and stays inside the
+    /// tree (others are skipped with a note; without -l every symlink is). Never followed.
+    #[arg(short = 'l', long, requires = "recursive")]
+    links: bool,
 }
 
 impl SyncArgs {
@@ -192,6 +196,7 @@ impl SyncArgs {
             delete: self.delete,
             dry_run: self.dry_run,
             filter: Filter::new(&rules)?,
+            links: self.links,
         })
     }
 }
@@ -485,12 +490,13 @@ fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
         reporter.finish();
         eprintln!(
             "{} files, {} bytes verified ({} over the network), {} unchanged, {} deleted, \
-             {} skipped, {} failed",
+             {} symlinks, {} skipped, {} failed",
             s.files,
             s.bytes,
             s.transferred,
             s.unchanged,
             s.deleted,
+            s.links,
             s.skipped,
             s.failed.len()
         );

@@ -109,6 +109,8 @@ pub enum Event {
     },
     /// `--delete` removed `path` (and everything beneath it) from the destination.
     Deleted { path: String },
+    /// `-l`: the symlink `path` → `target` was created (or replaced) at the destination.
+    Linked { path: String, target: String },
     /// `--dry-run`: what a real run would do with `path`: `action` is "copy" (new), "update",
     /// "delete" or "mkdir"; `reason` says why.
     DryRun {
@@ -317,6 +319,9 @@ impl Reporter {
             },
             Event::Deleted { path } => {
                 let _ = multi.println(format!("deleted {}", escape(path)));
+            }
+            Event::Linked { path, target } => {
+                let _ = multi.println(format!("linked {} -> {}", escape(path), escape(target)));
             }
             // Printed to stdout by `event`.
             Event::DryRun { .. } => {}

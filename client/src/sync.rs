@@ -28,6 +28,9 @@ pub struct SyncOptions {
     pub dry_run: bool,
     /// Trees: entries left out of the transfer (and protected from `delete`).
     pub filter: Filter,
+    /// Trees: copy symlinks as symlinks (`-l`), those whose relative target stays inside the
+    /// tree; others, and all of them without this, are skipped with a note.
+    pub links: bool,
 }
 
 /// One filter rule, in command-line order.
@@ -131,8 +134,19 @@ pub(crate) enum Node {
         mode: u32,
         mtime_ns: i64,
     },
+    /// A symlink copied as one (`-l`): `target` identifies its link text (the text itself is
+    /// in [`crate::walk::Walk::links`]). Never followed.
+    Link {
+        target: u64,
+    },
     /// A symlink or special file: never transferred, never followed.
     Other,
+}
+
+/// What identifies a symlink's text in a [`Node::Link`].
+pub(crate) fn link_id(target: &str) -> u64 {
+    let h = blake3::hash(target.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// Why a file is copied, or why not.
@@ -183,6 +197,9 @@ pub(crate) struct Plan {
     pub dirs: Vec<(String, bool)>,
     /// Every source file that is not blocked, with its verdict.
     pub files: Vec<(String, Verdict)>,
+    /// Source symlinks (`-l`) the destination lacks or has with another target, or of another
+    /// type that a symlink replaces in place (a file, a symlink, a special file): to create.
+    pub links: Vec<String>,
 }
 
 /// Compares a source tree with a destination tree (both already filtered).
@@ -203,7 +220,8 @@ pub(crate) fn plan(
         }
         let differs = match (src.get(rel), d) {
             (None, _) => true,
-            (Some(Node::File { .. }), Node::File { .. } | Node::Other)
+            (Some(Node::File { .. }), Node::File { .. } | Node::Link { .. } | Node::Other)
+            | (Some(Node::Link { .. }), Node::File { .. } | Node::Link { .. } | Node::Other)
             | (Some(Node::Dir { .. }), Node::Dir { .. }) => false,
             // A source symlink is not transferred: whatever the destination has there stays.
             (Some(Node::Other), _) => false,
@@ -240,6 +258,9 @@ pub(crate) fn plan(
                 };
                 p.files
                     .push((rel.clone(), compare((*size, *mtime_ns), have, checksum)));
+            }
+            Node::Link { target } if d != Some(&Node::Link { target: *target }) => {
+                p.links.push(rel.clone());
             }
             _ => {}
         }

@@ -38,6 +38,8 @@ pub struct TreeSummary {
     pub deleted: u64,
     /// Entries skipped (symlinks, special files).
     pub skipped: u64,
+    /// Symlinks created or replaced (`-l`).
+    pub links: u64,
     /// Files that failed, with the error.
     pub failed: Vec<(String, Error)>,
 }
@@ -194,6 +196,27 @@ impl Client {
         p
     }
 
+    /// Creates the symlink `path` → `target` with `make` (or says it would, on a dry run) and
+    /// reports it.
+    async fn link(
+        &self,
+        dry_run: bool,
+        path: String,
+        target: &str,
+        make: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        if dry_run {
+            self.dry_run("link", path, &format!("-> {target}"));
+            return Ok(());
+        }
+        make.await?;
+        self.emit(Event::Linked {
+            path,
+            target: target.to_string(),
+        });
+        Ok(())
+    }
+
     fn dry_run(&self, action: &str, path: String, reason: &str) {
         self.emit(Event::DryRun {
             action: action.into(),
@@ -222,7 +245,7 @@ impl Client {
         if top.kind != Kind::Dir {
             return Err(Error::Usage(format!("{remote}: not a directory (drop -r)")));
         }
-        let mut src = self.walk_remote(remote, &sync.filter).await?;
+        let mut src = self.walk_remote(remote, &sync.filter, sync.links).await?;
         let root_is_new = std::fs::symlink_metadata(local).is_err();
         let top_dst = std::fs::metadata(local)
             .ok()
@@ -235,8 +258,8 @@ impl Client {
         };
         let mut dst = match &root {
             Some(r) => {
-                let (r, f) = (r.clone(), sync.filter.clone());
-                spawn_blocking(move || Ok(walk_local(&r, &f))).await?
+                let (r, f, l) = (r.clone(), sync.filter.clone(), sync.links);
+                spawn_blocking(move || Ok(walk_local(&r, &f, l))).await?
             }
             None => Walk::default(),
         };
@@ -369,6 +392,19 @@ impl Client {
             .collect(futures::stream::select(results, small))
             .await;
         Work::new(root.clone(), work_name.clone(), "").tidy();
+        for rel in &plan.links {
+            let target = &src.links[rel];
+            let r = self.link(dry_run, shown(rel), target, async {
+                let (dir_rel, name) = rel_split(rel);
+                let made = root.walk(dir_rel).and_then(|d| d.symlink(name, target));
+                made.map_err(|e| Error::io(shown(rel), e))
+            });
+            if let Err(e) = r.await {
+                summary.fail(self, shown(rel), e);
+            } else if !dry_run {
+                summary.links += 1;
+            }
+        }
         if dry_run {
             return Ok(summary);
         }
@@ -429,10 +465,11 @@ impl Client {
         }
         let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
         let filter = sync.filter.clone();
-        let mut src = spawn_blocking(move || Ok(walk_local(&root, &filter))).await?;
+        let links = sync.links;
+        let mut src = spawn_blocking(move || Ok(walk_local(&root, &filter, links))).await?;
         let (mut dst, top_dst) = match self.stat(remote).await {
             Ok(e) if e.kind == Kind::Dir => (
-                self.walk_remote(remote, &sync.filter).await?,
+                self.walk_remote(remote, &sync.filter, sync.links).await?,
                 Some(e.mtime_ns),
             ),
             // Nothing there yet (or not a directory: creating it says what is wrong).
@@ -520,6 +557,17 @@ impl Client {
         summary
             .collect(futures::stream::select(results, small))
             .await;
+        for rel in &plan.links {
+            let (path, target) = (shown(rel), &src.links[rel]);
+            if let Err(e) = self
+                .link(dry_run, path.clone(), target, self.symlink(&path, target))
+                .await
+            {
+                summary.fail(self, path, e);
+            } else if !dry_run {
+                summary.links += 1;
+            }
+        }
         if !dry_run {
             let top = (
                 md.mode() & 0o7777,
@@ -614,7 +662,7 @@ impl TreeSummary {
 
     /// Whether the run changed the destination's contents (so directory mtimes moved).
     fn changed(&self) -> bool {
-        self.files > 0 || self.deleted > 0
+        self.files > 0 || self.deleted > 0 || self.links > 0
     }
 
     /// The exit code for this outcome: 0 if everything verified, else the worst failure's.

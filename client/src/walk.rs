@@ -12,7 +12,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use crate::client::{entry_cost, Client, Entry, Kind};
 use crate::error::{Error, Result};
 use crate::local::{check_name, is_work_dir_name, LocalDir};
-use crate::sync::{Filter, Node};
+use crate::sync::{link_id, Filter, Node};
 
 /// Most entries (files, directories, anything listed) a tree walk takes from a server, and
 /// most memory it spends on them (paths, names, link targets and a fixed overhead each): the
@@ -48,6 +48,22 @@ pub(crate) struct Walk {
     pub skipped: Vec<(String, String)>,
     /// What could not be listed or is refused: (path as shown, error).
     pub failed: Vec<(String, Error)>,
+    /// The link text of every [`Node::Link`], by relative path.
+    pub links: BTreeMap<String, String>,
+}
+
+/// A symlink at `rel` (relative to the tree's top) with the link text `target`: a node to copy
+/// with `-l` when the target stays inside the tree by name, else a reason to skip it.
+fn link_node(links: bool, rel: &str, target: &str) -> std::result::Result<Node, &'static str> {
+    if !links {
+        Err("symlink")
+    } else if fsd::protocol::link_stays_within(rel, target) {
+        Ok(Node::Link {
+            target: link_id(target),
+        })
+    } else {
+        Err("symlink whose target is absolute or leaves the tree")
+    }
 }
 
 impl Walk {
@@ -102,7 +118,12 @@ impl Client {
     /// listings of different directories overlapping. A server that names anything but plain
     /// names (`..`, `a/b`, NUL) gets those entries refused; one that lists more than the
     /// budget fails the whole walk (nothing of it is planned).
-    pub(crate) async fn walk_remote(&self, top: &str, filter: &Filter) -> Result<Walk> {
+    pub(crate) async fn walk_remote(
+        &self,
+        top: &str,
+        filter: &Filter,
+        links: bool,
+    ) -> Result<Walk> {
         let mut walk = Walk::default();
         let budget = &std::sync::Mutex::new(Budget::default());
         let mut lists = FuturesUnordered::new();
@@ -171,9 +192,21 @@ impl Client {
                             mtime_ns: e.mtime_ns,
                         }
                     }
-                    Kind::Symlink | Kind::Other => {
-                        let why = format!("{:?}", e.kind).to_lowercase();
-                        walk.skipped.push((rpath, why));
+                    Kind::Symlink => {
+                        match link_node(links, &sub, e.target.as_deref().unwrap_or("")) {
+                            Ok(node) => {
+                                let target = e.target.clone().unwrap_or_default();
+                                walk.links.insert(sub.clone(), target);
+                                node
+                            }
+                            Err(why) => {
+                                walk.skipped.push((rpath, why.into()));
+                                Node::Other
+                            }
+                        }
+                    }
+                    Kind::Other => {
+                        walk.skipped.push((rpath, "special file".into()));
                         Node::Other
                     }
                 };
@@ -188,11 +221,12 @@ impl Client {
 /// `O_NOFOLLOW`: a symlink is an entry of its own, never followed. fsc's working directories
 /// are not part of any tree; names that are not UTF-8 cannot be named on the server and are
 /// skipped. Blocking.
-pub(crate) fn walk_local(root: &LocalDir, filter: &Filter) -> Walk {
+pub(crate) fn walk_local(root: &LocalDir, filter: &Filter, links: bool) -> Walk {
     let mut walk = Walk::default();
     let mut waiting = VecDeque::from([(String::new(), 1usize)]);
     while let Some((rel, depth)) = waiting.pop_front() {
-        let entries = root.walk(&rel).and_then(|d| d.entries());
+        let dir = root.walk(&rel);
+        let entries = dir.as_ref().map_err(clone_io).and_then(|d| d.entries());
         let entries = match entries {
             Ok(e) => e,
             Err(e) => {
@@ -239,13 +273,29 @@ pub(crate) fn walk_local(root: &LocalDir, filter: &Filter) -> Walk {
                     mtime_ns,
                     mode,
                 },
-                other => {
-                    let why = if other == libc::S_IFLNK {
-                        "symlink"
-                    } else {
-                        "special file"
+                libc::S_IFLNK => {
+                    let target = dir.as_ref().ok().and_then(|d| d.read_link(name).ok());
+                    let target = target.and_then(|t| t.into_string().ok());
+                    let linked = match &target {
+                        Some(t) => link_node(links, &sub, t),
+                        None if links => Err("symlink whose target cannot be read as UTF-8"),
+                        None => Err("symlink"),
                     };
-                    walk.skipped.push((root.display(&sub), why.into()));
+                    match (linked, target) {
+                        (Ok(node), Some(t)) => {
+                            walk.links.insert(sub.clone(), t);
+                            node
+                        }
+                        (Err(why), _) => {
+                            walk.skipped.push((root.display(&sub), why.into()));
+                            Node::Other
+                        }
+                        (Ok(_), None) => unreachable!("a link node needs a target"),
+                    }
+                }
+                _ => {
+                    walk.skipped
+                        .push((root.display(&sub), "special file".into()));
                     Node::Other
                 }
             };
@@ -253,6 +303,11 @@ pub(crate) fn walk_local(root: &LocalDir, filter: &Filter) -> Walk {
         }
     }
     walk
+}
+
+/// An io::Error again, for the walk's two uses of one failed open.
+fn clone_io(e: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), e.to_string())
 }
 
 #[cfg(test)]
@@ -271,7 +326,7 @@ mod tests {
         std::fs::write(tmp.path().join("f"), b"f").unwrap();
         std::os::unix::fs::symlink(outside.path(), tmp.path().join("link")).unwrap();
         let root = LocalDir::open(tmp.path()).unwrap();
-        let w = walk_local(&root, &Filter::default());
+        let w = walk_local(&root, &Filter::default(), false);
         let names: Vec<_> = w.nodes.keys().map(String::as_str).collect();
         assert_eq!(names, [".fsc-workshop", ".fsc-workshop/x", "f", "link"]);
         assert_eq!(w.nodes["link"], Node::Other);

@@ -540,6 +540,54 @@ impl Root {
         stat::futimens(&fd, &nix::sys::time::TimeSpec::UTIME_OMIT, &t).map_err(errno(path))
     }
 
+    /// Creates the symlink `path` → `target`, replacing a file or symlink there atomically (a
+    /// new link under a temporary name in the same directory, renamed over it); a directory
+    /// there is [`FsError::IsADirectory`]. `target` must stay beneath the root by name
+    /// ([`crate::protocol::link_stays_within`]); nothing here ever follows it.
+    pub fn symlink(&self, path: &str, target: &str) -> Result<(), FsError> {
+        if !crate::protocol::link_stays_within(path, target) {
+            return Err(FsError::InvalidPath {
+                path: shown(path),
+                reason: "link target must be relative and stay beneath the root",
+            });
+        }
+        let (parent, leaf) = self.open_parent(path, OFlag::O_RDONLY)?;
+        let target_c = CString::new(target).map_err(|_| FsError::InvalidPath {
+            path: shown(path),
+            reason: "NUL in the link target",
+        })?;
+        match lstat_at(&parent, &leaf) {
+            Err(Errno::ENOENT) => {
+                match unistd::symlinkat(target_c.as_c_str(), &parent, leaf.as_c_str()) {
+                    // Created meanwhile by someone else: replace it below, as if it had been there.
+                    Err(Errno::EEXIST) => {}
+                    r => return r.map_err(errno(path)),
+                }
+            }
+            Err(e) => return Err(errno(path)(e)),
+            Ok(st) if is_dir(&st) => return Err(FsError::IsADirectory { path: shown(path) }),
+            Ok(_) => {}
+        }
+        let temp = c_path(&format!(
+            ".fsd-link.{}.{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        unistd::symlinkat(target_c.as_c_str(), &parent, temp.as_c_str()).map_err(errno(path))?;
+        let renamed = fcntl::renameat2(
+            &parent,
+            temp.as_c_str(),
+            &parent,
+            leaf.as_c_str(),
+            RenameFlags::empty(),
+        );
+        if let Err(e) = renamed {
+            let _ = unistd::unlinkat(&parent, temp.as_c_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(rename_error(path, e));
+        }
+        Ok(())
+    }
+
     /// Removes a file, a symlink (not its target) or an empty directory; with `recursive`, a
     /// whole tree, never following a symlink: each entry is unlinked through its directory's fd.
     pub fn remove(&self, path: &str, recursive: bool) -> Result<(), FsError> {

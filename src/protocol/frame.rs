@@ -43,6 +43,7 @@ impl Cmd {
     pub const CANCEL: Cmd = Cmd(0x0018);
     pub const PUT: Cmd = Cmd(0x0019);
     pub const SEED: Cmd = Cmd(0x001A);
+    pub const SYMLINK: Cmd = Cmd(0x0025);
     pub const MKDIR: Cmd = Cmd(0x0020);
     pub const REMOVE: Cmd = Cmd(0x0021);
     pub const RENAME: Cmd = Cmd(0x0022);
@@ -66,6 +67,7 @@ impl Cmd {
             Cmd::CANCEL => "cancel",
             Cmd::PUT => "put",
             Cmd::SEED => "seed",
+            Cmd::SYMLINK => "symlink",
             Cmd::MKDIR => "mkdir",
             Cmd::REMOVE => "remove",
             Cmd::RENAME => "rename",

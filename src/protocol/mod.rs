@@ -37,6 +37,47 @@ pub const MAX_UPLOADS_PER_CONNECTION: usize = 16;
 /// The chunk size used for a file of `size` bytes when the connection's base chunk size is
 /// `base`: the smallest power-of-two multiple of `base` that keeps the chunk count within
 /// [`MAX_CHUNKS_PER_FILE`].
+/// Longest symlink target fsd creates or fsc copies (PATH_MAX less the NUL).
+pub const MAX_LINK_TARGET: usize = 4095;
+
+/// Whether the symlink at `link` (a path relative to some top directory, `/`-separated) with
+/// the link text `target` points beneath that top when resolved by name: `target` is relative,
+/// not empty, at most [`MAX_LINK_TARGET`] bytes, without NUL, and its `..` never climb above the
+/// top. By name only: what the components are on disk is not looked at (neither fsd nor fsc
+/// ever follows a link; this keeps the links they create from pointing out of a tree).
+pub fn link_stays_within(link: &str, target: &str) -> bool {
+    if target.is_empty()
+        || target.len() > MAX_LINK_TARGET
+        || target.starts_with('/')
+        || target.contains('\0')
+    {
+        return false;
+    }
+    if link.split('/').any(|c| c == "..") {
+        return false;
+    }
+    let mut depth: Vec<&str> = link
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    // Resolution starts in the link's directory.
+    if depth.pop().is_none() {
+        return false;
+    }
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if depth.pop().is_none() {
+                    return false;
+                }
+            }
+            name => depth.push(name),
+        }
+    }
+    true
+}
+
 pub fn chunk_size_for(size: u64, base: u32) -> u32 {
     let mut chunk = base as u64;
     while size.div_ceil(chunk) > MAX_CHUNKS_PER_FILE {
@@ -197,6 +238,34 @@ impl std::fmt::Display for ErrorCode {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn link_targets_stay_within_the_top_by_name() {
+        for (link, target) in [
+            ("l", "f"),
+            ("a/l", "../b/f"),
+            ("a/b/l", "../../c"),
+            ("a/l", ".."),
+            ("a/l", "./x/./y/../z"),
+            ("l", "."),
+        ] {
+            assert!(link_stays_within(link, target), "{link} -> {target}");
+        }
+        for (link, target) in [
+            ("l", ".."),
+            ("a/l", "../../x"),
+            ("a/l", "/etc/passwd"),
+            ("l", ""),
+            ("l", "a\0b"),
+            ("a/l", "x/../../../y"),
+            ("../l", "f"),
+            ("", "f"),
+        ] {
+            assert!(!link_stays_within(link, target), "{link} -> {target}");
+        }
+        assert!(!link_stays_within("l", &"a/".repeat(2048)));
+    }
+
     use super::*;
 
     #[test]

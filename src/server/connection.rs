@@ -1032,6 +1032,7 @@ async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
         Cmd::MKDIR => files::mkdir(&session, payload).await,
         Cmd::REMOVE => files::remove(&session, payload).await,
         Cmd::RENAME => files::rename(&session, payload).await,
+        Cmd::SYMLINK => files::symlink(&session, payload).await,
         Cmd::OPEN => return transfer::open(&session, payload, st).await,
         Cmd::MANIFEST => transfer::manifest(&session, payload).await,
         Cmd::SEED => super::seed::seed(&session, payload).await,

@@ -91,6 +91,18 @@ pub async fn mkdir(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fail
     .await
 }
 
+pub async fn symlink(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
+    let req = msg::SymlinkRequest::decode(payload)?;
+    blocking(session, move |s| {
+        s.require_write()?;
+        let path = s.path(&req.path)?;
+        s.root().symlink(path, &req.target)?;
+        tracing::info!(path = ?req.path, target = ?req.target, "symlink");
+        ok()
+    })
+    .await
+}
+
 pub async fn remove(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failure> {
     let req = msg::RemoveRequest::decode(payload)?;
     blocking(session, move |s| {

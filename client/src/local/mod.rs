@@ -258,6 +258,32 @@ impl LocalDir {
     }
 
     /// `lstat` of `name`: a symlink is reported as itself.
+    /// The link text of the symlink `name` in this directory (never followed).
+    pub fn read_link(&self, name: &str) -> std::io::Result<std::ffi::OsString> {
+        nix::fcntl::readlinkat(self.fd(), name).map_err(io)
+    }
+
+    /// Makes `name` a symlink to `target`, replacing a file or symlink there atomically (a new
+    /// link under a temporary name, renamed over it); a directory there is an error. The link
+    /// is created, never followed.
+    pub fn symlink(&self, name: &str, target: &str) -> std::io::Result<()> {
+        let temp = format!(
+            ".fsc-link.{}.{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        nix::unistd::symlinkat(target, self.fd(), temp.as_str()).map_err(io)?;
+        let r = nix::fcntl::renameat(self.fd(), temp.as_str(), self.fd(), name).map_err(io);
+        if r.is_err() {
+            let _ = nix::unistd::unlinkat(
+                self.fd(),
+                temp.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+        r
+    }
+
     pub fn lstat(&self, name: &str) -> std::io::Result<nix::sys::stat::FileStat> {
         nix::sys::stat::fstatat(
             self.fd.as_fd(),
