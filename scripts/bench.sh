@@ -745,7 +745,46 @@ case_s() {
   check_file "${d[0]}/big.bin"
   check_file "${d[1]}/big.bin"
   done_with "$W/out/"s-* "$data/up/"s-*
+  changed_tree_runs
   delta_runs
+}
+
+# The small tree with 1 % of its files changed (new contents, same size, new mtime), to a
+# destination holding the old tree, both ways (issue 16): fsc (quick check, then the changed
+# files) against rsync -rt. The destination is reset to the old tree before each timed run
+# (untimed); the changed tree is a copy beside the original, so other cases keep theirs.
+changed_tree_runs() {
+  local r t i f n=0 ld="$small_n × 4 KiB, 1 % changed, download -r" lu="$small_n × 4 KiB, 1 % changed, upload -r"
+  local new=$data/small-1pct dst
+  log "case s: $ld / $lu"
+  rm -rf "$new"; cp -a "$data/small" "$new"
+  while IFS= read -r f; do
+    n=$((n + 1))
+    [ $((n % 100)) = 0 ] || continue
+    head -c "$small_size" /dev/urandom > "$f"
+  done < <(find "$new" -type f | sort)
+  reset_tree() { rm -rf "$1"; cp -a "$data/small" "$1"; sync; }
+  for ((r = 0; r <= runs; r++)); do
+    for t in $(rotate "$r" fsc rsync); do
+      dst=$W/out/s-1pct-$t
+      reset_tree "$dst"; warm_small
+      case $t in
+        fsc) measure fsd /dev/null "$fsc_bin" -q download -r "$fsd_addr" small-1pct "$dst" ;;
+        rsync) measure rsync /dev/null rsync -rt "$(rurl small-1pct/)" "$dst/" ;;
+      esac
+      record s "$ld" "$t" "$r" $((small_n * small_size / 100)) $((small_n / 100))
+      diff -rq "$new" "$dst" > /dev/null || die "$dst differs from small-1pct"
+      dst=$data/up/s-1pct-$t
+      reset_tree "$dst"; warm_small
+      case $t in
+        fsc) measure fsd /dev/null "$fsc_bin" -q upload -r "$fsd_addr" "$new" "up/s-1pct-$t" ;;
+        rsync) measure rsync /dev/null rsync -rt "$new/" "$(rurl "up/s-1pct-$t/")" ;;
+      esac
+      record s "$lu" "$t" "$r" $((small_n * small_size / 100)) $((small_n / 100))
+      diff -rq "$new" "$dst" > /dev/null || die "$dst differs from small-1pct"
+    done
+  done
+  done_with "$W/out/"s-1pct-* "$data/up/"s-1pct-* "$new"
 }
 
 # The big file with 16 scattered 4 KiB changes, to a destination holding the old version, both

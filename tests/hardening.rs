@@ -982,17 +982,29 @@ fn seeding_takes_only_matching_chunks_and_is_bounded() {
         Some(ErrorCode::BadHandle)
     );
 
-    // Chunk 0 was seeded by the first call; now 1 and 3 match, 2 does not.
-    let reply = seed(&mut r, 5, up.handle, 0, &cvs);
-    let got: msg::SeedResponse = reply.decode().unwrap();
-    assert_eq!(
-        got.seeded,
-        vec![0b1010],
-        "chunk 0 already present, 1 and 3 taken"
+    // Chunk 0 was seeded by the first call; chunk 1 matches.
+    let got: msg::SeedResponse = seed(&mut r, 5, up.handle, 0, &cvs[..2]).decode().unwrap();
+    assert_eq!(got.seeded, vec![0b10], "chunk 0 already present, 1 taken");
+    // A value for the old chunk 2 takes the old bytes (the client asked for them).
+    let got: msg::SeedResponse = seed(&mut r, 5, up.handle, 2, &[cv_of(&old, 2)])
+        .decode()
+        .unwrap();
+    assert_eq!(got.seeded, vec![1]);
+    // Each chunk is read from the destination once: a wrong value, then the right one, for
+    // chunk 3 seeds nothing; the client sends it.
+    let got: msg::SeedResponse = seed(&mut r, 5, up.handle, 3, &[[0; 32]]).decode().unwrap();
+    assert_eq!(got.seeded, vec![0]);
+    let got: msg::SeedResponse = seed(&mut r, 5, up.handle, 3, &cvs[3..]).decode().unwrap();
+    assert_eq!(got.seeded, vec![0], "tried once already");
+    let ack = write(
+        &mut r,
+        9,
+        up.handle,
+        3,
+        &new[3 * CHUNK as usize..][..CHUNK as usize],
     );
-    // A value for the old chunk 2 takes the old bytes: COMMIT then refuses the new hash.
-    let reply = seed(&mut r, 5, up.handle, 2, &[cv_of(&old, 2)]);
-    assert_eq!(reply.decode::<msg::SeedResponse>().unwrap().seeded, vec![1]);
+    assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
+    // Chunk 2 holds the old bytes: COMMIT refuses the new hash, nothing is published.
     assert_eq!(
         code(&commit(&mut r, 7, up.handle, &new)),
         Some(ErrorCode::HashMismatch)

@@ -691,6 +691,9 @@ struct Inner {
     phase: Phase,
     /// The whole-file BLAKE3 that COMMIT verified (set when sealed).
     verified: [u8; 32],
+    /// Chunks a SEED has already read from the destination (bit i of byte i/8; empty until
+    /// the first SEED): each is tried once, so SEED costs at most one read of the old file.
+    seed_tried: Vec<u8>,
 }
 
 /// Where an upload is in its life. Only `Open` takes chunks, so once COMMIT has verified the
@@ -719,6 +722,7 @@ impl Inner {
             writers: 0,
             phase: Phase::Open,
             verified: [0; 32],
+            seed_tried: Vec::new(),
         }
     }
 
@@ -777,6 +781,22 @@ impl Upload {
     /// Chunks held (bit i of byte i/8).
     pub fn bitmap(&self) -> Vec<u8> {
         self.inner.lock().unwrap().written.clone()
+    }
+
+    /// Whether a SEED may read chunk `index` from the destination: true the first time it is
+    /// asked for a chunk the upload does not hold, false ever after (the answer would not
+    /// change unless the destination did; the client sends the chunk instead).
+    pub fn first_seed_of(&self, index: u32) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        if index >= self.count || bit(&inner.written, index) {
+            return false;
+        }
+        if inner.seed_tried.is_empty() {
+            inner.seed_tried = vec![0; (self.count as usize).div_ceil(8)];
+        }
+        let first = !bit(&inner.seed_tried, index);
+        set_bit(&mut inner.seed_tried, index, true);
+        first
     }
 
     /// CRC32 of chunks `first..first + n`, 0 where absent. Blocking.

@@ -8,7 +8,9 @@
 //! upload is still published only after its whole-file BLAKE3 matches at COMMIT, so a seeded
 //! chunk can never make a wrong file look right. The destination is only read, through the
 //! session's confined root, as an OPEN READ of it would be; the published file is replaced by
-//! rename at COMMIT as for any upload.
+//! rename at COMMIT as for any upload. Each chunk of an upload is read from the destination at
+//! most once, however many SEEDs name it, so the work a client can ask for is bounded by one
+//! read of the file it replaces (whose size its upload quota already counts).
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -63,16 +65,13 @@ pub async fn seed(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
             }
         };
         let (size, cs) = (upload.params.size, upload.chunk_size);
-        let held = upload.bitmap();
         let mut buf = Vec::new();
         for (k, want) in req.cvs.chunks_exact(CV_LEN).enumerate() {
             let i = first + u32::try_from(k).expect("k < MAX_SEED_CHUNKS");
             let len = chunk_len(size, cs, i) as usize;
             let offset = u64::from(i) * u64::from(cs);
-            let already = held
-                .get(i as usize / 8)
-                .is_some_and(|b| b & (1 << (i % 8)) != 0);
-            if already || offset + len as u64 > meta.len() {
+            // Held already, past the old file's end, or tried before: nothing to read.
+            if offset + len as u64 > meta.len() || !upload.first_seed_of(i) {
                 continue;
             }
             buf.resize(len, 0);
