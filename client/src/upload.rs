@@ -454,55 +454,50 @@ impl UpJob {
         if up.count <= 1 || wanted.is_empty() {
             return Ok(());
         }
-        // Hashed on as many threads as there are CPUs, in contiguous runs of chunks.
+        // One SEED per page of chunks holding a candidate, a few at once; each page is hashed
+        // (on a blocking thread) just before its SEED, so hashing and the server's work overlap.
         let known: Arc<Vec<Option<ChainingValue>>> = Arc::new(self.cvs.lock().unwrap().clone());
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let runs: Vec<_> = wanted
-            .chunks(wanted.len().div_ceil(threads))
-            .map(|run| {
-                let (file, run, known) = (self.src.file.clone(), run.to_vec(), known.clone());
-                tokio::task::spawn_blocking(move || hash_chunks(&file, size, cs, &run, &known))
-            })
+        let pages: Vec<(u32, Vec<u32>)> = wanted
+            .chunk_by(|a, b| a / SEED_PAGE == b / SEED_PAGE)
+            .map(|run| (run[0] / SEED_PAGE, run.to_vec()))
             .collect();
-        let mut cvs = known.to_vec();
-        for hashed in futures::future::join_all(runs).await {
-            for (i, cv) in hashed.expect("hashing thread")? {
-                cvs[i as usize] = Some(cv);
-            }
-        }
-        *self.cvs.lock().unwrap() = cvs.clone();
-        // One SEED per page of chunks holding a candidate, a few at once.
-        let pages: Vec<u32> = {
-            let mut p: Vec<u32> = wanted.iter().map(|&i| i / SEED_PAGE).collect();
-            p.dedup();
-            p
-        };
         let handle = up.handle;
-        let asks = pages.into_iter().map(|page| {
-            let first = page * SEED_PAGE;
-            let end = (first + SEED_PAGE).min(up.count);
-            let mut bytes = Vec::with_capacity(32 * (end - first) as usize);
-            for i in first..end {
-                // A chunk not hashed (present already, or past the old file) is named by zeros:
-                // no chunk hashes to that, and the server skips present chunks anyway.
-                bytes.extend_from_slice(&cvs[i as usize].unwrap_or([0; 32]));
-            }
-            let req = msg::SeedRequest {
-                handle,
-                first_chunk: first,
-                cvs: bytes,
-            };
+        let count = up.count;
+        let asks = pages.into_iter().map(|(page, run)| {
+            let (file, known) = (self.src.file.clone(), known.clone());
             async move {
-                (
-                    first,
-                    end,
-                    conn.request::<_, msg::SeedResponse>(Cmd::SEED, &req).await,
-                )
+                let first = page * SEED_PAGE;
+                let end = (first + SEED_PAGE).min(count);
+                let hashed =
+                    tokio::task::spawn_blocking(move || hash_chunks(&file, size, cs, &run, &known))
+                        .await
+                        .expect("hashing thread")?;
+                // A chunk not named (present already, or past the old file) gets zeros: no
+                // chunk hashes to that, and the server skips present chunks anyway.
+                let mut bytes = vec![0u8; 32 * (end - first) as usize];
+                for (i, cv) in &hashed {
+                    let k = (i - first) as usize;
+                    bytes[32 * k..32 * (k + 1)].copy_from_slice(cv);
+                }
+                let req = msg::SeedRequest {
+                    handle,
+                    first_chunk: first,
+                    cvs: bytes,
+                };
+                let answer = conn.request::<_, msg::SeedResponse>(Cmd::SEED, &req).await;
+                Ok::<_, Error>((first, end, hashed, answer))
             }
         });
         let mut answers = futures::stream::iter(asks).buffer_unordered(SEEDS_IN_FLIGHT);
         let mut seeded = 0u64;
-        while let Some((first, end, answer)) = answers.next().await {
+        while let Some(page) = answers.next().await {
+            let (first, end, hashed, answer) = page?;
+            {
+                let mut cvs = self.cvs.lock().unwrap();
+                for (i, cv) in hashed {
+                    cvs[i as usize] = Some(cv);
+                }
+            }
             let r = match answer {
                 Ok(r) if r.first_chunk == first => r,
                 Ok(_) => {
