@@ -261,6 +261,30 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
     .await
 }
 
+/// A small file read whole, refused if it changed while being read (the bytes could be a mix
+/// of two versions; a short read included).
+pub(super) fn read_whole(
+    s: &Session,
+    name: &str,
+    file: &File,
+    meta: &std::fs::Metadata,
+) -> Result<Vec<u8>, Failure> {
+    let io = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("{name:?}: {e}"));
+    let len = usize::try_from(meta.len())
+        .map_err(|_| Failure::new(ErrorCode::BadRequest, format!("{name:?}: too big")))?;
+    let mut data = vec![0u8; len];
+    let read = file.read_exact_at(&mut data, 0);
+    let identity = s.server.ids.identity(meta);
+    if s.server.ids.identity(&file.metadata().map_err(io)?) != identity {
+        return Err(Failure::new(
+            ErrorCode::Changed,
+            format!("{name:?} changed while being read"),
+        ));
+    }
+    read.map_err(io)?;
+    Ok(data)
+}
+
 /// A file of at most one chunk, read whole and hashed here: cheaper than a manifest lookup, a
 /// handle, a READ and a CLOSE (a tree of small files is mostly per-file overhead). Compressed
 /// at `level` (0: never) if that pays.
@@ -272,18 +296,8 @@ fn read_inline(
     chunk_size: u32,
     level: u32,
 ) -> Result<Opened, Failure> {
-    let io = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("{path}: {e}"));
-    let mut data = vec![0u8; meta.len() as usize];
-    let read = file.read_exact_at(&mut data, 0);
-    // Changed while we read (a short read included): the bytes may be a mix of two versions.
+    let data = read_whole(s, path, file, meta)?;
     let identity = s.server.ids.identity(meta);
-    if s.server.ids.identity(&file.metadata().map_err(io)?) != identity {
-        return Err(Failure::new(
-            ErrorCode::Changed,
-            format!("{path} changed while being read"),
-        ));
-    }
-    read.map_err(io)?;
     let reply = msg::OpenResponse {
         size: meta.len(),
         mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),

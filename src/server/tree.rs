@@ -9,7 +9,7 @@
 //! checks and the publish of a PUT (`transfer::upload_params`, `UploadStore::open`, seal,
 //! group sync, link, group sync), so nothing is published before its data is durable.
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::connection::{Failure, Session, StreamTx};
 use super::files::blocking;
-use super::transfer::upload_params;
+use super::transfer::{self, upload_params};
 use super::writer::Outgoing;
 use crate::fs::upload::Upload;
 use crate::protocol::tree::{
@@ -176,7 +176,7 @@ fn record(
     }
     let result = match want {
         msg::TreeWant::TreeMeta => Ok(Vec::new()),
-        _ if fits => read_whole(s, name, &file, &meta).inspect(|d| {
+        _ if fits => transfer::read_whole(s, name, &file, &meta).inspect(|d| {
             entry.blake3 = blake3::hash(d).as_bytes().to_vec();
         }),
         msg::TreeWant::TreeHash => {
@@ -204,29 +204,6 @@ fn record(
             Some((entry, Vec::new()))
         }
     }
-}
-
-/// A small file read whole, refused if it changed while being read (it could be a mix of two
-/// versions), as an inline OPEN READ does.
-fn read_whole(
-    s: &Session,
-    name: &str,
-    file: &std::fs::File,
-    meta: &std::fs::Metadata,
-) -> Result<Vec<u8>, Failure> {
-    let io = |e: std::io::Error| Failure::new(ErrorCode::Io, format!("{name:?}: {e}"));
-    let len = usize::try_from(meta.len()).map_err(|_| bad("file too big"))?;
-    let mut data = vec![0u8; len];
-    let read = file.read_exact_at(&mut data, 0);
-    let identity = s.server.ids.identity(meta);
-    if s.server.ids.identity(&file.metadata().map_err(io)?) != identity {
-        return Err(Failure::new(
-            ErrorCode::Changed,
-            format!("{name:?} changed while being read"),
-        ));
-    }
-    read.map_err(io)?;
-    Ok(data)
 }
 
 /// TREE_WRITE: the records of one DATA frame, each stored and published as a PUT of it would
