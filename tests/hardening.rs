@@ -1037,3 +1037,68 @@ fn seeding_takes_only_matching_chunks_and_is_bounded() {
         vec![0]
     );
 }
+
+/// An upload whose handle stays open but unused gives its descriptors back after the idle
+/// timeout, even while its connection is kept alive; a late request on the handle gets a
+/// retryable Timeout, and a new OPEN resumes the upload with what it had.
+#[test]
+fn idle_upload_handles_give_their_descriptors_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let fsd = Fsd::start_on(dir.path(), &["--idle-timeout", "2"]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", fsd.pid()))
+            .unwrap()
+            .count()
+    };
+    let mut r = Raw::authed_as(fsd.addr, TOKEN, CHUNK);
+    let data = random_bytes(4 * CHUNK as usize, 7);
+    let before = fds();
+    let up = opened(&open_write(&mut r, 1, "f", data.len() as u64, "k"), "open");
+    let ack = write(&mut r, 3, up.handle, 0, &data[..CHUNK as usize]);
+    assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
+    let open = fds();
+    assert!(
+        open >= before + 3,
+        "an open upload holds its files: {before} -> {open}"
+    );
+    // The connection stays busy (PINGs), the handle unused, past the idle timeout.
+    let t = Instant::now();
+    let mut released = false;
+    while t.elapsed() < Duration::from_secs(8) {
+        let p = r.call(Cmd::PING, 5, &msg::Ping { nonce: 1 });
+        assert!(!p.header.is_error());
+        if fds() <= before {
+            released = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        released,
+        "descriptors still held: {} (before the upload {before})",
+        fds()
+    );
+    let late = write(
+        &mut r,
+        7,
+        up.handle,
+        1,
+        &data[CHUNK as usize..2 * CHUNK as usize],
+    );
+    let e = error_of(&late);
+    assert_eq!(
+        ErrorCode::from_u32(e.code),
+        Some(ErrorCode::Timeout),
+        "{e:?}"
+    );
+    assert!(e.retryable);
+    let again = opened(
+        &open_write(&mut r, 9, "f", data.len() as u64, "k"),
+        "reopen",
+    );
+    assert_eq!(
+        again.bitmap.first().map(|b| b & 1),
+        Some(1),
+        "chunk 0 kept for resume"
+    );
+}

@@ -459,6 +459,11 @@ impl Conn {
                 cfg.auth_timeout
             };
         let evicted = self.startup.evicted().clone();
+        // Idle uploads give their descriptors back (transfer::Handles::expire_idle).
+        let mut sweep = tokio::time::interval(
+            (cfg.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
+        );
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = tokio::select! {
                 biased;
@@ -482,6 +487,17 @@ impl Conn {
                         return "idle timeout";
                     }
                     deadline = Instant::now() + cfg.idle_timeout;
+                    continue;
+                }
+                _ = sweep.tick(), if self.session.is_some() => {
+                    if let Some(session) = &self.session {
+                        let gone = session.handles.lock().unwrap().expire_idle(cfg.idle_timeout);
+                        if !gone.is_empty() {
+                            tracing::debug!(uploads = gone.len(), "idle upload handles closed");
+                            // The last reference to an upload syncs it: off the reactor.
+                            tokio::task::spawn_blocking(move || drop(gone));
+                        }
+                    }
                     continue;
                 }
                 f = frames.next() => f,

@@ -41,10 +41,18 @@ pub enum Handle {
     Write(Arc<Upload>),
 }
 
+/// Write handles expired for idleness that a connection remembers, to answer a late request
+/// on one with a retryable Timeout rather than BadHandle.
+const EXPIRED_REMEMBERED: usize = 1024;
+
 /// The handles of one connection.
 #[derive(Default)]
 pub struct Handles {
     map: HashMap<u32, Handle>,
+    /// When each write handle was last named by a request (or opened).
+    used: HashMap<u32, std::time::Instant>,
+    /// Write handles closed for idleness, oldest first (at most [`EXPIRED_REMEMBERED`]).
+    expired: std::collections::VecDeque<u32>,
     next: u32,
     /// Each handle's entry in the server's active-transfer table, and its place in the
     /// credential's handle quota and the server's descriptors.
@@ -68,6 +76,10 @@ impl Handles {
         loop {
             self.next = self.next.wrapping_add(1).max(1);
             if !self.map.contains_key(&self.next) {
+                if matches!(h, Handle::Write(_)) {
+                    self.used.insert(self.next, std::time::Instant::now());
+                }
+                self.expired.retain(|&id| id != self.next);
                 self.map.insert(self.next, h);
                 self.tracked.insert(self.next, (tracked, held));
                 return Ok(self.next);
@@ -77,7 +89,31 @@ impl Handles {
 
     fn remove(&mut self, id: u32) -> Option<Handle> {
         self.tracked.remove(&id);
+        self.used.remove(&id);
         self.map.remove(&id)
+    }
+
+    /// Closes the write handles no request has named for `idle`: an idle upload keeps no
+    /// descriptors (it stays in the state directory for resume). Returns the uploads, to be
+    /// dropped off the reactor (the last reference syncs).
+    pub fn expire_idle(&mut self, idle: std::time::Duration) -> Vec<Arc<Upload>> {
+        let stale: Vec<u32> = self
+            .used
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= idle)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut gone = Vec::new();
+        for id in stale {
+            if let Some(Handle::Write(u)) = self.remove(id) {
+                gone.push(u);
+            }
+            if self.expired.len() == EXPIRED_REMEMBERED {
+                self.expired.pop_front();
+            }
+            self.expired.push_back(id);
+        }
+        gone
     }
 }
 
@@ -106,19 +142,26 @@ fn progress(session: &Session, id: u32) -> Option<Arc<Transfer>> {
 }
 
 pub(super) fn get(session: &Session, id: u32) -> Result<Handle, Failure> {
-    session
-        .handles
-        .lock()
-        .unwrap()
-        .map
-        .get(&id)
-        .cloned()
-        .ok_or_else(|| {
-            Failure::new(
-                ErrorCode::BadHandle,
-                format!("no handle {id} on this connection"),
-            )
-        })
+    let mut handles = session.handles.lock().unwrap();
+    if let Some(t) = handles.used.get_mut(&id) {
+        *t = std::time::Instant::now();
+    }
+    if let Some(h) = handles.map.get(&id) {
+        return Ok(h.clone());
+    }
+    if handles.expired.contains(&id) {
+        return Err(Failure::new(
+            ErrorCode::Timeout,
+            format!(
+                "handle {id} was closed after {} s without use (the upload is kept): open it again",
+                session.server.config.idle_timeout.as_secs()
+            ),
+        ));
+    }
+    Err(Failure::new(
+        ErrorCode::BadHandle,
+        format!("no handle {id} on this connection"),
+    ))
 }
 
 /// Bytes of the chunks marked in `bitmap` (bit i of byte i/8): what a resumed upload has.
