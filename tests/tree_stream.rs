@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -16,31 +15,6 @@ use fsd::protocol::tree::{push, Records, MAX_TREE_FILES};
 use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame};
 
 const CHUNK: usize = 1 << 20;
-
-/// Every entry beneath `root` but the server's state directory: path, kind, mtime, contents.
-fn tree(root: &Path) -> Vec<(String, &'static str, i64, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let m = std::fs::symlink_metadata(e.path()).unwrap();
-            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
-            if rel.starts_with(".fsd-state") {
-                continue;
-            }
-            let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
-            if m.is_dir() {
-                stack.push(e.path());
-                out.push((rel, "dir", mtime, Vec::new()));
-            } else {
-                out.push((rel, "file", mtime, std::fs::read(e.path()).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 fn set_mtime(p: &Path, secs_ago: u64) {
     let t = SystemTime::now() - Duration::from_secs(secs_ago);

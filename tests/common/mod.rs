@@ -462,3 +462,40 @@ pub fn payload(m: &impl Message) -> Bytes {
 pub mod balancer;
 pub mod inproc;
 pub mod proxy;
+
+/// Every entry beneath `root` (not the server's state directory): path, kind, mtime (files and
+/// directories) and contents of files; symlinks as their target.
+pub fn tree(root: &Path) -> Vec<(String, String, i64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            if rel.starts_with(".fsd-state") {
+                continue;
+            }
+            let mtime = std::os::unix::fs::MetadataExt::mtime_nsec(&m)
+                + std::os::unix::fs::MetadataExt::mtime(&m) * 1_000_000_000;
+            if m.is_dir() {
+                stack.push(e.path());
+                out.push((rel, "dir".into(), mtime, Vec::new()));
+            } else if m.file_type().is_symlink() {
+                let t = std::fs::read_link(e.path()).unwrap();
+                out.push((rel, "link".into(), 0, t.display().to_string().into_bytes()));
+            } else {
+                let data = std::fs::read(e.path()).unwrap();
+                out.push((
+                    rel,
+                    "file".into(),
+                    std::os::unix::fs::MetadataExt::mtime_nsec(&m)
+                        + std::os::unix::fs::MetadataExt::mtime(&m) * 1_000_000_000,
+                    data,
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
