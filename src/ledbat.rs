@@ -44,6 +44,12 @@ pub const HEADROOM: f64 = 2.0;
 /// ...nor, before anything was delivered (a new or idle connection), this many bytes per
 /// second: TCP's own slow start is below it for the first round trips.
 pub const RAMP_FROM: u64 = 2_000_000;
+/// Below this many segments per base RTT the RTT says little about queues: a receiver that
+/// gets one segment at a time delays its ACK (up to 40 ms on Linux), which looks like a queue
+/// (on loopback, with 64 KB segments and a 5 µs RTT, always). There the delay is not trusted
+/// and the cap may grow: an effective floor of a few segments per RTT, like LEDBAT's minimum
+/// window.
+pub const MIN_SEGMENTS_PER_RTT: f64 = 4.0;
 /// Largest cap, bytes per second (100 Gbit/s).
 pub const CEILING: u64 = 12_500_000_000;
 /// Sampling period bounds: about one RTT, not more often than this...
@@ -65,6 +71,8 @@ pub struct Sample {
     pub min_rtt: Duration,
     /// Bytes acknowledged so far (`tcpi_bytes_acked`).
     pub acked: u64,
+    /// Segment size (`tcpi_snd_mss`).
+    pub mss: u32,
 }
 
 /// The rate controller of one connection; feed it [`Sample`]s, apply what it returns.
@@ -129,7 +137,12 @@ impl Controller {
         }
         let now = s.acked.saturating_sub(last.acked) as f64 / dt.as_secs_f64();
         self.delivered = (self.delivered + now) / 2.0;
-        let qdelay = s.srtt.saturating_sub(base);
+        let segments = self.delivered * base.as_secs_f64() / f64::from(s.mss.max(1));
+        let qdelay = if segments >= MIN_SEGMENTS_PER_RTT {
+            s.srtt.saturating_sub(base)
+        } else {
+            Duration::ZERO
+        };
         let rate = self.rate as f64;
         let next = if qdelay > TARGET {
             if s.at < self.hold_until {
@@ -160,6 +173,7 @@ fn sample(fd: RawFd, at: Duration) -> io::Result<(Sample, bool)> {
             srtt: Duration::from_micros(u64::from(info.tcpi_rtt)),
             min_rtt: Duration::from_micros(u64::from(info.tcpi_min_rtt)),
             acked: info.tcpi_bytes_acked,
+            mss: info.tcpi_snd_mss,
         },
         info.tcpi_state == TCP_ESTABLISHED,
     ))
@@ -220,6 +234,7 @@ mod tests {
     use super::*;
 
     const RTT: Duration = Duration::from_millis(50);
+    const MSS: u32 = 1448;
 
     /// Feeds `n` samples one RTT apart with `srtt` and `rate` bytes per second delivered.
     fn feed(
@@ -238,6 +253,7 @@ mod tests {
                 srtt,
                 min_rtt: RTT,
                 acked: *acked,
+                mss: MSS,
             });
         }
     }
@@ -314,6 +330,27 @@ mod tests {
             }),
             r1
         );
+    }
+
+    /// Loopback: 64 KB segments, a 5 µs RTT, and delayed ACKs that add up to 40 ms. Far
+    /// fewer than MIN_SEGMENTS_PER_RTT segments per RTT: the delay is not taken for a queue.
+    #[test]
+    fn delay_is_ignored_when_too_few_segments_fly() {
+        let mut c = Controller::new(None);
+        let mut t = Duration::ZERO;
+        let mut acked = 0;
+        for _ in 0..100 {
+            t += MIN_PERIOD;
+            acked += 40_000; // 4 MB/s
+            c.update(Sample {
+                at: t,
+                srtt: Duration::from_millis(30),
+                min_rtt: Duration::from_micros(5),
+                acked,
+                mss: 65_483,
+            });
+        }
+        assert!(c.rate() >= 7_000_000, "{}", c.rate());
     }
 
     #[test]
