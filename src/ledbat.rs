@@ -3,7 +3,8 @@
 //!
 //! The sender of the data runs the [`Controller`] on its socket — fsc for uploads, fsd for
 //! downloads (asked by Hello `background`, docs/PROTOCOL.md §5). It reads TCP_INFO about once
-//! per round trip, takes the queueing delay as the smoothed RTT above the path's minimum RTT,
+//! a few times per round trip, takes the queueing delay as the smallest smoothed RTT of the
+//! last round trip (RFC 6817's filter: one late ACK is not a queue) above the path's minimum,
 //! and sets the socket's `SO_MAX_PACING_RATE` (the kernel then paces the socket itself,
 //! whatever its congestion control):
 //!
@@ -35,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 /// milliseconds the emulated path's own jitter would look like a queue.
 pub const TARGET: Duration = Duration::from_millis(5);
 /// Largest increase per RTT, as a fraction of the cap (when the delay is at the base RTT).
-pub const GAIN: f64 = 0.25;
+pub const GAIN: f64 = 0.5;
 /// The cap never goes below this, bytes per second: progress even under a full queue.
 pub const FLOOR: u64 = 250_000;
 /// The cap never exceeds this multiple of the rate delivered (TCP's slow start doubles per
@@ -52,7 +53,11 @@ pub const RAMP_FROM: u64 = 2_000_000;
 pub const MIN_SEGMENTS_PER_RTT: f64 = 4.0;
 /// Largest cap, bytes per second (100 Gbit/s).
 pub const CEILING: u64 = 12_500_000_000;
-/// Sampling period bounds: about one RTT, not more often than this...
+/// Samples per base RTT; the delay is the smallest of the last RTT's.
+const SAMPLES_PER_RTT: u32 = 4;
+/// Samples kept for that filter (a bound; fewer are used on short paths).
+const FILTER_LEN: usize = 16;
+/// Sampling period bounds: a quarter of the base RTT, not more often than this...
 pub const MIN_PERIOD: Duration = Duration::from_millis(10);
 /// ...and not less often than this.
 pub const MAX_PERIOD: Duration = Duration::from_millis(200);
@@ -84,6 +89,8 @@ pub struct Controller {
     limit: u64,
     base: Option<Duration>,
     last: Option<Sample>,
+    /// (when, smoothed RTT) of the recent samples, oldest first, at most [`FILTER_LEN`].
+    recent: std::collections::VecDeque<(Duration, Duration)>,
     /// Delivered bytes per second, smoothed over two samples.
     delivered: f64,
     /// No decrease before this (one RTT after the last: its effect takes that long to show).
@@ -99,6 +106,7 @@ impl Controller {
             limit,
             base: None,
             last: None,
+            recent: std::collections::VecDeque::with_capacity(FILTER_LEN),
             delivered: 0.0,
             hold_until: Duration::ZERO,
         }
@@ -114,11 +122,9 @@ impl Controller {
         self.base
     }
 
-    /// How long to wait before the next sample: about one base RTT.
+    /// How long to wait before the next sample: a quarter of the base RTT.
     pub fn period(&self) -> Duration {
-        self.base
-            .unwrap_or(MAX_PERIOD)
-            .clamp(MIN_PERIOD, MAX_PERIOD)
+        (self.base.unwrap_or(MAX_PERIOD) / SAMPLES_PER_RTT).clamp(MIN_PERIOD, MAX_PERIOD)
     }
 
     /// Takes a sample and returns the new cap, bytes per second.
@@ -128,6 +134,18 @@ impl Controller {
             base = base.min(s.min_rtt);
         }
         self.base = Some(base);
+        if self.recent.len() == FILTER_LEN {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((s.at, s.srtt));
+        let since = s.at.saturating_sub(base);
+        let current = self
+            .recent
+            .iter()
+            .filter(|(at, _)| *at > since)
+            .map(|(_, rtt)| *rtt)
+            .min()
+            .unwrap_or(s.srtt);
         let Some(last) = self.last.replace(s) else {
             return self.rate;
         };
@@ -139,7 +157,7 @@ impl Controller {
         self.delivered = (self.delivered + now) / 2.0;
         let segments = self.delivered * base.as_secs_f64() / f64::from(s.mss.max(1));
         let qdelay = if segments >= MIN_SEGMENTS_PER_RTT {
-            s.srtt.saturating_sub(base)
+            current.saturating_sub(base)
         } else {
             Duration::ZERO
         };
@@ -316,6 +334,7 @@ mod tests {
             srtt,
             min_rtt: RTT,
             acked,
+            mss: MSS,
         });
         assert!((45_000_000..=55_000_000).contains(&r1), "{r1}");
         // 10 ms later, same delay: held (the cut has not shown yet).
@@ -326,7 +345,8 @@ mod tests {
                 at: t,
                 srtt,
                 min_rtt: RTT,
-                acked
+                acked,
+                mss: MSS,
             }),
             r1
         );
@@ -353,6 +373,34 @@ mod tests {
         assert!(c.rate() >= 7_000_000, "{}", c.rate());
     }
 
+    /// One late sample within an RTT of one at the base is noise, not a queue; a late RTT
+    /// throughout is.
+    #[test]
+    fn one_late_sample_is_not_a_queue() {
+        let mut c = Controller::new(None);
+        let (mut t, mut acked) = (Duration::ZERO, 0);
+        feed(&mut c, &mut t, &mut acked, RTT, 100e6, 40);
+        let before = c.rate();
+        let step = RTT / 4;
+        let mut at = |c: &mut Controller, srtt| {
+            t += step;
+            acked += 1_250_000;
+            c.update(Sample {
+                at: t,
+                srtt,
+                min_rtt: RTT,
+                acked,
+                mss: MSS,
+            })
+        };
+        at(&mut c, RTT);
+        assert!(at(&mut c, RTT + 4 * TARGET) >= before);
+        for _ in 0..4 {
+            at(&mut c, RTT + 4 * TARGET);
+        }
+        assert!(c.rate() < 100_000_000, "{}", c.rate());
+    }
+
     #[test]
     fn the_limit_and_the_ceiling_bound_the_cap() {
         let mut c = Controller::new(Some(3_000_000));
@@ -366,6 +414,6 @@ mod tests {
         let (mut t, mut acked) = (Duration::ZERO, 0);
         feed(&mut c, &mut t, &mut acked, RTT, 0.0, 20);
         assert_eq!(c.rate(), RAMP_FROM);
-        assert_eq!(c.period(), RTT);
+        assert_eq!(c.period(), RTT / 4);
     }
 }
