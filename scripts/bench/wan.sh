@@ -22,7 +22,9 @@
 #
 # Background transfers (fsc --background, src/ledbat.rs), TOOLS tokens (not in the default set):
 #   fsc-bg, fsc-bg-up   fsc --background alone (256 MiB, as fsc / fsc-up)
-#   fg, fg-up           the foreground alone: one iperf3 stream for FG_SECS (-R for downloads)
+#   fg, fg-up           the foreground alone: iperf3 with FG_STREAMS streams (1) for FG_SECS
+#                       (-R for downloads); one stream is held by its 4 MiB send buffer to
+#                       ~63 MB/s, FG_STREAMS=4 fills the link
 #   fg+bg, fg-up+bg     that stream and fsc --background (BG_SIZE_MIB) started together: the
 #                       stream's MB/s, and fsc's MB/s over the same window (bytes written by
 #                       fsc for downloads, by fsd for uploads, from /proc/PID/io) as TOOL:bg;
@@ -45,6 +47,7 @@ FSC_ARGS=${FSC_ARGS:-}
 SIZE_MIB=${SIZE_MIB:-256}
 BG_SIZE_MIB=${BG_SIZE_MIB:-1024} # background next to a foreground: must outlast FG_SECS
 FG_SECS=${FG_SECS:-10}
+FG_STREAMS=${FG_STREAMS:-1}
 MAX_SECS=${MAX_SECS:-60}
 WORK=${WORK:-/var/tmp/fsbench-wan}
 FSD=${FSD_BIN:?set FSD_BIN}
@@ -222,7 +225,7 @@ run_fg() { # TOOL(fg|fg+bg|fg+fsc|fg-up|fg-up+bg|fg-up+fsc) CC LOSS RUN
     fi
   fi
   t0=$(now)
-  ip netns exec $NS_C timeout 40 iperf3 -c $SIP -p 5201 $dir -t "$FG_SECS" -J > "$W/fg.json" 2>/dev/null
+  ip netns exec $NS_C timeout 40 iperf3 -c $SIP -p 5201 $dir -t "$FG_SECS" -P "$FG_STREAMS" -J > "$W/fg.json" 2>/dev/null
   t1=$(now)
   v=$(jq -r '.end.sum_received.bits_per_second // 0' "$W/fg.json" 2>/dev/null)
   record "$2" "$3" "$1" "$4" "$(awk -v b="${v:-0}" 'BEGIN{printf "%.1f", b/8e6}')"
@@ -241,7 +244,7 @@ run_fg() { # TOOL(fg|fg+bg|fg+fsc|fg-up|fg-up+bg|fg-up+fsc) CC LOSS RUN
   rm -f "$WORK/data/up.bin" "$WORK"/data/up-*.bin
 }
 
-log "runs=$RUNS losses=($LOSSES) ccs=($CCS) tools=($TOOLS) fsc args=($FSC_ARGS) ${SIZE_MIB} MiB; work $W"
+log "runs=$RUNS losses=($LOSSES) ccs=($CCS) tools=($TOOLS) fsc args=($FSC_ARGS) ${SIZE_MIB} MiB; fg $FG_STREAMS stream(s) ${FG_SECS} s; work $W"
 for cc in $CCS; do
   for ns in $NS_S $NS_C; do ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control="$cc" || die "cc $cc"; done
   for loss in $LOSSES; do
