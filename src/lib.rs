@@ -8,6 +8,8 @@
 //! - [`frame_reader`]: reading frames off a connection, used by server and client.
 //! - [`net`]: TCP settings for long paths (congestion control, send buffer, pacing) and rate
 //!   limits, used by server and client.
+//! - [`ledbat`]: background transfers that yield to other traffic (a LEDBAT-like pacing
+//!   controller on the sending socket), used by server and client.
 
 pub mod compress;
 pub mod direct;
@@ -16,6 +18,7 @@ pub mod frame_reader;
 pub mod fs;
 pub mod fskind;
 pub mod integrity;
+pub mod ledbat;
 pub mod net;
 pub mod protocol;
 pub mod server;

@@ -89,6 +89,10 @@ struct Args {
     /// (clients then move small files one request each).
     #[arg(long, hide = true)]
     no_tree_stream: bool,
+    /// Ignore Hello `background` (clients asking to be paced as background traffic), like a
+    /// server that predates it.
+    #[arg(long, hide = true)]
+    no_background: bool,
     /// Seconds an authenticated connection may sit idle.
     #[arg(long, default_value_t = server::IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
@@ -261,6 +265,7 @@ async fn serve(args: Args) -> Result<()> {
         max_frame: args.max_frame.max(args.chunk_size),
         max_compress_level: args.max_compress_level,
         tree: !args.no_tree_stream,
+        background: !args.no_background,
         compress_cache: args.compress_cache,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         auth_timeout: Duration::from_secs(args.auth_timeout),

@@ -166,8 +166,8 @@ pub fn set_max_pacing_rate(fd: RawFd, rate: u64) -> io::Result<()> {
     )
 }
 
-/// The smoothed RTT the kernel keeps for the socket (after the handshake: its RTT).
-pub fn rtt(fd: RawFd) -> io::Result<Duration> {
+/// The kernel's TCP_INFO for socket `fd`.
+pub fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -184,7 +184,12 @@ pub fn rtt(fd: RawFd) -> io::Result<Duration> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(Duration::from_micros(u64::from(info.tcpi_rtt)))
+    Ok(info)
+}
+
+/// The smoothed RTT the kernel keeps for the socket (after the handshake: its RTT).
+pub fn rtt(fd: RawFd) -> io::Result<Duration> {
+    Ok(Duration::from_micros(u64::from(tcp_info(fd)?.tcpi_rtt)))
 }
 
 /// Whether the connection's RTT is below [`SHORT_PATH_RTT`].

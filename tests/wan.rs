@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -242,4 +243,173 @@ fn j_auto_adds_a_connection_while_throughput_rises() {
     let log = s.log_text();
     let conns = log.matches("authenticated").count();
     assert_eq!(conns, 2, "{log}");
+}
+
+/// The socket's `SO_MAX_PACING_RATE` in bytes per second, from an `ss -ti` line: its
+/// `pacing_rate RATE/MAX` (no `/MAX` when none is set).
+fn max_pacing_rate(ss: &str) -> Option<u64> {
+    let field = ss
+        .split_whitespace()
+        .skip_while(|w| *w != "pacing_rate")
+        .nth(1)?;
+    let max = field.split_once('/')?.1.strip_suffix("bps")?;
+    let (num, mult) = match max.char_indices().last()? {
+        (i, 'K') => (&max[..i], 1e3),
+        (i, 'M') => (&max[..i], 1e6),
+        (i, 'G') => (&max[..i], 1e9),
+        _ => (max, 1.0),
+    };
+    Some((num.parse::<f64>().ok()? * mult / 8.0) as u64)
+}
+
+/// Runs `args` with fsc and collects what `ss` shows, until it exits, of the established
+/// sockets whose `filter` port is `port`. Bounded: 30 s, 50 ms apart.
+fn fsc_watching_ss(args: &[&str], filter: &str, port: u16) -> (std::process::Output, Vec<String>) {
+    let mut child = fsc(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(30) {
+        if let Some(o) = ss(filter, port).filter(|o| !o.trim().is_empty()) {
+            seen.push(o);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child.wait_with_output().unwrap(), seen)
+}
+
+/// The pacing caps the sender's socket showed; every one within the controller's bounds.
+fn background_caps(seen: &[String]) -> Vec<u64> {
+    let caps: Vec<u64> = seen.iter().filter_map(|o| max_pacing_rate(o)).collect();
+    for &c in &caps {
+        assert!(
+            (fsd::ledbat::FLOOR..=fsd::ledbat::CEILING).contains(&c),
+            "cap {c} B/s out of bounds"
+        );
+    }
+    caps
+}
+
+/// `fsc --background download`: fsc asks in Hello and fsd paces its socket (the sender's):
+/// `ss` shows a pacing cap on fsd's side that a plain download does not have. fsc's
+/// `--bwlimit` only keeps the transfer going long enough to look (it does not pace fsd).
+#[test]
+fn background_download_is_paced_by_the_server() {
+    if ss("sport", 1).is_none() {
+        eprintln!("skipped: no usable `ss`");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_random(&root.join("f.bin"), SIZE, 7);
+    let s = Fsd::start_on(&root, &[]);
+    let dest = dir.path().join("f.bin");
+    let dest = dest.to_str().unwrap();
+    let (out, seen) = fsc_watching_ss(
+        &[
+            "-q",
+            "--background",
+            "--bwlimit",
+            RATE,
+            "download",
+            &s.addr(),
+            "f.bin",
+            dest,
+        ],
+        "sport",
+        s.addr.port(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_same_file(&root.join("f.bin"), Path::new(dest));
+    assert!(!background_caps(&seen).is_empty(), "fsd's socket: {seen:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("--background"), "{err}");
+
+    std::fs::remove_file(dest).unwrap();
+    let (out, seen) = fsc_watching_ss(
+        &[
+            "-q",
+            "--bwlimit",
+            RATE,
+            "download",
+            &s.addr(),
+            "f.bin",
+            dest,
+        ],
+        "sport",
+        s.addr.port(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(!seen.is_empty());
+    assert!(background_caps(&seen).is_empty(), "not asked: {seen:?}");
+}
+
+/// `fsc --background upload`: fsc paces its own socket. fsd's `--bwlimit` keeps the upload
+/// going long enough to look, without a cap on fsc's socket of its own.
+#[test]
+fn background_upload_is_paced_by_the_client() {
+    if ss("sport", 1).is_none() {
+        eprintln!("skipped: no usable `ss`");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let src = dir.path().join("src.bin");
+    write_random(&src, SIZE, 8);
+    let s = Fsd::start_on(&root, &["--bwlimit", RATE]);
+    let (out, seen) = fsc_watching_ss(
+        &[
+            "-q",
+            "--background",
+            "upload",
+            &s.addr(),
+            src.to_str().unwrap(),
+            "up.bin",
+        ],
+        "dport",
+        s.addr.port(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_same_file(&src, &root.join("up.bin"));
+    assert!(!background_caps(&seen).is_empty(), "fsc's socket: {seen:?}");
+}
+
+/// A server that ignores Hello `background` (as one before it; `--no-background` makes fsd
+/// behave so): the download works at normal priority and fsc says so once.
+#[test]
+fn background_download_from_a_server_without_it_works_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_random(&root.join("f.bin"), SIZE, 9);
+    let s = Fsd::start_on(&root, &["--no-background"]);
+    let dest = dir.path().join("f.bin");
+    let (out, seen) = fsc_watching_ss(
+        &[
+            "-q",
+            "--background",
+            "--bwlimit",
+            RATE,
+            "download",
+            "-j",
+            "2",
+            &s.addr(),
+            "f.bin",
+            dest.to_str().unwrap(),
+        ],
+        "sport",
+        s.addr.port(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_same_file(&root.join("f.bin"), &dest);
+    if ss("sport", 1).is_some() {
+        assert!(background_caps(&seen).is_empty(), "fsd's socket: {seen:?}");
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warnings = err.lines().filter(|l| l.contains("--background")).count();
+    assert_eq!(warnings, 1, "{err}");
+    assert!(err.contains("normal priority"), "{err}");
 }

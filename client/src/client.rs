@@ -84,6 +84,10 @@ pub struct Options {
     /// Limit on the whole run's DATA, sent and received over all connections together, in
     /// bytes per second.
     pub bwlimit: Option<u64>,
+    /// Background transfer (`--background`, `fsd::ledbat`): what fsc sends is paced to yield
+    /// to other traffic, and each connection asks the server (Hello `background`) to pace
+    /// what it sends the same way.
+    pub background: bool,
     /// Called with every [`Event`].
     pub on_event: Option<EventFn>,
 }
@@ -105,6 +109,7 @@ impl Default for Options {
             congestion: None,
             congestion_long_paths_only: false,
             bwlimit: None,
+            background: false,
             on_event: None,
         }
     }
@@ -282,6 +287,7 @@ impl Client {
             limit: opts
                 .bwlimit
                 .map(|r| Arc::new(fsd::net::TokenBucket::new(r))),
+            background: opts.background,
         };
         let client = Client {
             shared: Arc::new(Shared {

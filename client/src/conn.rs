@@ -77,6 +77,9 @@ pub struct ConnOptions {
     /// A rate limit shared by the client's connections (`--bwlimit`): DATA payloads sent and
     /// received take their bytes from it.
     pub limit: Option<Arc<TokenBucket>>,
+    /// Background connection (`fsd::ledbat`): pace what this side sends to yield to other
+    /// traffic, and ask the server in Hello to do the same with what it sends.
+    pub background: bool,
 }
 
 /// What `-z/--compress` asks for.
@@ -112,6 +115,7 @@ impl Default for ConnOptions {
             compress: Compress::Off,
             tuning: Tuning::default(),
             limit: None,
+            background: false,
         }
     }
 }
@@ -301,6 +305,14 @@ impl Conn {
         tokio::spawn(reader(inner.clone(), r, tcp));
         tokio::spawn(writer(inner.clone(), w, out_rx));
         tokio::spawn(watchdog(inner.clone()));
+        if let Some(fd) = socket.filter(|_| opts.background) {
+            // What this side sends (uploads): the controller stops when the connection does.
+            let limit = opts.tuning.max_pacing_rate;
+            let on = tokio::runtime::Handle::current();
+            if let Err(e) = fsd::ledbat::spawn(fd, limit, inner.shutdown.clone(), &on) {
+                warn!(error = %e, "--background: cannot pace this connection");
+            }
+        }
         let conn = Conn {
             _close: Arc::new(CloseOnDrop(inner.shutdown.clone())),
             inner,
@@ -342,6 +354,7 @@ impl Conn {
             agent: concat!("fsc/", env!("CARGO_PKG_VERSION")).to_string(),
             compress_level: opts.compress.level(),
             features: fsd::protocol::tree::FEATURE_TREE,
+            background: opts.background,
         };
         s.send_msg(Cmd::HELLO, flags::END, &hello).await?;
         let server: msg::Hello = s.reply(Cmd::HELLO).await?;
@@ -360,6 +373,18 @@ impl Conn {
         // Never more than we asked for: a level we did not ask for would be a level we cannot
         // be held to.
         server.compress_level = server.compress_level.min(opts.compress.level());
+        if opts.background && !server.background {
+            // An older server ignores the field: what it sends goes at normal priority. Said
+            // once per process, not per connection.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                warn!(
+                    "--background: {} does not pace what it sends (an older fsd): downloads \
+                     run at normal priority, uploads in the background",
+                    self.inner.host
+                )
+            });
+        }
         *self.inner.server.lock().unwrap() = server;
         self.inner.streams.add_permits(max_streams as usize);
         if let Some(token) = &opts.token {
@@ -971,6 +996,7 @@ mod tests {
                 agent: "fake".into(),
                 compress_level: 0,
                 features: 0,
+                background: false,
             };
             use futures::SinkExt;
             peer.send(Frame::message(Cmd::HELLO, 0, flags::END, &hello))

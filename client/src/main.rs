@@ -96,6 +96,12 @@ struct Global {
     /// `20M` = 20,000,000 (K, M, G, T decimal), `20Mi` = 20 × 2^20 (Ki, Mi, Gi, Ti binary).
     #[arg(long, global = true, value_name = "RATE", value_parser = fsd::net::parse_rate)]
     bwlimit: Option<u64>,
+    /// Background transfer: yield to other traffic on the path, like LEDBAT. The sender (fsc
+    /// for uploads; fsd, when it supports it, for downloads) watches the queueing delay (RTT
+    /// above the path's minimum) and paces itself down when it grows past ~5 ms, back up when
+    /// it shrinks. Alone on a link it still fills it.
+    #[arg(long, global = true)]
+    background: bool,
 }
 
 #[derive(Args, Debug)]
@@ -209,6 +215,7 @@ enum Cmd {
   fsc download 127.0.0.1:7070 isos/big.iso            # -> ./big.iso
   fsc download -j 4 127.0.0.1:7070 isos/big.iso /tmp/big.iso
   fsc download --bwlimit 20M 127.0.0.1:7070 isos/big.iso  # at most 20 MB/s
+  fsc download --background 127.0.0.1:7070 isos/big.iso  # yields to other traffic
   fsc download 127.0.0.1:7070 logs/today.log - | less  # to stdout
   fsc download -r 127.0.0.1:7070 photos ./photos
   fsc download -r --delete --exclude '*.tmp' 127.0.0.1:7070 photos ./photos  # mirror
@@ -436,6 +443,7 @@ fn options(
         congestion,
         congestion_long_paths_only: g.congestion == "auto",
         bwlimit: g.bwlimit,
+        background: g.background,
         connections: if jobs == 0 { AUTO_JOBS } else { jobs } as usize,
         grow: jobs == 0,
         compress: t.map_or(fsc::Compress::Auto, |t| t.compress),

@@ -338,6 +338,7 @@ impl Fake {
                     compress_level: 0,
                     // No tree streams: fsc must use its per-file requests with this server.
                     features: 0,
+                    background: false,
                 },
             )]),
             Cmd::STAT => {

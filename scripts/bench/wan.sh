@@ -20,6 +20,18 @@
 # bytes that arrived / wall time. A client still running after MAX_SECS is stopped and its rate
 # is a bound ("<"): bytes it wrote are not counted for fsc (its part file is preallocated).
 #
+# Background transfers (fsc --background, src/ledbat.rs), TOOLS tokens (not in the default set):
+#   fsc-bg, fsc-bg-up   fsc --background alone (256 MiB, as fsc / fsc-up)
+#   fg, fg-up           the foreground alone: iperf3 with FG_STREAMS streams (1) for FG_SECS
+#                       (-R for downloads); one stream is held by its 4 MiB send buffer to
+#                       ~63 MB/s, FG_STREAMS=4 fills the link
+#   fg+bg, fg-up+bg     that stream and fsc --background (BG_SIZE_MIB) started together: the
+#                       stream's MB/s, and fsc's MB/s over the same window (bytes written by
+#                       fsc for downloads, by fsd for uploads, from /proc/PID/io) as TOOL:bg;
+#                       fsc is stopped when the stream ends
+#   fg+fsc, fg-up+fsc   the same with plain fsc: what the foreground keeps without --background
+#   RUNS=3 LOSSES=0 CCS="bbr cubic" TOOLS="fsc fsc-bg fg fg+bg fg+fsc fsc-up fsc-bg-up fg-up fg-up+bg fg-up+fsc" scripts/bench/wan.sh
+#
 # Needs root (namespaces, TUN, sysctls). Installs nginx-light, aria2, iperf3, curl, jq with
 # apt-get when missing (NO_INSTALL=1 to refuse). Env: RUNS (2), LOSSES ("0 0.001 0.01"),
 # CCS ("bbr cubic"), TOOLS (curl aria2c iperf3 fsc fsc-up iperf3-up), FSC_ARGS (extra fsc
@@ -33,6 +45,9 @@ CCS=${CCS:-bbr cubic}
 TOOLS=${TOOLS:-curl aria2c iperf3 fsc fsc-up iperf3-up}
 FSC_ARGS=${FSC_ARGS:-}
 SIZE_MIB=${SIZE_MIB:-256}
+BG_SIZE_MIB=${BG_SIZE_MIB:-1024} # background next to a foreground: must outlast FG_SECS
+FG_SECS=${FG_SECS:-10}
+FG_STREAMS=${FG_STREAMS:-1}
 MAX_SECS=${MAX_SECS:-60}
 WORK=${WORK:-/var/tmp/fsbench-wan}
 FSD=${FSD_BIN:?set FSD_BIN}
@@ -72,6 +87,10 @@ mkdir -p "$WORK/data"
 DATA=$WORK/data/rand_${SIZE_MIB}M.bin
 [ -s "$DATA" ] || head -c $((SIZE_MIB << 20)) /dev/urandom > "$DATA"
 SIZE=$(stat -c %s "$DATA")
+BG_DATA=$WORK/data/rand_${BG_SIZE_MIB}M.bin
+if [[ " $TOOLS " == *"+"* ]]; then
+  [ -s "$BG_DATA" ] || head -c $((BG_SIZE_MIB << 20)) /dev/urandom > "$BG_DATA"
+fi
 W=$(mktemp -d "$WORK/run.XXXXXX")
 RAW=$W/raw.tsv
 ALLOWED_ORIG=$(cat /proc/sys/net/ipv4/tcp_allowed_congestion_control)
@@ -83,7 +102,7 @@ cleanup() {
   for p in "${SPIDS[@]}" $WPID; do wait "$p" 2>/dev/null; done
   ip netns del $NS_S 2>/dev/null; ip netns del $NS_C 2>/dev/null
   echo "$ALLOWED_ORIG" > /proc/sys/net/ipv4/tcp_allowed_congestion_control
-  rm -rf "$W/dl" "$W/up"
+  rm -rf "$W/dl" "$W/up" "$W/fsd-state" # fsd-state: uploads stopped mid-way (run_fg)
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -121,7 +140,7 @@ start_servers() {
   ip netns exec $NS_S nginx -p "$W/nginx" -c "$W/nginx/nginx.conf" -e "$W/nginx/error.log" & SPIDS+=($!)
   ip netns exec $NS_S iperf3 -s -B $SIP -p 5201 > "$W/iperf3.log" 2>&1 & SPIDS+=($!)
   ip netns exec $NS_S "$FSD" --root "$WORK/data" --listen $SIP:9000 --token $TOKEN \
-    --state-dir "$W/fsd-state" > "$W/fsd.log" 2>&1 & SPIDS+=($!)
+    --state-dir "$W/fsd-state" > "$W/fsd.log" 2>&1 & SPIDS+=($!) FSD_PID=$!
   sleep 1
 }
 stop_servers() {
@@ -162,15 +181,17 @@ run_iperf() { # TOOL(iperf3|iperf3-up) CC LOSS RUN
 }
 
 run_fsc() { # TOOL(fsc|fsc-up) CC LOSS RUN
-  local t0 t1 ok=0 r
+  local t0 t1 ok=0 r bg=""
+  case $1 in fsc-bg*) bg=--background ;; esac
   rm -rf "$W/dl"; mkdir -p "$W/dl"; rm -f "$WORK/data/up.bin"; sync
+  cat "$DATA" > /dev/null
   t0=$(now)
   # shellcheck disable=SC2086 # FSC_ARGS is a list of flags
-  if [ "$1" = fsc ]; then
-    ip netns exec $NS_C timeout -k 5 "$MAX_SECS" env FSC_TOKEN=$TOKEN "$FSC" -q download $FSC_ARGS \
+  if [ "$1" = fsc ] || [ "$1" = fsc-bg ]; then
+    ip netns exec $NS_C timeout -k 5 "$MAX_SECS" env FSC_TOKEN=$TOKEN "$FSC" -q $bg download $FSC_ARGS \
       $SIP:9000 "$(basename "$DATA")" "$W/dl/f" > /dev/null 2> "$W/fsc.err" && ok=1
   else
-    ip netns exec $NS_C timeout -k 5 "$MAX_SECS" env FSC_TOKEN=$TOKEN "$FSC" -q upload $FSC_ARGS \
+    ip netns exec $NS_C timeout -k 5 "$MAX_SECS" env FSC_TOKEN=$TOKEN "$FSC" -q $bg upload $FSC_ARGS \
       $SIP:9000 "$DATA" up.bin > /dev/null 2> "$W/fsc.err" && ok=1
   fi
   t1=$(now)
@@ -182,7 +203,48 @@ run_fsc() { # TOOL(fsc|fsc-up) CC LOSS RUN
   rm -f "$WORK/data/up.bin"
 }
 
-log "runs=$RUNS losses=($LOSSES) ccs=($CCS) tools=($TOOLS) fsc args=($FSC_ARGS) ${SIZE_MIB} MiB; work $W"
+wchar() { awk '/^wchar/ {print $2}' "/proc/$1/io" 2>/dev/null || echo 0; }
+
+# A foreground iperf3 stream for FG_SECS, alone or with fsc (--background) started together.
+run_fg() { # TOOL(fg|fg+bg|fg+fsc|fg-up|fg-up+bg|fg-up+fsc) CC LOSS RUN
+  local dir=-R up=0 v fpid="" w0=0 w1 t0 t1 bg=""
+  case $1 in fg-up*) dir= up=1 ;; esac
+  case $1 in *+bg) bg=--background ;; esac
+  rm -rf "$W/dl"; mkdir -p "$W/dl"; rm -f "$WORK/data/up.bin"; sync
+  cat "$BG_DATA" > /dev/null
+  if [[ $1 == *+* ]]; then
+    [ $up = 1 ] && w0=$(wchar "$FSD_PID")
+    # shellcheck disable=SC2086 # FSC_ARGS is a list of flags
+    if [ $up = 0 ]; then
+      ip netns exec $NS_C timeout -k 5 "$MAX_SECS" env FSC_TOKEN=$TOKEN "$FSC" -q $bg download $FSC_ARGS \
+        $SIP:9000 "$(basename "$BG_DATA")" "$W/dl/f" > /dev/null 2> "$W/fsc.err" & fpid=$!
+    else
+      # A name of its own per run: an upload stopped mid-way must not be resumed by the next.
+      ip netns exec $NS_C timeout -k 5 "$MAX_SECS" env FSC_TOKEN=$TOKEN "$FSC" -q $bg upload $FSC_ARGS \
+        $SIP:9000 "$BG_DATA" "up-$1-$2-$3-$4.bin" > /dev/null 2> "$W/fsc.err" & fpid=$!
+    fi
+  fi
+  t0=$(now)
+  ip netns exec $NS_C timeout 40 iperf3 -c $SIP -p 5201 $dir -t "$FG_SECS" -P "$FG_STREAMS" -J > "$W/fg.json" 2>/dev/null
+  t1=$(now)
+  v=$(jq -r '.end.sum_received.bits_per_second // 0' "$W/fg.json" 2>/dev/null)
+  record "$2" "$3" "$1" "$4" "$(awk -v b="${v:-0}" 'BEGIN{printf "%.1f", b/8e6}')"
+  if [ -n "$fpid" ]; then
+    if [ $up = 1 ]; then w1=$(wchar "$FSD_PID"); else
+      w1=$(wchar "$(pgrep -P "$(pgrep -P $fpid | head -1)" | head -1)")
+      [ "$w1" = 0 ] && w1=$(wchar "$(pgrep -P $fpid | head -1)")
+    fi
+    if ! kill -0 $fpid 2>/dev/null; then
+      log "$1 run $4: fsc ended before the foreground"
+      [ $up = 0 ] && w1=$(stat -c %s "$BG_DATA")
+    fi
+    kill $fpid 2>/dev/null; wait $fpid 2>/dev/null
+    record "$2" "$3" "$1:bg" "$4" "$(rate $((w1 - w0)) "$t0" "$t1")"
+  fi
+  rm -f "$WORK/data/up.bin" "$WORK"/data/up-*.bin
+}
+
+log "runs=$RUNS losses=($LOSSES) ccs=($CCS) tools=($TOOLS) fsc args=($FSC_ARGS) ${SIZE_MIB} MiB; fg $FG_STREAMS stream(s) ${FG_SECS} s; work $W"
 for cc in $CCS; do
   for ns in $NS_S $NS_C; do ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control="$cc" || die "cc $cc"; done
   for loss in $LOSSES; do
@@ -191,14 +253,18 @@ for cc in $CCS; do
     for ((i = 1; i <= RUNS; i++)); do
       want curl && run_http curl "$cc" "$loss" $i
       want fsc && run_fsc fsc "$cc" "$loss" $i
+      want fsc-bg && run_fsc fsc-bg "$cc" "$loss" $i
+      for t in fg fg+bg fg+fsc; do want $t && run_fg $t "$cc" "$loss" $i; done
       want aria2c && run_http aria2c "$cc" "$loss" $i
       want iperf3 && run_iperf iperf3 "$cc" "$loss" $i
     done
     stop_servers; link_down
-    if want fsc-up || want iperf3-up; then
+    if want fsc-up || want iperf3-up || want fsc-bg-up || [[ " $TOOLS " == *" fg-up"* ]]; then
       link_up 0 "$loss"; start_servers
       for ((i = 1; i <= RUNS; i++)); do
         want fsc-up && run_fsc fsc-up "$cc" "$loss" $i
+        want fsc-bg-up && run_fsc fsc-bg-up "$cc" "$loss" $i
+        for t in fg-up fg-up+bg fg-up+fsc; do want $t && run_fg $t "$cc" "$loss" $i; done
         want iperf3-up && run_iperf iperf3-up "$cc" "$loss" $i
       done
       stop_servers; link_down
@@ -207,14 +273,16 @@ for cc in $CCS; do
   done
 done
 
+COLS=""
+for t in $TOOLS; do COLS="$COLS $t"; [[ $t == *+* ]] && COLS="$COLS $t:bg"; done
 # Medians per (cc, loss, tool); a "<" run (stopped at MAX_SECS) sorts by its bound and keeps
 # its mark.
 {
-  echo "| system cc | loss | $(for t in $TOOLS; do printf '%s | ' "$t"; done | sed 's/ | $//') |"
-  echo "|---|---|$(for t in $TOOLS; do printf -- '---|'; done)"
+  echo "| system cc | loss | $(for t in $COLS; do printf '%s | ' "$t"; done | sed 's/ | $//') |"
+  echo "|---|---|$(for t in $COLS; do printf -- '---|'; done)"
   for cc in $CCS; do for loss in $LOSSES; do
     printf '| %s | %s %% |' "$cc" "$(awk -v l="$loss" 'BEGIN{print l*100}')"
-    for t in $TOOLS; do
+    for t in $COLS; do
       awk -F'\t' -v c="$cc" -v l="$loss" -v t="$t" '$1==c && $2==l && $3==t {v=$5; m=(v ~ /^</); sub(/^</,"",v); a[++n]=v; mark[n]=m}
         END { if (!n) { printf " – |"; exit }
           for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { x=a[i]; a[i]=a[j]; a[j]=x; y=mark[i]; mark[i]=mark[j]; mark[j]=y }

@@ -248,6 +248,13 @@ struct Conn {
     base_chunk_size: u32,
     client_max_frame: u32,
     compress_level: u32,
+    /// The TCP socket, when there is one (not over an in-memory pipe).
+    socket: Option<RawFd>,
+    /// The client asked in Hello for a background connection (crate::ledbat), and this
+    /// server serves that: the controller starts when AUTH first succeeds.
+    background: bool,
+    /// The controller runs (once per connection, whatever the number of AUTHs).
+    background_started: bool,
     auth_failures: u32,
     /// This connection's place among the unauthenticated ones, until it authenticates.
     startup: Startup,
@@ -274,7 +281,8 @@ pub async fn serve(
     async move {
         tracing::debug!("connected");
         if let Some(t) = transport::establish(stream, &server, startup.evicted()).await {
-            let conn = Conn::new(t.subject, peer, server, startup, handover);
+            let mut conn = Conn::new(t.subject, peer, server, startup, handover);
+            conn.socket = t.socket;
             speak(conn, t.rd, t.wr, t.tcp, shutdown).await;
         }
     }
@@ -425,6 +433,9 @@ impl Conn {
             base_chunk_size: server.config.chunk_size,
             client_max_frame: MAX_CHUNK_SIZE,
             compress_level: 0,
+            socket: None,
+            background: false,
+            background_started: false,
             peer,
             // Replaced by the writer's channel once it runs.
             tx: mpsc::channel(1).0,
@@ -892,6 +903,7 @@ impl Conn {
             .compress_level
             .min(self.server.config.max_compress_level)
             .min(crate::compress::MAX_LEVEL);
+        self.background = h.background && self.server.config.background && self.socket.is_some();
         let reply = msg::Hello {
             version: VERSION as u32,
             max_frame: self.server.config.max_frame,
@@ -903,6 +915,7 @@ impl Conn {
                 true => crate::protocol::tree::FEATURE_TREE,
                 false => 0,
             },
+            background: self.background,
         };
         self.send(Frame::message(
             Cmd::HELLO,
@@ -911,6 +924,25 @@ impl Conn {
             &reply,
         ))
         .await;
+    }
+
+    /// Runs the background controller (crate::ledbat) on this connection's socket, if the
+    /// client asked for it, on the runtime authenticated connections are served on (not the
+    /// startup runtime this may still run on). It stops when the connection ends.
+    fn start_background(&mut self) {
+        let Some(fd) = self
+            .socket
+            .filter(|_| self.background && !self.background_started)
+        else {
+            return;
+        };
+        self.background_started = true;
+        let on = self.handover.clone().unwrap_or_else(Handle::current);
+        let limit = self.server.config.tuning.max_pacing_rate;
+        match crate::ledbat::spawn(fd, limit, self.done.clone(), &on) {
+            Ok(()) => tracing::debug!("background connection: pacing what it is sent"),
+            Err(e) => tracing::warn!(error = %e, "background connection: cannot pace"),
+        }
     }
 
     async fn auth(&mut self, f: Frame) -> Option<&'static str> {
@@ -1004,6 +1036,7 @@ impl Conn {
             }
         };
         tracing::info!(name = %cred.name, "authenticated");
+        self.start_background();
         let ok = msg::AuthOk {
             name: cred.name.clone(),
             writable: cred.writable,

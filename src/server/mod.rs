@@ -93,6 +93,9 @@ pub struct Config {
     /// Offer and serve TREE_READ / TREE_WRITE (server::tree). Off: answered UnknownCommand and
     /// not in Hello, as by a server that predates them (to test clients' fallback).
     pub tree: bool,
+    /// Serve Hello `background` (crate::ledbat): pace what is sent on connections that ask.
+    /// Off: the field is ignored and not answered, as by a server that predates it.
+    pub background: bool,
     pub idle_timeout: Duration,
     pub auth_timeout: Duration,
     pub upload_ttl: Duration,
@@ -133,6 +136,7 @@ impl Config {
             max_compress_level: crate::compress::DEFAULT_LEVEL,
             compress_cache: COMPRESS_CACHE,
             tree: true,
+            background: true,
             idle_timeout: IDLE_TIMEOUT,
             auth_timeout: AUTH_TIMEOUT,
             upload_ttl: UPLOAD_TTL,

@@ -132,6 +132,9 @@ pub struct Transport {
     pub subject: Option<String>,
     /// The socket under `rd` on plain TCP (for the frame reader's wakeups).
     pub tcp: Option<RawFd>,
+    /// The TCP socket under either transport (for the background controller, crate::ledbat);
+    /// valid while `rd` and `wr` are.
+    pub socket: Option<RawFd>,
 }
 
 /// Registers both halves of a connection with the reactor of the runtime this is called on
@@ -173,6 +176,7 @@ pub async fn establish(
             wr: WriteSide::Tcp(wr),
             subject: None,
             tcp: Some(fd),
+            socket: Some(fd),
         });
     };
     // A cleartext fsd client on a TLS port: tell it so in its own protocol, then close.
@@ -212,6 +216,7 @@ pub async fn establish(
         }
         return None;
     }
+    let socket = stream.as_raw_fd();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake = tokio::time::timeout(
         server.config.auth_timeout,
@@ -241,5 +246,6 @@ pub async fn establish(
         wr: WriteSide::Tls(wr),
         subject,
         tcp: None,
+        socket: Some(socket),
     })
 }
