@@ -533,10 +533,12 @@ impl Client {
             }
             failed.insert(i, f.error.unwrap_or_default());
         }
-        if failed.len() + reply.published as usize != read.len() {
+        // From the wire: never trusted to size anything, only compared.
+        let published = usize::try_from(reply.published).unwrap_or(usize::MAX);
+        if failed.len().saturating_add(published) != read.len() {
             return Err(Error::Protocol(format!(
                 "TREE_WRITE answered for {} of {} files",
-                failed.len() + reply.published as usize,
+                failed.len().saturating_add(published),
                 read.len()
             )));
         }
@@ -603,7 +605,8 @@ fn read_files(root: &Path, names: Vec<String>, max_file: u64) -> Vec<Read1> {
         if !md.is_file() || md.len() > max_file {
             continue;
         }
-        let mut data = Vec::with_capacity(md.len() as usize);
+        // At most `max_file` (checked above).
+        let mut data = Vec::with_capacity(usize::try_from(md.len()).unwrap_or(0));
         if (&file).take(max_file + 1).read_to_end(&mut data).is_err()
             || data.len() as u64 != md.len()
         {
