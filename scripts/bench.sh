@@ -788,8 +788,8 @@ changed_tree_runs() {
 }
 
 # The big file with 16 scattered 4 KiB changes, to a destination holding the old version, both
-# ways (issue 16): fsc's chunk delta (download: old chunks kept by CRC32 and the whole-file
-# BLAKE3; upload: SEED) against rsync's delta algorithm (rsync daemon, -t). Before each timed
+# ways (issue 16): fsc's chunk delta (download: old chunks kept by the server's BLAKE3 chaining
+# values; upload: SEED) against rsync's delta algorithm (rsync daemon, -t). Before each timed
 # run the destination is reset to the old version with an old mtime (untimed). Bytes on the
 # wire: fsc's `transferred` (file data sent), rsync's --stats total bytes received (download) or
 # sent (upload), protocol included.

@@ -13,12 +13,38 @@ use crate::protocol::chunk_count;
 /// The BLAKE3 contribution of chunk `index` of a file of `file_size` bytes. For a file of at
 /// most one chunk this is already the file's root hash.
 pub fn chunk_cv(data: &[u8], index: u32, chunk_size: u32, file_size: u64) -> ChainingValue {
-    if chunk_count(file_size, chunk_size) <= 1 {
-        return *blake3::hash(data).as_bytes();
-    }
+    cv_with(data, index, chunk_size, file_size, |h, d| {
+        h.update(d);
+    })
+}
+
+/// [`chunk_cv`] on rayon's threads: for hashing one big chunk after another (a manifest's
+/// first computation), where a chunk is the only work in hand.
+pub fn chunk_cv_parallel(
+    data: &[u8],
+    index: u32,
+    chunk_size: u32,
+    file_size: u64,
+) -> ChainingValue {
+    cv_with(data, index, chunk_size, file_size, |h, d| {
+        h.update_rayon(d);
+    })
+}
+
+fn cv_with(
+    data: &[u8],
+    index: u32,
+    chunk_size: u32,
+    file_size: u64,
+    update: impl FnOnce(&mut blake3::Hasher, &[u8]),
+) -> ChainingValue {
     let mut h = blake3::Hasher::new();
-    h.set_input_offset(index as u64 * chunk_size as u64);
-    h.update(data);
+    if chunk_count(file_size, chunk_size) <= 1 {
+        update(&mut h, data);
+        return *h.finalize().as_bytes();
+    }
+    h.set_input_offset(u64::from(index) * u64::from(chunk_size));
+    update(&mut h, data);
     h.finalize_non_root()
 }
 

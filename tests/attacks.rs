@@ -1912,6 +1912,7 @@ fn protocol_cases() -> Vec<Case> {
                     handle: h,
                     first_chunk: 0,
                     count: 0,
+                    cvs: false,
                 }
                 .encode_to_vec(),
             )
@@ -2195,6 +2196,7 @@ fn protocol_cases() -> Vec<Case> {
                 handle: 1,
                 first_chunk: 0,
                 count: 1,
+                cvs: false,
             }
             .encode_to_vec(),
         ),

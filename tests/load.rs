@@ -258,6 +258,7 @@ impl<'a> Client<'a> {
             handle: open.handle,
             first_chunk: 0,
             count: 0,
+            cvs: false,
         };
         let f = self.call(Cmd::MANIFEST, &m)?;
         let manifest: msg::ManifestResponse = ok(&f, "manifest")?;

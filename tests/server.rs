@@ -130,11 +130,23 @@ fn handshake_list_stat_and_download() {
                 handle: open.handle,
                 first_chunk: 0,
                 count: 0,
+                cvs: true,
             },
         )
         .decode()
         .unwrap();
     assert_eq!(m.crc32[3], crc32fast::hash(&data[3 << 20..]));
+    // The chaining values a client compares its old chunks with (chunk delta).
+    assert_eq!(m.cvs.len(), 4 * 32);
+    let size = data.len() as u64;
+    assert_eq!(
+        m.cvs[3 * 32..],
+        fsd::integrity::chunk_cv(&data[3 << 20..], 3, 1 << 20, size)
+    );
+    assert_eq!(
+        m.cvs[..32],
+        fsd::integrity::chunk_cv(&data[..1 << 20], 0, 1 << 20, size)
+    );
     assert!(!r
         .call(
             Cmd::CLOSE,

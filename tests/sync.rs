@@ -629,7 +629,8 @@ fn an_interrupted_sync_run_again_ends_identical_both_ways() {
 }
 
 /// Chunk-level delta (issue 16 item 2), downloads: a changed file keeps the chunks of the old
-/// local version that still match the server's CRC32s; only the others cross the network.
+/// local version that still match the server's BLAKE3 chaining values; only the others cross
+/// the network.
 #[test]
 fn a_changed_file_fetches_only_its_changed_chunks() {
     use std::os::unix::fs::FileExt;
@@ -652,6 +653,71 @@ fn a_changed_file_fetches_only_its_changed_chunks() {
     // Chunk 3 and the last chunk (5 + 4 bytes).
     assert_eq!(moved(&ev), CHUNK as u64 + 9, "{ev:?}");
     assert_eq!(of(&ev, "start")[0]["resumed"], 7 * CHUNK as u64);
+}
+
+/// Makes `crc32(data)` equal `target` by changing the last 4 bytes of `data` (CRC32 is affine
+/// over GF(2): solve for the 32 bits whose flips add up to the difference).
+fn forge_crc32(data: &mut [u8], target: u32) {
+    let n = data.len();
+    // basis[b]: (a sum of flip effects whose highest set bit is b, the flips that make it)
+    let mut basis = [(0u32, 0u32); 32];
+    let base = crc32fast::hash(data);
+    for k in 0..32 {
+        data[n - 4 + k / 8] ^= 1 << (k % 8);
+        let (mut v, mut m) = (crc32fast::hash(data) ^ base, 1u32 << k);
+        data[n - 4 + k / 8] ^= 1 << (k % 8);
+        for b in (0..32).rev() {
+            if v >> b & 1 == 0 {
+                continue;
+            }
+            if basis[b].0 == 0 {
+                basis[b] = (v, m);
+                break;
+            }
+            v ^= basis[b].0;
+            m ^= basis[b].1;
+        }
+    }
+    let (mut want, mut flips) = (base ^ target, 0u32);
+    for b in (0..32).rev() {
+        if want >> b & 1 == 1 {
+            assert_ne!(basis[b].0, 0, "the last 4 bytes reach every CRC32");
+            want ^= basis[b].0;
+            flips ^= basis[b].1;
+        }
+    }
+    for k in 0..32 {
+        if flips >> k & 1 == 1 {
+            data[n - 4 + k / 8] ^= 1 << (k % 8);
+        }
+    }
+    assert_eq!(crc32fast::hash(data), target);
+}
+
+/// The chunk delta compares by BLAKE3, not CRC32 (issue 16 item 2): a local chunk that differs
+/// from the server's but has the same CRC32 is fetched again, in the first attempt, with only
+/// that chunk on the wire. (Compared by CRC32 it was kept, the whole-file hash failed and the
+/// whole file was fetched again.)
+#[test]
+fn a_chunk_that_only_shares_its_crc32_is_fetched_again() {
+    let s = Fsd::start();
+    let f = s.root.join("f");
+    write_random(&f, 6 * CHUNK, 110);
+    let server = std::fs::read(&f).unwrap();
+    let mut old = server.clone();
+    let chunk2 = &mut old[2 * CHUNK..3 * CHUNK];
+    chunk2[1000..1100].copy_from_slice(&random_bytes(100, 111));
+    forge_crc32(chunk2, crc32fast::hash(&server[2 * CHUNK..3 * CHUNK]));
+    assert_ne!(old, server);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("f");
+    std::fs::write(&dst, &old).unwrap();
+
+    let ev = run(&["download", &s.addr(), "f", dst.to_str().unwrap()]);
+    assert_same_file(&f, &dst);
+    assert_eq!(moved(&ev), CHUNK as u64, "{ev:?}");
+    assert_eq!(of(&ev, "start").len(), 1, "one attempt: {ev:?}");
+    assert_eq!(of(&ev, "start")[0]["resumed"], 5 * CHUNK as u64);
 }
 
 /// An upload that replaces a remote file sends only the chunks that differ (SEED, §10.3): the

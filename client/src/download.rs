@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
 use fsd::protocol::{
     checked_chunk_count, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE, MAX_CHUNKS_PER_FILE,
@@ -25,7 +26,7 @@ use tracing::{debug, warn};
 use crate::client::{remote_basename, Client, Slots, Transfer};
 use crate::conn::{Conn, Throttle, Window};
 use crate::error::{Error, Result};
-use crate::local::sink::{spawn_blocking, Meta, Out, Sink};
+use crate::local::sink::{spawn_blocking, Meta, Out, Seed, Sink};
 use crate::local::state::PartState;
 use crate::local::{check_name, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
@@ -498,18 +499,25 @@ impl Job {
         // Always the server's manifest, never CRCs remembered from an earlier run: what is on
         // disk is checked against what the server says now. A single chunk is checked by its
         // frame CRC and the whole-file BLAKE3.
-        let crcs = match meta.count {
-            0 | 1 => Vec::new(),
-            n => manifest(conn, meta.handle, n).await?,
+        // A fresh part of a multi-chunk file may take the chunks of the destination's old
+        // version that are still current (chunk delta): the server's chaining values say which.
+        // Not after a failed whole-file hash: that attempt starts from nothing.
+        let seeding = meta.count > 1
+            && state.is_none()
+            && matches!(out, Out::File { .. })
+            && !self.fresh.load(Ordering::Relaxed);
+        let (crcs, cvs) = match meta.count {
+            0 | 1 => (Vec::new(), None),
+            n => manifest(conn, meta.handle, n, seeding).await?,
         };
         let remote = self.remote.clone();
         let meta = meta.clone();
         let preserve = self.client.shared.opts.preserve;
         if meta.count <= 1 {
             // Just an open: cheaper here than a hop to a blocking thread (many small files).
-            return Sink::create(remote, meta, crcs, out, None, preserve, false);
+            return Sink::create(remote, meta, crcs, out, None, preserve, None);
         }
-        let seed = !self.fresh.load(Ordering::Relaxed);
+        let seed = seeding.then(|| cvs.map_or(Seed::Crcs, Seed::Cvs));
         spawn_blocking(move || Sink::create(remote, meta, crcs, out, state, preserve, seed)).await
     }
 
@@ -813,8 +821,14 @@ async fn unpack(conn: &Conn, payload: &Bytes, len: u32, cmd: Cmd) -> Result<(Byt
         })
 }
 
-/// Every chunk's CRC32, pages fetched concurrently.
-async fn manifest(conn: &Conn, handle: u32, count: u32) -> Result<Vec<u32>> {
+/// Every chunk's CRC32, pages fetched concurrently; with `want_cvs`, also every chunk's BLAKE3
+/// chaining value, if the server sends them (an older one does not: None).
+async fn manifest(
+    conn: &Conn,
+    handle: u32,
+    count: u32,
+    want_cvs: bool,
+) -> Result<(Vec<u32>, Option<Vec<ChainingValue>>)> {
     let pages = (0..count)
         .step_by(MANIFEST_PAGE as usize)
         .map(|first| async move {
@@ -823,19 +837,45 @@ async fn manifest(conn: &Conn, handle: u32, count: u32) -> Result<Vec<u32>> {
                 handle,
                 first_chunk: first,
                 count: n,
+                cvs: want_cvs,
             };
             let r: msg::ManifestResponse = conn.request(Cmd::MANIFEST, &req).await?;
-            if r.first_chunk != first || r.crc32.len() != n as usize {
+            // u64: n ≤ MANIFEST_PAGE, the reply's lengths are the peer's.
+            let cvs_len = r.cvs.len() as u64;
+            if r.first_chunk != first
+                || r.crc32.len() != n as usize
+                || (cvs_len != 0 && (!want_cvs || cvs_len != u64::from(n) * 32))
+            {
                 return Err(Error::Protocol(format!(
-                    "manifest page at {first}: got {} CRCs from {}",
+                    "manifest page at {first}: got {} CRCs and {cvs_len} bytes of chaining \
+                     values from {}",
                     r.crc32.len(),
                     r.first_chunk
                 )));
             }
-            Ok(r.crc32)
+            let page_cvs: Option<Vec<ChainingValue>> = (cvs_len != 0).then(|| {
+                r.cvs
+                    .chunks_exact(32)
+                    .map(|c| c.try_into().expect("32-byte pieces"))
+                    .collect()
+            });
+            Ok((r.crc32, page_cvs))
         });
     let pages = futures::future::try_join_all(pages).await?;
-    Ok(pages.concat())
+    let mut crcs = Vec::with_capacity(count as usize);
+    let mut cvs = want_cvs.then(|| Vec::with_capacity(count as usize));
+    for (page_crcs, page_cvs) in pages {
+        crcs.extend(page_crcs);
+        // Chaining values only if every page has them.
+        cvs = match (cvs, page_cvs) {
+            (Some(mut all), Some(page)) => {
+                all.extend(page);
+                Some(all)
+            }
+            _ => None,
+        };
+    }
+    Ok((crcs, cvs))
 }
 
 /// Missing chunks, taken in runs of consecutive indices.

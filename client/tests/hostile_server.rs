@@ -106,6 +106,19 @@ struct Script {
     reads_answered: Option<u64>,
     /// Takes OPEN(WRITE) in chunks of this size; never acknowledges a WRITE.
     upload_chunk: Option<u32>,
+    /// What MANIFEST answers to a request for chaining values.
+    cvs: CvsReply,
+}
+
+/// MANIFEST's chaining values (chunk delta), when asked for.
+#[derive(Default, Clone, Copy, PartialEq)]
+enum CvsReply {
+    /// None, as from a server older than the field.
+    #[default]
+    Absent,
+    Honest,
+    /// One value fewer than the page has chunks.
+    Short,
 }
 
 struct Fake {
@@ -463,9 +476,26 @@ impl Fake {
                 if lie.is_ok() && req.first_chunk == 0 && crc32.len() > 1 {
                     crc32[1] ^= 1;
                 }
+                let mut cvs: Vec<u8> = match (req.cvs, self.script.cvs) {
+                    (false, _) | (true, CvsReply::Absent) => Vec::new(),
+                    (true, _) => (req.first_chunk..end)
+                        .flat_map(|i| {
+                            fsd::integrity::chunk_cv(
+                                &file.chunk(i),
+                                i,
+                                file.chunk_size,
+                                file.size(),
+                            )
+                        })
+                        .collect(),
+                };
+                if self.script.cvs == CvsReply::Short {
+                    cvs.truncate(cvs.len().saturating_sub(32));
+                }
                 let r = msg::ManifestResponse {
                     first_chunk: req.first_chunk,
                     crc32,
+                    cvs,
                 };
                 msg_reply(&|| r.encode_to_vec())
             }
@@ -907,6 +937,46 @@ async fn a_failed_download_does_not_poison_the_next_run() {
     // The server is honest now: the rerun must succeed.
     client(addr).await.download("big", &dest).await.unwrap();
     assert!(std::fs::read(&dest).unwrap() == big);
+}
+
+/// Chunk delta (issue 16): the old local version's current chunks are kept by the server's
+/// chaining values, or by CRC32 from a server that sends none; chaining values of the wrong
+/// length are a protocol error that leaves the old file as it was.
+#[tokio::test]
+async fn the_chunk_delta_trusts_only_well_formed_chaining_values() {
+    let new = data(8 * 1024, 6);
+    let mut old = new.clone();
+    old[2 * 1024 + 5] ^= 1;
+    for (cvs, kept) in [
+        (CvsReply::Honest, true),
+        (CvsReply::Absent, true),
+        (CvsReply::Short, false),
+    ] {
+        let (addr, _) = Fake::new()
+            .file("big", &new, 1024)
+            .script(Script {
+                cvs,
+                ..Default::default()
+            })
+            .start()
+            .await;
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("big");
+        std::fs::write(&dest, &old).unwrap();
+        let r = client(addr).await.download("big", &dest).await;
+        match kept {
+            true => {
+                let t = r.unwrap();
+                assert_eq!(t.transferred, 1024, "only chunk 2 moved");
+                assert!(std::fs::read(&dest).unwrap() == new);
+            }
+            false => {
+                let err = r.unwrap_err();
+                assert!(matches!(err, fsc::Error::Protocol(_)), "{err}");
+                assert!(std::fs::read(&dest).unwrap() == old, "old file untouched");
+            }
+        }
+    }
 }
 
 /// Item 4: directories that existed are left alone; what fsc creates gets the server's mode

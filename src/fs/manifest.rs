@@ -1,7 +1,8 @@
-//! Chunk manifests: the CRC32 of every chunk and the whole-file BLAKE3 of one file version,
-//! computed in a single pass the first time a version is opened, then served from memory or
-//! from the state directory. A cached manifest is what lets DATA frames go out by sendfile with
-//! their checksum already known.
+//! Chunk manifests: the CRC32 and BLAKE3 chaining value of every chunk and the whole-file
+//! BLAKE3 of one file version, computed in a single pass the first time a version is opened,
+//! then served from memory or from the state directory. A cached manifest is what lets DATA
+//! frames go out by sendfile with their checksum already known; its chaining values let a
+//! client keep the chunks of an old local version that are still equal (chunk delta).
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
@@ -14,19 +15,26 @@ use std::sync::{Arc, Mutex};
 use prost::Message;
 
 use super::identity::{RootId, Version};
+use blake3::hazmat::ChainingValue;
+
+use crate::integrity::{chunk_cv_parallel, root_hash};
 use crate::protocol::{chunk_count, chunk_len};
 use crate::state::ManifestRecord;
 
-/// Cached manifests kept in memory; beyond this the cache is cleared (cheap to reload from disk).
-const MEMORY_ENTRIES: usize = 4096;
+/// Bytes of cached manifests kept in memory (36 per chunk); beyond this the cache is cleared
+/// (cheap to reload from disk). A file's chunk count is bounded (MAX_CHUNKS_PER_FILE), so one
+/// manifest is at most 36 MiB.
+const MEMORY_BYTES: usize = 64 << 20;
 
-/// CRC32s and BLAKE3 of one version of one file.
+/// CRC32s, chaining values and BLAKE3 of one version of one file.
 #[derive(Debug)]
 pub struct Manifest {
     pub size: u64,
     pub mtime_ns: i64,
     pub chunk_size: u32,
     pub crcs: Vec<u32>,
+    /// Each chunk's BLAKE3 chaining value (crate::integrity::chunk_cv).
+    pub cvs: Vec<ChainingValue>,
     pub blake3: [u8; 32],
     /// Opaque version id sent to clients: changes whenever the content may have changed.
     pub identity: String,
@@ -48,7 +56,7 @@ pub struct ManifestStats {
 
 /// The manifest cache: memory first, then `dir` (one small file per file version).
 pub struct ManifestCache {
-    mem: Mutex<HashMap<Version, Arc<Manifest>>>,
+    mem: Mutex<Memory>,
     dir: PathBuf,
     ids: RootId,
     pub stats: ManifestStats,
@@ -58,7 +66,7 @@ impl ManifestCache {
     pub fn new(dir: PathBuf, ids: RootId) -> io::Result<ManifestCache> {
         std::fs::create_dir_all(&dir)?;
         Ok(ManifestCache {
-            mem: Mutex::new(HashMap::new()),
+            mem: Mutex::new(Memory::default()),
             dir,
             ids,
             stats: ManifestStats::default(),
@@ -68,7 +76,7 @@ impl ManifestCache {
     /// The manifest of `file` as it is now. Blocking: call from a blocking thread.
     pub fn get(&self, file: &File, meta: &Metadata, chunk_size: u32) -> io::Result<Arc<Manifest>> {
         let v = Version::of(&self.ids, meta, chunk_size);
-        if let Some(m) = self.mem.lock().unwrap().get(&v) {
+        if let Some(m) = self.mem.lock().unwrap().entries.get(&v) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(m.clone());
         }
@@ -89,11 +97,7 @@ impl ManifestCache {
             }
         };
         let m = Arc::new(m);
-        let mut mem = self.mem.lock().unwrap();
-        if mem.len() >= MEMORY_ENTRIES {
-            mem.clear();
-        }
-        mem.insert(v, m.clone());
+        self.mem.lock().unwrap().insert(v, m.clone());
         Ok(m)
     }
 
@@ -105,19 +109,26 @@ impl ManifestCache {
     fn load(&self, v: &Version) -> Option<Manifest> {
         let bytes = std::fs::read(self.dir.join(file_name(v))).ok()?;
         let r = ManifestRecord::decode(&bytes[..]).ok()?;
+        let count = chunk_count(v.size, v.chunk_size) as usize;
         let matches = r.volume == v.volume.tag()
             && r.ino == v.ino
             && r.size == v.size
             && r.mtime_ns == v.mtime_ns
             && r.ctime_ns == v.ctime_ns
             && r.chunk_size == v.chunk_size
-            && r.crc32.len() == chunk_count(v.size, v.chunk_size) as usize
+            && r.crc32.len() == count
+            && r.cvs.len() == count * 32
             && r.blake3.len() == 32;
         matches.then(|| Manifest {
             size: v.size,
             mtime_ns: v.mtime_ns,
             chunk_size: v.chunk_size,
             crcs: r.crc32,
+            cvs: r
+                .cvs
+                .chunks_exact(32)
+                .map(|c| c.try_into().unwrap())
+                .collect(),
             blake3: r.blake3.try_into().unwrap(),
             identity: v.identity(),
         })
@@ -133,6 +144,7 @@ impl ManifestCache {
             ctime_ns: v.ctime_ns,
             chunk_size: v.chunk_size,
             crc32: m.crcs.clone(),
+            cvs: m.cvs.concat(),
             blake3: m.blake3.to_vec(),
         };
         let path = self.dir.join(file_name(v));
@@ -146,24 +158,47 @@ impl ManifestCache {
     }
 }
 
-/// One pass over the file: CRC32 per chunk and the whole-file BLAKE3 (multi-threaded).
+/// Manifests in memory and the bytes they hold.
+#[derive(Default)]
+struct Memory {
+    entries: HashMap<Version, Arc<Manifest>>,
+    bytes: usize,
+}
+
+impl Memory {
+    fn insert(&mut self, v: Version, m: Arc<Manifest>) {
+        let size = m.crcs.len() * 36;
+        if self.bytes + size > MEMORY_BYTES {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        if let Some(old) = self.entries.insert(v, m) {
+            self.bytes -= old.crcs.len() * 36;
+        }
+        self.bytes += size;
+    }
+}
+
+/// One pass over the file: CRC32 and chaining value per chunk (each chunk hashed on several
+/// threads), and the whole-file BLAKE3 from those.
 fn compute(file: &File, v: &Version) -> io::Result<Manifest> {
     let n = chunk_count(v.size, v.chunk_size);
     let mut crcs = Vec::with_capacity(n as usize);
-    let mut hasher = blake3::Hasher::new();
+    let mut cvs = Vec::with_capacity(n as usize);
     let mut buf = vec![0u8; v.chunk_size as usize];
     for i in 0..n {
         let len = chunk_len(v.size, v.chunk_size, i) as usize;
-        file.read_exact_at(&mut buf[..len], i as u64 * v.chunk_size as u64)?;
+        file.read_exact_at(&mut buf[..len], u64::from(i) * u64::from(v.chunk_size))?;
         crcs.push(crc32fast::hash(&buf[..len]));
-        hasher.update_rayon(&buf[..len]);
+        cvs.push(chunk_cv_parallel(&buf[..len], i, v.chunk_size, v.size));
     }
     Ok(Manifest {
         size: v.size,
         mtime_ns: v.mtime_ns,
         chunk_size: v.chunk_size,
         crcs,
-        blake3: *hasher.finalize().as_bytes(),
+        blake3: root_hash(&cvs, v.chunk_size, v.size),
+        cvs,
         identity: v.identity(),
     })
 }
@@ -171,6 +206,7 @@ fn compute(file: &File, v: &Version) -> io::Result<Manifest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::integrity::chunk_cv;
 
     #[test]
     fn computes_once_then_hits_memory_then_disk() {
@@ -186,12 +222,17 @@ mod tests {
         assert_eq!(m.crcs.len(), 5);
         assert_eq!(m.crcs[4], crc32fast::hash(&data[4 * 65536..]));
         assert_eq!(m.blake3, *blake3::hash(&data).as_bytes());
+        assert_eq!(
+            m.cvs[4],
+            chunk_cv(&data[4 * 65536..], 4, 65536, data.len() as u64)
+        );
         cache.get(&f, &meta, 65536).unwrap();
         assert_eq!(cache.stats.computed.load(Ordering::Relaxed), 1);
         assert_eq!(cache.stats.memory_hits.load(Ordering::Relaxed), 1);
         let cache2 = ManifestCache::new(dir.path().join("m"), ids).unwrap();
         let m2 = cache2.get(&f, &meta, 65536).unwrap();
         assert_eq!(m2.crcs, m.crcs);
+        assert_eq!(m2.cvs, m.cvs);
         assert_eq!(cache2.stats.disk_hits.load(Ordering::Relaxed), 1);
         assert_eq!(cache2.stats.computed.load(Ordering::Relaxed), 0);
     }

@@ -545,13 +545,25 @@ pub async fn manifest(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, F
     let first = req.first_chunk.min(total);
     let end = first.saturating_add(count).min(total);
     // Only the page is copied: a whole manifest per request would let a client multiply it.
-    let crc32 = match handle {
-        Handle::Read { manifest, .. } => manifest.crcs[first as usize..end as usize].to_vec(),
-        Handle::Write(u) => blocking(session, move |_| Ok(u.crcs(first, end - first)?)).await?,
+    let page = first as usize..end as usize;
+    let (crc32, cvs) = match handle {
+        Handle::Read { manifest, .. } => (
+            manifest.crcs[page.clone()].to_vec(),
+            match req.cvs {
+                true => manifest.cvs[page].concat(),
+                false => Vec::new(),
+            },
+        ),
+        // An upload's chaining values are its own business (SEED compares them itself).
+        Handle::Write(u) => (
+            blocking(session, move |_| Ok(u.crcs(first, end - first)?)).await?,
+            Vec::new(),
+        ),
     };
     encoded(msg::ManifestResponse {
         first_chunk: first,
         crc32,
+        cvs,
     })
 }
 

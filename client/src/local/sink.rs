@@ -137,11 +137,22 @@ struct Reorder {
     pending: BTreeMap<u32, Bytes>,
 }
 
+/// How a fresh part recognises the chunks of the destination's old version that are still
+/// current (chunk delta, [`seed_from_old`]).
+pub(crate) enum Seed {
+    /// Equal to the server's BLAKE3 chaining value of that chunk.
+    Cvs(Vec<ChainingValue>),
+    /// Equal CRC32, from a server that sends no chaining values: a chunk kept wrongly makes the
+    /// whole-file BLAKE3 fail, and the download is redone without seeding.
+    Crcs,
+}
+
 impl Sink {
     /// Opens or creates the part file; with a matching `state`, keeps every chunk already on
     /// disk that passes its CRC32 (claimed in the state or not: data written just before a
     /// kill is in the page cache even if the state did not yet claim it). Without one, and
-    /// with `seed`, starts from the destination's old version ([`seed_from_old`]).
+    /// with `seed`, takes what is still current from the destination's old version
+    /// ([`seed_from_old`]).
     pub(crate) fn create(
         remote: String,
         m: Meta,
@@ -149,7 +160,7 @@ impl Sink {
         out: Out,
         state: Option<PartState>,
         preserve: bool,
-        seed: bool,
+        seed: Option<Seed>,
     ) -> Result<Arc<Sink>> {
         let mut have = Have {
             have: Bitmap::new(m.count),
@@ -190,12 +201,6 @@ impl Sink {
                     let claimed = st.bitmap(m.count);
                     verify_part(&part, &m, &crcs, &claimed, &mut have).map_err(err)?;
                     debug!(%remote, chunks = have.have.count(), "resuming");
-                } else if seed && stateful && seed_from_old(&dir, &name, &part, m.size) {
-                    // Only chunks that pass the server's CRC32 are kept (and the whole file
-                    // is checked by BLAKE3 as always).
-                    let none = Bitmap::new(m.count);
-                    verify_part(&part, &m, &crcs, &none, &mut have).map_err(err)?;
-                    debug!(%remote, chunks = have.have.count(), "kept from the old version");
                 }
                 if stateful {
                     // The server's size must fit before any of it is reserved.
@@ -225,8 +230,20 @@ impl Sink {
                         let _ = punch_hole(&part, 0, m.size);
                     }
                 }
+                let direct = stateful.then(|| DirectFile::reopen(&part)).flatten();
+                if let (Some(seed), None, true) = (&seed, &state, stateful) {
+                    let old = Old {
+                        dir: &dir,
+                        name: &name,
+                        seed,
+                        crcs: &crcs,
+                    };
+                    old.seed(&part, direct.as_ref(), &m, &mut have)
+                        .map_err(err)?;
+                    debug!(%remote, chunks = have.have.count(), "kept from the old version");
+                }
                 SinkOut::File {
-                    direct: stateful.then(|| DirectFile::reopen(&part)).flatten(),
+                    direct,
                     dir,
                     name,
                     work,
@@ -644,26 +661,130 @@ fn verify_part(
     Ok(())
 }
 
-/// Chunk-level delta: a fresh part of a file whose destination holds another version of it
-/// starts as a copy of that version (copy_file_range: a reflink or an in-kernel copy, no
-/// network), so the chunks that did not change are verified and kept instead of fetched.
-/// Returns whether the part may hold anything to verify. Only a regular file is copied (the
-/// open neither follows a symlink nor waits on a FIFO).
-fn seed_from_old(dir: &LocalDir, name: &str, part: &File, size: u64) -> bool {
-    use std::io::Read;
-    let Ok(old) = dir.open_read(name) else {
-        return false;
-    };
-    if !old.metadata().is_ok_and(|md| md.is_file()) {
-        return false;
+/// The destination's old version, as the source of a fresh part's chunk delta.
+struct Old<'a> {
+    dir: &'a LocalDir,
+    name: &'a str,
+    seed: &'a Seed,
+    crcs: &'a [u32],
+}
+
+impl Old<'_> {
+    /// Chunk-level delta: a fresh part of a file whose destination holds another version of it
+    /// takes the chunks of that version that are still current, so only the others are fetched.
+    /// One pass: each chunk of the old file is read once and hashed; a current one is put
+    /// into the part by a second thread while the next is read: shared with the old file (a
+    /// reflink) where the file system can, else written direct (buffered writes of fresh
+    /// page-cache pages are the slow part on this kind of machine, and a direct write is
+    /// durable when the part is synced). A read error ends the seeding (the
+    /// rest is fetched); a write error is the download's. Only a regular file is read (the
+    /// open neither follows a symlink nor waits on a FIFO).
+    fn seed(
+        &self,
+        part: &File,
+        direct: Option<&DirectFile>,
+        m: &Meta,
+        have: &mut Have,
+    ) -> std::io::Result<()> {
+        let Ok(old) = self.dir.open_read(self.name) else {
+            return Ok(());
+        };
+        let old_len = match old.metadata() {
+            Ok(md) if md.is_file() => md.len(),
+            _ => return Ok(()),
+        };
+        let cs = u64::from(m.chunk_size);
+        std::thread::scope(|scope| {
+            // One chunk queued, one being written, one being read: the memory is bounded by
+            // three chunks whatever the file's size.
+            let (to_write, queued) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>)>(1);
+            let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+            let old = &old;
+            let writer = scope.spawn(move || -> std::io::Result<Vec<u32>> {
+                let mut kept = Vec::new();
+                let mut may_clone = true;
+                for (i, data) in queued {
+                    let off = u64::from(i) * cs;
+                    let cloned = may_clone
+                        && match clone_range(old, part, off, data.len() as u64) {
+                            Ok(()) => true,
+                            // Not aligned (a short last chunk): this one is written.
+                            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
+                            Err(e) => {
+                                debug!("no reflinks here: {e}");
+                                may_clone = false;
+                                false
+                            }
+                        };
+                    let written = cloned
+                        || match direct {
+                            Some(d) => d.write_at(&data, off)?,
+                            None => false,
+                        };
+                    if !written {
+                        part.write_all_at(&data, off)?;
+                    }
+                    kept.push(i);
+                    let _ = give_back.send(data);
+                }
+                Ok(kept)
+            });
+            let mut current = Vec::new();
+            for i in 0..m.count {
+                let off = u64::from(i) * cs;
+                let len = chunk_len(m.size, m.chunk_size, i);
+                if off + u64::from(len) > old_len {
+                    break;
+                }
+                let mut data = spare.try_recv().unwrap_or_default();
+                data.resize(len as usize, 0);
+                if let Err(e) = old.read_exact_at(&mut data, off) {
+                    debug!("reading the old version: {e}");
+                    break;
+                }
+                let cv = chunk_cv(&data, i, m.chunk_size, m.size);
+                let same = match self.seed {
+                    Seed::Cvs(cvs) => cvs.get(i as usize) == Some(&cv),
+                    Seed::Crcs => self.crcs.get(i as usize) == Some(&crc32fast::hash(&data)),
+                };
+                if same {
+                    current.push((i, cv, u64::from(len)));
+                    if to_write.send((i, data)).is_err() {
+                        break; // the writer failed: its error is returned below
+                    }
+                }
+            }
+            drop(to_write);
+            let kept = writer
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))?;
+            // Only what was written counts as present.
+            for (i, cv, len) in current.into_iter().take(kept.len()) {
+                have.have.set(i);
+                have.cvs[i as usize] = cv;
+                have.done_bytes += len;
+            }
+            Ok(())
+        })
     }
-    match std::io::copy(&mut (&old).take(size), &mut &*part) {
-        Ok(n) => n > 0,
-        Err(e) => {
-            // What was copied is still checked chunk by chunk; the rest is fetched.
-            debug!("copying the old version: {e}");
-            true
-        }
+}
+
+/// Shares `len` bytes at `off` of `src` into `dst` at the same offset (a reflink: no copy, no
+/// new space) where the file system can (Btrfs, XFS, OCFS2, bcachefs); EOPNOTSUPP or EXDEV
+/// where it cannot (ext4), EINVAL for a range that is not block-aligned.
+fn clone_range(src: &File, dst: &File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let range = libc::file_clone_range {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset: off,
+        src_length: len,
+        dest_offset: off,
+    };
+    // SAFETY: FICLONERANGE reads one file_clone_range that lives across the call; both
+    // descriptors are open files we own.
+    match unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &range) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 
@@ -730,7 +851,7 @@ mod tests {
             out.clone(),
             None,
             false,
-            true,
+            Some(Seed::Crcs),
         )
         .unwrap();
         // A chunk that does not match the CRC it came with is refused, not stored.
@@ -762,7 +883,7 @@ mod tests {
             out,
             Some(st),
             true,
-            true,
+            Some(Seed::Crcs),
         )
         .unwrap();
         let missing = s.missing();
@@ -797,7 +918,7 @@ mod tests {
             name: "g".into(),
             group: None,
         };
-        let s = Sink::create("g".into(), m, crcs, out, None, false, true).unwrap();
+        let s = Sink::create("g".into(), m, crcs, out, None, false, None).unwrap();
         for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
             let crc = crc32fast::hash(&c);
             s.put_blocking(i as u32, c, crc).unwrap();
