@@ -56,16 +56,18 @@ impl DirectFile {
         {
             return Ok(false);
         }
-        BUF.with_borrow_mut(|buf| {
-            let staged = buf.fill(data);
-            match self.file.write_all_at(staged, offset) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.refused.store(true, Ordering::Relaxed);
-                    Ok(false)
-                }
-                r => r.map(|()| true),
+        let write = |block_aligned: &[u8]| match self.file.write_all_at(block_aligned, offset) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.refused.store(true, Ordering::Relaxed);
+                Ok(false)
             }
-        })
+            r => r.map(|()| true),
+        };
+        // Data already in aligned memory (an AlignedBuf) goes as it is, without staging.
+        if (data.as_ptr() as usize).is_multiple_of(ALIGN) {
+            return write(data);
+        }
+        BUF.with_borrow_mut(|buf| write(buf.fill(data)))
     }
 }
 
@@ -80,9 +82,21 @@ thread_local! {
 #[repr(C, align(4096))]
 struct Block([u8; ALIGN]);
 
-struct AlignedBuf(Vec<Block>);
+/// Memory whose start is 4 KiB-aligned: data read into it is written direct without a copy.
+#[derive(Default)]
+pub struct AlignedBuf(Vec<Block>);
 
 impl AlignedBuf {
+    /// The first `len` bytes (growing the buffer if needed; contents unspecified).
+    pub fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+        let blocks = len.div_ceil(ALIGN);
+        if self.0.len() < blocks {
+            self.0.resize(blocks, Block([0; ALIGN]));
+        }
+        // SAFETY: as in `fill`: `blocks * ALIGN >= len` initialised, contiguous bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), len) }
+    }
+
     /// Copies `data` (a multiple of ALIGN long) into the buffer, growing it if needed.
     fn fill(&mut self, data: &[u8]) -> &[u8] {
         let blocks = data.len() / ALIGN;
@@ -130,5 +144,14 @@ mod tests {
         file.read_exact_at(&mut back, ALIGN as u64).unwrap();
         assert_eq!(back, chunk);
         assert_eq!(file.metadata().unwrap().len(), 3 * ALIGN as u64);
+
+        // Data already in an AlignedBuf goes without staging, and lands the same.
+        let mut aligned = AlignedBuf::default();
+        let bytes = aligned.bytes_mut(ALIGN);
+        bytes.fill(0xA5);
+        assert!((bytes.as_ptr() as usize).is_multiple_of(ALIGN));
+        assert!(d.write_at(bytes, 0).unwrap());
+        file.read_exact_at(&mut back[..ALIGN], 0).unwrap();
+        assert!(back[..ALIGN].iter().all(|&b| b == 0xA5));
     }
 }

@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use blake3::hazmat::ChainingValue;
 use prost::Message;
 
 use super::identity::RootId;
@@ -812,6 +813,19 @@ impl Upload {
     /// Stores chunk `index` whose CRC32 `crc` the codec already verified. Returns whether the
     /// chunk is durable now. Blocking.
     pub fn write_chunk(&self, index: u32, data: &[u8], crc: u32) -> Result<Written, UploadError> {
+        let cv = chunk_cv(data, index, self.chunk_size, self.params.size);
+        self.write_hashed_chunk(index, data, crc, cv)
+    }
+
+    /// [`Upload::write_chunk`] of a chunk whose chaining value the caller has just computed from
+    /// these very bytes (`chunk_cv(data, index, ..)` of this upload; SEED hashes to compare).
+    pub fn write_hashed_chunk(
+        &self,
+        index: u32,
+        data: &[u8],
+        crc: u32,
+        cv: ChainingValue,
+    ) -> Result<Written, UploadError> {
         if index >= self.count {
             return Err(UploadError::BadChunk {
                 chunk: index,
@@ -826,7 +840,6 @@ impl Upload {
                 want,
             });
         }
-        let cv = chunk_cv(data, index, self.chunk_size, self.params.size);
         let offset = index as u64 * self.chunk_size as u64;
         self.check_held()?;
         {

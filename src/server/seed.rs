@@ -21,6 +21,7 @@ use prost::Message;
 use super::connection::{Failure, Session};
 use super::files::blocking;
 use super::transfer::{self, Handle};
+use crate::direct::AlignedBuf;
 use crate::integrity::hash_chunk;
 use crate::protocol::{chunk_len, msg, ErrorCode};
 
@@ -65,7 +66,8 @@ pub async fn seed(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
             }
         };
         let (size, cs) = (upload.params.size, upload.chunk_size);
-        let mut buf = Vec::new();
+        // Aligned: a direct write of the data file takes it without a copy.
+        let mut buf = AlignedBuf::default();
         for (k, want) in req.cvs.chunks_exact(CV_LEN).enumerate() {
             let i = first + u32::try_from(k).expect("k < MAX_SEED_CHUNKS");
             let len = chunk_len(size, cs, i) as usize;
@@ -74,16 +76,16 @@ pub async fn seed(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
             if offset + len as u64 > meta.len() || !upload.first_seed_of(i) {
                 continue;
             }
-            buf.resize(len, 0);
-            if old.read_exact_at(&mut buf, offset).is_err() {
+            let data = buf.bytes_mut(len);
+            if old.read_exact_at(data, offset).is_err() {
                 // Shrunk or unreadable since it was opened: the client sends this chunk.
                 continue;
             }
-            let (crc, cv) = hash_chunk(&buf, i, cs, size);
+            let (crc, cv) = hash_chunk(data, i, cs, size);
             if cv[..] != want[..] {
                 continue;
             }
-            let written = upload.write_chunk(i, &buf, crc)?;
+            let written = upload.write_hashed_chunk(i, data, crc, cv)?;
             if written.start_sync {
                 upload.background_sync();
             }

@@ -11,12 +11,13 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
-use fsd::direct::DirectFile;
+use fsd::direct::{AlignedBuf, DirectFile};
 use fsd::durable::GroupSync;
 use fsd::integrity::{chunk_cv, hash_chunk, root_hash};
 use fsd::protocol::chunk_len;
@@ -694,79 +695,101 @@ impl Old<'_> {
             _ => return Ok(()),
         };
         let cs = u64::from(m.chunk_size);
-        std::thread::scope(|scope| {
-            // One chunk queued, one being written, one being read: the memory is bounded by
-            // three chunks whatever the file's size.
-            let (to_write, queued) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>)>(1);
-            let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
-            let old = &old;
-            let writer = scope.spawn(move || -> std::io::Result<Vec<u32>> {
-                let mut kept = Vec::new();
-                let mut may_clone = true;
-                for (i, data) in queued {
-                    let off = u64::from(i) * cs;
-                    let cloned = may_clone
-                        && match clone_range(old, part, off, data.len() as u64) {
-                            Ok(()) => true,
-                            // Not aligned (a short last chunk): this one is written.
-                            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
-                            Err(e) => {
-                                debug!("no reflinks here: {e}");
-                                may_clone = false;
-                                false
-                            }
-                        };
-                    let written = cloned
-                        || match direct {
-                            Some(d) => d.write_at(&data, off)?,
-                            None => false,
-                        };
-                    if !written {
-                        part.write_all_at(&data, off)?;
+        // Two writers keep two writes in flight (the device is faster at queue depth 2);
+        // with one chunk queued and one being read, memory is bounded by four chunks
+        // whatever the file's size.
+        let (to_write, queued) = mpsc::sync_channel::<Current>(1);
+        let queued = Mutex::new(queued);
+        let (give_back, spare) = mpsc::channel::<AlignedBuf>();
+        let may_clone = AtomicBool::new(true);
+        let put = |i: u32, data: &[u8]| -> std::io::Result<()> {
+            let off = u64::from(i) * cs;
+            if may_clone.load(Ordering::Relaxed) {
+                match clone_range(&old, part, off, data.len() as u64) {
+                    Ok(()) => return Ok(()),
+                    // Not aligned (a short last chunk): this one is written.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => {
+                        debug!("no reflinks here: {e}");
+                        may_clone.store(false, Ordering::Relaxed);
                     }
-                    kept.push(i);
-                    let _ = give_back.send(data);
                 }
-                Ok(kept)
-            });
-            let mut current = Vec::new();
+            }
+            if let Some(d) = direct {
+                if d.write_at(data, off)? {
+                    return Ok(());
+                }
+            }
+            part.write_all_at(data, off)
+        };
+        std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (give_back, queued, put) = (give_back.clone(), &queued, &put);
+                    scope.spawn(move || -> std::io::Result<Vec<(u32, ChainingValue)>> {
+                        let mut kept = Vec::new();
+                        loop {
+                            let next = queued.lock().unwrap().recv();
+                            let Ok(mut c) = next else {
+                                return Ok(kept);
+                            };
+                            put(c.index, c.buf.bytes_mut(c.len))?;
+                            kept.push((c.index, c.cv));
+                            let _ = give_back.send(c.buf);
+                        }
+                    })
+                })
+                .collect();
+            drop(give_back);
             for i in 0..m.count {
                 let off = u64::from(i) * cs;
                 let len = chunk_len(m.size, m.chunk_size, i);
                 if off + u64::from(len) > old_len {
                     break;
                 }
-                let mut data = spare.try_recv().unwrap_or_default();
-                data.resize(len as usize, 0);
-                if let Err(e) = old.read_exact_at(&mut data, off) {
+                // Read into aligned memory, so a direct write takes it without a copy.
+                let mut buf = spare.try_recv().unwrap_or_default();
+                let data = buf.bytes_mut(len as usize);
+                if let Err(e) = old.read_exact_at(data, off) {
                     debug!("reading the old version: {e}");
                     break;
                 }
-                let cv = chunk_cv(&data, i, m.chunk_size, m.size);
+                let cv = chunk_cv(data, i, m.chunk_size, m.size);
                 let same = match self.seed {
                     Seed::Cvs(cvs) => cvs.get(i as usize) == Some(&cv),
-                    Seed::Crcs => self.crcs.get(i as usize) == Some(&crc32fast::hash(&data)),
+                    Seed::Crcs => self.crcs.get(i as usize) == Some(&crc32fast::hash(data)),
                 };
-                if same {
-                    current.push((i, cv, u64::from(len)));
-                    if to_write.send((i, data)).is_err() {
-                        break; // the writer failed: its error is returned below
-                    }
+                let current = Current {
+                    index: i,
+                    cv,
+                    buf,
+                    len: len as usize,
+                };
+                if same && to_write.send(current).is_err() {
+                    break; // both writers failed: their errors are returned below
                 }
             }
             drop(to_write);
-            let kept = writer
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e))?;
             // Only what was written counts as present.
-            for (i, cv, len) in current.into_iter().take(kept.len()) {
-                have.have.set(i);
-                have.cvs[i as usize] = cv;
-                have.done_bytes += len;
+            for w in writers {
+                let kept = w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
+                for (i, cv) in kept {
+                    have.have.set(i);
+                    have.cvs[i as usize] = cv;
+                    have.done_bytes += u64::from(chunk_len(m.size, m.chunk_size, i));
+                }
             }
             Ok(())
         })
     }
+}
+
+/// A chunk of the old version that is still current, on its way into the part.
+struct Current {
+    index: u32,
+    cv: ChainingValue,
+    buf: AlignedBuf,
+    len: usize,
 }
 
 /// Shares `len` bytes at `off` of `src` into `dst` at the same offset (a reflink: no copy, no
