@@ -287,3 +287,42 @@ fn idle_uploads_expire_after_the_ttl() {
     assert_eq!(count(), 0, "expired upload was not collected");
     assert!(!s.root.join("abandoned").exists());
 }
+
+/// A committed upload leaves only its commit record in the state directory (which expires with
+/// the TTL): no chunk sums, and no link to the file it replaced once that file is freed off the
+/// COMMIT's path (fs::upload::Reaper). Before, every committed multi-chunk upload left its
+/// `.sums` file behind for good.
+#[test]
+fn a_committed_upload_leaves_only_its_commit_record() {
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("f");
+    for seed in [70, 71] {
+        // The second upload replaces the first's file.
+        let data = write_random(&src, 3 * MIB as usize + 5, seed);
+        let out = fsc(&["-q", "upload", &s.addr(), src.to_str().unwrap(), "f"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(std::fs::read(s.root.join("f")).unwrap() == data);
+    }
+    let uploads = s.state.join("uploads");
+    let left = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&uploads)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".done"))
+            .collect();
+        names.sort();
+        names
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !left().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(left(), Vec::<String>::new());
+}

@@ -683,6 +683,16 @@ impl Root {
         Ok(parent)
     }
 
+    /// Links what `dest` names now (never following it) as `name` in `dir`, a server-owned
+    /// directory on the same file system: a publish that replaces it then only drops a name,
+    /// and the old file's blocks are freed when that link is removed, off the COMMIT's path
+    /// (freeing a 1 GiB file took 0.23 s on ext4 here). An error (nothing there, another file
+    /// system, a file system without hard links) only means the publish frees it itself.
+    pub fn keep_link(&self, dest: &str, dir: BorrowedFd<'_>, name: &CStr) -> Result<(), FsError> {
+        let (parent, leaf) = self.open_parent(dest, OFlag::O_PATH)?;
+        unistd::linkat(&parent, leaf.as_c_str(), dir, name, AtFlags::empty()).map_err(errno(dest))
+    }
+
     /// [`Root::publish`] for an anonymous (O_TMPFILE) file: links it in as `dest`. Replacing an
     /// existing file links it under a private name in `spare_dir` (a server-owned directory on
     /// the same file system) and renames that over `dest`, so the swap stays atomic.

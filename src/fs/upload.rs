@@ -13,7 +13,7 @@
 //! directory fsynced; one left by a crash is removed after the upload TTL.
 
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::io::Write;
@@ -195,6 +195,63 @@ pub struct UploadStore {
     lease: Duration,
     live: Mutex<HashMap<String, Weak<Upload>>>,
     tally: Arc<Mutex<Tally>>,
+    reaper: Reaper,
+}
+
+/// Removes the links a replacing publish kept to the files it replaced ([`Root::keep_link`]) on
+/// its own thread, so that freeing their blocks is not on any COMMIT's path. Its queue is
+/// bounded: when it is full (or the thread could not be started) the caller removes the link
+/// itself. A link left by a crash is removed by [`UploadStore::collect_garbage`].
+#[derive(Clone)]
+struct Reaper {
+    dir_fd: Arc<File>,
+    queue: Option<std::sync::mpsc::SyncSender<CString>>,
+}
+
+/// Kept links waiting for the reaper, at most.
+const REAP_QUEUE: usize = 64;
+
+impl Reaper {
+    fn new(dir_fd: Arc<File>) -> Reaper {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<CString>(REAP_QUEUE);
+        let fd = dir_fd.clone();
+        let started = std::thread::Builder::new()
+            .name("fsd-reaper".into())
+            .spawn(move || {
+                for name in rx {
+                    remove_kept(&fd, &name);
+                }
+            });
+        Reaper {
+            dir_fd,
+            queue: started.is_ok().then_some(tx),
+        }
+    }
+
+    fn remove(&self, name: CString) {
+        let name = match &self.queue {
+            Some(q) => match q.try_send(name) {
+                Ok(()) => return,
+                Err(
+                    std::sync::mpsc::TrySendError::Full(name)
+                    | std::sync::mpsc::TrySendError::Disconnected(name),
+                ) => name,
+            },
+            None => name,
+        };
+        remove_kept(&self.dir_fd, &name);
+    }
+}
+
+fn remove_kept(dir: &File, name: &CStr) {
+    match nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+        // Gone already: garbage collection took it first.
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => {
+            let name = name.to_string_lossy();
+            tracing::warn!(%name, error = %e, "could not remove a replaced file's link");
+        }
+    }
 }
 
 impl UploadStore {
@@ -224,9 +281,11 @@ impl UploadStore {
                 tally.add(id, &r.owner, r.size);
             }
         }
+        let dir_fd = Arc::new(dir_fd);
         Ok(UploadStore {
             dir,
-            dir_fd: Arc::new(dir_fd),
+            reaper: Reaper::new(dir_fd.clone()),
+            dir_fd,
             kind,
             group,
             ttl,
@@ -353,6 +412,7 @@ impl UploadStore {
             dir_fd: self.dir_fd.clone(),
             group: self.group.clone(),
             tally: self.tally.clone(),
+            reaper: self.reaper.clone(),
             lease: Some(lease),
             lost: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(inner),
@@ -405,6 +465,7 @@ impl UploadStore {
             dir_fd: self.dir_fd.clone(),
             group: self.group.clone(),
             tally: self.tally.clone(),
+            reaper: self.reaper.clone(),
             lease: None,
             lost: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner::new(count)),
@@ -497,7 +558,22 @@ impl UploadStore {
         let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") || name.ends_with(".done") || name.contains(".takeover.") {
+            if name.ends_with(".replaced") {
+                // A replaced file's link that a crash kept from the reaper: nothing needs it.
+                if std::fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+                continue;
+            }
+            // Chunk sums of an upload that is gone (published by a version that left them).
+            let orphan_sums = name
+                .strip_suffix(".sums")
+                .is_some_and(|id| !self.path(id, "data").exists());
+            if name.ends_with(".tmp")
+                || name.ends_with(".done")
+                || name.contains(".takeover.")
+                || orphan_sums
+            {
                 // A single-chunk upload's temporary file left by a crash (on a shared file
                 // system, of any node: its age, not its pid, says it is dead), or the record
                 // of a commit whose answer nobody asked for again.
@@ -775,6 +851,8 @@ pub struct Upload {
     lost: std::sync::atomic::AtomicBool,
     /// Where this upload counts against its owner's quota until published.
     tally: Arc<Mutex<Tally>>,
+    /// Frees the file a publish replaced (resumable uploads; others are small).
+    reaper: Reaper,
     inner: Mutex<Inner>,
 }
 
@@ -1129,21 +1207,35 @@ impl Upload {
                 }
                 self.write_commit_record(&before, ids)?;
             }
+            // The file this replaces is kept linked until the reply is on its way.
+            let replaced = CString::new(format!("{}.replaced", self.id)).unwrap();
+            let kept = self.resumable()
+                && !no_clobber
+                && root.keep_link(path, self.dir_fd.as_fd(), &replaced).is_ok();
             let parent = match root.publish(self.dir_fd.as_fd(), &name, path, no_clobber) {
                 Ok(parent) => parent,
                 Err(e) => {
                     let _ = std::fs::remove_file(self.dir.join(format!("{}.done", self.id)));
+                    if kept {
+                        remove_kept(&self.dir_fd, &replaced);
+                    }
                     return Err(e.into());
                 }
             };
+
             let done = self.named(before, ids);
             if self.resumable() {
-                for ext in ["state", "log", "lock"] {
+                for ext in ["state", "log", "sums", "lock"] {
                     let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
                 }
                 self.tally.lock().unwrap().remove(&self.id);
             }
-            nix::unistd::fsync(parent).map_err(|e| self.io(e.into()))?;
+            let synced = nix::unistd::fsync(parent);
+            // After the sync: an unlink that frees a big file holds the journal meanwhile.
+            if kept {
+                self.reaper.remove(replaced);
+            }
+            synced.map_err(|e| self.io(e.into()))?;
             Ok(done)
         } else {
             root.publish_anonymous(self.data.as_fd(), self.dir_fd.as_fd(), path, no_clobber)?;
