@@ -65,6 +65,7 @@ pub async fn seed(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
                 return Ok(seeded);
             }
         };
+        upload.reserve();
         let (size, cs) = (upload.params.size, upload.chunk_size);
         // Aligned: a direct write of the data file takes it without a copy.
         let mut buf = AlignedBuf::default();
