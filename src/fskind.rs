@@ -63,6 +63,20 @@ pub fn detect(fd: impl AsFd) -> io::Result<(FsKind, String)> {
     Ok(classify(magic))
 }
 
+/// Bytes an unprivileged writer may still use on the file system of `fd`, or None where the
+/// file system does not say: ramfs and some FUSE file systems report no blocks at all (0 total,
+/// 0 free), which is "unknown", not "full" — a space check there would refuse every file.
+pub fn free_bytes(fd: impl AsFd) -> io::Result<Option<u64>> {
+    let vfs = nix::sys::statvfs::fstatvfs(fd).map_err(io::Error::from)?;
+    if vfs.blocks() == 0 {
+        return Ok(None);
+    }
+    // Blocks available to an unprivileged user, in fragment-size units.
+    Ok(Some(
+        vfs.blocks_available().saturating_mul(vfs.fragment_size()),
+    ))
+}
+
 fn classify(magic: i64) -> (FsKind, String) {
     if let Some((_, name)) = LOCAL.iter().find(|(m, _)| *m == magic) {
         return (FsKind::Local, (*name).to_string());

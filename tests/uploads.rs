@@ -326,3 +326,58 @@ fn a_committed_upload_leaves_only_its_commit_record() {
     }
     assert_eq!(left(), Vec::<String>::new());
 }
+
+/// A file system that gives no space figures (ramfs: 0 blocks in all, 0 free; some FUSE file
+/// systems do the same) is "unknown", not "full": fsd takes uploads into such a root and fsc
+/// downloads onto one. Before, both refused every multi-chunk file ("0 bytes free").
+#[test]
+fn a_file_system_without_space_figures_is_not_taken_for_full() {
+    let probe = Command::new("unshare")
+        .args(["-Urm", "sh", "-c", "mount -t ramfs none /mnt"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot mount a ramfs in a user+mount namespace here (unshare -Urm)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ram");
+    std::fs::create_dir(&root).unwrap();
+    let s = Fsd::start_wrapped(
+        &[
+            "unshare",
+            "-Urm",
+            "sh",
+            "-c",
+            &format!(
+                "mount -t ramfs none {} && exec \"$0\" \"$@\"",
+                root.display()
+            ),
+        ],
+        &root,
+    );
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("f");
+    write_random(&src, 3 * MIB as usize + 7, 80);
+    let src_s = src.to_str().unwrap();
+    // Into fsd's ramfs root, and back out to compare.
+    fsc_ok(&["-q", "upload", &s.addr(), src_s, "f"]);
+    let back = local.path().join("back");
+    fsc_ok(&["-q", "download", &s.addr(), "f", back.to_str().unwrap()]);
+    assert_same_file(&src, &back);
+
+    // fsc downloading onto a ramfs of its own (compared inside the namespace, where it exists).
+    let dest = local.path().join("ramdest");
+    std::fs::create_dir(&dest).unwrap();
+    let out = Command::new("unshare")
+        .args(["-Urm", "sh", "-c"])
+        .arg("mount -t ramfs none \"$1\" && \"$2\" -q download \"$3\" f \"$1/f\" && cmp \"$4\" \"$1/f\"")
+        .args(["sh", dest.to_str().unwrap(), fsc_bin().to_str().unwrap(), &s.addr(), src_s])
+        .env("FSC_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -476,8 +476,9 @@ impl UploadStore {
 
     /// Fails fast, before any data moves, when a file of `size` bytes cannot fit.
     fn check_space(&self, size: u64) -> io::Result<()> {
-        let fs = nix::sys::statvfs::fstatvfs(&self.dir_fd)?;
-        let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+        let Some(free) = crate::fskind::free_bytes(&*self.dir_fd)? else {
+            return Ok(());
+        };
         if size > free {
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,

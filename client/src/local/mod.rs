@@ -362,9 +362,10 @@ pub(crate) fn lacks_space(file: &File, size: u64) -> std::io::Result<Option<(u64
     use std::os::unix::fs::MetadataExt;
     let have = file.metadata()?.blocks().saturating_mul(512);
     let needed = size.saturating_sub(have);
-    let vfs = nix::sys::statvfs::fstatvfs(file).map_err(io)?;
-    // Blocks available to an unprivileged user, in fragment-size units.
-    let free = vfs.blocks_available().saturating_mul(vfs.fragment_size());
+    // A file system that does not say how much is free is not checked.
+    let Some(free) = fsd::fskind::free_bytes(file)? else {
+        return Ok(None);
+    };
     Ok((needed > free).then_some((needed, free)))
 }
 

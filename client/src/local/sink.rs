@@ -225,8 +225,12 @@ impl Sink {
                 if stateful && state.is_none() {
                     // Reserve the space now: fewer fragments. A reservation that fails half
                     // way (the space went to someone else since the check) is given back.
+                    // fallocate(2), not posix_fallocate: where the file system cannot reserve
+                    // (ramfs, ext2, many FUSE file systems), glibc would write a byte into
+                    // every block of the file first.
                     let len = i64::try_from(m.size).unwrap_or(i64::MAX);
-                    if let Err(e) = nix::fcntl::posix_fallocate(&part, 0, len) {
+                    let flags = nix::fcntl::FallocateFlags::empty();
+                    if let Err(e) = nix::fcntl::fallocate(&part, flags, 0, len) {
                         debug!("fallocate: {e}");
                         let _ = punch_hole(&part, 0, m.size);
                     }
