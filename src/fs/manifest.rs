@@ -209,6 +209,38 @@ mod tests {
     use crate::integrity::chunk_cv;
 
     #[test]
+    fn the_memory_cache_is_bounded_by_bytes() {
+        // Each manifest a little over half the budget: the second insert starts over.
+        let chunks = MEMORY_BYTES / 36 / 2 + 1;
+        let manifest = || {
+            Arc::new(Manifest {
+                size: 0,
+                mtime_ns: 0,
+                chunk_size: 1,
+                crcs: vec![0; chunks],
+                cvs: Vec::new(),
+                blake3: [0; 32],
+                identity: String::new(),
+            })
+        };
+        let version = |ino| Version {
+            volume: crate::fs::identity::Volume::Mount(1),
+            ino,
+            size: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            chunk_size: 1,
+        };
+        let mut mem = Memory::default();
+        mem.insert(version(1), manifest());
+        mem.insert(version(1), manifest()); // the same version again: counted once
+        assert_eq!((mem.entries.len(), mem.bytes), (1, chunks * 36));
+        mem.insert(version(2), manifest());
+        assert_eq!((mem.entries.len(), mem.bytes), (1, chunks * 36));
+        assert!(mem.entries.contains_key(&version(2)));
+    }
+
+    #[test]
     fn computes_once_then_hits_memory_then_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
