@@ -232,10 +232,26 @@ fn default_fsc_uses_one_connection_on_a_short_path() {
     let s = Fsd::start_on(&root, &[]);
     let dest = dir.path().join("d.bin");
     let dest = dest.to_str().unwrap();
-    fsc_ok(&["-q", "--bwlimit", "16M", "download", &s.addr(), "f.bin", dest]);
+    fsc_ok(&[
+        "-q",
+        "--bwlimit",
+        "16M",
+        "download",
+        &s.addr(),
+        "f.bin",
+        dest,
+    ]);
     assert_same_file(&root.join("f.bin"), Path::new(dest));
     assert_eq!(connections(&s), 1, "{}", s.log_text());
-    fsc_ok(&["-q", "--bwlimit", "16M", "upload", &s.addr(), dest, "up.bin"]);
+    fsc_ok(&[
+        "-q",
+        "--bwlimit",
+        "16M",
+        "upload",
+        &s.addr(),
+        dest,
+        "up.bin",
+    ]);
     assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
     assert_eq!(connections(&s), 2, "{}", s.log_text());
 }
@@ -248,9 +264,10 @@ fn default_fsc_uses_one_connection_on_a_short_path() {
 fn j_auto_adds_connections_on_a_long_path_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    // 48 MiB at 16 MB/s: ~3 s; with 100 ms assumed, the first connection is added after
-    // 1.6 s (four 400 ms windows: a partial one, two to settle, one to measure).
-    write_random(&root.join("f.bin"), 48 << 20, 7);
+    // 96 MiB at 32 MB/s: ~3 s; with 100 ms assumed, the first connection is added after
+    // 1.2 s (three 400 ms windows: a partial one, one to settle, one to measure), while more
+    // than the 16 chunks a download's new connection needs are still to be asked for.
+    write_random(&root.join("f.bin"), 96 << 20, 7);
     let s = Fsd::start_on(&root, &[]);
     let dest = dir.path().join("d.bin");
     let dest = dest.to_str().unwrap();
@@ -258,13 +275,21 @@ fn j_auto_adds_connections_on_a_long_path_both_ways() {
         let out = fsc(args).env("FSC_ASSUME_RTT_MS", "100").output().unwrap();
         assert!(out.status.success(), "{out:?}");
     };
-    let down = ["-q", "--bwlimit", "16M", "download", "-j", "auto"];
+    let down = ["-q", "--bwlimit", "32M", "download", "-j", "auto"];
     run(&[&down[..], &[&s.addr(), "f.bin", dest]].concat());
     assert_same_file(&root.join("f.bin"), Path::new(dest));
     let n = connections(&s);
     assert!((2..=8).contains(&n), "{n} connections: {}", s.log_text());
     // The default is auto.
-    run(&["-q", "--bwlimit", "16M", "upload", &s.addr(), dest, "up.bin"]);
+    run(&[
+        "-q",
+        "--bwlimit",
+        "32M",
+        "upload",
+        &s.addr(),
+        dest,
+        "up.bin",
+    ]);
     assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
     let up = connections(&s) - n;
     assert!((2..=8).contains(&up), "{up} connections: {}", s.log_text());

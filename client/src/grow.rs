@@ -13,12 +13,12 @@
 //! - The rate is the whole run's (every connection, every file), over windows of
 //!   [`WINDOW_RTTS`] round trips: half a BBR gain cycle, so a window is not one probe's burst.
 //!   A window counts only if a transfer moved data all through it (not the gap between files).
-//! - A new connection is judged only after [`SETTLE`] windows: its connect, Hello, Auth and
-//!   OPEN (~4 RTTs) and BBR's startup (~10 RTTs) would otherwise make it look useless.
+//! - A new connection may pay from [`SETTLE`] windows (8 RTTs) after it was asked for, but
+//!   is given up on only after [`TRIES`] more (24 RTTs): its connect, Hello, Auth and OPEN
+//!   (~4 RTTs) and BBR's startup (~10 RTTs) must not make it look useless. A ramp-up or a loss
+//!   can spoil one window; the first window that pays adds the next connection.
 //! - It pays if the run's rate rose by [`SHARE`] of what one connection carried before (so the
-//!   bar falls as connections are added), and by at least [`MIN_GAIN`]: each window up to
-//!   [`TRIES`] gets a chance, since a ramp-up or a loss can spoil one. The first that pays adds
-//!   the next connection; if none does, growth stops.
+//!   bar falls as connections are added), and by at least [`MIN_GAIN`].
 //!
 //! Why the rate and not TCP_INFO's `sndbuf_limited` (the direct sign that one more connection
 //! would help): only the sender sees it, and for downloads that is fsd.
@@ -36,12 +36,14 @@ const WINDOW_RTTS: u32 = 4;
 /// Window bounds: enough bytes to count on a short long path, not forever on a satellite one.
 const MIN_WINDOW: Duration = Duration::from_millis(200);
 const MAX_WINDOW: Duration = Duration::from_secs(2);
-/// Windows skipped after a connection is added (16 RTTs).
-const SETTLE: u32 = 4;
-/// Windows skipped at the start: the first transfer's own BBR startup.
-const SETTLE_START: u32 = 2;
+/// Windows skipped after a connection is asked for (8 RTTs).
+const SETTLE: u32 = 2;
+/// Windows skipped at the start, after the first transfer began: one, so that the first
+/// measurement is past its first round trips (still in BBR's startup, which only makes the
+/// second connection look better).
+const SETTLE_START: u32 = 1;
 /// Windows in which a new connection may show that it pays.
-const TRIES: u32 = 3;
+const TRIES: u32 = 4;
 /// A new connection pays if the run gained this share of one connection's rate before it…
 const SHARE: f64 = 0.2;
 /// …and at least this much of the whole.
@@ -251,9 +253,10 @@ mod tests {
         let mut rates = settled(75.0, SETTLE_START + 1)
             .chain(settled(110.0, SETTLE + 1))
             .chain(settled(114.0, SETTLE + TRIES));
-        assert_eq!(run(&mut g, &mut rates), (Step::Grow, 3));
-        assert_eq!(run(&mut g, &mut rates), (Step::Grow, 5));
-        assert_eq!(run(&mut g, &mut rates), (Step::Stop, 7));
+        let (settle, start, tries) = (SETTLE as usize, SETTLE_START as usize, TRIES as usize);
+        assert_eq!(run(&mut g, &mut rates), (Step::Grow, start + 1));
+        assert_eq!(run(&mut g, &mut rates), (Step::Grow, settle + 1));
+        assert_eq!(run(&mut g, &mut rates), (Step::Stop, settle + tries));
         assert_eq!(g.conns, 3);
     }
 
@@ -293,12 +296,15 @@ mod tests {
     #[test]
     fn windows_that_do_not_count_change_nothing() {
         let mut g = Growth::new(1, 8);
-        let mut rates = [None, None, Some(1.0)].into_iter().chain(
-            // A gap between files reads as nothing, not as a loss of throughput.
-            std::iter::repeat_n(None, 10),
-        );
+        let mut rates = [None, None]
+            .into_iter()
+            .chain(settled(1.0, SETTLE_START - 1))
+            .chain(
+                // A gap between files reads as nothing, not as a loss of throughput.
+                std::iter::repeat_n(None, 10),
+            );
         assert_eq!(run(&mut g, &mut rates).0, Step::Wait);
-        assert_eq!((g.conns, g.skip, g.before), (1, SETTLE_START - 1, None));
+        assert_eq!((g.conns, g.skip, g.before), (1, 1, None));
     }
 
     #[test]
@@ -324,8 +330,14 @@ mod tests {
     #[test]
     fn windows_follow_the_rtt_within_bounds() {
         assert_eq!(window(Duration::from_micros(20)), MIN_WINDOW);
-        assert_eq!(window(Duration::from_millis(50)), Duration::from_millis(200));
-        assert_eq!(window(Duration::from_millis(100)), Duration::from_millis(400));
+        assert_eq!(
+            window(Duration::from_millis(50)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            window(Duration::from_millis(100)),
+            Duration::from_millis(400)
+        );
         assert_eq!(window(Duration::from_secs(1)), MAX_WINDOW);
     }
 }

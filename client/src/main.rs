@@ -99,7 +99,7 @@ struct Global {
     /// Background transfer: yield to other traffic on the path, like LEDBAT. The sender (fsc
     /// for uploads; fsd, when it supports it, for downloads) watches the queueing delay (RTT
     /// above the path's minimum) and paces itself down when it grows past ~5 ms, back up when
-    /// it shrinks. Alone on a link it still fills it.
+    /// it shrinks. Alone on a link it still fills it. One connection unless `-j N` is given.
     #[arg(long, global = true)]
     background: bool,
 }
@@ -422,7 +422,13 @@ fn options(
     t: Option<&Transfer>,
     reporter: &std::sync::Arc<Reporter>,
 ) -> anyhow::Result<Options> {
-    let jobs = t.map_or(1, |t| t.jobs);
+    let jobs = match t {
+        // A background transfer yields per connection (fsd::ledbat); growing would add to
+        // what it takes, so auto keeps it on one.
+        Some(t) if t.jobs == 0 && g.background => 1,
+        Some(t) => t.jobs,
+        None => 1,
+    };
     anyhow::ensure!(
         g.stall_timeout.is_finite() && g.stall_timeout > 0.0,
         "--stall-timeout must be positive"

@@ -396,11 +396,12 @@ impl UpJob {
                 0 => LANES,
                 _ => LANES_COMPRESSED,
             };
-            (0..lanes.min(missing as usize)).map(move |i| {
-                let c = c.clone();
-                async move { self.lane(&c, h, cs, rx_ref, done_ref, i >= LANES).await }.boxed()
-            })
-            .collect::<Vec<_>>()
+            (0..lanes.min(missing as usize))
+                .map(move |i| {
+                    let c = c.clone();
+                    async move { self.lane(&c, h, cs, rx_ref, done_ref, i >= LANES).await }.boxed()
+                })
+                .collect::<Vec<_>>()
         };
         // Joins the transfer if it opened the same upload; an extra connection that fails is
         // not needed (the others do the work).
