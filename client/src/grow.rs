@@ -13,12 +13,20 @@
 //! - The rate is the whole run's (every connection, every file), over windows of
 //!   [`WINDOW_RTTS`] round trips: half a BBR gain cycle, so a window is not one probe's burst.
 //!   A window counts only if a transfer moved data all through it (not the gap between files).
-//! - A new connection may pay from [`SETTLE`] windows (8 RTTs) after it was asked for, but
-//!   is given up on only after [`TRIES`] more (24 RTTs): its connect, Hello, Auth and OPEN
-//!   (~4 RTTs) and BBR's startup (~10 RTTs) must not make it look useless. A ramp-up or a loss
-//!   can spoil one window; the first window that pays adds the next connection.
-//! - It pays if the run's rate rose by [`SHARE`] of what one connection carried before (so the
-//!   bar falls as connections are added), and by at least [`MIN_GAIN`].
+//! - Rates are compared between plateaus, as BBR finds its own: after a change the run's rate
+//!   is judged once it stopped rising ([`FLAT`] windows in a row without a rise of [`RISE`]),
+//!   or after [`MAX_PHASE`] windows. Judged during a ramp-up, one connection still in BBR's
+//!   startup looks slow and a second one looks like a gain: at no loss, where one connection
+//!   nearly fills the link, that grew a run to 3–5 connections and cost 3–17 % (the first
+//!   version, docs/BENCHMARKS.md).
+//! - A new connection's plateau is looked for only [`SETTLE`] windows (8 RTTs) after it was
+//!   asked for: its connect, Hello, Auth and OPEN (~4 RTTs) and first round trips would
+//!   otherwise read as "no rise". After that BBR's startup doubles its rate every RTT, so a
+//!   connection that adds anything shows as a rise. Nothing moved at all is no plateau either
+//!   (seen at 1 % loss: a first window without a byte).
+//! - It pays if the run's level rose by [`SHARE`] of what one connection carried before (so
+//!   the bar falls as connections are added), and by at least [`MIN_GAIN`]; then the next is
+//!   added, otherwise growth stops.
 //!
 //! Why the rate and not TCP_INFO's `sndbuf_limited` (the direct sign that one more connection
 //! would help): only the sender sees it, and for downloads that is fsd.
@@ -38,12 +46,12 @@ const MIN_WINDOW: Duration = Duration::from_millis(200);
 const MAX_WINDOW: Duration = Duration::from_secs(2);
 /// Windows skipped after a connection is asked for (8 RTTs).
 const SETTLE: u32 = 2;
-/// Windows skipped at the start, after the first transfer began: one, so that the first
-/// measurement is past its first round trips (still in BBR's startup, which only makes the
-/// second connection look better).
-const SETTLE_START: u32 = 1;
-/// Windows in which a new connection may show that it pays.
-const TRIES: u32 = 4;
+/// A window rises if its rate beats the best so far by this much…
+const RISE: f64 = 0.1;
+/// …and the rate is at a plateau after this many windows that did not.
+const FLAT: u32 = 2;
+/// Windows after which a phase is judged even without a plateau (noise can keep "rising").
+const MAX_PHASE: u32 = 10;
 /// A new connection pays if the run gained this share of one connection's rate before it…
 const SHARE: f64 = 0.2;
 /// …and at least this much of the whole.
@@ -120,14 +128,19 @@ pub(crate) enum Step {
 }
 
 /// The decision, apart from the clock and the network (see the module doc).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Growth {
     conns: usize,
     cap: usize,
     skip: u32,
-    tries: u32,
-    /// The run's rate with `conns - 1` connections (None before the first measurement).
+    /// The run's level with `conns - 1` connections (None before the first plateau).
     before: Option<f64>,
+    /// This phase (since the last change): windows seen, the best rate, windows since it
+    /// last rose, the previous window's rate.
+    windows: u32,
+    best: f64,
+    flat: u32,
+    last: f64,
 }
 
 impl Growth {
@@ -135,9 +148,7 @@ impl Growth {
         Growth {
             conns,
             cap,
-            skip: SETTLE_START,
-            tries: 0,
-            before: None,
+            ..Growth::default()
         }
     }
 
@@ -150,25 +161,33 @@ impl Growth {
             self.skip -= 1;
             return Step::Wait;
         }
+        self.windows += 1;
+        if rate > self.best * (1.0 + RISE) || self.best == 0.0 {
+            (self.best, self.flat) = (rate, 0);
+        } else {
+            self.flat += 1;
+        }
+        let last = std::mem::replace(&mut self.last, rate);
+        if self.flat < FLAT && self.windows < MAX_PHASE {
+            return Step::Wait;
+        }
+        // The level: the last two windows, so that one burst does not make it.
+        let level = (rate + last) / 2.0;
         let pays = self.before.is_none_or(|b| {
             let per_conn = b / (self.conns - 1).max(1) as f64;
-            rate - b >= (SHARE * per_conn).max(MIN_GAIN * b)
+            level - b >= (SHARE * per_conn).max(MIN_GAIN * b)
         });
-        if pays {
-            if self.conns >= self.cap {
-                return Step::Stop;
-            }
-            self.before = Some(rate);
-            self.conns += 1;
-            self.skip = SETTLE;
-            self.tries = 0;
-            return Step::Grow;
+        if !pays || self.conns >= self.cap {
+            return Step::Stop;
         }
-        self.tries += 1;
-        match self.tries >= TRIES {
-            true => Step::Stop,
-            false => Step::Wait,
-        }
+        *self = Growth {
+            conns: self.conns + 1,
+            cap: self.cap,
+            skip: SETTLE,
+            before: Some(level),
+            ..Growth::default()
+        };
+        Step::Grow
     }
 }
 
@@ -241,8 +260,13 @@ mod tests {
         (Step::Wait, usize::MAX)
     }
 
-    fn settled(rate: f64, n: u32) -> impl Iterator<Item = Option<f64>> {
-        std::iter::repeat_n(Some(rate), n as usize)
+    fn rates(r: &[f64]) -> impl Iterator<Item = Option<f64>> + '_ {
+        r.iter().map(|&r| Some(r))
+    }
+
+    /// A connection's ramp: BBR's startup, then its level (noise of a few %).
+    fn ramp(level: f64) -> Vec<f64> {
+        vec![level / 8.0, level / 2.0, level, level * 1.03, level * 0.98]
     }
 
     #[test]
@@ -250,13 +274,21 @@ mod tests {
         // One connection held at 75 by its send buffer, a link of 115: the second pays,
         // the third does not.
         let mut g = Growth::new(1, 8);
-        let mut rates = settled(75.0, SETTLE_START + 1)
-            .chain(settled(110.0, SETTLE + 1))
-            .chain(settled(114.0, SETTLE + TRIES));
-        let (settle, start, tries) = (SETTLE as usize, SETTLE_START as usize, TRIES as usize);
-        assert_eq!(run(&mut g, &mut rates), (Step::Grow, start + 1));
-        assert_eq!(run(&mut g, &mut rates), (Step::Grow, settle + 1));
-        assert_eq!(run(&mut g, &mut rates), (Step::Stop, settle + tries));
+        let one = ramp(75.0);
+        let two: Vec<f64> = [75.0; SETTLE as usize]
+            .into_iter()
+            .chain(ramp(112.0))
+            .collect();
+        let three: Vec<f64> = [112.0; SETTLE as usize]
+            .into_iter()
+            .chain(ramp(115.0))
+            .collect();
+        let mut r = rates(&one).chain(rates(&two)).chain(rates(&three));
+        // Judged at the plateau: the level after two windows that did not rise.
+        assert_eq!(run(&mut g, &mut r), (Step::Grow, 5));
+        assert_eq!(g.before, Some((75.0 * 1.03 + 75.0 * 0.98) / 2.0));
+        assert_eq!(run(&mut g, &mut r), (Step::Grow, SETTLE as usize + 5));
+        assert_eq!(run(&mut g, &mut r), (Step::Stop, SETTLE as usize + 5));
         assert_eq!(g.conns, 3);
     }
 
@@ -265,65 +297,98 @@ mod tests {
         // Each connection brings ~40: always worth another, until the cap.
         let mut g = Growth::new(1, 4);
         let mut n = 1;
-        let mut rates = settled(40.0, SETTLE_START + 1);
+        let mut phase = ramp(40.0);
         loop {
-            match run(&mut g, &mut rates).0 {
-                Step::Grow => {
-                    n += 1;
-                    rates = settled(40.0 * n as f64, SETTLE + 1);
-                }
-                s => {
-                    assert_eq!(s, Step::Stop);
-                    break;
-                }
+            let s = run(&mut g, &mut rates(&phase)).0;
+            if s != Step::Grow {
+                assert_eq!(s, Step::Stop);
+                break;
             }
+            n += 1;
+            phase = [40.0 * (n - 1) as f64; SETTLE as usize]
+                .into_iter()
+                .chain(ramp(40.0 * n as f64))
+                .collect();
         }
         assert_eq!(g.conns, 4);
     }
 
     #[test]
-    fn a_new_connection_is_not_judged_while_it_ramps_up() {
-        // During its settling windows the run looks no faster (the new connection is still
-        // connecting and starting): no verdict; then one poor window, then it pays.
+    fn a_ramp_up_is_not_a_plateau() {
+        // No loss: one connection ramps to ~105 and the link holds ~118. Judged on its ramp
+        // (40) the second connection would look like a gain; at the plateau it is not
+        // (+13 < 20 % of 105): two connections, not more.
         let mut g = Growth::new(1, 8);
-        let mut rates = settled(50.0, SETTLE_START + 1)
-            .chain(settled(20.0, SETTLE))
-            .chain([Some(52.0), Some(90.0)]);
-        assert_eq!(run(&mut g, &mut rates).0, Step::Grow);
-        assert_eq!(run(&mut g, &mut rates), (Step::Grow, SETTLE as usize + 2));
+        let one = [10.0, 40.0, 80.0, 100.0, 105.0, 104.0];
+        let opening = [105.0; SETTLE as usize];
+        let two = [110.0, 118.0, 117.0, 118.0];
+        let mut r = rates(&one).chain(rates(&opening)).chain(rates(&two));
+        assert_eq!(run(&mut g, &mut r), (Step::Grow, 6));
+        assert_eq!(run(&mut g, &mut r), (Step::Stop, SETTLE as usize + 3));
+        assert_eq!(g.conns, 2);
+    }
+
+    #[test]
+    fn a_new_connection_is_not_judged_while_it_opens() {
+        // While it connects the run looks no faster: those windows are skipped, not taken
+        // for a plateau.
+        let mut g = Growth::new(1, 8);
+        let mut r = rates(&[50.0, 50.0, 50.0, 50.0]);
+        assert_eq!(run(&mut g, &mut r).0, Step::Grow);
+        let mut r = rates(&[50.0, 50.0, 60.0, 90.0, 100.0, 100.0, 100.0]);
+        assert_eq!(run(&mut g, &mut r), (Step::Grow, 7));
+    }
+
+    #[test]
+    fn noise_cannot_hold_off_a_verdict() {
+        // A rate that keeps "rising" is judged after MAX_PHASE windows anyway.
+        let mut g = Growth::new(1, 8);
+        let rising: Vec<f64> = (0..20).map(|i| 1.2f64.powi(i)).collect();
+        assert_eq!(
+            run(&mut g, &mut rates(&rising)),
+            (Step::Grow, MAX_PHASE as usize)
+        );
+    }
+
+    #[test]
+    fn nothing_moved_is_not_a_plateau() {
+        let mut g = Growth::new(1, 8);
+        let mut r = rates(&[0.0, 0.0, 0.0, 30.0, 60.0, 61.0, 60.0]);
+        assert_eq!(run(&mut g, &mut r), (Step::Grow, 7));
+        assert_eq!(g.before, Some(60.5));
     }
 
     #[test]
     fn windows_that_do_not_count_change_nothing() {
         let mut g = Growth::new(1, 8);
-        let mut rates = [None, None]
-            .into_iter()
-            .chain(settled(1.0, SETTLE_START - 1))
-            .chain(
-                // A gap between files reads as nothing, not as a loss of throughput.
-                std::iter::repeat_n(None, 10),
-            );
-        assert_eq!(run(&mut g, &mut rates).0, Step::Wait);
-        assert_eq!((g.conns, g.skip, g.before), (1, 1, None));
+        let mut r = [Some(50.0)].into_iter().chain(
+            // A gap between files reads as nothing, not as a loss of throughput.
+            std::iter::repeat_n(None, 10),
+        );
+        assert_eq!(run(&mut g, &mut r).0, Step::Wait);
+        assert_eq!((g.conns, g.windows, g.before), (1, 1, None));
     }
 
     #[test]
     fn the_bar_falls_with_more_connections_but_not_below_min_gain() {
         let mut g = Growth::new(1, 16);
-        let mut grow_at = |before: f64, conns: usize, rate: f64| {
-            g.before = Some(before);
-            g.conns = conns;
-            (g.skip, g.tries) = (0, 0);
-            g.sample(Some(rate))
+        let mut grow_at = |before: f64, conns: usize, level: f64| {
+            g = Growth {
+                conns,
+                cap: 16,
+                before: Some(before),
+                ..Growth::default()
+            };
+            run(&mut g, &mut rates(&[level; 3])).0
         };
         // From 1 to 2 connections: +20 % needed.
-        assert_eq!(grow_at(100.0, 2, 119.0), Step::Wait);
+        assert_eq!(grow_at(100.0, 2, 119.0), Step::Stop);
         assert_eq!(grow_at(100.0, 2, 121.0), Step::Grow);
         // From 2 to 3: +10 %.
-        assert_eq!(grow_at(100.0, 3, 109.0), Step::Wait);
+        assert_eq!(grow_at(100.0, 3, 109.0), Step::Stop);
         assert_eq!(grow_at(100.0, 3, 111.0), Step::Grow);
         // From 8 to 9: 20 % of 12.5 is 2.5, but MIN_GAIN is 5.
-        assert_eq!(grow_at(100.0, 9, 104.0), Step::Wait);
+        assert_eq!(grow_at(100.0, 9, 104.0), Step::Stop);
         assert_eq!(grow_at(100.0, 9, 106.0), Step::Grow);
     }
 
