@@ -29,7 +29,11 @@
 //!   added, otherwise growth stops.
 //!
 //! Why the rate and not TCP_INFO's `sndbuf_limited` (the direct sign that one more connection
-//! would help): only the sender sees it, and for downloads that is fsd.
+//! would help): only the sender sees it, and for downloads that is fsd. A standing queue
+//! (smoothed RTT above the minimum) as the sign of a full link was tried and dropped: fsc's
+//! RTT samples carry the busy receiver's ACK delays too (docs/BENCHMARKS.md, case w). What
+//! the probe still costs where one connection already fills the link: the second one's
+//! startup, ~2.5 % of a 256 MiB upload at no loss on the emulated link.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
