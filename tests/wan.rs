@@ -221,52 +221,48 @@ fn connections(s: &Fsd) -> usize {
     s.log_text().matches("authenticated").count()
 }
 
-/// fsc with no `-j` (auto) on loopback: one connection, downloads and uploads, even when a
-/// transfer lasts long enough (48 MiB at 16 MB/s: ~3 s) for growth to have had its chance
-/// on a long path. Loopback speed must not change with the default.
+/// `-j auto` on loopback: one connection, downloads and uploads, even when a transfer lasts
+/// long enough (48 MiB at 16 MB/s: ~3 s) for growth to have had its chance on a long path.
 #[test]
-fn default_fsc_uses_one_connection_on_a_short_path() {
+fn j_auto_uses_one_connection_on_a_short_path() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     write_random(&root.join("f.bin"), 48 << 20, 6);
     let s = Fsd::start_on(&root, &[]);
     let dest = dir.path().join("d.bin");
     let dest = dest.to_str().unwrap();
-    fsc_ok(&[
-        "-q",
-        "--bwlimit",
-        "16M",
-        "download",
-        &s.addr(),
-        "f.bin",
-        dest,
-    ]);
+    let limited = ["-q", "--bwlimit", "16M"];
+    fsc_ok(
+        &[
+            &limited[..],
+            &["download", "-j", "auto", &s.addr(), "f.bin", dest],
+        ]
+        .concat(),
+    );
     assert_same_file(&root.join("f.bin"), Path::new(dest));
     assert_eq!(connections(&s), 1, "{}", s.log_text());
-    fsc_ok(&[
-        "-q",
-        "--bwlimit",
-        "16M",
-        "upload",
-        &s.addr(),
-        dest,
-        "up.bin",
-    ]);
+    fsc_ok(
+        &[
+            &limited[..],
+            &["upload", "-j", "auto", &s.addr(), dest, "up.bin"],
+        ]
+        .concat(),
+    );
     assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
     assert_eq!(connections(&s), 2, "{}", s.log_text());
 }
 
 /// `-j auto` told the path is long (FSC_ASSUME_RTT_MS, for tests): after its first windows
-/// it adds a connection, downloads and uploads alike, and the file arrives intact over them.
-/// (Whether it then stops is the controller's unit tests' business: under a fixed --bwlimit a
-/// lucky window may still look like a gain.)
+/// it adds a connection, downloads and uploads alike, and the file arrives intact over them;
+/// without `-j`, one connection. (Whether it then stops is the controller's unit tests'
+/// business: under a fixed --bwlimit a lucky window may still look like a gain.)
 #[test]
 fn j_auto_adds_connections_on_a_long_path_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     // 96 MiB at 32 MB/s: ~3 s; with 100 ms assumed, the first connection is added after
-    // 1.2 s (three 400 ms windows: a partial one, one to settle, one to measure), while more
-    // than the 16 chunks a download's new connection needs are still to be asked for.
+    // 1.2 s or more (a partial 400 ms window, then a plateau), while more than the 16 chunks
+    // a download's new connection needs are still to be asked for.
     write_random(&root.join("f.bin"), 96 << 20, 7);
     let s = Fsd::start_on(&root, &[]);
     let dest = dir.path().join("d.bin");
@@ -275,23 +271,29 @@ fn j_auto_adds_connections_on_a_long_path_both_ways() {
         let out = fsc(args).env("FSC_ASSUME_RTT_MS", "100").output().unwrap();
         assert!(out.status.success(), "{out:?}");
     };
-    let down = ["-q", "--bwlimit", "32M", "download", "-j", "auto"];
-    run(&[&down[..], &[&s.addr(), "f.bin", dest]].concat());
-    assert_same_file(&root.join("f.bin"), Path::new(dest));
-    let n = connections(&s);
-    assert!((2..=8).contains(&n), "{n} connections: {}", s.log_text());
-    // The default is auto.
+    let limited = ["-q", "--bwlimit", "32M"];
+    run(&[&limited[..], &["download", &s.addr(), "f.bin", dest]].concat());
+    assert_eq!(connections(&s), 1, "the default is -j 1: {}", s.log_text());
+    std::fs::remove_file(dest).unwrap();
     run(&[
-        "-q",
-        "--bwlimit",
-        "32M",
-        "upload",
-        &s.addr(),
-        dest,
-        "up.bin",
-    ]);
+        &limited[..],
+        &["download", "-j", "auto", &s.addr(), "f.bin", dest],
+    ]
+    .concat());
+    assert_same_file(&root.join("f.bin"), Path::new(dest));
+    let down = connections(&s) - 1;
+    assert!(
+        (2..=8).contains(&down),
+        "{down} connections: {}",
+        s.log_text()
+    );
+    run(&[
+        &limited[..],
+        &["upload", "-j", "auto", &s.addr(), dest, "up.bin"],
+    ]
+    .concat());
     assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
-    let up = connections(&s) - n;
+    let up = connections(&s) - 1 - down;
     assert!((2..=8).contains(&up), "{up} connections: {}", s.log_text());
 }
 

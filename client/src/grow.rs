@@ -1,4 +1,4 @@
-//! `-j auto`, the default: how many of the pool's connections a run uses, decided live.
+//! `-j auto`: how many of the pool's connections a run uses, decided live.
 //!
 //! On a long path one connection is held back by its send buffer (at most what
 //! `net.core.wmem_max` allows, often 8 MiB: ~80 MB/s at 50 ms RTT, and less under loss, where
@@ -33,7 +33,9 @@
 //! (smoothed RTT above the minimum) as the sign of a full link was tried and dropped: fsc's
 //! RTT samples carry the busy receiver's ACK delays too (docs/BENCHMARKS.md, case w). What
 //! the probe still costs where one connection already fills the link: the second one's
-//! startup, ~2.5 % of a 256 MiB upload at no loss on the emulated link.
+//! startup, ~2.5 % of a 256 MiB upload at no loss on the emulated link, and two connections
+//! that overfill the bottleneck's queue for the rest of the run (8–15 % of a 1 GiB transfer
+//! at no loss), since a connection added is never retired. So it is not the default.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};

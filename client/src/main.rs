@@ -99,7 +99,7 @@ struct Global {
     /// Background transfer: yield to other traffic on the path, like LEDBAT. The sender (fsc
     /// for uploads; fsd, when it supports it, for downloads) watches the queueing delay (RTT
     /// above the path's minimum) and paces itself down when it grows past ~5 ms, back up when
-    /// it shrinks. Alone on a link it still fills it. One connection unless `-j N` is given.
+    /// it shrinks. Alone on a link it still fills it. `-j auto` keeps it on one connection.
     #[arg(long, global = true)]
     background: bool,
 }
@@ -110,10 +110,10 @@ struct Transfer {
     #[arg(short, long)]
     recursive: bool,
     /// Parallel connections (1..64): one big file is split across them, many files spread over
-    /// them. `auto` (the default): one, and on a long path (round trip of 1 ms or more) more,
-    /// up to 8, added one at a time while each raises the run's measured throughput — one
-    /// connection's send buffer limits it there. Added connections serve the rest of the run.
-    #[arg(short = 'j', long = "jobs", default_value = "auto", value_name = "N|auto",
+    /// them. `auto`: one, and on a long path (round trip of 1 ms or more) more, up to 8,
+    /// added one at a time while each raises the run's measured throughput — one connection's
+    /// send buffer limits it under loss. Added connections serve the rest of the run.
+    #[arg(short = 'j', long = "jobs", default_value = "1", value_name = "N|auto",
           value_parser = parse_jobs)]
     jobs: u16,
     /// Compress chunks on the wire with zstd: `auto` (the default) compresses at level 1 only
