@@ -216,33 +216,85 @@ fn fsd_bwlimit_conn_paces_each_connection() {
     assert_same_file(&root.join("f.bin"), &dest);
 }
 
-/// `-j auto` starts with one connection and adds one at the first sample (throughput rose from
-/// nothing); under a fixed --bwlimit the next sample shows no gain, so it stops there. The file
-/// arrives intact over both.
+/// Connections fsd authenticated so far (its log says so once per connection).
+fn connections(s: &Fsd) -> usize {
+    s.log_text().matches("authenticated").count()
+}
+
+/// `-j auto` on loopback: one connection, downloads and uploads, even when a transfer lasts
+/// long enough (48 MiB at 16 MB/s: ~3 s) for growth to have had its chance on a long path.
 #[test]
-fn j_auto_adds_a_connection_while_throughput_rises() {
+fn j_auto_uses_one_connection_on_a_short_path() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    // 48 MiB at 16 MB/s: ~3 s, and at the first sample more than the 16 chunks a new
-    // connection needs are still to be asked for.
     write_random(&root.join("f.bin"), 48 << 20, 6);
     let s = Fsd::start_on(&root, &[]);
     let dest = dir.path().join("d.bin");
-    fsc_ok(&[
-        "-q",
-        "--bwlimit",
-        "16M",
-        "download",
-        "-j",
-        "auto",
-        &s.addr(),
-        "f.bin",
-        dest.to_str().unwrap(),
-    ]);
-    assert_same_file(&root.join("f.bin"), &dest);
-    let log = s.log_text();
-    let conns = log.matches("authenticated").count();
-    assert_eq!(conns, 2, "{log}");
+    let dest = dest.to_str().unwrap();
+    let limited = ["-q", "--bwlimit", "16M"];
+    fsc_ok(
+        &[
+            &limited[..],
+            &["download", "-j", "auto", &s.addr(), "f.bin", dest],
+        ]
+        .concat(),
+    );
+    assert_same_file(&root.join("f.bin"), Path::new(dest));
+    assert_eq!(connections(&s), 1, "{}", s.log_text());
+    fsc_ok(
+        &[
+            &limited[..],
+            &["upload", "-j", "auto", &s.addr(), dest, "up.bin"],
+        ]
+        .concat(),
+    );
+    assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
+    assert_eq!(connections(&s), 2, "{}", s.log_text());
+}
+
+/// `-j auto` told the path is long (FSC_ASSUME_RTT_MS, for tests): after its first windows
+/// it adds a connection, downloads and uploads alike, and the file arrives intact over them;
+/// without `-j`, one connection. (Whether it then stops is the controller's unit tests'
+/// business: under a fixed --bwlimit a lucky window may still look like a gain.)
+#[test]
+fn j_auto_adds_connections_on_a_long_path_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    // 96 MiB at 32 MB/s: ~3 s; with 100 ms assumed, the first connection is added after
+    // 1.2 s or more (a partial 400 ms window, then a plateau), while more than the 16 chunks
+    // a download's new connection needs are still to be asked for.
+    write_random(&root.join("f.bin"), 96 << 20, 7);
+    let s = Fsd::start_on(&root, &[]);
+    let dest = dir.path().join("d.bin");
+    let dest = dest.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = fsc(args).env("FSC_ASSUME_RTT_MS", "100").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let limited = ["-q", "--bwlimit", "32M"];
+    run(&[&limited[..], &["download", &s.addr(), "f.bin", dest]].concat());
+    assert_eq!(connections(&s), 1, "the default is -j 1: {}", s.log_text());
+    std::fs::remove_file(dest).unwrap();
+    run(&[
+        &limited[..],
+        &["download", "-j", "auto", &s.addr(), "f.bin", dest],
+    ]
+    .concat());
+    assert_same_file(&root.join("f.bin"), Path::new(dest));
+    let down = connections(&s) - 1;
+    assert!(
+        (2..=8).contains(&down),
+        "{down} connections: {}",
+        s.log_text()
+    );
+    run(&[
+        &limited[..],
+        &["upload", "-j", "auto", &s.addr(), dest, "up.bin"],
+    ]
+    .concat());
+    assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
+    let up = connections(&s) - 1 - down;
+    assert!((2..=8).contains(&up), "{up} connections: {}", s.log_text());
 }
 
 /// The socket's `SO_MAX_PACING_RATE` in bytes per second, from an `ss -ti` line: its

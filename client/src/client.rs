@@ -11,6 +11,7 @@ use tracing::debug;
 
 use crate::conn::{Compress, Conn, ConnOptions};
 use crate::error::{Error, Result};
+use crate::grow::{self, Busy, Meter};
 use crate::progress::{Event, EventFn};
 use crate::tls::{self, Tls};
 
@@ -57,9 +58,13 @@ pub struct Options {
     /// Parallel connections (`-j`): one big file is split across them, many files spread over
     /// them.
     pub connections: usize,
-    /// `-j auto`: a big file's download starts on one connection and adds connections, up to
-    /// `connections`, while each addition raises the throughput.
+    /// `-j auto`: on a long path the run starts on one connection and adds connections, up
+    /// to `connections`, while each addition raises its throughput (`grow.rs`).
     pub grow: bool,
+    /// For tests and benchmarks of `grow` on loopback: take the path's RTT to be this rather
+    /// than what TCP_INFO measured (fsc: the `FSC_ASSUME_RTT_MS` environment variable).
+    #[doc(hidden)]
+    pub assume_rtt: Option<Duration>,
     /// Retries after a recoverable failure (connection lost, stall, retryable server error),
     /// with exponential backoff; the count restarts whenever a retry made progress.
     pub retries: u32,
@@ -99,6 +104,7 @@ impl Default for Options {
             tls: None,
             connections: 1,
             grow: false,
+            assume_rtt: None,
             retries: 5,
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
@@ -121,6 +127,7 @@ impl std::fmt::Debug for Options {
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("tls", &self.tls)
             .field("connections", &self.connections)
+            .field("grow", &self.grow)
             .field("retries", &self.retries)
             .field("stall_timeout", &self.stall_timeout)
             .field("window_bytes", &self.window_bytes)
@@ -216,6 +223,8 @@ pub(crate) struct Shared {
     failover: Vec<AtomicUsize>,
     /// Round-robin cursor for work that needs one connection.
     next_slot: AtomicUsize,
+    /// With `grow`: how many of `slots` the run uses now.
+    pub(crate) meter: Option<Arc<Meter>>,
 }
 
 impl Client {
@@ -266,16 +275,23 @@ impl Client {
             (None, _) => None,
         };
         let n = opts.connections.max(addrs.len()).max(1);
+        // Growing, the run starts on one connection per node; the others join as it grows.
+        let start = match opts.grow {
+            true => addrs.len().max(1),
+            false => n,
+        };
         // One window for the whole pool: data in flight is bounded whatever -j is (it was
-        // 32 MiB per connection, so -j 8 to a slow disk could hold 256 MiB).
-        let pool_window = u64::from(opts.window_bytes) * n.min(POOL_WINDOWS) as u64;
-        let pool_window = usize::try_from(pool_window).unwrap_or(usize::MAX);
+        // 32 MiB per connection, so -j 8 to a slow disk could hold 256 MiB). Growing, it grows
+        // with the connections in use.
+        let window_bytes = usize::try_from(opts.window_bytes).unwrap_or(usize::MAX);
+        let pool_window = window_bytes.saturating_mul(start.min(POOL_WINDOWS));
+        let pool_window = Arc::new(tokio::sync::Semaphore::new(pool_window));
         let conn_opts = ConnOptions {
             token,
             tls: opts.tls.clone(),
             stall_timeout: opts.stall_timeout,
             window_bytes: opts.window_bytes,
-            shared_window: Some(Arc::new(tokio::sync::Semaphore::new(pool_window))),
+            shared_window: Some(pool_window.clone()),
             compress: opts.compress,
             // One socket never needs more than the whole limit: pacing it there in the kernel
             // smooths what the shared bucket grants in bursts.
@@ -297,20 +313,51 @@ impl Client {
                 slots: (0..n).map(|_| tokio::sync::Mutex::new(None)).collect(),
                 failover: (0..n).map(|_| AtomicUsize::new(0)).collect(),
                 next_slot: AtomicUsize::new(0),
+                meter: (start < n).then(|| Arc::new(Meter::new(start))),
             }),
         };
         let mut backoff = client.backoff();
-        loop {
+        let conn0 = loop {
             match client.conn(0).await {
-                Ok(_) => return Ok(client),
+                Ok(c) => break c,
                 Err(e) => backoff.wait(e, list).await?,
             }
+        };
+        if let Some(meter) = &client.shared.meter {
+            // The handshake's round trips give the path's minimum RTT; unknown is short.
+            let opts = &client.shared.opts;
+            let rtt = opts.assume_rtt.or_else(|| conn0.min_rtt());
+            match rtt.filter(|&rtt| rtt >= fsd::net::SHORT_PATH_RTT) {
+                Some(rtt) => grow::spawn(meter, n, rtt, pool_window, window_bytes, POOL_WINDOWS),
+                None => debug!(?rtt, "-j auto: a short path, one connection"),
+            }
+        }
+        Ok(client)
+    }
+
+    /// Number of connections the client uses: the pool's, or with `grow` those in use now.
+    pub fn connections(&self) -> usize {
+        match &self.shared.meter {
+            Some(m) => m.active(),
+            None => self.shared.slots.len(),
         }
     }
 
-    /// Number of connections in the pool.
-    pub fn connections(&self) -> usize {
-        self.shared.slots.len()
+    /// With `grow`: counts `bytes` of file data moved (either way) towards the run's rate.
+    pub(crate) fn moved(&self, bytes: u64) {
+        if let Some(m) = &self.shared.meter {
+            m.moved(bytes);
+        }
+    }
+
+    /// With `grow`: a transfer moves data until the guard is dropped.
+    pub(crate) fn busy(&self) -> Option<Busy> {
+        self.shared.meter.as_ref().map(Meter::busy)
+    }
+
+    /// With `grow`: told when the run uses more connections (see [`grow::grown`]).
+    pub(crate) fn watch_growth(&self) -> Option<tokio::sync::watch::Receiver<usize>> {
+        self.shared.meter.as_ref().map(|m| m.subscribe())
     }
 
     /// Whether several server nodes were given (they may not all serve every file alike).
@@ -355,7 +402,7 @@ impl Client {
     }
 
     pub(crate) fn pick_slot(&self) -> usize {
-        self.shared.next_slot.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len()
+        self.shared.next_slot.fetch_add(1, Ordering::Relaxed) % self.connections()
     }
 
     pub(crate) fn emit(&self, e: Event) {

@@ -510,6 +510,11 @@ impl Conn {
         Ok(())
     }
 
+    /// The path's minimum RTT, from TCP_INFO (None: not a TCP socket we can ask).
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.inner.link.as_ref()?.min_rtt()
+    }
+
     /// Reserves `bytes` of this connection's window (capped at the whole window, so one huge
     /// chunk cannot wait forever).
     pub async fn window(&self, bytes: u64) -> Result<Window> {

@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use crate::client::{remote_basename, Client, Slots, Transfer};
 use crate::conn::{Conn, Throttle, Window};
 use crate::error::{Error, Result};
+use crate::grow::grown;
 use crate::local::sink::{spawn_blocking, Meta, Out, Seed, Sink};
 use crate::local::state::PartState;
 use crate::local::{check_name, work_dir_name, LocalDir, Work};
@@ -43,11 +44,6 @@ const LANES: usize = 4;
 const LANES_COMPRESSED: usize = 8;
 /// A chunk that fails its CRC32 this many times in one attempt fails the attempt.
 const MAX_CORRUPT: u32 = 8;
-/// With -j auto, how often the throughput is sampled: another connection is added when the
-/// last interval beat the one before the previous addition by [`GROW_GAIN`]. Long enough for
-/// a new connection to get past its first round trips on a long path.
-const GROW_EVERY: Duration = Duration::from_millis(500);
-const GROW_GAIN: f64 = 1.1;
 
 /// Where a download goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,13 +312,7 @@ impl Job {
         }
 
         // Every connection gets its own handle; one whose identity differs means a change.
-        // With `grow` (-j auto) the download starts on one connection and adds the others one
-        // at a time while that raises the throughput.
-        let grow = self.client.shared.opts.grow && slots.len() > 1;
-        let wanted_conns = match grow {
-            true => 1,
-            false => (queue.len() as usize).div_ceil(RUN as usize * LANES),
-        };
+        let wanted_conns = (queue.len() as usize).div_ceil(RUN as usize * LANES);
         let extra = slots.iter().skip(1).take(wanted_conns.saturating_sub(1));
         let opened = futures::future::join_all(extra.map(|&slot| self.open_extra(slot))).await;
         let mut conns = vec![(conn0, meta.handle)];
@@ -336,10 +326,13 @@ impl Job {
             .flat_map(|(c, h)| self.lanes(&sink, c, h, &queue, &corrupt))
             .collect();
         let mut opening = FuturesUnordered::new();
-        let mut next_slot = if grow { 1 } else { slots.len() };
-        let (mut last_done, mut last_rate) = (sink.done_bytes(), 0u64);
-        let mut tick = tokio::time::interval(GROW_EVERY);
-        tick.tick().await;
+        // -j auto: connections the run adds (crate::grow) join this file while enough is left.
+        let mut growth = match self.slots {
+            Slots::All => self.client.watch_growth(),
+            Slots::One(_) => None,
+        };
+        let mut next_slot = slots.len();
+        let _busy = self.client.busy();
         let mut results = Vec::new();
         loop {
             tokio::select! {
@@ -352,18 +345,12 @@ impl Job {
                         running.extend(self.lanes(&sink, c, h, &queue, &corrupt));
                     }
                 }
-                _ = tick.tick(), if next_slot < slots.len() && opening.is_empty() => {
-                    let done = sink.done_bytes();
-                    let rate = done.saturating_sub(last_done);
-                    last_done = done;
-                    let enough_left = queue.len() as usize >= RUN as usize * LANES;
-                    if enough_left && rate as f64 > last_rate as f64 * GROW_GAIN {
-                        last_rate = rate;
-                        opening.push(self.open_extra(slots[next_slot]));
+                _ = grown(&mut growth), if opening.is_empty() => {
+                    while next_slot < self.client.connections()
+                        && queue.len() as usize >= RUN as usize * LANES
+                    {
+                        opening.push(self.open_extra(next_slot));
                         next_slot += 1;
-                    } else {
-                        // The last connection added did not pay: keep what we have.
-                        next_slot = slots.len();
                     }
                 }
             }
@@ -628,6 +615,7 @@ impl Job {
             }
             self.transferred
                 .fetch_add(header.payload_len as u64, Ordering::Relaxed);
+            self.client.moved(header.payload_len as u64);
             let chunk = match payload {
                 Some(p) if header.is_compressed() => match unpack(conn, &p, len, Cmd::READ).await {
                     Ok(c) => Some(c),

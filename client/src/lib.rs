@@ -76,6 +76,7 @@ mod client;
 mod conn;
 mod download;
 mod error;
+mod grow;
 mod link;
 mod local;
 pub mod progress;

@@ -41,6 +41,12 @@ impl Link {
         }
     }
 
+    /// The path's minimum RTT so far, if the kernel says.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        let info = tcp_info(self.fd)?;
+        Some(Duration::from_micros(u64::from(info.tcpi_min_rtt)))
+    }
+
     /// True when compressing is likely to pay: a long path whose measured rate is below what
     /// compression can keep up with. Unknown (no TCP_INFO): false.
     pub fn is_slow(&self) -> bool {

@@ -99,7 +99,7 @@ struct Global {
     /// Background transfer: yield to other traffic on the path, like LEDBAT. The sender (fsc
     /// for uploads; fsd, when it supports it, for downloads) watches the queueing delay (RTT
     /// above the path's minimum) and paces itself down when it grows past ~5 ms, back up when
-    /// it shrinks. Alone on a link it still fills it.
+    /// it shrinks. Alone on a link it still fills it. `-j auto` keeps it on one connection.
     #[arg(long, global = true)]
     background: bool,
 }
@@ -110,9 +110,9 @@ struct Transfer {
     #[arg(short, long)]
     recursive: bool,
     /// Parallel connections (1..64): one big file is split across them, many files spread over
-    /// them. `auto`: a big file's download starts with one and adds connections (up to 8)
-    /// while that raises the throughput — for long paths, where one connection's send buffer
-    /// limits it; other transfers use 8.
+    /// them. `auto`: one, and on a long path (round trip of 1 ms or more) more, up to 8,
+    /// added one at a time while each raises the run's measured throughput — one connection's
+    /// send buffer limits it under loss. Added connections serve the rest of the run.
     #[arg(short = 'j', long = "jobs", default_value = "1", value_name = "N|auto",
           value_parser = parse_jobs)]
     jobs: u16,
@@ -422,7 +422,13 @@ fn options(
     t: Option<&Transfer>,
     reporter: &std::sync::Arc<Reporter>,
 ) -> anyhow::Result<Options> {
-    let jobs = t.map_or(1, |t| t.jobs);
+    let jobs = match t {
+        // A background transfer yields per connection (fsd::ledbat); growing would add to
+        // what it takes, so auto keeps it on one.
+        Some(t) if t.jobs == 0 && g.background => 1,
+        Some(t) => t.jobs,
+        None => 1,
+    };
     anyhow::ensure!(
         g.stall_timeout.is_finite() && g.stall_timeout > 0.0,
         "--stall-timeout must be positive"
@@ -446,6 +452,11 @@ fn options(
         background: g.background,
         connections: if jobs == 0 { AUTO_JOBS } else { jobs } as usize,
         grow: jobs == 0,
+        // Not a flag: tests and benchmarks make loopback look like a long path with it.
+        assume_rtt: std::env::var("FSC_ASSUME_RTT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis),
         compress: t.map_or(fsc::Compress::Auto, |t| t.compress),
         retries: g.retries,
         stall_timeout: Duration::from_secs_f64(g.stall_timeout),

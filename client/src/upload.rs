@@ -22,13 +22,15 @@ use fsd::integrity::{hash_chunk, root_hash};
 use fsd::protocol::{
     checked_chunk_count, chunk_count, chunk_len, msg, Cmd, ErrorCode, MAX_CHUNKS_PER_FILE,
 };
-use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::client::{Client, Slots, Transfer};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
+use crate::grow::grown;
 use crate::local::state::Bitmap;
 use crate::progress::Event;
 
@@ -358,25 +360,23 @@ impl UpJob {
         // More connections only when there is enough to split.
         let mut conns = vec![(conn0.clone(), up.handle)];
         let wanted = (missing as usize).div_ceil(LANES);
-        let extra = slots.iter().skip(1).take(wanted.saturating_sub(1));
-        let opened = futures::future::join_all(extra.map(|&slot| async move {
+        let open_extra = |slot: usize| async move {
             let c = self.client.conn(slot).await?;
             let s = c.upload_slot(self.src.size).await?;
             let u = self.open(&c, false).await?;
             Ok::<_, Error>((c, u, s))
-        }))
-        .await;
-        let mut slots_held = Vec::new();
-        for r in opened {
-            match r {
-                Ok((c, u, s)) if u.upload_id == up.upload_id => {
-                    conns.push((c, u.handle));
-                    slots_held.push(s);
-                }
-                Ok((c, u, _)) => close(&c, u.handle).await,
-                Err(e) => debug!("extra connection unavailable: {e}"),
-            }
+        };
+        let mut opening: FuturesUnordered<_> = slots
+            .iter()
+            .skip(1)
+            .take(wanted.saturating_sub(1))
+            .map(|&slot| open_extra(slot))
+            .collect();
+        let mut opened = Vec::new();
+        while let Some(r) = opening.next().await {
+            opened.push(r);
         }
+        let mut slots_held = Vec::new();
 
         // Read-ahead in chunks, but never more than READ_AHEAD_BYTES of them (the chunk size
         // is the server's choice).
@@ -390,14 +390,76 @@ impl UpJob {
         };
         let rx = tokio::sync::Mutex::new(rx);
         let done = AtomicU64::new(present_bytes);
-        let lanes = conns.iter().flat_map(|(c, h)| {
+        let (rx_ref, done_ref) = (&rx, &done);
+        let lanes = |c: &Conn, h: u32| {
             let lanes = match c.compress_level() {
                 0 => LANES,
                 _ => LANES_COMPRESSED,
             };
-            (0..lanes.min(missing as usize)).map(|i| self.lane(c, *h, cs, &rx, &done, i >= LANES))
-        });
-        let results: Vec<Result<u32>> = futures::future::join_all(lanes).await;
+            (0..lanes.min(missing as usize))
+                .map(move |i| {
+                    let c = c.clone();
+                    async move { self.lane(&c, h, cs, rx_ref, done_ref, i >= LANES).await }.boxed()
+                })
+                .collect::<Vec<_>>()
+        };
+        // Joins the transfer if it opened the same upload; an extra connection that fails is
+        // not needed (the others do the work).
+        let admit = |r: Result<(Conn, Upload, _)>| match r {
+            Ok((c, u, s)) if u.upload_id == up.upload_id => Some((c, u.handle, s)),
+            Ok((c, u, _)) => {
+                tokio::spawn(async move { close(&c, u.handle).await });
+                None
+            }
+            Err(e) => {
+                debug!("extra connection unavailable: {e}");
+                None
+            }
+        };
+        for (c, h, s) in opened.into_iter().filter_map(admit) {
+            conns.push((c, h));
+            slots_held.push(s);
+        }
+        let mut running: FuturesUnordered<_> =
+            conns.iter().flat_map(|(c, h)| lanes(c, *h)).collect();
+        // -j auto: connections the run adds (crate::grow) join this file too.
+        let mut growth = match self.slots {
+            Slots::All => self.client.watch_growth(),
+            Slots::One(_) => None,
+        };
+        let mut next_slot = slots.len();
+        let _busy = self.client.busy();
+        let mut results: Vec<Result<u32>> = Vec::new();
+        loop {
+            tokio::select! {
+                r = running.next() => match r {
+                    Some(r) => results.push(r),
+                    None => break,
+                },
+                Some(r) = opening.next() => {
+                    if let Some((c, h, s)) = admit(r) {
+                        running.extend(lanes(&c, h));
+                        conns.push((c, h));
+                        slots_held.push(s);
+                    }
+                }
+                _ = grown(&mut growth), if opening.is_empty() => {
+                    while next_slot < self.client.connections() {
+                        opening.push(open_extra(next_slot));
+                        next_slot += 1;
+                    }
+                }
+            }
+        }
+        // A connection still opening when the work ran out: its handle is closed with the
+        // others.
+        while let Some(r) = opening.next().await {
+            if let Some((c, h, s)) = admit(r) {
+                conns.push((c, h));
+                slots_held.push(s);
+            }
+        }
+        drop(running);
         drop(rx);
         for (c, h) in &conns[1..] {
             close(c, *h).await;
@@ -665,6 +727,7 @@ impl UpJob {
             }
             acked += 1;
             let transferred = self.transferred.fetch_add(wire, Ordering::Relaxed) + wire;
+            self.client.moved(wire);
             self.client.emit(Event::Progress {
                 path: self.remote.clone(),
                 done: done.fetch_add(len, Ordering::Relaxed) + len,
