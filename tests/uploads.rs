@@ -16,6 +16,13 @@ const MIB: u64 = 1 << 20;
 /// has stored but not yet synced, which fsd bounds at fsd::fs::upload::MAX_UNSYNCED (32 MiB).
 const WINDOW: u64 = 8 * MIB + fsd::fs::upload::MAX_UNSYNCED;
 
+/// fsd in a private user+mount namespace whose `mount` command (e.g. "mount -t tmpfs -o
+/// size=32m none") mounts a file system on `root` before fsd serves it.
+fn fsd_on_own_mount(mount: &str, root: &std::path::Path) -> Fsd {
+    let script = format!("{mount} {} && exec \"$0\" \"$@\"", root.display());
+    Fsd::start_wrapped(&["unshare", "-Urm", "sh", "-c", &script], root)
+}
+
 #[test]
 fn fsd_killed_at_ten_points_of_an_upload() {
     let dir = tempfile::tempdir().unwrap();
@@ -91,19 +98,7 @@ fn enospc_is_a_clear_retryable_error_and_resumes_after_space_is_freed() {
         eprintln!("SKIPPED: cannot create a user+mount namespace here (unshare -Urm), so no small tmpfs for ENOSPC");
         return;
     }
-    let s = Fsd::start_wrapped(
-        &[
-            "unshare",
-            "-Urm",
-            "sh",
-            "-c",
-            &format!(
-                "mount -t tmpfs -o size=32m none {} && exec \"$0\" \"$@\"",
-                root.display()
-            ),
-        ],
-        &root,
-    );
+    let s = fsd_on_own_mount("mount -t tmpfs -o size=32m none", &root);
     let local = tempfile::tempdir().unwrap();
     let big = local.path().join("big");
     write_random(&big, 24 * MIB as usize, 31);
@@ -342,19 +337,7 @@ fn a_file_system_without_space_figures_is_not_taken_for_full() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("ram");
     std::fs::create_dir(&root).unwrap();
-    let s = Fsd::start_wrapped(
-        &[
-            "unshare",
-            "-Urm",
-            "sh",
-            "-c",
-            &format!(
-                "mount -t ramfs none {} && exec \"$0\" \"$@\"",
-                root.display()
-            ),
-        ],
-        &root,
-    );
+    let s = fsd_on_own_mount("mount -t ramfs none", &root);
     let local = tempfile::tempdir().unwrap();
     let src = local.path().join("f");
     write_random(&src, 3 * MIB as usize + 7, 80);
