@@ -295,14 +295,7 @@ fn a_committed_upload_leaves_only_its_commit_record() {
     for seed in [70, 71] {
         // The second upload replaces the first's file.
         let data = write_random(&src, 3 * MIB as usize + 5, seed);
-        let out = fsc(&["-q", "upload", &s.addr(), src.to_str().unwrap(), "f"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        fsc_ok(&["-q", "upload", &s.addr(), src.to_str().unwrap(), "f"]);
         assert!(std::fs::read(s.root.join("f")).unwrap() == data);
     }
     let uploads = s.state.join("uploads");

@@ -312,7 +312,7 @@ impl Job {
         }
 
         // Every connection gets its own handle; one whose identity differs means a change.
-        let wanted_conns = (queue.len() as usize).div_ceil(RUN as usize * LANES);
+        let wanted_conns = queue.len().div_ceil(RUN as usize * LANES);
         let extra = slots.iter().skip(1).take(wanted_conns.saturating_sub(1));
         let opened = futures::future::join_all(extra.map(|&slot| self.open_extra(slot))).await;
         let mut conns = vec![(conn0, meta.handle)];
@@ -347,7 +347,7 @@ impl Job {
                 }
                 _ = grown(&mut growth), if opening.is_empty() => {
                     while next_slot < self.client.connections()
-                        && queue.len() as usize >= RUN as usize * LANES
+                        && queue.len() >= RUN as usize * LANES
                     {
                         opening.push(self.open_extra(next_slot));
                         next_slot += 1;
@@ -427,7 +427,7 @@ impl Job {
         queue: &'a Queue,
         corrupt: &'a Mutex<HashMap<u32, u32>>,
     ) -> Vec<futures::future::BoxFuture<'a, Result<(), Stop>>> {
-        let runs = queue.len().div_ceil(RUN) as usize;
+        let runs = queue.len().div_ceil(RUN as usize);
         let lanes = match conn.compress_level() {
             0 => LANES,
             _ => LANES_COMPRESSED,
@@ -831,7 +831,7 @@ async fn manifest(
             // u64: n ≤ MANIFEST_PAGE, the reply's lengths are the peer's.
             let cvs_len = r.cvs.len() as u64;
             if r.first_chunk != first
-                || r.crc32.len() != n as usize
+                || u64::try_from(r.crc32.len()) != Ok(u64::from(n))
                 || (cvs_len != 0 && (!want_cvs || cvs_len != u64::from(n) * 32))
             {
                 return Err(Error::Protocol(format!(
@@ -850,8 +850,10 @@ async fn manifest(
             Ok((r.crc32, page_cvs))
         });
     let pages = futures::future::try_join_all(pages).await?;
-    let mut crcs = Vec::with_capacity(count as usize);
-    let mut cvs = want_cvs.then(|| Vec::with_capacity(count as usize));
+    // `count` passed OPEN's checks (≤ MAX_CHUNKS_PER_FILE), and every page matched its length.
+    let count = usize::try_from(count).expect("a checked chunk count fits usize");
+    let mut crcs = Vec::with_capacity(count);
+    let mut cvs = want_cvs.then(|| Vec::with_capacity(count));
     for (page_crcs, page_cvs) in pages {
         crcs.extend(page_crcs);
         // Chaining values only if every page has them.
@@ -874,8 +876,8 @@ impl Queue {
         Queue(Mutex::new(missing.into()))
     }
 
-    fn len(&self) -> u32 {
-        self.0.lock().unwrap().len() as u32
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
     }
 
     /// Up to `max` consecutive chunks from the front.
