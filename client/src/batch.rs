@@ -565,8 +565,11 @@ impl Client {
                     };
                     done.push((rpath, Ok(Outcome::Sent(t))));
                 }
-                // Retryable failures go to the per-file path, which retries.
-                Some(e) if e.retryable => left[r.index] = true,
+                // Retryable failures go to the per-file path, which retries; not a NoSpace
+                // once another file has waited one out (Client::server_full).
+                Some(e) if e.retryable && !(is_no_space(&e) && self.server_full()) => {
+                    left[r.index] = true
+                }
                 Some(e) => {
                     let e = Error::from_wire(e);
                     self.emit(Event::Error {
@@ -580,6 +583,10 @@ impl Client {
         }
         Ok(())
     }
+}
+
+fn is_no_space(e: &msg::Error) -> bool {
+    e.code == fsd::protocol::ErrorCode::NoSpace as u32
 }
 
 /// Reads the files `names` beneath `root` for one TREE_WRITE frame: regular files of at most

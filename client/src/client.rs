@@ -1,11 +1,11 @@
 //! [`Client`]: a pool of connections to one server, the retry policy, and the small commands
 //! (list, stat, mkdir, remove, rename). Transfers live in `download`, `upload` and `tree`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fsd::protocol::{msg, Cmd};
+use fsd::protocol::{msg, Cmd, ErrorCode};
 use serde::Serialize;
 use tracing::debug;
 
@@ -225,6 +225,11 @@ pub(crate) struct Shared {
     next_slot: AtomicUsize,
     /// With `grow`: how many of `slots` the run uses now.
     pub(crate) meter: Option<Arc<Meter>>,
+    /// Set once one piece of work has retried a server's NoSpace until its retries ran out:
+    /// the destination is full, and waiting out the same backoff again for every other file
+    /// of a tree (thousands of them) would hold the run for hours. Later NoSpace failures are
+    /// then final at once; each file is still tried once, since a smaller one may fit.
+    server_full: AtomicBool,
 }
 
 impl Client {
@@ -314,6 +319,7 @@ impl Client {
                 failover: (0..n).map(|_| AtomicUsize::new(0)).collect(),
                 next_slot: AtomicUsize::new(0),
                 meter: (start < n).then(|| Arc::new(Meter::new(start))),
+                server_full: AtomicBool::new(false),
             }),
         };
         let mut backoff = client.backoff();
@@ -409,6 +415,12 @@ impl Client {
         if let Some(f) = &self.shared.opts.on_event {
             f(&e);
         }
+    }
+
+    /// Whether a NoSpace of this server has already been retried until retries ran out
+    /// ([`Shared::server_full`]): a NoSpace now is final, not worth a retry.
+    pub(crate) fn server_full(&self) -> bool {
+        self.shared.server_full.load(Ordering::Relaxed)
     }
 
     pub(crate) fn backoff(&self) -> Backoff {
@@ -588,8 +600,18 @@ impl Backoff {
         if matches!(err, Error::Stalled(_)) {
             self.stalls += 1;
         }
+        let full = err.remote_code() == Some(ErrorCode::NoSpace);
+        if full && self.client.server_full() {
+            return Err(err);
+        }
         if !err.is_retryable() || self.attempt >= opts.retries || self.stalls >= MAX_STALLS_IN_A_ROW
         {
+            if full {
+                self.client
+                    .shared
+                    .server_full
+                    .store(true, Ordering::Relaxed);
+            }
             return Err(err);
         }
         self.attempt += 1;
