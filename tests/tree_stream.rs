@@ -346,10 +346,21 @@ fn unread_tree_replies_hold_bounded_memory() {
 
 /// Sends a TREE_WRITE of `count` records in `frame` on `sid`; returns the reply.
 fn tree_write(r: &mut Raw, sid: u32, path: &str, count: u32, frame: Vec<u8>) -> Frame {
+    tree_write_with(r, sid, path, count, frame, false)
+}
+
+fn tree_write_with(
+    r: &mut Raw,
+    sid: u32,
+    path: &str,
+    count: u32,
+    frame: Vec<u8>,
+    no_clobber: bool,
+) -> Frame {
     let req = msg::TreeWriteRequest {
         path: path.into(),
         count,
-        no_clobber: false,
+        no_clobber,
     };
     r.send_msg(Cmd::TREE_WRITE, sid, 0, &req);
     let data = Frame::new(
@@ -458,4 +469,74 @@ fn hostile_tree_writes_are_refused_and_write_nothing_outside() {
         .call(Cmd::PING, 1, &msg::Ping { nonce: 2 })
         .header
         .is_error());
+}
+
+/// TREE_WRITE skips PUT's early look at the destination (server/tree.rs): the publish must
+/// make each of those refusals itself, per file, and replace what may be replaced.
+#[test]
+fn tree_writes_onto_directories_files_and_missing_parents_are_refused_per_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("in/adir/inner")).unwrap();
+    std::fs::write(root.join("in/afile"), b"a file").unwrap();
+    std::fs::write(root.join("in/kept"), b"old").unwrap();
+    let s = Fsd::start_on(&root, &[]);
+    let mut r = Raw::authed(s.addr);
+    let code = |f: &msg::TreeFailure| ErrorCode::from_u32(f.error.as_ref().unwrap().code);
+    let mut frame = Vec::new();
+    for (p, data) in [
+        ("adir", &b"over a directory"[..]),
+        ("afile/x", b"beneath a file"),
+        ("missing/x", b"beneath nothing"),
+        ("kept", b"new"),
+        ("fresh", b"fresh"),
+    ] {
+        frame.extend(record(p, data, data));
+    }
+    let f = tree_write(&mut r, 1, "in", 5, frame);
+    assert!(!f.header.is_error(), "{:?}", error_of(&f));
+    let reply: msg::TreeWriteResponse = f.decode().unwrap();
+    assert_eq!(reply.published, 2, "{reply:?}");
+    let failed: Vec<_> = reply.failed.iter().map(|f| (f.index, code(f))).collect();
+    assert_eq!(
+        failed,
+        vec![
+            (0, Some(ErrorCode::IsADirectory)),
+            (1, Some(ErrorCode::NotADirectory)),
+            (2, Some(ErrorCode::NotFound)),
+        ]
+    );
+    assert!(root.join("in/adir/inner").is_dir());
+    assert_eq!(std::fs::read(root.join("in/afile")).unwrap(), b"a file");
+    assert_eq!(std::fs::read(root.join("in/kept")).unwrap(), b"new");
+    assert_eq!(std::fs::read(root.join("in/fresh")).unwrap(), b"fresh");
+
+    // no_clobber: a taken name is refused, a directory still as a directory, a new one goes.
+    let mut frame = Vec::new();
+    for (p, data) in [
+        ("kept", &b"newer"[..]),
+        ("adir", b"over a directory"),
+        ("other", b"other"),
+    ] {
+        frame.extend(record(p, data, data));
+    }
+    let f = tree_write_with(&mut r, 3, "in", 3, frame, true);
+    let reply: msg::TreeWriteResponse = f.decode().unwrap();
+    assert_eq!(reply.published, 1, "{reply:?}");
+    let failed: Vec<_> = reply.failed.iter().map(|f| (f.index, code(f))).collect();
+    assert_eq!(
+        failed,
+        vec![
+            (0, Some(ErrorCode::AlreadyExists)),
+            (1, Some(ErrorCode::IsADirectory)),
+        ]
+    );
+    assert_eq!(std::fs::read(root.join("in/kept")).unwrap(), b"new");
+    assert_eq!(std::fs::read(root.join("in/other")).unwrap(), b"other");
+    // Nothing left behind in the state directory's staging.
+    let names: Vec<_> = std::fs::read_dir(root.join("in"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
 }

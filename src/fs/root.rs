@@ -703,10 +703,15 @@ impl Root {
         dest: &str,
         no_clobber: bool,
     ) -> Result<OwnedFd, FsError> {
-        let (parent, leaf) = self.publish_target(dest)?;
+        let (parent, leaf) = self.open_parent(dest, OFlag::O_RDONLY)?;
         let link = |dir: BorrowedFd<'_>, name: &CStr| link_anonymous(file, dir, name);
         match link(parent.as_fd(), &leaf) {
             Ok(()) => return Ok(parent),
+            // Something is at the name: only now is it worth a look (a new name, the usual
+            // case, costs no lstat).
+            Err(Errno::EEXIST) if lstat_at(&parent, &leaf).is_ok_and(|st| is_dir(&st)) => {
+                return Err(FsError::IsADirectory { path: shown(dest) })
+            }
             Err(Errno::EEXIST) if !no_clobber => {}
             Err(e) => return Err(rename_error(dest, e)),
         }

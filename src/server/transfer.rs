@@ -371,16 +371,16 @@ fn read_inline(
 /// The checks of an OPEN WRITE (and a PUT) that come before any state: rights, path, parent,
 /// `no_clobber`, frame size. Blocking.
 pub(super) fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Failure> {
-    s.require_write()?;
-    let path = s.path(&req.path)?.to_string();
-    // The root (of the server or of the credential's prefix) can never be replaced by a file:
-    // refuse it here, before any state exists.
-    if path.is_empty() || path == "." {
-        return Err(Failure::new(
-            ErrorCode::InvalidPath,
-            "cannot upload onto the root",
-        ));
-    }
+    let params = upload_plan(s, req)?;
+    check_destination(s, &params)?;
+    Ok(params)
+}
+
+/// The file-system checks of an OPEN WRITE or PUT, before the client sends its data: the
+/// parent is a directory, the name is not one, and with `no_clobber` it is free. The publish
+/// refuses all three again (the name may change meanwhile); these only fail early. Blocking.
+fn check_destination(s: &Session, p: &UploadParams) -> Result<(), Failure> {
+    let path = &p.path;
     if let Some((parent, _)) = path.rsplit_once('/') {
         let e = s.root().stat(parent)?;
         if e.kind != msg::Kind::Dir as i32 {
@@ -390,20 +390,36 @@ pub(super) fn upload_params(s: &Session, req: &msg::OpenRequest) -> Result<Uploa
             ));
         }
     }
-    if req.no_clobber && s.root().exists(&path)? {
+    if p.no_clobber && s.root().exists(path)? {
         return Err(Failure::new(
             ErrorCode::AlreadyExists,
-            format!("{} exists", req.path),
+            format!("{} exists", p.dest),
         ));
     }
     // Nor can an existing directory: rename(2) would refuse it only at COMMIT.
     if s.root()
-        .stat(&path)
+        .stat(path)
         .is_ok_and(|e| e.kind == msg::Kind::Dir as i32)
     {
         return Err(Failure::new(
             ErrorCode::IsADirectory,
-            format!("{} is a directory", req.path),
+            format!("{} is a directory", p.dest),
+        ));
+    }
+    Ok(())
+}
+
+/// What an OPEN WRITE, a PUT or a TREE_WRITE record asks to store, checked without touching
+/// the file system: rights, the path (never the root), the frame size.
+pub(super) fn upload_plan(s: &Session, req: &msg::OpenRequest) -> Result<UploadParams, Failure> {
+    s.require_write()?;
+    let path = s.path(&req.path)?.to_string();
+    // The root (of the server or of the credential's prefix) can never be replaced by a file:
+    // refuse it here, before any state exists.
+    if path.is_empty() || path == "." {
+        return Err(Failure::new(
+            ErrorCode::InvalidPath,
+            "cannot upload onto the root",
         ));
     }
     let params = UploadParams {

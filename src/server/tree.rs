@@ -6,8 +6,9 @@
 //! [`MAX_TREE_FILES`] files, one blocking hop reads (or stages) as many as fill a frame, and an
 //! upload's files share two group syncs. Every path still goes through `Session::path` (prefix,
 //! lexical checks) and `Root` (openat2 confinement); every uploaded file still goes through the
-//! checks and the publish of a PUT (`transfer::upload_params`, `UploadStore::open`, seal,
-//! group sync, link, group sync), so nothing is published before its data is durable.
+//! checks and the publish of a PUT (`transfer::upload_plan`, `UploadStore::open`, seal,
+//! group sync, link, group sync), so nothing is published before its data is durable. Only
+//! PUT's early look at the destination is left out: the publish makes the same refusals.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
@@ -19,7 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::connection::{Failure, Session, StreamTx};
 use super::files::blocking;
-use super::transfer::{self, upload_params};
+use super::transfer::{self, upload_plan};
 use super::writer::Outgoing;
 use crate::fs::upload::Upload;
 use crate::protocol::tree::{
@@ -345,7 +346,10 @@ fn stage(
         mtime_ns: entry.mtime_ns,
         ..Default::default()
     };
-    let params = upload_params(s, &open)?;
+    // Without PUT's early look at the destination (a parent that is not a directory, a
+    // directory at the name, a taken name with no_clobber): the data is here already, and
+    // the publish refuses the same; three lookups per file saved.
+    let params = upload_plan(s, &open)?;
     if !entry.data || data.len() as u64 != entry.size {
         return Err(bad("a TREE_WRITE record must carry its whole contents"));
     }
