@@ -19,7 +19,8 @@
 #
 # Each case does one untimed warm-up per tool (it also builds fsd's manifests), then RUNS timed
 # runs alternating the tools (rotating the order each run). The source is re-read right before
-# every run (this VM evicts page cache idle for ~30 s), every run writes to a fresh directory,
+# every run (this VM evicts page cache idle for ~30 s), every run writes to a fresh directory
+# (case d: to a file system made for the run, where it can),
 # and written data is removed and synced before the next run. Client CPU and peak RSS come from
 # /usr/bin/time; server CPU from /proc/PID/stat (utime+stime+cutime+cstime deltas) and server
 # peak RSS from VmHWM after resetting it (clear_refs 5); the rsync daemon forks a child per
@@ -202,6 +203,7 @@ cleanup() {
   fi
   for p in "${!pids[@]}"; do kill_ours "$p" "${pids[$p]}" || true; done
   for p in "${!pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  scratch_drop
   rm -rf "$W/out" "$data/up" "$W/sleep.fifo"
   if [ "$clean" = 1 ]; then rm -rf "$data"; fi
   if [ $rc -ne 0 ]; then
@@ -330,20 +332,31 @@ wait_port() { # wait_port PORT PID WHAT
 declare -A srv_pids=()
 export FSC_TOKEN="bench-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
-start_fsd() {
-  local i
-  : > "$W/fsd.log"
-  "$fsd_bin" --root "$data" --listen 127.0.0.1:0 --token "$FSC_TOKEN" 2>> "$W/fsd.log" &
-  fsd_pid=$!
-  own "$fsd_pid" "$fsd_bin"
-  fsd_addr=
+# launch_fsd ROOT LOG: starts an fsd serving ROOT; sets LAUNCHED_PID and LAUNCHED_ADDR.
+launch_fsd() {
+  local root=$1 flog=$2 i pid addr=
+  : > "$flog"
+  "$fsd_bin" --root "$root" --listen 127.0.0.1:0 --token "$FSC_TOKEN" 2>> "$flog" &
+  pid=$!
+  own "$pid" "$fsd_bin"
   for ((i = 0; i < 200; i++)); do
-    fsd_addr=$(sed -n 's/^fsd: listening on \([^,]*\),.*/\1/p' "$W/fsd.log")
-    [ -n "$fsd_addr" ] && break
-    [ -e "/proc/$fsd_pid" ] || { cat "$W/fsd.log" >&2; die "fsd exited"; }
+    addr=$(sed -n 's/^fsd: listening on \([^,]*\),.*/\1/p' "$flog")
+    [ -n "$addr" ] && break
+    [ -e "/proc/$pid" ] || { cat "$flog" >&2; die "fsd exited"; }
     nap 0.05
   done
-  [ -n "$fsd_addr" ] || die "fsd did not print its address"
+  [ -n "$addr" ] || die "fsd did not print its address"
+  LAUNCHED_PID=$pid LAUNCHED_ADDR=$addr
+}
+stop_ours() { # stop_ours PID NAME: stops one of our background processes and reaps it
+  kill_ours "$1" "$2"
+  wait "$1" 2>/dev/null || true
+  forget "$1"
+}
+
+start_fsd() {
+  launch_fsd "$data" "$W/fsd.log"
+  fsd_pid=$LAUNCHED_PID fsd_addr=$LAUNCHED_ADDR
   srv_pids[fsd]=$fsd_pid
 }
 
@@ -356,9 +369,7 @@ restart_fsd() { # restart_fsd CASE-THAT-ENDED
       case $k in VmRSS:) rss=$v ;; Threads:) thr=$v ;; esac
     done < "/proc/$fsd_pid/status"
     printf '%s\t%s\t%s\n' "$1" "$rss" "$thr" >> "$W/fsd-retained.tsv"
-    kill_ours "$fsd_pid" "$fsd_bin"
-    wait "$fsd_pid" 2>/dev/null || true
-    forget "$fsd_pid"
+    stop_ours "$fsd_pid" "$fsd_bin"
   fi
   start_fsd
 }
@@ -416,6 +427,11 @@ log file = $W/rsyncd.log
 use chroot = no
 [data]
   path = $data
+  read only = no
+  uid = root
+  gid = root
+[scratch]
+  path = $scratch_mnt
   read only = no
   uid = root
   gid = root
@@ -556,6 +572,36 @@ rotate() {
   for ((i = 0; i < n; i++)); do printf '%s\n' "${t[$(((i + r) % n))]}"; done
 }
 
+# A file system of its own for each small-file run. ext4 creates files slowly for a while after
+# many were deleted (recently freed inodes: 100,000 files cost the first tool after a deletion
+# 2-5x the CPU of the next), so in one shared file system whichever tool follows a deletion
+# pays for it. Case d writes each run into an ext4 made for that run (a loop-mounted image in
+# the workdir, inode tables written at mkfs so no lazy init runs meanwhile) when it can: root,
+# mkfs.ext4 and a loop device. Otherwise into fresh directories, said in the log and report.
+scratch_mnt=$W/scratch
+scratch_img=$W/scratch.img
+scratch_why="not run"
+scratch_new() { # scratch_new: a new, empty file system at $scratch_mnt (returns 1 if it cannot)
+  scratch_drop
+  mkdir -p "$scratch_mnt"
+  truncate -s 4G "$scratch_img" &&
+    mkfs.ext4 -q -F -N 400000 -E lazy_itable_init=0,lazy_journal_init=0 "$scratch_img" 2>> "$LOG" &&
+    mount -o loop "$scratch_img" "$scratch_mnt" 2>> "$LOG"
+}
+scratch_drop() {
+  if mountpoint -q "$scratch_mnt" 2>/dev/null; then umount "$scratch_mnt" || umount -l "$scratch_mnt"; fi
+  rm -f "$scratch_img"
+}
+scratch_probe() { # sets scratch_why to why case d cannot have file systems of its own, or empty
+  scratch_why=
+  if [ "$(id -u)" != 0 ]; then scratch_why="not root"
+  elif ! command -v mkfs.ext4 > /dev/null; then scratch_why="no mkfs.ext4"
+  elif ! scratch_new; then scratch_why="mkfs or loop mount failed (see the log)"
+  fi
+  scratch_drop
+  [ -z "$scratch_why" ] || log "case d: fresh directories, not file systems of their own: $scratch_why"
+}
+
 fresh() { # fresh NAME: a new empty directory under out/
   FRESH=$W/out/$1
   rm -rf "$FRESH"
@@ -637,11 +683,19 @@ count_files() { # count_files DIR EXPECTED
 }
 
 # Recursive download and upload of a small-file tree under $data: TREE N SIZE say which one.
-# tar is the local floor: the same tree copied through a pipe, no network, no sync.
+# tar is the local floor: the same tree copied through a pipe, no network, no sync. With
+# SCRATCH=1 (case d, when scratch_probe found no reason against it) each run writes into a new
+# file system: downloads into it, uploads to an fsd and an rsync module rooted in it.
 small_down() { # small_down CASE LABEL TOOL RUN JOBS [TREE N SIZE [SUFFIX]]
   local c=$1 label=$2 tool=$3 r=$4 j=$5 tree=${6:-small} n=${7:-$small_n} size=${8:-$small_size}
-  warm_small "$tree"; fresh "$c-down-$tree-$tool-$j-$r"
-  local dst=$FRESH/tree
+  local dst
+  if [ "${SCRATCH:-0}" = 1 ]; then
+    scratch_new || die "could not make a scratch file system"
+    dst=$scratch_mnt/tree
+  else
+    fresh "$c-down-$tree-$tool-$j-$r"; dst=$FRESH/tree
+  fi
+  warm_small "$tree"
   case $tool in
     fsc) measure fsd /dev/null "$fsc_bin" -q download -r -j "$j" "$fsd_addr" "$tree" "$dst"
          record "$c" "$label" "fsc${9:-}" "$r" $((n * size)) "$n" ;;
@@ -652,26 +706,47 @@ small_down() { # small_down CASE LABEL TOOL RUN JOBS [TREE N SIZE [SUFFIX]]
          record "$c" "$label" "tar | tar" "$r" $((n * size)) "$n" ;;
   esac
   [ "$r" -gt 0 ] || count_files "$dst" "$n"
-  # Each run writes to a fresh directory; all are deleted at the end of the case.
+  # Without scratch file systems each run writes to a fresh directory; all are deleted at the
+  # end of the case.
+  [ "${SCRATCH:-0}" = 0 ] || scratch_drop
 }
 small_up() { # small_up CASE LABEL TOOL RUN JOBS [TREE N SIZE [SUFFIX]]
   local c=$1 label=$2 tool=$3 r=$4 j=$5 tree=${6:-small} n=${7:-$small_n} size=${8:-$small_size}
+  local addr=$fsd_addr module=data dst=up/$c-$tree-$tool-$j-$r top=$data srv=fsd
+  if [ "${SCRATCH:-0}" = 1 ]; then
+    scratch_new || die "could not make a scratch file system"
+    module=scratch dst=tree top=$scratch_mnt
+    if [ "$tool" = fsc ]; then
+      launch_fsd "$scratch_mnt" "$W/fsd-scratch.log"
+      addr=$LAUNCHED_ADDR srv=fsd-scratch srv_pids[fsd-scratch]=$LAUNCHED_PID
+    fi
+  fi
   warm_small "$tree"
-  local dst=up/$c-$tree-$tool-$j-$r
   case $tool in
-    fsc) measure fsd /dev/null "$fsc_bin" -q upload -r -j "$j" "$fsd_addr" "$data/$tree" "$dst"
+    fsc) measure "$srv" /dev/null "$fsc_bin" -q upload -r -j "$j" "$addr" "$data/$tree" "$dst"
          record "$c" "$label" "fsc${9:-}" "$r" $((n * size)) "$n" ;;
-    rsync) measure rsync /dev/null rsync -r --whole-file "$data/$tree/" "$(rurl "$dst/")"
+    rsync) measure rsync /dev/null rsync -r --whole-file "$data/$tree/" \
+             "rsync://127.0.0.1:$rsync_port/$module/$dst/"
          record "$c" "$label" rsync "$r" $((n * size)) "$n" ;;
-    tar) mkdir -p "$data/$dst"
-         measure none /dev/null bash -c 'tar -C "$1" -cf - . | tar -C "$2" -xf -' tar "$data/$tree" "$data/$dst"
+    tar) mkdir -p "$top/$dst"
+         measure none /dev/null bash -c 'tar -C "$1" -cf - . | tar -C "$2" -xf -' tar "$data/$tree" "$top/$dst"
          record "$c" "$label" "tar | tar" "$r" $((n * size)) "$n" ;;
   esac
-  [ "$r" -gt 0 ] || count_files "$data/$dst" "$n"
+  [ "$r" -gt 0 ] || count_files "$top/$dst" "$n"
+  if [ "${SCRATCH:-0}" = 1 ]; then
+    if [ "$tool" = fsc ]; then
+      stop_ours "${srv_pids[fsd-scratch]}" "$fsd_bin"
+      unset "srv_pids[fsd-scratch]"
+    fi
+    scratch_drop
+  fi
 }
 
 case_d() {
   local r t tree n size what ld lu
+  scratch_probe
+  local SCRATCH=0
+  [ -n "$scratch_why" ] || SCRATCH=1
   for tree in small tiny-flat tiny-dirs; do
     case $tree in
       small) n=$small_n size=$small_size what="$small_n × 4 KiB ($small_dirs dirs)" ;;
@@ -1145,6 +1220,10 @@ report=$W/report.md
   echo "Anchors: $(nginx -v 2>&1 | sed 's/.*: //'), rsync $(rsync --version | head -n1 | awk '{print $3}'), $(iperf3 --version | head -n1 | awk '{print "iperf3 "$2}'), curl $(curl --version | head -n1 | awk '{print $2}')."
   echo "Load average (1/5/15 min) at the start: $load_start; at the end: $(cut -d' ' -f1-3 /proc/loadavg). The last column is the CPU the rest of the machine used during each run (median; busy time from /proc/stat minus both sides): ksoftirqd and kworkers doing part of the transfer's work, and other users' noise."
   echo "Command: \`scripts/bench.sh$( [ "$quick" = 1 ] && echo " --quick") --cases $cases --runs $runs\`; medians of $runs run(s) after one warm-up."
+  if has_case d; then
+    if [ -z "$scratch_why" ]; then echo "Case d: every run wrote into an ext4 file system made for it (loop image, mkfs'ed just before)."
+    else echo "Case d: every run wrote into a fresh directory of the workdir's file system ($scratch_why); its figures depend on what was deleted before each run."; fi
+  fi
   echo
   echo "$table"
   echo
