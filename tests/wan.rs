@@ -253,29 +253,34 @@ fn j_auto_uses_one_connection_on_a_short_path() {
 }
 
 /// `-j auto` told the path is long (FSC_ASSUME_RTT_MS, for tests): after its first windows
-/// it adds a connection, downloads and uploads alike, and the file arrives intact over them;
-/// without `-j`, one connection. (Whether it then stops is the controller's unit tests'
-/// business: under a fixed --bwlimit a lucky window may still look like a gain.)
+/// it adds a connection, downloads and uploads alike; under a --bwlimit that caps the run,
+/// the connection it added raises nothing, so it is retired while the file still moves, and
+/// the file arrives intact over what is left; with `-j 1`, one connection.
 #[test]
-fn j_auto_adds_connections_on_a_long_path_both_ways() {
+fn j_auto_adds_connections_on_a_long_path_and_retires_one_that_does_not_pay() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    // 96 MiB at 32 MB/s: ~3 s; with 100 ms assumed, the first connection is added after
-    // 1.2 s or more (a partial 400 ms window, then a plateau), while more than the 16 chunks
-    // a download's new connection needs are still to be asked for.
-    write_random(&root.join("f.bin"), 96 << 20, 7);
+    // 128 MiB at 32 MB/s: ~4 s. With 50 ms assumed (200 ms windows) the first connection is
+    // added after ~1 s (a plateau of one), judged ~1 s later (8 RTTs to settle, then its
+    // plateau) and retired while a third of the file or more is still to come.
+    write_random(&root.join("f.bin"), 128 << 20, 7);
     let s = Fsd::start_on(&root, &[]);
     let dest = dir.path().join("d.bin");
     let dest = dest.to_str().unwrap();
     let run = |args: &[&str]| {
-        let out = fsc(args).env("FSC_ASSUME_RTT_MS", "100").output().unwrap();
+        let out = fsc(args)
+            .env("FSC_ASSUME_RTT_MS", "50")
+            .env("RUST_LOG", "fsc::grow=debug")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let limited = ["-q", "--bwlimit", "32M"];
-    run(&[&limited[..], &["download", &s.addr(), "f.bin", dest]].concat());
-    assert_eq!(connections(&s), 1, "the default is -j 1: {}", s.log_text());
+    run(&[&limited[..], &["download", "-j", "1", &s.addr(), "f.bin", dest]].concat());
+    assert_eq!(connections(&s), 1, "-j 1: {}", s.log_text());
     std::fs::remove_file(dest).unwrap();
-    run(&[
+    let log = run(&[
         &limited[..],
         &["download", "-j", "auto", &s.addr(), "f.bin", dest],
     ]
@@ -287,7 +292,8 @@ fn j_auto_adds_connections_on_a_long_path_both_ways() {
         "{down} connections: {}",
         s.log_text()
     );
-    run(&[
+    assert!(log.contains("retired"), "download: {log}");
+    let log = run(&[
         &limited[..],
         &["upload", "-j", "auto", &s.addr(), dest, "up.bin"],
     ]
@@ -295,6 +301,7 @@ fn j_auto_adds_connections_on_a_long_path_both_ways() {
     assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
     let up = connections(&s) - 1 - down;
     assert!((2..=8).contains(&up), "{up} connections: {}", s.log_text());
+    assert!(log.contains("retired"), "upload: {log}");
 }
 
 /// The socket's `SO_MAX_PACING_RATE` in bytes per second, from an `ss -ti` line: its

@@ -385,7 +385,7 @@ impl Client {
         let addr = &addrs[(slot + moved.load(Ordering::Relaxed)) % addrs.len()];
         debug!(slot, %addr, "connecting");
         let c = match Conn::connect(addr, &self.shared.conn_opts).await {
-            Ok(c) => c,
+            Ok(c) => c.in_slot(slot),
             Err(e) => {
                 // The next attempt of this slot tries the next node.
                 if addrs.len() > 1 && e.is_retryable() {
@@ -398,7 +398,15 @@ impl Client {
         Ok(c)
     }
 
-    /// A slot for work that uses one connection, spreading such work over the pool.
+    /// With `grow`: whether `conn`'s slot was retired (it did not raise the run's rate). Work
+    /// spread over several connections stops giving it more; work it alone holds finishes.
+    pub(crate) fn retired(&self, conn: &Conn) -> bool {
+        self.shared
+            .meter
+            .as_ref()
+            .is_some_and(|m| conn.slot() >= m.active())
+    }
+
     /// The pool slots `slots` names.
     pub(crate) fn slot_list(&self, slots: Slots) -> Vec<usize> {
         match slots {
@@ -407,6 +415,7 @@ impl Client {
         }
     }
 
+    /// A slot for work that uses one connection, spreading such work over the pool.
     pub(crate) fn pick_slot(&self) -> usize {
         self.shared.next_slot.fetch_add(1, Ordering::Relaxed) % self.connections()
     }

@@ -126,6 +126,8 @@ impl Default for ConnOptions {
 pub(crate) struct Conn {
     inner: Arc<Inner>,
     _close: Arc<CloseOnDrop>,
+    /// The client pool's slot that holds it (0 outside a pool): `-j auto` retires slots.
+    slot: usize,
 }
 
 struct CloseOnDrop(CancellationToken);
@@ -223,6 +225,15 @@ impl Dead {
 }
 
 impl Conn {
+    /// This connection as the one in pool slot `slot`.
+    pub(crate) fn in_slot(self, slot: usize) -> Conn {
+        Conn { slot, ..self }
+    }
+
+    pub(crate) fn slot(&self) -> usize {
+        self.slot
+    }
+
     /// Connects over TCP (then TLS, if configured), exchanges Hello and authenticates. `addr` is
     /// `HOST:PORT`; with TLS the server's certificate must be valid for HOST.
     pub async fn connect(addr: &str, opts: &ConnOptions) -> Result<Conn> {
@@ -316,6 +327,7 @@ impl Conn {
         let conn = Conn {
             _close: Arc::new(CloseOnDrop(inner.shutdown.clone())),
             inner,
+            slot: 0,
         };
         // The handshake must not hang on a silent peer either.
         match tokio::time::timeout(opts.stall_timeout, conn.hello_and_auth(opts)).await {

@@ -517,7 +517,13 @@ impl Job {
         queue: &Queue,
         corrupt: &Mutex<HashMap<u32, u32>>,
     ) -> Result<(), Stop> {
+        // Spread over the pool (Slots::All, whose first slot is never retired), a lane of a
+        // connection that -j auto retired stops taking runs; the others finish the file.
+        let spread = matches!(self.slots, Slots::All);
         loop {
+            if spread && self.client.retired(conn) {
+                break;
+            }
             // Registered before the check, so an advance in between is not missed.
             let advanced = sink.advanced.notified();
             // A run never asks for more than the window holds (big chunks are the server's

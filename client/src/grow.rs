@@ -5,8 +5,9 @@
 //! everything sent after a lost segment waits a second RTT in that buffer). A few connections
 //! fill the link; how many depends on the link, the loss and the other end, so the run finds
 //! out: it starts on one connection and adds one at a time while the run's throughput rises
-//! with each, then keeps what it has. Connections added stay for the rest of the run, so the
-//! next files use them from their start.
+//! with each. The first one that does not raise it is retired (its lanes take no more work;
+//! the file it helped is finished by the others) and the run keeps the rest: they serve it to
+//! the end, so the next files use them from their start.
 //!
 //! - Never on a short path (minimum RTT under [`fsd::net::SHORT_PATH_RTT`]: loopback, a LAN):
 //!   one connection is not held back there, and more only cost CPU on both ends.
@@ -26,16 +27,16 @@
 //!   (seen at 1 % loss: a first window without a byte).
 //! - It pays if the run's level rose by [`SHARE`] of what one connection carried before (so
 //!   the bar falls as connections are added), and by at least [`MIN_GAIN`]; then the next is
-//!   added, otherwise growth stops.
+//!   added, otherwise it is retired and growth stops.
 //!
 //! Why the rate and not TCP_INFO's `sndbuf_limited` (the direct sign that one more connection
 //! would help): only the sender sees it, and for downloads that is fsd. A standing queue
 //! (smoothed RTT above the minimum) as the sign of a full link was tried and dropped: fsc's
 //! RTT samples carry the busy receiver's ACK delays too (docs/BENCHMARKS.md, case w). What
-//! the probe still costs where one connection already fills the link: the second one's
-//! startup, ~2.5 % of a 256 MiB upload at no loss on the emulated link, and two connections
-//! that overfill the bottleneck's queue for the rest of the run (8–15 % of a 1 GiB transfer
-//! at no loss), since a connection added is never retired. So it is not the default.
+//! the probe costs where one connection already fills the link: the second one's startup and
+//! the plateau it is judged on (two connections overfill the bottleneck's queue meanwhile),
+//! then it is retired. Kept for the rest of the run it cost 7–15 % of a 1 GiB transfer at no
+//! loss on the emulated link (docs/BENCHMARKS.md, case w).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -130,6 +131,9 @@ pub(crate) async fn grown(rx: &mut Option<watch::Receiver<usize>>) {
 pub(crate) enum Step {
     Wait,
     Grow,
+    /// The last connection added did not pay: the run goes back to one fewer, for good.
+    Retire,
+    /// Growing paid up to the cap.
     Stop,
 }
 
@@ -183,7 +187,11 @@ impl Growth {
             let per_conn = b / (self.conns - 1).max(1) as f64;
             level - b >= (SHARE * per_conn).max(MIN_GAIN * b)
         });
-        if !pays || self.conns >= self.cap {
+        if !pays {
+            self.conns -= 1;
+            return Step::Retire;
+        }
+        if self.conns >= self.cap {
             return Step::Stop;
         }
         *self = Growth {
@@ -242,6 +250,14 @@ pub(crate) fn spawn(
                     }
                     m.active.send_replace(n);
                 }
+                Step::Retire => {
+                    // Its share of the pool's window stays: the connections left may use it,
+                    // and the bound on what is in flight is the one a -j N pool has.
+                    let n = m.active() - 1;
+                    debug!(connections = n, rate = ?rate, "-j auto: the last one did not pay; retired");
+                    m.active.send_replace(n);
+                    return;
+                }
                 Step::Stop => {
                     debug!(connections = m.active(), rate = ?rate, "-j auto: done growing");
                     return;
@@ -294,8 +310,8 @@ mod tests {
         assert_eq!(run(&mut g, &mut r), (Step::Grow, 5));
         assert_eq!(g.before, Some((75.0 * 1.03 + 75.0 * 0.98) / 2.0));
         assert_eq!(run(&mut g, &mut r), (Step::Grow, SETTLE as usize + 5));
-        assert_eq!(run(&mut g, &mut r), (Step::Stop, SETTLE as usize + 5));
-        assert_eq!(g.conns, 3);
+        assert_eq!(run(&mut g, &mut r), (Step::Retire, SETTLE as usize + 5));
+        assert_eq!(g.conns, 2);
     }
 
     #[test]
@@ -330,8 +346,8 @@ mod tests {
         let two = [110.0, 118.0, 117.0, 118.0];
         let mut r = rates(&one).chain(rates(&opening)).chain(rates(&two));
         assert_eq!(run(&mut g, &mut r), (Step::Grow, 6));
-        assert_eq!(run(&mut g, &mut r), (Step::Stop, SETTLE as usize + 3));
-        assert_eq!(g.conns, 2);
+        assert_eq!(run(&mut g, &mut r), (Step::Retire, SETTLE as usize + 3));
+        assert_eq!(g.conns, 1);
     }
 
     #[test]
@@ -388,13 +404,13 @@ mod tests {
             run(&mut g, &mut rates(&[level; 3])).0
         };
         // From 1 to 2 connections: +20 % needed.
-        assert_eq!(grow_at(100.0, 2, 119.0), Step::Stop);
+        assert_eq!(grow_at(100.0, 2, 119.0), Step::Retire);
         assert_eq!(grow_at(100.0, 2, 121.0), Step::Grow);
         // From 2 to 3: +10 %.
-        assert_eq!(grow_at(100.0, 3, 109.0), Step::Stop);
+        assert_eq!(grow_at(100.0, 3, 109.0), Step::Retire);
         assert_eq!(grow_at(100.0, 3, 111.0), Step::Grow);
         // From 8 to 9: 20 % of 12.5 is 2.5, but MIN_GAIN is 5.
-        assert_eq!(grow_at(100.0, 9, 104.0), Step::Stop);
+        assert_eq!(grow_at(100.0, 9, 104.0), Step::Retire);
         assert_eq!(grow_at(100.0, 9, 106.0), Step::Grow);
     }
 

@@ -703,6 +703,11 @@ impl UpJob {
             if only_while_compressing && !self.probe.paying() {
                 return Ok(acked);
             }
+            // Spread over the pool (Slots::All, whose first slot is never retired), a lane of
+            // a connection that -j auto retired stops taking chunks; the others send the rest.
+            if matches!(self.slots, Slots::All) && self.client.retired(conn) {
+                return Ok(acked);
+            }
             // The window first, then a chunk: a lane waiting for room holds no chunk, so the
             // chunks in memory are bounded by the windows, not by lanes x chunk size.
             let mut window = conn.window(u64::from(cs)).await?;
