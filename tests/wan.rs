@@ -255,7 +255,8 @@ fn j_auto_uses_one_connection_on_a_short_path() {
 /// `-j auto` told the path is long (FSC_ASSUME_RTT_MS, for tests): after its first windows
 /// it adds a connection, downloads and uploads alike; under a --bwlimit that caps the run,
 /// the connection it added raises nothing, so it is retired while the file still moves, and
-/// the file arrives intact over what is left; with `-j 1`, one connection.
+/// the file arrives intact over what is left; with `-j 1`, one connection. Without `-j` it is
+/// auto.
 #[test]
 fn j_auto_adds_connections_on_a_long_path_and_retires_one_that_does_not_pay() {
     let dir = tempfile::tempdir().unwrap();
@@ -280,11 +281,8 @@ fn j_auto_adds_connections_on_a_long_path_and_retires_one_that_does_not_pay() {
     run(&[&limited[..], &["download", "-j", "1", &s.addr(), "f.bin", dest]].concat());
     assert_eq!(connections(&s), 1, "-j 1: {}", s.log_text());
     std::fs::remove_file(dest).unwrap();
-    let log = run(&[
-        &limited[..],
-        &["download", "-j", "auto", &s.addr(), "f.bin", dest],
-    ]
-    .concat());
+    // -j auto is the default.
+    let log = run(&[&limited[..], &["download", &s.addr(), "f.bin", dest]].concat());
     assert_same_file(&root.join("f.bin"), Path::new(dest));
     let down = connections(&s) - 1;
     assert!(

@@ -110,10 +110,11 @@ struct Transfer {
     #[arg(short, long)]
     recursive: bool,
     /// Parallel connections (1..64): one big file is split across them, many files spread over
-    /// them. `auto`: one, and on a long path (round trip of 1 ms or more) more, up to 8,
-    /// added one at a time while each raises the run's measured throughput — one connection's
-    /// send buffer limits it under loss. Added connections serve the rest of the run.
-    #[arg(short = 'j', long = "jobs", default_value = "1", value_name = "N|auto",
+    /// them. `auto` (the default): one, and on a long path (round trip of 1 ms or more) more,
+    /// up to 8, added one at a time while each raises the run's measured throughput — one
+    /// connection's send buffer limits it under loss; the first that does not is retired and
+    /// the rest serve the rest of the run. `--background` keeps auto at one.
+    #[arg(short = 'j', long = "jobs", default_value = "auto", value_name = "N|auto",
           value_parser = parse_jobs)]
     jobs: u16,
     /// Compress chunks on the wire with zstd: `auto` (the default) compresses at level 1 only

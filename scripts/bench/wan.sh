@@ -15,7 +15,7 @@
 # net.ipv4.tcp_allowed_congestion_control: cubic is added for the run and the list restored.
 #
 # Per congestion control and loss: curl (one connection) and aria2c -x8 from nginx, iperf3 -P8
-# -R for 8 s, fsc download (default flags: -j 1) — then, with the loss moved to the client's
+# -R for 8 s, fsc download (default flags: -j auto) — then, with the loss moved to the client's
 # sending direction, fsc upload and iperf3 -P8 (forward). 256 MiB (SIZE_MIB), to disk; MB/s =
 # bytes that arrived / wall time. A client still running after MAX_SECS is stopped and its rate
 # is a bound ("<"): bytes it wrote are not counted for fsc (its part file is preallocated).
