@@ -19,6 +19,8 @@
 # sending direction, fsc upload and iperf3 -P8 (forward). 256 MiB (SIZE_MIB), to disk; MB/s =
 # bytes that arrived / wall time. A client still running after MAX_SECS is stopped and its rate
 # is a bound ("<"): bytes it wrote are not counted for fsc (its part file is preallocated).
+# iperf3-n, iperf3-n-up (not in the default set): iperf3 -P8 -n SIZE, timed from its start like
+# fsc — the best a transfer of this size can do on the link (iperf3 -t 8 leaves startup out).
 #
 # Background transfers (fsc --background, src/ledbat.rs), TOOLS tokens (not in the default set):
 #   fsc-bg, fsc-bg-up   fsc --background alone (256 MiB, as fsc / fsc-up)
@@ -180,6 +182,20 @@ run_iperf() { # TOOL(iperf3|iperf3-up) CC LOSS RUN
   record "$2" "$3" "$1" "$4" "$(awk -v b="${v:-0}" 'BEGIN{printf "%.1f", b/8e6}')"
 }
 
+# What the best transfer of this size can do here: iperf3 with 8 streams moving exactly SIZE
+# bytes (-n counts all streams together), timed from its start like fsc (its control
+# connection's round trips and every stream's startup included).
+run_iperf_n() { # TOOL(iperf3-n|iperf3-n-up) CC LOSS RUN
+  local dir=-R t0 t1 r; [ "$1" = iperf3-n-up ] && dir=
+  t0=$(now)
+  if ip netns exec $NS_C timeout 40 iperf3 -c $SIP -p 5201 $dir -n "$SIZE" -P 8 > /dev/null 2>&1; then
+    t1=$(now); r=$(rate "$SIZE" "$t0" "$t1")
+  else
+    t1=$(now); r="<$(rate "$SIZE" "$t0" "$t1")"
+  fi
+  record "$2" "$3" "$1" "$4" "$r"
+}
+
 run_fsc() { # TOOL(fsc|fsc-up) CC LOSS RUN
   local t0 t1 ok=0 r bg=""
   case $1 in fsc-bg*) bg=--background ;; esac
@@ -257,15 +273,17 @@ for cc in $CCS; do
       for t in fg fg+bg fg+fsc; do want $t && run_fg $t "$cc" "$loss" $i; done
       want aria2c && run_http aria2c "$cc" "$loss" $i
       want iperf3 && run_iperf iperf3 "$cc" "$loss" $i
+      want iperf3-n && run_iperf_n iperf3-n "$cc" "$loss" $i
     done
     stop_servers; link_down
-    if want fsc-up || want iperf3-up || want fsc-bg-up || [[ " $TOOLS " == *" fg-up"* ]]; then
+    if want fsc-up || want iperf3-up || want iperf3-n-up || want fsc-bg-up || [[ " $TOOLS " == *" fg-up"* ]]; then
       link_up 0 "$loss"; start_servers
       for ((i = 1; i <= RUNS; i++)); do
         want fsc-up && run_fsc fsc-up "$cc" "$loss" $i
         want fsc-bg-up && run_fsc fsc-bg-up "$cc" "$loss" $i
         for t in fg-up fg-up+bg fg-up+fsc; do want $t && run_fg $t "$cc" "$loss" $i; done
         want iperf3-up && run_iperf iperf3-up "$cc" "$loss" $i
+        want iperf3-n-up && run_iperf_n iperf3-n-up "$cc" "$loss" $i
       done
       stop_servers; link_down
     fi
