@@ -278,7 +278,11 @@ fn j_auto_adds_connections_on_a_long_path_and_retires_one_that_does_not_pay() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let limited = ["-q", "--bwlimit", "32M"];
-    run(&[&limited[..], &["download", "-j", "1", &s.addr(), "f.bin", dest]].concat());
+    run(&[
+        &limited[..],
+        &["download", "-j", "1", &s.addr(), "f.bin", dest],
+    ]
+    .concat());
     assert_eq!(connections(&s), 1, "-j 1: {}", s.log_text());
     std::fs::remove_file(dest).unwrap();
     // -j auto is the default.
