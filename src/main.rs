@@ -85,6 +85,11 @@ struct Args {
     /// Ki, Mi, Gi, Ti binary.
     #[arg(long, default_value = "1Gi", value_parser = fsd::net::parse_size)]
     compress_cache: u64,
+    /// Bytes of chunk manifests (CRC32s and hashes of files served) kept in the state
+    /// directory, counted in 4 KiB blocks; least recently used go first and are recomputed,
+    /// by reading the file, when needed again. Suffixes as --compress-cache.
+    #[arg(long, default_value = "1Gi", value_parser = fsd::net::parse_size)]
+    manifest_cache: u64,
     /// Neither offer nor serve TREE_READ / TREE_WRITE, like a server that predates them
     /// (clients then move small files one request each).
     #[arg(long, hide = true)]
@@ -267,6 +272,7 @@ async fn serve(args: Args) -> Result<()> {
         tree: !args.no_tree_stream,
         background: !args.no_background,
         compress_cache: args.compress_cache,
+        manifest_cache: args.manifest_cache,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         auth_timeout: Duration::from_secs(args.auth_timeout),
         upload_ttl: Duration::from_secs(args.upload_ttl),

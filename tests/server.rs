@@ -587,3 +587,38 @@ fn sigterm_stops_fsd_even_with_a_closed_stderr() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The manifests fsd keeps in its state directory are bounded (`--manifest-cache`): serving
+/// more files than fit leaves at most that many bytes of them (in 4 KiB blocks), the least
+/// recently used gone, and every download is still intact (an evicted manifest is recomputed
+/// from its file). Without a bound every file ever served kept one for good.
+#[test]
+fn the_manifests_kept_in_the_state_dir_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    // Above the inline limit (256 KiB), so each download opens a handle with a manifest.
+    for i in 0..12u64 {
+        write_random(&root.join(format!("f{i}")), 300_000 + i as usize * 1000, i);
+    }
+    let s = Fsd::start_on(&root, &["--manifest-cache", "16Ki"]);
+    let dest = dir.path().join("d");
+    std::fs::create_dir(&dest).unwrap();
+    for round in 0..2 {
+        for i in 0..12 {
+            let name = format!("f{i}");
+            let out = dest.join(format!("{round}-{name}"));
+            fsc_ok(&["-q", "download", &s.addr(), &name, out.to_str().unwrap()]);
+            assert_same_file(&root.join(&name), &out);
+        }
+    }
+    let kept: Vec<u64> = std::fs::read_dir(root.join(".fsd-state/manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    let blocks: u64 = kept.iter().map(|l| l.div_ceil(4096).max(1)).sum();
+    assert!(
+        (1..=4).contains(&blocks),
+        "{} manifests in {blocks} blocks kept under a 16 KiB bound",
+        kept.len()
+    );
+}

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use prost::Message;
 
 use super::identity::{RootId, Version};
+use super::lru_dir::LruDir;
 use blake3::hazmat::ChainingValue;
 
 use crate::integrity::{chunk_cv_parallel, root_hash};
@@ -25,6 +26,13 @@ use crate::state::ManifestRecord;
 /// (cheap to reload from disk). A file's chunk count is bounded (MAX_CHUNKS_PER_FILE), so one
 /// manifest is at most 36 MiB.
 const MEMORY_BYTES: usize = 64 << 20;
+
+/// Bytes of manifests kept in the state directory, in whole blocks (super::lru_dir): about
+/// 260,000 files' worth (one block each below ~110,000 chunks), or a manifest of every chunk of
+/// ~30 TiB in 1 MiB chunks. Without a bound, files deleted or replaced under new inode numbers
+/// (never reused on some shared file systems) would leave their manifests for good; one
+/// evicted is recomputed, by reading its file, the next time it is opened.
+pub const DISK_BYTES: u64 = 1 << 30;
 
 /// CRC32s, chaining values and BLAKE3 of one version of one file.
 #[derive(Debug)]
@@ -54,23 +62,28 @@ pub struct ManifestStats {
     pub disk_hits: AtomicU64,
 }
 
-/// The manifest cache: memory first, then `dir` (one small file per file version).
+/// The manifest cache: memory first, then `dir` (one small file per file version, at most
+/// `disk_bytes` of them).
 pub struct ManifestCache {
     mem: Mutex<Memory>,
-    dir: PathBuf,
+    disk: LruDir,
     ids: RootId,
     pub stats: ManifestStats,
 }
 
 impl ManifestCache {
-    pub fn new(dir: PathBuf, ids: RootId) -> io::Result<ManifestCache> {
-        std::fs::create_dir_all(&dir)?;
+    pub fn new(dir: PathBuf, ids: RootId, disk_bytes: u64) -> io::Result<ManifestCache> {
         Ok(ManifestCache {
             mem: Mutex::new(Memory::default()),
-            dir,
+            disk: LruDir::open(dir, disk_bytes)?,
             ids,
             stats: ManifestStats::default(),
         })
+    }
+
+    /// Manifests removed from the state directory to keep its bound.
+    pub fn evicted(&self) -> u64 {
+        self.disk.evicted.load(Ordering::Relaxed)
     }
 
     /// The manifest of `file` as it is now. Blocking: call from a blocking thread.
@@ -107,7 +120,9 @@ impl ManifestCache {
     }
 
     fn load(&self, v: &Version) -> Option<Manifest> {
-        let bytes = std::fs::read(self.dir.join(file_name(v))).ok()?;
+        let mut f = File::open(self.disk.path(&file_name(v))).ok()?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).ok()?;
         let r = ManifestRecord::decode(&bytes[..]).ok()?;
         let count = chunk_count(v.size, v.chunk_size) as usize;
         let matches = r.volume == v.volume.tag()
@@ -119,6 +134,9 @@ impl ManifestCache {
             && r.crc32.len() == count
             && r.cvs.len() == count * 32
             && r.blake3.len() == 32;
+        if matches {
+            LruDir::touch(&f);
+        }
         matches.then(|| Manifest {
             size: v.size,
             mtime_ns: v.mtime_ns,
@@ -147,13 +165,8 @@ impl ManifestCache {
             cvs: m.cvs.concat(),
             blake3: m.blake3.to_vec(),
         };
-        let path = self.dir.join(file_name(v));
-        let tmp = path.with_extension(format!("tmp.{}", super::private_suffix()));
-        let res =
-            std::fs::write(&tmp, r.encode_to_vec()).and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = res {
+        if let Err(e) = self.disk.put(&file_name(v), &[&r.encode_to_vec()]) {
             tracing::warn!(error = %e, "could not persist manifest");
-            let _ = std::fs::remove_file(&tmp);
         }
     }
 }
@@ -249,7 +262,7 @@ mod tests {
         let f = File::open(&path).unwrap();
         let meta = f.metadata().unwrap();
         let ids = RootId::new([7; 16], std::os::unix::fs::MetadataExt::dev(&meta));
-        let cache = ManifestCache::new(dir.path().join("m"), ids).unwrap();
+        let cache = ManifestCache::new(dir.path().join("m"), ids, DISK_BYTES).unwrap();
         let m = cache.get(&f, &meta, 65536).unwrap();
         assert_eq!(m.crcs.len(), 5);
         assert_eq!(m.crcs[4], crc32fast::hash(&data[4 * 65536..]));
@@ -261,7 +274,7 @@ mod tests {
         cache.get(&f, &meta, 65536).unwrap();
         assert_eq!(cache.stats.computed.load(Ordering::Relaxed), 1);
         assert_eq!(cache.stats.memory_hits.load(Ordering::Relaxed), 1);
-        let cache2 = ManifestCache::new(dir.path().join("m"), ids).unwrap();
+        let cache2 = ManifestCache::new(dir.path().join("m"), ids, DISK_BYTES).unwrap();
         let m2 = cache2.get(&f, &meta, 65536).unwrap();
         assert_eq!(m2.crcs, m.crcs);
         assert_eq!(m2.cvs, m.cvs);

@@ -7,6 +7,7 @@
 pub mod identity;
 pub mod lease;
 pub mod listing;
+pub mod lru_dir;
 pub mod manifest;
 pub mod root;
 pub mod upload;

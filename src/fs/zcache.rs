@@ -3,20 +3,17 @@
 //! file served once is often served again; the cache also remembers chunks that did not shrink,
 //! so they go by sendfile without another try.
 //!
-//! One file per (file version, chunk size, level, chunk) in the state directory, written whole
-//! and renamed into place (a crash leaves the entry or nothing), checked by a CRC32 when read (a
-//! damaged entry is dropped, never served). Bounded in bytes: past the cap the entries used
-//! least recently go, down to nine tenths of it. Several nodes may share the directory: each
-//! counts what it sees, and any of them may evict.
+//! One file per (file version, chunk size, level, chunk) in the state directory, checked by a
+//! CRC32 when read (a damaged entry is dropped, never served), in a directory bounded in bytes
+//! (super::lru_dir: the entries used least recently go first).
 
-use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
+use super::lru_dir::LruDir;
 use crate::protocol::MAX_CHUNK_SIZE;
 
 /// What the cache knows of one chunk at one level.
@@ -49,20 +46,16 @@ impl ChunkKey<'_> {
     }
 }
 
-/// Counters a test or /metrics can read.
+/// Counters a test or /metrics can read (evictions: [`ChunkCache::evicted`]).
 #[derive(Debug, Default)]
 pub struct ChunkCacheStats {
     pub hits: AtomicU64,
     pub stored: AtomicU64,
-    pub evicted: AtomicU64,
 }
 
 pub struct ChunkCache {
-    dir: PathBuf,
-    /// Bytes the entries may take; 0: no cache.
-    cap: u64,
-    used: AtomicU64,
-    evicting: AtomicBool,
+    /// None: no cache (a cap of 0).
+    dir: Option<LruDir>,
     pub stats: ChunkCacheStats,
 }
 
@@ -72,39 +65,35 @@ const CHECK: usize = 4;
 impl ChunkCache {
     /// The cache in `dir` (created), holding at most `cap` bytes (0: none, nothing created).
     pub fn new(dir: PathBuf, cap: u64) -> io::Result<ChunkCache> {
-        let mut used = 0;
-        if cap > 0 {
-            std::fs::create_dir_all(&dir)?;
-            for e in std::fs::read_dir(&dir)? {
-                used += e?.metadata().map_or(0, |m| m.len());
-            }
-        }
-        let c = ChunkCache {
-            dir,
-            cap,
-            used: AtomicU64::new(used),
-            evicting: AtomicBool::new(false),
+        Ok(ChunkCache {
+            dir: match cap {
+                0 => None,
+                _ => Some(LruDir::open(dir, cap)?),
+            },
             stats: ChunkCacheStats::default(),
-        };
-        c.trim();
-        Ok(c)
+        })
     }
 
     pub fn enabled(&self) -> bool {
-        self.cap > 0
+        self.dir.is_some()
+    }
+
+    /// Entries removed to keep the cap.
+    pub fn evicted(&self) -> u64 {
+        self.dir
+            .as_ref()
+            .map_or(0, |d| d.evicted.load(Ordering::Relaxed))
     }
 
     /// The cached chunk, if any (and intact). Blocking.
     pub fn get(&self, key: &ChunkKey) -> Option<Cached> {
-        if self.cap == 0 {
-            return None;
-        }
-        let path = self.dir.join(key.file_name());
+        let dir = self.dir.as_ref()?;
+        let path = dir.path(&key.file_name());
         let f = std::fs::File::open(&path).ok()?;
         let len = f.metadata().ok()?.len();
         // Never more than a chunk and its check: anything else is not an entry of ours.
         if len < CHECK as u64 || len > u64::from(MAX_CHUNK_SIZE) + CHECK as u64 {
-            let _ = std::fs::remove_file(&path);
+            dir.remove(&path);
             return None;
         }
         let mut data = vec![0u8; len as usize];
@@ -112,11 +101,10 @@ impl ChunkCache {
         let (check, payload) = data.split_at(CHECK);
         if crc32fast::hash(payload) != u32::from_le_bytes(check.try_into().unwrap()) {
             tracing::warn!(entry = %path.display(), "damaged compressed-chunk cache entry dropped");
-            let _ = std::fs::remove_file(&path);
+            dir.remove(&path);
             return None;
         }
-        // Used now: the last to be evicted.
-        let _ = f.set_modified(SystemTime::now());
+        LruDir::touch(&f);
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(match payload.is_empty() {
             true => Cached::Raw,
@@ -127,67 +115,15 @@ impl ChunkCache {
     /// Remembers what compressing the chunk gave (`None`: it did not shrink). Failures only
     /// cost a later compression. Blocking.
     pub fn put(&self, key: &ChunkKey, packed: Option<&[u8]>) {
-        if self.cap == 0 {
-            return;
-        }
+        let Some(dir) = &self.dir else { return };
         let payload = packed.unwrap_or_default();
-        let name = key.file_name();
-        let tmp = self
-            .dir
-            .join(format!("{name}.{}.tmp", crate::fs::private_suffix()));
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&crc32fast::hash(payload).to_le_bytes())?;
-            f.write_all(payload)?;
-            std::fs::rename(&tmp, self.dir.join(&name))
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            tracing::debug!("compressed-chunk cache: {e}");
-            return;
-        }
-        self.stats.stored.fetch_add(1, Ordering::Relaxed);
-        self.used
-            .fetch_add((CHECK + payload.len()) as u64, Ordering::Relaxed);
-        self.trim();
-    }
-
-    /// Over the cap: removes the least recently used entries down to nine tenths of it (one
-    /// caller at a time; the others go on). Blocking.
-    fn trim(&self) {
-        if self.used.load(Ordering::Relaxed) <= self.cap
-            || self.evicting.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        let mut entries: Vec<(i64, u64, PathBuf)> = match std::fs::read_dir(&self.dir) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let m = e.metadata().ok()?;
-                    Some((
-                        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-                        m.len(),
-                        e.path(),
-                    ))
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        let mut total: u64 = entries.iter().map(|e| e.1).sum();
-        entries.sort_unstable_by_key(|e| e.0);
-        let goal = self.cap / 10 * 9;
-        for (_, len, path) in entries {
-            if total <= goal {
-                break;
+        let check = crc32fast::hash(payload).to_le_bytes();
+        match dir.put(&key.file_name(), &[&check, payload]) {
+            Ok(()) => {
+                self.stats.stored.fetch_add(1, Ordering::Relaxed);
             }
-            if std::fs::remove_file(&path).is_ok() {
-                total -= len;
-                self.stats.evicted.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(e) => tracing::debug!("compressed-chunk cache: {e}"),
         }
-        self.used.store(total, Ordering::Relaxed);
-        self.evicting.store(false, Ordering::Release);
     }
 }
 
@@ -243,8 +179,9 @@ mod tests {
     fn the_cap_holds_and_the_least_recently_used_go_first() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("z");
-        let c = ChunkCache::new(dir.clone(), 10_000).unwrap();
-        let blob = vec![7u8; 996]; // 1,000 bytes with its check
+        let block = super::super::lru_dir::footprint(1);
+        let c = ChunkCache::new(dir.clone(), 10 * block).unwrap();
+        let blob = vec![7u8; block as usize - CHECK]; // one block with its check
         for i in 0..9 {
             c.put(&key("v", i), Some(&blob));
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -258,15 +195,12 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
-        assert!(on_disk <= 10_000, "{on_disk} bytes on disk");
+        assert!(on_disk <= 10 * block, "{on_disk} bytes on disk");
         assert!(
             c.get(&key("v", 0)).is_some(),
             "the recently used entry was evicted"
         );
         assert!(c.get(&key("v", 1)).is_none(), "the oldest entry was kept");
-        assert!(c.stats.evicted.load(Ordering::Relaxed) >= 2);
-        // A restart counts what is there.
-        let again = ChunkCache::new(dir, 10_000).unwrap();
-        assert_eq!(again.used.load(Ordering::Relaxed), on_disk);
+        assert!(c.evicted() >= 2);
     }
 }

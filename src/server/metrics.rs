@@ -444,6 +444,13 @@ pub fn render(server: &Server) -> String {
         None,
         load(&ms.computed),
     );
+    counter(
+        &mut reg,
+        "manifest_cache_evicted",
+        "Manifests removed from the state directory to stay within its bound (recomputed when needed)",
+        None,
+        server.manifests.evicted(),
+    );
     let zs = &server.zchunks.stats;
     counter(
         &mut reg,
@@ -464,7 +471,7 @@ pub fn render(server: &Server) -> String {
         "compressed_chunk_cache_evicted",
         "Cache entries removed to stay within --compress-cache",
         None,
-        load(&zs.evicted),
+        server.zchunks.evicted(),
     );
 
     let mut out = String::new();

@@ -90,6 +90,8 @@ pub struct Config {
     pub max_compress_level: u32,
     /// Bytes of compressed chunks kept in the state directory (crate::fs::zcache); 0: none.
     pub compress_cache: u64,
+    /// Bytes of chunk manifests kept in the state directory (crate::fs::manifest).
+    pub manifest_cache: u64,
     /// Offer and serve TREE_READ / TREE_WRITE (server::tree). Off: answered UnknownCommand and
     /// not in Hello, as by a server that predates them (to test clients' fallback).
     pub tree: bool,
@@ -135,6 +137,7 @@ impl Config {
             max_frame: MAX_FRAME,
             max_compress_level: crate::compress::DEFAULT_LEVEL,
             compress_cache: COMPRESS_CACHE,
+            manifest_cache: crate::fs::manifest::DISK_BYTES,
             tree: true,
             background: true,
             idle_timeout: IDLE_TIMEOUT,
@@ -306,7 +309,8 @@ impl Server {
             std::fs::metadata(&root_abs)?.dev()
         };
         let ids = RootId::load_or_create(&state_abs, root_dev)?;
-        let manifests = ManifestCache::new(state_abs.join("manifests"), ids)?;
+        let manifests =
+            ManifestCache::new(state_abs.join("manifests"), ids, config.manifest_cache)?;
         let zchunks = ChunkCache::new(state_abs.join("zchunks"), config.compress_cache)?;
         let nofile = quotas::nofile();
         let fd_budget = nofile.saturating_sub(quotas::FD_RESERVE).max(64);
