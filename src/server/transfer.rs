@@ -645,10 +645,18 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
     }
 }
 
+thread_local! {
+    /// The chunk a blocking thread reads to compress, kept between chunks: a fresh chunk-sized
+    /// buffer, zeroed, for each cost a few % of fsd's CPU serving compressed (memset and page
+    /// faults in perf). One per blocking thread (--max-blocking-threads), freed when it ends.
+    static CHUNK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One chunk of a READ that asked for compression at `key.level`: from the compressed-chunk
 /// cache, else read and compressed if the probe says to try. The COMPRESSED frame if that
-/// pays, else the chunk as it is (from memory if it was read, by sendfile if not). A chunk sent
-/// from memory is held in the connection's reply budget until written.
+/// pays, else the chunk as it is, by sendfile (a chunk read to compress is not kept: the
+/// copy in the page cache serves it without one). A compressed chunk is held in the
+/// connection's reply budget until written.
 async fn packed_chunk(
     session: &Arc<Session>,
     file: &Arc<File>,
@@ -700,18 +708,23 @@ async fn packed_chunk(
             None if !p.should_try() => return Ok((header, None)),
             None => {}
         }
-        let mut data = vec![0u8; len as usize];
-        let n = read_up_to(&f, &mut data, offset)?;
-        if n < data.len() {
+        let packed = CHUNK_BUF.with_borrow_mut(|data| {
+            // Grown (and zeroed) only past the longest chunk this thread read so far.
+            data.resize(len as usize, 0);
+            let n = read_up_to(&f, data, offset)?;
             // Shrunk since the manifest: the zero-padded send of Outgoing::File reports it.
+            Ok::<_, std::io::Error>(
+                (n == data.len()).then(|| compress::compress(data, header.checksum, level)),
+            )
+        })?;
+        let Some(packed) = packed else {
             return Ok::<_, std::io::Error>((header, None));
-        }
-        let packed = compress::compress(&data, header.checksum, level);
+        };
         p.record(packed.is_some());
         cache.put(&key, packed.as_deref());
         Ok(match packed {
             Some(z) => compressed(z),
-            None => (header, Some(Bytes::from(data))),
+            None => (header, None),
         })
     })
     .await
