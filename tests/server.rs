@@ -597,8 +597,8 @@ fn the_manifests_kept_in_the_state_dir_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     // Above the inline limit (256 KiB), so each download opens a handle with a manifest.
-    for i in 0..12u64 {
-        write_random(&root.join(format!("f{i}")), 300_000 + i as usize * 1000, i);
+    for (i, len) in (300_000..312_000).step_by(1000).enumerate() {
+        write_random(&root.join(format!("f{i}")), len, i.try_into().unwrap());
     }
     let s = Fsd::start_on(&root, &["--manifest-cache", "16Ki"]);
     let dest = dir.path().join("d");

@@ -84,7 +84,7 @@ impl LruDir {
         let replaced = written.inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })?;
-        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let len = u64::try_from(parts.iter().map(|p| p.len()).sum::<usize>()).unwrap_or(u64::MAX);
         let _ = self
             .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {

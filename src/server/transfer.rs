@@ -710,7 +710,7 @@ async fn packed_chunk(
         }
         let packed = CHUNK_BUF.with_borrow_mut(|data| {
             // Grown (and zeroed) only past the longest chunk this thread read so far.
-            data.resize(len as usize, 0);
+            data.resize(usize::try_from(len).expect("a chunk fits in memory"), 0);
             let n = read_up_to(&f, data, offset)?;
             // Shrunk since the manifest: the zero-padded send of Outgoing::File reports it.
             Ok::<_, std::io::Error>(
