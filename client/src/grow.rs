@@ -271,6 +271,11 @@ pub(crate) fn spawn(
 mod tests {
     use super::*;
 
+    /// Windows skipped after a connection is asked for, as a count of rates fed.
+    fn settle() -> usize {
+        usize::try_from(SETTLE).unwrap()
+    }
+
     /// Feeds rates until a decision other than Wait, returning it and how many windows it took.
     fn run(g: &mut Growth, rates: &mut impl Iterator<Item = Option<f64>>) -> (Step, usize) {
         for (i, r) in rates.enumerate() {
@@ -297,11 +302,11 @@ mod tests {
         // the third does not.
         let mut g = Growth::new(1, 8);
         let one = ramp(75.0);
-        let two: Vec<f64> = [75.0; SETTLE as usize]
+        let two: Vec<f64> = vec![75.0; settle()]
             .into_iter()
             .chain(ramp(112.0))
             .collect();
-        let three: Vec<f64> = [112.0; SETTLE as usize]
+        let three: Vec<f64> = vec![112.0; settle()]
             .into_iter()
             .chain(ramp(115.0))
             .collect();
@@ -309,8 +314,8 @@ mod tests {
         // Judged at the plateau: the level after two windows that did not rise.
         assert_eq!(run(&mut g, &mut r), (Step::Grow, 5));
         assert_eq!(g.before, Some((75.0 * 1.03 + 75.0 * 0.98) / 2.0));
-        assert_eq!(run(&mut g, &mut r), (Step::Grow, SETTLE as usize + 5));
-        assert_eq!(run(&mut g, &mut r), (Step::Retire, SETTLE as usize + 5));
+        assert_eq!(run(&mut g, &mut r), (Step::Grow, settle() + 5));
+        assert_eq!(run(&mut g, &mut r), (Step::Retire, settle() + 5));
         assert_eq!(g.conns, 2);
     }
 
@@ -327,7 +332,7 @@ mod tests {
                 break;
             }
             n += 1;
-            phase = [40.0 * (n - 1) as f64; SETTLE as usize]
+            phase = vec![40.0 * (n - 1) as f64; settle()]
                 .into_iter()
                 .chain(ramp(40.0 * n as f64))
                 .collect();
@@ -342,11 +347,11 @@ mod tests {
         // (+13 < 20 % of 105): two connections, not more.
         let mut g = Growth::new(1, 8);
         let one = [10.0, 40.0, 80.0, 100.0, 105.0, 104.0];
-        let opening = [105.0; SETTLE as usize];
+        let opening = vec![105.0; settle()];
         let two = [110.0, 118.0, 117.0, 118.0];
         let mut r = rates(&one).chain(rates(&opening)).chain(rates(&two));
         assert_eq!(run(&mut g, &mut r), (Step::Grow, 6));
-        assert_eq!(run(&mut g, &mut r), (Step::Retire, SETTLE as usize + 3));
+        assert_eq!(run(&mut g, &mut r), (Step::Retire, settle() + 3));
         assert_eq!(g.conns, 1);
     }
 

@@ -181,7 +181,7 @@ mod tests {
         let dir = tmp.path().join("z");
         let block = super::super::lru_dir::footprint(1);
         let c = ChunkCache::new(dir.clone(), 10 * block).unwrap();
-        let blob = vec![7u8; block as usize - CHECK]; // one block with its check
+        let blob = vec![7u8; usize::try_from(block).unwrap() - CHECK]; // one block with its check
         for i in 0..9 {
             c.put(&key("v", i), Some(&blob));
             std::thread::sleep(std::time::Duration::from_millis(5));
