@@ -334,7 +334,15 @@ impl Client {
             let opts = &client.shared.opts;
             let rtt = opts.assume_rtt.or_else(|| conn0.min_rtt());
             match rtt.filter(|&rtt| rtt >= fsd::net::SHORT_PATH_RTT) {
-                Some(rtt) => grow::spawn(meter, n, rtt, pool_window, window_bytes, POOL_WINDOWS),
+                Some(rtt) => grow::spawn(
+                    meter,
+                    n,
+                    rtt,
+                    pool_window,
+                    window_bytes,
+                    POOL_WINDOWS,
+                    conn0.loss_probe(),
+                ),
                 None => debug!(?rtt, "-j auto: a short path, one connection"),
             }
         }

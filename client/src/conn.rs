@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::link::Link;
+use crate::link::{Link, LossSign};
 use crate::tls::{self, Tls};
 use fsd::compress::Probe;
 
@@ -525,6 +525,21 @@ impl Conn {
     /// The path's minimum RTT, from TCP_INFO (None: not a TCP socket we can ask).
     pub fn min_rtt(&self) -> Option<Duration> {
         self.inner.link.as_ref()?.min_rtt()
+    }
+
+    /// Reads this connection's [`LossSign`] for as long as the connection lives, without
+    /// keeping it open: `-j auto` watches the first connection of a run with it.
+    pub fn loss_probe(&self) -> impl FnMut() -> Option<LossSign> + Send + 'static {
+        let inner = Arc::downgrade(&self.inner);
+        move || {
+            let inner = inner.upgrade()?;
+            // A connection shut down may have closed its socket (its fd number could name
+            // another one by now).
+            if inner.shutdown.is_cancelled() {
+                return None;
+            }
+            inner.link.as_ref()?.loss_sign()
+        }
     }
 
     /// Reserves `bytes` of this connection's window (capped at the whole window, so one huge

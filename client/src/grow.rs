@@ -29,6 +29,16 @@
 //!   the bar falls as connections are added), and by at least [`MIN_GAIN`]; then the next is
 //!   added, otherwise it is retired and growth stops.
 //!
+//! - A lossy start: where the first connection sees packets lost at random — a loss in
+//!   [`LOSSY_TICKS`] windows of its first phase while the bottleneck's queue was empty (the
+//!   data's RTT near the path's minimum; [`crate::link::LossSign`]) — the run goes to
+//!   [`LOSSY_START`] connections at once, as aria2c and iperf3 -P start with several, and
+//!   grows from there as above. Added one phase at a time, connections arrive too late for a
+//!   transfer of a few seconds: at 1 % loss a 256 MiB download took its first 2 s on one
+//!   connection. A full queue's losses come with the RTT a queue's length above the minimum,
+//!   and one connection held by its send buffer does not fill this link's: at no loss the
+//!   first loss was seen only after a second connection had joined (BENCHMARKS.md, case w).
+//!
 //! Why the rate and not TCP_INFO's `sndbuf_limited` (the direct sign that one more connection
 //! would help): only the sender sees it, and for downloads that is fsd. A standing queue
 //! (smoothed RTT above the minimum) as the sign of a full link was tried and dropped: fsc's
@@ -46,6 +56,12 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::link::LossSign;
+
+/// Connections a run on a path with random loss starts with (see the module doc)…
+const LOSSY_START: usize = 4;
+/// …once the first connection saw a loss in this many windows of its first phase.
+const LOSSY_TICKS: u32 = 2;
 /// Round trips per measuring window.
 const WINDOW_RTTS: u32 = 4;
 /// Window bounds: enough bytes to count on a short long path, not forever on a satellite one.
@@ -151,6 +167,10 @@ pub(crate) struct Growth {
     best: f64,
     flat: u32,
     last: f64,
+    /// Windows of the first phase in which the first connection saw random loss; whether the
+    /// run went to [`LOSSY_START`] for it.
+    lossy_windows: u32,
+    jumped: bool,
 }
 
 impl Growth {
@@ -160,6 +180,33 @@ impl Growth {
             cap,
             ..Growth::default()
         }
+    }
+
+    /// Whether a loss sign can still start the run with more connections: only in the first
+    /// phase, once, and where that is more than the run has.
+    pub fn may_start_lossy(&self) -> bool {
+        self.before.is_none() && !self.jumped && self.conns < LOSSY_START.min(self.cap)
+    }
+
+    /// A window's loss sign from the first connection: `random` when it lost packets in the
+    /// window while the queue was empty. Returns the count to go to when it is time.
+    pub fn loss(&mut self, random: bool) -> Option<usize> {
+        if !random || !self.may_start_lossy() {
+            return None;
+        }
+        self.lossy_windows += 1;
+        if self.lossy_windows < LOSSY_TICKS {
+            return None;
+        }
+        // The new connections' plateau is the first one judged (nothing was before it).
+        *self = Growth {
+            conns: LOSSY_START.min(self.cap),
+            cap: self.cap,
+            skip: SETTLE,
+            jumped: true,
+            ..Growth::default()
+        };
+        Some(self.conns)
     }
 
     /// One window's rate, `None` if the window does not count.
@@ -212,7 +259,8 @@ pub(crate) fn window(rtt: Duration) -> Duration {
 
 /// Runs the controller of `meter` for a path of `rtt` until growth stops or the client is
 /// gone. Each connection added brings `window_bytes` more of the pool's shared `window`, up
-/// to `max_windows` connections' worth (as a fixed `-j N` pool has).
+/// to `max_windows` connections' worth (as a fixed `-j N` pool has). `loss` reads the first
+/// connection's [`LossSign`] (for the lossy start).
 pub(crate) fn spawn(
     meter: &Arc<Meter>,
     cap: usize,
@@ -220,14 +268,25 @@ pub(crate) fn spawn(
     window: Arc<Semaphore>,
     window_bytes: usize,
     max_windows: usize,
+    loss: impl FnMut() -> Option<LossSign> + Send + 'static,
 ) {
     let weak: Weak<Meter> = Arc::downgrade(meter);
     let mut growth = Growth::new(meter.active(), cap);
     let every = self::window(rtt);
     debug!(?rtt, ?every, cap, "-j auto: growing while it pays");
+    let mut loss = Some(loss);
+    let grow_to = move |m: &Meter, n: usize| {
+        for k in m.active() + 1..=n {
+            if k <= max_windows {
+                window.add_permits(window_bytes);
+            }
+        }
+        m.active.send_replace(n);
+    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         let (mut at, mut moved, mut was_busy) = (Instant::now(), 0u64, false);
+        let mut lost = 0u64;
         loop {
             tick.tick().await;
             let Some(m) = weak.upgrade() else { return };
@@ -240,15 +299,24 @@ pub(crate) fn spawn(
             let rate = total.saturating_sub(moved) as f64 / (now - at).as_secs_f64();
             (at, moved, was_busy) = (now, total, busy);
             let rate = counts.then_some(rate);
+            if !growth.may_start_lossy() {
+                loss = None;
+            }
+            if let Some(sign) = loss.as_mut().and_then(|read| read()) {
+                let random = sign.lost > lost && sign.queue_empty;
+                lost = sign.lost;
+                if let Some(n) = growth.loss(random) {
+                    debug!(connections = n, rate = ?rate, "-j auto: random loss on the path; several connections at once");
+                    grow_to(&m, n);
+                    continue;
+                }
+            }
             match growth.sample(rate) {
                 Step::Wait => {}
                 Step::Grow => {
                     let n = m.active() + 1;
                     debug!(connections = n, rate = ?rate, "-j auto: one more connection");
-                    if n <= max_windows {
-                        window.add_permits(window_bytes);
-                    }
-                    m.active.send_replace(n);
+                    grow_to(&m, n);
                 }
                 Step::Retire => {
                     // Its share of the pool's window stays: the connections left may use it,
@@ -417,6 +485,42 @@ mod tests {
         // From 8 to 9: 20 % of 12.5 is 2.5, but MIN_GAIN is 5.
         assert_eq!(grow_at(100.0, 9, 104.0), Step::Retire);
         assert_eq!(grow_at(100.0, 9, 106.0), Step::Grow);
+    }
+
+    #[test]
+    fn random_loss_in_the_first_phase_starts_several_connections_once() {
+        let mut g = Growth::new(1, 8);
+        // A loss while the queue was full, or a window without a loss: no sign.
+        assert_eq!(g.loss(false), None);
+        assert_eq!(g.sample(Some(10.0)), Step::Wait);
+        // Random loss in LOSSY_TICKS windows (not necessarily in a row).
+        assert_eq!(g.loss(true), None);
+        assert_eq!(g.loss(false), None);
+        assert_eq!(g.loss(true), Some(LOSSY_START));
+        assert_eq!(g.conns, LOSSY_START);
+        assert!(!g.may_start_lossy());
+        assert_eq!((g.loss(true), g.loss(true)), (None, None), "once");
+        // From there it grows as before: the new connections settle, their plateau is the
+        // first judged, and one more is tried.
+        let phase: Vec<f64> = vec![20.0; settle()].into_iter().chain(ramp(90.0)).collect();
+        assert_eq!(run(&mut g, &mut rates(&phase)), (Step::Grow, settle() + 5));
+        assert_eq!(g.conns, LOSSY_START + 1);
+        assert_eq!(run(&mut g, &mut rates(&[91.0; 10])).0, Step::Retire);
+        assert_eq!(g.conns, LOSSY_START);
+    }
+
+    #[test]
+    fn loss_after_the_first_plateau_or_under_a_small_cap_changes_nothing() {
+        let mut g = Growth::new(1, 8);
+        assert_eq!(run(&mut g, &mut rates(&ramp(75.0))).0, Step::Grow);
+        assert!(!g.may_start_lossy());
+        assert_eq!((g.loss(true), g.loss(true)), (None, None));
+        assert_eq!(g.conns, 2);
+        // -j auto capped at 2 (e.g. two nodes): never more than the cap.
+        let mut g = Growth::new(1, 2);
+        assert_eq!((g.loss(true), g.loss(true)), (None, Some(2)));
+        let g = Growth::new(2, 2);
+        assert!(!g.may_start_lossy());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What fsc knows of the network path under a connection, from the kernel's TCP_INFO: used by
-//! `--compress auto` to compress only where the link, not the CPU, is the bottleneck.
+//! `--compress auto` to compress only where the link, not the CPU, is the bottleneck, and by
+//! `-j auto` to tell a path that drops packets at random from one that is merely full.
 
 use std::os::fd::RawFd;
 use std::sync::Mutex;
@@ -71,6 +72,49 @@ impl Link {
     }
 }
 
+/// What a socket has seen of lost packets so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LossSign {
+    /// Packets that arrived out of order (a gap: something before them was lost) plus segments
+    /// this side sent again: either way a loss on the path, whichever way the data goes.
+    pub lost: u64,
+    /// The round trip of the data's direction is within [`queue_slack`] of the path's minimum:
+    /// the bottleneck's queue is (nearly) empty, so a loss now is not one of a full queue.
+    pub queue_empty: bool,
+}
+
+/// How far above the minimum RTT a round trip may be and still count as an empty queue: a
+/// quarter of the minimum, at least 1 ms (jitter of the hosts themselves).
+fn queue_slack(min_rtt_us: u64) -> u64 {
+    (min_rtt_us / 4).max(1000)
+}
+
+impl Link {
+    /// The socket's [`LossSign`], if the kernel says.
+    pub fn loss_sign(&self) -> Option<LossSign> {
+        loss_sign(&tcp_info(self.fd)?)
+    }
+}
+
+fn loss_sign(info: &libc::tcp_info) -> Option<LossSign> {
+    let min = u64::from(info.tcpi_min_rtt);
+    if min == 0 {
+        return None;
+    }
+    // The round trip the data sees: where this side mostly receives (downloads), the
+    // receiver's own estimate (the sender's queue delays the data it times); where it sends,
+    // the smoothed RTT of its acknowledged segments.
+    let receiving = info.tcpi_bytes_received > info.tcpi_bytes_acked;
+    let rtt = match (receiving, info.tcpi_rcv_rtt) {
+        (true, r) if r > 0 => u64::from(r),
+        _ => u64::from(info.tcpi_rtt),
+    };
+    Some(LossSign {
+        lost: u64::from(info.tcpi_rcv_ooopack) + u64::from(info.tcpi_total_retrans),
+        queue_empty: rtt <= min + queue_slack(min),
+    })
+}
+
 /// The kernel's TCP_INFO for socket `fd`, if it is a TCP socket.
 pub fn tcp_info(fd: RawFd) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; the kernel fills at most `len` bytes of it and says
@@ -105,5 +149,47 @@ mod tests {
         let f = std::fs::File::open("/dev/null").unwrap();
         assert!(tcp_info(f.as_raw_fd()).is_none());
         assert!(!Link::new(f.as_raw_fd()).is_slow());
+        assert!(Link::new(f.as_raw_fd()).loss_sign().is_none());
+    }
+
+    fn info(min_rtt: u32, rtt: u32, rcv_rtt: u32, received: u64, acked: u64) -> libc::tcp_info {
+        // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+        let mut i: libc::tcp_info = unsafe { std::mem::zeroed() };
+        (i.tcpi_min_rtt, i.tcpi_rtt, i.tcpi_rcv_rtt) = (min_rtt, rtt, rcv_rtt);
+        (i.tcpi_bytes_received, i.tcpi_bytes_acked) = (received, acked);
+        i
+    }
+
+    #[test]
+    fn the_queue_is_judged_by_the_round_trip_the_data_sees() {
+        // Downloading (receiving): the receiver's estimate, not the RTT of fsc's small
+        // requests, which the full data queue does not delay the same way.
+        let mut i = info(50_000, 51_000, 100_000, 1 << 30, 1_000);
+        i.tcpi_rcv_ooopack = 7;
+        assert_eq!(
+            loss_sign(&i),
+            Some(LossSign {
+                lost: 7,
+                queue_empty: false
+            })
+        );
+        i.tcpi_rcv_rtt = 62_000;
+        assert!(
+            loss_sign(&i).unwrap().queue_empty,
+            "within a quarter of 50 ms"
+        );
+        // Uploading (sending): the smoothed RTT; retransmissions count as losses.
+        let mut i = info(50_000, 63_000, 0, 1_000, 1 << 30);
+        i.tcpi_total_retrans = 3;
+        assert_eq!(
+            loss_sign(&i),
+            Some(LossSign {
+                lost: 3,
+                queue_empty: false
+            })
+        );
+        // A short path: at least 1 ms of slack; no minimum yet: no sign.
+        assert!(loss_sign(&info(40, 900, 0, 0, 1)).unwrap().queue_empty);
+        assert!(loss_sign(&info(0, 900, 0, 0, 1)).is_none());
     }
 }

@@ -113,7 +113,9 @@ struct Transfer {
     /// them. `auto` (the default): one, and on a long path (round trip of 1 ms or more) more,
     /// up to 8, added one at a time while each raises the run's measured throughput — one
     /// connection's send buffer limits it under loss; the first that does not is retired and
-    /// the rest serve the rest of the run. `--background` keeps auto at one.
+    /// the rest serve the rest of the run. Where the first connection sees packets lost at
+    /// random (not from a full queue), four at once, then as before. `--background` keeps
+    /// auto at one.
     #[arg(short = 'j', long = "jobs", default_value = "auto", value_name = "N|auto",
           value_parser = parse_jobs)]
     jobs: u16,

@@ -72,6 +72,13 @@ impl Fsd {
         Fsd::spawn(root, "127.0.0.1:0", extra, wrapper)
     }
 
+    /// [`Fsd::start_wrapped`] listening on `listen` (e.g. an address inside a network
+    /// namespace the wrapper enters).
+    pub fn start_wrapped_on(wrapper: &[&str], root: &Path, listen: &str) -> Fsd {
+        let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        Fsd::spawn(root, listen, Vec::new(), wrapper)
+    }
+
     fn spawn(root: &Path, listen: &str, extra: Vec<String>, wrapper: Vec<String>) -> Fsd {
         let log = std::env::temp_dir().join(format!(
             "fsd-test-{}-{}.log",
