@@ -325,6 +325,42 @@ fn a_download_spread_over_two_nodes_survives_one_dying() {
     );
 }
 
+/// The endgame: a download spread over a fast node and one paced to 1 MiB/s. Once nothing is
+/// left to ask for, the fast node is asked for the chunks the slow one still owes and the
+/// slow one's READs are cancelled: the download ends long before the slow node could have
+/// sent its share. Before, fsc waited for every chunk asked of the slow node (its lanes hold
+/// 16 MiB: 16 s at that pace) — the proxy counted them all.
+#[test]
+fn a_download_spread_over_a_fast_and_a_slow_node_is_not_held_by_the_slow_one() {
+    let (_dir, a, b) = two_nodes(&[]);
+    let size = 32 << 20;
+    let data = write_random(&a.root.join("big.bin"), size, 23);
+    let slow = Proxy::throttled_down(b.addr, 1 << 20);
+    let out_dir = tempfile::tempdir().unwrap();
+    let dest = out_dir.path().join("big.bin");
+    let nodes = format!("{},{}", a.addr(), slow.addr());
+    let out = fsc(&[
+        "download",
+        "-j",
+        "2",
+        &nodes,
+        "big.bin",
+        dest.to_str().unwrap(),
+    ])
+    .env("RUST_LOG", "fsc::download=debug")
+    .output()
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&dest).unwrap(), data, "wrong bytes");
+    let from_slow = slow.down.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        from_slow < 8 << 20,
+        "the slow node sent {from_slow} bytes before the download ended"
+    );
+    assert!(log.contains("endgame"), "{log}");
+}
+
 /// `fsc upload A,B`: an upload is held by one node at a time (its lease); when that node dies
 /// the upload resumes on the other one and is published once, verified.
 #[test]

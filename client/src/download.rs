@@ -7,12 +7,21 @@
 //! to the local side, `local::sink::Sink` (part file in the destination's working directory,
 //! resume state, preallocation); when all are in, the sink checks the whole-file BLAKE3 and
 //! publishes the very inode that was verified.
+//!
+//! The endgame: once nothing is left to ask for, a lane of a file spread over several
+//! connections asks its connection for the rest of the biggest run still outstanding on
+//! another one, as BitTorrent clients and aria2 do in their endgame. Whichever connection
+//! brings a chunk first stores it; a READ whose remaining chunks are all in ends there (its
+//! stream is dropped, which cancels it). Without it the file waits for its slowest
+//! connection: on a lossy long path one connection still in its startup held the last 16 MiB
+//! of a 256 MiB download for 2–3 s while the others sat idle. What it costs is bounded by what
+//! was in flight when the queue ran dry.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
@@ -320,10 +329,15 @@ impl Job {
             conns.extend(self.admit(r, &meta, &handles)?);
         }
 
-        let corrupt = Mutex::new(HashMap::new());
+        let fetch = Fetch {
+            queue,
+            corrupt: Mutex::new(HashMap::new()),
+            flights: Flights::default(),
+        };
+        let queue = &fetch.queue;
         let mut running: FuturesUnordered<_> = conns
             .into_iter()
-            .flat_map(|(c, h)| self.lanes(&sink, c, h, &queue, &corrupt))
+            .flat_map(|(c, h)| self.lanes(&sink, c, h, &fetch))
             .collect();
         let mut opening = FuturesUnordered::new();
         // -j auto: connections the run adds (crate::grow) join this file while enough is left.
@@ -342,7 +356,7 @@ impl Job {
                 },
                 Some(r) = opening.next() => {
                     if let Some((c, h)) = self.admit(r, &meta, &handles)? {
-                        running.extend(self.lanes(&sink, c, h, &queue, &corrupt));
+                        running.extend(self.lanes(&sink, c, h, &fetch));
                     }
                 }
                 _ = grown(&mut growth), if opening.is_empty() => {
@@ -424,10 +438,9 @@ impl Job {
         sink: &'a Arc<Sink>,
         conn: Conn,
         handle: u32,
-        queue: &'a Queue,
-        corrupt: &'a Mutex<HashMap<u32, u32>>,
+        fetch: &'a Fetch,
     ) -> Vec<futures::future::BoxFuture<'a, Result<(), Stop>>> {
-        let runs = queue.len().div_ceil(RUN as usize);
+        let runs = fetch.queue.len().div_ceil(RUN as usize);
         let lanes = match conn.compress_level() {
             0 => LANES,
             _ => LANES_COMPRESSED,
@@ -435,7 +448,7 @@ impl Job {
         (0..lanes.min(runs))
             .map(|_| {
                 let c = conn.clone();
-                async move { self.lane(sink, &c, handle, queue, corrupt).await }.boxed()
+                async move { self.lane(sink, &c, handle, fetch).await }.boxed()
             })
             .collect()
     }
@@ -514,12 +527,12 @@ impl Job {
         sink: &Arc<Sink>,
         conn: &Conn,
         handle: u32,
-        queue: &Queue,
-        corrupt: &Mutex<HashMap<u32, u32>>,
+        fetch: &Fetch,
     ) -> Result<(), Stop> {
         // Spread over the pool (Slots::All, whose first slot is never retired), a lane of a
         // connection that -j auto retired stops taking runs; the others finish the file.
         let spread = matches!(self.slots, Slots::All);
+        let queue = &fetch.queue;
         loop {
             if spread && self.client.retired(conn) {
                 break;
@@ -529,20 +542,28 @@ impl Job {
             // A run never asks for more than the window holds (big chunks are the server's
             // choice): what a READ may bring is what the window bounds.
             let run = (conn.window_total() / sink.chunk_size).clamp(1, RUN);
-            let Some((first, mut count)) = queue.take(run) else {
-                break;
+            let (first, mut count, flight) = match queue.take(run) {
+                Some((first, count)) => {
+                    let flight = fetch.flights.start(conn.slot(), first, first + count);
+                    (first, count, flight)
+                }
+                None => match fetch.flights.steal(conn.slot(), sink) {
+                    Some((first, end, flight)) => (first, end - first, flight),
+                    None => break,
+                },
             };
             let limit = sink.fetch_limit(first);
             if limit < count && limit > 0 {
                 // Only the part of the run within reach; the rest goes back.
-                queue.requeue(first + limit, first + count);
+                queue.requeue_missing(first + limit, first + count, sink);
                 count = limit;
             }
             if limit == 0 {
                 // Far ahead of stdout: leave the run for later; the lane holding stdout's next
                 // chunk is never held here (it already has its run), and a chunk put back at
                 // the front is within reach of any lane.
-                queue.requeue(first, first + count);
+                queue.requeue_missing(first, first + count, sink);
+                drop(flight);
                 advanced.await;
                 continue;
             }
@@ -552,7 +573,7 @@ impl Job {
             let mut window = match conn.window(bytes).await {
                 Ok(w) => w,
                 Err(e) => {
-                    queue.requeue(first, first + count);
+                    queue.requeue_missing(first, first + count, sink);
                     return Err(e.into());
                 }
             };
@@ -562,16 +583,15 @@ impl Job {
                     sink,
                     conn,
                     handle,
-                    first,
-                    count,
+                    (first, count),
                     &mut window,
                     &mut next,
-                    queue,
-                    corrupt,
+                    fetch,
+                    &flight,
                 )
                 .await;
             // Whatever was not received goes back for another lane or attempt.
-            queue.requeue(next, first + count);
+            queue.requeue_missing(next, first + count, sink);
             r?;
         }
         Ok(())
@@ -583,12 +603,11 @@ impl Job {
         sink: &Arc<Sink>,
         conn: &Conn,
         handle: u32,
-        first: u32,
-        count: u32,
+        (first, count): (u32, u32),
         window: &mut Window,
         next: &mut u32,
-        queue: &Queue,
-        corrupt: &Mutex<HashMap<u32, u32>>,
+        fetch: &Fetch,
+        flight: &Flight<'_>,
     ) -> Result<(), Stop> {
         let end = first + count;
         let mut s = conn.open().await?;
@@ -604,7 +623,14 @@ impl Job {
         while *next < end {
             let i = *next;
             let len = sink.chunk_len(i);
-            let (header, payload) = match s.recv().await? {
+            let Some(reply) =
+                reply_unless_stored(sink, *next..end, &flight.contest, s.recv()).await
+            else {
+                // Every chunk left came on the other connection: dropping the stream cancels
+                // this READ.
+                return Ok(());
+            };
+            let (header, payload) = match reply? {
                 Ok(f) if f.header.is_error() => {
                     let e: msg::Error = f
                         .decode()
@@ -636,7 +662,15 @@ impl Job {
             });
             *next += 1;
             let stored = match good {
-                Some((p, crc)) => sink.put(i, p, crc).await?,
+                // The endgame: the other connection asked for it brought it first.
+                Some(_) if flight.contested() && sink.has(i) => true,
+                Some((p, crc)) => {
+                    let stored = sink.put(i, p, crc).await?;
+                    if stored {
+                        fetch.flights.delivered(conn.slot(), len);
+                    }
+                    stored
+                }
                 None => false,
             };
             if !stored {
@@ -645,7 +679,7 @@ impl Job {
                     chunk: i,
                 });
                 let n = {
-                    let mut c = corrupt.lock().unwrap();
+                    let mut c = fetch.corrupt.lock().unwrap();
                     let n = c.entry(i).or_insert(0);
                     *n += 1;
                     *n
@@ -660,7 +694,7 @@ impl Job {
                         detail: format!("chunk {i} failed its CRC32 {n} times"),
                     }));
                 }
-                queue.requeue(i, i + 1);
+                fetch.queue.requeue(i, i + 1);
             }
             window.release(len);
             self.client.emit(Event::Progress {
@@ -874,6 +908,209 @@ async fn manifest(
     Ok((crcs, cvs))
 }
 
+/// What the lanes of one attempt share: chunks to ask for, CRC failures per chunk, READs
+/// outstanding.
+struct Fetch {
+    queue: Queue,
+    corrupt: Mutex<HashMap<u32, u32>>,
+    flights: Flights,
+}
+
+/// The next reply of a READ — or None once it is contested (another connection was asked for
+/// its chunks too) and every chunk of `rest` is stored.
+async fn reply_unless_stored<T>(
+    sink: &Sink,
+    rest: std::ops::Range<u32>,
+    contest: &Contest,
+    recv: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(recv);
+    loop {
+        if contest.flag.load(Ordering::SeqCst) {
+            // Registered before the check, so a chunk stored in between is not missed.
+            let stored = sink.stored.notified();
+            tokio::pin!(stored);
+            stored.as_mut().enable();
+            if rest.clone().all(|i| sink.has(i)) {
+                return None;
+            }
+            tokio::select! {
+                r = &mut recv => return Some(r),
+                () = &mut stored => {}
+            }
+        } else {
+            // Woken when it becomes contested: a READ stalled on a slow connection must not
+            // hold the file once the other has brought its chunks.
+            let contested = contest.notify.notified();
+            tokio::pin!(contested);
+            contested.as_mut().enable();
+            if contest.flag.load(Ordering::SeqCst) {
+                continue;
+            }
+            tokio::select! {
+                r = &mut recv => return Some(r),
+                () = &mut contested => {}
+            }
+        }
+    }
+}
+
+/// The READs of one file outstanding on its connections, for the endgame (module doc).
+#[derive(Default)]
+struct Flights(Mutex<FlightTable>);
+
+#[derive(Default)]
+struct FlightTable {
+    next_id: u64,
+    runs: Vec<FlightEntry>,
+    /// Per pool slot: when its first READ of the file started, and the bytes it has stored.
+    rates: HashMap<usize, (Instant, u64)>,
+}
+
+impl FlightTable {
+    /// Bytes per second the connection in `slot` has stored for this file (0: none yet).
+    fn rate(&self, slot: usize) -> f64 {
+        self.rates.get(&slot).map_or(0.0, |(since, bytes)| {
+            *bytes as f64 / since.elapsed().as_secs_f64().max(1e-3)
+        })
+    }
+}
+
+/// A READ is asked of a second connection only if that one would bring its chunks in less
+/// than 1 / STEAL_MARGIN of the time the first needs for all it has outstanding: asking
+/// twice sends the same bytes over the same bottleneck, which pays only against a connection
+/// that lags far behind (still in its startup, or in loss recovery).
+const STEAL_MARGIN: f64 = 2.0;
+
+struct FlightEntry {
+    id: u64,
+    /// The pool slot of the connection it is on.
+    slot: usize,
+    first: u32,
+    end: u32,
+    contest: Arc<Contest>,
+}
+
+/// Whether another connection was asked for a READ's chunks too (each READ is, at most
+/// once), and its signal.
+#[derive(Default)]
+struct Contest {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+/// A READ registered in [`Flights`] for as long as it lives.
+struct Flight<'a> {
+    flights: &'a Flights,
+    id: u64,
+    contest: Arc<Contest>,
+}
+
+impl Flight<'_> {
+    fn contested(&self) -> bool {
+        self.contest.flag.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        self.flights
+            .0
+            .lock()
+            .unwrap()
+            .runs
+            .retain(|r| r.id != self.id);
+    }
+}
+
+impl Flights {
+    /// Registers a READ of `[first, end)` on the connection in `slot`.
+    fn start(&self, slot: usize, first: u32, end: u32) -> Flight<'_> {
+        self.register(slot, first, end, false)
+    }
+
+    /// `bytes` of a chunk stored by the connection in `slot`.
+    fn delivered(&self, slot: usize, bytes: u32) {
+        if let Some((_, b)) = self.0.lock().unwrap().rates.get_mut(&slot) {
+            *b += u64::from(bytes);
+        }
+    }
+
+    fn register(&self, slot: usize, first: u32, end: u32, contested: bool) -> Flight<'_> {
+        let mut t = self.0.lock().unwrap();
+        t.rates.entry(slot).or_insert((Instant::now(), 0));
+        let id = t.next_id;
+        t.next_id += 1;
+        let contest = Arc::new(Contest {
+            flag: AtomicBool::new(contested),
+            notify: tokio::sync::Notify::new(),
+        });
+        t.runs.push(FlightEntry {
+            id,
+            slot,
+            first,
+            end,
+            contest: contest.clone(),
+        });
+        Flight {
+            flights: self,
+            id,
+            contest,
+        }
+    }
+
+    /// The endgame: the rest of a READ outstanding on another connection, not asked of a
+    /// second one before, which this connection (`slot`) would bring well before that one
+    /// gets through all it has outstanding (see [`STEAL_MARGIN`]); the one with the most
+    /// chunks left. Marks it contested and returns its range and this READ's registration.
+    fn steal(&self, slot: usize, sink: &Sink) -> Option<(u32, u32, Flight<'_>)> {
+        let (first, end) = {
+            let t = self.0.lock().unwrap();
+            let mine = t.rate(slot);
+            if mine == 0.0 {
+                return None;
+            }
+            let missing = |r: &FlightEntry| -> u64 {
+                (r.first..r.end)
+                    .filter(|&i| !sink.has(i))
+                    .map(|i| u64::from(sink.chunk_len(i)))
+                    .sum()
+            };
+            // Seconds each other connection needs for everything it has outstanding.
+            let mut behind: HashMap<usize, f64> = HashMap::new();
+            for r in t.runs.iter().filter(|r| r.slot != slot) {
+                *behind.entry(r.slot).or_default() += missing(r) as f64;
+            }
+            for (s, left) in behind.iter_mut() {
+                *left /= t.rate(*s);
+            }
+            let (_, first, end, victim) = t
+                .runs
+                .iter()
+                .filter(|r| r.slot != slot && !r.contest.flag.load(Ordering::SeqCst))
+                .filter_map(|r| {
+                    let first = (r.first..r.end).find(|&i| !sink.has(i))?;
+                    let left = missing(r);
+                    let lags = behind[&r.slot] > STEAL_MARGIN * left as f64 / mine;
+                    lags.then_some((left, first, r.end, r))
+                })
+                .max_by_key(|&(left, ..)| left)?;
+            debug!(
+                first,
+                end,
+                from = victim.slot,
+                to = slot,
+                "endgame: chunks asked of a second connection"
+            );
+            let victim = &victim.contest;
+            victim.flag.store(true, Ordering::SeqCst);
+            victim.notify.notify_waiters();
+            (first, end)
+        };
+        Some((first, end, self.register(slot, first, end, true)))
+    }
+}
+
 /// Missing chunks, taken in runs of consecutive indices.
 struct Queue(Mutex<VecDeque<u32>>);
 
@@ -896,6 +1133,15 @@ impl Queue {
             count += 1;
         }
         Some((first, count))
+    }
+
+    /// Puts the chunks of `[from, to)` that `sink` lacks back at the front (another
+    /// connection may have brought the others in the endgame).
+    fn requeue_missing(&self, from: u32, to: u32, sink: &Sink) {
+        let mut q = self.0.lock().unwrap();
+        for i in (from..to).rev().filter(|&i| !sink.has(i)) {
+            q.push_front(i);
+        }
     }
 
     /// Puts `[from, to)` back at the front, to be fetched next.

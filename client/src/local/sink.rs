@@ -104,6 +104,9 @@ pub(crate) struct Sink {
     writing: Mutex<()>,
     /// Signalled when stdout's next chunk advances (lanes wait on it, see `Sink::may_fetch`).
     pub(crate) advanced: tokio::sync::Notify,
+    /// Signalled when a chunk is stored for the first time (a READ that another connection
+    /// was also asked for ends once every chunk it has left is in, see `download`).
+    pub(crate) stored: tokio::sync::Notify,
 }
 
 enum SinkOut {
@@ -274,6 +277,7 @@ impl Sink {
             st: Mutex::new(have),
             saving: Mutex::new(()),
             advanced: tokio::sync::Notify::new(),
+            stored: tokio::sync::Notify::new(),
             writing: Mutex::new(()),
         };
         if let SinkOut::File { stateful: true, .. } = sink.out {
@@ -323,6 +327,11 @@ impl Sink {
                 reach.saturating_sub(first)
             }
         }
+    }
+
+    /// Whether chunk `i` is stored.
+    pub(crate) fn has(&self, i: u32) -> bool {
+        self.st.lock().unwrap().have.get(i)
     }
 
     pub(crate) fn is_complete(&self) -> bool {
@@ -405,6 +414,7 @@ impl Sink {
             matches!(self.out, SinkOut::File { stateful: true, .. })
                 && st.last_save.elapsed() >= SAVE_EVERY
         };
+        self.stored.notify_waiters();
         if checkpoint {
             self.checkpoint()?;
         }
