@@ -71,10 +71,6 @@ fn fsc_over(link: &Link, args: &[&str]) -> String {
     log
 }
 
-fn connections(s: &Fsd) -> usize {
-    s.log_text().matches("authenticated").count()
-}
-
 /// With 1 % of packets lost at random both ways, the first connection sees losses while the
 /// queue is empty and the run goes to four connections at once — downloads and uploads; the
 /// files arrive intact. On the same link without loss the first connection, held by its send
@@ -102,12 +98,12 @@ fn j_auto_starts_with_several_connections_where_the_path_loses_packets_at_random
     let log = fsc_over(&link, &["download", "-q", &listen, "f.bin", dest]);
     assert_same_file(&root.join("f.bin"), Path::new(dest));
     assert!(log.contains(lossy), "download: {log}");
-    let down = connections(&s);
+    let down = s.connections();
     assert!(down >= 4, "{down} connections: {}", s.log_text());
     let log = fsc_over(&link, &["upload", "-q", &listen, dest, "up.bin"]);
     assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
     assert!(log.contains(lossy), "upload: {log}");
-    assert!(connections(&s) - down >= 4, "{}", s.log_text());
+    assert!(s.connections() - down >= 4, "{}", s.log_text());
     drop(s);
     drop(link);
 

@@ -216,11 +216,6 @@ fn fsd_bwlimit_conn_paces_each_connection() {
     assert_same_file(&root.join("f.bin"), &dest);
 }
 
-/// Connections fsd authenticated so far (its log says so once per connection).
-fn connections(s: &Fsd) -> usize {
-    s.log_text().matches("authenticated").count()
-}
-
 /// `-j auto` on loopback: one connection, downloads and uploads, even when a transfer lasts
 /// long enough (48 MiB at 16 MB/s: ~3 s) for growth to have had its chance on a long path.
 #[test]
@@ -240,7 +235,7 @@ fn j_auto_uses_one_connection_on_a_short_path() {
         .concat(),
     );
     assert_same_file(&root.join("f.bin"), Path::new(dest));
-    assert_eq!(connections(&s), 1, "{}", s.log_text());
+    assert_eq!(s.connections(), 1, "{}", s.log_text());
     fsc_ok(
         &[
             &limited[..],
@@ -249,7 +244,7 @@ fn j_auto_uses_one_connection_on_a_short_path() {
         .concat(),
     );
     assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
-    assert_eq!(connections(&s), 2, "{}", s.log_text());
+    assert_eq!(s.connections(), 2, "{}", s.log_text());
 }
 
 /// `-j auto` told the path is long (FSC_ASSUME_RTT_MS, for tests): after its first windows
@@ -283,12 +278,12 @@ fn j_auto_adds_connections_on_a_long_path_and_retires_one_that_does_not_pay() {
         &["download", "-j", "1", &s.addr(), "f.bin", dest],
     ]
     .concat());
-    assert_eq!(connections(&s), 1, "-j 1: {}", s.log_text());
+    assert_eq!(s.connections(), 1, "-j 1: {}", s.log_text());
     std::fs::remove_file(dest).unwrap();
     // -j auto is the default.
     let log = run(&[&limited[..], &["download", &s.addr(), "f.bin", dest]].concat());
     assert_same_file(&root.join("f.bin"), Path::new(dest));
-    let down = connections(&s) - 1;
+    let down = s.connections() - 1;
     assert!(
         (2..=8).contains(&down),
         "{down} connections: {}",
@@ -301,7 +296,7 @@ fn j_auto_adds_connections_on_a_long_path_and_retires_one_that_does_not_pay() {
     ]
     .concat());
     assert_same_file(&root.join("f.bin"), &root.join("up.bin"));
-    let up = connections(&s) - 1 - down;
+    let up = s.connections() - 1 - down;
     assert!((2..=8).contains(&up), "{up} connections: {}", s.log_text());
     assert!(log.contains("retired"), "upload: {log}");
 }

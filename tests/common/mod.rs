@@ -196,6 +196,11 @@ impl Fsd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Connections fsd authenticated so far (its log says so once per connection).
+    pub fn connections(&self) -> usize {
+        self.log_text().matches("authenticated").count()
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
