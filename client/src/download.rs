@@ -662,8 +662,8 @@ impl Job {
             });
             *next += 1;
             let stored = match good {
-                // The endgame: the other connection asked for it brought it first.
-                Some(_) if flight.contested() && sink.has(i) => true,
+                // Brought first by another READ of it (the endgame's, or an earlier one's).
+                Some(_) if sink.has(i) => true,
                 Some((p, crc)) => {
                     let stored = sink.put(i, p, crc).await?;
                     if stored {
@@ -694,7 +694,8 @@ impl Job {
                         detail: format!("chunk {i} failed its CRC32 {n} times"),
                     }));
                 }
-                fetch.queue.requeue(i, i + 1);
+                // Unless the other READ of a contested chunk brought it meanwhile.
+                fetch.queue.requeue_missing(i, i + 1, sink);
             }
             window.release(len);
             self.client.emit(Event::Progress {
@@ -1006,12 +1007,6 @@ struct Flight<'a> {
     contest: Arc<Contest>,
 }
 
-impl Flight<'_> {
-    fn contested(&self) -> bool {
-        self.contest.flag.load(Ordering::SeqCst)
-    }
-}
-
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
         self.flights
@@ -1143,14 +1138,6 @@ impl Queue {
             q.push_front(i);
         }
     }
-
-    /// Puts `[from, to)` back at the front, to be fetched next.
-    fn requeue(&self, from: u32, to: u32) {
-        let mut q = self.0.lock().unwrap();
-        for i in (from..to).rev() {
-            q.push_front(i);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1162,8 +1149,34 @@ mod tests {
         let q = Queue::new(vec![0, 1, 2, 3, 4, 7, 8, 10]);
         assert_eq!(q.take(4), Some((0, 4)));
         assert_eq!(q.take(4), Some((4, 1)));
-        q.requeue(2, 4);
-        assert_eq!(q.take(4), Some((2, 2)));
+        // Chunk 3 was brought by another READ meanwhile (the endgame): only 2 goes back.
+        let cs = 1024;
+        let data = vec![5u8; 11 * cs];
+        let crcs: Vec<u32> = data.chunks(cs).map(crc32fast::hash).collect();
+        let meta = Meta {
+            handle: 1,
+            size: data.len() as u64,
+            mtime_ns: 0,
+            identity: "v1".into(),
+            chunk_size: cs as u32,
+            count: 11,
+            blake3: *blake3::hash(&data).as_bytes(),
+            mode: 0o644,
+        };
+        let sink = Sink::create(
+            "f".into(),
+            meta,
+            crcs.clone(),
+            Out::Stdout,
+            None,
+            false,
+            None,
+        )
+        .unwrap();
+        let chunk3 = Bytes::copy_from_slice(&data[3 * cs..4 * cs]);
+        assert!(sink.put_blocking(3, chunk3, crcs[3]).unwrap());
+        q.requeue_missing(2, 4, &sink);
+        assert_eq!(q.take(4), Some((2, 1)));
         assert_eq!(q.take(4), Some((7, 2)));
         assert_eq!(q.take(4), Some((10, 1)));
         assert_eq!(q.take(4), None);

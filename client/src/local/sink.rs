@@ -128,6 +128,11 @@ enum SinkOut {
 
 struct Have {
     have: Bitmap,
+    /// Chunks stored or being written. A chunk is written once: a second copy (the other READ
+    /// of an endgame, a retry) is dropped unwritten, so the part holds exactly the bytes whose
+    /// chaining values the whole-file hash is built from. Were a copy written over a stored
+    /// chunk, a peer could change the file after it was hashed (a CRC32 is easily matched).
+    claimed: Bitmap,
     cvs: Vec<ChainingValue>,
     done_bytes: u64,
     unsaved: u32,
@@ -168,6 +173,7 @@ impl Sink {
     ) -> Result<Arc<Sink>> {
         let mut have = Have {
             have: Bitmap::new(m.count),
+            claimed: Bitmap::new(m.count),
             cvs: vec![[0; 32]; m.count as usize],
             done_bytes: 0,
             unsaved: 0,
@@ -262,6 +268,7 @@ impl Sink {
                 }
             }
         };
+        have.claimed = have.have.clone();
         let sink = Sink {
             remote,
             identity: m.identity,
@@ -339,8 +346,9 @@ impl Sink {
     }
 
     /// Checks chunk `i` against `crc` (the connection's codec leaves that to us, see
-    /// `conn::reader`) and writes it (off the reactor: disk and hashing block). Ok(false): the
-    /// chunk failed its CRC32 and was not stored.
+    /// `conn::reader`) and the manifest, and writes it (off the reactor: disk and hashing
+    /// block) unless it is stored or being written already. Ok(false): the chunk failed its
+    /// CRC32 and was not stored.
     pub(crate) async fn put(self: &Arc<Self>, i: u32, data: Bytes, crc: u32) -> Result<bool> {
         if data.len() <= INLINE_WRITE
             && matches!(
@@ -361,10 +369,39 @@ impl Sink {
     pub(crate) fn put_blocking(&self, i: u32, data: Bytes, crc: u32) -> Result<bool> {
         // Both hashes in one visit, while the chunk is in this core's cache.
         let (actual, cv) = hash_chunk(&data, i, self.chunk_size, self.size);
-        if actual != crc {
+        if actual != crc || self.crc(i).is_some_and(|c| c != crc) {
             return Ok(false);
         }
         let len = data.len() as u64;
+        {
+            let mut st = self.st.lock().unwrap();
+            if st.claimed.get(i) {
+                return Ok(true);
+            }
+            st.claimed.set(i);
+        }
+        let written = self.write_chunk(i, data);
+        let mut st = self.st.lock().unwrap();
+        if let Err(e) = written {
+            st.claimed.clear(i);
+            return Err(e);
+        }
+        st.have.set(i);
+        st.cvs[i as usize] = cv;
+        st.done_bytes += len;
+        st.unsaved += 1;
+        let checkpoint = matches!(self.out, SinkOut::File { stateful: true, .. })
+            && st.last_save.elapsed() >= SAVE_EVERY;
+        drop(st);
+        self.stored.notify_waiters();
+        if checkpoint {
+            self.checkpoint()?;
+        }
+        Ok(true)
+    }
+
+    /// Chunk `i`, claimed by the caller, into the part or (in order) to stdout.
+    fn write_chunk(&self, i: u32, data: Bytes) -> Result<()> {
         match &self.out {
             SinkOut::File {
                 dir,
@@ -402,23 +439,7 @@ impl Sink {
                 }
             }
         }
-        let checkpoint = {
-            let mut st = self.st.lock().unwrap();
-            if st.have.get(i) {
-                return Ok(true);
-            }
-            st.have.set(i);
-            st.cvs[i as usize] = cv;
-            st.done_bytes += len;
-            st.unsaved += 1;
-            matches!(self.out, SinkOut::File { stateful: true, .. })
-                && st.last_save.elapsed() >= SAVE_EVERY
-        };
-        self.stored.notify_waiters();
-        if checkpoint {
-            self.checkpoint()?;
-        }
-        Ok(true)
+        Ok(())
     }
 
     /// Records the chunks the part now holds. Not synced, and the part is not either: a claim
@@ -936,6 +957,79 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert_eq!(md.mode() & 0o7777, 0o640);
         assert_eq!(md.mtime_nsec(), 123_456_789);
+    }
+
+    /// `data` with some of its first 40 bits flipped so that its CRC32 stays the same, as a
+    /// hostile peer can do to any chunk: CRC32 is linear, so for equal lengths
+    /// crc(a ^ d) = crc(a) ^ crc(d) ^ crc(zeros), and 40 single-bit effects of 32 bits each
+    /// have a non-empty subset that cancels out (found by elimination over GF(2)).
+    fn same_crc_other_bytes(data: &[u8]) -> Vec<u8> {
+        let zeros = crc32fast::hash(&vec![0u8; data.len()]);
+        let effect = |bit: usize| {
+            let mut d = vec![0u8; data.len()];
+            d[bit / 8] ^= 1 << (bit % 8);
+            crc32fast::hash(&d) ^ zeros
+        };
+        // basis[b]: a combination (effect, bits flipped) whose highest set bit is b.
+        let mut basis: [Option<(u32, u64)>; 32] = [None; 32];
+        for k in 0..40 {
+            let (mut v, mut bits) = (effect(k), 1u64 << k);
+            for b in (0..32).rev() {
+                if v >> b & 1 == 0 {
+                    continue;
+                }
+                match basis[b] {
+                    Some((bv, bb)) => (v, bits) = (v ^ bv, bits ^ bb),
+                    None => {
+                        basis[b] = Some((v, bits));
+                        break;
+                    }
+                }
+            }
+            if v == 0 {
+                let mut out = data.to_vec();
+                for bit in (0..40).filter(|&i| bits >> i & 1 == 1) {
+                    out[bit / 8] ^= 1 << (bit % 8);
+                }
+                return out;
+            }
+        }
+        unreachable!("40 vectors in a 32-dimensional space are dependent")
+    }
+
+    #[test]
+    fn a_stored_chunk_is_never_written_again() {
+        // A second copy of a stored chunk (the other READ of an endgame, a retry) with the
+        // same CRC32 but other bytes must not replace it: the whole-file hash is built from
+        // the first copy, so the file would be published with bytes nothing verified.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 / 3) as u8).collect();
+        let m = meta(3000, 1024, &data);
+        let crcs: Vec<u32> = chunks(&data, 1024)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let out = Out::File {
+            work: Work::new(dir.clone(), WORK_DIR.into(), "h"),
+            dir,
+            name: "h".into(),
+            group: None,
+        };
+        let s = Sink::create("h".into(), m.clone(), crcs.clone(), out, None, false, None).unwrap();
+        for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
+            assert!(s.put_blocking(i as u32, c, crcs[i]).unwrap());
+        }
+        let forged = same_crc_other_bytes(&data[1024..2048]);
+        assert_ne!(forged, data[1024..2048]);
+        assert_eq!(crc32fast::hash(&forged), crcs[1]);
+        assert!(s.put_blocking(1, forged.into(), crcs[1]).unwrap());
+        assert_eq!(s.finish_blocking().unwrap(), m.blake3);
+        let published = std::fs::read(tmp.path().join("h")).unwrap();
+        assert!(
+            published == data,
+            "the published file is not what was verified"
+        );
     }
 
     #[test]

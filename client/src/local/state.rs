@@ -55,6 +55,10 @@ impl Bitmap {
         self.bits[(i / 8) as usize] |= 1 << (i % 8);
     }
 
+    pub fn clear(&mut self, i: u32) {
+        self.bits[(i / 8) as usize] &= !(1 << (i % 8));
+    }
+
     pub fn count(&self) -> u32 {
         self.bits.iter().map(|b| b.count_ones()).sum()
     }
