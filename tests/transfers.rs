@@ -120,6 +120,28 @@ fn sparse_file_over_4_gib_both_ways() {
     assert_eq!(hash_file(&s.root.join("back")), expected);
 }
 
+/// A file of more chunks than one MANIFEST page of chaining values can carry in a control
+/// frame (16384 x 36 bytes would be 576 KiB; the limit is 256 KiB): fsc asks for them on every
+/// fresh download, so the pages must be small enough. 8000 chunks of 64 KiB, mostly a hole.
+#[test]
+fn a_file_of_many_chunks_downloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Fsd::start_on(dir.path(), &["--chunk-size", "65536"]);
+    let size = 8000u64 * 65536;
+    let f = std::fs::File::create(s.root.join("many")).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    for (i, at) in [0, size / 3, size - 11].into_iter().enumerate() {
+        f.write_all_at(format!("marker {i}").as_bytes(), at)
+            .unwrap();
+    }
+    drop(f);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("many");
+    fsc_ok(&["-q", "download", &s.addr(), "many", dst.to_str().unwrap()]);
+    assert_eq!(hash_file(&dst), hash_file(&s.root.join("many")));
+}
+
 fn hash_file(p: &Path) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
     h.update_reader(std::fs::File::open(p).unwrap()).unwrap();

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
 use fsd::protocol::{
-    checked_chunk_count, flags, msg, Cmd, ErrorCode, MANIFEST_PAGE, MAX_CHUNKS_PER_FILE,
+    checked_chunk_count, flags, msg, Cmd, ErrorCode, MANIFEST_CVS_PAGE, MANIFEST_PAGE,
+    MAX_CHUNKS_PER_FILE,
 };
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -858,38 +859,40 @@ async fn manifest(
     count: u32,
     want_cvs: bool,
 ) -> Result<(Vec<u32>, Option<Vec<ChainingValue>>)> {
-    let pages = (0..count)
-        .step_by(MANIFEST_PAGE as usize)
-        .map(|first| async move {
-            let n = MANIFEST_PAGE.min(count - first);
-            let req = msg::ManifestRequest {
-                handle,
-                first_chunk: first,
-                count: n,
-                cvs: want_cvs,
-            };
-            let r: msg::ManifestResponse = conn.request(Cmd::MANIFEST, &req).await?;
-            // u64: n ≤ MANIFEST_PAGE, the reply's lengths are the peer's.
-            let cvs_len = r.cvs.len() as u64;
-            if r.first_chunk != first
-                || u64::try_from(r.crc32.len()) != Ok(u64::from(n))
-                || (cvs_len != 0 && (!want_cvs || cvs_len != u64::from(n) * 32))
-            {
-                return Err(Error::Protocol(format!(
-                    "manifest page at {first}: got {} CRCs and {cvs_len} bytes of chaining \
+    let page = match want_cvs {
+        true => MANIFEST_CVS_PAGE,
+        false => MANIFEST_PAGE,
+    };
+    let pages = (0..count).step_by(page as usize).map(|first| async move {
+        let n = page.min(count - first);
+        let req = msg::ManifestRequest {
+            handle,
+            first_chunk: first,
+            count: n,
+            cvs: want_cvs,
+        };
+        let r: msg::ManifestResponse = conn.request(Cmd::MANIFEST, &req).await?;
+        // u64: n ≤ MANIFEST_PAGE, the reply's lengths are the peer's.
+        let cvs_len = r.cvs.len() as u64;
+        if r.first_chunk != first
+            || u64::try_from(r.crc32.len()) != Ok(u64::from(n))
+            || (cvs_len != 0 && (!want_cvs || cvs_len != u64::from(n) * 32))
+        {
+            return Err(Error::Protocol(format!(
+                "manifest page at {first}: got {} CRCs and {cvs_len} bytes of chaining \
                      values from {}",
-                    r.crc32.len(),
-                    r.first_chunk
-                )));
-            }
-            let page_cvs: Option<Vec<ChainingValue>> = (cvs_len != 0).then(|| {
-                r.cvs
-                    .chunks_exact(32)
-                    .map(|c| c.try_into().expect("32-byte pieces"))
-                    .collect()
-            });
-            Ok((r.crc32, page_cvs))
+                r.crc32.len(),
+                r.first_chunk
+            )));
+        }
+        let page_cvs: Option<Vec<ChainingValue>> = (cvs_len != 0).then(|| {
+            r.cvs
+                .chunks_exact(32)
+                .map(|c| c.try_into().expect("32-byte pieces"))
+                .collect()
         });
+        Ok((r.crc32, page_cvs))
+    });
     let pages = futures::future::try_join_all(pages).await?;
     // `count` passed OPEN's checks (≤ MAX_CHUNKS_PER_FILE), and every page matched its length.
     let count = usize::try_from(count).expect("a checked chunk count fits usize");

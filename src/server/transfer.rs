@@ -21,8 +21,8 @@ use crate::fs::manifest::Manifest;
 use crate::fs::upload::{Upload, UploadParams};
 use crate::fs::zcache::{Cached, ChunkKey};
 use crate::protocol::{
-    chunk_count, chunk_len, chunk_size_for, flags, msg, ErrorCode, Frame, Header, MANIFEST_PAGE,
-    MAX_INLINE, MAX_UPLOADS_PER_CONNECTION,
+    chunk_count, chunk_len, chunk_size_for, flags, msg, ErrorCode, Frame, Header,
+    MANIFEST_CVS_PAGE, MANIFEST_PAGE, MAX_INLINE, MAX_UPLOADS_PER_CONNECTION,
 };
 
 /// Most chunks one READ may ask for.
@@ -554,9 +554,13 @@ pub async fn manifest(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, F
         Handle::Read { manifest, .. } => manifest.crcs.len() as u32,
         Handle::Write(u) => u.count,
     };
+    let page = match req.cvs {
+        true => MANIFEST_CVS_PAGE,
+        false => MANIFEST_PAGE,
+    };
     let count = match req.count {
-        0 => MANIFEST_PAGE,
-        n => n.min(MANIFEST_PAGE),
+        0 => page,
+        n => n.min(page),
     };
     let first = req.first_chunk.min(total);
     let end = first.saturating_add(count).min(total);
