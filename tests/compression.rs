@@ -7,6 +7,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::inproc;
@@ -386,4 +387,80 @@ fn chunks_compressed_once_are_served_from_the_cache() {
     assert_eq!(z.hits.load(Relaxed), 6);
     assert_eq!(wires[0], wires[1]);
     assert!(wires[0] < (6 << 20) / 4, "{} bytes", wires[0]);
+}
+
+/// Compressed chunks bigger than the connection's reply budget (4 MiB; chunks go up to
+/// 16 MiB) still count against it: a client that asks for many and never reads its socket
+/// holds about one of them per connection in the server, not one per READ.
+#[test]
+fn unread_compressed_replies_are_bounded_in_bytes() {
+    const CHUNK: usize = 16 << 20;
+    let fsd = Fsd::start();
+    // Each chunk: 10 MiB of noise, then zeros; it compresses to ~10 MiB, over the budget.
+    let mut data = Vec::with_capacity(4 * CHUNK);
+    for i in 0..4 {
+        data.extend_from_slice(&random_bytes(10 << 20, i));
+        data.resize((i as usize + 1) * CHUNK, 0);
+    }
+    std::fs::write(fsd.root.join("big"), &data).unwrap();
+    drop(data);
+    let base = proc_status_kib(fsd.pid(), "VmRSS:");
+    let conns: Vec<Raw> = (0..3)
+        .map(|_| {
+            let mut r = Raw::connect(fsd.addr);
+            let h = r.call(
+                Cmd::HELLO,
+                0,
+                &msg::Hello {
+                    version: 1,
+                    chunk_size: CHUNK as u32,
+                    compress_level: 1,
+                    ..Default::default()
+                },
+            );
+            let h: msg::Hello = h.decode().unwrap();
+            assert_eq!((h.compress_level, h.chunk_size), (1, CHUNK as u32));
+            let a = r.call(
+                Cmd::AUTH,
+                1,
+                &msg::Auth {
+                    token: TOKEN.into(),
+                },
+            );
+            assert!(!a.header.is_error());
+            let frames = open_read(&mut r, 3, "big", 0, 1);
+            let open: msg::OpenResponse = frames[0].decode().unwrap();
+            assert_eq!(open.chunk_count, 4);
+            for sid in 0..24u32 {
+                r.send_msg(
+                    Cmd::READ,
+                    5 + 2 * sid,
+                    flags::END,
+                    &msg::ReadRequest {
+                        handle: open.handle,
+                        first_chunk: 0,
+                        count: 4,
+                        compress_level: 1,
+                    },
+                );
+            }
+            r
+        })
+        .collect();
+    // Give the server time to compress (or take from its cache) all it is willing to.
+    let mut peak = 0;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(proc_status_kib(fsd.pid(), "VmRSS:"));
+    }
+    let grew_mib = peak.saturating_sub(base) / 1024;
+    println!("3 connections x 24 unread READs of 4 x ~10 MiB compressed: fsd RSS +{grew_mib} MiB");
+    // 3 x 24 x 40 MiB asked for. Allowed: per connection the frame being written and the
+    // one waiting for the budget, plus each blocking thread's chunk buffer and zstd context
+    // (measured +152 MiB; +1127 MiB when such frames bypassed the budget).
+    assert!(
+        grew_mib < 250,
+        "fsd grew by {grew_mib} MiB for compressed replies nobody reads"
+    );
+    drop(conns);
 }

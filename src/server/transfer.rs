@@ -748,10 +748,13 @@ async fn packed_chunk(
         .bytes_copied
         .fetch_add(payload.len() as u64, Ordering::Relaxed);
     let frame = Frame { header, payload };
-    Ok(match held.split(frame.payload.len()) {
-        Some(h) => Outgoing::Held(frame, h),
-        None => Outgoing::Frame(frame),
-    })
+    // A chunk over the budget (reserve_reply caps it) keeps the whole budget until written:
+    // one such frame at a time per connection, however many READs ask for them.
+    let held = match held.split(frame.payload.len()) {
+        Some(part) => part,
+        None => held,
+    };
+    Ok(Outgoing::Held(frame, held))
 }
 
 /// A read's file, manifest and probe, checked against the request and the file's state.
