@@ -1,5 +1,6 @@
 //! `fsd`: command-line arguments -> server configuration -> `fsd::server::run`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -190,6 +191,8 @@ async fn serve(args: Args) -> Result<()> {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: in a log file they are escape sequences.
+        .with_ansi(std::io::stderr().is_terminal())
         // A closed or broken stderr must not turn a log line into a panic (tracing reports
         // its own write errors with eprintln!, which panics on EPIPE).
         .log_internal_errors(false);

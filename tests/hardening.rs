@@ -1102,3 +1102,47 @@ fn idle_upload_handles_give_their_descriptors_back() {
         "chunk 0 kept for resume"
     );
 }
+
+/// Names a client chooses reach fsd's log escaped: a newline in a path cannot start a line
+/// of its own that looks like fsd's (a forged "authenticated" entry, say).
+#[test]
+fn client_names_cannot_forge_log_lines() {
+    let fsd = Fsd::start();
+    let forged = "2026-12-03T00:00:00.000000Z  INFO fsd::server: authenticated name=\"admin\"";
+    let name = format!("x\n{forged}");
+    std::fs::write(fsd.root.join(&name), b"data").unwrap();
+    let mut r = Raw::authed(fsd.addr);
+    let mkdir = msg::MkdirRequest {
+        path: format!("d\n{forged}"),
+        ..Default::default()
+    };
+    let rename = msg::RenameRequest {
+        from: format!("d\n{forged}"),
+        to: format!("e\n{forged}"),
+        ..Default::default()
+    };
+    let open = msg::OpenRequest {
+        path: name.clone(),
+        mode: msg::OpenMode::OpenRead as i32,
+        ..Default::default()
+    };
+    let remove = msg::RemoveRequest {
+        path: format!("e\n{forged}"),
+        recursive: false,
+    };
+    assert!(!r.call(Cmd::MKDIR, 3, &mkdir).header.is_error());
+    assert!(!r.call(Cmd::RENAME, 5, &rename).header.is_error());
+    assert!(!r.call(Cmd::OPEN, 7, &open).header.is_error());
+    assert!(!r.call(Cmd::REMOVE, 9, &remove).header.is_error());
+    // The log is written as it happens; the last request was answered.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = fsd.log_text();
+    assert!(log.contains("mkdir"), "nothing logged: {log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with(forged)).collect();
+    assert!(lines.is_empty(), "forged log lines: {lines:?}");
+    // Nor terminal escapes in a log that goes to a file (colours are for terminals).
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape sequences in the log: {log:?}"
+    );
+}

@@ -348,6 +348,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     keep_freed_memory();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -146,7 +146,7 @@ impl StreamTx {
     }
 
     pub async fn fail(self, e: Failure) {
-        tracing::debug!(code = ?e.code, message = %e.message, "request failed");
+        tracing::debug!(code = ?e.code, message = ?e.message, "request failed");
         let f = Frame::error(self.cmd, self.stream_id, &e.code.msg(e.message));
         self.finish(Outgoing::Frame(f)).await
     }

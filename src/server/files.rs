@@ -85,7 +85,7 @@ pub async fn mkdir(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fail
         if req.mtime_ns != 0 {
             s.root().set_dir_mtime(path, req.mtime_ns)?;
         }
-        tracing::info!(path = %req.path, "mkdir");
+        tracing::info!(path = ?req.path, "mkdir");
         ok()
     })
     .await
@@ -108,7 +108,7 @@ pub async fn remove(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fai
     blocking(session, move |s| {
         s.require_write()?;
         s.root().remove(s.path(&req.path)?, req.recursive)?;
-        tracing::info!(path = %req.path, recursive = req.recursive, "removed");
+        tracing::info!(path = ?req.path, recursive = req.recursive, "removed");
         ok()
     })
     .await
@@ -120,7 +120,7 @@ pub async fn rename(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Fai
         s.require_write()?;
         s.root()
             .rename(s.path(&req.from)?, s.path(&req.to)?, req.no_clobber)?;
-        tracing::info!(from = %req.from, to = %req.to, "renamed");
+        tracing::info!(from = ?req.from, to = ?req.to, "renamed");
         ok()
     })
     .await

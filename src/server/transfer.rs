@@ -294,7 +294,7 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
                 .lock()
                 .unwrap()
                 .insert(handle, s.server.config.max_handles, tracked, slot)?;
-        tracing::info!(path = %req.path, handle = id, size = reply.size, "opened for read");
+        tracing::info!(path = ?req.path, handle = id, size = reply.size, "opened for read");
         encoded(msg::OpenResponse {
             handle: id,
             ..reply
@@ -477,7 +477,7 @@ async fn open_write(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Byt
         let done = present_bytes(&reply.bitmap, req.size, upload.chunk_size);
         let tracked = track(s, Direction::Upload, &req.path, req.size, done);
         let id = s.handles.lock().unwrap().insert(Handle::Write(upload), s.server.config.max_handles, tracked, slot)?;
-        tracing::info!(path = %req.path, handle = id, upload = %reply.upload_id, "opened for write");
+        tracing::info!(path = ?req.path, handle = id, upload = %reply.upload_id, "opened for write");
         encoded(msg::OpenResponse { handle: id, ..reply })
     })
     .await
@@ -495,6 +495,10 @@ pub async fn put(
     _held: OwnedSemaphorePermit,
 ) {
     let _timer = session.server.metrics.request(st.cmd);
+    // Refused before any work on the data: a read-only credential gets no decompression.
+    if let Err(e) = session.require_write() {
+        return st.fail(e).await;
+    }
     // A PUT is one chunk at most: never more than the base chunk size to decompress.
     let room =
         u32::try_from(req.size).map_or(session.base_chunk_size, |n| n.min(session.base_chunk_size));
