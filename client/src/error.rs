@@ -2,6 +2,9 @@
 
 use fsd::protocol::ErrorCode;
 
+/// Longest server error message fsc keeps (fsd sends at most a few hundred bytes).
+pub(crate) const MAX_REMOTE_MESSAGE: usize = 1024;
+
 /// Anything that can go wrong in the client library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -109,12 +112,47 @@ impl Error {
         }
     }
 
+    /// A server's ERROR, its message cut to [`MAX_REMOTE_MESSAGE`] bytes: a run keeps the
+    /// message of every file that failed for its summary, and a control frame could carry
+    /// 256 KiB of text each time.
     pub(crate) fn from_wire(e: fsd::protocol::msg::Error) -> Error {
         let code = ErrorCode::from_u32(e.code).unwrap_or(ErrorCode::Internal);
+        let mut message = e.message;
+        if message.len() > MAX_REMOTE_MESSAGE {
+            let mut end = MAX_REMOTE_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
         Error::Remote {
             code,
-            message: e.message,
+            message,
             retryable: e.retryable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_message_is_kept_short() {
+        // Kept for the run's summary for every file that failed: a server must not make that
+        // 256 KiB (a whole control frame) each.
+        for long in ["x".repeat(250_000), "é".repeat(125_000)] {
+            let e = Error::from_wire(fsd::protocol::msg::Error {
+                code: ErrorCode::PermissionDenied as u32,
+                message: long,
+                retryable: false,
+            });
+            let Error::Remote { message, .. } = e else {
+                panic!("not remote: {e:?}");
+            };
+            assert!(message.len() <= MAX_REMOTE_MESSAGE + '…'.len_utf8());
+            assert!(message.ends_with('…'));
         }
     }
 }

@@ -508,6 +508,9 @@ fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
         for (path, e) in &s.failed {
             eprintln!("fsc: {}: {}", escape(path), escape(&e.to_string()));
         }
+        if s.failed_more > 0 {
+            eprintln!("fsc: ... and {} more failed", s.failed_more);
+        }
     }
     if reporter.mode() == Mode::Bars {
         reporter.finish();
@@ -521,7 +524,7 @@ fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
             s.deleted,
             s.links,
             s.skipped,
-            s.failed.len()
+            u64::try_from(s.failed.len()).unwrap_or(u64::MAX) + s.failed_more
         );
     }
     s.exit_code()

@@ -40,9 +40,16 @@ pub struct TreeSummary {
     pub skipped: u64,
     /// Symlinks created or replaced (`-l`).
     pub links: u64,
-    /// Files that failed, with the error.
+    /// Files that failed, with the error: the first [`MAX_KEPT_FAILURES`].
     pub failed: Vec<(String, Error)>,
+    /// Failures past those, counted only (a hostile server can fail every file of a huge tree).
+    pub failed_more: u64,
+    /// The highest exit code among the failures only counted.
+    failed_more_code: i32,
 }
+
+/// Failures a tree run keeps with their error for its summary.
+pub const MAX_KEPT_FAILURES: usize = 1000;
 
 /// Files in flight per connection during a tree transfer: enough that per-file round trips
 /// (open, read, close) overlap instead of adding up, and that files waiting for their group
@@ -641,7 +648,16 @@ impl TreeSummary {
     /// Records (and reports) a failure that is not a file transfer's own.
     fn fail(&mut self, client: &Client, path: String, e: Error) {
         client.emit(error_event(&path, &e));
-        self.failed.push((path, e));
+        self.keep_failure(path, e);
+    }
+
+    fn keep_failure(&mut self, path: String, e: Error) {
+        if self.failed.len() < MAX_KEPT_FAILURES {
+            self.failed.push((path, e));
+        } else {
+            self.failed_more += 1;
+            self.failed_more_code = self.failed_more_code.max(e.exit_code());
+        }
     }
 
     async fn collect(&mut self, results: impl futures::Stream<Item = (String, Result<Outcome>)>) {
@@ -655,7 +671,7 @@ impl TreeSummary {
                 }
                 Ok(Outcome::Unchanged) => self.unchanged += 1,
                 Ok(Outcome::DryRun) => {}
-                Err(e) => self.failed.push((path, e)),
+                Err(e) => self.keep_failure(path, e),
             }
         }
     }
@@ -670,7 +686,6 @@ impl TreeSummary {
         self.failed
             .iter()
             .map(|(_, e)| e.exit_code())
-            .max()
-            .unwrap_or(0)
+            .fold(self.failed_more_code, i32::max)
     }
 }
