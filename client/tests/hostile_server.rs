@@ -1618,3 +1618,50 @@ async fn server_strings_are_escaped_on_a_terminal() {
         .join(format!("f{osc}\u{202e}"))
         .exists());
 }
+
+/// `-l` copies only links that resolve inside the tree through any other links the server
+/// lists: `a/l -> ..` (the top) is fine, `a/up -> l/../x` is the top's parent by way of it
+/// and is skipped, as are `m -> n/..` with `n -> .`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_links_cannot_point_out_of_the_tree() {
+    let mut fake = Fake::new()
+        .dir("d", 0o755)
+        .dir("d/a", 0o755)
+        .file("d/f", b"inside", 1024);
+    for (name, target) in [
+        ("d/a/l", ".."),
+        ("d/a/up", "l/../x"),
+        ("d/n", "."),
+        ("d/m", "n/.."),
+    ] {
+        fake.nodes.insert(name.into(), Node::Symlink(target.into()));
+    }
+    let (addr, _) = fake.start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("dest");
+    let d = dest.display().to_string();
+    let out = fsc_sh(
+        "true",
+        &["download", "-r", "-l", &addr.to_string(), "d", &d],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_link(dest.join("a/l")).unwrap(),
+        std::path::Path::new("..")
+    );
+    assert_eq!(
+        std::fs::read_link(dest.join("n")).unwrap(),
+        std::path::Path::new(".")
+    );
+    for skipped in ["a/up", "m"] {
+        assert!(
+            std::fs::symlink_metadata(dest.join(skipped)).is_err(),
+            "{skipped} was created"
+        );
+    }
+}

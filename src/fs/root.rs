@@ -551,7 +551,17 @@ impl Root {
                 reason: "link target must be relative and stay beneath the root",
             });
         }
-        let (parent, leaf) = self.open_parent(path, OFlag::O_RDONLY)?;
+        // The `..` a target may start with are counted from the link's directories by name:
+        // with a symlink among them the link would sit elsewhere than its name says.
+        self.check_target(path)?;
+        let (dir, leaf) = path.rsplit_once('/').unwrap_or(("", path));
+        let no_links = beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY).resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_SYMLINKS,
+        );
+        let parent = openat2(&self.dir, &c_path(dir), no_links).map_err(errno(path))?;
+        let leaf = c_path(leaf);
         let target_c = CString::new(target).map_err(|_| FsError::InvalidPath {
             path: shown(path),
             reason: "NUL in the link target",
@@ -1388,6 +1398,27 @@ mod tests {
             f.root.open_read("loop1/x"),
             Err(FsError::Escapes { .. })
         ));
+    }
+
+    /// The links SYMLINK creates stay beneath the root even through one another: a `..` after
+    /// a name (which may be a link) is refused, and so is a link whose directory is reached
+    /// through a link (its `..` would climb from elsewhere than its name says).
+    #[test]
+    fn created_links_cannot_chain_out_of_the_root() {
+        let f = Fixture::new();
+        f.mkdir("a");
+        f.root.symlink("a/s", "..").unwrap();
+        f.root.symlink("l", ".").unwrap();
+        // By name "a/s/y" -> "../x" is the root's x; on disk a/s is the root, so it would be
+        // the root's sibling x.
+        assert!(f.root.symlink("a/s/y", "../x").is_err());
+        assert!(f.root.symlink("m", "l/..").is_err());
+        assert!(f.root.symlink("a/up", "s/../x").is_err());
+        for name in ["a/s/y", "m", "a/up", "y"] {
+            assert!(fs::symlink_metadata(f.at(name)).is_err(), "{name} created");
+        }
+        // Climbing first, then descending, through links or not, is fine.
+        f.root.symlink("a/ok", "../l/a").unwrap();
     }
 
     /// openat2 cannot see hard links: a hard link inside the root to a file outside it is just a

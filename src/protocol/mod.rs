@@ -37,17 +37,19 @@ pub const MAX_INLINE: u32 = 256 * 1024;
 /// one chunk count only as handles.
 pub const MAX_UPLOADS_PER_CONNECTION: usize = 16;
 
-/// The chunk size used for a file of `size` bytes when the connection's base chunk size is
-/// `base`: the smallest power-of-two multiple of `base` that keeps the chunk count within
-/// [`MAX_CHUNKS_PER_FILE`].
 /// Longest symlink target fsd creates or fsc copies (PATH_MAX less the NUL).
 pub const MAX_LINK_TARGET: usize = 4095;
 
-/// Whether the symlink at `link` (a path relative to some top directory, `/`-separated) with
-/// the link text `target` points beneath that top when resolved by name: `target` is relative,
-/// not empty, at most [`MAX_LINK_TARGET`] bytes, without NUL, and its `..` never climb above the
-/// top. By name only: what the components are on disk is not looked at (neither fsd nor fsc
-/// ever follows a link; this keeps the links they create from pointing out of a tree).
+/// Whether the symlink at `link` (a path relative to some top directory, `/`-separated, every
+/// directory on it a real one) with the link text `target` resolves beneath that top, whatever
+/// the other links in the tree are: `target` is relative, not empty, at most
+/// [`MAX_LINK_TARGET`] bytes, without NUL, and of the form `(../)*name(/name)*`, with no more
+/// `..` than the link has directories above it. A `..` after a name is refused: that name may
+/// itself be a link (`l -> .`, then `m -> l/..` is the top's parent), so a by-name walk cannot
+/// tell where it lands; climbing first from the link's own (real) directory and then only
+/// descending can never leave the top, since every link it passes through obeys the same rule.
+/// Neither fsd nor fsc ever follows a link; this keeps the links they create from pointing out
+/// of a tree for whatever does (rsync's `--safe-links` had this hole: CVE-2024-12088).
 pub fn link_stays_within(link: &str, target: &str) -> bool {
     if target.is_empty()
         || target.len() > MAX_LINK_TARGET
@@ -59,28 +61,29 @@ pub fn link_stays_within(link: &str, target: &str) -> bool {
     if link.split('/').any(|c| c == "..") {
         return false;
     }
-    let mut depth: Vec<&str> = link
+    let depth = link
         .split('/')
         .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
+        .count();
     // Resolution starts in the link's directory.
-    if depth.pop().is_none() {
+    let Some(mut room) = depth.checked_sub(1) else {
         return false;
-    }
+    };
+    let mut named = false;
     for c in target.split('/') {
         match c {
             "" | "." => {}
-            ".." => {
-                if depth.pop().is_none() {
-                    return false;
-                }
-            }
-            name => depth.push(name),
+            ".." if named || room == 0 => return false,
+            ".." => room -= 1,
+            _ => named = true,
         }
     }
     true
 }
 
+/// The chunk size used for a file of `size` bytes when the connection's base chunk size is
+/// `base`: the smallest power-of-two multiple of `base` that keeps the chunk count within
+/// [`MAX_CHUNKS_PER_FILE`].
 pub fn chunk_size_for(size: u64, base: u32) -> u32 {
     let mut chunk = base as u64;
     while size.div_ceil(chunk) > MAX_CHUNKS_PER_FILE {
@@ -249,8 +252,9 @@ mod tests {
             ("a/l", "../b/f"),
             ("a/b/l", "../../c"),
             ("a/l", ".."),
-            ("a/l", "./x/./y/../z"),
+            ("a/l", "./x/./y/z"),
             ("l", "."),
+            ("l", "l2/x"),
         ] {
             assert!(link_stays_within(link, target), "{link} -> {target}");
         }
@@ -261,6 +265,11 @@ mod tests {
             ("l", ""),
             ("l", "a\0b"),
             ("a/l", "x/../../../y"),
+            // A `..` after a name, which may be a link: `l -> .`, then `m -> l/..` is the
+            // top's parent on disk, though "l/.." is the top by name.
+            ("m", "l/.."),
+            ("a/l", "./x/./y/../z"),
+            ("a/b/up", "l/../../x"),
             ("../l", "f"),
             ("", "f"),
         ] {
