@@ -806,6 +806,9 @@ async fn open_read(conn: &Conn, remote: &str, inline_max: u32) -> Result<(Meta, 
     if r.chunk_count != count {
         return Err(bad("chunk count does not match size"));
     }
+    if inline.is_some() && count > 1 {
+        return Err(bad("inline contents for a file of more than one chunk"));
+    }
     let blake3: [u8; 32] = r
         .blake3
         .as_slice()

@@ -368,6 +368,11 @@ impl Sink {
 
     pub(crate) fn put_blocking(&self, i: u32, data: Bytes, crc: u32) -> Result<bool> {
         // Both hashes in one visit, while the chunk is in this core's cache.
+        // Exactly chunk `i` of this file, or nothing: its chaining value is computed for that
+        // place, and a longer write would cover chunks hashed already.
+        if i >= self.count || u64::try_from(data.len()) != Ok(u64::from(self.chunk_len(i))) {
+            return Ok(false);
+        }
         let (actual, cv) = hash_chunk(&data, i, self.chunk_size, self.size);
         if actual != crc || self.crc(i).is_some_and(|c| c != crc) {
             return Ok(false);
@@ -517,6 +522,12 @@ impl Sink {
     pub(crate) fn seal(&self) -> Result<[u8; 32]> {
         let root = {
             let st = self.st.lock().unwrap();
+            if !st.have.is_full() {
+                return Err(Error::Integrity {
+                    path: self.remote.clone(),
+                    detail: format!("{} of {} chunks stored", st.have.count(), self.count),
+                });
+            }
             root_hash(&st.cvs, self.chunk_size, self.size)
         };
         if root != self.blake3 {
@@ -1030,6 +1041,33 @@ mod tests {
             published == data,
             "the published file is not what was verified"
         );
+    }
+
+    #[test]
+    fn only_whole_chunks_in_their_place_and_all_of_them_pass() {
+        // A server that sends two chunks' bytes as chunk 0 (say, "inline" for a file of
+        // several chunks) and declares the hash of that one oversized piece beside an empty
+        // chunk 1: the piece must not be stored, and the file is not complete.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let data: Vec<u8> = (0..2048u32).map(|i| (i * 5 / 3) as u8).collect();
+        let mut m = meta(2048, 1024, &data);
+        let (_, cv) = hash_chunk(&data, 0, 1024, 2048);
+        m.blake3 = root_hash(&[cv, [0; 32]], 1024, 2048);
+        let out = Out::File {
+            work: Work::new(dir.clone(), WORK_DIR.into(), "k"),
+            dir,
+            name: "k".into(),
+            group: None,
+        };
+        let s = Sink::create("k".into(), m, Vec::new(), out, None, false, None).unwrap();
+        let crc = crc32fast::hash(&data);
+        assert!(!s.put_blocking(0, Bytes::from(data.clone()), crc).unwrap());
+        assert!(!s
+            .put_blocking(7, Bytes::from(data[..1024].to_vec()), 0)
+            .unwrap());
+        assert!(matches!(s.finish_blocking(), Err(Error::Integrity { .. })));
+        assert!(!tmp.path().join("k").exists());
     }
 
     #[test]
