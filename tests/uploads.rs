@@ -464,3 +464,69 @@ fn a_file_system_without_space_figures_is_not_taken_for_full() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The fields of fsd's upload state record (proto/state.proto UploadRecord) a damaged or
+/// foreign record in a shared state directory could get wrong.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PlantedRecord {
+    #[prost(string, tag = "1")]
+    path: String,
+    #[prost(uint64, tag = "2")]
+    size: u64,
+    #[prost(uint32, tag = "3")]
+    chunk_size: u32,
+    #[prost(string, tag = "7")]
+    owner: String,
+}
+
+/// A state record whose chunk size no upload of its size could have (0, not a power of two,
+/// huge) is not resumed from: the upload starts afresh with a chunk size of its own, instead of
+/// sizing its bitmaps and buffers from the record (chunk size 0 meant one chunk per byte).
+#[test]
+fn a_damaged_state_record_is_not_resumed_from() {
+    let s = Fsd::start();
+    let size = 64 * MIB;
+    let open = |r: &mut Raw| -> fsd::protocol::msg::OpenResponse {
+        r.call(
+            fsd::protocol::Cmd::OPEN,
+            1,
+            &fsd::protocol::msg::OpenRequest {
+                path: "target".into(),
+                mode: fsd::protocol::msg::OpenMode::OpenWrite as i32,
+                size,
+                resume_key: "k".into(),
+                ..Default::default()
+            },
+        )
+        .decode()
+        .unwrap()
+    };
+    let mut r = Raw::authed(s.addr);
+    let first = open(&mut r);
+    assert!(first.chunk_size >= 64 * 1024);
+    drop(r);
+    let state = s
+        .state
+        .join("uploads")
+        .join(format!("{}.state", first.upload_id));
+    let before = std::fs::read(&state).unwrap();
+    let good: PlantedRecord = prost::Message::decode(&before[..]).unwrap();
+    assert_eq!((good.path.as_str(), good.size), ("target", size));
+    for bad in [0, 3, 1 << 31] {
+        let planted = PlantedRecord {
+            chunk_size: bad,
+            ..good.clone()
+        };
+        // The old handle's last sync may still be under way: write after it (bounded wait).
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::write(&state, prost::Message::encode_to_vec(&planted)).unwrap();
+        let mut r = Raw::authed(s.addr);
+        let again = open(&mut r);
+        assert_eq!(
+            (again.chunk_size, again.chunk_count),
+            (first.chunk_size, first.chunk_count),
+            "resumed from a record with chunk size {bad}"
+        );
+        drop(r);
+    }
+}

@@ -33,7 +33,10 @@ use crate::direct::DirectFile;
 use crate::durable::GroupSync;
 use crate::fskind::FsKind;
 use crate::integrity::{chunk_cv, RootHasher};
-use crate::protocol::{chunk_count, chunk_len, chunk_size_for, ErrorCode};
+use crate::protocol::{
+    checked_chunk_count, chunk_count, chunk_len, chunk_size_for, ErrorCode, MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+};
 use crate::state::{CommitRecord, UploadRecord};
 
 /// Sync policy: fdatasync after this many unsynced bytes (about one client window, so a crash
@@ -274,9 +277,7 @@ impl UploadStore {
             let Some(id) = name.strip_suffix(".state") else {
                 continue;
             };
-            if let Some(r) = std::fs::read(e.path())
-                .ok()
-                .and_then(|b| UploadRecord::decode(&b[..]).ok())
+            if let Some(r) = read_record(&e.path()).and_then(|b| UploadRecord::decode(&b[..]).ok())
             {
                 tally.add(id, &r.owner, r.size);
             }
@@ -335,10 +336,13 @@ impl UploadStore {
         let record = if p.restart {
             None
         } else {
-            std::fs::read(self.path(&id, "state"))
-                .ok()
+            read_record(&self.path(&id, "state"))
                 .and_then(|b| UploadRecord::decode(&b[..]).ok())
-                .filter(|r| r.path == p.dest && r.size == p.size)
+                .filter(|r| {
+                    r.path == p.dest
+                        && r.size == p.size
+                        && plausible_chunk_size(r.size, r.chunk_size)
+                })
         };
         let fresh = record.is_none();
         if fresh {
@@ -526,7 +530,7 @@ impl UploadStore {
         {
             return None;
         }
-        let bytes = std::fs::read(self.path(id, "done")).ok()?;
+        let bytes = read_record(&self.path(id, "done"))?;
         let r = CommitRecord::decode(&bytes[..]).ok()?;
         // Data still there: the rename has not happened (or a fresh upload reuses the id).
         let published = !self.path(id, "data").exists();
@@ -1348,4 +1352,32 @@ impl Drop for Upload {
             }
         }
     }
+}
+
+/// Longest state or commit record read back (a path of at most 4096 bytes and a few fields):
+/// a damaged or foreign file in a shared state directory is not read whole.
+const MAX_RECORD: u64 = 64 * 1024;
+
+/// The bytes of record file `path`, or None if it cannot be read or is longer than a record.
+fn read_record(path: &std::path::Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(path)
+        .ok()?
+        .take(MAX_RECORD + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    u64::try_from(bytes.len())
+        .is_ok_and(|n| n <= MAX_RECORD)
+        .then_some(bytes)
+}
+
+/// Whether a recorded chunk size could have been given to an upload of `size` bytes. A state
+/// record sizes the upload's bitmaps and buffers on resume: one that is damaged, or written by
+/// something else in a shared state directory, starts the upload afresh instead.
+fn plausible_chunk_size(size: u64, chunk_size: u32) -> bool {
+    chunk_size.is_power_of_two()
+        && chunk_size >= MIN_CHUNK_SIZE
+        && chunk_size <= chunk_size_for(size, MAX_CHUNK_SIZE)
+        && checked_chunk_count(size, chunk_size).is_some()
 }
