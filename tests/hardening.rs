@@ -1038,6 +1038,81 @@ fn seeding_takes_only_matching_chunks_and_is_bounded() {
     );
 }
 
+/// The disk an upload holds follows what it received or took from the destination, never its
+/// declared size: on a 64 MiB tmpfs, an upload replacing a one-chunk file declares most of the
+/// free space, and a SEED naming chunks that match nothing leaves that space free (a matching
+/// chunk takes about one chunk). Before, the first SEED reserved the whole declared size
+/// (fallocate) until the upload expired, with no data sent: a few such uploads filled the disk.
+#[test]
+fn a_seed_reserves_only_what_it_takes() {
+    use fsd::integrity::hash_chunk;
+    let probe = std::process::Command::new("unshare")
+        .args(["-Urm", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot create a user+mount namespace here (unshare -Urm), so no small tmpfs to fill");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("small");
+    std::fs::create_dir(&root).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=64m none {} && exec \"$0\" \"$@\"",
+        root.display()
+    );
+    let fsd = Fsd::start_wrapped(&["unshare", "-Urm", "sh", "-c", &script], &root);
+    // fsd's tmpfs, seen from outside its mount namespace.
+    let seen = format!("/proc/{}/root{}", fsd.pid(), root.display());
+    let free = || {
+        let f = std::fs::File::open(&seen).unwrap();
+        fsd::fskind::free_bytes(&f).unwrap().unwrap()
+    };
+    let mut r = Raw::authed_as(fsd.addr, TOKEN, CHUNK);
+    let old = random_bytes(CHUNK as usize, 5);
+    let put = msg::PutRequest {
+        path: "x".into(),
+        size: old.len() as u64,
+        blake3: blake3::hash(&old).as_bytes().to_vec(),
+        ..Default::default()
+    };
+    r.send_msg(Cmd::PUT, 2, 0, &put);
+    r.send(&Frame::new(
+        Cmd::PUT,
+        2,
+        flags::DATA | flags::END,
+        Bytes::from(old.clone()),
+    ))
+    .unwrap();
+    let f = r.recv().unwrap();
+    assert!(!f.header.is_error(), "PUT: {:?}", error_of(&f));
+
+    let before = free();
+    let size = before - (8 << 20);
+    let up = opened(&open_write(&mut r, 3, "x", size, "k"), "open");
+    assert_eq!(up.chunk_size, CHUNK);
+    // Chunk 0 lies inside the old file and is compared; the rest lie past its end.
+    let got: msg::SeedResponse = seed(&mut r, 5, up.handle, 0, &[[7; 32]; 64])
+        .decode()
+        .unwrap();
+    assert_eq!(got.seeded, vec![0; 8]);
+    let held = before.saturating_sub(free());
+    println!("upload declaring {size} bytes, SEED matching nothing: {held} bytes held");
+    assert!(
+        held < 1 << 20,
+        "a SEED that matched nothing holds {held} bytes of the {size} declared"
+    );
+    // A second upload, whose chunk 0 matches, takes about that chunk.
+    let up = opened(&open_write(&mut r, 7, "x", size - 1, "k2"), "open 2");
+    let cv = hash_chunk(&old, 0, CHUNK, size - 1).1;
+    let got: msg::SeedResponse = seed(&mut r, 9, up.handle, 0, &[cv]).decode().unwrap();
+    assert_eq!(got.seeded, vec![1]);
+    let held = before.saturating_sub(free());
+    assert!(
+        held < 2 << 20,
+        "two uploads, one chunk seeded, hold {held} bytes"
+    );
+}
+
 /// An upload whose handle stays open but unused gives its descriptors back after the idle
 /// timeout, even while its connection is kept alive; a late request on the handle gets a
 /// retryable Timeout, and a new OPEN resumes the upload with what it had.

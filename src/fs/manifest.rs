@@ -10,7 +10,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use prost::Message;
 
@@ -89,9 +89,9 @@ impl ManifestCache {
     /// The manifest of `file` as it is now. Blocking: call from a blocking thread.
     pub fn get(&self, file: &File, meta: &Metadata, chunk_size: u32) -> io::Result<Arc<Manifest>> {
         let v = Version::of(&self.ids, meta, chunk_size);
-        if let Some(m) = self.mem.lock().unwrap().entries.get(&v) {
+        if let Some(m) = self.mem.lock().unwrap().get(&v) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(m.clone());
+            return Ok(m);
         }
         let m = match self.load(&v) {
             Some(m) => {
@@ -109,9 +109,7 @@ impl ManifestCache {
                 m
             }
         };
-        let m = Arc::new(m);
-        self.mem.lock().unwrap().insert(v, m.clone());
-        Ok(m)
+        Ok(self.mem.lock().unwrap().insert(v, Arc::new(m)))
     }
 
     /// The identity of the file version `meta` describes (crate::fs::identity).
@@ -176,19 +174,41 @@ impl ManifestCache {
 struct Memory {
     entries: HashMap<Version, Arc<Manifest>>,
     bytes: usize,
+    /// Manifests a clear dropped from `entries` while something (a read handle) still held
+    /// them. They are found here again, so every handle on a version shares one copy: without
+    /// this, each OPEN after a clear loaded a copy of its own (up to 36 MiB each, as many as
+    /// the handle quota). Bounded by what was held at the last clear, when dead ones go.
+    held: HashMap<Version, Weak<Manifest>>,
 }
 
 impl Memory {
-    fn insert(&mut self, v: Version, m: Arc<Manifest>) {
+    fn get(&self, v: &Version) -> Option<Arc<Manifest>> {
+        match self.entries.get(v) {
+            Some(m) => Some(m.clone()),
+            None => self.held.get(v)?.upgrade(),
+        }
+    }
+
+    /// Keeps `m` unless a copy of the same version is already in memory (two OPENs loaded it
+    /// at once, or it is still held), and returns the one kept.
+    fn insert(&mut self, v: Version, m: Arc<Manifest>) -> Arc<Manifest> {
+        if let Some(kept) = self.get(&v) {
+            return kept;
+        }
         let size = m.crcs.len() * 36;
         if self.bytes + size > MEMORY_BYTES {
-            self.entries.clear();
+            self.held.retain(|_, w| w.strong_count() > 0);
+            for (v, m) in self.entries.drain() {
+                if Arc::strong_count(&m) > 1 {
+                    self.held.insert(v, Arc::downgrade(&m));
+                }
+            }
             self.bytes = 0;
         }
-        if let Some(old) = self.entries.insert(v, m) {
-            self.bytes -= old.crcs.len() * 36;
-        }
+        self.held.remove(&v);
+        self.entries.insert(v, m.clone());
         self.bytes += size;
+        m
     }
 }
 
@@ -251,6 +271,69 @@ mod tests {
         mem.insert(version(2), manifest());
         assert_eq!((mem.entries.len(), mem.bytes), (1, chunks * 36));
         assert!(mem.entries.contains_key(&version(2)));
+    }
+
+    /// Every handle on a file version shares one copy of its manifest, even after the memory
+    /// cache was cleared under it. Before, each OPEN after a clear loaded a copy of its own (up
+    /// to 36 MiB), as many as the handle quota allowed.
+    #[test]
+    fn a_manifest_still_held_is_shared_after_the_cache_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each manifest a little over half the memory budget: the second one clears it.
+        let chunk_size = 1024u32;
+        let chunks = u64::try_from(MEMORY_BYTES / 36 / 2 + 1).unwrap();
+        let open = |name: &str| {
+            let path = dir.path().join(name);
+            let f = File::create(&path).unwrap();
+            f.set_len(chunks * u64::from(chunk_size)).unwrap(); // sparse
+            let f = File::open(&path).unwrap();
+            let meta = f.metadata().unwrap();
+            (f, meta)
+        };
+        let (x, x_meta) = open("x");
+        let (y, y_meta) = open("y");
+        let ids = RootId::new([7; 16], std::os::unix::fs::MetadataExt::dev(&x_meta));
+        let cache = ManifestCache::new(dir.path().join("m"), ids, DISK_BYTES).unwrap();
+        // Their manifests are in the state directory already (computing them would read ~1 GB
+        // each), so every get below that misses memory loads a copy from there.
+        for meta in [&x_meta, &y_meta] {
+            let v = Version::of(&ids, meta, chunk_size);
+            let n = usize::try_from(chunks).unwrap();
+            let m = Manifest {
+                size: v.size,
+                mtime_ns: v.mtime_ns,
+                chunk_size,
+                crcs: vec![0; n],
+                cvs: vec![[0; 32]; n],
+                blake3: [0; 32],
+                identity: v.identity(),
+            };
+            cache.store(&v, &m);
+        }
+        let first = cache.get(&x, &x_meta, chunk_size).unwrap();
+        let other = cache.get(&y, &y_meta, chunk_size).unwrap();
+        assert_eq!(cache.mem.lock().unwrap().entries.len(), 1, "not cleared");
+        let again = cache.get(&x, &x_meta, chunk_size).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "a second copy of x's manifest");
+        assert!(Arc::ptr_eq(
+            &other,
+            &cache.get(&y, &y_meta, chunk_size).unwrap()
+        ));
+        // Once nothing holds x's manifest, it is gone from memory (then reloaded from disk).
+        drop((first, again));
+        let (y_weak, loaded) = (
+            Arc::downgrade(&other),
+            cache.stats.disk_hits.load(Ordering::Relaxed),
+        );
+        drop(other);
+        let x_again = cache.get(&x, &x_meta, chunk_size).unwrap();
+        assert_eq!(cache.stats.disk_hits.load(Ordering::Relaxed), loaded + 1);
+        assert_eq!(x_again.crcs.len(), usize::try_from(chunks).unwrap());
+        assert_eq!(cache.stats.computed.load(Ordering::Relaxed), 0);
+        assert!(
+            y_weak.upgrade().is_none(),
+            "y's manifest outlived its holders"
+        );
     }
 
     #[test]

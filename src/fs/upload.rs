@@ -417,7 +417,7 @@ impl UploadStore {
             group: self.group.clone(),
             tally: self.tally.clone(),
             reaper: self.reaper.clone(),
-            reservable: (self.kind == FsKind::Local).into(),
+            reservable: self.kind == FsKind::Local,
             lease: Some(lease),
             lost: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(inner),
@@ -471,7 +471,7 @@ impl UploadStore {
             group: self.group.clone(),
             tally: self.tally.clone(),
             reaper: self.reaper.clone(),
-            reservable: false.into(),
+            reservable: false,
             lease: None,
             lost: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner::new(count)),
@@ -860,9 +860,8 @@ pub struct Upload {
     tally: Arc<Mutex<Tally>>,
     /// Frees the file a publish replaced (resumable uploads; others are small).
     reaper: Reaper,
-    /// Whether [`Upload::reserve`] may reserve the data file's blocks (a local disk), and
-    /// whether it has not done so yet.
-    reservable: std::sync::atomic::AtomicBool,
+    /// Whether [`Upload::reserve`] may reserve the data file's blocks (a local disk).
+    reservable: bool,
     inner: Mutex<Inner>,
 }
 
@@ -872,22 +871,21 @@ impl Upload {
         self.inner.lock().unwrap().written.clone()
     }
 
-    /// Reserves the data file's blocks, once, on a local disk: a SEED is about to write most
-    /// of the file at disk speed, and direct writes into reserved blocks run side by side where
-    /// ext4 takes writes into holes one at a time (a 1 GiB SEED: 0.84 -> 0.66 s). Uploads from
-    /// the network stay sparse (space taken chunk by chunk), so an abandoned one holds only
-    /// what it received. fallocate(2), not posix_fallocate: where the file system cannot
-    /// reserve, nothing is written. Blocking.
-    pub fn reserve(&self) {
-        if !self
-            .reservable
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
+    /// Reserves the data file's blocks at `offset..offset + len` on a local disk, just before a
+    /// SEED writes there: direct writes into reserved blocks run side by side where ext4 takes
+    /// writes into holes one at a time. Only where chunks matched is reserved (server::seed),
+    /// never the declared size: what an abandoned upload holds on disk follows what it
+    /// received or took from the destination. fallocate(2), not posix_fallocate:
+    /// where the file system cannot reserve, nothing is written. Blocking.
+    pub fn reserve(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        if !self.reservable || len == 0 {
             return;
         }
-        let len = i64::try_from(self.params.size).unwrap_or(i64::MAX);
         let flags = nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if let Err(e) = nix::fcntl::fallocate(&self.data, flags, 0, len) {
+        if let Err(e) = nix::fcntl::fallocate(&self.data, flags, off, len) {
             tracing::debug!(upload = %self.id, error = %e, "not reserved");
         }
     }

@@ -65,19 +65,25 @@ pub async fn seed(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
                 return Ok(seeded);
             }
         };
-        upload.reserve();
         let (size, cs) = (upload.params.size, upload.chunk_size);
+        // Where this SEED's chunks end, in the new file and in the old one.
+        let seed_end = (end * u64::from(cs)).min(size).min(meta.len());
+        // Blocks reserved ahead of the writes (Upload::reserve), and the bytes matched in a
+        // row just before the current chunk.
+        let (mut reserved, mut run) = (0..0, 0);
         // Aligned: a direct write of the data file takes it without a copy.
         let mut buf = AlignedBuf::default();
         for (k, want) in req.cvs.chunks_exact(CV_LEN).enumerate() {
             let i = first + u32::try_from(k).expect("k < MAX_SEED_CHUNKS");
-            let len = chunk_len(size, cs, i) as usize;
+            let len = chunk_len(size, cs, i);
             let offset = u64::from(i) * u64::from(cs);
+            // Back to 0 unless this chunk matches too.
+            let run_before = std::mem::take(&mut run);
             // Held already, past the old file's end, or tried before: nothing to read.
-            if offset + len as u64 > meta.len() || !upload.first_seed_of(i) {
+            if offset + u64::from(len) > meta.len() || !upload.first_seed_of(i) {
                 continue;
             }
-            let data = buf.bytes_mut(len);
+            let data = buf.bytes_mut(usize::try_from(len).expect("a chunk fits in memory"));
             if old.read_exact_at(data, offset).is_err() {
                 // Shrunk or unreadable since it was opened: the client sends this chunk.
                 continue;
@@ -86,11 +92,22 @@ pub async fn seed(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
             if cv[..] != want[..] {
                 continue;
             }
+            if !reserved.contains(&offset) {
+                // Only after a match, and ahead only as far as the run of matches so far
+                // (doubling while it lasts): only a run's last reservation may go unused, by
+                // at most what the run took, so the disk an upload holds follows what matched
+                // and never its declared size (a client declaring the free space and naming
+                // chunks that match nothing used to reserve all of it, for the upload TTL).
+                let to = (offset + run_before.max(u64::from(len))).min(seed_end);
+                upload.reserve(offset, to - offset);
+                reserved = offset..to;
+            }
             let written = upload.write_hashed_chunk(i, data, crc, cv)?;
             if written.start_sync {
                 upload.background_sync();
             }
             seeded[k / 8] |= 1 << (k % 8);
+            run = run_before + u64::from(len);
         }
         Ok(seeded)
     })
