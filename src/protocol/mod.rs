@@ -37,6 +37,8 @@ pub const MAX_UPLOADS_PER_CONNECTION: usize = 16;
 /// The chunk size used for a file of `size` bytes when the connection's base chunk size is
 /// `base`: the smallest power-of-two multiple of `base` that keeps the chunk count within
 /// [`MAX_CHUNKS_PER_FILE`].
+/// Longest client path in bytes (PATH_MAX): fsd refuses longer ones, whatever the command.
+pub const MAX_PATH_LEN: usize = 4096;
 /// Longest symlink target fsd creates or fsc copies (PATH_MAX less the NUL).
 pub const MAX_LINK_TARGET: usize = 4095;
 
