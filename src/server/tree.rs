@@ -273,8 +273,8 @@ async fn write_tree(
             req.count
         )));
     }
-    // One handle of the credential's quota, and a descriptor per staged file from the
-    // server's budget, until every file is published.
+    // One handle of the credential's quota, and a descriptor per staged file from its share
+    // and the server's budget, until every file is published.
     let fds = u32::try_from(count + 1).expect("count ≤ MAX_TREE_FILES");
     let _slot = session.account.open_handle(&session.server.fds, fds)?;
     let records = Records::new(data.payload)
