@@ -650,6 +650,132 @@ fn handles_are_bounded_per_credential_and_by_descriptors() {
     assert!(d.header.is_data(), "bob's READ: {:?}", d.header);
 }
 
+/// A TREE_WRITE of n records is one handle holding n + 1 descriptors until it answers. The
+/// credential's share used to count handles, so a credential keeping TREE_WRITEs in flight
+/// took every descriptor and the other credential's OPEN got "server out of file
+/// descriptors". Charged by descriptors, it gets half of them (RLIMIT_NOFILE 512: 256 in the
+/// budget, a share of 128) and the other credential keeps working.
+#[test]
+fn tree_writes_in_flight_leave_the_other_credential_its_descriptors() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    write_random(&root.join("f"), 1000, 9);
+    let tokens = two_credentials(dir.path(), "");
+    let fsd = Fsd::start_wrapped_with(
+        &["prlimit", "--nofile=512:512", "--"],
+        &root,
+        &["--token-file", &tokens],
+    );
+    let mut bob = try_login(fsd.addr, TOKEN_B).expect("bob connects");
+    // Thirteen empty files: 14 descriptors. Four connections hold 4 of the 256, so the 252 left
+    // are 18 such TREE_WRITEs: before, alice's flood could take every one.
+    let mut frame = Vec::new();
+    for i in 0..13 {
+        let e = msg::TreeEntry {
+            path: format!("f{i}"),
+            data: true,
+            blake3: blake3::hash(b"").as_bytes().to_vec(),
+            ..Default::default()
+        };
+        fsd::protocol::tree::push(&mut frame, &e, b"");
+    }
+    let frame = Bytes::from(frame);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Alice: three connections, each keeping 16 TREE_WRITEs in flight until told to stop.
+    let hogs: Vec<_> = (0..3)
+        .map(|c| {
+            let dir = format!("c{c}");
+            std::fs::create_dir(root.join(&dir)).unwrap();
+            let mut r = try_login(fsd.addr, TOKEN_A).expect("alice connects");
+            let (stop, frame) = (stop.clone(), frame.clone());
+            std::thread::spawn(move || {
+                let req = msg::TreeWriteRequest {
+                    path: dir,
+                    count: 13,
+                    no_clobber: false,
+                };
+                let send = |r: &mut Raw, sid: u32| {
+                    r.send_msg(Cmd::TREE_WRITE, sid, 0, &req);
+                    let data = Frame::new(
+                        Cmd::TREE_WRITE,
+                        sid,
+                        flags::DATA | flags::END,
+                        frame.clone(),
+                    );
+                    r.send(&data).unwrap();
+                };
+                for sid in 2..18 {
+                    send(&mut r, sid);
+                }
+                let (mut written, mut refused) = (0, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let f = r.recv().expect("alice's TREE_WRITE answered");
+                    if f.header.is_error() {
+                        refused.push(error_of(&f));
+                    } else {
+                        written += 1;
+                    }
+                    send(&mut r, f.stream_id());
+                }
+                (written, refused)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut opens, mut failed) = (0, Vec::new());
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        let f = bob.call(
+            Cmd::OPEN,
+            2,
+            &msg::OpenRequest {
+                path: "f".into(),
+                ..Default::default()
+            },
+        );
+        if f.header.is_error() {
+            failed.push(error_of(&f).message);
+            continue;
+        }
+        opens += 1;
+        let o: msg::OpenResponse = f.decode().unwrap();
+        let c = bob.call(Cmd::CLOSE, 3, &msg::CloseRequest { handle: o.handle });
+        assert!(!c.header.is_error(), "bob's CLOSE: {:?}", error_of(&c));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut written, mut refused) = (0, Vec::new());
+    for h in hogs {
+        let (w, r) = h.join().unwrap();
+        written += w;
+        refused.extend(r);
+    }
+    println!(
+        "alice: {written} TREE_WRITEs answered, {} refused ({:?}); bob: {opens} OPENs, {} failed",
+        refused.len(),
+        refused.first().map(|e| &e.message),
+        failed.len()
+    );
+    assert!(written > 0, "alice's TREE_WRITEs never went through");
+    assert!(!refused.is_empty(), "alice was never at her limit");
+    for e in &refused {
+        assert_eq!(
+            ErrorCode::from_u32(e.code),
+            Some(ErrorCode::LimitExceeded),
+            "{e:?}"
+        );
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of bob's {} OPENs failed, first: {}",
+        failed.len(),
+        opens + failed.len(),
+        failed[0]
+    );
+}
+
 /// Unfinished resumable uploads count against their owner's quota until published or
 /// expired, across connections and restarts; the other credential is not affected.
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::*;
 use fsd::protocol::tree::{push, Records, MAX_TREE_FILES};
-use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame};
+use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame, MAX_PATH_LEN};
 
 const CHUNK: usize = 1 << 20;
 
@@ -230,7 +230,8 @@ fn hostile_tree_reads_are_confined_and_bounded() {
     write_random(&s.root.join("ok/a"), 100, 1);
     std::os::unix::fs::symlink("/etc", s.root.join("ok/out")).unwrap();
     let mut r = Raw::authed(s.addr);
-    let long = "x/".repeat(2100) + "y";
+    // A name within the path limit that makes the joined path too long ("ok/" + 4095 bytes).
+    let long = "x/".repeat(2047) + "y";
     let names = [
         "a",
         "../ok/a",
@@ -310,6 +311,60 @@ fn hostile_tree_reads_are_confined_and_bounded() {
     let f = tree_write(&mut r, 4, "team", 1, buf);
     assert_eq!(error_of(&f).code, ErrorCode::PermissionDenied as u32);
     assert!(!root.join("team/w").exists());
+}
+
+/// A name longer than any path used to be answered with an error entry carrying the whole name:
+/// over 64 KiB it fit no frame, and fsd sent empty DATA frames until the client went away;
+/// over ~7.5 KiB it broke MAX_ENTRY_LEN. Now such a request is refused whole, at once.
+#[test]
+fn tree_reads_of_overlong_names_end_at_once() {
+    let s = Fsd::start();
+    let mut r = Raw::connect(s.addr);
+    let hello = msg::Hello {
+        version: 1,
+        max_frame: 64 * 1024,
+        ..Default::default()
+    };
+    assert!(!r.call(Cmd::HELLO, 0, &hello).header.is_error());
+    let auth = msg::Auth {
+        token: TOKEN.into(),
+    };
+    assert!(!r.call(Cmd::AUTH, 1, &auth).header.is_error());
+    r.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for (sid, len) in [(3, 100_000), (5, 8_000), (7, MAX_PATH_LEN + 1)] {
+        let req = msg::TreeReadRequest {
+            files: vec!["a".repeat(len)],
+            ..Default::default()
+        };
+        r.send_msg(Cmd::TREE_READ, sid, flags::END, &req);
+        // One file: at most one frame of records, or an error.
+        let mut frames = 0;
+        let end = loop {
+            let f = r.recv().expect("a reply within 5 s");
+            assert_eq!(f.stream_id(), sid);
+            frames += 1;
+            if f.header.is_error() {
+                break Err(error_of(&f));
+            }
+            let records: Vec<_> = Records::new(f.payload.clone()).collect();
+            let bad: Vec<_> = records.iter().filter_map(|r| r.as_ref().err()).collect();
+            assert!(bad.is_empty(), "{len}-byte name: {bad:?}");
+            if f.header.is_end() {
+                break Ok(records.len());
+            }
+            assert!(frames < 4, "{len}-byte name: {frames} frames and no END");
+        };
+        match end {
+            Err(e) => assert_eq!(e.code, ErrorCode::BadRequest as u32, "{e:?}"),
+            Ok(n) => assert_eq!(n, 1, "{len}-byte name: one entry"),
+        }
+    }
+    assert!(!r
+        .call(Cmd::PING, 9, &msg::Ping { nonce: 1 })
+        .header
+        .is_error());
 }
 
 #[test]

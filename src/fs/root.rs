@@ -31,10 +31,9 @@ use nix::unistd::{self, UnlinkatFlags};
 
 use crate::durable::link_anonymous;
 use crate::fs::listing::{ListCursors, Stamp};
-use crate::protocol::{msg, ErrorCode};
+use crate::protocol::{msg, ErrorCode, MAX_PATH_LEN};
 
-/// Longest client path in bytes (PATH_MAX) and longest component (NAME_MAX).
-const MAX_PATH_LEN: usize = 4096;
+/// Longest component (NAME_MAX); the longest path is the protocol's MAX_PATH_LEN.
 const MAX_NAME_LEN: usize = 255;
 /// openat2 fails with EAGAIN when a rename or mount anywhere races with a lookup that goes
 /// through ".." (possible via a symlink's text); the answer is to try again.

@@ -37,6 +37,8 @@ pub const MAX_INLINE: u32 = 256 * 1024;
 /// one chunk count only as handles.
 pub const MAX_UPLOADS_PER_CONNECTION: usize = 16;
 
+/// Longest client path in bytes (PATH_MAX): fsd refuses longer ones, whatever the command.
+pub const MAX_PATH_LEN: usize = 4096;
 /// Longest symlink target fsd creates or fsc copies (PATH_MAX less the NUL).
 pub const MAX_LINK_TARGET: usize = 4095;
 

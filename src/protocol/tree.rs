@@ -19,8 +19,12 @@ pub const MAX_TREE_FILES: usize = 1024;
 /// Bytes of records a sender puts in one DATA frame (fewer if the peer's `max_frame` is
 /// smaller): large enough that per-frame costs vanish, small enough to be a modest buffer.
 pub const TREE_FRAME: u32 = 1024 * 1024;
-/// Longest encoded TreeEntry: a 4096-byte path, a hash, an error message and the numbers.
+/// Longest encoded TreeEntry: a [`MAX_PATH_LEN`](super::MAX_PATH_LEN) path, a hash, an error message of at most
+/// [`MAX_ENTRY_MESSAGE`] bytes and the numbers (`the_longest_entry_fits` checks the sum).
 pub const MAX_ENTRY_LEN: u32 = 8 * 1024;
+/// Error messages in TREE_READ entries are cut to this many bytes, so that an entry with an
+/// error stays within [`MAX_ENTRY_LEN`] whatever the message quotes.
+pub const MAX_ENTRY_MESSAGE: usize = 512;
 /// Error messages in a TreeWriteResponse are cut to this many bytes, so that 1024 failures
 /// fit one control frame.
 pub const MAX_FAILURE_MESSAGE: usize = 160;
@@ -106,6 +110,7 @@ impl Iterator for Records {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{msg, MAX_PATH_LEN};
 
     fn entry(path: &str, data: &[u8]) -> TreeEntry {
         TreeEntry {
@@ -134,6 +139,29 @@ mod tests {
         assert_eq!(&got[0].1[..], b"hello");
         assert!(got[1].1.is_empty());
         assert_eq!(got[2].0.path, "d/b");
+    }
+
+    #[test]
+    fn the_longest_entry_fits() {
+        // Every field at its largest: 4-byte UTF-8 characters and 10-byte varints.
+        let e = TreeEntry {
+            path: "\u{10FFFF}".repeat(MAX_PATH_LEN / 4),
+            size: u64::MAX,
+            mtime_ns: i64::MIN,
+            mode: u32::MAX,
+            blake3: vec![0xff; 32],
+            data: true,
+            error: Some(msg::Error {
+                code: u32::MAX,
+                message: "\u{10FFFF}".repeat(MAX_ENTRY_MESSAGE / 4),
+                retryable: true,
+            }),
+        };
+        assert!(
+            e.encoded_len() <= MAX_ENTRY_LEN as usize,
+            "{}",
+            e.encoded_len()
+        );
     }
 
     #[test]

@@ -381,7 +381,9 @@ fn account_limits(
             uploads: or64(o.uploads, defaults.uploads),
             upload_bytes: or64(o.upload_bytes, defaults.upload_bytes),
         };
-        quotas::Account::new(&c.name, limits)
+        // Handles hold up to 1025 descriptors each, so the handle quota alone would not keep
+        // a credential from the others' descriptors: each gets the same share of those too.
+        quotas::Account::new(&c.name, limits, (fd_budget / share).max(1))
     }))
 }
 

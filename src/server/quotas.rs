@@ -6,6 +6,9 @@
 //! with more than one credential, none may take more than half of any of it — and per-line
 //! overrides in the token file. File descriptors are a server-wide budget taken by every
 //! connection and handle, so running out is a clear LimitExceeded, never a client left hanging.
+//! A handle holds from one descriptor (a read) to 1025 (a TREE_WRITE), so counting handles does
+//! not keep a credential from that budget: each account also has a share of the descriptors,
+//! charged by what its handles hold.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,16 +45,21 @@ pub struct Limits {
 pub struct Account {
     pub name: String,
     pub limits: Limits,
+    /// Most descriptors its handles may hold at once: its share of the server's budget.
+    fd_share: usize,
     connections: AtomicUsize,
     handles: AtomicUsize,
+    fds: AtomicUsize,
 }
 
 /// A connection or a handle counted against its account (and the descriptors it holds against
-/// the server's budget) until dropped.
+/// the account's share and the server's budget) until dropped.
 pub struct Held {
     account: Arc<Account>,
     kind: Kind,
-    _fds: Option<OwnedSemaphorePermit>,
+    /// Descriptors charged to the account's share.
+    fds: usize,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 enum Kind {
@@ -60,12 +68,14 @@ enum Kind {
 }
 
 impl Account {
-    pub fn new(name: &str, limits: Limits) -> Arc<Account> {
+    pub fn new(name: &str, limits: Limits, fd_share: usize) -> Arc<Account> {
         Arc::new(Account {
             name: name.to_string(),
             limits,
+            fd_share,
             connections: AtomicUsize::new(0),
             handles: AtomicUsize::new(0),
+            fds: AtomicUsize::new(0),
         })
     }
 
@@ -77,9 +87,14 @@ impl Account {
         self.handles.load(Ordering::Relaxed)
     }
 
+    /// Descriptors its handles hold.
+    pub fn fds(&self) -> usize {
+        self.fds.load(Ordering::Relaxed)
+    }
+
     /// Counts an authenticated connection, or refuses it over the quota.
     pub fn connect(self: &Arc<Account>) -> Result<Held, Failure> {
-        take(&self.connections, self.limits.connections).map_err(|n| {
+        take(&self.connections, 1, self.limits.connections).map_err(|n| {
             Failure::new(
                 ErrorCode::LimitExceeded,
                 format!("credential {:?} has {n} connections, its quota", self.name),
@@ -88,49 +103,62 @@ impl Account {
         Ok(Held {
             account: self.clone(),
             kind: Kind::Connection,
-            _fds: None,
+            fds: 0,
+            _permit: None,
         })
     }
 
-    /// Counts a handle holding `fds` descriptors, or refuses it over the credential's quota or
-    /// the server's descriptors.
+    /// Counts a handle holding `n` descriptors, or refuses it over the credential's handle
+    /// quota, its share of the descriptors, or the server's descriptors.
     pub fn open_handle(self: &Arc<Account>, fds: &Arc<Semaphore>, n: u32) -> Result<Held, Failure> {
-        let permit = fds.clone().try_acquire_many_owned(n).map_err(|_| {
-            Failure::new(
-                ErrorCode::LimitExceeded,
-                "server out of file descriptors; try again later",
-            )
+        let refused = |m: String| Failure::new(ErrorCode::LimitExceeded, m);
+        take(&self.handles, 1, self.limits.handles).map_err(|h| {
+            refused(format!(
+                "credential {:?} has {h} open handles, its quota",
+                self.name
+            ))
         })?;
-        take(&self.handles, self.limits.handles).map_err(|n| {
-            Failure::new(
-                ErrorCode::LimitExceeded,
-                format!("credential {:?} has {n} open handles, its quota", self.name),
-            )
-        })?;
-        Ok(Held {
+        // From here on, dropping `held` gives back what was taken.
+        let mut held = Held {
             account: self.clone(),
             kind: Kind::Handle,
-            _fds: Some(permit),
-        })
+            fds: 0,
+            _permit: None,
+        };
+        let want = usize::try_from(n).expect("u32 fits usize");
+        take(&self.fds, want, self.fd_share).map_err(|d| {
+            refused(format!(
+                "credential {:?}'s handles hold {d} of its {} descriptors; this one needs {n}",
+                self.name, self.fd_share
+            ))
+        })?;
+        held.fds = want;
+        let permit = fds
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| refused("server out of file descriptors; try again later".into()))?;
+        held._permit = Some(permit);
+        Ok(held)
     }
 }
 
-/// Increments `count` unless it is at `limit`; Err(count) then.
-fn take(count: &AtomicUsize, limit: usize) -> Result<(), usize> {
+/// Adds `n` to `count` unless that would pass `limit`; Err(count) then.
+fn take(count: &AtomicUsize, n: usize, limit: usize) -> Result<(), usize> {
     count
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < limit).then_some(n + 1)
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            c.checked_add(n).filter(|&sum| sum <= limit)
         })
         .map(|_| ())
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let c = match self.kind {
-            Kind::Connection => &self.account.connections,
-            Kind::Handle => &self.account.handles,
+        let a = &self.account;
+        match self.kind {
+            Kind::Connection => a.connections.fetch_sub(1, Ordering::AcqRel),
+            Kind::Handle => a.handles.fetch_sub(1, Ordering::AcqRel),
         };
-        c.fetch_sub(1, Ordering::AcqRel);
+        a.fds.fetch_sub(self.fds, Ordering::AcqRel);
     }
 }
 
@@ -181,15 +209,13 @@ mod tests {
 
     #[test]
     fn quotas_count_and_give_back() {
-        let a = Account::new(
-            "a",
-            Limits {
-                connections: 2,
-                handles: 1,
-                uploads: 1,
-                upload_bytes: 1,
-            },
-        );
+        let limits = Limits {
+            connections: 2,
+            handles: 1,
+            uploads: 1,
+            upload_bytes: 1,
+        };
+        let a = Account::new("a", limits, 5);
         let fds = Arc::new(Semaphore::new(5));
         let c1 = a.connect().unwrap();
         let _c2 = a.connect().unwrap();
@@ -199,9 +225,36 @@ mod tests {
         let h = a.open_handle(&fds, 4).unwrap();
         assert!(a.open_handle(&fds, 1).is_err(), "handle quota");
         drop(h);
-        let b = Account::new("b", a.limits);
+        let b = Account::new("b", a.limits, 5);
         let _h = b.open_handle(&fds, 4).unwrap();
         assert!(a.open_handle(&fds, 4).is_err(), "server descriptors");
-        assert_eq!(a.handles(), 0);
+        assert_eq!((a.handles(), a.fds()), (0, 0));
+    }
+
+    #[test]
+    fn handles_are_charged_their_descriptors() {
+        let limits = Limits {
+            handles: 10,
+            ..Limits::default()
+        };
+        let a = Account::new("a", limits, 6);
+        let fds = Arc::new(Semaphore::new(100));
+        let h = a.open_handle(&fds, 5).unwrap();
+        let e = a.open_handle(&fds, 2).err().expect("over the share");
+        assert!(
+            e.message.contains("5 of its 6 descriptors"),
+            "{}",
+            e.message
+        );
+        assert!(a.open_handle(&fds, 7).is_err(), "more than the share");
+        let _one = a.open_handle(&fds, 1).unwrap();
+        assert_eq!((a.handles(), a.fds()), (2, 6));
+        assert_eq!(fds.available_permits(), 94);
+        drop(h);
+        assert_eq!((a.handles(), a.fds()), (1, 1));
+        // Refused by the server's budget: nothing kept of the share.
+        let few = Arc::new(Semaphore::new(2));
+        assert!(a.open_handle(&few, 3).is_err());
+        assert_eq!((a.handles(), a.fds()), (1, 1));
     }
 }

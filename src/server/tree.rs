@@ -24,9 +24,12 @@ use super::transfer::{self, upload_plan};
 use super::writer::Outgoing;
 use crate::fs::upload::Upload;
 use crate::protocol::tree::{
-    push, record_len, Records, MAX_ENTRY_LEN, MAX_FAILURE_MESSAGE, MAX_TREE_FILES, TREE_FRAME,
+    push, record_len, Records, MAX_ENTRY_LEN, MAX_ENTRY_MESSAGE, MAX_FAILURE_MESSAGE,
+    MAX_TREE_FILES, TREE_FRAME,
 };
-use crate::protocol::{chunk_count, chunk_size_for, flags, msg, ErrorCode, Frame, MAX_INLINE};
+use crate::protocol::{
+    chunk_count, chunk_size_for, flags, msg, ErrorCode, Frame, MAX_INLINE, MAX_PATH_LEN,
+};
 
 /// `dir/name`, or `name` when `dir` is the root.
 fn join(dir: &str, name: &str) -> String {
@@ -56,6 +59,20 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
         ));
         return st.fail(e).await;
     }
+    // Each entry carries its name: a name longer than any path could not be answered within
+    // MAX_ENTRY_LEN (nor, past the frame size, at all), so the request is refused whole.
+    if let Some((i, name)) = req
+        .files
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.len() > MAX_PATH_LEN)
+    {
+        let e = bad(format!(
+            "name {i} is {} bytes; at most {MAX_PATH_LEN}",
+            name.len()
+        ));
+        return st.fail(e).await;
+    }
     let Ok(want) = msg::TreeWant::try_from(req.want) else {
         return st.fail(bad(format!("unknown want {}", req.want))).await;
     };
@@ -79,7 +96,7 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
         let mut held = session.reserve_reply(frame_max).await;
         let r = req.clone();
         let filled = blocking(session, move |s| {
-            Ok(fill(s, &r, next, frame_max as usize, inline, want))
+            fill(s, &r, next, frame_max as usize, inline, want)
         })
         .await;
         let (buf, n) = match filled {
@@ -112,8 +129,10 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
 }
 
 /// Records for `req.files[next..]` until the frame is full. Returns the frame and the index of
-/// the first file left for the next one. The first record always fits (contents go inline only
-/// if they fit an empty frame), so every frame makes progress. Blocking.
+/// the first file left for the next one. Every frame makes progress: contents go inline only if
+/// they fit an empty frame, and entries are bounded (names by `read`, messages here) far below
+/// the smallest max_frame; a record that still fits no frame fails the stream, since an empty
+/// frame would only be followed by another. Blocking.
 fn fill(
     s: &Session,
     req: &msg::TreeReadRequest,
@@ -121,20 +140,27 @@ fn fill(
     frame_max: usize,
     inline: u32,
     want: msg::TreeWant,
-) -> (Vec<u8>, usize) {
+) -> Result<(Vec<u8>, usize), Failure> {
     let mut buf = Vec::new();
     while let Some(name) = req.files.get(next) {
         let room = frame_max - buf.len();
         let Some((entry, data)) = record(s, &req.path, name, inline, want, frame_max, room) else {
+            if buf.is_empty() {
+                return Err(Failure::new(
+                    ErrorCode::Internal,
+                    format!("file {next}'s record does not fit a {frame_max}-byte frame"),
+                ));
+            }
             break;
         };
+        debug_assert!(entry.encoded_len() <= MAX_ENTRY_LEN as usize);
         if buf.is_empty() {
             buf.reserve(frame_max.min(64 * 1024));
         }
         push(&mut buf, &entry, &data);
         next += 1;
     }
-    (buf, next)
+    Ok((buf, next))
 }
 
 /// One file's record, or None if it needs more than `room` bytes. A file that cannot be read
@@ -153,15 +179,20 @@ fn record(
         path: name.to_string(),
         ..Default::default()
     };
-    // Entries are at most MAX_ENTRY_LEN (names ≤ 4096 bytes, messages cut to 512).
+    // Entries are at most MAX_ENTRY_LEN (names ≤ MAX_PATH_LEN, messages cut to
+    // MAX_ENTRY_MESSAGE).
     let overhead = 4 + MAX_ENTRY_LEN as usize;
+    let failed = |mut e: Failure| {
+        cut(&mut e.message, MAX_ENTRY_MESSAGE);
+        Some(e.code.msg(e.message))
+    };
     let opened = s
         .path(&join(dir, name))
         .and_then(|p| Ok(s.root().open_read(p)?));
     let (file, meta) = match opened {
         Ok(x) => x,
         Err(e) => {
-            entry.error = Some(e.code.msg(e.message));
+            entry.error = failed(e);
             return (record_len(&entry, 0) <= room).then_some((entry, Vec::new()));
         }
     };
@@ -201,7 +232,7 @@ fn record(
         }
         Err(e) => {
             entry.blake3.clear();
-            entry.error = Some(e.code.msg(e.message));
+            entry.error = failed(e);
             Some((entry, Vec::new()))
         }
     }
@@ -242,8 +273,8 @@ async fn write_tree(
             req.count
         )));
     }
-    // One handle of the credential's quota, and a descriptor per staged file from the
-    // server's budget, until every file is published.
+    // One handle of the credential's quota, and a descriptor per staged file from its share
+    // and the server's budget, until every file is published.
     let fds = u32::try_from(count + 1).expect("count ≤ MAX_TREE_FILES");
     let _slot = session.account.open_handle(&session.server.fds, fds)?;
     let records = Records::new(data.payload)
