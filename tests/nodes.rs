@@ -1,7 +1,8 @@
 //! Several fsd nodes serving one root with one state directory (what a cluster over a shared
 //! file system is, minus the network file system: tests/cluster.rs has that). A hung node's
 //! upload lock is taken over after its lease, a COMMIT whose answer was lost is answered on any
-//! node, and file identities agree between nodes.
+//! node, a publish by link + unlink (no RENAME_NOREPLACE) that fails or is cut off between the
+//! two leaves the published file alone, and file identities agree between nodes.
 #![allow(clippy::disallowed_methods)]
 
 mod common;
@@ -260,12 +261,7 @@ fn a_hung_node_s_queued_writes_never_reach_the_file_another_node_published() {
 /// the very file B had resumed and published.
 #[test]
 fn a_node_whose_lease_renewal_hangs_never_writes_the_file_another_node_published() {
-    if !std::process::Command::new("strace")
-        .args(["-qq", "-o", "/dev/null", "true"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        eprintln!("SKIPPED: strace missing or ptrace not permitted (apt-get install strace)");
+    if !strace_works() {
         return;
     }
     let (_dir, a, b) = two_nodes(&["--upload-lease", "2"]);
@@ -337,6 +333,194 @@ fn a_node_whose_lease_renewal_hangs_never_writes_the_file_another_node_published
     );
     let now = std::fs::metadata(&published).unwrap().modified().unwrap();
     assert_eq!(now, mtime, "the published file was touched");
+}
+
+fn open_no_clobber(r: &mut Raw, path: &str, size: u64, restart: bool) -> Frame {
+    r.call(
+        Cmd::OPEN,
+        3,
+        &msg::OpenRequest {
+            path: path.into(),
+            mode: msg::OpenMode::OpenWrite as i32,
+            size,
+            resume_key: "k".into(),
+            no_clobber: true,
+            restart,
+            ..Default::default()
+        },
+    )
+}
+
+/// Whether strace can run and trace here (some containers forbid ptrace).
+fn strace_works() -> bool {
+    let works = std::process::Command::new("strace")
+        .args(["-qq", "-o", "/dev/null", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !works {
+        eprintln!("SKIPPED: strace missing or ptrace not permitted (apt-get install strace)");
+    }
+    works
+}
+
+/// Where RENAME_NOREPLACE is missing (GlusterFS, MooseFS), a no-clobber publish is link, then
+/// unlink; once the link is made the file is published, whatever the unlink does. strace makes
+/// a local disk behave so: renameat2 of the data file fails with EINVAL, every unlink of it with
+/// EIO. COMMIT must succeed, the upload stay committed and COMMIT by id report it. Before,
+/// COMMIT answered Io and reopened the upload, and its next WRITE rewrote the published file.
+#[test]
+fn a_publish_by_link_whose_unlink_fails_is_committed_and_never_written_again() {
+    use std::os::unix::fs::MetadataExt;
+    if !strace_works() {
+        return;
+    }
+    let s = Fsd::start();
+    let data = random_bytes(3 * CHUNK as usize, 52);
+    let hash = blake3::hash(&data);
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(
+        &open_no_clobber(&mut r, "l.bin", data.len() as u64, false),
+        "open",
+    );
+    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+        ok::<msg::Ok>(&write(&mut r, 5, up.handle, i as u32, c), "write");
+    }
+    let name = format!("{}.data", up.upload_id);
+    let path = s.state.join("uploads").join(&name);
+    // fsd names the data file relative to the state directory when it publishes, and by its
+    // full path elsewhere.
+    let mut tracer = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-P", &name, "-P"])
+        .arg(&path)
+        .args(["-e", "trace=renameat2,unlinkat,unlink"])
+        .args(["-e", "inject=renameat2:error=EINVAL"])
+        .args(["-e", "inject=unlinkat,unlink:error=EIO"])
+        .args(["-p", &s.pid().to_string()])
+        .spawn()
+        .unwrap();
+    let _untrace = Defer(move || {
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+    });
+    std::thread::sleep(Duration::from_millis(500)); // strace attaches
+    ok::<msg::CommitResponse>(&commit(&mut r, 7, up.handle, "", hash.as_bytes()), "commit");
+    let dest = s.root.join("l.bin");
+    assert!(std::fs::read(&dest).unwrap() == data);
+    assert_eq!(
+        std::fs::metadata(&path).map(|m| m.nlink()).ok(),
+        Some(2),
+        "the data file should have stayed as a second name (did strace attach?)"
+    );
+    let evil = vec![0xAA; CHUNK as usize];
+    let w = write(&mut r, 9, up.handle, 0, &evil);
+    assert!(w.header.is_error(), "a committed upload took a WRITE");
+    let mut other = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let again: msg::CommitResponse = ok(
+        &commit(&mut other, 3, 0, &up.upload_id, hash.as_bytes()),
+        "commit by id",
+    );
+    assert_eq!(again.size, data.len() as u64);
+    assert!(
+        std::fs::read(&dest).unwrap() == data,
+        "the published file was rewritten"
+    );
+}
+
+/// The same publish cut off by a kill -9 between link and unlink leaves `<id>.data` as a second
+/// name of the published file, with the upload's record, log and commit record beside it.
+/// Recreated from what a real fsd wrote: its state files saved before the COMMIT and put back
+/// after it, the published file hard-linked as `<id>.data`. After a restart COMMIT by id must
+/// report the commit, and neither a resuming OPEN WRITE (and its WRITE) nor one with `restart`,
+/// both without no_clobber, may touch the published file. Before, COMMIT by id answered NotFound, the resume took the
+/// published file for its data (chunk 0 present) and wrote into it, and `restart` truncated it.
+#[test]
+fn a_publish_cut_off_between_link_and_unlink_leaves_the_published_file_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let mut s = Fsd::start();
+    let data = random_bytes(3 * CHUNK as usize, 51);
+    let hash = blake3::hash(&data);
+    let size = data.len() as u64;
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(&open_no_clobber(&mut r, "c.bin", size, false), "open");
+    ok::<msg::Ok>(
+        &write(&mut r, 5, up.handle, 0, &data[..CHUNK as usize]),
+        "write 0",
+    );
+    drop(r); // the last handle goes: chunk 0 is synced and logged
+    let uploads = s.state.join("uploads");
+    let file = |ext: &str| uploads.join(format!("{}.{ext}", up.upload_id));
+    let started = Instant::now();
+    while std::fs::metadata(file("log")).map_or(0, |m| m.len()) < 40 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "chunk 0 never logged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let saved = ["state", "log", "sums"].map(|ext| (ext, std::fs::read(file(ext)).unwrap()));
+
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(&open_no_clobber(&mut r, "c.bin", size, false), "resume");
+    for (i, c) in data.chunks(CHUNK as usize).enumerate().skip(1) {
+        ok::<msg::Ok>(&write(&mut r, 5, up.handle, i as u32, c), "write");
+    }
+    ok::<msg::CommitResponse>(&commit(&mut r, 7, up.handle, "", hash.as_bytes()), "commit");
+    drop(r);
+    let dest = s.root.join("c.bin");
+    let meta = std::fs::metadata(&dest).unwrap();
+    let was = (meta.ino(), meta.modified().unwrap());
+    let cut_off = || {
+        for (ext, bytes) in &saved {
+            std::fs::write(file(ext), bytes).unwrap();
+        }
+        std::fs::hard_link(&dest, file("data")).unwrap();
+        assert!(file("done").exists());
+    };
+    let unchanged = |after: &str| {
+        let meta = std::fs::metadata(&dest).unwrap();
+        assert!(
+            std::fs::read(&dest).unwrap() == data,
+            "{after}: the published file was rewritten"
+        );
+        assert_eq!((meta.ino(), meta.modified().unwrap()), was, "{after}");
+    };
+
+    s.kill9();
+    cut_off();
+    s.restart();
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let again: msg::CommitResponse = ok(
+        &commit(&mut r, 3, 0, &up.upload_id, hash.as_bytes()),
+        "commit by id",
+    );
+    assert_eq!(again.size, size);
+    // Opened again without no_clobber (with it, OPEN refuses at once: the destination exists).
+    let resumed: msg::OpenResponse = ok(&open_write(&mut r, 3, "c.bin", size), "resume");
+    assert_eq!(
+        resumed.bitmap,
+        vec![0],
+        "resumed the published file as its data"
+    );
+    let evil = vec![0xAA; CHUNK as usize];
+    ok::<msg::Ok>(&write(&mut r, 5, resumed.handle, 0, &evil), "write");
+    unchanged("a resume and a WRITE");
+    drop(r);
+
+    s.kill9();
+    std::fs::remove_file(file("data")).unwrap();
+    cut_off();
+    s.restart();
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let restart = msg::OpenRequest {
+        path: "c.bin".into(),
+        mode: msg::OpenMode::OpenWrite as i32,
+        size,
+        resume_key: "k".into(),
+        restart: true,
+        ..Default::default()
+    };
+    ok::<msg::OpenResponse>(&r.call(Cmd::OPEN, 3, &restart), "restart");
+    unchanged("an OPEN WRITE with restart");
 }
 
 /// Runs its closure when dropped (wakes a stopped process even if an assertion fails).

@@ -18,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -337,7 +337,12 @@ impl UploadStore {
             Err(Refused::Io(e)) => return Err(io_err(e)),
         };
 
-        let record = if p.restart {
+        // A `<id>.data` with another name is the published file: a publish by link was cut off
+        // before it removed this name (Root::publish). That upload is committed; this OPEN
+        // starts afresh, in new files.
+        let second_name =
+            std::fs::symlink_metadata(self.path(&id, "data")).is_ok_and(|m| m.nlink() > 1);
+        let record = if p.restart || second_name {
             None
         } else {
             std::fs::read(self.path(&id, "state"))
@@ -610,12 +615,16 @@ impl UploadStore {
         }
         let bytes = std::fs::read(self.path(id, "done")).ok()?;
         let r = CommitRecord::decode(&bytes[..]).ok()?;
-        // Data still there: the rename has not happened (or a fresh upload reuses the id).
-        let published = !self.path(id, "data").exists();
+        // Data still there: the rename has not happened (or a fresh upload reuses the id),
+        // unless it is a second name of the published inode (a publish by link that was cut
+        // off before the unlink, Root::publish).
+        let published = match std::fs::symlink_metadata(self.path(id, "data")) {
+            Ok(m) => m.nlink() > 1 && m.ino() == r.ino,
+            Err(_) => true,
+        };
         if !published || r.owner != owner || r.blake3 != blake3 {
             return None;
         }
-        use std::os::unix::fs::MetadataExt;
         let identity = match root.open_read(&r.path) {
             Ok((_, meta)) if meta.ino() == r.ino => ids.identity(&meta),
             // Replaced or removed since: the identity it was published with.
@@ -1356,7 +1365,9 @@ impl Upload {
 
             let done = self.named(before, ids);
             if self.resumable() {
-                for ext in ["state", "log", "sums", "lock"] {
+                // `data` is gone after a rename; after a link whose unlink failed, this tries
+                // again (the lock goes last: until then no other node can open the upload).
+                for ext in ["data", "state", "log", "sums", "lock"] {
                     let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
                 }
                 self.tally.lock().unwrap().remove(&self.id);
@@ -1414,7 +1425,6 @@ impl Upload {
         data: &std::fs::Metadata,
         ids: &RootId,
     ) -> Result<(), UploadError> {
-        use std::os::unix::fs::MetadataExt;
         let record = CommitRecord {
             owner: self.params.owner.clone(),
             dest: self.params.dest.clone(),
@@ -1472,8 +1482,6 @@ impl Drop for Upload {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::MetadataExt;
-
     use super::*;
 
     const CHUNK: u32 = 64 * 1024;
