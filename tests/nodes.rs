@@ -1,7 +1,8 @@
 //! Several fsd nodes serving one root with one state directory (what a cluster over a shared
 //! file system is, minus the network file system: tests/cluster.rs has that). A hung node's
 //! upload lock is taken over after its lease, a COMMIT whose answer was lost is answered on any
-//! node, and file identities agree between nodes.
+//! node, a publish by link + unlink (no RENAME_NOREPLACE) that fails or is cut off between the
+//! two leaves the published file alone, and file identities agree between nodes.
 #![allow(clippy::disallowed_methods)]
 
 mod common;
@@ -149,6 +150,377 @@ fn a_hung_node_s_upload_is_taken_over_after_its_lease() {
         "the hung node committed the taken-over upload"
     );
     assert_eq!(std::fs::read(a.root.join("f.bin")).unwrap(), data);
+}
+
+/// The same, with the hung node's stale requests already in its socket when it wakes: they race
+/// its first lease renewal, which alone used to tell it the upload was gone. Each WRITE (and the
+/// COMMIT) must be refused, and the file the other node published must keep its bytes and its
+/// mtime. A stale WRITE that won the race went into the data file the other node had resumed and
+/// published. Racy by nature, so a few rounds; on the 2-core VM this was written on the renewal
+/// won every time, so the next test holds the renewal up to show the bug for certain.
+#[test]
+fn a_hung_node_s_queued_writes_never_reach_the_file_another_node_published() {
+    let (_dir, a, b) = two_nodes(&["--upload-lease", "2"]);
+    for round in 0..3 {
+        let name = format!("r{round}.bin");
+        let data = random_bytes(3 * CHUNK as usize, 30 + round);
+        let hash = blake3::hash(&data);
+        let mut ra = Raw::authed_as(a.addr, TOKEN, CHUNK);
+        // Sends to the stopped node land in socket buffers; never block the test on them.
+        ra.sock
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let up: msg::OpenResponse = ok(&open_write(&mut ra, 3, &name, data.len() as u64), "A open");
+        ok::<msg::Ok>(
+            &write(&mut ra, 5, up.handle, 0, &data[..CHUNK as usize]),
+            "A write 0",
+        );
+
+        signal(a.pid(), nix::sys::signal::Signal::SIGSTOP);
+        let wake = Defer(|| signal(a.pid(), nix::sys::signal::Signal::SIGCONT));
+        let mut rb = Raw::authed_as(b.addr, TOKEN, CHUNK);
+        let started = Instant::now();
+        let up_b: msg::OpenResponse = loop {
+            let f = open_write(&mut rb, 3, &name, data.len() as u64);
+            if !f.header.is_error() {
+                break f.decode().unwrap();
+            }
+            assert_eq!(error_of(&f).code, ErrorCode::Busy as u32);
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the hung node's lock was never taken over"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+            ok::<msg::Ok>(&write(&mut rb, 5, up_b.handle, i as u32, c), "B write");
+        }
+        ok::<msg::CommitResponse>(
+            &commit(&mut rb, 7, up_b.handle, "", hash.as_bytes()),
+            "B commit",
+        );
+        let published = a.root.join(&name);
+        let mtime = std::fs::metadata(&published).unwrap().modified().unwrap();
+        assert_eq!(std::fs::read(&published).unwrap(), data);
+
+        // Queued while A is stopped: every chunk with other bytes, then a COMMIT.
+        let evil = vec![0xAA; CHUNK as usize];
+        let mut sid = 9;
+        for chunk in 0..3 {
+            ra.send_msg(
+                Cmd::WRITE,
+                sid,
+                0,
+                &msg::WriteRequest {
+                    handle: up.handle,
+                    chunk,
+                },
+            );
+            let frame = Frame::new(
+                Cmd::WRITE,
+                sid,
+                flags::DATA | flags::END,
+                evil.clone().into(),
+            );
+            ra.send(&frame).unwrap();
+            sid += 2;
+        }
+        let c = msg::CommitRequest {
+            handle: up.handle,
+            blake3: hash.as_bytes().to_vec(),
+            upload_id: String::new(),
+        };
+        ra.send_msg(Cmd::COMMIT, sid, flags::END, &c);
+        drop(wake);
+        for _ in 0..4 {
+            let reply = ra.recv().expect("a reply from the woken node");
+            assert!(
+                reply.header.is_error(),
+                "round {round}: the woken node took its stale {:?} on stream {}",
+                reply.cmd(),
+                reply.header.stream_id
+            );
+        }
+        drop(ra);
+        // A's handle goes (its close must not sync into anything either); then look again.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            std::fs::read(&published).unwrap() == data,
+            "round {round}: the published file was rewritten"
+        );
+        let now = std::fs::metadata(&published).unwrap().modified().unwrap();
+        assert_eq!(now, mtime, "round {round}: the published file was touched");
+    }
+}
+
+/// A node that is not stopped but starved: its lease renewal hangs in a file-system call (as
+/// on a shared file system that stalls), so it never learns that another node took the upload
+/// over, and meanwhile it still serves requests. The stall is real: strace holds the renewal's
+/// `utimensat` for 8 s. Node A must refuse its client's WRITEs by itself (its last renewal is
+/// too old), and what node B published must keep its bytes and mtime. Before, A took them, into
+/// the very file B had resumed and published.
+#[test]
+fn a_node_whose_lease_renewal_hangs_never_writes_the_file_another_node_published() {
+    if !strace_works() {
+        return;
+    }
+    let (_dir, a, b) = two_nodes(&["--upload-lease", "2"]);
+    let data = random_bytes(3 * CHUNK as usize, 41);
+    let hash = blake3::hash(&data);
+    let mut ra = Raw::authed_as(a.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(
+        &open_write(&mut ra, 3, "s.bin", data.len() as u64),
+        "A open",
+    );
+    ok::<msg::Ok>(
+        &write(&mut ra, 5, up.handle, 0, &data[..CHUNK as usize]),
+        "A write 0",
+    );
+    // From here A's next lease stamp (utimensat, which nothing else in this test calls) hangs.
+    let mut tracer = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=utimensat"])
+        .args(["-e", "inject=utimensat:delay_enter=8000000"])
+        .args(["-p", &a.pid().to_string()])
+        .spawn()
+        .unwrap();
+    let _untrace = Defer(move || {
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+    });
+    let mut rb = Raw::authed_as(b.addr, TOKEN, CHUNK);
+    let started = Instant::now();
+    let up_b: msg::OpenResponse = loop {
+        let f = open_write(&mut rb, 3, "s.bin", data.len() as u64);
+        if !f.header.is_error() {
+            break f.decode().unwrap();
+        }
+        assert_eq!(error_of(&f).code, ErrorCode::Busy as u32);
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "A's lease was never taken over (did strace attach?)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+        ok::<msg::Ok>(&write(&mut rb, 5, up_b.handle, i as u32, c), "B write");
+    }
+    ok::<msg::CommitResponse>(
+        &commit(&mut rb, 7, up_b.handle, "", hash.as_bytes()),
+        "B commit",
+    );
+    let published = a.root.join("s.bin");
+    let mtime = std::fs::metadata(&published).unwrap().modified().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "too slow: A's renewal may have come back"
+    );
+
+    let evil = vec![0xAA; CHUNK as usize];
+    for chunk in 0..3 {
+        let w = write(&mut ra, 9, up.handle, chunk, &evil);
+        assert!(
+            w.header.is_error(),
+            "the starved node took a WRITE of chunk {chunk} of an upload it no longer held"
+        );
+    }
+    let c = commit(&mut ra, 11, up.handle, "", hash.as_bytes());
+    assert!(c.header.is_error(), "the starved node committed");
+    drop(ra);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::fs::read(&published).unwrap() == data,
+        "the published file was rewritten"
+    );
+    let now = std::fs::metadata(&published).unwrap().modified().unwrap();
+    assert_eq!(now, mtime, "the published file was touched");
+}
+
+fn open_no_clobber(r: &mut Raw, path: &str, size: u64, restart: bool) -> Frame {
+    r.call(
+        Cmd::OPEN,
+        3,
+        &msg::OpenRequest {
+            path: path.into(),
+            mode: msg::OpenMode::OpenWrite as i32,
+            size,
+            resume_key: "k".into(),
+            no_clobber: true,
+            restart,
+            ..Default::default()
+        },
+    )
+}
+
+/// Whether strace can run and trace here (some containers forbid ptrace).
+fn strace_works() -> bool {
+    let works = std::process::Command::new("strace")
+        .args(["-qq", "-o", "/dev/null", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !works {
+        eprintln!("SKIPPED: strace missing or ptrace not permitted (apt-get install strace)");
+    }
+    works
+}
+
+/// Where RENAME_NOREPLACE is missing (GlusterFS, MooseFS), a no-clobber publish is link, then
+/// unlink; once the link is made the file is published, whatever the unlink does. strace makes
+/// a local disk behave so: renameat2 of the data file fails with EINVAL, every unlink of it with
+/// EIO. COMMIT must succeed, the upload stay committed and COMMIT by id report it. Before,
+/// COMMIT answered Io and reopened the upload, and its next WRITE rewrote the published file.
+#[test]
+fn a_publish_by_link_whose_unlink_fails_is_committed_and_never_written_again() {
+    use std::os::unix::fs::MetadataExt;
+    if !strace_works() {
+        return;
+    }
+    let s = Fsd::start();
+    let data = random_bytes(3 * CHUNK as usize, 52);
+    let hash = blake3::hash(&data);
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(
+        &open_no_clobber(&mut r, "l.bin", data.len() as u64, false),
+        "open",
+    );
+    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+        ok::<msg::Ok>(&write(&mut r, 5, up.handle, i as u32, c), "write");
+    }
+    let name = format!("{}.data", up.upload_id);
+    let path = s.state.join("uploads").join(&name);
+    // fsd names the data file relative to the state directory when it publishes, and by its
+    // full path elsewhere.
+    let mut tracer = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-P", &name, "-P"])
+        .arg(&path)
+        .args(["-e", "trace=renameat2,unlinkat,unlink"])
+        .args(["-e", "inject=renameat2:error=EINVAL"])
+        .args(["-e", "inject=unlinkat,unlink:error=EIO"])
+        .args(["-p", &s.pid().to_string()])
+        .spawn()
+        .unwrap();
+    let _untrace = Defer(move || {
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+    });
+    std::thread::sleep(Duration::from_millis(500)); // strace attaches
+    ok::<msg::CommitResponse>(&commit(&mut r, 7, up.handle, "", hash.as_bytes()), "commit");
+    let dest = s.root.join("l.bin");
+    assert!(std::fs::read(&dest).unwrap() == data);
+    assert_eq!(
+        std::fs::metadata(&path).map(|m| m.nlink()).ok(),
+        Some(2),
+        "the data file should have stayed as a second name (did strace attach?)"
+    );
+    let evil = vec![0xAA; CHUNK as usize];
+    let w = write(&mut r, 9, up.handle, 0, &evil);
+    assert!(w.header.is_error(), "a committed upload took a WRITE");
+    let mut other = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let again: msg::CommitResponse = ok(
+        &commit(&mut other, 3, 0, &up.upload_id, hash.as_bytes()),
+        "commit by id",
+    );
+    assert_eq!(again.size, data.len() as u64);
+    assert!(
+        std::fs::read(&dest).unwrap() == data,
+        "the published file was rewritten"
+    );
+}
+
+/// The same publish cut off by a kill -9 between link and unlink leaves `<id>.data` as a second
+/// name of the published file, with the upload's record, log and commit record beside it.
+/// Recreated from what a real fsd wrote: its state files saved before the COMMIT and put back
+/// after it, the published file hard-linked as `<id>.data`. After a restart COMMIT by id must
+/// report the commit, and neither a resuming OPEN WRITE (and its WRITE) nor one with `restart`,
+/// both without no_clobber, may touch the published file. Before, COMMIT by id answered NotFound, the resume took the
+/// published file for its data (chunk 0 present) and wrote into it, and `restart` truncated it.
+#[test]
+fn a_publish_cut_off_between_link_and_unlink_leaves_the_published_file_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let mut s = Fsd::start();
+    let data = random_bytes(3 * CHUNK as usize, 51);
+    let hash = blake3::hash(&data);
+    let size = data.len() as u64;
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(&open_no_clobber(&mut r, "c.bin", size, false), "open");
+    ok::<msg::Ok>(
+        &write(&mut r, 5, up.handle, 0, &data[..CHUNK as usize]),
+        "write 0",
+    );
+    drop(r); // the last handle goes: chunk 0 is synced and logged
+    let uploads = s.state.join("uploads");
+    let file = |ext: &str| uploads.join(format!("{}.{ext}", up.upload_id));
+    let started = Instant::now();
+    while std::fs::metadata(file("log")).map_or(0, |m| m.len()) < 40 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "chunk 0 never logged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let saved = ["state", "log", "sums"].map(|ext| (ext, std::fs::read(file(ext)).unwrap()));
+
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let up: msg::OpenResponse = ok(&open_no_clobber(&mut r, "c.bin", size, false), "resume");
+    for (i, c) in data.chunks(CHUNK as usize).enumerate().skip(1) {
+        ok::<msg::Ok>(&write(&mut r, 5, up.handle, i as u32, c), "write");
+    }
+    ok::<msg::CommitResponse>(&commit(&mut r, 7, up.handle, "", hash.as_bytes()), "commit");
+    drop(r);
+    let dest = s.root.join("c.bin");
+    let meta = std::fs::metadata(&dest).unwrap();
+    let was = (meta.ino(), meta.modified().unwrap());
+    let cut_off = || {
+        for (ext, bytes) in &saved {
+            std::fs::write(file(ext), bytes).unwrap();
+        }
+        std::fs::hard_link(&dest, file("data")).unwrap();
+        assert!(file("done").exists());
+    };
+    let unchanged = |after: &str| {
+        let meta = std::fs::metadata(&dest).unwrap();
+        assert!(
+            std::fs::read(&dest).unwrap() == data,
+            "{after}: the published file was rewritten"
+        );
+        assert_eq!((meta.ino(), meta.modified().unwrap()), was, "{after}");
+    };
+
+    s.kill9();
+    cut_off();
+    s.restart();
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let again: msg::CommitResponse = ok(
+        &commit(&mut r, 3, 0, &up.upload_id, hash.as_bytes()),
+        "commit by id",
+    );
+    assert_eq!(again.size, size);
+    // Opened again without no_clobber (with it, OPEN refuses at once: the destination exists).
+    let resumed: msg::OpenResponse = ok(&open_write(&mut r, 3, "c.bin", size), "resume");
+    assert_eq!(
+        resumed.bitmap,
+        vec![0],
+        "resumed the published file as its data"
+    );
+    let evil = vec![0xAA; CHUNK as usize];
+    ok::<msg::Ok>(&write(&mut r, 5, resumed.handle, 0, &evil), "write");
+    unchanged("a resume and a WRITE");
+    drop(r);
+
+    s.kill9();
+    std::fs::remove_file(file("data")).unwrap();
+    cut_off();
+    s.restart();
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let restart = msg::OpenRequest {
+        path: "c.bin".into(),
+        mode: msg::OpenMode::OpenWrite as i32,
+        size,
+        resume_key: "k".into(),
+        restart: true,
+        ..Default::default()
+    };
+    ok::<msg::OpenResponse>(&r.call(Cmd::OPEN, 3, &restart), "restart");
+    unchanged("an OPEN WRITE with restart");
 }
 
 /// Runs its closure when dropped (wakes a stopped process even if an assertion fails).

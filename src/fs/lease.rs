@@ -15,6 +15,14 @@
 //! 3. The old holder, if it was only slow, sees at its next renewal (and before it publishes)
 //!    that `<id>.lock` no longer names its file, and gives the upload up.
 //!
+//! Step 3 comes late for a holder that was stopped or starved: when it wakes, requests already
+//! queued for it run before its renewal does. So a holder also fences itself: it touches the
+//! upload only while its last successful renewal is younger than half the lease, by its own
+//! boot clock ([`Lease::is_fresh`]). A taker waits a whole lease from that renewal's stamp, so
+//! the other half is the margin for clock skew between the nodes and for the step that follows
+//! the check. And the taker copies the upload into new files (fs::upload), so even a write the
+//! old holder makes after all lands in files nobody publishes.
+//!
 //! The lease compares wall clocks of different nodes (the mtime is stamped by the holder's
 //! clock): nodes must agree within a small part of the lease (NTP does).
 
@@ -22,6 +30,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -48,6 +57,14 @@ pub struct Lease {
     lock: Flock<File>,
     path: PathBuf,
     ino: u64,
+    /// How long the lease lasts (`--upload-lease`).
+    term: Duration,
+    /// [`boot_clock`] right before the last successful stamp: never later than the mtime the
+    /// stamp set, which is what a taker measures from.
+    stamped: Mutex<Duration>,
+    /// Taken over from a holder whose lease ran out (that holder may still have the upload's
+    /// files open).
+    taken_over: bool,
 }
 
 impl Lease {
@@ -80,9 +97,7 @@ impl Lease {
                 Ok(lock) => {
                     let ino = lock.metadata()?.ino();
                     if names(&path, ino) {
-                        let lease = Lease { lock, path, ino };
-                        lease.stamp()?;
-                        return Ok(lease);
+                        return Ok(Lease::stamped(lock, path, ino, lease, false)?);
                     }
                 }
                 Err(held) => {
@@ -95,11 +110,31 @@ impl Lease {
                     if age < lease {
                         return Err(Refused::Busy);
                     }
-                    return take_over(dir, id, &path, &meta);
+                    return take_over(dir, id, &path, &meta, lease);
                 }
             }
         }
         Err(Refused::Busy)
+    }
+
+    /// A lease on `lock`, stamped now.
+    fn stamped(
+        lock: Flock<File>,
+        path: PathBuf,
+        ino: u64,
+        term: Duration,
+        taken_over: bool,
+    ) -> io::Result<Lease> {
+        let lease = Lease {
+            lock,
+            path,
+            ino,
+            term,
+            stamped: Mutex::new(Duration::ZERO),
+            taken_over,
+        };
+        lease.stamp()?;
+        Ok(lease)
     }
 
     /// Renews the lease. False if the lock was taken over (the upload is no longer ours).
@@ -116,10 +151,32 @@ impl Lease {
         names(&self.path, self.ino)
     }
 
-    fn stamp(&self) -> io::Result<()> {
-        let now = nix::sys::time::TimeSpec::UTIME_NOW;
-        nix::sys::stat::futimens(&*self.lock, &now, &now).map_err(io::Error::from)
+    /// Whether the last renewal is recent enough for this holder to act: younger than half the
+    /// lease (module comment). False once renewals stop, whatever the file system says.
+    pub fn is_fresh(&self) -> bool {
+        boot_clock().saturating_sub(*self.stamped.lock().unwrap()) < self.term / 2
     }
+
+    /// Whether this lock was taken over from a holder whose lease ran out.
+    pub fn taken_over(&self) -> bool {
+        self.taken_over
+    }
+
+    fn stamp(&self) -> io::Result<()> {
+        let before = boot_clock();
+        let now = nix::sys::time::TimeSpec::UTIME_NOW;
+        nix::sys::stat::futimens(&*self.lock, &now, &now).map_err(io::Error::from)?;
+        *self.stamped.lock().unwrap() = before;
+        Ok(())
+    }
+}
+
+/// Time since boot, on a clock that never goes back and, unlike `Instant`, keeps counting while
+/// the machine is suspended: a node that slept past its lease must see that it did.
+fn boot_clock() -> Duration {
+    // Cannot fail on Linux (CLOCK_BOOTTIME is there since 2.6.39).
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME");
+    Duration::from(now)
 }
 
 /// Whether `path` names inode `ino` (a lock file replaced by a takeover does not).
@@ -133,6 +190,7 @@ fn take_over(
     id: &str,
     path: &Path,
     stale: &std::fs::Metadata,
+    term: Duration,
 ) -> Result<Lease, Refused> {
     let stamp = stale.mtime() * 1_000_000_000 + stale.mtime_nsec();
     let marker = dir.join(format!("{id}.takeover.{:x}-{stamp}", stale.ino()));
@@ -146,12 +204,7 @@ fn take_over(
     let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| Refused::Io(e.into()))?;
     let ino = lock.metadata()?.ino();
-    let lease = Lease {
-        lock,
-        path: path.to_path_buf(),
-        ino,
-    };
-    lease.stamp()?;
+    let lease = Lease::stamped(lock, path.to_path_buf(), ino, term, true)?;
     if let Err(e) = std::fs::rename(&fresh, path) {
         let _ = std::fs::remove_file(&fresh);
         return Err(e.into());
@@ -171,6 +224,7 @@ mod tests {
     fn a_held_lease_is_busy_until_it_runs_out_then_taken_over_once() {
         let dir = tempfile::tempdir().unwrap();
         let first = Lease::acquire(dir.path(), "u", Duration::from_secs(60), 1).unwrap();
+        assert!(!first.taken_over());
         assert!(matches!(
             Lease::acquire(dir.path(), "u", Duration::from_secs(60), 1),
             Err(Refused::Busy)
@@ -179,6 +233,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         let second = Lease::acquire(dir.path(), "u", Duration::from_secs(1), 1).unwrap();
         assert!(second.is_ours());
+        assert!(second.taken_over());
         assert!(!first.is_ours());
         assert!(
             !first.renew().unwrap(),
@@ -194,5 +249,16 @@ mod tests {
         // Released: taken normally.
         let third = Lease::acquire(dir.path(), "u", Duration::from_secs(60), 1).unwrap();
         assert!(third.is_ours());
+    }
+
+    #[test]
+    fn a_holder_fences_itself_once_half_its_lease_passed_without_a_renewal() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Lease::acquire(dir.path(), "u", Duration::from_secs(1), 1).unwrap();
+        assert!(held.is_fresh());
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(!held.is_fresh(), "no renewal for over half the lease");
+        assert!(held.renew().unwrap());
+        assert!(held.is_fresh());
     }
 }

@@ -667,7 +667,10 @@ impl Root {
     /// (same file system) onto `dest` beneath the root. With `no_clobber` an existing `dest` is
     /// refused ([`FsError::AlreadyExists`]); an existing directory always is
     /// ([`FsError::IsADirectory`]). Returns the destination's directory: the caller makes the
-    /// new name durable (fsync it, or a group sync).
+    /// new name durable (fsync it, or a group sync). Where RENAME_NOREPLACE is missing, a
+    /// no-clobber publish is a link and then an unlink of `src_name`: it has succeeded once the
+    /// link is made, and `src_name` stays, a second name of the published file, if the unlink
+    /// fails.
     pub fn publish(
         &self,
         src_dir: BorrowedFd<'_>,
@@ -684,7 +687,23 @@ impl Root {
         match fcntl::renameat2(src_dir, src_name, &parent, leaf.as_c_str(), flags) {
             // No RENAME_NOREPLACE here (GlusterFS, MooseFS): link, which never replaces.
             Err(Errno::EINVAL) if no_clobber => {
-                move_without_clobbering(src_dir, src_name, &parent, &leaf)
+                unistd::linkat(
+                    src_dir,
+                    src_name,
+                    &parent,
+                    leaf.as_c_str(),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| rename_error(dest, e))?;
+                // Published from here, whatever the unlink does: an error now would have the
+                // caller take the upload up again, writing into what is the published file. A
+                // name left is a second name of the published file, which the upload store
+                // recognises by its link count and never writes.
+                if let Err(e) = unistd::unlinkat(src_dir, src_name, UnlinkatFlags::NoRemoveDir) {
+                    let name = src_name.to_string_lossy();
+                    tracing::warn!(%name, error = %e, "published by link; the old name stays");
+                }
+                Ok(())
             }
             r => r,
         }

@@ -18,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -197,6 +197,10 @@ pub struct UploadStore {
     /// How long a dead node's upload lock keeps others out (fs::lease).
     lease: Duration,
     live: Mutex<HashMap<String, Weak<Upload>>>,
+    /// The uploads whose leases [`UploadStore::renew_leases`] renews. Apart from `live`, whose
+    /// lock an OPEN holds while it reads a whole upload back: a long OPEN must not hold up the
+    /// renewals, or every other upload on this node would fence itself (fs::lease).
+    held: Mutex<Vec<Weak<Upload>>>,
     tally: Arc<Mutex<Tally>>,
     reaper: Reaper,
 }
@@ -292,6 +296,7 @@ impl UploadStore {
             ttl,
             lease,
             live: Mutex::new(HashMap::new()),
+            held: Mutex::new(Vec::new()),
             tally: Arc::new(Mutex::new(tally)),
         })
     }
@@ -333,7 +338,12 @@ impl UploadStore {
             Err(Refused::Io(e)) => return Err(io_err(e)),
         };
 
-        let record = if p.restart {
+        // A `<id>.data` with another name is the published file: a publish by link was cut off
+        // before it removed this name (Root::publish). That upload is committed; this OPEN
+        // starts afresh, in new files.
+        let second_name =
+            std::fs::symlink_metadata(self.path(&id, "data")).is_ok_and(|m| m.nlink() > 1);
+        let record = if p.restart || second_name {
             None
         } else {
             read_record(&self.path(&id, "state"))
@@ -362,43 +372,29 @@ impl UploadStore {
             }
             tally.add(&id, &p.owner, p.size);
         }
-        let data = OpenOptions::new()
-            .create(true)
-            .truncate(fresh)
-            .read(true)
-            .write(true)
-            .open(self.path(&id, "data"))
-            .map_err(io_err)?;
         let chunk_size = record
             .as_ref()
             .map(|r| r.chunk_size)
             .unwrap_or_else(|| chunk_size_for(p.size, p.base_chunk_size));
         let count = chunk_count(p.size, chunk_size);
-        if fresh {
-            // Sparse: space is taken chunk by chunk, so ENOSPC surfaces on the chunk that hits it.
-            data.set_len(p.size).map_err(io_err)?;
-        }
-        let log = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(self.path(&id, "log"))
-            .map_err(io_err)?;
-        if fresh {
-            log.set_len(0).map_err(io_err)?;
-        }
-        let sums = OpenOptions::new()
-            .create(true)
-            .truncate(fresh)
-            .read(true)
-            .write(true)
-            .open(self.path(&id, "sums"))
-            .map_err(io_err)?;
-        let sums = Sums::File(sums);
-        let mut inner = Inner::new(count);
-        if record.is_some() {
-            replay_log(&log, &data, &sums, p.size, chunk_size, &mut inner).map_err(io_err)?;
+        let files = if fresh {
+            self.create_files(&id, p.size)
+                .map(|(d, l, s)| (d, l, s, Inner::new(count)))
+        } else if lease.taken_over() {
+            self.adopt(&id, p.size, chunk_size, &lease)
+        } else {
+            self.reopen_files(&id, p.size, chunk_size)
+        };
+        let (data, log, sums, inner) = files.map_err(|e| match e.kind() {
+            io::ErrorKind::ResourceBusy => UploadError::Busy { id: id.clone() },
+            _ => io_err(e),
+        })?;
+        if !fresh {
             tracing::info!(upload = %id, present = inner.present, "resumed upload");
+        }
+        // Reading an upload back (a resume checks every chunk) may have outlasted the lease.
+        if !lease.is_fresh() && !lease.renew().map_err(io_err)? {
+            return Err(UploadError::Busy { id });
         }
         let upload = Arc::new(Upload {
             id: id.clone(),
@@ -426,7 +422,97 @@ impl UploadStore {
             upload.write_header().map_err(io_err)?;
         }
         live.insert(id, Arc::downgrade(&upload));
+        self.held.lock().unwrap().push(Arc::downgrade(&upload));
         Ok(upload)
+    }
+
+    /// New, empty data, log and sums files for a fresh upload; never old ones truncated: a node
+    /// whose lease ran out may still write those (fs::lease). O_EXCL: a name that reappears
+    /// meanwhile is not shared either.
+    fn create_files(&self, id: &str, size: u64) -> io::Result<(File, File, Sums)> {
+        let new = |ext: &str, append: bool| {
+            let path = self.path(id, ext);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => upload_file(&path, append, true),
+            }
+        };
+        let data = new("data", false)?;
+        // Sparse: space is taken chunk by chunk, so ENOSPC surfaces on the chunk that hits it.
+        data.set_len(size)?;
+        Ok((data, new("log", true)?, Sums::File(new("sums", false)?)))
+    }
+
+    /// The files of an upload resumed from a holder that let it go (closed it, or its process
+    /// died), and the chunks their log vouches for.
+    fn reopen_files(&self, id: &str, size: u64, chunk_size: u32) -> io::Result<Files> {
+        let open = |ext: &str, append: bool| upload_file(&self.path(id, ext), append, false);
+        let (data, log) = (open("data", false)?, open("log", true)?);
+        let sums = Sums::File(open("sums", false)?);
+        let mut inner = Inner::new(chunk_count(size, chunk_size));
+        replay_log(&log, &data, None, &sums, size, chunk_size, &mut inner)?;
+        Ok((data, log, sums, inner))
+    }
+
+    /// Resumes an upload taken over from a node whose lease ran out. That node may still have
+    /// the upload's files open and write them when it wakes (its queued WRITEs run before it
+    /// learns it lost the lease), so the chunks go into new files that replace the old names:
+    /// what this node verifies and publishes is out of that node's reach. Each chunk is copied
+    /// from the buffer its CRC32 was checked in (not copy_file_range, which would have to be
+    /// read back to be checked), so what is copied is what was checked. Takeovers are rare.
+    fn adopt(&self, id: &str, size: u64, chunk_size: u32, lease: &Lease) -> io::Result<Files> {
+        let count = chunk_count(size, chunk_size);
+        // `.tmp`: garbage collection removes what a crash leaves.
+        let suffix = super::private_suffix();
+        let temp = |ext: &str| self.dir.join(format!("{id}.{ext}.{suffix}.tmp"));
+        let copied = (|| {
+            let data = upload_file(&temp("data"), false, true)?;
+            data.set_len(size)?;
+            let sums = Sums::File(upload_file(&temp("sums"), false, true)?);
+            let mut log = upload_file(&temp("log"), true, true)?;
+            let mut inner = Inner::new(count);
+            let old = |ext| match File::open(self.path(id, ext)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                r => r.map(Some),
+            };
+            if let (Some(old_data), Some(old_log)) = (old("data")?, old("log")?) {
+                let copy = Some(&data);
+                replay_log(
+                    &old_log, &old_data, copy, &sums, size, chunk_size, &mut inner,
+                )?;
+            }
+            data.sync_data()?;
+            // The new log vouches for exactly the chunks copied.
+            let mut first = 0;
+            while first < count {
+                let n = 4096.min(count - first);
+                let mut entries = Vec::new();
+                for (i, (crc, cv)) in (first..).zip(sums.get(first, n)?) {
+                    if bit(&inner.durable, i) {
+                        entries.extend_from_slice(&log_entry(i, crc, &cv));
+                    }
+                }
+                log.write_all(&entries)?;
+                first += n;
+            }
+            log.sync_data()?;
+            // The copy may have outlasted the lease: never replace the files of a node that
+            // took the upload over meanwhile.
+            if !lease.renew()? {
+                let e = "taken over by another node during the takeover copy";
+                return Err(io::Error::new(io::ErrorKind::ResourceBusy, e));
+            }
+            for ext in ["data", "sums", "log"] {
+                std::fs::rename(temp(ext), self.path(id, ext))?;
+            }
+            Ok((data, log, sums, inner))
+        })();
+        if copied.is_err() {
+            for ext in ["data", "sums", "log"] {
+                let _ = std::fs::remove_file(temp(ext));
+            }
+        }
+        copied
     }
 
     /// A single-chunk upload: no lock, log or record; an anonymous file on a local disk, a
@@ -496,8 +582,9 @@ impl UploadStore {
     /// is marked lost, so that this process never writes or publishes it again. Blocking.
     pub fn renew_leases(&self) {
         let open: Vec<Arc<Upload>> = {
-            let live = self.live.lock().unwrap();
-            live.values().filter_map(Weak::upgrade).collect()
+            let mut held = self.held.lock().unwrap();
+            held.retain(|u| u.strong_count() > 0);
+            held.iter().filter_map(Weak::upgrade).collect()
         };
         for u in open {
             let Some(lease) = &u.lease else { continue };
@@ -532,12 +619,16 @@ impl UploadStore {
         }
         let bytes = read_record(&self.path(id, "done"))?;
         let r = CommitRecord::decode(&bytes[..]).ok()?;
-        // Data still there: the rename has not happened (or a fresh upload reuses the id).
-        let published = !self.path(id, "data").exists();
+        // Data still there: the rename has not happened (or a fresh upload reuses the id),
+        // unless it is a second name of the published inode (a publish by link that was cut
+        // off before the unlink, Root::publish).
+        let published = match std::fs::symlink_metadata(self.path(id, "data")) {
+            Ok(m) => m.nlink() > 1 && m.ino() == r.ino,
+            Err(_) => true,
+        };
         if !published || r.owner != owner || r.blake3 != blake3 {
             return None;
         }
-        use std::os::unix::fs::MetadataExt;
         let identity = match root.open_read(&r.path) {
             Ok((_, meta)) if meta.ino() == r.ino => ids.identity(&meta),
             // Replaced or removed since: the identity it was published with.
@@ -621,6 +712,21 @@ impl UploadStore {
     }
 }
 
+/// An open upload's data, log and sums files, and what they hold.
+type Files = (File, File, Sums, Inner);
+
+/// Opens an upload file in the state directory for reading and writing (the log: appending),
+/// created if missing, or `new` (O_EXCL).
+fn upload_file(path: &std::path::Path, append: bool, new: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(!append)
+        .append(append)
+        .create(!new)
+        .create_new(new)
+        .open(path)
+}
+
 /// One chunk-log entry: chunk index, CRC32 and BLAKE3 chaining value, fixed size so that a torn
 /// final entry (a crash mid-append) is recognisable and ignored.
 const LOG_ENTRY: usize = 4 + 4 + 32;
@@ -634,11 +740,13 @@ fn log_entry(index: u32, crc: u32, cv: &[u8; 32]) -> [u8; LOG_ENTRY] {
 }
 
 /// Rebuilds the durable chunks from the log, trusting an entry only if the chunk's bytes still
-/// match its CRC32, and writes their sums into their slots. Entries are read in order, a block
-/// at a time, so later entries for a chunk win and memory does not grow with the log.
+/// match its CRC32, and writes their sums into their slots (and, given `copy`, the checked bytes
+/// into it). Entries are read in order, a block at a time, so later entries for a chunk win and
+/// memory does not grow with the log.
 fn replay_log(
     log: &File,
     data: &File,
+    copy: Option<&File>,
     sums: &Sums,
     size: u64,
     chunk_size: u32,
@@ -662,9 +770,8 @@ fn replay_log(
             }
             let crc = u32::from_le_bytes(e[4..8].try_into().unwrap());
             let len = chunk_len(size, chunk_size, index) as usize;
-            let ok = data
-                .read_exact_at(&mut buf[..len], index as u64 * chunk_size as u64)
-                .is_ok()
+            let offset = index as u64 * chunk_size as u64;
+            let ok = data.read_exact_at(&mut buf[..len], offset).is_ok()
                 && crc32fast::hash(&buf[..len]) == crc;
             if !ok {
                 tracing::warn!(
@@ -673,6 +780,9 @@ fn replay_log(
                 );
                 inner.mark(index, false, false);
                 continue;
+            }
+            if let Some(copy) = copy {
+                copy.write_all_at(&buf[..len], offset)?;
             }
             sums.put(index, (crc, e[8..].try_into().unwrap()))?;
             inner.mark(index, true, true);
@@ -1030,6 +1140,8 @@ impl Upload {
     /// newly durable chunks to the log and fdatasync that. A crash between the two only loses
     /// log entries, never claims bytes that are not on disk.
     pub fn sync(&self) -> Result<(), UploadError> {
+        // A node that may have lost the lease records nothing more in the upload's log.
+        self.check_held()?;
         let _one_at_a_time = self.sync_lock.lock().unwrap();
         let (snapshot, pending) = {
             let inner = self.inner.lock().unwrap();
@@ -1227,12 +1339,9 @@ impl Upload {
             // Data durable before the name points at it; then the name itself.
             self.data.sync_all().map_err(|e| self.io(e))?;
             if self.resumable() {
-                // Still ours right before the rename: a node that took the upload over may be
-                // writing it (the periodic renewal would only notice later).
-                if !self.lease.as_ref().is_some_and(Lease::is_ours) {
-                    self.lose();
-                    self.check_held()?;
-                }
+                // Still ours: a node that took the upload over may be writing it (the periodic
+                // renewal would only notice later).
+                self.check_owned()?;
                 self.write_commit_record(&before, ids)?;
             }
             // The file this replaces is kept linked until the reply is on its way.
@@ -1240,20 +1349,27 @@ impl Upload {
             let kept = self.resumable()
                 && !no_clobber
                 && root.keep_link(path, self.dir_fd.as_fd(), &replaced).is_ok();
-            let parent = match root.publish(self.dir_fd.as_fd(), &name, path, no_clobber) {
+            // And still ours right before the name moves: the syncs above may have stalled
+            // past the lease.
+            let owned = self.check_owned();
+            let published = owned
+                .and_then(|()| Ok(root.publish(self.dir_fd.as_fd(), &name, path, no_clobber)?));
+            let parent = match published {
                 Ok(parent) => parent,
                 Err(e) => {
                     let _ = std::fs::remove_file(self.dir.join(format!("{}.done", self.id)));
                     if kept {
                         remove_kept(&self.dir_fd, &replaced);
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
 
             let done = self.named(before, ids);
             if self.resumable() {
-                for ext in ["state", "log", "sums", "lock"] {
+                // `data` is gone after a rename; after a link whose unlink failed, this tries
+                // again (the lock goes last: until then no other node can open the upload).
+                for ext in ["data", "state", "log", "sums", "lock"] {
                     let _ = std::fs::remove_file(self.dir.join(format!("{}.{ext}", self.id)));
                 }
                 self.tally.lock().unwrap().remove(&self.id);
@@ -1278,15 +1394,30 @@ impl Upload {
         }
     }
 
-    /// Refuses to touch an upload whose lease another node took over.
+    /// Refuses to touch an upload whose lease another node took over, or may have: this node
+    /// fences itself once its last renewal is older than half the lease (fs::lease), without
+    /// waiting for the renewal that would tell it. Cheap (no file-system call): every WRITE asks.
     fn check_held(&self) -> Result<(), UploadError> {
-        if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(UploadError::Sealing {
-                id: self.id.clone(),
-                why: "taken over by another server node (this one's lease ran out)",
-            });
+        let why = if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
+            "taken over by another server node (this one's lease ran out)"
+        } else if self.lease.as_ref().is_some_and(|l| !l.is_fresh()) {
+            "this server node's lease was not renewed in time (a pause or an overload): another node may have taken the upload over"
+        } else {
+            return Ok(());
+        };
+        Err(UploadError::Sealing {
+            id: self.id.clone(),
+            why,
+        })
+    }
+
+    /// [`Upload::check_held`], and `<id>.lock` still names this node's lock file: right before
+    /// a step that acts on the upload's files by name.
+    fn check_owned(&self) -> Result<(), UploadError> {
+        if self.lease.as_ref().is_some_and(|l| !l.is_ours()) {
+            self.lose();
         }
-        Ok(())
+        self.check_held()
     }
 
     /// `<id>.done`, synced before the publish: from the rename on, a COMMIT by upload id on
@@ -1296,7 +1427,6 @@ impl Upload {
         data: &std::fs::Metadata,
         ids: &RootId,
     ) -> Result<(), UploadError> {
-        use std::os::unix::fs::MetadataExt;
         let record = CommitRecord {
             owner: self.params.owner.clone(),
             dest: self.params.dest.clone(),
@@ -1342,7 +1472,7 @@ impl Drop for Upload {
             inner.phase == Phase::Open
                 && inner.unsynced > 0
                 && self.resumable()
-                && !self.lost.load(std::sync::atomic::Ordering::Relaxed)
+                && self.check_held().is_ok()
         };
         if pending {
             if let Err(e) = self.sync() {
@@ -1378,4 +1508,87 @@ fn plausible_chunk_size(size: u64, chunk_size: u32) -> bool {
         && chunk_size >= MIN_CHUNK_SIZE
         && chunk_size <= chunk_size_for(size, MAX_CHUNK_SIZE)
         && checked_chunk_count(size, chunk_size).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: u32 = 64 * 1024;
+
+    fn params(size: u64) -> UploadParams {
+        UploadParams {
+            owner: "o".into(),
+            dest: "f".into(),
+            path: "f".into(),
+            size,
+            resume_key: "k".into(),
+            base_chunk_size: CHUNK,
+            restart: false,
+            mode_bits: 0,
+            mtime_ns: 0,
+            no_clobber: false,
+            max_uploads: 10,
+            max_upload_bytes: u64::MAX,
+        }
+    }
+
+    /// Node A stops renewing (hung); node B takes the upload over after the lease. A's WRITE
+    /// is refused by A itself (its renewal is too old), and even a write through the descriptor
+    /// A still holds lands in a file B never publishes: B copied the chunks into new files.
+    #[test]
+    fn a_taken_over_upload_is_out_of_the_old_holder_s_reach() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_dir = dir.path().join("root");
+        std::fs::create_dir(&root_dir).unwrap();
+        let state = dir.path().join("state");
+        let store = || {
+            let lease = Duration::from_secs(1);
+            UploadStore::new(
+                state.clone(),
+                Duration::from_secs(60),
+                lease,
+                FsKind::Shared,
+            )
+            .unwrap()
+        };
+        let (a, b) = (store(), store());
+        let data: Vec<u8> = (0..3 * CHUNK).map(|i| (i % 251) as u8).collect();
+        let p = params(data.len() as u64);
+        let chunk = |i: u32| &data[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize];
+        let crc = |d: &[u8]| crc32fast::hash(d);
+
+        let held = a.open(&p).unwrap();
+        held.write_chunk(0, chunk(0), crc(chunk(0))).unwrap();
+        held.sync().unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let taken = b.open(&p).unwrap();
+        assert_eq!(taken.bitmap(), vec![0b001], "chunk 0 carried over");
+        assert_ne!(
+            held.data.metadata().unwrap().ino(),
+            taken.data.metadata().unwrap().ino(),
+            "the taker resumed the old holder's data file"
+        );
+
+        let evil = vec![0xAA; CHUNK as usize];
+        assert!(
+            held.write_chunk(1, &evil, crc(&evil)).is_err(),
+            "a node whose lease ran out still took a WRITE"
+        );
+        assert!(held.sync().is_err(), "and still synced its log");
+        held.data.write_all_at(&evil, 0).unwrap();
+
+        for i in 1..3 {
+            taken.write_chunk(i, chunk(i), crc(chunk(i))).unwrap();
+        }
+        b.renew_leases(); // what fsd does every quarter of the lease
+        taken.seal(blake3::hash(&data).as_bytes()).unwrap();
+        let root = Root::open(&root_dir, None).unwrap();
+        let ids = RootId::new([0; 16], 0);
+        taken.publish(&root, &ids).unwrap();
+        held.data.write_all_at(&evil, CHUNK as u64).unwrap();
+        assert!(std::fs::read(root_dir.join("f")).unwrap() == data);
+        drop(held);
+        assert!(std::fs::read(root_dir.join("f")).unwrap() == data);
+    }
 }
