@@ -196,7 +196,7 @@ pub struct UploadStore {
     ttl: Duration,
     /// How long a dead node's upload lock keeps others out (fs::lease).
     lease: Duration,
-    live: Mutex<HashMap<String, Weak<Upload>>>,
+    live: Arc<LiveMap>,
     /// The uploads whose leases [`UploadStore::renew_leases`] renews. Apart from `live`, whose
     /// lock an OPEN holds while it reads a whole upload back: a long OPEN must not hold up the
     /// renewals, or every other upload on this node would fence itself (fs::lease).
@@ -295,7 +295,7 @@ impl UploadStore {
             group,
             ttl,
             lease,
-            live: Mutex::new(HashMap::new()),
+            live: Arc::default(),
             held: Mutex::new(Vec::new()),
             tally: Arc::new(Mutex::new(tally)),
         })
@@ -415,6 +415,7 @@ impl UploadStore {
             reaper: self.reaper.clone(),
             reservable: self.kind == FsKind::Local,
             lease: Some(lease),
+            live: Some(self.live.clone()),
             lost: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(inner),
         });
@@ -559,6 +560,7 @@ impl UploadStore {
             reaper: self.reaper.clone(),
             reservable: false,
             lease: None,
+            live: None,
             lost: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner::new(count)),
         }))
@@ -586,6 +588,11 @@ impl UploadStore {
             held.retain(|u| u.strong_count() > 0);
             held.iter().filter_map(Weak::upgrade).collect()
         };
+        // Entries an upload's drop could not take out of the map (its lock was busy). Not
+        // waited for: an OPEN may hold it while it reads an upload back.
+        if let Ok(mut live) = self.live.try_lock() {
+            live.retain(|_, u| u.strong_count() > 0);
+        }
         for u in open {
             let Some(lease) = &u.lease else { continue };
             match lease.renew() {
@@ -964,6 +971,8 @@ pub struct Upload {
     group: Arc<GroupSync>,
     /// The upload lock of a resumable upload (fs::lease), renewed by [`UploadStore::renew_leases`].
     lease: Option<Lease>,
+    /// The store's map of open uploads (resumable ones), which this one leaves when dropped.
+    live: Option<Arc<LiveMap>>,
     /// The lease was taken over by another node: this process must not touch the upload again.
     lost: std::sync::atomic::AtomicBool,
     /// Where this upload counts against its owner's quota until published.
@@ -1479,8 +1488,21 @@ impl Drop for Upload {
                 tracing::warn!(upload = %self.id, error = %e, "could not persist upload on close");
             }
         }
+        // Out of the map once synced and unlocked: until then an OPEN of this upload waits for
+        // the lock rather than answering Busy. try_lock: the map's holder may be the one
+        // dropping this (an OPEN that failed); renew_leases sweeps what is left.
+        drop(self.lease.take());
+        if let Some(Ok(mut live)) = self.live.as_ref().map(|l| l.try_lock()) {
+            if live.get(&self.id).is_some_and(|w| w.strong_count() == 0) {
+                live.remove(&self.id);
+            }
+        }
     }
 }
+
+/// The resumable uploads open in this process, by id: each entry goes when its upload is
+/// dropped, so the map follows what is open, not every upload ever opened.
+type LiveMap = Mutex<HashMap<String, Weak<Upload>>>;
 
 /// Longest state or commit record read back (a path of at most 4096 bytes and a few fields):
 /// a damaged or foreign file in a shared state directory is not read whole.
@@ -1531,6 +1553,39 @@ mod tests {
             max_uploads: 10,
             max_upload_bytes: u64::MAX,
         }
+    }
+
+    /// The map of open uploads follows what is open: an upload leaves it when its last handle
+    /// goes, so opening many uploads one after another does not grow it (or the renewals'
+    /// and live_count's walks over it) for good.
+    #[test]
+    fn the_map_of_open_uploads_holds_only_open_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = UploadStore::new(
+            dir.path().join("state"),
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+            FsKind::Local,
+        )
+        .unwrap();
+        let open = |k: u32| {
+            let mut p = params(3 * u64::from(CHUNK));
+            p.resume_key = format!("k{k}");
+            p.max_uploads = 100;
+            store.open(&p).unwrap()
+        };
+        for k in 0..50 {
+            drop(open(k));
+        }
+        assert_eq!(store.live.lock().unwrap().len(), 0);
+        let kept = open(50);
+        // Reopened while held: the same upload, still one entry.
+        assert!(Arc::ptr_eq(&kept, &open(50)));
+        assert_eq!(store.live.lock().unwrap().len(), 1);
+        drop(kept);
+        assert_eq!(store.live.lock().unwrap().len(), 0);
+        // And after it left the map, it is resumed as before (its lease was let go).
+        drop(open(50));
     }
 
     /// Node A stops renewing (hung); node B takes the upload over after the lease. A's WRITE
