@@ -12,7 +12,7 @@
 //! (crate::fskind), it is a named temporary file, fsynced, renamed (or linked) into place, its
 //! directory fsynced; one left by a crash is removed after the upload TTL.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -197,6 +197,9 @@ pub struct UploadStore {
     /// How long a dead node's upload lock keeps others out (fs::lease).
     lease: Duration,
     live: Arc<LiveMap>,
+    /// Ids an OPEN is bringing up (lease, files, read-back) without holding `live`'s lock:
+    /// another OPEN of the same id waits for it; OPENs of other uploads do not.
+    opening: Mutex<HashSet<String>>,
     /// The uploads whose leases [`UploadStore::renew_leases`] renews. Apart from `live`, whose
     /// lock an OPEN holds while it reads a whole upload back: a long OPEN must not hold up the
     /// renewals, or every other upload on this node would fence itself (fs::lease).
@@ -297,6 +300,7 @@ impl UploadStore {
             lease,
             live: Arc::default(),
             held: Mutex::new(Vec::new()),
+            opening: Mutex::default(),
             tally: Arc::new(Mutex::new(tally)),
         })
     }
@@ -317,21 +321,37 @@ impl UploadStore {
         if chunk_count(p.size, chunk_size) <= 1 {
             return self.open_stateless(p, id, chunk_size);
         }
-        let mut live = self.live.lock().unwrap();
-        if let Some(u) = live.get(&id).and_then(Weak::upgrade) {
-            let phase = u.inner.lock().unwrap().phase.clone();
-            match phase {
-                // Another handle in this process has it: share it (chunks are idempotent).
-                Phase::Open if !p.restart => return Ok(u),
-                Phase::Open | Phase::Sealing => return Err(UploadError::Busy { id }),
-                // Published: it is never written again; this OPEN starts a fresh upload (its
-                // files were removed when it was published).
-                Phase::Committed(_) => {}
+        let mut waited = 0;
+        let tries = loop {
+            let live = self.live.lock().unwrap();
+            if let Some(u) = live.get(&id).and_then(Weak::upgrade) {
+                let phase = u.inner.lock().unwrap().phase.clone();
+                match phase {
+                    // Another handle in this process has it: share it (chunks are idempotent).
+                    Phase::Open if !p.restart => return Ok(u),
+                    Phase::Open | Phase::Sealing => return Err(UploadError::Busy { id }),
+                    // Published: it is never written again; this OPEN starts a fresh upload
+                    // (its files were removed when it was published).
+                    Phase::Committed(_) => {}
+                }
             }
-        }
-        // If this process held the upload a moment ago, its last handle may still be syncing it
-        // on drop: wait for that (briefly) instead of answering Busy.
-        let tries = if live.contains_key(&id) { 40 } else { 1 };
+            if self.opening.lock().unwrap().insert(id.clone()) {
+                // If this process held the upload a moment ago, its last handle may still be
+                // syncing it on drop: wait for that (briefly) instead of answering Busy.
+                break if live.contains_key(&id) { 40 } else { 1 };
+            }
+            // Another OPEN is bringing this upload up: share it once it is there.
+            drop(live);
+            waited += 1;
+            if waited > OPENING_WAITS {
+                return Err(UploadError::Busy { id });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _opening = Opening {
+            ids: &self.opening,
+            id: id.clone(),
+        };
         let lease = match Lease::acquire(&self.dir, &id, self.lease, tries) {
             Ok(l) => l,
             Err(Refused::Busy) => return Err(UploadError::Busy { id }),
@@ -422,7 +442,10 @@ impl UploadStore {
         if fresh && upload.resumable() {
             upload.write_header().map_err(io_err)?;
         }
-        live.insert(id, Arc::downgrade(&upload));
+        self.live
+            .lock()
+            .unwrap()
+            .insert(id.clone(), Arc::downgrade(&upload));
         self.held.lock().unwrap().push(Arc::downgrade(&upload));
         Ok(upload)
     }
@@ -1500,6 +1523,22 @@ impl Drop for Upload {
     }
 }
 
+/// How many times (10 ms apart) an OPEN waits for another OPEN of the same upload to bring it
+/// up before it answers Busy: longer than a lease taken over after a crash takes (40 x 50 ms).
+const OPENING_WAITS: u32 = 500;
+
+/// An id in [`UploadStore::opening`], taken out when the OPEN that put it there ends.
+struct Opening<'a> {
+    ids: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.ids.lock().unwrap().remove(&self.id);
+    }
+}
+
 /// The resumable uploads open in this process, by id: each entry goes when its upload is
 /// dropped, so the map follows what is open, not every upload ever opened.
 type LiveMap = Mutex<HashMap<String, Weak<Upload>>>;
@@ -1586,6 +1625,47 @@ mod tests {
         assert_eq!(store.live.lock().unwrap().len(), 0);
         // And after it left the map, it is resumed as before (its lease was let go).
         drop(open(50));
+    }
+
+    /// An OPEN that takes long (a resume reads every chunk it holds back and checks it: here
+    /// 512 MiB, held as a hole) holds up only OPENs of that upload, not another credential's
+    /// OPEN of another one.
+    #[test]
+    fn a_slow_open_holds_up_only_its_own_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = UploadStore::new(
+            dir.path().join("state"),
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+            FsKind::Local,
+        )
+        .unwrap();
+        const CHUNKS: u32 = 8 * 1024;
+        let p = params(u64::from(CHUNKS) * u64::from(CHUNK));
+        let id = p.id();
+        drop(store.open(&p).unwrap());
+        // Every chunk logged as held: all zeros, which the sparse data file reads back as.
+        let zeros = crc32fast::hash(&vec![0u8; CHUNK as usize]);
+        let log: Vec<u8> = (0..CHUNKS)
+            .flat_map(|i| log_entry(i, zeros, &[0; 32]))
+            .collect();
+        std::fs::write(store.path(&id, "log"), log).unwrap();
+        let slow_done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let resumed = store.open(&p).unwrap();
+                slow_done.store(true, std::sync::atomic::Ordering::SeqCst);
+                assert_eq!(resumed.inner.lock().unwrap().present, CHUNKS);
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            let mut other = params(3 * u64::from(CHUNK));
+            other.owner = "another".into();
+            drop(store.open(&other).unwrap());
+            assert!(
+                !slow_done.load(std::sync::atomic::Ordering::SeqCst),
+                "another upload's OPEN waited for a resume's read-back"
+            );
+        });
     }
 
     /// Node A stops renewing (hung); node B takes the upload over after the lease. A's WRITE
