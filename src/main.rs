@@ -148,7 +148,8 @@ struct Args {
     #[arg(long, requires = "metrics")]
     metrics_public: bool,
     /// Threads for blocking file-system work (each may hold a chunk buffer): bounds memory when
-    /// many clients open uncached files at once; further work queues.
+    /// many clients open uncached files at once; further work queues. With several credentials
+    /// each keeps at most half of them busy.
     #[arg(long, default_value_t = server::MAX_BLOCKING_THREADS)]
     max_blocking_threads: usize,
     /// How to treat the root's file system: `local` (O_TMPFILE for small uploads, one syncfs
@@ -270,6 +271,7 @@ async fn serve(args: Args) -> Result<()> {
         max_startups_per_source: args.max_startups_per_source,
         max_streams: args.max_streams,
         max_handles: args.max_handles,
+        max_blocking_threads: args.max_blocking_threads.max(1),
         max_frame: args.max_frame.max(args.chunk_size),
         max_compress_level: args.max_compress_level,
         tree: !args.no_tree_stream,

@@ -1347,3 +1347,69 @@ fn client_names_cannot_forge_log_lines() {
         "escape sequences in the log: {log:?}"
     );
 }
+
+/// With several credentials, each keeps at most half of the blocking pool busy: one whose
+/// OPENs need long file-system work (here manifests of big files not seen before, each a
+/// read of the whole file) leaves the other's requests a thread. `--max-blocking-threads 2`.
+#[test]
+fn one_credential_s_slow_file_work_leaves_the_other_a_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for i in 0..4 {
+        let f = std::fs::File::create(root.join(format!("big{i}"))).unwrap();
+        f.set_len(128 << 20).unwrap(); // a hole: read and hashed, not stored
+    }
+    std::fs::write(root.join("small"), b"x").unwrap();
+    let tokens = two_credentials(dir.path(), "");
+    let fsd = Fsd::start_on(
+        &root,
+        &["--token-file", &tokens, "--max-blocking-threads", "2"],
+    );
+    // Alice opens the four big files at once, on four connections: four manifests to compute,
+    // each a whole read.
+    let mut alice: Vec<Raw> = (0..4)
+        .map(|_| try_login(fsd.addr, TOKEN_A).unwrap())
+        .collect();
+    let started = Instant::now();
+    for (i, a) in alice.iter_mut().enumerate() {
+        a.send_msg(
+            Cmd::OPEN,
+            3,
+            flags::END,
+            &msg::OpenRequest {
+                path: format!("big{i}"),
+                mode: msg::OpenMode::OpenRead as i32,
+                ..Default::default()
+            },
+        );
+    }
+    // Meanwhile Bob's STATs (each a blocking job) are answered at once. Sharing the pool first
+    // come first served, they would wait for one of Alice's jobs (half her total, with two
+    // threads) whatever this machine's speed.
+    let mut bob = try_login(fsd.addr, TOKEN_B).unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 0..5u32 {
+        let t = Instant::now();
+        let f = bob.call(
+            Cmd::STAT,
+            3 + 2 * i,
+            &msg::StatRequest {
+                path: "small".into(),
+            },
+        );
+        assert!(!f.header.is_error(), "{:?}", error_of(&f));
+        slowest = slowest.max(t.elapsed());
+    }
+    // Alice's OPENs, for scale: what Bob would have queued behind.
+    for a in &mut alice {
+        let f = a.recv().expect("open reply");
+        assert!(!f.header.is_error(), "{:?}", error_of(&f));
+    }
+    let alice_took = started.elapsed();
+    println!("alice's 4 manifests: {alice_took:?}; bob's slowest STAT meanwhile: {slowest:?}");
+    assert!(
+        slowest < alice_took / 4,
+        "bob's STAT took {slowest:?} while alice's OPENs took {alice_took:?}"
+    );
+}

@@ -19,7 +19,12 @@ pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&Session) -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
     let s = session.clone();
-    tokio::task::spawn_blocking(move || f(&s)).await?
+    let slot = session.account.blocking_slot().await;
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        f(&s)
+    })
+    .await?
 }
 
 fn ok() -> Result<Bytes, Failure> {

@@ -85,6 +85,9 @@ pub struct Config {
     pub max_startups_per_source: usize,
     pub max_streams: usize,
     pub max_handles: usize,
+    /// Threads of the runtime's blocking pool (`--max-blocking-threads`): with several
+    /// credentials, each may keep at most half of them busy.
+    pub max_blocking_threads: usize,
     pub max_frame: u32,
     /// Highest zstd level fsd compresses at or accepts (crate::compress); 0: no compression.
     pub max_compress_level: u32,
@@ -134,6 +137,7 @@ impl Config {
             max_startups_per_source: MAX_STARTUPS_PER_SOURCE,
             max_streams: MAX_STREAMS,
             max_handles: MAX_HANDLES,
+            max_blocking_threads: MAX_BLOCKING_THREADS,
             max_frame: MAX_FRAME,
             max_compress_level: crate::compress::DEFAULT_LEVEL,
             compress_cache: COMPRESS_CACHE,
@@ -383,7 +387,12 @@ fn account_limits(
         };
         // Handles hold up to 1025 descriptors each, so the handle quota alone would not keep
         // a credential from the others' descriptors: each gets the same share of those too.
-        quotas::Account::new(&c.name, limits, (fd_budget / share).max(1))
+        quotas::Account::new(
+            &c.name,
+            limits,
+            (fd_budget / share).max(1),
+            (config.max_blocking_threads / share).max(1),
+        )
     }))
 }
 

@@ -47,6 +47,10 @@ pub struct Account {
     pub limits: Limits,
     /// Most descriptors its handles may hold at once: its share of the server's budget.
     fd_share: usize,
+    /// Its share of the blocking pool: file-system work beyond it waits (without a thread),
+    /// so one credential's slow work (manifests of big files, resumes) cannot queue the
+    /// others' behind it.
+    blocking: Arc<Semaphore>,
     connections: AtomicUsize,
     handles: AtomicUsize,
     fds: AtomicUsize,
@@ -68,11 +72,12 @@ enum Kind {
 }
 
 impl Account {
-    pub fn new(name: &str, limits: Limits, fd_share: usize) -> Arc<Account> {
+    pub fn new(name: &str, limits: Limits, fd_share: usize, blocking: usize) -> Arc<Account> {
         Arc::new(Account {
             name: name.to_string(),
             limits,
             fd_share,
+            blocking: Arc::new(Semaphore::new(blocking.max(1))),
             connections: AtomicUsize::new(0),
             handles: AtomicUsize::new(0),
             fds: AtomicUsize::new(0),
@@ -90,6 +95,16 @@ impl Account {
     /// Descriptors its handles hold.
     pub fn fds(&self) -> usize {
         self.fds.load(Ordering::Relaxed)
+    }
+
+    /// A place in this credential's share of the blocking pool, waited for; held while a
+    /// blocking job of this credential runs.
+    pub async fn blocking_slot(&self) -> OwnedSemaphorePermit {
+        self.blocking
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the blocking share is never closed")
     }
 
     /// Counts an authenticated connection, or refuses it over the quota.
@@ -215,7 +230,7 @@ mod tests {
             uploads: 1,
             upload_bytes: 1,
         };
-        let a = Account::new("a", limits, 5);
+        let a = Account::new("a", limits, 5, 1);
         let fds = Arc::new(Semaphore::new(5));
         let c1 = a.connect().unwrap();
         let _c2 = a.connect().unwrap();
@@ -225,7 +240,7 @@ mod tests {
         let h = a.open_handle(&fds, 4).unwrap();
         assert!(a.open_handle(&fds, 1).is_err(), "handle quota");
         drop(h);
-        let b = Account::new("b", a.limits, 5);
+        let b = Account::new("b", a.limits, 5, 1);
         let _h = b.open_handle(&fds, 4).unwrap();
         assert!(a.open_handle(&fds, 4).is_err(), "server descriptors");
         assert_eq!((a.handles(), a.fds()), (0, 0));
@@ -237,7 +252,7 @@ mod tests {
             handles: 10,
             ..Limits::default()
         };
-        let a = Account::new("a", limits, 6);
+        let a = Account::new("a", limits, 6, 1);
         let fds = Arc::new(Semaphore::new(100));
         let h = a.open_handle(&fds, 5).unwrap();
         let e = a.open_handle(&fds, 2).err().expect("over the share");

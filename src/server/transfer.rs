@@ -682,7 +682,9 @@ async fn packed_chunk(
         key.level,
         key.index,
     );
+    let slot = session.account.blocking_slot().await;
     let (mut header, payload) = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let key = ChunkKey {
             identity: &identity,
             chunk_size,
@@ -823,9 +825,12 @@ pub async fn write(
         let crc = data.header.checksum;
         let len = data.payload.len() as u64;
         let up = upload.clone();
-        let written =
-            tokio::task::spawn_blocking(move || up.write_chunk(req.chunk, &data.payload, crc))
-                .await??;
+        let slot = session.account.blocking_slot().await;
+        let written = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            up.write_chunk(req.chunk, &data.payload, crc)
+        })
+        .await??;
         if written.start_sync {
             tokio::task::spawn_blocking(move || upload.background_sync());
         }
@@ -869,12 +874,15 @@ async fn unpacked(session: &Session, data: Frame, room: u32) -> Result<Frame, Fa
         ));
     }
     let mut header = data.header;
-    let (chunk, crc) =
-        tokio::task::spawn_blocking(move || compress::decompress(&data.payload, room as usize))
-            .await
-            .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?
-            // Damaged in transit, or sent for another chunk: retryable, like a bad CRC32.
-            .map_err(|e| Failure::new(ErrorCode::ChecksumMismatch, e.to_string()))?;
+    let slot = session.account.blocking_slot().await;
+    let (chunk, crc) = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        compress::decompress(&data.payload, room as usize)
+    })
+    .await
+    .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?
+    // Damaged in transit, or sent for another chunk: retryable, like a bad CRC32.
+    .map_err(|e| Failure::new(ErrorCode::ChecksumMismatch, e.to_string()))?;
     header.flags &= !flags::COMPRESSED;
     header.payload_len = u32::try_from(chunk.len()).expect("at most `room` bytes");
     header.checksum = crc;
