@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::inproc;
@@ -447,13 +446,8 @@ fn unread_compressed_replies_are_bounded_in_bytes() {
             r
         })
         .collect();
-    // Give the server time to compress (or take from its cache) all it is willing to.
-    let mut peak = 0;
-    for _ in 0..30 {
-        std::thread::sleep(Duration::from_millis(100));
-        peak = peak.max(proc_status_kib(fsd.pid(), "VmRSS:"));
-    }
-    let grew_mib = peak.saturating_sub(base) / 1024;
+    // Time to compress (or take from its cache) all it is willing to.
+    let grew_mib = rss_growth_mib(fsd.pid(), base);
     println!("3 connections x 24 unread READs of 4 x ~10 MiB compressed: fsd RSS +{grew_mib} MiB");
     // 3 x 24 x 40 MiB asked for. Allowed: per connection the frame being written and the
     // one waiting for the budget, plus each blocking thread's chunk buffer and zstd context

@@ -502,13 +502,8 @@ fn replies_a_client_does_not_read_are_bounded_in_bytes() {
             r
         })
         .collect();
-    // Give the server time to read every file it is willing to (bounded wait).
-    let mut peak = 0;
-    for _ in 0..30 {
-        std::thread::sleep(Duration::from_millis(100));
-        peak = peak.max(proc_status_kib(fsd.pid(), "VmRSS:"));
-    }
-    let grew_mib = peak.saturating_sub(base) / 1024;
+    // Time to read every file it is willing to (bounded wait).
+    let grew_mib = rss_growth_mib(fsd.pid(), base);
     println!("12 connections x 64 unread inline OPENs of 256 KiB: fsd RSS +{grew_mib} MiB");
     // 12 x 16 MiB asked for; the budget is 4 MiB per connection (plus what sits in socket
     // buffers, which is kernel memory).

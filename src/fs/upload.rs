@@ -1594,19 +1594,19 @@ mod tests {
         }
     }
 
+    /// A store in `dir`/state on a local disk, with a lease no test outlives.
+    fn local_store(dir: &std::path::Path) -> UploadStore {
+        let (ttl, lease) = (Duration::from_secs(60), Duration::from_secs(30));
+        UploadStore::new(dir.join("state"), ttl, lease, FsKind::Local).unwrap()
+    }
+
     /// The map of open uploads follows what is open: an upload leaves it when its last handle
     /// goes, so opening many uploads one after another does not grow it (or the renewals'
     /// and live_count's walks over it) for good.
     #[test]
     fn the_map_of_open_uploads_holds_only_open_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let store = UploadStore::new(
-            dir.path().join("state"),
-            Duration::from_secs(60),
-            Duration::from_secs(30),
-            FsKind::Local,
-        )
-        .unwrap();
+        let store = local_store(dir.path());
         let open = |k: u32| {
             let mut p = params(3 * u64::from(CHUNK));
             p.resume_key = format!("k{k}");
@@ -1633,13 +1633,7 @@ mod tests {
     #[test]
     fn a_slow_open_holds_up_only_its_own_upload() {
         let dir = tempfile::tempdir().unwrap();
-        let store = UploadStore::new(
-            dir.path().join("state"),
-            Duration::from_secs(60),
-            Duration::from_secs(30),
-            FsKind::Local,
-        )
-        .unwrap();
+        let store = local_store(dir.path());
         const CHUNKS: u32 = 8 * 1024;
         let p = params(u64::from(CHUNKS) * u64::from(CHUNK));
         let id = p.id();

@@ -459,6 +459,17 @@ pub fn settled(want: u64, read: impl Fn() -> u64) -> u64 {
     }
 }
 
+/// How far process `pid`'s resident memory rose above `base_kib` at its peak, in MiB, sampled
+/// every 100 ms for 3 s (time for a server to do all it is willing to).
+pub fn rss_growth_mib(pid: u32, base_kib: u64) -> u64 {
+    let mut peak = 0;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(proc_status_kib(pid, "VmRSS:"));
+    }
+    peak.saturating_sub(base_kib) / 1024
+}
+
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
