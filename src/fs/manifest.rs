@@ -4,13 +4,13 @@
 //! frames go out by sendfile with their checksum already known; its chaining values let a
 //! client keep the chunks of an old local version that are still equal (chunk delta).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use prost::Message;
 
@@ -62,10 +62,28 @@ pub struct ManifestStats {
     pub disk_hits: AtomicU64,
 }
 
+/// A version one [`ManifestCache::get`] is fetching; the others wait until this is dropped
+/// (also on an error or a panic).
+struct Fetching<'a> {
+    cache: &'a ManifestCache,
+    v: Version,
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.cache.pending.lock().unwrap().remove(&self.v);
+        self.cache.done.notify_all();
+    }
+}
+
 /// The manifest cache: memory first, then `dir` (one small file per file version, at most
 /// `disk_bytes` of them).
 pub struct ManifestCache {
     mem: Mutex<Memory>,
+    /// Versions being read from disk or computed: a second get of one waits for the first
+    /// instead of reading the whole file again (several OPENs of a big file not seen before).
+    pending: Mutex<HashSet<Version>>,
+    done: Condvar,
     disk: LruDir,
     ids: RootId,
     pub stats: ManifestStats,
@@ -75,6 +93,8 @@ impl ManifestCache {
     pub fn new(dir: PathBuf, ids: RootId, disk_bytes: u64) -> io::Result<ManifestCache> {
         Ok(ManifestCache {
             mem: Mutex::new(Memory::default()),
+            pending: Mutex::default(),
+            done: Condvar::new(),
             disk: LruDir::open(dir, disk_bytes)?,
             ids,
             stats: ManifestStats::default(),
@@ -89,10 +109,25 @@ impl ManifestCache {
     /// The manifest of `file` as it is now. Blocking: call from a blocking thread.
     pub fn get(&self, file: &File, meta: &Metadata, chunk_size: u32) -> io::Result<Arc<Manifest>> {
         let v = Version::of(&self.ids, meta, chunk_size);
-        if let Some(m) = self.mem.lock().unwrap().get(&v) {
-            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(m);
+        let mut pending = self.pending.lock().unwrap();
+        loop {
+            if let Some(m) = self.mem.lock().unwrap().get(&v) {
+                self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(m);
+            }
+            if pending.insert(v) {
+                break;
+            }
+            pending = self.done.wait(pending).unwrap();
         }
+        drop(pending);
+        let _fetching = Fetching { cache: self, v };
+        self.load_or_compute(file, &v)
+    }
+
+    /// [`ManifestCache::get`] of a version not in memory, which this caller alone fetches.
+    fn load_or_compute(&self, file: &File, v: &Version) -> io::Result<Arc<Manifest>> {
+        let (v, chunk_size) = (*v, v.chunk_size);
         let m = match self.load(&v) {
             Some(m) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
@@ -334,6 +369,27 @@ mod tests {
             y_weak.upgrade().is_none(),
             "y's manifest outlived its holders"
         );
+    }
+
+    /// Several OPENs of a file not seen before at once read and hash it once: the others wait
+    /// for that manifest instead of each reading the whole file again.
+    #[test]
+    fn concurrent_gets_of_one_version_compute_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        File::create(&path).unwrap().set_len(64 << 20).unwrap();
+        let f = File::open(&path).unwrap();
+        let meta = f.metadata().unwrap();
+        let ids = RootId::new([7; 16], std::os::unix::fs::MetadataExt::dev(&meta));
+        let cache = ManifestCache::new(dir.path().join("m"), ids, DISK_BYTES).unwrap();
+        let got: Vec<Arc<Manifest>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| cache.get(&f, &meta, 65536).unwrap()))
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!(cache.stats.computed.load(Ordering::Relaxed), 1);
+        assert!(got.iter().all(|m| Arc::ptr_eq(m, &got[0])));
     }
 
     #[test]
