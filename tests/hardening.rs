@@ -803,6 +803,37 @@ fn unfinished_uploads_count_against_their_owner_across_restarts() {
     open(fsd.addr, TOKEN_A, "a1", size).expect("resume within quota");
 }
 
+/// What counts against an owner's unfinished uploads is what the state directory holds: a
+/// record whose data file is gone (a publish cut off before its cleanup, on this node or
+/// another sharing the directory) holds nothing and no longer counts; it used to, after every
+/// restart, for good.
+#[test]
+fn a_record_without_its_data_does_not_count_against_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let tokens = two_credentials(dir.path(), "uploads=1");
+    let mut fsd = Fsd::start_on(&root, &["--token-file", &tokens]);
+    let size = 3 * CHUNK as u64;
+    let open = |addr, name: &str| {
+        let mut r = Raw::authed_as(addr, TOKEN_A, CHUNK);
+        let f = open_write(&mut r, 2, name, size, "k");
+        if f.header.is_error() {
+            return Err(error_of(&f));
+        }
+        let o: msg::OpenResponse = f.decode().unwrap();
+        Ok(o.upload_id)
+    };
+    let id = open(fsd.addr, "a0").expect("within quota");
+    let e = open(fsd.addr, "a1").expect_err("a 2nd unfinished upload");
+    assert_eq!(ErrorCode::from_u32(e.code), Some(ErrorCode::LimitExceeded));
+    fsd.kill9();
+    // What a publish cut off after its rename and before its cleanup leaves: the record.
+    std::fs::remove_file(fsd.state.join("uploads").join(format!("{id}.data"))).unwrap();
+    fsd.restart();
+    open(fsd.addr, "a1").expect("the upload without data still counted");
+}
+
 /// A client whose frames are smaller than the server's chunk size gets chunks that fit them
 /// (it used to get a retryable LimitExceeded on every OPEN READ, even of a 1-byte file); one
 /// whose frames cannot hold the smallest chunk is refused at Hello.

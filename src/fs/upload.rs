@@ -159,6 +159,27 @@ struct Tally {
 }
 
 impl Tally {
+    /// The unfinished uploads in state directory `dir`, whichever node started them: those
+    /// with a record and a data file (a record without one is what a publish cut off before
+    /// its cleanup left, or a foreign file, and holds nothing).
+    fn count(dir: &std::path::Path) -> io::Result<Tally> {
+        let mut tally = Tally::default();
+        for e in std::fs::read_dir(dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".state") else {
+                continue;
+            };
+            if !dir.join(format!("{id}.data")).exists() {
+                continue;
+            }
+            if let Some(r) = read_record(&e.path()).and_then(|b| UploadRecord::decode(&b[..]).ok())
+            {
+                tally.add(id, &r.owner, r.size);
+            }
+        }
+        Ok(tally)
+    }
+
     fn usage(&self, owner: &str) -> (u64, u64) {
         self.by_owner.get(owner).copied().unwrap_or((0, 0))
     }
@@ -278,17 +299,7 @@ impl UploadStore {
             .custom_flags(libc::O_DIRECTORY)
             .open(&dir)?;
         let group = GroupSync::with_kind(&dir_fd, kind, SYNC_GATHER, SYNC_BATCH)?;
-        let mut tally = Tally::default();
-        for e in std::fs::read_dir(&dir)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".state") else {
-                continue;
-            };
-            if let Some(r) = read_record(&e.path()).and_then(|b| UploadRecord::decode(&b[..]).ok())
-            {
-                tally.add(id, &r.owner, r.size);
-            }
-        }
+        let tally = Tally::count(&dir)?;
         let dir_fd = Arc::new(dir_fd);
         Ok(UploadStore {
             dir,
@@ -380,8 +391,20 @@ impl UploadStore {
             // Counted from here until published or expired, across restarts.
             let mut tally = self.tally.lock().unwrap();
             tally.remove(&id);
+            let over = |t: &Tally| {
+                let (count, bytes) = t.usage(&p.owner);
+                count >= p.max_uploads || bytes.saturating_add(p.size) > p.max_upload_bytes
+            };
+            // Before refusing, count again from the directory: uploads that other nodes
+            // sharing it finished (or that expired there) still count here until then.
+            if over(&tally) {
+                if let Ok(fresh) = Tally::count(&self.dir) {
+                    *tally = fresh;
+                    tally.remove(&id);
+                }
+            }
             let (count, bytes) = tally.usage(&p.owner);
-            if count >= p.max_uploads || bytes.saturating_add(p.size) > p.max_upload_bytes {
+            if over(&tally) {
                 return Err(UploadError::Quota {
                     owner: p.owner.clone(),
                     count,
@@ -693,10 +716,12 @@ impl UploadStore {
                 }
                 continue;
             }
-            // Chunk sums of an upload that is gone (published by a version that left them).
-            let orphan_sums = name
-                .strip_suffix(".sums")
-                .is_some_and(|id| !self.path(id, "data").exists());
+            // State of an upload that is gone: sums a publish left, or a record, log or lock a
+            // publish cut off before its cleanup left (they would count against the owner).
+            let orphan_sums = [".sums", ".state", ".log", ".lock"].iter().any(|ext| {
+                name.strip_suffix(ext)
+                    .is_some_and(|id| !self.path(id, "data").exists())
+            });
             if name.ends_with(".tmp")
                 || name.ends_with(".done")
                 || name.contains(".takeover.")
@@ -737,6 +762,11 @@ impl UploadStore {
                 tracing::info!(upload = id, "expired upload removed");
                 removed += 1;
             }
+        }
+        // In step with the directory again: what other nodes sharing it started, finished or
+        // expired since (each node counted only its own changes).
+        if let Ok(fresh) = Tally::count(&self.dir) {
+            *self.tally.lock().unwrap() = fresh;
         }
         removed
     }
