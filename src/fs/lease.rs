@@ -157,6 +157,18 @@ impl Lease {
         boot_clock().saturating_sub(*self.stamped.lock().unwrap()) < self.term / 2
     }
 
+    /// [`Lease::is_fresh`], or made so: a renewal that is late (past half the lease, since the
+    /// node's renewal pass waited behind other work) but still within the lease, of a lock
+    /// still ours, is done right here. Past the whole lease another node may be taking the
+    /// upload over: false then.
+    pub fn catch_up(&self) -> bool {
+        if self.is_fresh() {
+            return true;
+        }
+        let since = boot_clock().saturating_sub(*self.stamped.lock().unwrap());
+        since < self.term && self.renew().unwrap_or(false)
+    }
+
     /// Whether this lock was taken over from a holder whose lease ran out.
     pub fn taken_over(&self) -> bool {
         self.taken_over

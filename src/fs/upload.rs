@@ -1462,7 +1462,7 @@ impl Upload {
     fn check_held(&self) -> Result<(), UploadError> {
         let why = if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
             "taken over by another server node (this one's lease ran out)"
-        } else if self.lease.as_ref().is_some_and(|l| !l.is_fresh()) {
+        } else if self.lease.as_ref().is_some_and(|l| !l.catch_up()) {
             "this server node's lease was not renewed in time (a pause or an overload): another node may have taken the upload over"
         } else {
             return Ok(());
@@ -1628,6 +1628,26 @@ mod tests {
     fn local_store(dir: &std::path::Path) -> UploadStore {
         let (ttl, lease) = (Duration::from_secs(60), Duration::from_secs(30));
         UploadStore::new(dir.join("state"), ttl, lease, FsKind::Local).unwrap()
+    }
+
+    /// A renewal pass that runs late (it waits for a blocking thread like any other work) is
+    /// no reason to refuse a healthy upload: past half the lease but within it, a WRITE renews
+    /// the lease itself and goes on.
+    #[test]
+    fn a_late_renewal_does_not_fence_a_healthy_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = UploadStore::new(
+            dir.path().join("state"),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+            FsKind::Local,
+        )
+        .unwrap();
+        let up = store.open(&params(3 * u64::from(CHUNK))).unwrap();
+        std::thread::sleep(Duration::from_millis(700)); // no renew_leases meanwhile
+        let chunk = vec![5u8; CHUNK as usize];
+        up.write_chunk(0, &chunk, crc32fast::hash(&chunk)).unwrap();
+        up.sync().unwrap();
     }
 
     /// The map of open uploads follows what is open: an upload leaves it when its last handle
