@@ -27,9 +27,11 @@ pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
 pub const MAX_CHUNKS_PER_FILE: u64 = 1 << 20;
 /// Entries per Manifest page.
 pub const MANIFEST_PAGE: u32 = 16384;
-/// Entries per Manifest page that carries chaining values: 36 bytes each, so a page stays
-/// well inside [`MAX_CONTROL_PAYLOAD`] (16384 of them would be 576 KiB).
-pub const MANIFEST_CVS_PAGE: u32 = 4096;
+/// Entries per Manifest page that carries chaining values: as many as fit
+/// [`MAX_CONTROL_PAYLOAD`] at 36 bytes each with room to spare (7253; 16384 of them would be
+/// 576 KiB). Clients that ask for more pages of up to 16384 get what they asked for whenever
+/// that fits, as before this limit.
+pub const MANIFEST_CVS_PAGE: u32 = (MAX_CONTROL_PAYLOAD - 1024) / 36;
 /// Largest file a server sends inline with its OpenResponse (OpenRequest.inline_max).
 pub const MAX_INLINE: u32 = 256 * 1024;
 /// Multi-chunk uploads one connection may hold open at once: each pins per-chunk state sized by
