@@ -551,16 +551,21 @@ impl Root {
             });
         }
         // The `..` a target may start with are counted from the link's directories by name:
-        // with a symlink among them the link would sit elsewhere than its name says.
-        self.check_target(path)?;
-        let (dir, leaf) = path.rsplit_once('/').unwrap_or(("", path));
-        let no_links = beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY).resolve(
-            ResolveFlag::RESOLVE_BENEATH
-                | ResolveFlag::RESOLVE_NO_MAGICLINKS
-                | ResolveFlag::RESOLVE_NO_SYMLINKS,
-        );
-        let parent = openat2(&self.dir, &c_path(dir), no_links).map_err(errno(path))?;
-        let leaf = c_path(leaf);
+        // with a symlink among them the link would sit elsewhere than its name says. A target
+        // that only descends stays beneath its directory wherever that is.
+        let (parent, leaf) = if target.split('/').any(|c| c == "..") {
+            self.check_target(path)?;
+            let (dir, leaf) = path.rsplit_once('/').unwrap_or(("", path));
+            let no_links = beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY).resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS,
+            );
+            let parent = openat2(&self.dir, &c_path(dir), no_links).map_err(errno(path))?;
+            (parent, c_path(leaf))
+        } else {
+            self.open_parent(path, OFlag::O_RDONLY)?
+        };
         let target_c = CString::new(target).map_err(|_| FsError::InvalidPath {
             path: shown(path),
             reason: "NUL in the link target",
@@ -1435,8 +1440,11 @@ mod tests {
         for name in ["a/s/y", "m", "a/up", "y"] {
             assert!(fs::symlink_metadata(f.at(name)).is_err(), "{name} created");
         }
-        // Climbing first, then descending, through links or not, is fine.
+        // Climbing first, then descending, through links or not, is fine; so is a link that
+        // only descends, in a directory reached through a link.
         f.root.symlink("a/ok", "../l/a").unwrap();
+        f.root.symlink("a/s/down", "a/ok").unwrap();
+        assert_eq!(fs::read_link(f.at("down")).unwrap(), Path::new("a/ok"));
     }
 
     /// openat2 cannot see hard links: a hard link inside the root to a file outside it is just a
