@@ -221,6 +221,8 @@ pub struct UploadStore {
     /// Ids an OPEN is bringing up (lease, files, read-back) without holding `live`'s lock:
     /// another OPEN of the same id waits for it; OPENs of other uploads do not.
     opening: Mutex<HashSet<String>>,
+    /// When an OPEN over a quota last had the uploads counted from the directory.
+    recounted: Mutex<Option<Instant>>,
     /// The uploads whose leases [`UploadStore::renew_leases`] renews. Apart from `live`, whose
     /// lock an OPEN holds while it reads a whole upload back: a long OPEN must not hold up the
     /// renewals, or every other upload on this node would fence itself (fs::lease).
@@ -312,8 +314,19 @@ impl UploadStore {
             live: Arc::default(),
             held: Mutex::new(Vec::new()),
             opening: Mutex::default(),
+            recounted: Mutex::default(),
             tally: Arc::new(Mutex::new(tally)),
         })
+    }
+
+    /// Whether a count from the directory before a refusal is due (see [`RECOUNT_EVERY`]).
+    fn may_recount(&self) -> bool {
+        let mut last = self.recounted.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < RECOUNT_EVERY) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// An owner's unfinished resumable uploads: (how many, their declared bytes).
@@ -335,11 +348,14 @@ impl UploadStore {
         let mut waited = 0;
         let tries = loop {
             let live = self.live.lock().unwrap();
-            if let Some(u) = live.get(&id).and_then(Weak::upgrade) {
+            // Dropped after `live` is let go (declared after it): were it the last handle, the
+            // upload's drop takes its entry out of `live`.
+            let found = live.get(&id).and_then(Weak::upgrade);
+            if let Some(u) = &found {
                 let phase = u.inner.lock().unwrap().phase.clone();
                 match phase {
                     // Another handle in this process has it: share it (chunks are idempotent).
-                    Phase::Open if !p.restart => return Ok(u),
+                    Phase::Open if !p.restart => return Ok(u.clone()),
                     Phase::Open | Phase::Sealing => return Err(UploadError::Busy { id }),
                     // Published: it is never written again; this OPEN starts a fresh upload
                     // (its files were removed when it was published).
@@ -349,7 +365,9 @@ impl UploadStore {
             if self.opening.lock().unwrap().insert(id.clone()) {
                 // If this process held the upload a moment ago, its last handle may still be
                 // syncing it on drop: wait for that (briefly) instead of answering Busy.
-                break if live.contains_key(&id) { 40 } else { 1 };
+                let tries = if live.contains_key(&id) { 40 } else { 1 };
+                drop(live);
+                break tries;
             }
             // Another OPEN is bringing this upload up: share it once it is there.
             drop(live);
@@ -396,12 +414,17 @@ impl UploadStore {
                 count >= p.max_uploads || bytes.saturating_add(p.size) > p.max_upload_bytes
             };
             // Before refusing, count again from the directory: uploads that other nodes
-            // sharing it finished (or that expired there) still count here until then.
-            if over(&tally) {
-                if let Ok(fresh) = Tally::count(&self.dir) {
+            // sharing it finished (or that expired there) still count here until then. At most
+            // every RECOUNT_EVERY, and not holding the tally: a client over its quota must not
+            // make every OPEN on the node wait for directory scans.
+            if over(&tally) && self.may_recount() {
+                drop(tally);
+                let fresh = Tally::count(&self.dir);
+                tally = self.tally.lock().unwrap();
+                if let Ok(fresh) = fresh {
                     *tally = fresh;
-                    tally.remove(&id);
                 }
+                tally.remove(&id);
             }
             let (count, bytes) = tally.usage(&p.owner);
             if over(&tally) {
@@ -634,11 +657,6 @@ impl UploadStore {
             held.retain(|u| u.strong_count() > 0);
             held.iter().filter_map(Weak::upgrade).collect()
         };
-        // Entries an upload's drop could not take out of the map (its lock was busy). Not
-        // waited for: an OPEN may hold it while it reads an upload back.
-        if let Ok(mut live) = self.live.try_lock() {
-            live.retain(|_, u| u.strong_count() > 0);
-        }
         for u in open {
             let Some(lease) = &u.lease else { continue };
             match lease.renew() {
@@ -716,12 +734,34 @@ impl UploadStore {
                 }
                 continue;
             }
-            // State of an upload that is gone: sums a publish left, or a record, log or lock a
-            // publish cut off before its cleanup left (they would count against the owner).
-            let orphan_sums = [".sums", ".state", ".log", ".lock"].iter().any(|ext| {
-                name.strip_suffix(ext)
-                    .is_some_and(|id| !self.path(id, "data").exists())
-            });
+            // Chunk sums of an upload that is gone (published by a version that left them).
+            let orphan_sums = name
+                .strip_suffix(".sums")
+                .is_some_and(|id| !self.path(id, "data").exists());
+            // A record, log or lock a publish cut off before its cleanup left: removed under the
+            // upload's lease, and only if it still has no data then (an OPEN of the same upload
+            // may be bringing it up again).
+            let orphan_state = [".state", ".log", ".lock"]
+                .iter()
+                .find_map(|ext| name.strip_suffix(ext))
+                .filter(|id| !self.path(id, "data").exists());
+            if let Some(id) = orphan_state {
+                let idle = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok()?.elapsed().ok());
+                if idle.is_some_and(|idle| idle >= self.ttl) {
+                    if let Ok(_lease) = Lease::acquire(&self.dir, id, self.lease, 1) {
+                        if !self.path(id, "data").exists() {
+                            for ext in ["state", "log", "sums", "lock"] {
+                                let _ = std::fs::remove_file(self.path(id, ext));
+                            }
+                            removed += 1;
+                        }
+                    }
+                }
+                continue;
+            }
             if name.ends_with(".tmp")
                 || name.ends_with(".done")
                 || name.contains(".takeover.")
@@ -1542,16 +1582,25 @@ impl Drop for Upload {
             }
         }
         // Out of the map once synced and unlocked: until then an OPEN of this upload waits for
-        // the lock rather than answering Busy. try_lock: the map's holder may be the one
-        // dropping this (an OPEN that failed); renew_leases sweeps what is left.
+        // the lock rather than answering Busy. Nothing drops an upload while holding the map
+        // (UploadStore::open lets it go first), but try_lock rather than risk a deadlock: the
+        // map is held only for lookups and inserts, so a few tries get it.
         drop(self.lease.take());
-        if let Some(Ok(mut live)) = self.live.as_ref().map(|l| l.try_lock()) {
-            if live.get(&self.id).is_some_and(|w| w.strong_count() == 0) {
-                live.remove(&self.id);
+        let Some(live) = &self.live else { return };
+        for _ in 0..100 {
+            if let Ok(mut live) = live.try_lock() {
+                if live.get(&self.id).is_some_and(|w| w.strong_count() == 0) {
+                    live.remove(&self.id);
+                }
+                return;
             }
+            std::thread::yield_now();
         }
     }
 }
+
+/// Least time between two counts of the uploads from the directory on behalf of refused OPENs.
+const RECOUNT_EVERY: Duration = Duration::from_secs(10);
 
 /// How many times (10 ms apart) an OPEN waits for another OPEN of the same upload to bring it
 /// up before it answers Busy: longer than a lease taken over after a crash takes (40 x 50 ms).
