@@ -866,36 +866,38 @@ async fn manifest(
         true => MANIFEST_CVS_PAGE,
         false => MANIFEST_PAGE,
     };
-    let pages = (0..count).step_by(page as usize).map(|first| async move {
-        let n = page.min(count - first);
-        let req = msg::ManifestRequest {
-            handle,
-            first_chunk: first,
-            count: n,
-            cvs: want_cvs,
-        };
-        let r: msg::ManifestResponse = conn.request(Cmd::MANIFEST, &req).await?;
-        // u64: n ≤ MANIFEST_PAGE, the reply's lengths are the peer's.
-        let cvs_len = r.cvs.len() as u64;
-        if r.first_chunk != first
-            || u64::try_from(r.crc32.len()) != Ok(u64::from(n))
-            || (cvs_len != 0 && (!want_cvs || cvs_len != u64::from(n) * 32))
-        {
-            return Err(Error::Protocol(format!(
-                "manifest page at {first}: got {} CRCs and {cvs_len} bytes of chaining \
+    let pages = (0..count)
+        .step_by(usize::try_from(page).expect("a page count fits usize"))
+        .map(|first| async move {
+            let n = page.min(count - first);
+            let req = msg::ManifestRequest {
+                handle,
+                first_chunk: first,
+                count: n,
+                cvs: want_cvs,
+            };
+            let r: msg::ManifestResponse = conn.request(Cmd::MANIFEST, &req).await?;
+            // u64: n ≤ MANIFEST_PAGE, the reply's lengths are the peer's.
+            let cvs_len = r.cvs.len() as u64;
+            if r.first_chunk != first
+                || u64::try_from(r.crc32.len()) != Ok(u64::from(n))
+                || (cvs_len != 0 && (!want_cvs || cvs_len != u64::from(n) * 32))
+            {
+                return Err(Error::Protocol(format!(
+                    "manifest page at {first}: got {} CRCs and {cvs_len} bytes of chaining \
                      values from {}",
-                r.crc32.len(),
-                r.first_chunk
-            )));
-        }
-        let page_cvs: Option<Vec<ChainingValue>> = (cvs_len != 0).then(|| {
-            r.cvs
-                .chunks_exact(32)
-                .map(|c| c.try_into().expect("32-byte pieces"))
-                .collect()
+                    r.crc32.len(),
+                    r.first_chunk
+                )));
+            }
+            let page_cvs: Option<Vec<ChainingValue>> = (cvs_len != 0).then(|| {
+                r.cvs
+                    .chunks_exact(32)
+                    .map(|c| c.try_into().expect("32-byte pieces"))
+                    .collect()
+            });
+            Ok((r.crc32, page_cvs))
         });
-        Ok((r.crc32, page_cvs))
-    });
     let pages = futures::future::try_join_all(pages).await?;
     // `count` passed OPEN's checks (≤ MAX_CHUNKS_PER_FILE), and every page matched its length.
     let count = usize::try_from(count).expect("a checked chunk count fits usize");
@@ -1164,7 +1166,7 @@ mod tests {
             size: data.len() as u64,
             mtime_ns: 0,
             identity: "v1".into(),
-            chunk_size: cs as u32,
+            chunk_size: u32::try_from(cs).unwrap(),
             count: 11,
             blake3: *blake3::hash(&data).as_bytes(),
             mode: 0o644,

@@ -392,7 +392,8 @@ impl Sink {
             return Err(e);
         }
         st.have.set(i);
-        st.cvs[i as usize] = cv;
+        // i < count (checked above), and cvs has count entries.
+        st.cvs[usize::try_from(i).expect("a chunk index fits usize")] = cv;
         st.done_bytes += len;
         st.unsaved += 1;
         let checkpoint = matches!(self.out, SinkOut::File { stateful: true, .. })
@@ -1015,7 +1016,9 @@ mod tests {
         // the first copy, so the file would be published with bytes nothing verified.
         let tmp = tempfile::tempdir().unwrap();
         let dir = LocalDir::open(tmp.path()).unwrap();
-        let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 / 3) as u8).collect();
+        let data: Vec<u8> = (0..3000u32)
+            .map(|i| (i * 7 / 3 % 256).to_le_bytes()[0])
+            .collect();
         let m = meta(3000, 1024, &data);
         let crcs: Vec<u32> = chunks(&data, 1024)
             .iter()
