@@ -33,6 +33,8 @@ pub struct Proxy {
     pub connections: Arc<AtomicUsize>,
     /// Server->client bytes forwarded, all connections.
     pub down: Arc<std::sync::atomic::AtomicU64>,
+    /// Client->server bytes forwarded, all connections.
+    pub up: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
@@ -68,7 +70,9 @@ impl Proxy {
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
         let down = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (stop2, conns, down2) = (stop.clone(), connections.clone(), down.clone());
+        let up = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, conns, down2, up2) =
+            (stop.clone(), connections.clone(), down.clone(), up.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -82,7 +86,8 @@ impl Proxy {
                 };
                 let fault = if n == 0 { fault } else { Fault::None };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pump(c2, s2, Fault::None, rate, None));
+                let up3 = up2.clone();
+                std::thread::spawn(move || pump(c2, s2, Fault::None, rate, Some(up3)));
                 let stop3 = stop2.clone();
                 let down3 = down2.clone();
                 std::thread::spawn(move || {
@@ -96,6 +101,7 @@ impl Proxy {
             stop,
             connections,
             down,
+            up,
         }
     }
 

@@ -5,8 +5,9 @@
 //! already holds. One reader thread goes through the file once, in large sequential reads,
 //! computing every chunk's CRC32 and BLAKE3 chaining value (skipped chunks too: the whole-file
 //! hash needs them) and handing the missing chunks to lanes that each keep one WRITE
-//! outstanding, on every connection of `-j`. COMMIT carries the whole-file BLAKE3; the server
-//! verifies it and publishes atomically.
+//! outstanding, on every connection of `-j`; once every chunk is handed out, chunks lagging on
+//! a slow connection are sent again over a fast one (the endgame, [`flights`]). COMMIT carries
+//! the whole-file BLAKE3; the server verifies it and publishes atomically.
 
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -33,6 +34,9 @@ use crate::error::{Error, Result};
 use crate::grow::grown;
 use crate::local::state::Bitmap;
 use crate::progress::Event;
+use flights::Flights;
+
+mod flights;
 
 /// WRITEs kept outstanding per connection.
 const LANES: usize = 8;
@@ -390,7 +394,8 @@ impl UpJob {
         };
         let rx = tokio::sync::Mutex::new(rx);
         let done = AtomicU64::new(present_bytes);
-        let (rx_ref, done_ref) = (&rx, &done);
+        let flights = Flights::new(count);
+        let (rx_ref, done_ref, flights_ref) = (&rx, &done, &flights);
         let lanes = |c: &Conn, h: u32| {
             let lanes = match c.compress_level() {
                 0 => LANES,
@@ -399,7 +404,11 @@ impl UpJob {
             (0..lanes.min(missing as usize))
                 .map(move |i| {
                     let c = c.clone();
-                    async move { self.lane(&c, h, cs, rx_ref, done_ref, i >= LANES).await }.boxed()
+                    async move {
+                        self.lane(&c, h, cs, rx_ref, flights_ref, done_ref, i >= LANES)
+                            .await
+                    }
+                    .boxed()
                 })
                 .collect::<Vec<_>>()
         };
@@ -429,13 +438,16 @@ impl UpJob {
         };
         let mut next_slot = slots.len();
         let _busy = self.client.busy();
-        let mut results: Vec<Result<u32>> = Vec::new();
+        let mut results: Vec<Result<()>> = Vec::new();
         loop {
             tokio::select! {
                 r = running.next() => match r {
                     Some(r) => results.push(r),
                     None => break,
                 },
+                // Every chunk in: WRITEs still out are copies of acknowledged chunks, left
+                // behind on lagging connections (the endgame, `flights`).
+                () = flights.all_acked(missing) => break,
                 Some(r) = opening.next() => {
                     if let Some((c, h, s)) = admit(r) {
                         running.extend(lanes(&c, h));
@@ -461,13 +473,21 @@ impl UpJob {
         }
         drop(running);
         drop(rx);
-        for (c, h) in &conns[1..] {
-            close(c, *h).await;
+        // COMMIT goes over the connection with the fewest WRITEs still out (abandoned copies
+        // whose data may still fill its socket), the first one on a tie.
+        let committer = (0..conns.len())
+            .min_by_key(|&k| flights.waiting(conns[k].0.slot()))
+            .expect("conn0 is always there");
+        for (k, (c, h)) in conns.iter().enumerate() {
+            if k != committer {
+                close(c, *h).await;
+            }
         }
+        let (commit_conn, commit_handle) = conns[committer].clone();
         drop(slots_held);
         let (cvs, read_err) = reader.await.expect("reader thread");
         *self.cvs.lock().unwrap() = cvs.clone();
-        let acked: u32 = results.iter().filter_map(|r| r.as_ref().ok()).sum();
+        let acked = flights.acked_count();
         if let Some(e) = results.into_iter().find_map(|r| r.err()) {
             return Err(e.into());
         }
@@ -483,12 +503,12 @@ impl UpJob {
         let cvs: Vec<ChainingValue> = cvs.into_iter().map(|c| c.expect("all hashed")).collect();
         let blake3 = root_hash(&cvs, cs, size);
         let req = msg::CommitRequest {
-            handle: up.handle,
+            handle: commit_handle,
             blake3: blake3.to_vec(),
             upload_id: String::new(),
         };
         *self.committing.lock().unwrap() = Some((up.upload_id.clone(), blake3));
-        let r: msg::CommitResponse = conn0.request(Cmd::COMMIT, &req).await?;
+        let r: msg::CommitResponse = commit_conn.request(Cmd::COMMIT, &req).await?;
         *self.committing.lock().unwrap() = None;
         if r.size != size {
             return Err(Stop::Fail(Error::Protocol(format!(
@@ -688,51 +708,71 @@ impl UpJob {
         })
     }
 
-    /// Sends chunks from the reader until it is exhausted; returns how many were acknowledged.
+    /// Sends chunks from the reader until it is exhausted, then chunks lagging on other
+    /// connections (the endgame, [`flights`]), until there are none.
+    #[allow(clippy::too_many_arguments)]
     async fn lane(
         &self,
         conn: &Conn,
         handle: u32,
         cs: u32,
         rx: &tokio::sync::Mutex<mpsc::Receiver<(u32, Bytes, u32)>>,
+        flights: &Flights,
         done: &AtomicU64,
         only_while_compressing: bool,
-    ) -> Result<u32> {
-        let mut acked = 0;
+    ) -> Result<()> {
+        let slot = conn.slot();
         loop {
             if only_while_compressing && !self.probe.paying() {
-                return Ok(acked);
+                return Ok(());
             }
             // Spread over the pool (Slots::All, whose first slot is never retired), a lane of
             // a connection that -j auto retired stops taking chunks; the others send the rest.
             if matches!(self.slots, Slots::All) && self.client.retired(conn) {
-                return Ok(acked);
+                return Ok(());
             }
             // The window first, then a chunk: a lane waiting for room holds no chunk, so the
             // chunks in memory are bounded by the windows, not by lanes x chunk size.
             let mut window = conn.window(u64::from(cs)).await?;
             let next = rx.lock().await.recv().await;
-            let Some((i, data, crc)) = next else {
-                return Ok(acked);
+            let (flight, data, crc) = match next {
+                Some((i, data, crc)) => (flights.send(slot, i, &data, crc), data, crc),
+                None => match flights.steal(slot) {
+                    Some(copy) => copy,
+                    None => return Ok(()),
+                },
             };
+            let i = flight.chunk();
             let len = data.len() as u64;
             window.release(cs.saturating_sub(u32::try_from(data.len()).unwrap_or(cs)));
-            let mut s = conn.open().await?;
-            s.send_msg(Cmd::WRITE, 0, &msg::WriteRequest { handle, chunk: i })
-                .await?;
-            let wire = s
-                .send_chunk(Cmd::WRITE, data, crc, conn.compress_level(), &self.probe)
-                .await?;
-            let ack: msg::WriteAck = s.reply(Cmd::WRITE).await?;
-            if ack.chunk != i {
-                return Err(Error::Protocol(format!(
-                    "write of chunk {i} acknowledged as chunk {}",
-                    ack.chunk
-                )));
+            let sent = async {
+                let mut s = conn.open().await?;
+                s.send_msg(Cmd::WRITE, 0, &msg::WriteRequest { handle, chunk: i })
+                    .await?;
+                let wire = s
+                    .send_chunk(Cmd::WRITE, data, crc, conn.compress_level(), &self.probe)
+                    .await?;
+                let ack: msg::WriteAck = s.reply(Cmd::WRITE).await?;
+                if ack.chunk != i {
+                    return Err(Error::Protocol(format!(
+                        "write of chunk {i} acknowledged as chunk {}",
+                        ack.chunk
+                    )));
+                }
+                Ok(wire)
             }
-            acked += 1;
+            .await;
+            let wire = match sent {
+                Ok(wire) => wire,
+                // The other copy got through: this one's failure costs nothing.
+                Err(_) if flight.acked_elsewhere() => return Ok(()),
+                Err(e) => return Err(e),
+            };
             let transferred = self.transferred.fetch_add(wire, Ordering::Relaxed) + wire;
             self.client.moved(wire);
+            if !flight.acked(u32::try_from(len).unwrap_or(u32::MAX)) {
+                continue;
+            }
             self.client.emit(Event::Progress {
                 path: self.remote.clone(),
                 done: done.fetch_add(len, Ordering::Relaxed) + len,
