@@ -8,8 +8,10 @@ use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::proxy::{Fault, Proxy};
 use common::*;
+use fsd::protocol::{flags, msg, Cmd, ErrorCode, Frame};
 
 const MIB: u64 = 1 << 20;
 /// What one crash may cost: the client's un-acknowledged chunks (8 x 1 MiB) plus what the server
@@ -559,4 +561,83 @@ fn an_upload_over_a_fast_and_a_slow_connection_is_not_held_by_the_slow_one() {
         "the slow connection carried {through_slow} bytes before the upload ended"
     );
     assert!(log.contains("endgame"), "{log}");
+}
+
+/// A COMMIT sent right behind its upload's last WRITEs, without waiting for their acks, is
+/// Busy or done, never Incomplete: PROTOCOL.md §10.2 counts a WRITE as being stored from when
+/// its DATA frame is accepted. With one blocking thread the WRITEs wait their turn for it, and
+/// they used to be counted only once on it: the COMMIT found their chunks missing and answered
+/// Incomplete, which is final.
+#[test]
+fn a_commit_pipelined_behind_its_writes_is_busy_or_done_never_incomplete() {
+    const CHUNK: u32 = 64 * 1024;
+    const CHUNKS: u32 = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let s = Fsd::start_on(&root, &["--max-blocking-threads", "1"]);
+    let data = random_bytes((CHUNK * CHUNKS) as usize, 31);
+    let blake3 = blake3::hash(&data);
+    let mut r = Raw::authed_as(s.addr, TOKEN, CHUNK);
+    let open = r.call(
+        Cmd::OPEN,
+        1,
+        &msg::OpenRequest {
+            path: "f.bin".into(),
+            mode: msg::OpenMode::OpenWrite as i32,
+            size: data.len() as u64,
+            resume_key: "k".into(),
+            ..Default::default()
+        },
+    );
+    let up: msg::OpenResponse = open.decode().unwrap();
+    assert_eq!(up.chunk_count, CHUNKS);
+    for (i, chunk) in (0..CHUNKS).zip(data.chunks(CHUNK as usize)) {
+        let sid = 3 + 2 * i;
+        r.send_msg(
+            Cmd::WRITE,
+            sid,
+            0,
+            &msg::WriteRequest {
+                handle: up.handle,
+                chunk: i,
+            },
+        );
+        r.send(&Frame::new(
+            Cmd::WRITE,
+            sid,
+            flags::DATA | flags::END,
+            Bytes::copy_from_slice(chunk),
+        ))
+        .unwrap();
+    }
+    let commit = msg::CommitRequest {
+        handle: up.handle,
+        blake3: blake3.as_bytes().to_vec(),
+        upload_id: String::new(),
+    };
+    let commit_sid = 3 + 2 * CHUNKS;
+    r.send_msg(Cmd::COMMIT, commit_sid, flags::END, &commit);
+    let mut answer = None;
+    for _ in 0..=CHUNKS {
+        let f = r.recv().expect("a reply");
+        if f.header.stream_id == commit_sid {
+            answer = Some(f);
+        } else {
+            assert!(!f.header.is_error(), "WRITE: {:?}", error_of(&f));
+        }
+    }
+    let answer = answer.expect("the COMMIT's reply");
+    if answer.header.is_error() {
+        let e = error_of(&answer);
+        assert_eq!(
+            e.code,
+            ErrorCode::Busy as u32,
+            "COMMIT behind its WRITEs: {e:?}"
+        );
+        // Every WRITE has been acknowledged by now: the same COMMIT again publishes.
+        let again = r.call(Cmd::COMMIT, commit_sid + 2, &commit);
+        assert!(!again.header.is_error(), "{:?}", error_of(&again));
+    }
+    assert_eq!(std::fs::read(root.join("f.bin")).unwrap(), data);
 }

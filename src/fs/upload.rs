@@ -1039,6 +1039,21 @@ pub struct Written {
     pub start_sync: bool,
 }
 
+/// A WRITE counted as being stored ([`Upload::begin_write`]) until it is recorded; dropped
+/// unrecorded (refused, failed, cancelled), it stops counting.
+pub struct Writing {
+    upload: Arc<Upload>,
+    counted: bool,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        if self.counted {
+            self.upload.inner.lock().unwrap().writers -= 1;
+        }
+    }
+}
+
 /// One open upload, shared by every handle on it in this process.
 pub struct Upload {
     pub id: String,
@@ -1128,22 +1143,66 @@ impl Upload {
             .collect())
     }
 
-    /// Stores chunk `index` whose CRC32 `crc` the codec already verified. Returns whether the
-    /// chunk is durable now. Blocking.
-    pub fn write_chunk(&self, index: u32, data: &[u8], crc: u32) -> Result<Written, UploadError> {
-        let cv = chunk_cv(data, index, self.chunk_size, self.params.size);
-        self.write_hashed_chunk(index, data, crc, cv)
+    /// Counts a WRITE as being stored from now on (COMMIT answers Busy until it is recorded or
+    /// dropped): called when its DATA frame is accepted, before the decompression and the wait
+    /// for a blocking thread that come before [`Upload::write_counted`]. A COMMIT sent right
+    /// after the last WRITE, without waiting for its ack, would otherwise find the chunk
+    /// missing (Incomplete, final) instead of Busy.
+    pub fn begin_write(self: &Arc<Self>) -> Result<Writing, UploadError> {
+        let mut inner = self.inner.lock().unwrap();
+        match inner.phase {
+            Phase::Open => inner.writers += 1,
+            Phase::Sealing => return Err(self.sealing("a COMMIT is in progress")),
+            Phase::Committed(_) => {
+                return Err(UploadError::Committed {
+                    id: self.id.clone(),
+                })
+            }
+        }
+        Ok(Writing {
+            upload: self.clone(),
+            counted: true,
+        })
     }
 
-    /// [`Upload::write_chunk`] of a chunk whose chaining value the caller has just computed from
-    /// these very bytes (`chunk_cv(data, index, ..)` of this upload; SEED hashes to compare).
+    /// Stores chunk `index` whose CRC32 `crc` the codec already verified. Returns whether the
+    /// chunk is durable now. Blocking.
+    pub fn write_chunk(
+        self: &Arc<Self>,
+        index: u32,
+        data: &[u8],
+        crc: u32,
+    ) -> Result<Written, UploadError> {
+        self.write_counted(self.begin_write()?, index, data, crc)
+    }
+
+    /// [`Upload::write_chunk`] of a WRITE counted since [`Upload::begin_write`].
+    pub fn write_counted(
+        &self,
+        writing: Writing,
+        index: u32,
+        data: &[u8],
+        crc: u32,
+    ) -> Result<Written, UploadError> {
+        let cv = chunk_cv(data, index, self.chunk_size, self.params.size);
+        self.write_hashed_chunk(writing, index, data, crc, cv)
+    }
+
+    /// [`Upload::write_counted`] of a chunk whose chaining value the caller has just computed
+    /// from these very bytes (`chunk_cv(data, index, ..)` of this upload; SEED hashes to
+    /// compare).
     pub fn write_hashed_chunk(
         &self,
+        mut writing: Writing,
         index: u32,
         data: &[u8],
         crc: u32,
         cv: ChainingValue,
     ) -> Result<Written, UploadError> {
+        debug_assert!(
+            std::ptr::eq(&*writing.upload, self),
+            "another upload's ticket"
+        );
         if index >= self.count {
             return Err(UploadError::BadChunk {
                 chunk: index,
@@ -1160,22 +1219,13 @@ impl Upload {
         }
         let offset = index as u64 * self.chunk_size as u64;
         self.check_held()?;
-        {
-            let mut inner = self.inner.lock().unwrap();
-            match inner.phase {
-                Phase::Open => inner.writers += 1,
-                Phase::Sealing => return Err(self.sealing("a COMMIT is in progress")),
-                Phase::Committed(_) => {
-                    return Err(UploadError::Committed {
-                        id: self.id.clone(),
-                    })
-                }
-            }
-        }
         let stored = self.store(data, offset);
         let (start_sync, must_wait) = {
             let mut inner = self.inner.lock().unwrap();
+            // Under the same lock as the chunk is marked present: a COMMIT sees either this
+            // writer or the chunk.
             inner.writers -= 1;
+            writing.counted = false;
             stored?;
             // Under the lock: a concurrent write of the same chunk cannot leave slot and
             // pending entry disagreeing.

@@ -641,7 +641,10 @@ impl Conn {
                     let st = self.stream_tx(sid, cmd);
                     let session = session.clone();
                     let span = tracing::debug_span!("stream", id = sid, %cmd);
-                    tokio::spawn(transfer::write(session, req, f, st, held).instrument(span));
+                    let begun = transfer::begin_write(&session, &req);
+                    tokio::spawn(
+                        transfer::write(session, req, f, st, begun, held).instrument(span),
+                    );
                 }
                 (Cmd::PUT, Some(Pending::Put(req)), Some(session), Some(held)) => {
                     let st = self.stream_tx(sid, cmd);

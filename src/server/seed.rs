@@ -102,7 +102,7 @@ pub async fn seed(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
                 upload.reserve(offset, to - offset);
                 reserved = offset..to;
             }
-            let written = upload.write_hashed_chunk(i, data, crc, cv)?;
+            let written = upload.write_hashed_chunk(upload.begin_write()?, i, data, crc, cv)?;
             if written.start_sync {
                 upload.background_sync();
             }

@@ -18,7 +18,7 @@ use super::quotas::{Held, FDS_PER_READ, FDS_PER_UPLOAD};
 use super::writer::{read_up_to, Outgoing};
 use crate::compress::{self, Probe};
 use crate::fs::manifest::Manifest;
-use crate::fs::upload::{Upload, UploadParams};
+use crate::fs::upload::{Upload, UploadParams, Writing};
 use crate::fs::zcache::{Cached, ChunkKey};
 use crate::protocol::{
     chunk_count, chunk_len, chunk_size_for, flags, msg, ErrorCode, Frame, Header,
@@ -809,18 +809,31 @@ async fn prepare_read(session: &Arc<Session>, payload: Bytes) -> Result<Readable
 
 /// Stores one uploaded chunk (already CRC-checked by the codec) and acknowledges it.
 /// `_held` is the connection's inbound budget for `data`, given back when this ends.
+/// The upload a WRITE whose DATA frame was just accepted goes to, with the WRITE counted as
+/// being stored from now (docs/PROTOCOL.md §10.2 "Life cycle"). Called by the connection before
+/// it spawns [`write`], so that a COMMIT read after this DATA frame finds the WRITE.
+pub fn begin_write(
+    session: &Session,
+    req: &msg::WriteRequest,
+) -> Result<(Arc<Upload>, Writing), Failure> {
+    let Handle::Write(upload) = get(session, req.handle)? else {
+        return Err(Failure::new(ErrorCode::BadHandle, "WRITE on a read handle"));
+    };
+    let writing = upload.begin_write()?;
+    Ok((upload, writing))
+}
+
 pub async fn write(
     session: Arc<Session>,
     req: msg::WriteRequest,
     data: Frame,
     st: StreamTx,
+    begun: Result<(Arc<Upload>, Writing), Failure>,
     _held: OwnedSemaphorePermit,
 ) {
     let _timer = session.server.metrics.request(st.cmd);
     let result = async {
-        let Handle::Write(upload) = get(&session, req.handle)? else {
-            return Err(Failure::new(ErrorCode::BadHandle, "WRITE on a read handle"));
-        };
+        let (upload, writing) = begun?;
         let data = unpacked(&session, data, chunk_room(&session, &req)).await?;
         let crc = data.header.checksum;
         let len = data.payload.len() as u64;
@@ -828,7 +841,7 @@ pub async fn write(
         let slot = session.account.blocking_slot().await;
         let written = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            up.write_chunk(req.chunk, &data.payload, crc)
+            up.write_counted(writing, req.chunk, &data.payload, crc)
         })
         .await??;
         if written.start_sync {
