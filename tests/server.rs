@@ -622,3 +622,63 @@ fn the_manifests_kept_in_the_state_dir_are_bounded() {
         kept.len()
     );
 }
+
+/// The Hello's chunk size fits the server's max_frame as well as the client's: a client asking
+/// for 1 MiB chunks of an fsd with 64 KiB frames is given 64 KiB and can upload. Before, the
+/// reply said 1 MiB and every upload on the connection was refused ("file too large for this
+/// server's max frame"). A file whose chunks cannot fit (over 2^20 chunks of max_frame) is
+/// LimitExceeded at OPEN WRITE, as PROTOCOL.md §7 and §11 say (it was BadRequest).
+#[test]
+fn the_hello_chunk_size_fits_the_server_s_max_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Fsd::start_on(
+        dir.path(),
+        &["--max-frame", "65536", "--chunk-size", "65536"],
+    );
+    let mut r = Raw::connect(s.addr);
+    r.send_msg(
+        Cmd::HELLO,
+        0,
+        flags::END,
+        &msg::Hello {
+            version: 1,
+            chunk_size: 1 << 20,
+            ..Default::default()
+        },
+    );
+    let hello: msg::Hello = r.recv().unwrap().decode().unwrap();
+    assert_eq!((hello.chunk_size, hello.max_frame), (65536, 65536));
+    let auth = r.call(
+        Cmd::AUTH,
+        1,
+        &msg::Auth {
+            token: TOKEN.into(),
+        },
+    );
+    assert!(!auth.header.is_error());
+    let data = random_bytes(100_000, 5);
+    let open = |r: &mut Raw, sid, size| {
+        r.call(
+            Cmd::OPEN,
+            sid,
+            &msg::OpenRequest {
+                path: "f.bin".into(),
+                mode: msg::OpenMode::OpenWrite as i32,
+                size,
+                resume_key: "k".into(),
+                ..Default::default()
+            },
+        )
+    };
+    let f = open(&mut r, 3, data.len() as u64);
+    assert!(!f.header.is_error(), "{:?}", error_of(&f));
+    let up: msg::OpenResponse = f.decode().unwrap();
+    assert_eq!((up.chunk_size, up.chunk_count), (65536, 2));
+    let too_big = open(&mut r, 5, (1 << 36) + 1);
+    assert_eq!(
+        code(&too_big),
+        ErrorCode::LimitExceeded,
+        "{:?}",
+        error_of(&too_big)
+    );
+}

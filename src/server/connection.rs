@@ -898,9 +898,11 @@ impl Conn {
         if h.max_frame > 0 {
             self.client_max_frame = h.max_frame;
         }
-        // Every chunk must fit in one of the client's DATA frames: the base chunk size is at
-        // most the largest power of two within its max_frame.
-        let fits = 1u32 << (31 - self.client_max_frame.leading_zeros());
+        // Every chunk must fit in one DATA frame of either side: the base chunk size is at most
+        // the largest power of two within both max_frames (a client asking for 1 MiB chunks of
+        // a server with a 64 KiB max_frame could otherwise upload nothing).
+        let max_frame = self.client_max_frame.min(self.server.config.max_frame);
+        let fits = 1u32 << (31 - max_frame.leading_zeros());
         self.base_chunk_size = self.base_chunk_size.min(fits);
         self.compress_level = h
             .compress_level

@@ -439,7 +439,7 @@ pub(super) fn upload_plan(s: &Session, req: &msg::OpenRequest) -> Result<UploadP
     };
     if chunk_size_for(req.size, s.base_chunk_size) > s.server.config.max_frame {
         return Err(Failure::new(
-            ErrorCode::BadRequest,
+            ErrorCode::LimitExceeded,
             "file too large for this server's max frame",
         ));
     }
