@@ -458,3 +458,61 @@ fn unread_compressed_replies_are_bounded_in_bytes() {
     );
     drop(conns);
 }
+
+/// A file rewritten in place with its size and mtime kept (rsync --inplace -t) after a client
+/// opened it: the chunks whose bytes are no longer the manifest's are sent raw, as without
+/// compression (the client finds their CRC32 wrong), and never compressed under the manifest's
+/// CRC32 nor cached under the old version's key. Before, they were compressed, labelled with
+/// the old CRC32 and cached: served again from the cache to every handle of that version.
+#[test]
+fn bytes_that_are_not_the_manifest_s_are_neither_compressed_nor_cached() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let s = inproc::start(&root);
+    let path = root.join("t.log");
+    let data = log_text(3 << 20, 11);
+    std::fs::write(&path, &data).unwrap();
+    let mut r = Raw::connect(s.addr);
+    assert_eq!(hello(&mut r, 3).compress_level, 3);
+    let f = r.call(
+        Cmd::AUTH,
+        1,
+        &msg::Auth {
+            token: TOKEN.into(),
+        },
+    );
+    assert!(!f.header.is_error());
+    let frames = open_read(&mut r, 3, "t.log", 0, 0);
+    let open: msg::OpenResponse = frames[0].decode().unwrap();
+    assert_eq!(open.chunk_count, 3);
+    // Chunk 0 rewritten in place with other text of the same length; the mtime put back.
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &log_text(1 << 20, 12), 0).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+    r.send_msg(
+        Cmd::READ,
+        5,
+        flags::END,
+        &msg::ReadRequest {
+            handle: open.handle,
+            first_chunk: 0,
+            count: 3,
+            compress_level: 3,
+        },
+    );
+    let got: Vec<Option<Frame>> = (0..3).map(|_| r.recv()).collect();
+    // Chunk 0 goes raw with the manifest's CRC32, which its new bytes fail: Raw's codec
+    // refuses the frame (None), as fsc does.
+    assert!(
+        got[0].as_ref().is_none_or(|f| !f.header.is_compressed()),
+        "the rewritten chunk was compressed"
+    );
+    assert!(got[1..]
+        .iter()
+        .all(|f| f.as_ref().is_some_and(|f| f.header.is_compressed())));
+    assert_eq!(s.server.zchunks.stats.stored.load(Relaxed), 2);
+}

@@ -722,9 +722,14 @@ async fn packed_chunk(
             // Grown (and zeroed) only past the longest chunk this thread read so far.
             data.resize(usize::try_from(len).expect("a chunk fits in memory"), 0);
             let n = read_up_to(&f, data, offset)?;
-            // Shrunk since the manifest: the zero-padded send of Outgoing::File reports it.
+            // Shrunk since the manifest, or rewritten in place with its size and mtime kept
+            // (rsync --inplace -t): bytes that are not the manifest's are neither compressed
+            // under its CRC32 nor cached under this version's key; they go raw, as without
+            // compression, and the client finds the CRC32 wrong (the zero-padded send of
+            // Outgoing::File reports a shrunk file).
+            let as_manifest = n == data.len() && crc32fast::hash(data) == header.checksum;
             Ok::<_, std::io::Error>(
-                (n == data.len()).then(|| compress::compress(data, header.checksum, level)),
+                as_manifest.then(|| compress::compress(data, header.checksum, level)),
             )
         })?;
         let Some(packed) = packed else {
