@@ -373,3 +373,55 @@ fn metrics_token_guards_every_endpoint_but_healthz() {
     assert_eq!(get_with(m, "/nope", &good).0, 404);
     assert_eq!(get(m, "/healthz"), (200, "ok\n".to_string()));
 }
+
+/// A TCP connection to `addr` from the loopback address `from` (all of 127/8 is loopback).
+fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    sock.into()
+}
+
+/// One source cannot take every place of the metrics listener: 16 connections from 127.0.0.1
+/// that never finish their request headers (or, before, 16 kept-alive scrapers) held all 16
+/// places, and a load balancer's `/healthz` from elsewhere waited for the 10 s header timeout,
+/// again and again. Now a source holds at most 4 places (the others are closed at once), and a
+/// connection serves one request: a kept-alive one is closed after its answer.
+#[test]
+fn one_source_cannot_lock_others_out_of_the_metrics_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_s, addr) = start(dir.path(), &[]);
+    let mut kept = connect_from([127, 0, 0, 1], addr);
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(kept, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    // The answer, then the end of the connection: read_to_string returns only at EOF.
+    kept.read_to_string(&mut answer)
+        .expect("a kept-alive connection is closed after its answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _hogs: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut c = connect_from([127, 0, 0, 1], addr);
+            c.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut probe = connect_from([127, 0, 0, 2], addr);
+    probe
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let started = Instant::now();
+    write!(
+        probe,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let read = probe.read_to_string(&mut resp);
+    assert!(
+        read.is_ok() && resp.starts_with("HTTP/1.1 200"),
+        "/healthz from another source after {:?}: {read:?} {resp:?}",
+        started.elapsed()
+    );
+}

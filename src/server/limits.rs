@@ -38,7 +38,7 @@ const MAX_SOURCES: usize = 65_536;
 pub const STARTUP_GRACE: Duration = Duration::from_secs(1);
 
 /// Addresses that count as one source: an IPv4 address, or an IPv6 /64 (one host's share).
-fn source_of(ip: IpAddr) -> IpAddr {
+pub(super) fn source_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,8 +39,16 @@ use crate::protocol::Cmd;
 
 /// HTTP connections served at once; further ones wait in the listen backlog.
 pub const MAX_HTTP_CONNECTIONS: usize = 16;
-/// An HTTP client must send a request's headers within this long (idle keep-alive included).
+/// Of those, from one source (an IPv4 address or an IPv6 /64): one source holding every place
+/// (16 keep-alive clients, or slow senders of headers) locked everyone out, `/healthz` and the
+/// load balancer's probe included. A connection over it is closed at once.
+pub const MAX_HTTP_PER_SOURCE: usize = 4;
+/// An HTTP client must send a request's headers within this long.
 pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection lives, request and response included; each serves one request
+/// (no keep-alive: a scraper asks every few seconds, and an idle kept-alive connection holds a
+/// place).
+pub const HTTP_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// How far back `rate_bytes_per_sec_5s` looks.
 pub const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// Progress samples kept for the rate: at most one per this interval.
@@ -565,6 +573,7 @@ pub async fn serve(
     token: Option<BearerToken>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let sources: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         // Take the permit before accepting: over the limit, connections wait in the backlog.
         let permit = tokio::select! {
@@ -584,6 +593,10 @@ pub async fn serve(
                 }
             },
         };
+        let Some(place) = SourcePlace::take(&sources, peer.ip()) else {
+            tracing::debug!(%peer, "metrics: too many connections from this source");
+            continue;
+        };
         let server = server.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -594,15 +607,52 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HTTP_HEADER_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "metrics connection failed");
+                r = tokio::time::timeout(HTTP_CONNECTION_LIFETIME, conn) => match r {
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection failed"),
+                    Err(_) => tracing::debug!(%peer, "metrics connection outlived its lifetime"),
+                    Ok(Ok(())) => {}
                 },
                 _ = shutdown.cancelled() => {}
             }
-            drop(permit);
+            drop((place, permit));
         });
+    }
+}
+
+/// A place among one source's [`MAX_HTTP_PER_SOURCE`] metrics connections, given back on drop.
+struct SourcePlace {
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl SourcePlace {
+    fn take(sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<SourcePlace> {
+        let source = super::limits::source_of(ip);
+        let mut map = sources.lock().unwrap();
+        let n = map.entry(source).or_default();
+        if *n >= MAX_HTTP_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourcePlace {
+            sources: sources.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourcePlace {
+    fn drop(&mut self) {
+        let mut map = self.sources.lock().unwrap();
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
     }
 }
 
