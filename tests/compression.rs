@@ -516,3 +516,140 @@ fn bytes_that_are_not_the_manifest_s_are_neither_compressed_nor_cached() {
         .all(|f| f.as_ref().is_some_and(|f| f.header.is_compressed())));
     assert_eq!(s.server.zchunks.stats.stored.load(Relaxed), 2);
 }
+
+/// Bytes fsd's process has passed to write calls (`wchar` of /proc/PID/io).
+fn written_by(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A chunk written again costs fsd a write only when its bytes change, and only up to the
+/// upload's size (plus 64 chunks) per opening: a compressed chunk of zeros is ~200 bytes on
+/// the wire for 64 KiB on disk (16 MiB chunks: 534 bytes for 16 MiB), and a client sending it
+/// again and again had fsd write without end (review: 72 KiB received, 2 GiB written).
+#[test]
+fn chunks_written_again_cost_a_write_only_when_they_change_and_only_so_often() {
+    let s = Fsd::start();
+    let chunk = 64 * 1024;
+    let size = 2 * chunk;
+    let mut r = Raw::connect(s.addr);
+    let f = r.call(
+        Cmd::HELLO,
+        0,
+        &msg::Hello {
+            version: 1,
+            chunk_size: chunk as u32,
+            compress_level: 3,
+            ..Default::default()
+        },
+    );
+    assert!(!f.header.is_error());
+    let f = r.call(
+        Cmd::AUTH,
+        1,
+        &msg::Auth {
+            token: TOKEN.into(),
+        },
+    );
+    assert!(!f.header.is_error());
+    let f = r.call(
+        Cmd::OPEN,
+        3,
+        &msg::OpenRequest {
+            path: "z.bin".into(),
+            mode: msg::OpenMode::OpenWrite as i32,
+            size: size as u64,
+            resume_key: "k".into(),
+            ..Default::default()
+        },
+    );
+    let open: msg::OpenResponse = f.decode().unwrap();
+    assert_eq!(open.chunk_count, 2);
+    let packed = |fill: u8| {
+        let data = vec![fill; chunk];
+        let z = fsd::compress::compress(&data, crc32fast::hash(&data), 3).unwrap();
+        (data, z)
+    };
+    let mut sid = 5;
+    let mut write = |index: u32, payload: &Bytes| -> Frame {
+        r.send_msg(
+            Cmd::WRITE,
+            sid,
+            0,
+            &msg::WriteRequest {
+                handle: open.handle,
+                chunk: index,
+            },
+        );
+        let mut h = Header::data(
+            Cmd::WRITE,
+            sid,
+            u32::try_from(payload.len()).unwrap(),
+            crc32fast::hash(payload),
+            true,
+        );
+        h.flags |= flags::COMPRESSED;
+        r.send(&Frame {
+            header: h,
+            payload: payload.clone(),
+        })
+        .unwrap();
+        sid += 2;
+        r.recv().unwrap()
+    };
+    let (zeros, zeros_z) = packed(0);
+    let (ones, ones_z) = packed(1);
+    assert!(zeros_z.len() < 1024, "{} bytes", zeros_z.len());
+    let f = write(0, &zeros_z);
+    assert!(!f.header.is_error(), "{:?}", error_of(&f));
+    let before = written_by(s.pid());
+    for _ in 0..50 {
+        let f = write(0, &zeros_z);
+        assert!(!f.header.is_error(), "{:?}", error_of(&f));
+    }
+    let same = written_by(s.pid()) - before;
+    assert!(
+        same < (chunk as u64) * 4,
+        "the same chunk 50 times more: {same} bytes written"
+    );
+    // Other bytes each time: stored, up to the upload's size plus 64 chunks, then refused.
+    let mut held = &zeros;
+    let mut refused = 0;
+    for i in 0..80 {
+        let (data, z) = if i % 2 == 0 {
+            (&ones, &ones_z)
+        } else {
+            (&zeros, &zeros_z)
+        };
+        let f = write(0, z);
+        if f.header.is_error() {
+            assert_eq!(error_of(&f).code, ErrorCode::LimitExceeded as u32);
+            refused += 1;
+        } else {
+            held = data;
+        }
+    }
+    // 66 fit (2 chunks of size + 64); of the 14 after them, the 7 with ones are refused and
+    // the 7 with zeros, the bytes the chunk still holds, cost nothing.
+    assert_eq!(refused, 7, "rewrites refused");
+    // Nothing lost: the upload goes on and publishes what it holds.
+    let f = write(1, &ones_z);
+    assert!(!f.header.is_error(), "{:?}", error_of(&f));
+    let whole: Vec<u8> = [held.as_slice(), ones.as_slice()].concat();
+    let f = r.call(
+        Cmd::COMMIT,
+        sid,
+        &msg::CommitRequest {
+            handle: open.handle,
+            blake3: blake3::hash(&whole).as_bytes().to_vec(),
+            ..Default::default()
+        },
+    );
+    assert!(!f.header.is_error(), "{:?}", error_of(&f));
+    assert_eq!(std::fs::read(s.root.join("z.bin")).unwrap(), whole);
+}

@@ -47,6 +47,10 @@ pub const SYNC_BYTES: u64 = 8 * 1024 * 1024;
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
 /// Writers wait for a sync when this much is unsynced (the disk fell behind the network).
 pub const MAX_UNSYNCED: u64 = 4 * SYNC_BYTES;
+/// Chunks an opening of an upload may store over chunks already written, beyond its size
+/// (`Upload::written_again`): room for a client's retries and endgame copies (fsc keeps at
+/// most 8 WRITEs in flight per connection, 8 connections at most).
+pub const REWRITE_SLACK_CHUNKS: u64 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -67,6 +71,9 @@ pub enum UploadError {
     /// A COMMIT of this upload is in progress, or chunks are still being written.
     #[error("upload {id}: {why}")]
     Sealing { id: String, why: &'static str },
+    /// Chunks written again with other bytes, more than the upload's size allows.
+    #[error("upload {id}: chunks written again with other bytes past {max} bytes; CLOSE it and OPEN it again to go on")]
+    Rewritten { id: String, max: u64 },
     #[error("{owner:?} has {count} unfinished uploads of {bytes} bytes; this one would pass its quota ({max_count} uploads, {max_bytes} bytes): finish or remove some")]
     Quota {
         owner: String,
@@ -86,7 +93,7 @@ impl UploadError {
         match self {
             UploadError::Busy { .. } | UploadError::Sealing { .. } => ErrorCode::Busy,
             UploadError::Committed { .. } => ErrorCode::BadHandle,
-            UploadError::Quota { .. } => ErrorCode::LimitExceeded,
+            UploadError::Quota { .. } | UploadError::Rewritten { .. } => ErrorCode::LimitExceeded,
             UploadError::BadChunk { .. } | UploadError::BadLength { .. } => ErrorCode::BadRequest,
             UploadError::Incomplete { .. } => ErrorCode::Incomplete,
             UploadError::HashMismatch { .. } => ErrorCode::HashMismatch,
@@ -982,6 +989,8 @@ struct Inner {
     syncing: bool,
     /// WRITEs past the phase check and not yet recorded: a COMMIT must not hash around them.
     writers: u32,
+    /// Bytes stored over chunks already written, since this process opened the upload.
+    rewritten: u64,
     phase: Phase,
     /// The whole-file BLAKE3 that COMMIT verified (set when sealed).
     verified: [u8; 32],
@@ -1014,6 +1023,7 @@ impl Inner {
             last_sync: Instant::now(),
             syncing: false,
             writers: 0,
+            rewritten: 0,
             phase: Phase::Open,
             verified: [0; 32],
             seed_tried: Vec::new(),
@@ -1219,6 +1229,12 @@ impl Upload {
         }
         let offset = index as u64 * self.chunk_size as u64;
         self.check_held()?;
+        if let Some(durable) = self.written_again(index, (crc, cv), data.len())? {
+            return Ok(Written {
+                durable,
+                start_sync: false,
+            });
+        }
         let stored = self.store(data, offset);
         let (start_sync, must_wait) = {
             let mut inner = self.inner.lock().unwrap();
@@ -1250,6 +1266,32 @@ impl Upload {
             durable: bit(&self.inner.lock().unwrap().durable, index),
             start_sync,
         })
+    }
+
+    /// A WRITE of a chunk already written: Some(durable) if it holds these very bytes (nothing
+    /// to store), an error once this opening of the upload has stored more than its size plus
+    /// [`REWRITE_SLACK_CHUNKS`] chunks over written chunks, else None (store it). A compressed
+    /// WRITE of a chunk of zeros is ~30,000 times smaller than what it makes fsd write: sent
+    /// again and again, 72 KiB received had fsd write 2 GiB.
+    fn written_again(&self, index: u32, sum: Sum, len: usize) -> Result<Option<bool>, UploadError> {
+        let mut inner = self.inner.lock().unwrap();
+        if !bit(&inner.written, index) {
+            return Ok(None);
+        }
+        let held = self.sums.get(index, 1).map_err(|e| self.io(e))?;
+        if held.first() == Some(&sum) {
+            return Ok(Some(bit(&inner.durable, index)));
+        }
+        let max = self.params.size + REWRITE_SLACK_CHUNKS * u64::from(self.chunk_size);
+        let rewritten = inner.rewritten + u64::try_from(len).unwrap_or(u64::MAX);
+        if rewritten > max {
+            return Err(UploadError::Rewritten {
+                id: self.id.clone(),
+                max,
+            });
+        }
+        inner.rewritten = rewritten;
+        Ok(None)
     }
 
     /// Writes a chunk's bytes at `offset`, directly where the chunk allows it.
