@@ -641,3 +641,70 @@ fn a_commit_pipelined_behind_its_writes_is_busy_or_done_never_incomplete() {
     }
     assert_eq!(std::fs::read(root.join("f.bin")).unwrap(), data);
 }
+
+/// An upload begun at a 64 KiB base (6 chunks) and reopened from a connection whose base is
+/// 1 MiB, at which the file is one chunk: it resumes with its own chunk size and the chunks
+/// it holds (PROTOCOL.md §8.1). Before, the reopening got a fresh single-chunk upload without
+/// state, and the one holding the chunks was left to expire, counted in the owner's quota.
+#[test]
+fn an_upload_reopened_at_a_bigger_base_resumes_with_its_own_chunk_size() {
+    const SMALL: u32 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let s = Fsd::start_on(&root, &[]);
+    let data = random_bytes(327_687, 17);
+    let open = |r: &mut Raw, sid: u32| -> msg::OpenResponse {
+        let f = r.call(
+            Cmd::OPEN,
+            sid,
+            &msg::OpenRequest {
+                path: "f.bin".into(),
+                mode: msg::OpenMode::OpenWrite as i32,
+                size: data.len() as u64,
+                resume_key: "k".into(),
+                ..Default::default()
+            },
+        );
+        assert!(!f.header.is_error(), "{:?}", error_of(&f));
+        f.decode().unwrap()
+    };
+    let mut first = Raw::authed_as(s.addr, TOKEN, SMALL);
+    let up = open(&mut first, 3);
+    assert_eq!((up.chunk_size, up.chunk_count), (SMALL, 6));
+    for (i, sid) in [(0u32, 5u32), (3, 7)] {
+        let at = (i * SMALL) as usize;
+        first.send_msg(
+            Cmd::WRITE,
+            sid,
+            0,
+            &msg::WriteRequest {
+                handle: up.handle,
+                chunk: i,
+            },
+        );
+        first
+            .send(&Frame::new(
+                Cmd::WRITE,
+                sid,
+                flags::DATA | flags::END,
+                Bytes::copy_from_slice(&data[at..at + SMALL as usize]),
+            ))
+            .unwrap();
+        let ack = first.recv().unwrap();
+        assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
+    }
+    drop(first);
+    let mut second = Raw::authed_as(s.addr, TOKEN, 1 << 20);
+    let again = open(&mut second, 3);
+    assert_eq!(
+        (
+            again.chunk_size,
+            again.chunk_count,
+            again.upload_id.as_str()
+        ),
+        (SMALL, 6, up.upload_id.as_str()),
+        "not resumed"
+    );
+    assert_eq!(again.bitmap, vec![0b0000_1001]);
+}

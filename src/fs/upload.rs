@@ -342,6 +342,15 @@ impl UploadStore {
     }
 
     /// Opens (resuming when possible) or creates the upload for `p`. Blocking.
+    /// Whether OPEN WRITE `p` may find state of upload `id` to resume: a resume key (PUT and
+    /// TREE_WRITE have none), no `restart`, and the upload live in this process or its record
+    /// in the state directory.
+    fn may_resume(&self, p: &UploadParams, id: &str) -> bool {
+        !p.resume_key.is_empty()
+            && !p.restart
+            && (self.live.lock().unwrap().contains_key(id) || self.path(id, "state").exists())
+    }
+
     pub fn open(&self, p: &UploadParams) -> Result<Arc<Upload>, UploadError> {
         let id = p.id();
         let io_err = |source| UploadError::Io {
@@ -349,7 +358,10 @@ impl UploadStore {
             source,
         };
         let chunk_size = chunk_size_for(p.size, p.base_chunk_size);
-        if chunk_count(p.size, chunk_size) <= 1 {
+        // One chunk at this connection's base: sent whole, without state, unless an upload of
+        // it begun at a smaller base is here to resume (it keeps its chunk size, PROTOCOL.md
+        // §8.1; answering stateless left it orphaned until its TTL, counted in the quota).
+        if chunk_count(p.size, chunk_size) <= 1 && !self.may_resume(p, &id) {
             return self.open_stateless(p, id, chunk_size);
         }
         let mut waited = 0;
@@ -411,6 +423,10 @@ impl UploadStore {
                 })
         };
         let fresh = record.is_none();
+        if fresh && chunk_count(p.size, chunk_size) <= 1 {
+            // What may_resume saw was not resumable after all (damaged, another file's).
+            return self.open_stateless(p, id, chunk_size);
+        }
         if fresh {
             self.check_space(p.size).map_err(io_err)?;
             // Counted from here until published or expired, across restarts.
