@@ -106,9 +106,24 @@ impl ManifestCache {
         self.disk.evicted.load(Ordering::Relaxed)
     }
 
-    /// The manifest of `file` as it is now. Blocking: call from a blocking thread.
-    pub fn get(&self, file: &File, meta: &Metadata, chunk_size: u32) -> io::Result<Arc<Manifest>> {
+    /// The manifest of `file` as it is now. Blocking: call from a blocking thread. `turn` is
+    /// called, and what it returns held, before a manifest not in memory is fetched (loaded
+    /// or computed): the caller's place among its credential's fetches. It is taken before
+    /// this caller claims the version, so that others waiting for the same version wait only
+    /// for a fetch that runs, never for this caller's queue.
+    pub fn get<T>(
+        &self,
+        file: &File,
+        meta: &Metadata,
+        chunk_size: u32,
+        turn: impl FnOnce() -> T,
+    ) -> io::Result<Arc<Manifest>> {
         let v = Version::of(&self.ids, meta, chunk_size);
+        if let Some(m) = self.mem.lock().unwrap().get(&v) {
+            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(m);
+        }
+        let _turn = turn();
         let mut pending = self.pending.lock().unwrap();
         loop {
             if let Some(m) = self.mem.lock().unwrap().get(&v) {
@@ -345,14 +360,14 @@ mod tests {
             };
             cache.store(&v, &m);
         }
-        let first = cache.get(&x, &x_meta, chunk_size).unwrap();
-        let other = cache.get(&y, &y_meta, chunk_size).unwrap();
+        let first = cache.get(&x, &x_meta, chunk_size, || ()).unwrap();
+        let other = cache.get(&y, &y_meta, chunk_size, || ()).unwrap();
         assert_eq!(cache.mem.lock().unwrap().entries.len(), 1, "not cleared");
-        let again = cache.get(&x, &x_meta, chunk_size).unwrap();
+        let again = cache.get(&x, &x_meta, chunk_size, || ()).unwrap();
         assert!(Arc::ptr_eq(&first, &again), "a second copy of x's manifest");
         assert!(Arc::ptr_eq(
             &other,
-            &cache.get(&y, &y_meta, chunk_size).unwrap()
+            &cache.get(&y, &y_meta, chunk_size, || ()).unwrap()
         ));
         // Once nothing holds x's manifest, it is gone from memory (then reloaded from disk).
         drop((first, again));
@@ -361,7 +376,7 @@ mod tests {
             cache.stats.disk_hits.load(Ordering::Relaxed),
         );
         drop(other);
-        let x_again = cache.get(&x, &x_meta, chunk_size).unwrap();
+        let x_again = cache.get(&x, &x_meta, chunk_size, || ()).unwrap();
         assert_eq!(cache.stats.disk_hits.load(Ordering::Relaxed), loaded + 1);
         assert_eq!(x_again.crcs.len(), usize::try_from(chunks).unwrap());
         assert_eq!(cache.stats.computed.load(Ordering::Relaxed), 0);
@@ -384,7 +399,7 @@ mod tests {
         let cache = ManifestCache::new(dir.path().join("m"), ids, DISK_BYTES).unwrap();
         let got: Vec<Arc<Manifest>> = std::thread::scope(|s| {
             let threads: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| cache.get(&f, &meta, 65536).unwrap()))
+                .map(|_| s.spawn(|| cache.get(&f, &meta, 65536, || ()).unwrap()))
                 .collect();
             threads.into_iter().map(|t| t.join().unwrap()).collect()
         });
@@ -402,7 +417,7 @@ mod tests {
         let meta = f.metadata().unwrap();
         let ids = RootId::new([7; 16], std::os::unix::fs::MetadataExt::dev(&meta));
         let cache = ManifestCache::new(dir.path().join("m"), ids, DISK_BYTES).unwrap();
-        let m = cache.get(&f, &meta, 65536).unwrap();
+        let m = cache.get(&f, &meta, 65536, || ()).unwrap();
         assert_eq!(m.crcs.len(), 5);
         assert_eq!(m.crcs[4], crc32fast::hash(&data[4 * 65536..]));
         assert_eq!(m.blake3, *blake3::hash(&data).as_bytes());
@@ -410,11 +425,11 @@ mod tests {
             m.cvs[4],
             chunk_cv(&data[4 * 65536..], 4, 65536, data.len() as u64)
         );
-        cache.get(&f, &meta, 65536).unwrap();
+        cache.get(&f, &meta, 65536, || ()).unwrap();
         assert_eq!(cache.stats.computed.load(Ordering::Relaxed), 1);
         assert_eq!(cache.stats.memory_hits.load(Ordering::Relaxed), 1);
         let cache2 = ManifestCache::new(dir.path().join("m"), ids, DISK_BYTES).unwrap();
-        let m2 = cache2.get(&f, &meta, 65536).unwrap();
+        let m2 = cache2.get(&f, &meta, 65536, || ()).unwrap();
         assert_eq!(m2.crcs, m.crcs);
         assert_eq!(m2.cvs, m.cvs);
         assert_eq!(cache2.stats.disk_hits.load(Ordering::Relaxed), 1);

@@ -392,6 +392,7 @@ fn account_limits(
             limits,
             (fd_budget / share).max(1),
             (config.max_blocking_threads / share).max(1),
+            share > 1,
         )
     }))
 }

@@ -269,7 +269,7 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
         let manifest = s
             .server
             .manifests
-            .get(&file, &meta, chunk_size)
+            .get(&file, &meta, chunk_size, || s.account.hashing_turn())
             .map_err(|e| Failure::new(ErrorCode::Io, format!("{}: {e}", req.path)))?;
         let reply = msg::OpenResponse {
             size: manifest.size,

@@ -214,7 +214,11 @@ fn record(
         msg::TreeWant::TreeHash => {
             // Big files' hashes come from the manifest cache, as OPEN READ's do.
             let cs = chunk_size_for(meta.len(), s.base_chunk_size);
-            match s.server.manifests.get(&file, &meta, cs) {
+            match s
+                .server
+                .manifests
+                .get(&file, &meta, cs, || s.account.hashing_turn())
+            {
                 Ok(m) => {
                     entry.blake3 = m.blake3.to_vec();
                     Ok(Vec::new())
