@@ -533,11 +533,14 @@ fn a_damaged_state_record_is_not_resumed_from() {
     }
 }
 
-/// The upload endgame: one upload over two connections to one fsd, the second paced to
+/// The upload endgame: one upload over two connections to one fsd, one of them paced to
 /// 1 MiB/s. Once every chunk has been handed out, the chunks still owed by the slow
-/// connection are sent again over the fast one and the upload commits without waiting for
-/// them. Before, fsc waited for every WRITE on the slow connection (its 8 lanes hold 8 MiB: 8 s
-/// at that pace), so the proxy forwarded all of them before fsc ended.
+/// connection are sent again over the fast one and the upload commits over the fast one
+/// without waiting for them, whichever of the two is the first connection. Before, fsc waited
+/// for every WRITE on the slow connection (its 8 lanes hold 8 MiB: 8 s at that pace), so the
+/// proxy forwarded all of them before fsc ended; and with the slow one first, its COMMIT
+/// queued behind the abandoned WRITEs (the connection was picked after the lanes that counted
+/// them were dropped).
 #[test]
 fn an_upload_over_a_fast_and_a_slow_connection_is_not_held_by_the_slow_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -546,21 +549,27 @@ fn an_upload_over_a_fast_and_a_slow_connection_is_not_held_by_the_slow_one() {
     let src = dir.path().join("src.bin");
     let data = write_random(&src, 32 * MIB as usize, 29);
     let s = Fsd::start_on(&root, &[]);
-    let slow = Proxy::throttled(s.addr, MIB);
-    let nodes = format!("{},{}", s.addr(), slow.addr());
-    let out = fsc(&["upload", "-j", "2", &nodes, src.to_str().unwrap(), "up.bin"])
-        .env("RUST_LOG", "fsc::upload=debug")
-        .output()
-        .unwrap();
-    let through_slow = slow.up.load(std::sync::atomic::Ordering::Relaxed);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(std::fs::read(root.join("up.bin")).unwrap(), data);
-    assert!(
-        through_slow < 6 * MIB,
-        "the slow connection carried {through_slow} bytes before the upload ended"
-    );
-    assert!(log.contains("endgame"), "{log}");
+    for slow_first in [false, true] {
+        let slow = Proxy::throttled(s.addr, MIB);
+        let nodes = match slow_first {
+            false => format!("{},{}", s.addr(), slow.addr()),
+            true => format!("{},{}", slow.addr(), s.addr()),
+        };
+        let out = fsc(&["upload", "-j", "2", &nodes, src.to_str().unwrap(), "up.bin"])
+            .env("RUST_LOG", "fsc::upload=debug")
+            .output()
+            .unwrap();
+        let through_slow = slow.up.load(std::sync::atomic::Ordering::Relaxed);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "slow first: {slow_first}: {out:?}");
+        assert_eq!(std::fs::read(root.join("up.bin")).unwrap(), data);
+        assert!(
+            through_slow < 6 * MIB,
+            "slow first: {slow_first}: the slow connection carried {through_slow} bytes before the upload ended"
+        );
+        assert!(log.contains("endgame"), "{log}");
+        std::fs::remove_file(root.join("up.bin")).unwrap();
+    }
 }
 
 /// A COMMIT sent right behind its upload's last WRITEs, without waiting for their acks, is

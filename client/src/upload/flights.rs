@@ -193,6 +193,24 @@ impl Flights {
         Some((self.started(&mut t, slot, chunk), data, crc))
     }
 
+    /// Whether a chunk out on another connection than `slot`'s could still be copied to it
+    /// (one not copied yet).
+    pub fn stealable(&self, slot: usize) -> bool {
+        self.table
+            .lock()
+            .unwrap()
+            .unacked
+            .values()
+            .any(|u| u.on.len() == 1 && u.on[0] != slot)
+    }
+
+    /// Resolves at the next acknowledgement.
+    pub async fn next_ack(&self) {
+        let mut rx = self.acked.subscribe();
+        // The sender lives in self, so this fails only if self is gone, which it cannot be.
+        let _ = rx.changed().await;
+    }
+
     /// Resolves once `count` chunks have been acknowledged.
     pub async fn all_acked(&self, count: u32) {
         let mut rx = self.acked.subscribe();

@@ -44,6 +44,9 @@ const LANES: usize = 8;
 /// path needs more of them in flight). The lanes beyond [`LANES`] stop as soon as the file's
 /// chunks are found not to shrink.
 const LANES_COMPRESSED: usize = 16;
+/// How often a lane with nothing to send looks again for a chunk lagging on another
+/// connection, between acknowledgements.
+const ENDGAME_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
 /// Chunks read ahead of the lanes.
 const READ_AHEAD: usize = 4;
 const READ_AHEAD_BYTES: u32 = 8 << 20;
@@ -471,13 +474,14 @@ impl UpJob {
                 slots_held.push(s);
             }
         }
-        drop(running);
-        drop(rx);
         // COMMIT goes over the connection with the fewest WRITEs still out (abandoned copies
-        // whose data may still fill its socket), the first one on a tie.
+        // whose data may still fill its socket), the first one on a tie; counted before the
+        // lanes, which hold them, are dropped.
         let committer = (0..conns.len())
             .min_by_key(|&k| flights.waiting(conns[k].0.slot()))
             .expect("conn0 is always there");
+        drop(running);
+        drop(rx);
         for (k, (c, h)) in conns.iter().enumerate() {
             if k != committer {
                 close(c, *h).await;
@@ -737,9 +741,16 @@ impl UpJob {
             let next = rx.lock().await.recv().await;
             let (flight, data, crc) = match next {
                 Some((i, data, crc)) => (flights.send(slot, i, &data, crc), data, crc),
-                None => match flights.steal(slot) {
-                    Some(copy) => copy,
-                    None => return Ok(()),
+                None => loop {
+                    if let Some(copy) = flights.steal(slot) {
+                        break copy;
+                    }
+                    if !flights.stealable(slot) {
+                        return Ok(());
+                    }
+                    // Chunks are out on other connections, none lagging far enough (yet): look
+                    // again when one comes in, or soon (a connection may stall in loss).
+                    let _ = tokio::time::timeout(ENDGAME_RECHECK, flights.next_ack()).await;
                 },
             };
             let i = flight.chunk();
