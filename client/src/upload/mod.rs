@@ -47,6 +47,10 @@ const LANES_COMPRESSED: usize = 16;
 /// How often a lane with nothing to send looks again for a chunk lagging on another
 /// connection, between acknowledgements.
 const ENDGAME_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+/// COMMITs answered Busy asked again at once, [`COMMIT_BUSY_WAIT`] apart, before the attempt
+/// fails.
+const COMMIT_BUSY_TRIES: u32 = 5;
+const COMMIT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 /// Chunks read ahead of the lanes.
 const READ_AHEAD: usize = 4;
 const READ_AHEAD_BYTES: u32 = 8 << 20;
@@ -512,7 +516,19 @@ impl UpJob {
             upload_id: String::new(),
         };
         *self.committing.lock().unwrap() = Some((up.upload_id.clone(), blake3));
-        let r: msg::CommitResponse = commit_conn.request(Cmd::COMMIT, &req).await?;
+        // Busy while a WRITE of the upload is being stored: a copy the endgame abandoned may
+        // still arrive. Asked again shortly rather than through a whole new attempt (backoff,
+        // OPEN, resume).
+        let mut busy = 0;
+        let r: msg::CommitResponse = loop {
+            match commit_conn.request(Cmd::COMMIT, &req).await {
+                Err(e) if e.remote_code() == Some(ErrorCode::Busy) && busy < COMMIT_BUSY_TRIES => {
+                    busy += 1;
+                    tokio::time::sleep(COMMIT_BUSY_WAIT).await;
+                }
+                r => break r?,
+            }
+        };
         *self.committing.lock().unwrap() = None;
         if r.size != size {
             return Err(Stop::Fail(Error::Protocol(format!(
