@@ -482,6 +482,169 @@ fn filters_leave_entries_out_and_protect_them_from_delete() {
     assert!(!s.root.join("up/d/keep.log").exists() && !s.root.join("up/local.log").exists());
 }
 
+/// The filter of the `--delete` tests below: a name pattern and a directory pattern.
+const RULES: [&str; 4] = ["--exclude", "*.log", "--exclude", "cache/"];
+
+/// What [`plant_excluded`] puts at the destination that [`RULES`] exclude: `--delete` must
+/// remove none of it.
+const EXCLUDED: [&str; 5] = [
+    "d2/precious3.log",
+    "gone/cache/blob",
+    "gone/precious.log",
+    "gone/sub/deeper/p.log",
+    "precious.log",
+];
+
+/// A destination with excluded entries inside directories `--delete` removes: `gone` (not in
+/// the source) holds an excluded file, an excluded directory (`cache`), nested directories
+/// (`sub/deeper` holds only an excluded file, `other` nothing excluded) and files that are not
+/// excluded; `d2`, a file in the source (made by [`delete_source`]), is a directory here with
+/// an excluded file and one that is not.
+fn plant_excluded(dst: &Path) {
+    for (i, rel) in EXCLUDED
+        .iter()
+        .chain(&[
+            "gone/stray.txt",
+            "gone/sub/s.txt",
+            "gone/other/o.txt",
+            "d2/x.txt",
+        ])
+        .enumerate()
+    {
+        write_random(&dst.join(rel), 10 + i, 80 + u64::try_from(i).unwrap());
+    }
+}
+
+/// The source of those tests: `keep.txt`, and `d2` as a file.
+fn delete_source(top: &Path) {
+    write_random(&top.join("keep.txt"), 100, 90);
+    write_random(&top.join("d2"), 20, 91);
+}
+
+/// Runs `fsc --json ARGS`, which must exit with `code`; its events.
+fn run_code(args: &[&str], code: i32) -> Vec<serde_json::Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = fsc(&all).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "fsc {all:?}:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    events(&out.stdout)
+}
+
+/// The one failure of a run over [`plant_excluded`]: the source's file `d2` cannot replace
+/// the directory that holds an excluded file.
+fn assert_only_d2_failed(ev: &[serde_json::Value], d2: &str) {
+    let errors = of(ev, "error");
+    assert_eq!(errors.len(), 1, "{ev:?}");
+    assert_eq!(errors[0]["path"], d2);
+    let message = errors[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("holding excluded entries is in the way"),
+        "{message}"
+    );
+}
+
+/// `--delete` with a filter over [`plant_excluded`] (`dst`, whose entries `args` name by
+/// `shown`): first `-n`, then for real, then again once `d2` holds nothing excluded. Like
+/// rsync, it removes only what the filter does not exclude and keeps every directory that
+/// still holds something excluded; a source file where a kept directory is fails alone.
+fn delete_spares_excluded(dst: &Path, shown: &dyn Fn(&str) -> String, args: &[&str]) {
+    let sorted = |rels: &[&str]| {
+        let mut v: Vec<String> = rels.iter().map(|r| shown(r)).collect();
+        v.sort();
+        v
+    };
+    let deleted = sorted(&["d2/x.txt", "gone/other", "gone/stray.txt", "gone/sub/s.txt"]);
+    let kept = sorted(&["d2", "gone", "gone/sub", "gone/sub/deeper"]);
+    let before = tree(dst);
+
+    let mut dry = args.to_vec();
+    dry.insert(1, "-n");
+    let ev = run_code(&dry, 1);
+    assert_eq!(tree(dst), before, "a dry run changes nothing");
+    let acts = |a: &str| -> Vec<String> {
+        let mut v: Vec<String> = of(&ev, "dry_run")
+            .iter()
+            .filter(|e| e["action"] == a)
+            .map(|e| e["path"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(acts("delete"), deleted, "{ev:?}");
+    assert_eq!(acts("keep"), kept, "{ev:?}");
+    assert_only_d2_failed(&ev, &shown("d2"));
+
+    let ev = run_code(args, 1);
+    assert_eq!(paths(&ev, "deleted"), deleted, "{ev:?}");
+    assert_eq!(paths(&ev, "kept"), kept, "{ev:?}");
+    assert!(of(&ev, "kept")
+        .iter()
+        .all(|e| e["reason"] == "holds excluded entries"));
+    assert_only_d2_failed(&ev, &shown("d2"));
+    let after = tree(dst);
+    for rel in EXCLUDED {
+        let was = before.iter().find(|e| e.0 == rel).unwrap();
+        assert!(after.contains(was), "{rel} is intact");
+    }
+    let names: Vec<&str> = after.iter().map(|e| e.0.as_str()).collect();
+    let mut want = vec![
+        "d2",
+        "gone",
+        "gone/cache",
+        "gone/sub",
+        "gone/sub/deeper",
+        "keep.txt",
+    ];
+    want.extend(EXCLUDED);
+    want.sort();
+    assert_eq!(names, want, "nothing else is left, and keep.txt arrived");
+
+    // Once d2 holds nothing excluded, it goes (an empty directory) and the file takes its place.
+    std::fs::remove_file(dst.join("d2/precious3.log")).unwrap();
+    let ev = run_code(args, 0);
+    assert_eq!(paths(&ev, "deleted"), [shown("d2")], "{ev:?}");
+    assert!(dst.join("d2").is_file());
+}
+
+#[test]
+fn a_download_delete_spares_excluded_entries_and_the_directories_holding_them() {
+    let s = Fsd::start();
+    delete_source(&s.root.join("t"));
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    plant_excluded(&dst);
+    let (addr, dst_s) = (s.addr(), dst.to_str().unwrap());
+    let mut args = vec!["download", "-r", "--delete"];
+    args.extend_from_slice(&RULES);
+    args.extend_from_slice(&[&addr, "t", dst_s]);
+    let shown = |rel: &str| dst.join(rel).display().to_string();
+    delete_spares_excluded(&dst, &shown, &args);
+    assert_same_file(&s.root.join("t/d2"), &dst.join("d2"));
+}
+
+#[test]
+fn an_upload_delete_spares_excluded_entries_and_the_directories_holding_them() {
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("up");
+    delete_source(&src);
+    let back = s.root.join("back");
+    plant_excluded(&back);
+    let (addr, src_s) = (s.addr(), src.to_str().unwrap());
+    let mut args = vec!["upload", "-r", "--delete"];
+    args.extend_from_slice(&RULES);
+    args.extend_from_slice(&[&addr, src_s, "back"]);
+    let shown = |rel: &str| format!("back/{rel}");
+    delete_spares_excluded(&back, &shown, &args);
+    assert_same_file(&src.join("d2"), &back.join("d2"));
+}
+
 #[test]
 fn an_upload_creates_its_missing_parents_within_the_prefix() {
     let top = tempfile::tempdir().unwrap();

@@ -74,6 +74,7 @@ mod batch;
 mod check;
 mod client;
 mod conn;
+mod delete;
 mod download;
 mod error;
 mod grow;

@@ -152,8 +152,9 @@ struct SyncArgs {
     /// every such local file; the server reports its hash without sending the data).
     #[arg(short = 'c', long)]
     checksum: bool,
-    /// With -r: remove destination entries that the source lacks (excluded ones are kept);
-    /// refused, and the run fails, if any listing of either side failed.
+    /// With -r: remove destination entries that the source lacks (excluded ones, and the
+    /// directories holding them, are kept); refused, and the run fails, if any listing of
+    /// either side failed.
     #[arg(long, requires = "recursive")]
     delete: bool,
     /// Print what would be copied, updated, deleted and skipped; change nothing.
@@ -516,12 +517,13 @@ fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
         reporter.finish();
         eprintln!(
             "{} files, {} bytes verified ({} over the network), {} unchanged, {} deleted, \
-             {} symlinks, {} skipped, {} failed",
+             {} kept, {} symlinks, {} skipped, {} failed",
             s.files,
             s.bytes,
             s.transferred,
             s.unchanged,
             s.deleted,
+            s.kept,
             s.links,
             s.skipped,
             u64::try_from(s.failed.len()).unwrap_or(u64::MAX) + s.failed_more

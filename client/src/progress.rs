@@ -109,10 +109,14 @@ pub enum Event {
     },
     /// `--delete` removed `path` (and everything beneath it) from the destination.
     Deleted { path: String },
+    /// `--delete` left the directory `path` in place, with `reason`: it holds entries the
+    /// filter excludes (excluded entries are never deleted), or was found not empty. What
+    /// else it held is deleted (a [`Event::Deleted`] each).
+    Kept { path: String, reason: String },
     /// `-l`: the symlink `path` → `target` was created (or replaced) at the destination.
     Linked { path: String, target: String },
     /// `--dry-run`: what a real run would do with `path`: `action` is "copy" (new), "update",
-    /// "delete" or "mkdir"; `reason` says why.
+    /// "delete", "keep" (a directory `--delete` leaves in place) or "mkdir"; `reason` says why.
     DryRun {
         action: String,
         path: String,
@@ -319,6 +323,9 @@ impl Reporter {
             },
             Event::Deleted { path } => {
                 let _ = multi.println(format!("deleted {}", escape(path)));
+            }
+            Event::Kept { path, reason } => {
+                let _ = multi.println(format!("kept {} ({})", escape(path), escape(reason)));
             }
             Event::Linked { path, target } => {
                 let _ = multi.println(format!("linked {} -> {}", escape(path), escape(target)));

@@ -7,7 +7,7 @@
 //! live with the transfers (`tree`), the checks of single files in `Client::download_sync` /
 //! `Client::upload_sync`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,7 +26,8 @@ pub struct SyncOptions {
     pub delete: bool,
     /// Report what would be copied, updated, deleted or skipped; change nothing.
     pub dry_run: bool,
-    /// Trees: entries left out of the transfer (and protected from `delete`).
+    /// Trees: entries left out of the transfer (and protected from `delete`, with every
+    /// directory above them).
     pub filter: Filter,
     /// Trees: copy symlinks as symlinks (`-l`), those whose relative target stays inside the
     /// tree; others, and all of them without this, are skipped with a note.
@@ -188,10 +189,14 @@ pub(crate) fn compare(src: (u64, i64), dst: Option<(u64, i64)>, checksum: bool) 
 pub(crate) struct Plan {
     /// Destination entries to remove before anything is created: not in the source, or of
     /// another type than the source's (only with `delete`). Only the topmost of a removed
-    /// subtree is listed; sorted.
+    /// subtree is listed, and nothing excluded is beneath it; sorted.
     pub delete: Vec<String>,
-    /// Entries of another type in the way of the source's, without `delete`: failures.
-    pub blocked: Vec<String>,
+    /// Destination directories `delete` would remove but that hold excluded entries, at any
+    /// depth: they stay, with the excluded entries, and what else they hold is in `delete`
+    /// (rsync's behaviour); sorted.
+    pub kept: Vec<String>,
+    /// Entries in the way of the source's that stay, and why: failures.
+    pub blocked: Vec<(String, Blocked)>,
     /// Every source directory that is not blocked, parents first, and whether the destination
     /// lacks it (or it takes the place of a deleted entry): to create.
     pub dirs: Vec<(String, bool)>,
@@ -202,10 +207,42 @@ pub(crate) struct Plan {
     pub links: Vec<String>,
 }
 
-/// Compares a source tree with a destination tree (both already filtered).
+/// Why a source entry is not transferred: what is at the destination stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blocked {
+    /// An entry of another type, and no `delete`.
+    OtherType,
+    /// A directory `delete` keeps because it holds excluded entries.
+    HoldsExcluded,
+    /// An excluded entry of another type (a pattern for directories only, say `build/`, or a
+    /// re-include of them): excluded entries are never deleted.
+    Excluded,
+}
+
+impl Blocked {
+    /// The failure's message.
+    pub fn why(self) -> &'static str {
+        match self {
+            Blocked::OtherType => "something of another type is in the way (--delete replaces it)",
+            Blocked::HoldsExcluded => {
+                "a directory holding excluded entries is in the way; --delete keeps it, since \
+                 excluded entries are never deleted"
+            }
+            Blocked::Excluded => {
+                "an excluded entry of another type is in the way; excluded entries are never \
+                 deleted"
+            }
+        }
+    }
+}
+
+/// Compares a source tree with a destination tree (both already filtered). `dst_excluded`
+/// holds the destination entries the filter left out (by the walk that made `dst`): never
+/// deleted, and neither is any directory above one.
 pub(crate) fn plan(
     src: &BTreeMap<String, Node>,
     dst: &BTreeMap<String, Node>,
+    dst_excluded: &BTreeSet<String>,
     delete: bool,
     checksum: bool,
 ) -> Plan {
@@ -214,6 +251,7 @@ pub(crate) fn plan(
     let mut blocked = HashSet::new();
     // Under a removed or blocked directory nothing needs a decision of its own.
     let under = |set: &HashSet<&str>, rel: &str| ancestors(rel).any(|a| set.contains(a));
+    let holding: HashSet<&str> = dst_excluded.iter().flat_map(|r| ancestors(r)).collect();
     for (rel, d) in dst {
         if under(&gone, rel) {
             continue;
@@ -229,19 +267,35 @@ pub(crate) fn plan(
             // another type is in the way.
             (Some(_), _) => {
                 if !delete {
-                    p.blocked.push(rel.clone());
+                    p.blocked.push((rel.clone(), Blocked::OtherType));
+                    blocked.insert(rel.as_str());
+                } else if holding.contains(rel.as_str()) {
+                    p.blocked.push((rel.clone(), Blocked::HoldsExcluded));
                     blocked.insert(rel.as_str());
                 }
                 true
             }
         };
-        if differs && delete {
+        if !(differs && delete) {
+            continue;
+        }
+        if holding.contains(rel.as_str()) {
+            // Stays, as with rsync. What it holds gets decisions of its own below; the source
+            // has none of it (it lacks this directory, or has something else here).
+            p.kept.push(rel.clone());
+        } else {
             p.delete.push(rel.clone());
             gone.insert(rel.as_str());
         }
     }
     for (rel, s) in src {
         if blocked.contains(rel.as_str()) || under(&blocked, rel) {
+            continue;
+        }
+        if dst_excluded.contains(rel) {
+            // Excluded there but not here: the filter told them apart by type.
+            p.blocked.push((rel.clone(), Blocked::Excluded));
+            blocked.insert(rel.as_str());
             continue;
         }
         let d = if gone.contains(rel.as_str()) || under(&gone, rel) {
@@ -346,7 +400,7 @@ mod tests {
             ("z/y", DIR),
             ("z/y/q", file(1, 1)),
         ]);
-        let p = plan(&src, &dst, true, false);
+        let p = plan(&src, &dst, &BTreeSet::new(), true, false);
         assert_eq!(p.delete, ["a/x", "b", "c", "z"]);
         assert!(p.blocked.is_empty());
         let dirs = [("a".to_string(), false), ("c".to_string(), true)];
@@ -362,9 +416,10 @@ mod tests {
         );
 
         // Without delete: extras stay, entries of another type block (and what is beneath).
-        let p = plan(&src, &dst, false, false);
+        let p = plan(&src, &dst, &BTreeSet::new(), false, false);
         assert!(p.delete.is_empty());
-        assert_eq!(p.blocked, ["b", "c"]);
+        let why = Blocked::OtherType;
+        assert_eq!(p.blocked, [("b".to_string(), why), ("c".to_string(), why)]);
         assert_eq!(p.dirs, [("a".to_string(), false)]);
         assert_eq!(
             p.files,
@@ -376,11 +431,70 @@ mod tests {
     }
 
     #[test]
+    fn delete_keeps_excluded_entries_and_every_directory_above_them() {
+        // The destination walk left out gone/p.log, gone/sub/deeper/q.log, the directory
+        // gone/cache and d2/r.log; d2 is a file in the source now.
+        let excluded: BTreeSet<String> = ["gone/p.log", "gone/sub/deeper/q.log", "gone/cache"]
+            .into_iter()
+            .chain(["d2/r.log", "top.log"])
+            .map(String::from)
+            .collect();
+        let src = tree(&[("a", file(1, 1)), ("d2", file(2, 2))]);
+        let dst = tree(&[
+            ("a", file(1, 1)),
+            ("d2", DIR),
+            ("d2/x", file(1, 1)),
+            ("gone", DIR),
+            ("gone/other", DIR),
+            ("gone/other/o", file(1, 1)),
+            ("gone/s", file(1, 1)),
+            ("gone/sub", DIR),
+            ("gone/sub/deeper", DIR),
+            ("gone/sub/t", file(1, 1)),
+            ("plain", DIR),
+            ("plain/f", file(1, 1)),
+        ]);
+        let p = plan(&src, &dst, &excluded, true, false);
+        assert_eq!(
+            p.delete,
+            ["d2/x", "gone/other", "gone/s", "gone/sub/t", "plain"]
+        );
+        assert_eq!(p.kept, ["d2", "gone", "gone/sub", "gone/sub/deeper"]);
+        // The source's file d2 cannot go where the kept directory is: that one fails.
+        assert_eq!(p.blocked, [("d2".to_string(), Blocked::HoldsExcluded)]);
+        assert_eq!(p.files, [("a".to_string(), Verdict::Same(SAME_QUICK))]);
+        assert!(p.dirs.is_empty());
+
+        // Without delete nothing is kept or deleted, and d2 is in the way as before.
+        let p = plan(&src, &dst, &excluded, false, false);
+        assert!(p.delete.is_empty() && p.kept.is_empty());
+        assert_eq!(p.blocked, [("d2".to_string(), Blocked::OtherType)]);
+    }
+
+    #[test]
+    fn an_excluded_entry_of_another_type_blocks_the_source_entry() {
+        // `--exclude build/`: the destination's directory build is excluded, the source's
+        // file build is not; the file must not replace the directory, nor anything beneath
+        // a source directory go where an excluded file is.
+        let excluded: BTreeSet<String> = ["build", "x"].into_iter().map(String::from).collect();
+        let src = tree(&[("build", file(1, 1)), ("x", DIR), ("x/y", file(1, 1))]);
+        for delete in [true, false] {
+            let p = plan(&src, &BTreeMap::new(), &excluded, delete, false);
+            let why = Blocked::Excluded;
+            assert_eq!(
+                p.blocked,
+                [("build".to_string(), why), ("x".to_string(), why)]
+            );
+            assert!(p.files.is_empty() && p.dirs.is_empty() && p.delete.is_empty());
+        }
+    }
+
+    #[test]
     fn sibling_names_sorting_between_parent_and_child_are_not_children() {
         // "a-x" sorts between "a" and "a/..." and is not beneath "a".
         let src = tree(&[("a-x", file(1, 1))]);
         let dst = tree(&[("a", DIR), ("a-x", file(1, 1)), ("a/f", file(1, 1))]);
-        let p = plan(&src, &dst, true, false);
+        let p = plan(&src, &dst, &BTreeSet::new(), true, false);
         assert_eq!(p.delete, ["a"]);
         assert_eq!(p.files, [("a-x".to_string(), Verdict::Same(SAME_QUICK))]);
     }

@@ -1,7 +1,7 @@
 //! `-r` transfers: walk both sides (`walk`), compare them (`sync::plan`), then delete what
-//! `--delete` removes, create directories, and transfer the files that differ. Downloads write
-//! only beneath their destination directory, through [`LocalDir`] handles by checked names
-//! (see `local`).
+//! `--delete` removes (`delete`), create directories, and transfer the files that differ.
+//! Downloads write only beneath their destination directory, through [`LocalDir`] handles by
+//! checked names (see `local`).
 
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
@@ -15,9 +15,10 @@ use futures::stream::StreamExt;
 use crate::batch::DownTarget;
 use crate::check::{clobber_check, Outcome};
 use crate::client::{Client, Kind, Slots};
+use crate::delete::{How, Removal, HOLDS_EXCLUDED};
 use crate::error::{Error, Result};
 use crate::local::sink::{spawn_blocking, Out};
-use crate::local::{new_mode, work_dir_name, LocalDir, Work};
+use crate::local::{is_not_empty, new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
 use crate::sync::{plan, Node, Plan, SyncOptions, Verdict};
 use crate::upload::UploadOptions;
@@ -36,6 +37,9 @@ pub struct TreeSummary {
     pub unchanged: u64,
     /// Destination entries removed by `--delete` (a directory counts once).
     pub deleted: u64,
+    /// Destination directories `--delete` left in place: they hold excluded entries, or were
+    /// found not empty (an [`Event::Kept`] each).
+    pub kept: u64,
     /// Entries skipped (symlinks, special files).
     pub skipped: u64,
     /// Symlinks created or replaced (`-l`).
@@ -178,14 +182,12 @@ impl Client {
         let p = plan(
             &src.nodes,
             &dst.nodes,
+            &dst.excluded,
             sync.delete && complete,
             sync.checksum,
         );
-        for rel in &p.blocked {
-            let e = Error::Usage(format!(
-                "{}: something of another type is in the way (--delete replaces it)",
-                shown_dst(rel)
-            ));
+        for (rel, why) in &p.blocked {
+            let e = Error::Usage(format!("{}: {}", shown_dst(rel), why.why()));
             summary.fail(self, shown_dst(rel), e);
         }
         if sync.dry_run {
@@ -195,6 +197,9 @@ impl Client {
                     shown_dst(rel),
                     "not in the source, or of another type",
                 );
+            }
+            for rel in &p.kept {
+                self.dry_run("keep", shown_dst(rel), HOLDS_EXCLUDED);
             }
             for (rel, _) in p.dirs.iter().filter(|(_, create)| *create) {
                 self.dry_run("mkdir", shown_dst(rel), "new directory");
@@ -289,18 +294,26 @@ impl Client {
             return Ok(summary);
         };
         let dry_run = sync.dry_run;
-        for rel in plan.delete.iter().filter(|_| !dry_run) {
-            let (parent, name) = rel_split(rel);
-            let r = root
-                .walk(parent)
-                .and_then(|d| d.remove_all(OsStr::new(name), MAX_TREE_DEPTH));
-            match r {
-                Ok(()) => {
-                    summary.deleted += 1;
-                    self.emit(Event::Deleted { path: shown(rel) });
-                }
-                Err(e) => summary.fail(self, shown(rel), Error::io(shown(rel), e)),
-            }
+        if !dry_run {
+            let remove = |rel: String, how: How| {
+                let (root, shown) = (root.clone(), shown(&rel));
+                spawn_blocking(move || {
+                    let (parent, name) = rel_split(&rel);
+                    let dir = root.walk(parent).map_err(|e| Error::io(&shown, e))?;
+                    let r = match how {
+                        How::Whole => dir.remove_all(OsStr::new(name), MAX_TREE_DEPTH),
+                        How::Alone => dir.remove_one(name),
+                    };
+                    match r {
+                        Ok(()) => Ok(Removal::Gone),
+                        Err(e) if how == How::Alone && is_not_empty(&e) => Ok(Removal::NotEmpty),
+                        Err(e) => Err(Error::io(&shown, e)),
+                    }
+                })
+            };
+            let filtered = !sync.filter.is_empty();
+            self.delete_planned(&mut summary, &plan, &dst.nodes, filtered, &shown, remove)
+                .await;
         }
         let mut dirs = TreeDir::all(&plan, &src, &dst, (top.mode, top.mtime_ns), top_dst);
         // Parents before children: the reverse of the order their metadata is set in.
@@ -454,8 +467,10 @@ impl Client {
     /// Uploads the local directory `local` to the remote directory `remote` (created with
     /// parents if missing), leaving alone the files the server already holds (as
     /// [`Client::download_tree`] decides, with the same [`SyncOptions`]). Symlinks and
-    /// special files are skipped. `--delete` removes remote entries the local tree lacks,
-    /// each by one recursive REMOVE beneath `remote` (fsd never follows symlinks there).
+    /// special files are skipped. `--delete` removes remote entries the local tree lacks
+    /// beneath `remote` (fsd never follows symlinks there): each by one recursive REMOVE, or,
+    /// with a filter, entry by entry as the walk listed them, so that nothing excluded goes
+    /// (see `delete`).
     pub async fn upload_tree(
         &self,
         local: &Path,
@@ -495,20 +510,22 @@ impl Client {
             self.dry_run("mkdir", remote.to_string(), "new directory");
         }
         if !sync.dry_run {
-            let deleted = futures::stream::iter(&plan.delete)
-                .map(|rel| async move { (shown(rel), self.remove(&shown(rel), true).await) })
-                .buffer_unordered(LISTS_IN_FLIGHT)
-                .collect::<Vec<_>>()
-                .await;
-            for (path, r) in deleted {
-                match r {
-                    Ok(()) => {
-                        summary.deleted += 1;
-                        self.emit(Event::Deleted { path });
-                    }
-                    Err(e) => summary.fail(self, path, e),
+            let remove = |rel: String, how: How| async move {
+                match self.remove(&shown(&rel), how == How::Whole).await {
+                    Ok(()) => Ok(Removal::Gone),
+                    Err(e) => match e.remote_code() {
+                        Some(ErrorCode::DirectoryNotEmpty) if how == How::Alone => {
+                            Ok(Removal::NotEmpty)
+                        }
+                        // Gone meanwhile: as wanted (a local removal says the same).
+                        Some(ErrorCode::NotFound) => Ok(Removal::Gone),
+                        _ => Err(e),
+                    },
                 }
-            }
+            };
+            let filtered = !sync.filter.is_empty();
+            self.delete_planned(&mut summary, &plan, &dst.nodes, filtered, &shown, remove)
+                .await;
             self.make_dirs(remote, md.mode() & 0o7777, &plan, &src)
                 .await?;
             self.emit(Event::Plan {
@@ -646,7 +663,7 @@ fn error_event(path: &str, e: &Error) -> Event {
 
 impl TreeSummary {
     /// Records (and reports) a failure that is not a file transfer's own.
-    fn fail(&mut self, client: &Client, path: String, e: Error) {
+    pub(crate) fn fail(&mut self, client: &Client, path: String, e: Error) {
         client.emit(error_event(&path, &e));
         self.keep_failure(path, e);
     }

@@ -4,7 +4,7 @@
 //! what they could not list — a walk with failures is incomplete, and `--delete` must not act
 //! on it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -50,6 +50,9 @@ pub(crate) struct Walk {
     pub failed: Vec<(String, Error)>,
     /// The link text of every [`Node::Link`], by relative path.
     pub links: BTreeMap<String, String>,
+    /// Entries the filter left out, by relative path (an excluded directory once: nothing
+    /// beneath it is listed). `--delete` removes neither them nor any directory above them.
+    pub excluded: BTreeSet<String>,
 }
 
 /// A symlink at `rel` (relative to the tree's top) with the link text `target`: a node to copy
@@ -170,6 +173,7 @@ impl Client {
                 }
                 let sub = rel_join(&rel, &e.name);
                 if filter.excludes(&sub, e.kind == Kind::Dir) {
+                    walk.excluded.insert(sub);
                     continue;
                 }
                 let node = match e.kind {
@@ -251,6 +255,7 @@ pub(crate) fn walk_local(root: &LocalDir, filter: &Filter, links: bool) -> Walk 
                 continue;
             }
             if filter.excludes(&sub, is_dir) {
+                walk.excluded.insert(sub);
                 continue;
             }
             let mtime_ns = st.st_mtime * 1_000_000_000 + st.st_mtime_nsec;
@@ -332,6 +337,40 @@ mod tests {
         assert_eq!(w.nodes["link"], Node::Other);
         assert_eq!(w.skipped.len(), 3);
         assert!(w.complete());
+    }
+
+    #[test]
+    fn local_walks_record_what_the_filter_leaves_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in [
+            "a.log",
+            "d/b.log",
+            "d/keep.log",
+            "d/c.txt",
+            "top.txt",
+            "d/top.txt",
+        ] {
+            std::fs::create_dir_all(tmp.path().join(f).parent().unwrap()).unwrap();
+            std::fs::write(tmp.path().join(f), b"x").unwrap();
+        }
+        std::fs::create_dir_all(tmp.path().join("d/build/deep")).unwrap();
+        std::fs::write(tmp.path().join("d/build/deep/o"), b"x").unwrap();
+        std::fs::write(tmp.path().join("build"), b"a file, not a directory").unwrap();
+        use crate::sync::Rule;
+        let filter = Filter::new(&[
+            Rule::Exclude("*.log".into()),
+            Rule::Include("keep.log".into()),
+            Rule::Exclude("build/".into()),
+            Rule::Exclude("/top.txt".into()),
+        ])
+        .unwrap();
+        let root = LocalDir::open(tmp.path()).unwrap();
+        let w = walk_local(&root, &filter, false);
+        let excluded: Vec<_> = w.excluded.iter().map(String::as_str).collect();
+        // The directory build once, nothing beneath it; the file build and d/top.txt not.
+        assert_eq!(excluded, ["a.log", "d/b.log", "d/build", "top.txt"]);
+        let kept: Vec<_> = w.nodes.keys().map(String::as_str).collect();
+        assert_eq!(kept, ["build", "d", "d/c.txt", "d/keep.log", "d/top.txt"]);
     }
 
     #[test]

@@ -346,6 +346,31 @@ impl LocalDir {
     }
 }
 
+impl LocalDir {
+    /// Removes `name` by itself: a file, a symlink or special file (never followed), or an
+    /// empty directory; a missing one is fine. A directory that is not empty stays, and the
+    /// error says so ([`is_not_empty`]).
+    pub fn remove_one(&self, name: &str) -> std::io::Result<()> {
+        let first = match unlinkat(self.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+            // Linux answers EISDIR for a directory (POSIX allows EPERM).
+            Err(e @ (Errno::EISDIR | Errno::EPERM)) => e,
+            Err(e) => return Err(io(e)),
+        };
+        match unlinkat(self.fd.as_fd(), name, UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            // Not a directory after all: the unlink's EPERM was the answer.
+            Err(Errno::ENOTDIR) => Err(io(first)),
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
+/// Whether `e` says that a directory is not empty (Linux: ENOTEMPTY; POSIX allows EEXIST).
+pub(crate) fn is_not_empty(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST))
+}
+
 /// Sets permission bits (never setuid/setgid/sticky from a server) and mtime on an open fd.
 pub(crate) fn set_meta(fd: impl AsFd, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
     fchmod(fd.as_fd(), Mode::from_bits_truncate(mode & 0o777)).map_err(io)?;
@@ -484,6 +509,30 @@ pub(crate) fn publish(file: &File, dir: &LocalDir, name: &str, work: &Work) -> s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_one_takes_one_entry_and_a_directory_only_when_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"k").unwrap();
+        let t = tmp.path();
+        std::fs::write(t.join("f"), b"f").unwrap();
+        std::fs::create_dir_all(t.join("full/sub")).unwrap();
+        std::fs::create_dir(t.join("empty")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), t.join("link")).unwrap();
+        let d = LocalDir::open(t).unwrap();
+        for name in ["f", "empty", "link", "missing"] {
+            d.remove_one(name).unwrap();
+            assert!(std::fs::symlink_metadata(t.join(name)).is_err(), "{name}");
+        }
+        assert!(
+            outside.path().join("keep").exists(),
+            "the link was not followed"
+        );
+        let e = d.remove_one("full").unwrap_err();
+        assert!(is_not_empty(&e), "{e}");
+        assert!(t.join("full/sub").is_dir());
+    }
 
     #[test]
     fn hostile_names_are_refused() {
