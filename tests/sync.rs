@@ -1029,3 +1029,48 @@ fn symlinks_out_of_the_root_are_refused_by_fsd() {
     // Outside: nothing was created.
     assert!(std::fs::symlink_metadata(s.root.join("l")).is_err());
 }
+
+/// Without -l a source symlink is not transferred, and `--delete` leaves whatever the
+/// destination has at its name as it is: a directory there keeps its contents, both ways.
+/// Before, the directory stayed but everything in it was deleted, as if the source lacked it.
+#[test]
+fn delete_leaves_alone_what_is_at_a_skipped_symlink_s_name() {
+    let s = Fsd::start();
+    let src = s.root.join("t");
+    write_random(&src.join("a.txt"), 100, 1);
+    std::fs::create_dir_all(src.join("real")).unwrap();
+    std::os::unix::fs::symlink("real", src.join("l")).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    write_random(&dst.join("l/keep.txt"), 10, 2);
+    run(&[
+        "download",
+        "-r",
+        "--delete",
+        &s.addr(),
+        "t",
+        dst.to_str().unwrap(),
+    ]);
+    assert!(
+        dst.join("l/keep.txt").exists(),
+        "download --delete emptied it"
+    );
+
+    // Up: the local tree has the symlink, the server a directory at its name.
+    let up = local.path().join("up");
+    write_random(&up.join("a.txt"), 100, 3);
+    std::os::unix::fs::symlink("a.txt", up.join("l")).unwrap();
+    write_random(&s.root.join("back/l/keep.txt"), 10, 4);
+    run(&[
+        "upload",
+        "-r",
+        "--delete",
+        &s.addr(),
+        up.to_str().unwrap(),
+        "back",
+    ]);
+    assert!(
+        s.root.join("back/l/keep.txt").exists(),
+        "upload --delete emptied it"
+    );
+}

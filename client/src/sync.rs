@@ -249,11 +249,14 @@ pub(crate) fn plan(
     let mut p = Plan::default();
     let mut gone = HashSet::new();
     let mut blocked = HashSet::new();
+    // Destination entries where the source has something never transferred (a symlink
+    // without -l, a special file): left as they are, with everything beneath them.
+    let mut left = HashSet::new();
     // Under a removed or blocked directory nothing needs a decision of its own.
     let under = |set: &HashSet<&str>, rel: &str| ancestors(rel).any(|a| set.contains(a));
     let holding: HashSet<&str> = dst_excluded.iter().flat_map(|r| ancestors(r)).collect();
     for (rel, d) in dst {
-        if under(&gone, rel) {
+        if under(&gone, rel) || under(&left, rel) {
             continue;
         }
         let differs = match (src.get(rel), d) {
@@ -261,8 +264,13 @@ pub(crate) fn plan(
             (Some(Node::File { .. }), Node::File { .. } | Node::Link { .. } | Node::Other)
             | (Some(Node::Link { .. }), Node::File { .. } | Node::Link { .. } | Node::Other)
             | (Some(Node::Dir { .. }), Node::Dir { .. }) => false,
-            // A source symlink is not transferred: whatever the destination has there stays.
-            (Some(Node::Other), _) => false,
+            // A source symlink is not transferred: whatever the destination has there stays,
+            // a directory with its contents (they used to be deleted one by one, as if the
+            // source lacked them).
+            (Some(Node::Other), _) => {
+                left.insert(rel.as_str());
+                false
+            }
             // A symlink where a file goes is replaced by it (never followed); anything else of
             // another type is in the way.
             (Some(_), _) => {
@@ -428,6 +436,15 @@ mod tests {
                 ("s".to_string(), Verdict::New)
             ]
         );
+    }
+
+    #[test]
+    fn what_the_destination_has_where_the_source_has_a_skipped_symlink_stays_whole() {
+        let src = tree(&[("l", Node::Other)]);
+        let dst = tree(&[("l", DIR), ("l/keep", file(1, 1)), ("l/d", DIR)]);
+        let p = plan(&src, &dst, &BTreeSet::new(), true, false);
+        assert!(p.delete.is_empty(), "{:?}", p.delete);
+        assert!(p.blocked.is_empty() && p.files.is_empty() && p.dirs.is_empty());
     }
 
     #[test]
