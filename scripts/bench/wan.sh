@@ -7,12 +7,14 @@
 #   RUNS=1 LOSSES="0 0.001" CCS=cubic TOOLS="fsc fsc-up" FSC_ARGS="--congestion system" scripts/bench/wan.sh
 #
 # This kernel has no sch_netem, so the link is the user-space emulator `wanem` (default source
-# /work/shared/wan/wanem, built here; WANEM=binary to use another): two TUN devices, one in each
-# of two network namespaces made here (fswan_s: servers, 10.78.0.1; fswan_c: clients,
-# 10.78.0.2). All traffic stays inside them; they are removed on exit. Each namespace gets the
-# congestion control under test as its default, and the usual buffer limits (tcp_wmem max 4 MiB,
-# tcp_rmem max 32 MiB). Child namespaces may pick only congestion controls listed in the global
-# net.ipv4.tcp_allowed_congestion_control: cubic is added for the run and the list restored.
+# /work/shared/wan/wanem, built here; WANEM=binary to use another), brought up by
+# scripts/wanlink.sh (the same link tests/lossy_link.rs uses) between two network namespaces
+# (fswan_s: servers, 10.78.0.1; fswan_c: clients, 10.78.0.2), once per direction of loss. All
+# traffic stays inside them; they are removed on exit. Each namespace gets the congestion
+# control under test as its default, and the usual buffer limits (tcp_wmem max 4 MiB, tcp_rmem
+# max 32 MiB, set by wanlink.sh). Child namespaces may pick only congestion controls listed in
+# the global net.ipv4.tcp_allowed_congestion_control: cubic is added for the run and the list
+# restored.
 #
 # Per congestion control and loss: curl (one connection) and aria2c -x8 from nginx, iperf3 -P8
 # -R for 8 s, fsc download (default flags: -j auto) — then, with the loss moved to the client's
@@ -55,7 +57,8 @@ WORK=${WORK:-/var/tmp/fsbench-wan}
 FSD=${FSD_BIN:?set FSD_BIN}
 FSC=${FSC_BIN:?set FSC_BIN}
 WANEM_SRC=${WANEM_SRC:-/work/shared/wan/wanem}
-NS_S=fswan_s NS_C=fswan_c SIP=10.78.0.1 CIP=10.78.0.2
+LINK=fswan NS_S=fswan_s NS_C=fswan_c NET=10.78.0 SIP=10.78.0.1
+WANLINK=$(cd "$(dirname "$0")/.." && pwd)/wanlink.sh
 DELAY=25 RATE=1000 QUEUE=6250000 # ms each way (50 ms RTT), Mbit/s, bottleneck FIFO bytes
 TOKEN=wan-bench-token-0123456789
 
@@ -96,13 +99,13 @@ fi
 W=$(mktemp -d "$WORK/run.XXXXXX")
 RAW=$W/raw.tsv
 ALLOWED_ORIG=$(cat /proc/sys/net/ipv4/tcp_allowed_congestion_control)
-WPID="" SPIDS=()
+SPIDS=()
 
 cleanup() {
   local p
-  for p in "${SPIDS[@]}" $WPID; do kill "$p" 2>/dev/null; done
-  for p in "${SPIDS[@]}" $WPID; do wait "$p" 2>/dev/null; done
-  ip netns del $NS_S 2>/dev/null; ip netns del $NS_C 2>/dev/null
+  for p in "${SPIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${SPIDS[@]}"; do wait "$p" 2>/dev/null; done
+  "$WANLINK" down $LINK
   echo "$ALLOWED_ORIG" > /proc/sys/net/ipv4/tcp_allowed_congestion_control
   rm -rf "$W/dl" "$W/up" "$W/fsd-state" # fsd-state: uploads stopped mid-way (run_fg)
 }
@@ -110,23 +113,16 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 echo "$ALLOWED_ORIG cubic" > /proc/sys/net/ipv4/tcp_allowed_congestion_control
-ip netns del $NS_S 2>/dev/null; ip netns del $NS_C 2>/dev/null # left by a run that was killed
-ip netns add $NS_S && ip netns add $NS_C || die "cannot create namespaces"
-ip -n $NS_S link set lo up; ip -n $NS_C link set lo up
-for ns in $NS_S $NS_C; do
-  ip netns exec $ns sysctl -qw net.ipv4.tcp_wmem="4096 16384 4194304" net.ipv4.tcp_rmem="4096 131072 33554432"
-done
 
-# link_up LOSS_S2C LOSS_C2S
+# link_up CC LOSS_S2C LOSS_C2S: the namespaces and the emulated link (scripts/wanlink.sh), with
+# congestion control CC as both namespaces' default.
 link_up() {
-  "$WANEM" fwS fwC $DELAY "$1" "$2" $RATE $QUEUE 1800 > "$W/wanem.out" 2> "$W/wanem.err" & WPID=$!
-  local i; for i in $(seq 1 50); do ip link show fwC >/dev/null 2>&1 && grep -q ready "$W/wanem.out" && break; sleep 0.1; done
-  ip link set fwS netns $NS_S && ip link set fwC netns $NS_C || die "cannot move TUN devices"
-  ip -n $NS_S addr add $SIP peer $CIP dev fwS; ip -n $NS_S link set fwS mtu 1500 txqueuelen 10000 up
-  ip -n $NS_C addr add $CIP peer $SIP dev fwC; ip -n $NS_C link set fwC mtu 1500 txqueuelen 10000 up
-  sleep 0.3
+  WANEM=$WANEM "$WANLINK" up $LINK $NET "$2" "$3" $DELAY $RATE $QUEUE > "$W/wanlink.out" 2>&1 \
+    || die "wanlink.sh up: $(cat "$W/wanlink.out")"
+  local ns
+  for ns in $NS_S $NS_C; do ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control="$1" || die "cc $1"; done
 }
-link_down() { [ -n "$WPID" ] && { kill "$WPID"; wait "$WPID" 2>/dev/null; }; WPID=""; }
+link_down() { "$WANLINK" down $LINK; }
 
 mkdir -p "$W/nginx/tmp" "$W/up"
 cat > "$W/nginx/nginx.conf" <<EOF
@@ -262,10 +258,9 @@ run_fg() { # TOOL(fg|fg+bg|fg+fsc|fg-up|fg-up+bg|fg-up+fsc) CC LOSS RUN
 
 log "runs=$RUNS losses=($LOSSES) ccs=($CCS) tools=($TOOLS) fsc args=($FSC_ARGS) ${SIZE_MIB} MiB; fg $FG_STREAMS stream(s) ${FG_SECS} s; work $W"
 for cc in $CCS; do
-  for ns in $NS_S $NS_C; do ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control="$cc" || die "cc $cc"; done
   for loss in $LOSSES; do
     # Downloads: loss on the server's sending direction.
-    link_up "$loss" 0; start_servers
+    link_up "$cc" "$loss" 0; start_servers
     for ((i = 1; i <= RUNS; i++)); do
       want curl && run_http curl "$cc" "$loss" $i
       want fsc && run_fsc fsc "$cc" "$loss" $i
@@ -277,7 +272,7 @@ for cc in $CCS; do
     done
     stop_servers; link_down
     if want fsc-up || want iperf3-up || want iperf3-n-up || want fsc-bg-up || [[ " $TOOLS " == *" fg-up"* ]]; then
-      link_up 0 "$loss"; start_servers
+      link_up "$cc" 0 "$loss"; start_servers
       for ((i = 1; i <= RUNS; i++)); do
         want fsc-up && run_fsc fsc-up "$cc" "$loss" $i
         want fsc-bg-up && run_fsc fsc-bg-up "$cc" "$loss" $i
