@@ -51,6 +51,9 @@ pub struct Account {
     /// so one credential's slow work (manifests of big files, resumes) cannot queue the
     /// others' behind it.
     blocking: Arc<Semaphore>,
+    /// Bytes of received DATA all its connections may have waiting to be stored
+    /// ([`inbound_budgets`]): beyond, its connections stop reading their sockets.
+    inbound: Arc<Semaphore>,
     connections: AtomicUsize,
     handles: AtomicUsize,
     fds: AtomicUsize,
@@ -72,12 +75,20 @@ enum Kind {
 }
 
 impl Account {
-    pub fn new(name: &str, limits: Limits, fd_share: usize, blocking: usize) -> Arc<Account> {
+    /// `inbound`: bytes of received DATA its connections may hold at once (at least one).
+    pub fn new(
+        name: &str,
+        limits: Limits,
+        fd_share: usize,
+        blocking: usize,
+        inbound: usize,
+    ) -> Arc<Account> {
         Arc::new(Account {
             name: name.to_string(),
             limits,
             fd_share,
             blocking: Arc::new(Semaphore::new(blocking.max(1))),
+            inbound: Arc::new(Semaphore::new(inbound.max(1))),
             connections: AtomicUsize::new(0),
             handles: AtomicUsize::new(0),
             fds: AtomicUsize::new(0),
@@ -105,6 +116,11 @@ impl Account {
             .acquire_owned()
             .await
             .expect("the blocking share is never closed")
+    }
+
+    /// This credential's budget for received DATA ([`inbound_budgets`]).
+    pub fn inbound(&self) -> &Arc<Semaphore> {
+        &self.inbound
     }
 
     /// Counts an authenticated connection, or refuses it over the quota.
@@ -155,6 +171,24 @@ impl Account {
         held._permit = Some(permit);
         Ok(held)
     }
+}
+
+/// Bytes of received DATA (WRITE, PUT and TREE_WRITE payloads waiting to be stored) the whole
+/// server may hold, and one credential of it: as many frames as the blocking threads (or the
+/// credential's share of them, see `blocking`) can store at once, but at least `per_connection`
+/// (the budget of one connection, itself at least one frame). More waiting data would not store
+/// any faster, only take memory; a connection that finds no room stops reading its socket.
+/// Returns (server-wide, per credential).
+pub fn inbound_budgets(
+    blocking_threads: usize,
+    blocking_share: usize,
+    max_frame: u32,
+    per_connection: u32,
+) -> (usize, usize) {
+    let frame = usize::try_from(max_frame).expect("u32 fits usize");
+    let least = usize::try_from(per_connection.max(max_frame)).expect("u32 fits usize");
+    let of = |threads: usize| threads.max(1).saturating_mul(frame).max(least);
+    (of(blocking_threads), of(blocking_share))
 }
 
 /// Adds `n` to `count` unless that would pass `limit`; Err(count) then.
@@ -230,7 +264,7 @@ mod tests {
             uploads: 1,
             upload_bytes: 1,
         };
-        let a = Account::new("a", limits, 5, 1);
+        let a = Account::new("a", limits, 5, 1, 1);
         let fds = Arc::new(Semaphore::new(5));
         let c1 = a.connect().unwrap();
         let _c2 = a.connect().unwrap();
@@ -240,7 +274,7 @@ mod tests {
         let h = a.open_handle(&fds, 4).unwrap();
         assert!(a.open_handle(&fds, 1).is_err(), "handle quota");
         drop(h);
-        let b = Account::new("b", a.limits, 5, 1);
+        let b = Account::new("b", a.limits, 5, 1, 1);
         let _h = b.open_handle(&fds, 4).unwrap();
         assert!(a.open_handle(&fds, 4).is_err(), "server descriptors");
         assert_eq!((a.handles(), a.fds()), (0, 0));
@@ -252,7 +286,7 @@ mod tests {
             handles: 10,
             ..Limits::default()
         };
-        let a = Account::new("a", limits, 6, 1);
+        let a = Account::new("a", limits, 6, 1, 1);
         let fds = Arc::new(Semaphore::new(100));
         let h = a.open_handle(&fds, 5).unwrap();
         let e = a.open_handle(&fds, 2).err().expect("over the share");
