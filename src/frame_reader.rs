@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::Decoder;
 
-use crate::protocol::{CodecError, FrameCodec, HEADER_LEN};
+use crate::protocol::{CodecError, FrameCodec, Header, HEADER_LEN};
 
 /// Most a reader asks the kernel to queue before waking it.
 pub const RCVLOWAT_MAX: usize = 256 * 1024;
@@ -33,7 +33,8 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// `tcp` is the socket under `r` when `r` is plain TCP (it must outlive the reader).
-    pub fn new(r: R, codec: FrameCodec, tcp: Option<RawFd>) -> FrameReader<R> {
+    pub fn new(r: R, mut codec: FrameCodec, tcp: Option<RawFd>) -> FrameReader<R> {
+        codec.reader_allocates();
         FrameReader {
             r,
             codec,
@@ -69,19 +70,55 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame; None at a clean end of stream. Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<Item, CodecError>> {
+        self.next_admitted(&mut None::<()>, |_| None::<std::future::Ready<()>>)
+            .await
+    }
+
+    /// The header of a DATA frame whose payload is still to be read, if any.
+    pub fn awaiting_data(&self) -> Option<Header> {
+        self.codec.pending_data()
+    }
+
+    /// [`FrameReader::next`], except that before reading the payload of a DATA frame it awaits
+    /// what `admit` returns for its header (if anything), once, and keeps the result in
+    /// `admitted` for the caller to take with the frame. A receiver bounds in this way the
+    /// payloads it reads, not only those it keeps. Cancel-safe (an admission cancelled while
+    /// awaited is asked for again).
+    pub async fn next_admitted<T, F, Fut>(
+        &mut self,
+        admitted: &mut Option<T>,
+        mut admit: F,
+    ) -> Option<Result<Item, CodecError>>
+    where
+        F: FnMut(&Header) -> Option<Fut>,
+        Fut: std::future::Future<Output = T>,
+    {
         loop {
             match self.codec.decode(&mut self.buf) {
                 Ok(Some(item)) => return Some(Ok(item)),
                 Ok(None) => {}
                 Err(e) => return Some(Err(e)),
             }
+            if admitted.is_none() {
+                if let Some(wait) = self.codec.pending_data().and_then(|h| admit(&h)) {
+                    *admitted = Some(wait.await);
+                }
+            }
+            // Admitted (or needing no admission): the payload gets its buffer only now.
+            self.codec.own_payload_buffer(&mut self.buf);
             if let Some(fd) = self.tcp {
                 let want = self.codec.wanted(self.buf.len()).clamp(1, RCVLOWAT_MAX);
                 if want != self.lowat && set_rcvlowat(fd, want).is_ok() {
                     self.lowat = want;
                 }
             }
-            self.buf.reserve(64 * 1024);
+            if self.codec.reading_own_payload() {
+                // Exactly what the payload lacks: its buffer is its own, and the next frame's
+                // bytes go to a fresh one (already reserved by the codec: no reallocation).
+                self.buf.reserve(self.codec.wanted(self.buf.len()));
+            } else {
+                self.buf.reserve(64 * 1024);
+            }
             match self.r.read_buf(&mut self.buf).await {
                 Ok(0) if self.buf.is_empty() && self.codec.wanted(0) == HEADER_LEN => return None,
                 Ok(0) => {

@@ -1496,3 +1496,182 @@ fn one_credential_s_manifest_fetches_leave_the_other_its_share_of_hashing() {
         "bob's OPEN took {bob_took:?} while alice's eight took {alice_took:?}"
     );
 }
+
+/// Fills a connection's reply budget with one stream: a TREE_READ of the 256 KiB files
+/// `f0`..`f63`, inline (16 MiB), that the client never reads.
+fn fill_reply_budget(r: &mut Raw) {
+    r.send_msg(
+        Cmd::TREE_READ,
+        1000,
+        flags::END,
+        &msg::TreeReadRequest {
+            path: String::new(),
+            files: (0..64).map(|i| format!("f{i}")).collect(),
+            ..Default::default()
+        },
+    );
+}
+
+/// A DATA frame of `len` bytes whose checksum is wrong, on stream `sid`.
+fn bad_crc_data(sid: u32, len: usize) -> Frame {
+    let mut f = Frame::new(
+        Cmd::WRITE,
+        sid,
+        flags::DATA | flags::END,
+        Bytes::from(vec![7u8; len]),
+    );
+    f.header.checksum ^= 1;
+    f
+}
+
+/// No payload fsd keeps is a slice of the connection's read buffer: a small request waiting
+/// for its turn (a LIST waiting for the reply budget of a client that stopped reading) holds
+/// its own few bytes, not the big allocation a large frame read next to it made. Before, each
+/// waiting LIST pinned the allocation of the big DATA frame that followed it (dropped: bad
+/// checksum on a running stream) — review E6: one connection, 60 rounds of 16 MiB, 1.2 GB.
+#[test]
+fn waiting_requests_do_not_pin_the_read_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for i in 0..64 {
+        write_random(&root.join(format!("f{i}")), 256 * 1024, i);
+    }
+    // 4 MiB frames keep the attack small on the old code (~40 x 4 MiB).
+    let fsd = Fsd::start_on(&root, &["--max-frame", "4194304"]);
+    let mut r = Raw::authed_small_window(fsd.addr);
+    fill_reply_budget(&mut r);
+    std::thread::sleep(Duration::from_millis(500));
+    let base = proc_status_kib(fsd.pid(), "VmRSS:");
+    for k in 0..40u32 {
+        let sid = 100 + k;
+        r.send_msg(
+            Cmd::LIST,
+            sid,
+            flags::END,
+            &msg::ListRequest {
+                path: ".".into(),
+                ..Default::default()
+            },
+        );
+        r.send(&bad_crc_data(sid, 4 << 20)).unwrap();
+    }
+    let grew_mib = rss_growth_mib(fsd.pid(), base);
+    println!("40 waiting LISTs, each followed by a dropped 4 MiB frame: fsd RSS +{grew_mib} MiB");
+    assert!(
+        grew_mib < 48,
+        "fsd grew by {grew_mib} MiB: waiting requests pin the read buffer"
+    );
+    drop(r);
+}
+
+/// The idle timeout measures the client's progress, not what it left open: a WRITE whose DATA
+/// frame never comes, and a request waiting for a client that stopped reading, no longer keep
+/// a silent connection (and what it holds) for ever. Before, any open stream pushed the
+/// timeout back (review E6: 389 MB still held after 15 s of silence with --idle-timeout 3).
+#[test]
+fn silent_connections_with_waiting_streams_idle_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for i in 0..64 {
+        write_random(&root.join(format!("f{i}")), 256 * 1024, i);
+    }
+    let fsd = Fsd::start_on(&root, &["--idle-timeout", "2"]);
+    let before = open_sockets(fsd.pid());
+    // A WRITE request whose DATA frame never comes.
+    let mut w = Raw::authed(fsd.addr);
+    w.send_msg(
+        Cmd::WRITE,
+        5,
+        flags::END,
+        &msg::WriteRequest {
+            handle: 1,
+            chunk: 0,
+        },
+    );
+    // A LIST waiting for the reply budget of a client that stopped reading.
+    let mut l = Raw::authed_small_window(fsd.addr);
+    fill_reply_budget(&mut l);
+    l.send_msg(
+        Cmd::LIST,
+        7,
+        flags::END,
+        &msg::ListRequest {
+            path: ".".into(),
+            ..Default::default()
+        },
+    );
+    assert!(
+        open_sockets(fsd.pid()) >= before + 2,
+        "both connections open"
+    );
+    // Silence from both clients for four idle timeouts.
+    std::thread::sleep(Duration::from_secs(8));
+    let now = open_sockets(fsd.pid());
+    println!("sockets: {before} before, {now} after 8 s of silence");
+    assert!(
+        now <= before,
+        "silent connections with waiting streams were kept"
+    );
+    drop((w, l));
+}
+
+/// Received DATA is bounded per credential and server-wide, not only per connection: one
+/// credential opening many connections, each sending PUTs faster than fsd stores them, makes
+/// fsd hold at most its credential's inbound budget; the others wait, their sockets unread
+/// (backpressure), and every PUT still succeeds. Before, each connection could hold 16 MiB
+/// (review E1: 120 connections x three 16 MiB PUTs, 2,512 MB peak).
+#[test]
+fn received_data_is_bounded_per_credential() {
+    const FRAME: usize = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    // One blocking thread stores one PUT at a time, so PUTs queue; 4 MiB frames keep the old
+    // code's peak (~24 x 12 MiB) well under 1 GiB. Budgets: max(threads x frame, 16 MiB).
+    let fsd = Fsd::start_on(
+        &root,
+        &["--max-blocking-threads", "1", "--max-frame", "4194304"],
+    );
+    let data = Bytes::from(random_bytes(FRAME, 11));
+    let blake3 = blake3::hash(&data).as_bytes().to_vec();
+    let base = proc_status_kib(fsd.pid(), "VmHWM:");
+    let mut conns: Vec<Raw> = (0..24)
+        .map(|_| Raw::authed_as(fsd.addr, TOKEN, 4 << 20))
+        .collect();
+    std::thread::scope(|s| {
+        for (c, r) in conns.iter_mut().enumerate() {
+            let (data, blake3) = (data.clone(), blake3.clone());
+            s.spawn(move || {
+                for k in 0..3u32 {
+                    let sid = 10 + k;
+                    let put = msg::PutRequest {
+                        path: format!("c{c}-{k}"),
+                        size: FRAME as u64,
+                        blake3: blake3.clone(),
+                        ..Default::default()
+                    };
+                    r.send_msg(Cmd::PUT, sid, 0, &put);
+                    let f = Frame::new(Cmd::PUT, sid, flags::DATA | flags::END, data.clone());
+                    r.send(&f).unwrap();
+                }
+                for _ in 0..3 {
+                    let f = r.recv().expect("PUT reply");
+                    assert!(!f.header.is_error(), "PUT failed: {:?}", error_of(&f));
+                }
+            });
+        }
+    });
+    let grew_mib = proc_status_kib(fsd.pid(), "VmHWM:").saturating_sub(base) / 1024;
+    println!("24 connections x three 4 MiB PUTs, one credential: fsd peak RSS +{grew_mib} MiB");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        72 + 1,
+        "every PUT stored"
+    );
+    assert!(
+        grew_mib < 100,
+        "fsd's peak grew by {grew_mib} MiB holding one credential's received DATA"
+    );
+}

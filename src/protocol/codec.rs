@@ -1,11 +1,14 @@
 //! tokio-util codec for frames. The decoder has two states, header then payload, and checks
 //! magic, version, flags and the payload length against its limits *before* reserving memory.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::frame::{flags, Cmd, Frame, Header, HEADER_LEN, MAGIC, VERSION};
 use super::MAX_CONTROL_PAYLOAD;
+
+/// Capacity of the fresh read buffer that follows a DATA payload read into its own.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Fatal decoding errors: after one of these the byte stream cannot be trusted, and the
 /// connection is answered (where a stream id is known) and closed.
@@ -64,6 +67,12 @@ pub struct FrameCodec {
     /// DATA payloads are passed on unchecked; the consumer verifies them (see
     /// [`FrameCodec::defer_data_checksums`]).
     defer_data: bool,
+    /// The source buffer was replaced by one holding only the pending DATA payload. No payload
+    /// is a slice of a buffer other frames were read into: a small request kept alive while it
+    /// waits must not keep a 16 MiB allocation with it (docs/SECURITY.md §6, "read buffer").
+    own_buffer: bool,
+    /// See [`FrameCodec::reader_allocates`].
+    reader_allocates: bool,
 }
 
 impl FrameCodec {
@@ -77,6 +86,42 @@ impl FrameCodec {
         need.saturating_sub(buffered)
     }
 
+    /// Leaves [`FrameCodec::own_payload_buffer`] to the reader, which calls it once it is ready
+    /// to read the payload (e.g. after waiting for room in a budget): no allocation is made for
+    /// a payload that is not being read yet.
+    pub fn reader_allocates(&mut self) {
+        self.reader_allocates = true;
+    }
+
+    /// Moves the pending DATA payload's bytes read so far out of the shared buffer `src` into an
+    /// allocation of its own, exactly the payload's size, so that it never shares one with other
+    /// frames (see `own_buffer`); the reader then reads the rest there. The part moved is the
+    /// copy that growing the shared buffer made before. No-op without such a payload.
+    pub fn own_payload_buffer(&mut self, src: &mut BytesMut) {
+        let Some(h) = self.pending_data() else {
+            return;
+        };
+        let len = h.payload_len as usize;
+        if self.own_buffer || src.len() >= len {
+            return;
+        }
+        let mut own = BytesMut::with_capacity(len);
+        own.extend_from_slice(src);
+        *src = own;
+        self.own_buffer = true;
+    }
+
+    /// The header of the DATA frame whose payload is being awaited, if any.
+    pub fn pending_data(&self) -> Option<Header> {
+        self.pending.filter(|h| h.is_data())
+    }
+
+    /// Whether the pending payload has a buffer of its own, sized for it: the reader must then
+    /// read into it no more than [`FrameCodec::wanted`] bytes, so nothing else lands there.
+    pub fn reading_own_payload(&self) -> bool {
+        self.own_buffer
+    }
+
     /// A codec accepting DATA payloads up to `max_data` bytes and control payloads up to
     /// [`MAX_CONTROL_PAYLOAD`].
     pub fn new(max_data: u32) -> FrameCodec {
@@ -85,6 +130,8 @@ impl FrameCodec {
             max_control: MAX_CONTROL_PAYLOAD,
             pending: None,
             defer_data: false,
+            own_buffer: false,
+            reader_allocates: false,
         }
     }
 
@@ -164,11 +211,34 @@ impl Decoder for FrameCodec {
         let len = header.payload_len as usize;
         if src.len() < len {
             // Safe: len was bounded by check_header.
-            src.reserve(len - src.len());
+            if header.is_data() && !self.own_buffer {
+                if !self.reader_allocates {
+                    self.own_payload_buffer(src);
+                }
+            } else {
+                src.reserve(len - src.len());
+            }
             return Ok(None);
         }
         self.pending = None;
-        let payload = src.split_to(len).freeze();
+        let payload = if std::mem::take(&mut self.own_buffer) {
+            // The buffer holds this payload and nothing else: hand it over whole, and read on
+            // into a fresh buffer, never into this allocation.
+            // (A reader that appended beyond the payload, unlike FrameReader, gets those bytes
+            // moved to the fresh buffer.)
+            let mut next = BytesMut::with_capacity(READ_BUFFER.max(src.len() - len));
+            next.extend_from_slice(&src[len..]);
+            src.truncate(len);
+            std::mem::replace(src, next).freeze()
+        } else {
+            // Cut from the shared read buffer: copied out, so that a payload kept for long (a
+            // request waiting its turn) pins only its own bytes, not the buffer. Such payloads
+            // are small: control payloads (<= MAX_CONTROL_PAYLOAD), and DATA payloads that
+            // arrived whole within one read of the buffer.
+            let p = bytes::Bytes::copy_from_slice(&src[..len]);
+            src.advance(len);
+            p
+        };
         if self.defer_data && header.is_data() {
             return Ok(Some(Ok(Frame { header, payload })));
         }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ const PRE_AUTH_PAYLOAD: u32 = 16 * 1024;
 /// on on the main runtime.
 const HANDED_OVER: &str = "authenticated: handed to the main runtime";
 
+/// Why the reader stopped when the client made no progress for the idle timeout.
+const IDLE: &str = "idle timeout";
+
 /// Refused WRITE or PUT requests whose DATA frame is still to be dropped, per connection.
 const MAX_DISCARDS: usize = 1024;
 
@@ -51,8 +54,33 @@ const WRITER_QUEUE: usize = 32;
 pub const REPLY_BUDGET: u32 = 4 * 1024 * 1024;
 
 /// Bytes of received DATA (WRITE, PUT) one connection may have waiting to be stored, at least
-/// one frame: beyond, the server stops reading from the socket until the disk catches up.
-const INBOUND_BUDGET: u32 = 16 * 1024 * 1024;
+/// one frame: beyond, the server stops reading from the socket until the disk catches up. The
+/// credential's and the server's budgets bound all connections together
+/// (quotas::inbound_budgets).
+pub const INBOUND_BUDGET: u32 = 16 * 1024 * 1024;
+
+/// Received DATA waiting to be stored, counted against its connection's, its credential's and
+/// the server's inbound budgets until dropped.
+pub struct Received {
+    _permits: [OwnedSemaphorePermit; 3],
+}
+
+/// Takes `n` bytes from the connection's, then the credential's, then the server's inbound
+/// budget, waiting (the connection reads nothing meanwhile) while any is spent. Each is at least
+/// one connection's budget, so `n` (capped by it) always fits.
+async fn admit(budgets: [Arc<Semaphore>; 3], n: u32) -> Received {
+    let mut permits = Vec::with_capacity(3);
+    for budget in budgets {
+        let permit = budget
+            .acquire_many_owned(n)
+            .await
+            .expect("the inbound budgets are never closed");
+        permits.push(permit);
+    }
+    Received {
+        _permits: permits.try_into().expect("three budgets"),
+    }
+}
 
 /// A request that failed: the one place a server error becomes a wire status.
 #[derive(Debug)]
@@ -181,9 +209,34 @@ pub struct Session {
     /// connection's LISTs one at a time: one client cannot hold more than one blocking thread
     /// reading directories, however many LIST streams it opens.
     pub lists: Arc<tokio::sync::Mutex<crate::fs::listing::ListCursors>>,
+    /// The transport is plain TCP: file payloads go by sendfile, else they are copied in
+    /// pieces ([`Session::copy_share`]).
+    pub sendfile: bool,
+    /// File-system jobs of this connection running on the blocking pool ([`files::blocking`]):
+    /// work fsd does for the client, during which the connection is not idle.
+    pub working: AtomicUsize,
 }
 
 impl Session {
+    /// What a file payload of `len` bytes queued for the writer needs to be copied (None: it
+    /// goes by sendfile): a piece's worth of the reply budget, waited for here, in the handler,
+    /// and the credential's blocking share.
+    pub async fn copy_share(&self, len: u32) -> Option<writer::Copy> {
+        if self.sendfile {
+            return None;
+        }
+        let budget = self.reserve_reply(len.clamp(1, writer::COPY_PIECE)).await;
+        Some(writer::Copy {
+            budget,
+            account: self.account.clone(),
+        })
+    }
+
+    /// File-system jobs of this connection running now.
+    pub fn working(&self) -> usize {
+        self.working.load(Ordering::Relaxed)
+    }
+
     /// Reserves `bytes` of the reply budget, waiting while the client has not read enough of
     /// what it was sent.
     pub async fn reserve_reply(&self, bytes: u32) -> OwnedSemaphorePermit {
@@ -263,6 +316,11 @@ struct Conn {
     handover: Option<Handle>,
     /// [`INBOUND_BUDGET`] of this connection.
     inbound: Arc<Semaphore>,
+    /// Plain TCP: file payloads go by sendfile.
+    sendfile: bool,
+    /// Bytes the writer has handed to the transport: the client taking its replies is progress
+    /// that keeps the connection from idling out, as its own frames are.
+    sent: Arc<AtomicU64>,
     /// Cancelled when the connection ends: stops every stream.
     done: CancellationToken,
 }
@@ -312,11 +370,16 @@ pub async fn run(
 /// The writer task of a connection; it hands its write side back when every sender is gone.
 type Writer = JoinHandle<(WriteSide, std::io::Result<()>)>;
 
-fn spawn_writer(mut wr: WriteSide, rx: mpsc::Receiver<Outgoing>, server: &Server) -> Writer {
+fn spawn_writer(
+    mut wr: WriteSide,
+    rx: mpsc::Receiver<Outgoing>,
+    server: &Server,
+    sent: Arc<AtomicU64>,
+) -> Writer {
     let stats = server.stats.clone();
     let limit = server.config.bwlimit.clone();
     tokio::spawn(async move {
-        let r = writer::run(&mut wr, rx, stats, limit).await;
+        let r = writer::run(&mut wr, rx, stats, limit, sent).await;
         (wr, r)
     })
 }
@@ -333,7 +396,8 @@ async fn speak(
 ) {
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     conn.tx = tx;
-    let writer = spawn_writer(wr, rx, &conn.server);
+    conn.sendfile = tcp.is_some();
+    let writer = spawn_writer(wr, rx, &conn.server, conn.sent.clone());
     // Until Auth succeeds only small frames, so an unauthenticated peer cannot make the server
     // buffer anything big.
     let mut codec = FrameCodec::new(PRE_AUTH_PAYLOAD);
@@ -367,7 +431,7 @@ async fn speak(
                 .stats
                 .connections_handed_over
                 .fetch_add(1, Ordering::Relaxed);
-            let writer = spawn_writer(wr, rx, &conn.server);
+            let writer = spawn_writer(wr, rx, &conn.server, conn.sent.clone());
             let mut frames = FrameReader::with_buffer(rd, codec, tcp, buffered);
             let reason = conn.read_loop(&mut frames, &shutdown).await;
             finish(conn, writer, reason, &shutdown).await
@@ -399,12 +463,23 @@ async fn finish(
     drop(conn);
     // The last reference to an open upload syncs it on drop: keep that off the reactor.
     tokio::task::spawn_blocking(move || drop(session));
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        let (mut wr, r) = writer.await.map_err(std::io::Error::other)?;
+    // A client that took nothing for the idle timeout will not take the rest either.
+    let flush = match reason {
+        IDLE => Duration::from_secs(1),
+        _ => Duration::from_secs(10),
+    };
+    let mut writer = writer;
+    let ended = tokio::time::timeout(flush, async {
+        let (mut wr, r) = (&mut writer).await.map_err(std::io::Error::other)?;
         r?;
         wr.shutdown().await
     })
     .await;
+    if ended.is_err() {
+        // The writer is stuck on a client that does not read: closing its socket frees it,
+        // and dropping its queue gives back the budgets that queued replies hold.
+        writer.abort();
+    }
     match ended {
         Ok(Err(e)) if !is_disconnect(&e) => tracing::warn!(error = %e, "write failed"),
         Ok(Err(e)) => tracing::debug!(error = %e, "peer went away"),
@@ -450,6 +525,8 @@ impl Conn {
             inbound: Arc::new(Semaphore::new(
                 INBOUND_BUDGET.max(server.config.max_frame) as usize
             )),
+            sent: Arc::default(),
+            sendfile: false,
             done: CancellationToken::new(),
             server,
         }
@@ -469,12 +546,15 @@ impl Conn {
             } else {
                 cfg.auth_timeout
             };
+        let mut sent_seen = self.sent.load(Ordering::Relaxed);
         let evicted = self.startup.evicted().clone();
         // Idle uploads give their descriptors back (transfer::Handles::expire_idle).
         let mut sweep = tokio::time::interval(
             (cfg.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
         );
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The inbound budget taken for the DATA frame being read, before its payload is.
+        let mut admitted: Option<Received> = None;
         loop {
             let next = tokio::select! {
                 biased;
@@ -493,10 +573,21 @@ impl Conn {
                         self.send_error(Cmd::AUTH, 0, ErrorCode::Timeout, "authentication timed out").await;
                         return "auth timeout";
                     }
-                    if self.streams.lock().unwrap().is_empty() {
-                        self.send_error(Cmd::PING, 0, ErrorCode::Timeout, "idle timeout").await;
-                        return "idle timeout";
+                    // Idle is measured by the client's progress, not by what it left open: a
+                    // request waiting for the client (its DATA frame, room in the reply budget,
+                    // the client reading its socket) does not keep the connection. Work fsd
+                    // itself is doing for it (a long manifest, a commit) does.
+                    let sent = self.sent.load(Ordering::Relaxed);
+                    let working = self.session.as_ref().is_some_and(|s| s.working() > 0)
+                        // Waiting for inbound budget: fsd is not reading, the client is not idle.
+                        || (admitted.is_none() && frames.awaiting_data().is_some());
+                    if sent == sent_seen && !working {
+                        // Best effort: the writer may be stuck on a client that does not read.
+                        let f = Frame::error(Cmd::PING, 0, &ErrorCode::Timeout.msg("idle timeout"));
+                        let _ = self.tx.try_send(Outgoing::Frame(f));
+                        return IDLE;
                     }
+                    sent_seen = sent;
                     deadline = Instant::now() + cfg.idle_timeout;
                     continue;
                 }
@@ -511,8 +602,9 @@ impl Conn {
                     }
                     continue;
                 }
-                f = frames.next() => f,
+                f = frames.next_admitted(&mut admitted, |h| self.admission(h)) => f,
             };
+            let permit = admitted.take();
             match next {
                 None => return "eof",
                 Some(Err(e)) => {
@@ -569,7 +661,7 @@ impl Conn {
                     .await;
                 }
                 Some(Ok(Ok(frame))) => {
-                    if let Some(why) = self.dispatch(frame, frames.codec_mut()).await {
+                    if let Some(why) = self.dispatch(frame, frames.codec_mut(), permit).await {
                         return why;
                     }
                     // After Auth, any frame restarts the idle clock (the Auth frame included).
@@ -593,7 +685,47 @@ impl Conn {
     }
 
     /// Routes one frame. Returns a reason when the connection must close.
-    async fn dispatch(&mut self, f: Frame, codec: &mut FrameCodec) -> Option<&'static str> {
+    /// What a DATA frame with header `h` must wait for before its payload is read: its bytes
+    /// (a compressed chunk's at its decompressed size) from the connection's, the credential's
+    /// and the server's inbound budgets, and the --bwlimit. None before AUTH (frames are tiny).
+    fn admission(
+        &self,
+        h: &crate::protocol::Header,
+    ) -> Option<impl std::future::Future<Output = Received> + 'static> {
+        let session = self.session.as_ref()?;
+        let n = match (h.is_compressed(), self.pending_writes.get(&h.stream_id)) {
+            (true, Some(Pending::Write(req))) => transfer::chunk_room(session, req),
+            (true, Some(Pending::Put(req))) => {
+                u32::try_from(req.size).map_or(MAX_CHUNK_SIZE, |n| n.min(MAX_CHUNK_SIZE))
+            }
+            _ => 0,
+        };
+        let n = n
+            .max(h.payload_len)
+            .min(INBOUND_BUDGET.max(self.server.config.max_frame));
+        let budgets = [
+            self.inbound.clone(),
+            session.account.inbound().clone(),
+            self.server.inbound.clone(),
+        ];
+        let bwlimit = self.server.config.bwlimit.clone();
+        let wire = u64::from(h.payload_len);
+        Some(async move {
+            // Received data counts against the server-wide --bwlimit too (bytes on the wire):
+            // waiting here stops reading, so TCP's window slows the sender.
+            if let Some(b) = bwlimit {
+                b.take(wire).await;
+            }
+            admit(budgets, n).await
+        })
+    }
+
+    async fn dispatch(
+        &mut self,
+        f: Frame,
+        codec: &mut FrameCodec,
+        admitted: Option<Received>,
+    ) -> Option<&'static str> {
         let (cmd, sid) = (f.cmd(), f.stream_id());
         if f.header.is_data() {
             self.server
@@ -606,6 +738,11 @@ impl Conn {
             // The payload is held until stored: waiting here for the budget stops reading
             // from the socket, so the client's sending is paced by the disk.
             let held = match (cmd, self.pending_writes.contains_key(&sid), &self.session) {
+                // Admitted before its payload was read (FrameReader::next_admitted).
+                (Cmd::WRITE | Cmd::PUT | Cmd::TREE_WRITE, true, Some(_)) if admitted.is_some() => {
+                    admitted
+                }
+                // Read whole with its header (small): admitted now.
                 (Cmd::WRITE | Cmd::PUT | Cmd::TREE_WRITE, true, Some(session)) => {
                     // A compressed chunk takes its decompressed size once it is stored.
                     let n = match f.header.is_compressed() {
@@ -626,13 +763,12 @@ impl Conn {
                     if let Some(b) = &self.server.config.bwlimit {
                         b.take(f.payload.len() as u64).await;
                     }
-                    Some(
-                        self.inbound
-                            .clone()
-                            .acquire_many_owned(n)
-                            .await
-                            .expect("the inbound budget is never closed"),
-                    )
+                    let budgets = [
+                        self.inbound.clone(),
+                        session.account.inbound().clone(),
+                        self.server.inbound.clone(),
+                    ];
+                    Some(admit(budgets, n).await)
                 }
                 _ => None,
             };
@@ -1060,6 +1196,8 @@ impl Conn {
             account,
             _connected: connected,
             lists: Default::default(),
+            working: AtomicUsize::new(0),
+            sendfile: self.sendfile,
         }));
         self.send(Frame::message(Cmd::AUTH, sid, flags::END, &ok))
             .await;
@@ -1069,10 +1207,12 @@ impl Conn {
 
 /// Runs one request to completion and sends its final frame.
 async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
-    let _timer = session.server.metrics.request(f.cmd());
-    let payload: Bytes = f.payload.clone();
+    let cmd = f.cmd();
+    let _timer = session.server.metrics.request(cmd);
+    // Only the payload is kept (its own small allocation: protocol::codec), not the frame.
+    let payload: Bytes = f.payload;
     // Replies that can be big are built only within the connection's reply budget.
-    let held = match f.cmd() {
+    let held = match cmd {
         Cmd::LIST | Cmd::MANIFEST => Some(
             session
                 .reserve_reply(crate::protocol::MAX_CONTROL_PAYLOAD)
@@ -1080,7 +1220,7 @@ async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
         ),
         _ => None,
     };
-    let result = match f.cmd() {
+    let result = match cmd {
         Cmd::LIST => files::list(&session, payload).await,
         Cmd::STAT => files::stat(&session, payload).await,
         Cmd::MKDIR => files::mkdir(&session, payload).await,
@@ -1096,7 +1236,7 @@ async fn handle(session: Arc<Session>, f: Frame, st: StreamTx) {
         Cmd::TREE_READ => return tree::read(&session, payload, st).await,
         _ => Err(Failure::new(
             ErrorCode::UnknownCommand,
-            format!("{} is not a request", f.cmd()),
+            format!("{cmd} is not a request"),
         )),
     };
     match result {

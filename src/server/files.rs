@@ -1,6 +1,7 @@
 //! Namespace commands: List, Stat, Mkdir, Remove, Rename. File-system calls block, so they run
 //! on the blocking pool.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,11 +21,24 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, Failure> {
     let s = session.clone();
     let slot = session.account.blocking_slot().await;
+    // Counted from here until the job ends: fsd working for the client, not idle.
+    s.working.fetch_add(1, Ordering::Relaxed);
+    let working = Working(session.clone());
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
+        let _working = working;
         f(&s)
     })
     .await?
+}
+
+/// A blocking job counted in its session's `working` until dropped.
+struct Working(Arc<Session>);
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        self.0.working.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn ok() -> Result<Bytes, Failure> {

@@ -200,6 +200,9 @@ pub struct Server {
     pub fds: Arc<Semaphore>,
     /// Every credential's quotas and usage.
     pub accounts: quotas::Accounts,
+    /// Bytes of received DATA all connections may have waiting to be stored
+    /// ([`quotas::inbound_budgets`]); each credential has its share too.
+    pub inbound: Arc<Semaphore>,
 }
 
 impl Server {
@@ -333,6 +336,7 @@ impl Server {
             n => n,
         };
         let accounts = account_limits(&config, max_connections, fd_budget, &state_abs);
+        let (inbound, _) = inbound_budgets(&config, 1);
         let startups = limits::Startups::new(max_startups, config.max_startups_per_source);
         Ok(Arc::new(Server {
             config,
@@ -349,6 +353,7 @@ impl Server {
             max_connections,
             fds: Arc::new(Semaphore::new(fd_budget)),
             accounts,
+            inbound: Arc::new(Semaphore::new(inbound)),
         }))
     }
 }
@@ -393,8 +398,20 @@ fn account_limits(
             (fd_budget / share).max(1),
             (config.max_blocking_threads / share).max(1),
             share > 1,
+            inbound_budgets(config, share).1,
         )
     }))
+}
+
+/// The server-wide and per-credential budgets of received DATA, from the blocking threads
+/// (split in `share` with several credentials) and `--max-frame`.
+fn inbound_budgets(config: &Config, share: usize) -> (usize, usize) {
+    quotas::inbound_budgets(
+        config.max_blocking_threads,
+        (config.max_blocking_threads / share).max(1),
+        config.max_frame,
+        connection::INBOUND_BUDGET,
+    )
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then lets in-flight streams finish within

@@ -56,6 +56,9 @@ pub struct Account {
     /// credential fetching eight at once had eight turns for the other's one (another
     /// credential's OPEN of a big file 0.15 -> 0.90 s; RENAME makes any file need a new one).
     hashing: Option<Mutex<()>>,
+    /// Bytes of received DATA all its connections may have waiting to be stored
+    /// ([`inbound_budgets`]): beyond, its connections stop reading their sockets.
+    inbound: Arc<Semaphore>,
     connections: AtomicUsize,
     handles: AtomicUsize,
     fds: AtomicUsize,
@@ -78,12 +81,14 @@ enum Kind {
 
 impl Account {
     /// `shared`: other credentials exist (then manifest fetches go one at a time).
+    /// `inbound`: bytes of received DATA its connections may hold at once (at least one).
     pub fn new(
         name: &str,
         limits: Limits,
         fd_share: usize,
         blocking: usize,
         shared: bool,
+        inbound: usize,
     ) -> Arc<Account> {
         Arc::new(Account {
             name: name.to_string(),
@@ -91,6 +96,7 @@ impl Account {
             fd_share,
             blocking: Arc::new(Semaphore::new(blocking.max(1))),
             hashing: shared.then(|| Mutex::new(())),
+            inbound: Arc::new(Semaphore::new(inbound.max(1))),
             connections: AtomicUsize::new(0),
             handles: AtomicUsize::new(0),
             fds: AtomicUsize::new(0),
@@ -126,6 +132,11 @@ impl Account {
         self.hashing
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// This credential's budget for received DATA ([`inbound_budgets`]).
+    pub fn inbound(&self) -> &Arc<Semaphore> {
+        &self.inbound
     }
 
     /// Counts an authenticated connection, or refuses it over the quota.
@@ -176,6 +187,24 @@ impl Account {
         held._permit = Some(permit);
         Ok(held)
     }
+}
+
+/// Bytes of received DATA (WRITE, PUT and TREE_WRITE payloads waiting to be stored) the whole
+/// server may hold, and one credential of it: as many frames as the blocking threads (or the
+/// credential's share of them, see `blocking`) can store at once, but at least `per_connection`
+/// (the budget of one connection, itself at least one frame). More waiting data would not store
+/// any faster, only take memory; a connection that finds no room stops reading its socket.
+/// Returns (server-wide, per credential).
+pub fn inbound_budgets(
+    blocking_threads: usize,
+    blocking_share: usize,
+    max_frame: u32,
+    per_connection: u32,
+) -> (usize, usize) {
+    let frame = usize::try_from(max_frame).expect("u32 fits usize");
+    let least = usize::try_from(per_connection.max(max_frame)).expect("u32 fits usize");
+    let of = |threads: usize| threads.max(1).saturating_mul(frame).max(least);
+    (of(blocking_threads), of(blocking_share))
 }
 
 /// Adds `n` to `count` unless that would pass `limit`; Err(count) then.
@@ -251,7 +280,7 @@ mod tests {
             uploads: 1,
             upload_bytes: 1,
         };
-        let a = Account::new("a", limits, 5, 1, true);
+        let a = Account::new("a", limits, 5, 1, true, 1);
         let fds = Arc::new(Semaphore::new(5));
         let c1 = a.connect().unwrap();
         let _c2 = a.connect().unwrap();
@@ -261,7 +290,7 @@ mod tests {
         let h = a.open_handle(&fds, 4).unwrap();
         assert!(a.open_handle(&fds, 1).is_err(), "handle quota");
         drop(h);
-        let b = Account::new("b", a.limits, 5, 1, true);
+        let b = Account::new("b", a.limits, 5, 1, true, 1);
         let _h = b.open_handle(&fds, 4).unwrap();
         assert!(a.open_handle(&fds, 4).is_err(), "server descriptors");
         assert_eq!((a.handles(), a.fds()), (0, 0));
@@ -273,7 +302,7 @@ mod tests {
             handles: 10,
             ..Limits::default()
         };
-        let a = Account::new("a", limits, 6, 1, true);
+        let a = Account::new("a", limits, 6, 1, true, 1);
         let fds = Arc::new(Semaphore::new(100));
         let h = a.open_handle(&fds, 5).unwrap();
         let e = a.open_handle(&fds, 2).err().expect("over the share");

@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message;
-use tokio::sync::OwnedSemaphorePermit;
 
-use super::connection::{Failure, Session, StreamTx};
+use super::connection::{Failure, Received, Session, StreamTx};
 use super::files::blocking;
 use super::metrics::{Direction, Tracked, Transfer, TransferInfo};
 use super::quotas::{Held, FDS_PER_READ, FDS_PER_UPLOAD};
@@ -492,7 +491,7 @@ pub async fn put(
     mut req: msg::PutRequest,
     data: Frame,
     st: StreamTx,
-    _held: OwnedSemaphorePermit,
+    _held: Received,
 ) {
     let _timer = session.server.metrics.request(st.cmd);
     // Refused before any work on the data: a read-only credential gets no decompression.
@@ -623,6 +622,7 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
                 header,
                 file: file.clone(),
                 offset,
+                copy: session.copy_share(len).await,
             },
             _ => {
                 let key = ChunkKey {
@@ -746,10 +746,12 @@ async fn packed_chunk(
     .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?
     .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?;
     let Some(payload) = payload else {
+        drop(held);
         return Ok(Outgoing::File {
             header,
             file: file.clone(),
             offset,
+            copy: session.copy_share(header.payload_len).await,
         });
     };
     header.payload_len = u32::try_from(payload.len()).expect("at most one chunk");
@@ -834,7 +836,7 @@ pub async fn write(
     data: Frame,
     st: StreamTx,
     begun: Result<(Arc<Upload>, Writing), Failure>,
-    _held: OwnedSemaphorePermit,
+    _held: Received,
 ) {
     let _timer = session.server.metrics.request(st.cmd);
     let result = async {

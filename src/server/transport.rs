@@ -208,7 +208,7 @@ pub async fn establish(
         let _ = tx.send(Outgoing::Frame(f)).await;
         drop(tx);
         let mut wr = WriteSide::Tcp(wr);
-        if writer::run(&mut wr, rx, server.stats.clone(), None)
+        if writer::run(&mut wr, rx, server.stats.clone(), None, Default::default())
             .await
             .is_ok()
         {

@@ -16,9 +16,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message;
-use tokio::sync::OwnedSemaphorePermit;
 
-use super::connection::{Failure, Session, StreamTx};
+use super::connection::{Failure, Received, Session, StreamTx};
 use super::files::blocking;
 use super::transfer::{self, upload_plan};
 use super::writer::Outgoing;
@@ -252,7 +251,7 @@ pub async fn write(
     req: msg::TreeWriteRequest,
     data: Frame,
     st: StreamTx,
-    _held: OwnedSemaphorePermit,
+    _held: Received,
 ) {
     let _timer = session.server.metrics.request(st.cmd);
     match write_tree(&session, req, data).await {

@@ -329,6 +329,19 @@ impl Raw {
         Raw::over(TcpStream::from(sock))
     }
 
+    /// Connected with a 4 KiB receive buffer, so that a test that stops reading makes the
+    /// server hold what it would send; Hello'd and authenticated.
+    pub fn authed_small_window(addr: SocketAddr) -> Raw {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&addr.into()).unwrap();
+        let mut r = Raw::over(TcpStream::from(sock));
+        let f = r.login(TOKEN);
+        assert!(!f.header.is_error(), "auth failed: {:?}", error_of(&f));
+        r
+    }
+
     /// Sends Hello and Auth with `token`; returns the Auth reply.
     pub fn login(&mut self, token: &str) -> Frame {
         self.send_msg(
@@ -468,6 +481,16 @@ pub fn rss_growth_mib(pid: u32, base_kib: u64) -> u64 {
         peak = peak.max(proc_status_kib(pid, "VmRSS:"));
     }
     peak.saturating_sub(base_kib) / 1024
+}
+
+/// Sockets process `pid` has open (its listeners and connections).
+pub fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|t| t.to_string_lossy().starts_with("socket:"))
+            .count()
+    })
 }
 
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
