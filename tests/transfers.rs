@@ -510,3 +510,50 @@ fn transfers_through_a_slow_link_in_tiny_pieces_stay_identical() {
         assert_same_file(&dst, &s.root.join(format!("back{i}")));
     }
 }
+
+/// A remote file that changes after part of it went to stdout: bytes on stdout cannot be taken
+/// back, so fsc must fail (non-zero, saying so) rather than start over and splice the new
+/// version after the old one. The change is made while the test holds stdout unread, after it
+/// has read 1 MiB: fsc has emitted bytes by then, and (64 KiB chunks, at most 32 of them
+/// fetched ahead of stdout) most of the file is still to be read from fsd, which answers those
+/// READs with Changed.
+#[test]
+fn a_change_after_bytes_went_to_stdout_fails_the_download() {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let size = 16 << 20;
+    let old = write_random(&path, size, 31);
+    let s = Fsd::start_on(dir.path(), &["--chunk-size", "65536"]);
+    let mut child = fsc(&["-q", "download", "-j", "1", &s.addr(), "f", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    stdout.read_exact(&mut got).unwrap();
+    assert!(got == old[..1 << 20], "the first MiB is the old version");
+    // The same size, other bytes, written in place (fsd sees a new mtime).
+    let new = random_bytes(size, 32);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&new, 0)
+        .unwrap();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    got.extend_from_slice(&rest);
+    assert!(
+        !out.status.success(),
+        "exit 0 after {} bytes on stdout ({} of a {size}-byte file), stderr: {stderr}",
+        got.len(),
+        if got.len() > size { "more" } else { "part" }
+    );
+    assert!(stderr.contains("changed"), "stderr: {stderr}");
+    assert!(got.len() <= size, "{} bytes: a restart's", got.len());
+}

@@ -144,6 +144,10 @@ struct Have {
 struct Reorder {
     next: u32,
     pending: BTreeMap<u32, Bytes>,
+    /// Bytes handed to stdout (counted before each write: a write that fails half way may
+    /// have emitted some). Stdout cannot take bytes back, so once this is not 0 the download
+    /// can no longer start over (see `Sink::emitted`).
+    emitted: u64,
 }
 
 /// How a fresh part recognises the chunks of the destination's old version that are still
@@ -183,6 +187,7 @@ impl Sink {
             Out::Stdout => SinkOut::Stdout(Mutex::new(Reorder {
                 next: 0,
                 pending: BTreeMap::new(),
+                emitted: 0,
             })),
             Out::File {
                 dir,
@@ -322,6 +327,15 @@ impl Sink {
         self.st.lock().unwrap().have.count()
     }
 
+    /// Bytes this sink has put where they cannot be taken back: those handed to stdout. A
+    /// part file can always be discarded, so for a file this is 0.
+    pub(crate) fn emitted(&self) -> u64 {
+        match &self.out {
+            SinkOut::File { .. } => 0,
+            SinkOut::Stdout(r) => r.lock().unwrap().emitted,
+        }
+    }
+
     /// How many chunks from `first` on a lane may fetch now: any number for a file; to stdout
     /// only those within [`STDOUT_AHEAD`] chunks and [`STDOUT_AHEAD_BYTES`] of the next chunk
     /// stdout needs (0: none yet), which bounds the reorder buffer in bytes.
@@ -437,6 +451,7 @@ impl Sink {
                     let n = r.next;
                     r.pending.remove(&n)
                 } {
+                    r.emitted += u64::try_from(d.len()).unwrap_or(u64::MAX);
                     write_stdout(&d)?;
                     r.next += 1;
                 }
