@@ -205,11 +205,7 @@ impl Sink {
                 };
                 let part = match (anonymous, &wd) {
                     (Some(f), _) => f,
-                    (None, Some(wd)) => {
-                        let f = wd.open_rw(&work.part(), state.is_none()).map_err(err)?;
-                        lock_exclusive(&f).map_err(err)?;
-                        f
-                    }
+                    (None, Some(wd)) => open_part(wd, &work, state.is_none()).map_err(err)?,
                     (None, None) => unreachable!("a named part has a working directory"),
                 };
                 if let Some(st) = &state {
@@ -670,6 +666,20 @@ fn write_stdout(data: &[u8]) -> Result<()> {
     f.write_all(data).map_err(|e| Error::io("<stdout>", e))
 }
 
+/// Opens the part of `work`, locked; `fresh`: emptied (once locked) to start afresh.
+///
+/// Nothing about the part changes before its lock is held: a second fsc bound for the same
+/// destination (another remote file, so no state of its own) would otherwise empty the first
+/// one's part, whose chaining values are in memory, and the first would publish zeros.
+fn open_part(wd: &LocalDir, work: &Work, fresh: bool) -> std::io::Result<File> {
+    let f = wd.open_rw(&work.part(), false)?;
+    lock_exclusive(&f)?;
+    if fresh {
+        f.set_len(0)?;
+    }
+    Ok(f)
+}
+
 /// Takes an exclusive lock on a part file: two downloads (in this process or another fsc)
 /// never write into one part.
 fn lock_exclusive(f: &File) -> std::io::Result<()> {
@@ -1086,6 +1096,54 @@ mod tests {
             .unwrap());
         assert!(matches!(s.finish_blocking(), Err(Error::Integrity { .. })));
         assert!(!tmp.path().join("k").exists());
+    }
+
+    #[test]
+    fn a_second_download_to_the_same_destination_changes_nothing_before_its_lock() {
+        // Two fsc processes, two remote files, one local destination: the second finds the
+        // first's part (no state of its own, so it would start that part afresh) and is
+        // refused by the lock. It must not have changed the part first: the first download
+        // publishes from its in-memory chaining values, so bytes lost under it are published.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let data: Vec<u8> = (0..10_000u32)
+            .map(|i| (i * 13 / 5).to_le_bytes()[0])
+            .collect();
+        let m = meta(u64::try_from(data.len()).unwrap(), 1024, &data);
+        let crcs: Vec<u32> = chunks(&data, 1024)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let out = Out::File {
+            work: Work::new(dir.clone(), WORK_DIR.into(), "f"),
+            dir,
+            name: "f".into(),
+            group: None,
+        };
+        let first = Sink::create(
+            "a".into(),
+            m.clone(),
+            crcs.clone(),
+            out.clone(),
+            None,
+            false,
+            None,
+        )
+        .unwrap();
+        for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
+            assert!(first
+                .put_blocking(u32::try_from(i).unwrap(), c, crcs[i])
+                .unwrap());
+        }
+        let other = meta(20_000, 1024, &[0; 20_000]);
+        let second = Sink::create("b".into(), other, vec![0; 20], out, None, false, None);
+        assert!(second.is_err(), "the second download got the lock");
+        assert_eq!(first.finish_blocking().unwrap(), m.blake3);
+        let published = std::fs::read(tmp.path().join("f")).unwrap();
+        assert!(
+            published == data,
+            "the published file is not what was written"
+        );
     }
 
     #[test]
