@@ -557,3 +557,50 @@ fn a_change_after_bytes_went_to_stdout_fails_the_download() {
     assert!(stderr.contains("changed"), "stderr: {stderr}");
     assert!(got.len() <= size, "{} bytes: a restart's", got.len());
 }
+
+/// A crash between publishing (the part's inode linked under the final name) and unlinking the
+/// part leaves the part a second name of the published file. The next run must not write into
+/// that inode: here the server has a new version and the run is cut off part way (so it
+/// cannot end by publishing over whatever it did), and the published file must be untouched.
+#[test]
+fn a_part_that_is_another_name_of_the_published_file_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = write_random(&dir.path().join("v.bin"), 4 << 20, 41);
+    let s = Fsd::start_on(dir.path(), &["--chunk-size", "65536"]);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("v.bin");
+    fsc_ok(&["-q", "download", &s.addr(), "v.bin", dst.to_str().unwrap()]);
+    // The crash's leftovers: the working directory, and the part (named by a hash of the
+    // destination's path relative to its root) linked to the published file.
+    let wd = local.path().join(".fsc-work");
+    std::fs::create_dir(&wd).unwrap();
+    let key = hex::encode(&blake3::hash(b"v.bin").as_bytes()[..16]);
+    std::fs::hard_link(&dst, wd.join(format!("{key}.part"))).unwrap();
+    // A new version on the server, and a run whose only connection is cut after 1 MiB.
+    write_random(&dir.path().join("v.new"), 4 << 20, 42);
+    std::fs::rename(dir.path().join("v.new"), dir.path().join("v.bin")).unwrap();
+    let proxy = Proxy::start(s.addr, Fault::CutAfter(1 << 20));
+    let out = fsc(&[
+        "-q",
+        "--retries",
+        "0",
+        "download",
+        "-j",
+        "1",
+        &proxy.addr(),
+        "v.bin",
+        dst.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let now = std::fs::read(&dst).unwrap();
+    assert!(
+        now == v1,
+        "the published file changed under a run that did not finish ({}, {} of {} bytes \
+         as before; stderr: {})",
+        out.status,
+        now.iter().zip(&v1).filter(|(a, b)| a == b).count(),
+        v1.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -175,6 +175,7 @@ impl Sink {
         preserve: bool,
         seed: Option<Seed>,
     ) -> Result<Arc<Sink>> {
+        let mut state = state;
         let mut have = Have {
             have: Bitmap::new(m.count),
             claimed: Bitmap::new(m.count),
@@ -205,7 +206,7 @@ impl Sink {
                 };
                 let part = match (anonymous, &wd) {
                     (Some(f), _) => f,
-                    (None, Some(wd)) => open_part(wd, &work, state.is_none()).map_err(err)?,
+                    (None, Some(wd)) => open_part(wd, &work, &mut state).map_err(err)?,
                     (None, None) => unreachable!("a named part has a working directory"),
                 };
                 if let Some(st) = &state {
@@ -666,18 +667,40 @@ fn write_stdout(data: &[u8]) -> Result<()> {
     f.write_all(data).map_err(|e| Error::io("<stdout>", e))
 }
 
-/// Opens the part of `work`, locked; `fresh`: emptied (once locked) to start afresh.
+/// Opens the part of `work`, locked, for a download with `state` (`None`: start it afresh).
 ///
 /// Nothing about the part changes before its lock is held: a second fsc bound for the same
 /// destination (another remote file, so no state of its own) would otherwise empty the first
 /// one's part, whose chaining values are in memory, and the first would publish zeros.
-fn open_part(wd: &LocalDir, work: &Work, fresh: bool) -> std::io::Result<File> {
-    let f = wd.open_rw(&work.part(), false)?;
-    lock_exclusive(&f)?;
-    if fresh {
-        f.set_len(0)?;
+///
+/// A part is only ever this working file alone: one with another name (st_nlink != 1, asked of
+/// the open descriptor, since a name can change under us) is never written. A crash between
+/// publishing (the part's inode linked under the final name) and unlinking the part leaves
+/// exactly that: the part is the published file, and writing it would destroy it. Its name is
+/// dropped (the other name keeps the data), with the state, and a new part is made.
+fn open_part(wd: &LocalDir, work: &Work, state: &mut Option<PartState>) -> std::io::Result<File> {
+    // Each pass drops a name that was not ours alone; only someone linking the part anew
+    // every time could keep this going.
+    for _ in 0..3 {
+        let f = wd.open_rw(&work.part(), false)?;
+        lock_exclusive(&f)?;
+        let links = nix::sys::stat::fstat(&f).map_err(super::io)?.st_nlink;
+        if links == 1 {
+            if state.is_none() {
+                f.set_len(0)?;
+            }
+            return Ok(f);
+        }
+        // 0: unlinked since we opened it (a discard); more: it has another name.
+        debug!(links, part = %work.part(), "part not ours alone; starting a new one");
+        *state = None;
+        wd.remove(&work.state())?;
+        wd.remove(&work.part())?;
     }
-    Ok(f)
+    Err(std::io::Error::other(format!(
+        "{}: the working file keeps being linked elsewhere",
+        work.part()
+    )))
 }
 
 /// Takes an exclusive lock on a part file: two downloads (in this process or another fsc)
