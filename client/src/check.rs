@@ -148,7 +148,22 @@ impl Client {
             unreachable!("a path destination")
         };
         let shown = dir.display(name);
+        let dry_run = sync.dry_run || self.shared.opts.dry_run;
         let entry = self.stat(remote).await?;
+        if entry.kind != Kind::File && dry_run {
+            // Nothing to compare, and nothing may be written: say what a real run would meet
+            // rather than go on to the download (which, should the server have a file there
+            // by the time it opens it, would write).
+            let (code, what) = match entry.kind {
+                Kind::Dir => (ErrorCode::IsADirectory, "a directory"),
+                _ => (ErrorCode::NotAFile, "not a regular file"),
+            };
+            return Err(Error::Remote {
+                code,
+                message: format!("{remote}: {what} on the server; nothing to download"),
+                retryable: false,
+            });
+        }
         if entry.kind == Kind::File {
             let have = dir.lstat(name).ok().and_then(|st| {
                 (st.st_mode & libc::S_IFMT == libc::S_IFREG).then(|| {
@@ -161,13 +176,13 @@ impl Client {
                 Verdict::Hash => {
                     let (d, shown) = (dir.clone(), shown.clone());
                     let mtime = entry.mtime_ns;
-                    self.hash_down(d, name, remote, shown, mtime, sync.dry_run)
+                    self.hash_down(d, name, remote, shown, mtime, dry_run)
                         .await?
                 }
                 v => v,
             };
             if self
-                .report(verdict, sync.dry_run, remote, &shown, entry.size)
+                .report(verdict, dry_run, remote, &shown, entry.size)
                 .is_some()
             {
                 return Ok(None);
@@ -187,8 +202,17 @@ impl Client {
         opts: &UploadOptions,
         sync: &SyncOptions,
     ) -> Result<Option<Transfer>> {
+        let dry_run = sync.dry_run || self.shared.opts.dry_run;
         let md = std::fs::metadata(local).map_err(|e| Error::io(local.display(), e))?;
         let Some(src) = local_file(&md) else {
+            if dry_run {
+                // What the upload would say, without going on to it (a file may have taken
+                // the name by the time the upload opens it).
+                return Err(Error::Usage(format!(
+                    "{}: not a regular file",
+                    local.display()
+                )));
+            }
             // Not a file: the upload says what is wrong with it, and nothing is created.
             return self
                 .upload_file(local, remote, opts, Slots::All, None)
@@ -199,7 +223,7 @@ impl Client {
             Ok(e) if e.kind == Kind::File => Some((e.size, e.mtime_ns)),
             Ok(_) => None,
             Err(e) if e.remote_code() == Some(ErrorCode::NotFound) => {
-                if !sync.dry_run {
+                if !dry_run {
                     self.make_parents(remote).await?;
                 }
                 None
@@ -213,7 +237,7 @@ impl Client {
             .settle_hash(verdict, remote, shown.clone(), move || File::open(path))
             .await?;
         if self
-            .report(verdict, sync.dry_run, remote, &shown, src.0)
+            .report(verdict, dry_run, remote, &shown, src.0)
             .is_some()
         {
             return Ok(None);

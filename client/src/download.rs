@@ -101,7 +101,15 @@ impl Client {
             corrupt_log: Throttle::new(Duration::from_secs(10)),
             fresh: std::sync::atomic::AtomicBool::new(false),
         };
-        let r = job.run().await;
+        let r = match &job.out {
+            // The write entry point of every download into a file (single, tree, batch
+            // leftovers): a dry run never gets past it, whatever the planning decided.
+            Out::File { .. } => match self.may_write(&job.local) {
+                Ok(()) => job.run().await,
+                Err(e) => Err(e),
+            },
+            Out::Stdout => job.run().await,
+        };
         match &r {
             Ok(t) => self.emit(Event::Done {
                 path: t.path.clone(),

@@ -248,6 +248,7 @@ impl Client {
         local: &Path,
         sync: &SyncOptions,
     ) -> Result<TreeSummary> {
+        let sync = &self.sync_options(sync);
         let top = self.stat(remote).await?;
         if top.kind != Kind::Dir {
             return Err(Error::Usage(format!("{remote}: not a directory (drop -r)")));
@@ -463,6 +464,7 @@ impl Client {
         opts: &UploadOptions,
         sync: &SyncOptions,
     ) -> Result<TreeSummary> {
+        let sync = &self.sync_options(sync);
         let md = std::fs::metadata(local).map_err(|e| Error::io(local.display(), e))?;
         if !md.is_dir() {
             return Err(Error::Usage(format!(

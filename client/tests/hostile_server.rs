@@ -108,6 +108,9 @@ struct Script {
     upload_chunk: Option<u32>,
     /// What MANIFEST answers to a request for chaining values.
     cvs: CvsReply,
+    /// STAT calls every file a directory: what a STAT sees just before a file takes the place
+    /// of a directory on a real server (OPEN, a moment later, finds the file).
+    stat_says_dir: bool,
 }
 
 /// MANIFEST's chaining values (chunk delta), when asked for.
@@ -356,7 +359,13 @@ impl Fake {
             )]),
             Cmd::STAT => {
                 let req: msg::StatRequest = f.decode().unwrap();
-                match self.entry(&req.path, &req.path) {
+                let entry = self.entry(&req.path, &req.path).map(|mut e| {
+                    if self.script.stat_says_dir {
+                        (e.kind, e.size) = (msg::Kind::Dir as i32, 0);
+                    }
+                    e
+                });
+                match entry {
                     Some(e) => msg_reply(&|| {
                         msg::StatResponse {
                             entry: Some(e.clone()),
@@ -1664,4 +1673,76 @@ async fn linked_links_cannot_point_out_of_the_tree() {
             "{skipped} was created"
         );
     }
+}
+
+#[tokio::test]
+async fn a_dry_run_writes_nothing_whatever_the_server_answers() {
+    // STAT says directory (so there is nothing to compare), OPEN finds a file: a dry run must
+    // still not download it over the local file.
+    let body = data(3 << 20, 9);
+    let script = Script {
+        stat_says_dir: true,
+        ..Default::default()
+    };
+    let (addr, _) = Fake::new()
+        .file("x.bin", &body, 1 << 20)
+        .script(script)
+        .start()
+        .await;
+    let client = client(addr).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("x.bin");
+    std::fs::write(&local, b"my precious local data").unwrap();
+    let sync = fsc::SyncOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let r = client
+        .download_sync("x.bin", fsc::Dest::Path(local.clone()), &sync)
+        .await;
+    let now = std::fs::read(&local).unwrap();
+    assert!(
+        now == b"my precious local data",
+        "a dry run wrote the local file: {} bytes now ({:?})",
+        now.len(),
+        r.map(|t| t.map(|t| t.bytes))
+    );
+    assert_eq!(walk(tmp.path()), ["x.bin"], "a dry run left files behind");
+}
+
+#[tokio::test]
+async fn a_client_built_for_a_dry_run_refuses_every_write() {
+    // The entry points that write (a download into a file, an upload) refuse on a client made
+    // with Options::dry_run, whatever its caller decided.
+    let body = data(3 << 20, 10);
+    let (addr, _) = Fake::new().file("x.bin", &body, 1 << 20).start().await;
+    let opts = fsc::Options {
+        dry_run: true,
+        ..opts()
+    };
+    let client = fsc::Client::connect(&addr.to_string(), opts).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("x.bin");
+    std::fs::write(&local, b"my precious local data").unwrap();
+    let r = client.download("x.bin", &local).await;
+    assert!(
+        matches!(r, Err(fsc::Error::Usage(_))),
+        "{:?}",
+        r.map(|t| t.bytes)
+    );
+    let sync = fsc::SyncOptions::default();
+    let r = client
+        .download_sync("x.bin", fsc::Dest::Path(local.clone()), &sync)
+        .await;
+    assert!(matches!(r, Ok(None)), "{:?}", r.map(|t| t.map(|t| t.bytes)));
+    assert_eq!(std::fs::read(&local).unwrap(), b"my precious local data");
+    assert_eq!(walk(tmp.path()), ["x.bin"], "a dry run left files behind");
+    let r = client
+        .upload(&local, "y.bin", &fsc::UploadOptions::default())
+        .await;
+    assert!(
+        matches!(r, Err(fsc::Error::Usage(_))),
+        "{:?}",
+        r.map(|t| t.bytes)
+    );
 }
