@@ -251,12 +251,6 @@ impl LocalDir {
         futimens(self.fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
     }
 
-    /// Sets the mtime of the file `name` (a symlink there is refused, not followed).
-    pub fn set_file_mtime(&self, name: &str, mtime_ns: i64) -> std::io::Result<()> {
-        let f = self.open_read(name)?;
-        futimens(f.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
-    }
-
     /// `lstat` of `name`: a symlink is reported as itself.
     /// The link text of the symlink `name` in this directory (never followed).
     pub fn read_link(&self, name: &str) -> std::io::Result<std::ffi::OsString> {
@@ -349,6 +343,11 @@ impl LocalDir {
 /// Sets permission bits (never setuid/setgid/sticky from a server) and mtime on an open fd.
 pub(crate) fn set_meta(fd: impl AsFd, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
     fchmod(fd.as_fd(), Mode::from_bits_truncate(mode & 0o777)).map_err(io)?;
+    futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
+}
+
+/// Sets the mtime of an open file (the one a caller checked, whatever has its name by now).
+pub(crate) fn set_mtime(fd: impl AsFd, mtime_ns: i64) -> std::io::Result<()> {
     futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
 }
 
