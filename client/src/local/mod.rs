@@ -54,15 +54,6 @@ pub(crate) fn work_dir_name(taken: impl Fn(&str) -> bool) -> Arc<str> {
     format!("{WORK_DIR}.{:016x}", rand::random::<u64>()).into()
 }
 
-/// Whether a local directory name is one of fsc's working directories.
-pub(crate) fn is_work_dir_name(name: &str) -> bool {
-    name == WORK_DIR
-        || name
-            .strip_prefix(WORK_DIR)
-            .and_then(|rest| rest.strip_prefix('.'))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
 /// Accepts only a plain file name: not empty, `.` or `..`, no `/` or NUL, at most 255 bytes.
 pub(crate) fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
@@ -509,9 +500,6 @@ mod tests {
         assert_eq!(&*work_dir_name(|n| n == ".fsc-work"), ".fsc-work.1");
         let taken = |n: &str| n.starts_with(".fsc-work");
         assert!(work_dir_name(taken).len() == ".fsc-work.".len() + 16);
-        assert!(is_work_dir_name(".fsc-work") && is_work_dir_name(".fsc-work.12"));
-        assert!(!is_work_dir_name(".fsc-work.") && !is_work_dir_name(".fsc-workx"));
-        assert!(!is_work_dir_name(".fsc-work.tmp"));
     }
 
     #[test]
