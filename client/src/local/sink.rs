@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -253,6 +252,7 @@ impl Sink {
                         name: &name,
                         seed,
                         crcs: &crcs,
+                        clone: clone_range,
                     };
                     old.seed(&part, direct.as_ref(), &m, &mut have)
                         .map_err(err)?;
@@ -763,18 +763,31 @@ struct Old<'a> {
     name: &'a str,
     seed: &'a Seed,
     crcs: &'a [u32],
+    /// How a range of the old file is shared into the part: [`clone_range`]; a test puts a
+    /// stand-in here to act as a reflink would on a file system this machine lacks.
+    clone: CloneFn,
 }
+
+/// Shares `len` bytes at an offset of the first file into the second at the same offset.
+type CloneFn = fn(&File, &File, u64, u64) -> std::io::Result<()>;
 
 impl Old<'_> {
     /// Chunk-level delta: a fresh part of a file whose destination holds another version of it
     /// takes the chunks of that version that are still current, so only the others are fetched.
-    /// One pass: each chunk of the old file is read once and hashed; a current one is put
-    /// into the part by a second thread while the next is read: shared with the old file (a
-    /// reflink) where the file system can, else written direct (buffered writes of fresh
-    /// page-cache pages are the slow part on this kind of machine, and a direct write is
-    /// durable when the part is synced). A read error ends the seeding (the
-    /// rest is fetched); a write error is the download's. Only a regular file is read (the
-    /// open neither follows a symlink nor waits on a FIFO).
+    /// One pass over the old file, and what counts as present is exactly what was hashed:
+    ///
+    /// - Where the file system shares extents (Btrfs, XFS, ...), each chunk is first shared
+    ///   into the part (a reflink: no copy, no new space), then read back *from the part* and
+    ///   hashed there. A reflink shares what the old file holds at that moment, which a local
+    ///   writer may have changed since any earlier read of it; reading the old file first and
+    ///   cloning after would put bytes nobody verified under a chunk counted present.
+    /// - Elsewhere each chunk is read from the old file and hashed, and a current one is
+    ///   written from that very buffer by a second thread while the next is read, direct
+    ///   (buffered writes of fresh page-cache pages are the slow part on this kind of machine,
+    ///   and a direct write is durable when the part is synced).
+    ///
+    /// A read error ends the seeding (the rest is fetched); a write error is the download's.
+    /// Only a regular file is read (the open neither follows a symlink nor waits on a FIFO).
     fn seed(
         &self,
         part: &File,
@@ -796,20 +809,8 @@ impl Old<'_> {
         let (to_write, queued) = mpsc::sync_channel::<Current>(1);
         let queued = Mutex::new(queued);
         let (give_back, spare) = mpsc::channel::<AlignedBuf>();
-        let may_clone = AtomicBool::new(true);
         let put = |i: u32, data: &[u8]| -> std::io::Result<()> {
             let off = u64::from(i) * cs;
-            if may_clone.load(Ordering::Relaxed) {
-                match clone_range(&old, part, off, data.len() as u64) {
-                    Ok(()) => return Ok(()),
-                    // Not aligned (a short last chunk): this one is written.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(e) => {
-                        debug!("no reflinks here: {e}");
-                        may_clone.store(false, Ordering::Relaxed);
-                    }
-                }
-            }
             if let Some(d) = direct {
                 if d.write_at(data, off)? {
                     return Ok(());
@@ -817,6 +818,9 @@ impl Old<'_> {
             }
             part.write_all_at(data, off)
         };
+        let mut may_clone = true;
+        // Chunks shared and verified in the part (no writer involved).
+        let mut cloned = Vec::new();
         std::thread::scope(|scope| {
             let writers: Vec<_> = (0..2)
                 .map(|_| {
@@ -836,16 +840,33 @@ impl Old<'_> {
                 })
                 .collect();
             drop(give_back);
+            // A buffer the reading loop used and can use again (a shared chunk's).
+            let mut reuse = None;
             for i in 0..m.count {
                 let off = u64::from(i) * cs;
                 let len = chunk_len(m.size, m.chunk_size, i);
                 if off + u64::from(len) > old_len {
                     break;
                 }
+                let shared = may_clone
+                    && match (self.clone)(&old, part, off, u64::from(len)) {
+                        Ok(()) => true,
+                        // Not aligned (a short last chunk): this one is read and written.
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
+                        Err(e) => {
+                            debug!("no reflinks here: {e}");
+                            may_clone = false;
+                            false
+                        }
+                    };
                 // Read into aligned memory, so a direct write takes it without a copy.
-                let mut buf = spare.try_recv().unwrap_or_default();
+                let mut buf = reuse
+                    .take()
+                    .or_else(|| spare.try_recv().ok())
+                    .unwrap_or_default();
                 let data = buf.bytes_mut(len as usize);
-                if let Err(e) = old.read_exact_at(data, off) {
+                let from = if shared { part } else { &old };
+                if let Err(e) = from.read_exact_at(data, off) {
                     debug!("reading the old version: {e}");
                     break;
                 }
@@ -854,6 +875,15 @@ impl Old<'_> {
                     Seed::Cvs(cvs) => cvs.get(i as usize) == Some(&cv),
                     Seed::Crcs => self.crcs.get(i as usize) == Some(&crc32fast::hash(data)),
                 };
+                if shared {
+                    // Not current: the part holds bytes that count for nothing there; the
+                    // chunk is fetched and written over them.
+                    if same {
+                        cloned.push((i, cv));
+                    }
+                    reuse = Some(buf);
+                    continue;
+                }
                 let current = Current {
                     index: i,
                     cv,
@@ -865,14 +895,15 @@ impl Old<'_> {
                 }
             }
             drop(to_write);
-            // Only what was written counts as present.
+            // Only what is in the part, as it was hashed, counts as present.
+            let mut kept = std::mem::take(&mut cloned);
             for w in writers {
-                let kept = w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
-                for (i, cv) in kept {
-                    have.have.set(i);
-                    have.cvs[i as usize] = cv;
-                    have.done_bytes += u64::from(chunk_len(m.size, m.chunk_size, i));
-                }
+                kept.extend(w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?);
+            }
+            for (i, cv) in kept {
+                have.have.set(i);
+                have.cvs[usize::try_from(i).expect("a chunk index fits usize")] = cv;
+                have.done_bytes += u64::from(chunk_len(m.size, m.chunk_size, i));
             }
             Ok(())
         })
@@ -1167,6 +1198,88 @@ mod tests {
             published == data,
             "the published file is not what was written"
         );
+    }
+
+    /// Chunk size of the seeding test, and the chunk its local writer changes.
+    const SEED_CS: u32 = 4096;
+    const SCRIBBLED: u64 = 2;
+
+    /// A reflink as the kernel makes one (the part shares what the old file holds at that
+    /// moment), with a local writer that changes chunk [`SCRIBBLED`] of the old file just
+    /// before it is shared, after any earlier read of it.
+    fn racing_reflink(src: &File, dst: &File, off: u64, len: u64) -> std::io::Result<()> {
+        if off == SCRIBBLED * u64::from(SEED_CS) {
+            // The writer has its own descriptor (fsc's is read-only).
+            use std::os::fd::AsRawFd;
+            let path = format!("/proc/self/fd/{}", src.as_raw_fd());
+            let w = std::fs::OpenOptions::new().write(true).open(path)?;
+            w.write_all_at(&vec![b'X'; usize::try_from(len).unwrap()], off)?;
+        }
+        let mut buf = vec![0; usize::try_from(len).unwrap()];
+        src.read_exact_at(&mut buf, off)?;
+        dst.write_all_at(&buf, off)
+    }
+
+    #[test]
+    fn a_seeded_chunk_counts_only_if_the_part_holds_what_was_verified() {
+        // Chunk delta on a reflink file system: whatever a local writer does to the old file,
+        // a chunk counted present must hold, in the part, the bytes the server's chaining
+        // value names; else it is fetched.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let cs = SEED_CS;
+        let data: Vec<u8> = (0..8 * cs)
+            .map(|i| (i * 7 / 3 % 251).to_le_bytes()[0])
+            .collect();
+        let mut old = data.clone();
+        let last = old.len() - 10;
+        old[last..].copy_from_slice(b"0123456789");
+        std::fs::write(tmp.path().join("f"), &old).unwrap();
+        let m = meta(u64::try_from(data.len()).unwrap(), cs, &data);
+        let crcs: Vec<u32> = chunks(&data, cs)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let cvs: Vec<ChainingValue> = chunks(&data, cs)
+            .iter()
+            .enumerate()
+            .map(|(i, c)| chunk_cv(c, u32::try_from(i).unwrap(), cs, m.size))
+            .collect();
+        let seed = Seed::Cvs(cvs.clone());
+        let part = tempfile::tempfile().unwrap();
+        part.set_len(m.size).unwrap();
+        let mut have = Have {
+            have: Bitmap::new(m.count),
+            claimed: Bitmap::new(m.count),
+            cvs: vec![[0; 32]; usize::try_from(m.count).unwrap()],
+            done_bytes: 0,
+            unsaved: 0,
+            last_save: Instant::now(),
+        };
+        let o = Old {
+            dir: &dir,
+            name: "f",
+            seed: &seed,
+            crcs: &crcs,
+            clone: racing_reflink,
+        };
+        o.seed(&part, None, &m, &mut have).unwrap();
+        for i in 0..m.count {
+            let off = u64::from(i) * u64::from(cs);
+            let mut got = vec![0; usize::try_from(cs).unwrap()];
+            part.read_exact_at(&mut got, off).unwrap();
+            let want = &data[usize::try_from(off).unwrap()..][..got.len()];
+            if have.have.get(i) {
+                assert!(got == want, "chunk {i} counted present with other bytes");
+                assert_eq!(
+                    have.cvs[usize::try_from(i).unwrap()],
+                    cvs[usize::try_from(i).unwrap()]
+                );
+            }
+        }
+        // The others were kept: the race costs the chunk it hit, and the changed last one.
+        let missing: Vec<u32> = (0..m.count).filter(|&i| !have.have.get(i)).collect();
+        assert_eq!(missing, [u32::try_from(SCRIBBLED).unwrap(), m.count - 1]);
     }
 
     #[test]
