@@ -1074,3 +1074,33 @@ fn delete_leaves_alone_what_is_at_a_skipped_symlink_s_name() {
         "upload --delete emptied it"
     );
 }
+
+/// fsc's working directory is recognised only where fsc makes it, at the destination's top, by
+/// the name that run uses: a user's `sub/.fsc-work.1` or `sub/.fsc-work` is data like any other
+/// (uploaded, downloaded, compared, deleted by `--delete`).
+#[test]
+fn directories_named_like_the_working_directory_below_the_top_are_data() {
+    let s = Fsd::start();
+    let src = tempfile::tempdir().unwrap();
+    let top = src.path().join("t");
+    write_random(&top.join("a"), 10, 61);
+    write_random(&top.join("sub/.fsc-work.1/x"), 1000, 62);
+    write_random(&top.join("sub/.fsc-work/y"), 70_000, 63);
+    run(&["upload", "-r", &s.addr(), top.to_str().unwrap(), "t"]);
+    for rel in ["sub/.fsc-work.1/x", "sub/.fsc-work/y"] {
+        assert_same_file(&top.join(rel), &s.root.join("t").join(rel));
+    }
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", "-r", &s.addr(), "t", dst_s]);
+    for rel in ["sub/.fsc-work.1/x", "sub/.fsc-work/y"] {
+        assert_same_file(&top.join(rel), &dst.join(rel));
+    }
+    // An extra one of the user's is deleted by --delete, and nothing else moves.
+    write_random(&dst.join("sub/.fsc-work.2/z"), 5, 64);
+    let ev = run(&["download", "-r", "--delete", &s.addr(), "t", dst_s]);
+    assert_eq!(moved(&ev), 0, "{ev:?}");
+    assert!(!dst.join("sub/.fsc-work.2").exists(), "{ev:?}");
+    assert!(dst.join("sub/.fsc-work.1/x").exists());
+}

@@ -510,3 +510,97 @@ fn transfers_through_a_slow_link_in_tiny_pieces_stay_identical() {
         assert_same_file(&dst, &s.root.join(format!("back{i}")));
     }
 }
+
+/// A remote file that changes after part of it went to stdout: bytes on stdout cannot be taken
+/// back, so fsc must fail (non-zero, saying so) rather than start over and splice the new
+/// version after the old one. The change is made while the test holds stdout unread, after it
+/// has read 1 MiB: fsc has emitted bytes by then, and (64 KiB chunks, at most 32 of them
+/// fetched ahead of stdout) most of the file is still to be read from fsd, which answers those
+/// READs with Changed.
+#[test]
+fn a_change_after_bytes_went_to_stdout_fails_the_download() {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let size = 16 << 20;
+    let old = write_random(&path, size, 31);
+    let s = Fsd::start_on(dir.path(), &["--chunk-size", "65536"]);
+    let mut child = fsc(&["-q", "download", "-j", "1", &s.addr(), "f", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    stdout.read_exact(&mut got).unwrap();
+    assert!(got == old[..1 << 20], "the first MiB is the old version");
+    // The same size, other bytes, written in place (fsd sees a new mtime).
+    let new = random_bytes(size, 32);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&new, 0)
+        .unwrap();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    got.extend_from_slice(&rest);
+    assert!(
+        !out.status.success(),
+        "exit 0 after {} bytes on stdout ({} of a {size}-byte file), stderr: {stderr}",
+        got.len(),
+        if got.len() > size { "more" } else { "part" }
+    );
+    assert!(stderr.contains("changed"), "stderr: {stderr}");
+    assert!(got.len() <= size, "{} bytes: a restart's", got.len());
+}
+
+/// A crash between publishing (the part's inode linked under the final name) and unlinking the
+/// part leaves the part a second name of the published file. The next run must not write into
+/// that inode: here the server has a new version and the run is cut off part way (so it
+/// cannot end by publishing over whatever it did), and the published file must be untouched.
+#[test]
+fn a_part_that_is_another_name_of_the_published_file_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = write_random(&dir.path().join("v.bin"), 4 << 20, 41);
+    let s = Fsd::start_on(dir.path(), &["--chunk-size", "65536"]);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("v.bin");
+    fsc_ok(&["-q", "download", &s.addr(), "v.bin", dst.to_str().unwrap()]);
+    // The crash's leftovers: the working directory, and the part (named by a hash of the
+    // destination's path relative to its root) linked to the published file.
+    let wd = local.path().join(".fsc-work");
+    std::fs::create_dir(&wd).unwrap();
+    let key = hex::encode(&blake3::hash(b"v.bin").as_bytes()[..16]);
+    std::fs::hard_link(&dst, wd.join(format!("{key}.part"))).unwrap();
+    // A new version on the server, and a run whose only connection is cut after 1 MiB.
+    write_random(&dir.path().join("v.new"), 4 << 20, 42);
+    std::fs::rename(dir.path().join("v.new"), dir.path().join("v.bin")).unwrap();
+    let proxy = Proxy::start(s.addr, Fault::CutAfter(1 << 20));
+    let out = fsc(&[
+        "-q",
+        "--retries",
+        "0",
+        "download",
+        "-j",
+        "1",
+        &proxy.addr(),
+        "v.bin",
+        dst.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let now = std::fs::read(&dst).unwrap();
+    assert!(
+        now == v1,
+        "the published file changed under a run that did not finish ({}, {} of {} bytes \
+         as before; stderr: {})",
+        out.status,
+        now.iter().zip(&v1).filter(|(a, b)| a == b).count(),
+        v1.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

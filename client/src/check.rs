@@ -18,6 +18,25 @@ use crate::progress::Event;
 use crate::sync::{compare, hash_file, SyncOptions, Verdict, SAME_HASH};
 use crate::upload::UploadOptions;
 
+/// What fstat says of a file that any write, truncation or utimes changes: size, mtime and
+/// ctime (which only the kernel sets).
+#[derive(PartialEq, Eq)]
+struct FileStamp([i64; 5]);
+
+impl FileStamp {
+    fn of(f: &File) -> std::io::Result<FileStamp> {
+        let md = f.metadata()?;
+        let size = i64::try_from(md.size()).unwrap_or(i64::MAX);
+        Ok(FileStamp([
+            size,
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec(),
+        ]))
+    }
+}
+
 /// What became of one file of a sync.
 pub(crate) enum Outcome {
     Sent(Transfer),
@@ -48,6 +67,13 @@ impl Client {
     /// local file found identical gets the remote mtime (as `rsync -c -t` does), so the next
     /// quick check agrees without hashing. (Uploads cannot do the same: the protocol sets a
     /// remote file's mtime only when it publishes one.)
+    ///
+    /// Only what was verified is stamped: the mtime goes on the very descriptor that was
+    /// hashed (not on whatever carries the name by then), and only if its size, mtime and
+    /// ctime are the same just before the hash and just before the stamp. A local write in
+    /// between (ctime moves with every write and cannot be set back) makes the file unverified:
+    /// a change, like any other, rather than an edit stamped as the server's version, which
+    /// every later quick check would then call unchanged.
     pub(crate) async fn hash_down(
         &self,
         dir: LocalDir,
@@ -57,15 +83,34 @@ impl Client {
         mtime_ns: i64,
         dry_run: bool,
     ) -> Result<Verdict> {
-        let (d, n) = (dir.clone(), name.to_string());
-        let v = self
-            .settle_hash(Verdict::Hash, remote, shown, move || d.open_read(&n))
-            .await?;
-        if v == Verdict::Same(SAME_HASH) && !dry_run {
-            dir.set_file_mtime(name, mtime_ns)
-                .map_err(|e| Error::io(dir.display(name), e))?;
+        let (n, s) = (name.to_string(), shown.clone());
+        let local = spawn_blocking(move || {
+            let hashed = || -> std::io::Result<_> {
+                let f = dir.open_read(&n)?;
+                let before = FileStamp::of(&f)?;
+                let hash = hash_file(&f)?;
+                Ok((f, before, hash))
+            };
+            hashed().map_err(|e| Error::io(s, e))
+        });
+        let (local, remote) = futures::try_join!(local, self.remote_blake3(remote))?;
+        let (file, before, hash) = local;
+        if hash != remote {
+            return Ok(Verdict::Changed("BLAKE3 differs"));
         }
-        Ok(v)
+        spawn_blocking(move || {
+            let stamp = || -> std::io::Result<_> {
+                if FileStamp::of(&file)? != before {
+                    return Ok(Verdict::Changed("changed while being compared"));
+                }
+                if !dry_run {
+                    crate::local::set_mtime(&file, mtime_ns)?;
+                }
+                Ok(Verdict::Same(SAME_HASH))
+            };
+            stamp().map_err(|e| Error::io(shown, e))
+        })
+        .await
     }
 
     /// Settles a [`Verdict::Hash`]: BLAKE3 of the local file (opened by `open_local`) against
@@ -82,7 +127,7 @@ impl Client {
         }
         let local = spawn_blocking(move || {
             open_local()
-                .and_then(hash_file)
+                .and_then(|f| hash_file(&f))
                 .map_err(|e| Error::io(shown, e))
         });
         let (local, remote) = futures::try_join!(local, self.remote_blake3(remote))?;
@@ -148,7 +193,22 @@ impl Client {
             unreachable!("a path destination")
         };
         let shown = dir.display(name);
+        let dry_run = sync.dry_run || self.shared.opts.dry_run;
         let entry = self.stat(remote).await?;
+        if entry.kind != Kind::File && dry_run {
+            // Nothing to compare, and nothing may be written: say what a real run would meet
+            // rather than go on to the download (which, should the server have a file there
+            // by the time it opens it, would write).
+            let (code, what) = match entry.kind {
+                Kind::Dir => (ErrorCode::IsADirectory, "a directory"),
+                _ => (ErrorCode::NotAFile, "not a regular file"),
+            };
+            return Err(Error::Remote {
+                code,
+                message: format!("{remote}: {what} on the server; nothing to download"),
+                retryable: false,
+            });
+        }
         if entry.kind == Kind::File {
             let have = dir.lstat(name).ok().and_then(|st| {
                 (st.st_mode & libc::S_IFMT == libc::S_IFREG).then(|| {
@@ -161,13 +221,13 @@ impl Client {
                 Verdict::Hash => {
                     let (d, shown) = (dir.clone(), shown.clone());
                     let mtime = entry.mtime_ns;
-                    self.hash_down(d, name, remote, shown, mtime, sync.dry_run)
+                    self.hash_down(d, name, remote, shown, mtime, dry_run)
                         .await?
                 }
                 v => v,
             };
             if self
-                .report(verdict, sync.dry_run, remote, &shown, entry.size)
+                .report(verdict, dry_run, remote, &shown, entry.size)
                 .is_some()
             {
                 return Ok(None);
@@ -187,8 +247,17 @@ impl Client {
         opts: &UploadOptions,
         sync: &SyncOptions,
     ) -> Result<Option<Transfer>> {
+        let dry_run = sync.dry_run || self.shared.opts.dry_run;
         let md = std::fs::metadata(local).map_err(|e| Error::io(local.display(), e))?;
         let Some(src) = local_file(&md) else {
+            if dry_run {
+                // What the upload would say, without going on to it (a file may have taken
+                // the name by the time the upload opens it).
+                return Err(Error::Usage(format!(
+                    "{}: not a regular file",
+                    local.display()
+                )));
+            }
             // Not a file: the upload says what is wrong with it, and nothing is created.
             return self
                 .upload_file(local, remote, opts, Slots::All, None)
@@ -199,7 +268,7 @@ impl Client {
             Ok(e) if e.kind == Kind::File => Some((e.size, e.mtime_ns)),
             Ok(_) => None,
             Err(e) if e.remote_code() == Some(ErrorCode::NotFound) => {
-                if !sync.dry_run {
+                if !dry_run {
                     self.make_parents(remote).await?;
                 }
                 None
@@ -213,7 +282,7 @@ impl Client {
             .settle_hash(verdict, remote, shown.clone(), move || File::open(path))
             .await?;
         if self
-            .report(verdict, sync.dry_run, remote, &shown, src.0)
+            .report(verdict, dry_run, remote, &shown, src.0)
             .is_some()
         {
             return Ok(None);

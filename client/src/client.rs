@@ -95,6 +95,11 @@ pub struct Options {
     pub background: bool,
     /// Called with every [`Event`].
     pub on_event: Option<EventFn>,
+    /// Change nothing, local or remote: every transfer is a dry run (as with
+    /// [`SyncOptions::dry_run`](crate::SyncOptions)), and the entry points that write (a
+    /// download into a file, an upload) refuse. The planning code decides what not to do; this
+    /// makes sure that no path it gets wrong can write.
+    pub dry_run: bool,
 }
 
 impl Default for Options {
@@ -117,6 +122,7 @@ impl Default for Options {
             bwlimit: None,
             background: false,
             on_event: None,
+            dry_run: false,
         }
     }
 }
@@ -131,6 +137,7 @@ impl std::fmt::Debug for Options {
             .field("retries", &self.retries)
             .field("stall_timeout", &self.stall_timeout)
             .field("window_bytes", &self.window_bytes)
+            .field("dry_run", &self.dry_run)
             .finish_non_exhaustive()
     }
 }
@@ -233,6 +240,28 @@ pub(crate) struct Shared {
 }
 
 impl Client {
+    /// `sync` as this client runs it: one built for a dry run ([`Options::dry_run`]) makes
+    /// every transfer a dry run.
+    pub(crate) fn sync_options<'a>(
+        &self,
+        sync: &'a crate::SyncOptions,
+    ) -> std::borrow::Cow<'a, crate::SyncOptions> {
+        if self.shared.opts.dry_run && !sync.dry_run {
+            let mut s = sync.clone();
+            s.dry_run = true;
+            return std::borrow::Cow::Owned(s);
+        }
+        std::borrow::Cow::Borrowed(sync)
+    }
+
+    /// Refuses a write on a client built for a dry run ([`Options::dry_run`]).
+    pub(crate) fn may_write(&self, what: &str) -> Result<()> {
+        if self.shared.opts.dry_run {
+            return Err(Error::Usage(format!("{what}: a dry run writes nothing")));
+        }
+        Ok(())
+    }
+
     /// Connects (with retries) and authenticates the first connection, so that a wrong address
     /// or token fails here; the others open when a transfer first needs them.
     ///

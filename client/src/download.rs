@@ -101,7 +101,15 @@ impl Client {
             corrupt_log: Throttle::new(Duration::from_secs(10)),
             fresh: std::sync::atomic::AtomicBool::new(false),
         };
-        let r = job.run().await;
+        let r = match &job.out {
+            // The write entry point of every download into a file (single, tree, batch
+            // leftovers): a dry run never gets past it, whatever the planning decided.
+            Out::File { .. } => match self.may_write(&job.local) {
+                Ok(()) => job.run().await,
+                Err(e) => Err(e),
+            },
+            Out::Stdout => job.run().await,
+        };
         match &r {
             Ok(t) => self.emit(Event::Done {
                 path: t.path.clone(),
@@ -234,9 +242,24 @@ impl Job {
                 }
                 Err(Stop::Changed) => {
                     changes += 1;
-                    // Bytes already written to stdout cannot be taken back.
-                    let emitted = stdout && before > 0;
-                    if emitted || changes > self.client.shared.opts.retries + 1 {
+                    // Bytes already written to stdout cannot be taken back: a restart would
+                    // splice the new version after part of the old one. What counts is what
+                    // the sink emitted, in this attempt or any before (not what was stored
+                    // before this attempt began: on the first attempt that is nothing).
+                    let emitted = sink.as_ref().map_or(0, |s| s.emitted());
+                    if emitted > 0 {
+                        return Err(Error::Remote {
+                            code: ErrorCode::Changed,
+                            message: format!(
+                                "{} changed during the download after {emitted} bytes of it \
+                                 were written to standard output: that output is incomplete \
+                                 and must not be used",
+                                self.remote
+                            ),
+                            retryable: false,
+                        });
+                    }
+                    if changes > self.client.shared.opts.retries + 1 {
                         return Err(Error::Remote {
                             code: ErrorCode::Changed,
                             message: format!("{} changed during the download", self.remote),

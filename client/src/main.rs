@@ -557,6 +557,7 @@ async fn dispatch(
             let sync = sync.options(sub)?;
             let opts = Options {
                 preserve,
+                dry_run: sync.dry_run,
                 ..options(g, Some(&t), reporter)?
             };
             let client = connect(&server, opts).await?;
@@ -606,7 +607,11 @@ async fn dispatch(
                     .map(str::to_string)
                     .with_context(|| format!("{}: no usable base name", local.display()))?,
             };
-            let client = connect(&server, options(g, Some(&t), reporter)?).await?;
+            let opts = Options {
+                dry_run: sync.dry_run,
+                ..options(g, Some(&t), reporter)?
+            };
+            let client = connect(&server, opts).await?;
             let opts = UploadOptions { no_clobber };
             if t.recursive {
                 let s = client.upload_tree(&local, &remote, &opts, &sync).await?;

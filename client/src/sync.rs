@@ -336,7 +336,7 @@ fn ancestors(rel: &str) -> impl Iterator<Item = &str> {
 }
 
 /// BLAKE3 of a whole local file (the value fsd reports: docs/PROTOCOL.md §9).
-pub(crate) fn hash_file(file: std::fs::File) -> std::io::Result<[u8; 32]> {
+pub(crate) fn hash_file(file: &std::fs::File) -> std::io::Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     h.update_reader(file)?;
     Ok(*h.finalize().as_bytes())

@@ -253,11 +253,15 @@ impl Client {
         local: &Path,
         sync: &SyncOptions,
     ) -> Result<TreeSummary> {
+        let sync = &self.sync_options(sync);
         let top = self.stat(remote).await?;
         if top.kind != Kind::Dir {
             return Err(Error::Usage(format!("{remote}: not a directory (drop -r)")));
         }
         let mut src = self.walk_remote(remote, &sync.filter, sync.links).await?;
+        // fsc's working directory at the destination's top: the first name the server's
+        // top-level entries leave free (deterministic, so a rerun finds its partial downloads).
+        let work_name = work_dir_name(|n| src.nodes.contains_key(n));
         let root_is_new = std::fs::symlink_metadata(local).is_err();
         let top_dst = std::fs::metadata(local)
             .ok()
@@ -271,7 +275,8 @@ impl Client {
         let mut dst = match &root {
             Some(r) => {
                 let (r, f, l) = (r.clone(), sync.filter.clone(), sync.links);
-                spawn_blocking(move || Ok(walk_local(&r, &f, l))).await?
+                let wd = work_name.clone();
+                spawn_blocking(move || Ok(walk_local(&r, &f, l, Some(&wd)))).await?
             }
             None => Walk::default(),
         };
@@ -350,8 +355,7 @@ impl Client {
         let group = GroupSync::new(root.fd(), SYNC_GATHER, SYNC_BATCH)
             .map_err(|e| Error::io(local.display(), e))?;
         let (group, root) = (&group, &root);
-        let top_names = |n: &str| src.nodes.contains_key(n);
-        let work_name = &work_dir_name(top_names);
+        let work_name = &work_name;
         let nodes = &src.nodes;
         let (small, files) = self.split_small(files, dry_run, |v| v).await;
         let target = DownTarget {
@@ -478,6 +482,7 @@ impl Client {
         opts: &UploadOptions,
         sync: &SyncOptions,
     ) -> Result<TreeSummary> {
+        let sync = &self.sync_options(sync);
         let md = std::fs::metadata(local).map_err(|e| Error::io(local.display(), e))?;
         if !md.is_dir() {
             return Err(Error::Usage(format!(
@@ -488,7 +493,8 @@ impl Client {
         let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
         let filter = sync.filter.clone();
         let links = sync.links;
-        let mut src = spawn_blocking(move || Ok(walk_local(&root, &filter, links))).await?;
+        // A source: fsc makes no working directory there, so every entry is the user's.
+        let mut src = spawn_blocking(move || Ok(walk_local(&root, &filter, links, None))).await?;
         let (mut dst, top_dst) = match self.stat(remote).await {
             Ok(e) if e.kind == Kind::Dir => (
                 self.walk_remote(remote, &sync.filter, sync.links).await?,

@@ -11,7 +11,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::client::{entry_cost, Client, Entry, Kind};
 use crate::error::{Error, Result};
-use crate::local::{check_name, is_work_dir_name, LocalDir};
+use crate::local::{check_name, LocalDir};
 use crate::sync::{link_id, Filter, Node};
 
 /// Most entries (files, directories, anything listed) a tree walk takes from a server, and
@@ -222,10 +222,20 @@ impl Client {
 }
 
 /// Walks the local tree beneath `root` through handles opened one component at a time with
-/// `O_NOFOLLOW`: a symlink is an entry of its own, never followed. fsc's working directories
-/// are not part of any tree; names that are not UTF-8 cannot be named on the server and are
-/// skipped. Blocking.
-pub(crate) fn walk_local(root: &LocalDir, filter: &Filter, links: bool) -> Walk {
+/// `O_NOFOLLOW`: a symlink is an entry of its own, never followed. Names that are not UTF-8
+/// cannot be named on the server and are skipped.
+///
+/// `work_dir`: the name of fsc's working directory in `root` when `root` is a download's
+/// destination (the name that run uses, [`crate::local::work_dir_name`]). That one directory,
+/// at the top only, is not part of the tree; a directory of that name or any like it anywhere
+/// else is the user's, walked like any other (else it would never be uploaded, never deleted,
+/// and downloaded again on every run). Blocking.
+pub(crate) fn walk_local(
+    root: &LocalDir,
+    filter: &Filter,
+    links: bool,
+    work_dir: Option<&str>,
+) -> Walk {
     let mut walk = Walk::default();
     let mut waiting = VecDeque::from([(String::new(), 1usize)]);
     while let Some((rel, depth)) = waiting.pop_front() {
@@ -248,7 +258,7 @@ pub(crate) fn walk_local(root: &LocalDir, filter: &Filter, links: bool) -> Walk 
             let sub = rel_join(&rel, name);
             let fmt = st.st_mode & libc::S_IFMT;
             let is_dir = fmt == libc::S_IFDIR;
-            if is_dir && is_work_dir_name(name) {
+            if is_dir && rel.is_empty() && work_dir == Some(name) {
                 // fsc's own partial downloads, not the user's data.
                 walk.skipped
                     .push((root.display(&sub), "fsc working directory".into()));
@@ -320,23 +330,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn local_walks_skip_working_directories_and_never_follow_symlinks() {
+    fn local_walks_skip_only_the_working_directory_and_never_follow_symlinks() {
         let tmp = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret"), b"s").unwrap();
-        for d in [".fsc-work", ".fsc-work.1", ".fsc-workshop"] {
-            std::fs::create_dir(tmp.path().join(d)).unwrap();
+        for d in [
+            ".fsc-work",
+            ".fsc-work.1",
+            "sub/.fsc-work",
+            "sub/.fsc-work.1",
+        ] {
+            std::fs::create_dir_all(tmp.path().join(d)).unwrap();
             std::fs::write(tmp.path().join(d).join("x"), b"x").unwrap();
         }
         std::fs::write(tmp.path().join("f"), b"f").unwrap();
         std::os::unix::fs::symlink(outside.path(), tmp.path().join("link")).unwrap();
         let root = LocalDir::open(tmp.path()).unwrap();
-        let w = walk_local(&root, &Filter::default(), false);
+        // A download that uses `.fsc-work.1` (the server has a `.fsc-work`): only that is fsc's.
+        let w = walk_local(&root, &Filter::default(), false, Some(".fsc-work.1"));
         let names: Vec<_> = w.nodes.keys().map(String::as_str).collect();
-        assert_eq!(names, [".fsc-workshop", ".fsc-workshop/x", "f", "link"]);
+        assert_eq!(
+            names,
+            [
+                ".fsc-work",
+                ".fsc-work/x",
+                "f",
+                "link",
+                "sub",
+                "sub/.fsc-work",
+                "sub/.fsc-work.1",
+                "sub/.fsc-work.1/x",
+                "sub/.fsc-work/x"
+            ]
+        );
         assert_eq!(w.nodes["link"], Node::Other);
-        assert_eq!(w.skipped.len(), 3);
+        assert_eq!(w.skipped.len(), 2, "{:?}", w.skipped);
         assert!(w.complete());
+        // An upload's source: no working directory of this run's there, nothing left out.
+        let w = walk_local(&root, &Filter::default(), false, None);
+        assert_eq!(w.nodes.len(), 11);
     }
 
     #[test]
@@ -365,7 +397,7 @@ mod tests {
         ])
         .unwrap();
         let root = LocalDir::open(tmp.path()).unwrap();
-        let w = walk_local(&root, &filter, false);
+        let w = walk_local(&root, &filter, false, None);
         let excluded: Vec<_> = w.excluded.iter().map(String::as_str).collect();
         // The directory build once, nothing beneath it; the file build and d/top.txt not.
         assert_eq!(excluded, ["a.log", "d/b.log", "d/build", "top.txt"]);

@@ -108,6 +108,12 @@ struct Script {
     upload_chunk: Option<u32>,
     /// What MANIFEST answers to a request for chaining values.
     cvs: CvsReply,
+    /// STAT calls every file a directory: what a STAT sees just before a file takes the place
+    /// of a directory on a real server (OPEN, a moment later, finds the file).
+    stat_says_dir: bool,
+    /// OPEN of a file is answered only once this gives a permit (the test adds them): the
+    /// test acts while fsc waits for it.
+    hold_open: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// MANIFEST's chaining values (chunk delta), when asked for.
@@ -283,6 +289,14 @@ impl Fake {
                         let _ = out.send(fr).await;
                     }
                 })),
+                Answer::Gated(gate, v) => tasks.push(tokio::spawn(async move {
+                    if let Ok(permit) = gate.acquire().await {
+                        permit.forget();
+                    }
+                    for fr in v {
+                        let _ = out.send(fr).await;
+                    }
+                })),
                 Answer::Junk => tasks.push(tokio::spawn(async move {
                     // Frames on streams fsc never opened, for at most a minute.
                     let start = Instant::now();
@@ -356,7 +370,13 @@ impl Fake {
             )]),
             Cmd::STAT => {
                 let req: msg::StatRequest = f.decode().unwrap();
-                match self.entry(&req.path, &req.path) {
+                let entry = self.entry(&req.path, &req.path).map(|mut e| {
+                    if self.script.stat_says_dir {
+                        (e.kind, e.size) = (msg::Kind::Dir as i32, 0);
+                    }
+                    e
+                });
+                match entry {
                     Some(e) => msg_reply(&|| {
                         msg::StatResponse {
                             entry: Some(e.clone()),
@@ -453,7 +473,11 @@ impl Fake {
                 if let Some(b) = self.script.blake3 {
                     r.blake3 = b.to_vec();
                 }
-                Answer::Frames(vec![Frame::message(Cmd::OPEN, sid, flags::END, &r)])
+                let reply = vec![Frame::message(Cmd::OPEN, sid, flags::END, &r)];
+                match &self.script.hold_open {
+                    Some(gate) => Answer::Gated(gate.clone(), reply),
+                    None => Answer::Frames(reply),
+                }
             }
             Cmd::MANIFEST => {
                 let req: msg::ManifestRequest = f.decode().unwrap();
@@ -566,6 +590,8 @@ enum Answer {
     Frames(Vec<Frame>),
     /// These frames, after a while.
     Delayed(Duration, Vec<Frame>),
+    /// These frames, once the semaphore gives a permit (kept: one per reply).
+    Gated(Arc<tokio::sync::Semaphore>, Vec<Frame>),
     Junk,
     Silent,
     /// On this stream: these chunks, then DATA frames of this length without end.
@@ -1664,4 +1690,154 @@ async fn linked_links_cannot_point_out_of_the_tree() {
             "{skipped} was created"
         );
     }
+}
+
+#[tokio::test]
+async fn a_dry_run_writes_nothing_whatever_the_server_answers() {
+    // STAT says directory (so there is nothing to compare), OPEN finds a file: a dry run must
+    // still not download it over the local file.
+    let body = data(3 << 20, 9);
+    let script = Script {
+        stat_says_dir: true,
+        ..Default::default()
+    };
+    let (addr, _) = Fake::new()
+        .file("x.bin", &body, 1 << 20)
+        .script(script)
+        .start()
+        .await;
+    let client = client(addr).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("x.bin");
+    std::fs::write(&local, b"my precious local data").unwrap();
+    let sync = fsc::SyncOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let r = client
+        .download_sync("x.bin", fsc::Dest::Path(local.clone()), &sync)
+        .await;
+    let now = std::fs::read(&local).unwrap();
+    assert!(
+        now == b"my precious local data",
+        "a dry run wrote the local file: {} bytes now ({:?})",
+        now.len(),
+        r.map(|t| t.map(|t| t.bytes))
+    );
+    assert_eq!(walk(tmp.path()), ["x.bin"], "a dry run left files behind");
+}
+
+#[tokio::test]
+async fn a_client_built_for_a_dry_run_refuses_every_write() {
+    // The entry points that write (a download into a file, an upload) refuse on a client made
+    // with Options::dry_run, whatever its caller decided.
+    let body = data(3 << 20, 10);
+    let (addr, _) = Fake::new().file("x.bin", &body, 1 << 20).start().await;
+    let opts = fsc::Options {
+        dry_run: true,
+        ..opts()
+    };
+    let client = fsc::Client::connect(&addr.to_string(), opts).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("x.bin");
+    std::fs::write(&local, b"my precious local data").unwrap();
+    let r = client.download("x.bin", &local).await;
+    assert!(
+        matches!(r, Err(fsc::Error::Usage(_))),
+        "{:?}",
+        r.map(|t| t.bytes)
+    );
+    let sync = fsc::SyncOptions::default();
+    let r = client
+        .download_sync("x.bin", fsc::Dest::Path(local.clone()), &sync)
+        .await;
+    assert!(matches!(r, Ok(None)), "{:?}", r.map(|t| t.map(|t| t.bytes)));
+    assert_eq!(std::fs::read(&local).unwrap(), b"my precious local data");
+    assert_eq!(walk(tmp.path()), ["x.bin"], "a dry run left files behind");
+    let r = client
+        .upload(&local, "y.bin", &fsc::UploadOptions::default())
+        .await;
+    assert!(
+        matches!(r, Err(fsc::Error::Usage(_))),
+        "{:?}",
+        r.map(|t| t.bytes)
+    );
+}
+
+/// fsc's bytes read so far (`rchar` of /proc/PID/io: every read(2), files and sockets).
+fn bytes_read(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksum_stamps_the_servers_mtime_only_on_what_it_verified() {
+    // `-c` finds the local file equal by BLAKE3 and gives it the server's mtime, so later quick
+    // checks agree without hashing. A local edit after the file was read (here: while fsc
+    // waits for the server's hash, held until the edit is made) must not be stamped: a stamped
+    // edit looks unchanged to every later quick check.
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let body = data(16 << 20, 7);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let script = Script {
+        hold_open: Some(gate.clone()),
+        ..Default::default()
+    };
+    let (addr, _) = Fake::new()
+        .file("h.bin", &body, 1 << 20)
+        .script(script)
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("h.bin");
+    // Same size as the server's, another mtime: -c decides by hashing.
+    std::fs::write(&local, &body).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fsc"))
+        .args([
+            "-q",
+            "download",
+            "-c",
+            "-j",
+            "1",
+            &addr.to_string(),
+            "h.bin",
+        ])
+        .arg(&local)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    // Until fsc has read the whole local file (its OPEN is held meanwhile), at most a minute.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let size = u64::try_from(body.len()).unwrap();
+    while bytes_read(pid) < size && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&local)
+        .unwrap()
+        .write_all_at(b"LOCAL EDIT", 0)
+        .unwrap();
+    gate.add_permits(1000);
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("fsc finished within 2 minutes")
+        .unwrap();
+    let now = std::fs::read(&local).unwrap();
+    let md = std::fs::metadata(&local).unwrap();
+    let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    assert!(
+        now == body || mtime_ns != 1_000_000_000,
+        "the edited file was stamped with the server's mtime ({}; stderr: {})",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -54,15 +54,6 @@ pub(crate) fn work_dir_name(taken: impl Fn(&str) -> bool) -> Arc<str> {
     format!("{WORK_DIR}.{:016x}", rand::random::<u64>()).into()
 }
 
-/// Whether a local directory name is one of fsc's working directories.
-pub(crate) fn is_work_dir_name(name: &str) -> bool {
-    name == WORK_DIR
-        || name
-            .strip_prefix(WORK_DIR)
-            .and_then(|rest| rest.strip_prefix('.'))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
 /// Accepts only a plain file name: not empty, `.` or `..`, no `/` or NUL, at most 255 bytes.
 pub(crate) fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
@@ -251,12 +242,6 @@ impl LocalDir {
         futimens(self.fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
     }
 
-    /// Sets the mtime of the file `name` (a symlink there is refused, not followed).
-    pub fn set_file_mtime(&self, name: &str, mtime_ns: i64) -> std::io::Result<()> {
-        let f = self.open_read(name)?;
-        futimens(f.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
-    }
-
     /// `lstat` of `name`: a symlink is reported as itself.
     /// The link text of the symlink `name` in this directory (never followed).
     pub fn read_link(&self, name: &str) -> std::io::Result<std::ffi::OsString> {
@@ -374,6 +359,11 @@ pub(crate) fn is_not_empty(e: &std::io::Error) -> bool {
 /// Sets permission bits (never setuid/setgid/sticky from a server) and mtime on an open fd.
 pub(crate) fn set_meta(fd: impl AsFd, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
     fchmod(fd.as_fd(), Mode::from_bits_truncate(mode & 0o777)).map_err(io)?;
+    futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
+}
+
+/// Sets the mtime of an open file (the one a caller checked, whatever has its name by now).
+pub(crate) fn set_mtime(fd: impl AsFd, mtime_ns: i64) -> std::io::Result<()> {
     futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &timespec(mtime_ns)).map_err(io)
 }
 
@@ -559,9 +549,6 @@ mod tests {
         assert_eq!(&*work_dir_name(|n| n == ".fsc-work"), ".fsc-work.1");
         let taken = |n: &str| n.starts_with(".fsc-work");
         assert!(work_dir_name(taken).len() == ".fsc-work.".len() + 16);
-        assert!(is_work_dir_name(".fsc-work") && is_work_dir_name(".fsc-work.12"));
-        assert!(!is_work_dir_name(".fsc-work.") && !is_work_dir_name(".fsc-workx"));
-        assert!(!is_work_dir_name(".fsc-work.tmp"));
     }
 
     #[test]

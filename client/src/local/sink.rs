@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -144,6 +143,10 @@ struct Have {
 struct Reorder {
     next: u32,
     pending: BTreeMap<u32, Bytes>,
+    /// Bytes handed to stdout (counted before each write: a write that fails half way may
+    /// have emitted some). Stdout cannot take bytes back, so once this is not 0 the download
+    /// can no longer start over (see `Sink::emitted`).
+    emitted: u64,
 }
 
 /// How a fresh part recognises the chunks of the destination's old version that are still
@@ -171,6 +174,7 @@ impl Sink {
         preserve: bool,
         seed: Option<Seed>,
     ) -> Result<Arc<Sink>> {
+        let mut state = state;
         let mut have = Have {
             have: Bitmap::new(m.count),
             claimed: Bitmap::new(m.count),
@@ -183,6 +187,7 @@ impl Sink {
             Out::Stdout => SinkOut::Stdout(Mutex::new(Reorder {
                 next: 0,
                 pending: BTreeMap::new(),
+                emitted: 0,
             })),
             Out::File {
                 dir,
@@ -200,11 +205,7 @@ impl Sink {
                 };
                 let part = match (anonymous, &wd) {
                     (Some(f), _) => f,
-                    (None, Some(wd)) => {
-                        let f = wd.open_rw(&work.part(), state.is_none()).map_err(err)?;
-                        lock_exclusive(&f).map_err(err)?;
-                        f
-                    }
+                    (None, Some(wd)) => open_part(wd, &work, &mut state).map_err(err)?,
                     (None, None) => unreachable!("a named part has a working directory"),
                 };
                 if let Some(st) = &state {
@@ -251,6 +252,7 @@ impl Sink {
                         name: &name,
                         seed,
                         crcs: &crcs,
+                        clone: clone_range,
                     };
                     old.seed(&part, direct.as_ref(), &m, &mut have)
                         .map_err(err)?;
@@ -320,6 +322,15 @@ impl Sink {
 
     pub(crate) fn done_chunks(&self) -> u32 {
         self.st.lock().unwrap().have.count()
+    }
+
+    /// Bytes this sink has put where they cannot be taken back: those handed to stdout. A
+    /// part file can always be discarded, so for a file this is 0.
+    pub(crate) fn emitted(&self) -> u64 {
+        match &self.out {
+            SinkOut::File { .. } => 0,
+            SinkOut::Stdout(r) => r.lock().unwrap().emitted,
+        }
     }
 
     /// How many chunks from `first` on a lane may fetch now: any number for a file; to stdout
@@ -437,6 +448,7 @@ impl Sink {
                     let n = r.next;
                     r.pending.remove(&n)
                 } {
+                    r.emitted += u64::try_from(d.len()).unwrap_or(u64::MAX);
                     write_stdout(&d)?;
                     r.next += 1;
                 }
@@ -655,6 +667,42 @@ fn write_stdout(data: &[u8]) -> Result<()> {
     f.write_all(data).map_err(|e| Error::io("<stdout>", e))
 }
 
+/// Opens the part of `work`, locked, for a download with `state` (`None`: start it afresh).
+///
+/// Nothing about the part changes before its lock is held: a second fsc bound for the same
+/// destination (another remote file, so no state of its own) would otherwise empty the first
+/// one's part, whose chaining values are in memory, and the first would publish zeros.
+///
+/// A part is only ever this working file alone: one with another name (st_nlink != 1, asked of
+/// the open descriptor, since a name can change under us) is never written. A crash between
+/// publishing (the part's inode linked under the final name) and unlinking the part leaves
+/// exactly that: the part is the published file, and writing it would destroy it. Its name is
+/// dropped (the other name keeps the data), with the state, and a new part is made.
+fn open_part(wd: &LocalDir, work: &Work, state: &mut Option<PartState>) -> std::io::Result<File> {
+    // Each pass drops a name that was not ours alone; only someone linking the part anew
+    // every time could keep this going.
+    for _ in 0..3 {
+        let f = wd.open_rw(&work.part(), false)?;
+        lock_exclusive(&f)?;
+        let links = nix::sys::stat::fstat(&f).map_err(super::io)?.st_nlink;
+        if links == 1 {
+            if state.is_none() {
+                f.set_len(0)?;
+            }
+            return Ok(f);
+        }
+        // 0: unlinked since we opened it (a discard); more: it has another name.
+        debug!(links, part = %work.part(), "part not ours alone; starting a new one");
+        *state = None;
+        wd.remove(&work.state())?;
+        wd.remove(&work.part())?;
+    }
+    Err(std::io::Error::other(format!(
+        "{}: the working file keeps being linked elsewhere",
+        work.part()
+    )))
+}
+
 /// Takes an exclusive lock on a part file: two downloads (in this process or another fsc)
 /// never write into one part.
 fn lock_exclusive(f: &File) -> std::io::Result<()> {
@@ -715,18 +763,31 @@ struct Old<'a> {
     name: &'a str,
     seed: &'a Seed,
     crcs: &'a [u32],
+    /// How a range of the old file is shared into the part: [`clone_range`]; a test puts a
+    /// stand-in here to act as a reflink would on a file system this machine lacks.
+    clone: CloneFn,
 }
+
+/// Shares `len` bytes at an offset of the first file into the second at the same offset.
+type CloneFn = fn(&File, &File, u64, u64) -> std::io::Result<()>;
 
 impl Old<'_> {
     /// Chunk-level delta: a fresh part of a file whose destination holds another version of it
     /// takes the chunks of that version that are still current, so only the others are fetched.
-    /// One pass: each chunk of the old file is read once and hashed; a current one is put
-    /// into the part by a second thread while the next is read: shared with the old file (a
-    /// reflink) where the file system can, else written direct (buffered writes of fresh
-    /// page-cache pages are the slow part on this kind of machine, and a direct write is
-    /// durable when the part is synced). A read error ends the seeding (the
-    /// rest is fetched); a write error is the download's. Only a regular file is read (the
-    /// open neither follows a symlink nor waits on a FIFO).
+    /// One pass over the old file, and what counts as present is exactly what was hashed:
+    ///
+    /// - Where the file system shares extents (Btrfs, XFS, ...), each chunk is first shared
+    ///   into the part (a reflink: no copy, no new space), then read back *from the part* and
+    ///   hashed there. A reflink shares what the old file holds at that moment, which a local
+    ///   writer may have changed since any earlier read of it; reading the old file first and
+    ///   cloning after would put bytes nobody verified under a chunk counted present.
+    /// - Elsewhere each chunk is read from the old file and hashed, and a current one is
+    ///   written from that very buffer by a second thread while the next is read, direct
+    ///   (buffered writes of fresh page-cache pages are the slow part on this kind of machine,
+    ///   and a direct write is durable when the part is synced).
+    ///
+    /// A read error ends the seeding (the rest is fetched); a write error is the download's.
+    /// Only a regular file is read (the open neither follows a symlink nor waits on a FIFO).
     fn seed(
         &self,
         part: &File,
@@ -748,20 +809,8 @@ impl Old<'_> {
         let (to_write, queued) = mpsc::sync_channel::<Current>(1);
         let queued = Mutex::new(queued);
         let (give_back, spare) = mpsc::channel::<AlignedBuf>();
-        let may_clone = AtomicBool::new(true);
         let put = |i: u32, data: &[u8]| -> std::io::Result<()> {
             let off = u64::from(i) * cs;
-            if may_clone.load(Ordering::Relaxed) {
-                match clone_range(&old, part, off, data.len() as u64) {
-                    Ok(()) => return Ok(()),
-                    // Not aligned (a short last chunk): this one is written.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(e) => {
-                        debug!("no reflinks here: {e}");
-                        may_clone.store(false, Ordering::Relaxed);
-                    }
-                }
-            }
             if let Some(d) = direct {
                 if d.write_at(data, off)? {
                     return Ok(());
@@ -769,6 +818,9 @@ impl Old<'_> {
             }
             part.write_all_at(data, off)
         };
+        let mut may_clone = true;
+        // Chunks shared and verified in the part (no writer involved).
+        let mut cloned = Vec::new();
         std::thread::scope(|scope| {
             let writers: Vec<_> = (0..2)
                 .map(|_| {
@@ -788,16 +840,33 @@ impl Old<'_> {
                 })
                 .collect();
             drop(give_back);
+            // A buffer the reading loop used and can use again (a shared chunk's).
+            let mut reuse = None;
             for i in 0..m.count {
                 let off = u64::from(i) * cs;
                 let len = chunk_len(m.size, m.chunk_size, i);
                 if off + u64::from(len) > old_len {
                     break;
                 }
+                let shared = may_clone
+                    && match (self.clone)(&old, part, off, u64::from(len)) {
+                        Ok(()) => true,
+                        // Not aligned (a short last chunk): this one is read and written.
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
+                        Err(e) => {
+                            debug!("no reflinks here: {e}");
+                            may_clone = false;
+                            false
+                        }
+                    };
                 // Read into aligned memory, so a direct write takes it without a copy.
-                let mut buf = spare.try_recv().unwrap_or_default();
+                let mut buf = reuse
+                    .take()
+                    .or_else(|| spare.try_recv().ok())
+                    .unwrap_or_default();
                 let data = buf.bytes_mut(len as usize);
-                if let Err(e) = old.read_exact_at(data, off) {
+                let from = if shared { part } else { &old };
+                if let Err(e) = from.read_exact_at(data, off) {
                     debug!("reading the old version: {e}");
                     break;
                 }
@@ -806,6 +875,15 @@ impl Old<'_> {
                     Seed::Cvs(cvs) => cvs.get(i as usize) == Some(&cv),
                     Seed::Crcs => self.crcs.get(i as usize) == Some(&crc32fast::hash(data)),
                 };
+                if shared {
+                    // Not current: the part holds bytes that count for nothing there; the
+                    // chunk is fetched and written over them.
+                    if same {
+                        cloned.push((i, cv));
+                    }
+                    reuse = Some(buf);
+                    continue;
+                }
                 let current = Current {
                     index: i,
                     cv,
@@ -817,14 +895,15 @@ impl Old<'_> {
                 }
             }
             drop(to_write);
-            // Only what was written counts as present.
+            // Only what is in the part, as it was hashed, counts as present.
+            let mut kept = std::mem::take(&mut cloned);
             for w in writers {
-                let kept = w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
-                for (i, cv) in kept {
-                    have.have.set(i);
-                    have.cvs[i as usize] = cv;
-                    have.done_bytes += u64::from(chunk_len(m.size, m.chunk_size, i));
-                }
+                kept.extend(w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?);
+            }
+            for (i, cv) in kept {
+                have.have.set(i);
+                have.cvs[usize::try_from(i).expect("a chunk index fits usize")] = cv;
+                have.done_bytes += u64::from(chunk_len(m.size, m.chunk_size, i));
             }
             Ok(())
         })
@@ -1071,6 +1150,136 @@ mod tests {
             .unwrap());
         assert!(matches!(s.finish_blocking(), Err(Error::Integrity { .. })));
         assert!(!tmp.path().join("k").exists());
+    }
+
+    #[test]
+    fn a_second_download_to_the_same_destination_changes_nothing_before_its_lock() {
+        // Two fsc processes, two remote files, one local destination: the second finds the
+        // first's part (no state of its own, so it would start that part afresh) and is
+        // refused by the lock. It must not have changed the part first: the first download
+        // publishes from its in-memory chaining values, so bytes lost under it are published.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let data: Vec<u8> = (0..10_000u32)
+            .map(|i| (i * 13 / 5).to_le_bytes()[0])
+            .collect();
+        let m = meta(u64::try_from(data.len()).unwrap(), 1024, &data);
+        let crcs: Vec<u32> = chunks(&data, 1024)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let out = Out::File {
+            work: Work::new(dir.clone(), WORK_DIR.into(), "f"),
+            dir,
+            name: "f".into(),
+            group: None,
+        };
+        let first = Sink::create(
+            "a".into(),
+            m.clone(),
+            crcs.clone(),
+            out.clone(),
+            None,
+            false,
+            None,
+        )
+        .unwrap();
+        for (i, c) in chunks(&data, 1024).into_iter().enumerate() {
+            assert!(first
+                .put_blocking(u32::try_from(i).unwrap(), c, crcs[i])
+                .unwrap());
+        }
+        let other = meta(20_000, 1024, &[0; 20_000]);
+        let second = Sink::create("b".into(), other, vec![0; 20], out, None, false, None);
+        assert!(second.is_err(), "the second download got the lock");
+        assert_eq!(first.finish_blocking().unwrap(), m.blake3);
+        let published = std::fs::read(tmp.path().join("f")).unwrap();
+        assert!(
+            published == data,
+            "the published file is not what was written"
+        );
+    }
+
+    /// Chunk size of the seeding test, and the chunk its local writer changes.
+    const SEED_CS: u32 = 4096;
+    const SCRIBBLED: u64 = 2;
+
+    /// A reflink as the kernel makes one (the part shares what the old file holds at that
+    /// moment), with a local writer that changes chunk [`SCRIBBLED`] of the old file just
+    /// before it is shared, after any earlier read of it.
+    fn racing_reflink(src: &File, dst: &File, off: u64, len: u64) -> std::io::Result<()> {
+        if off == SCRIBBLED * u64::from(SEED_CS) {
+            // The writer has its own descriptor (fsc's is read-only).
+            use std::os::fd::AsRawFd;
+            let path = format!("/proc/self/fd/{}", src.as_raw_fd());
+            let w = std::fs::OpenOptions::new().write(true).open(path)?;
+            w.write_all_at(&vec![b'X'; usize::try_from(len).unwrap()], off)?;
+        }
+        let mut buf = vec![0; usize::try_from(len).unwrap()];
+        src.read_exact_at(&mut buf, off)?;
+        dst.write_all_at(&buf, off)
+    }
+
+    #[test]
+    fn a_seeded_chunk_counts_only_if_the_part_holds_what_was_verified() {
+        // Chunk delta on a reflink file system: whatever a local writer does to the old file,
+        // a chunk counted present must hold, in the part, the bytes the server's chaining
+        // value names; else it is fetched.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::open(tmp.path()).unwrap();
+        let cs = SEED_CS;
+        let data: Vec<u8> = (0..8 * cs)
+            .map(|i| (i * 7 / 3 % 251).to_le_bytes()[0])
+            .collect();
+        let mut old = data.clone();
+        let last = old.len() - 10;
+        old[last..].copy_from_slice(b"0123456789");
+        std::fs::write(tmp.path().join("f"), &old).unwrap();
+        let m = meta(u64::try_from(data.len()).unwrap(), cs, &data);
+        let crcs: Vec<u32> = chunks(&data, cs)
+            .iter()
+            .map(|c| crc32fast::hash(c))
+            .collect();
+        let cvs: Vec<ChainingValue> = chunks(&data, cs)
+            .iter()
+            .enumerate()
+            .map(|(i, c)| chunk_cv(c, u32::try_from(i).unwrap(), cs, m.size))
+            .collect();
+        let seed = Seed::Cvs(cvs.clone());
+        let part = tempfile::tempfile().unwrap();
+        part.set_len(m.size).unwrap();
+        let mut have = Have {
+            have: Bitmap::new(m.count),
+            claimed: Bitmap::new(m.count),
+            cvs: vec![[0; 32]; usize::try_from(m.count).unwrap()],
+            done_bytes: 0,
+            unsaved: 0,
+            last_save: Instant::now(),
+        };
+        let o = Old {
+            dir: &dir,
+            name: "f",
+            seed: &seed,
+            crcs: &crcs,
+            clone: racing_reflink,
+        };
+        o.seed(&part, None, &m, &mut have).unwrap();
+        for i in 0..m.count {
+            let off = u64::from(i) * u64::from(cs);
+            let mut got = vec![0; usize::try_from(cs).unwrap()];
+            part.read_exact_at(&mut got, off).unwrap();
+            let want = &data[usize::try_from(off).unwrap()..][..got.len()];
+            if have.have.get(i) {
+                assert!(got == want, "chunk {i} counted present with other bytes");
+                assert_eq!(
+                    have.cvs[usize::try_from(i).unwrap()],
+                    cvs[usize::try_from(i).unwrap()]
+                );
+            }
+        }
+        // The others were kept: the race costs the chunk it hit, and the changed last one.
+        let missing: Vec<u32> = (0..m.count).filter(|&i| !have.have.get(i)).collect();
+        assert_eq!(missing, [u32::try_from(SCRIBBLED).unwrap(), m.count - 1]);
     }
 
     #[test]

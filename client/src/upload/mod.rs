@@ -93,6 +93,8 @@ impl Client {
         replaces: Option<u64>,
     ) -> Result<Transfer> {
         let r = async {
+            // The write entry point of every upload: a dry run never gets past it.
+            self.may_write(remote)?;
             let src = Source::open(local)?;
             let job = UpJob {
                 client: self.clone(),
