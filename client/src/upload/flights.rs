@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -34,15 +33,17 @@ pub(super) struct Flights {
 }
 
 struct Table {
-    /// Chunks sent and not yet acknowledged: their bytes (to send them again) and the slots of
-    /// the connections carrying them (at most two).
+    /// Chunks sent and not yet acknowledged: their length and CRC32 (a copy is read from the
+    /// file again and must match it; keeping the bytes would hold every chunk in flight in
+    /// memory, up to 8 x 16 MiB per connection, where the sent ones were only in socket
+    /// buffers) and the slots of the connections carrying them (at most two).
     unacked: BTreeMap<u32, Unacked>,
     acked: Bitmap,
     slots: HashMap<usize, SlotStats>,
 }
 
 struct Unacked {
-    data: Bytes,
+    len: u32,
     crc: u32,
     on: Vec<usize>,
 }
@@ -129,13 +130,14 @@ impl Flights {
         }
     }
 
-    /// Registers chunk `chunk`, read from the file, as sent over the connection in `slot`.
-    pub fn send(&self, slot: usize, chunk: u32, data: &Bytes, crc: u32) -> Flight<'_> {
+    /// Registers chunk `chunk` (`len` bytes with CRC32 `crc`), read from the file, as sent
+    /// over the connection in `slot`.
+    pub fn send(&self, slot: usize, chunk: u32, len: u32, crc: u32) -> Flight<'_> {
         let mut t = self.table.lock().unwrap();
         t.unacked.insert(
             chunk,
             Unacked {
-                data: data.clone(),
+                len,
                 crc,
                 on: vec![slot],
             },
@@ -156,8 +158,9 @@ impl Flights {
 
     /// The endgame (module doc): a chunk outstanding only on a connection that lags far behind
     /// the one in `slot`, to send again over `slot`: the lowest of the connection that needs
-    /// the longest for what it has outstanding. None when no connection lags that far.
-    pub fn steal(&self, slot: usize) -> Option<(Flight<'_>, Bytes, u32)> {
+    /// the longest for what it has outstanding, with its CRC32. None when no connection lags
+    /// that far.
+    pub fn steal(&self, slot: usize) -> Option<(Flight<'_>, u32)> {
         let mut t = self.table.lock().unwrap();
         let mine = t.slots.get(&slot).map_or(0.0, SlotStats::rate);
         if mine == 0.0 {
@@ -168,7 +171,7 @@ impl Flights {
         let mut behind: HashMap<usize, f64> = HashMap::new();
         for u in t.unacked.values() {
             for &s in u.on.iter().filter(|&&s| s != slot) {
-                *behind.entry(s).or_default() += u.data.len() as f64;
+                *behind.entry(s).or_default() += f64::from(u.len);
             }
         }
         for (s, left) in behind.iter_mut() {
@@ -178,19 +181,19 @@ impl Flights {
             .unacked
             .iter()
             .filter(|(_, u)| u.on.len() == 1 && u.on[0] != slot)
-            .filter(|(_, u)| behind[&u.on[0]] > STEAL_MARGIN * u.data.len() as f64 / mine)
+            .filter(|(_, u)| behind[&u.on[0]] > STEAL_MARGIN * f64::from(u.len) / mine)
             .map(|(i, u)| (i, u.on[0]))
             .max_by(|a, b| behind[&a.1].total_cmp(&behind[&b.1]).then(b.0.cmp(a.0)))?;
         let u = t.unacked.get_mut(&chunk).expect("just found");
         u.on.push(slot);
-        let (data, crc) = (u.data.clone(), u.crc);
+        let crc = u.crc;
         debug!(
             chunk,
             from,
             to = slot,
             "endgame: chunk sent over a second connection"
         );
-        Some((self.started(&mut t, slot, chunk), data, crc))
+        Some((self.started(&mut t, slot, chunk), crc))
     }
 
     /// Whether a chunk out on another connection than `slot`'s could still be copied to it
@@ -240,15 +243,14 @@ mod tests {
     #[test]
     fn a_chunk_is_stolen_only_from_a_connection_far_behind() {
         let f = Flights::new(4);
-        let data = Bytes::from(vec![7u8; 1024]);
         // Slot 0 has one chunk acknowledged, so it has a rate; slot 1 nothing yet.
-        let a = f.send(0, 0, &data, 1);
+        let a = f.send(0, 0, 1024, 1);
         assert!(a.acked(1024));
-        let b = f.send(1, 1, &data, 1);
+        let b = f.send(1, 1, 1024, 7);
         // A connection with no rate of its own steals nothing.
         assert!(f.steal(2).is_none());
-        let (copy, bytes, crc) = f.steal(0).expect("slot 1 has had nothing acknowledged");
-        assert_eq!((copy.chunk(), bytes.len(), crc), (1, 1024, 1));
+        let (copy, crc) = f.steal(0).expect("slot 1 has had nothing acknowledged");
+        assert_eq!((copy.chunk(), crc), (1, 7));
         // Each chunk is copied at most once.
         assert!(f.steal(0).is_none());
         // The copy comes first: the original's late answer is not a second acknowledgement,
@@ -263,12 +265,11 @@ mod tests {
     #[test]
     fn a_connection_keeping_up_is_not_copied() {
         let f = Flights::new(8);
-        let data = Bytes::from(vec![1u8; 1 << 20]);
         for (slot, chunk) in [(0, 0), (1, 1)] {
-            assert!(f.send(slot, chunk, &data, 0).acked(1 << 20));
+            assert!(f.send(slot, chunk, 1 << 20, 0).acked(1 << 20));
         }
         // Slot 1 has one chunk outstanding and a rate like slot 0's: not worth a copy.
-        let _b = f.send(1, 2, &data, 0);
+        let _b = f.send(1, 2, 1 << 20, 0);
         assert!(f.steal(0).is_none());
         assert_eq!(f.waiting(1), 1);
     }

@@ -758,10 +758,17 @@ impl UpJob {
             let mut window = conn.window(u64::from(cs)).await?;
             let next = rx.lock().await.recv().await;
             let (flight, data, crc) = match next {
-                Some((i, data, crc)) => (flights.send(slot, i, &data, crc), data, crc),
+                Some((i, data, crc)) => {
+                    let len = u32::try_from(data.len()).expect("a chunk's length is a u32");
+                    (flights.send(slot, i, len, crc), data, crc)
+                }
                 None => loop {
-                    if let Some(copy) = flights.steal(slot) {
-                        break copy;
+                    if let Some((flight, crc)) = flights.steal(slot) {
+                        match self.reread(flight.chunk(), cs, crc).await {
+                            Some(data) => break (flight, data, crc),
+                            // Changed since it was sent: the attempt fails on that anyway.
+                            None => return Ok(()),
+                        }
                     }
                     if !flights.stealable(slot) {
                         return Ok(());
@@ -809,6 +816,21 @@ impl UpJob {
                 transferred,
             });
         }
+    }
+}
+
+impl UpJob {
+    /// Chunk `i` read from the file again for an endgame copy, if it still has CRC32 `crc`.
+    async fn reread(&self, i: u32, cs: u32, crc: u32) -> Option<Bytes> {
+        let (file, size) = (self.src.file.clone(), self.src.size);
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; chunk_len(size, cs, i) as usize];
+            file.read_exact_at(&mut buf, u64::from(i) * u64::from(cs))
+                .ok()?;
+            (crc32fast::hash(&buf) == crc).then(|| Bytes::from(buf))
+        })
+        .await
+        .expect("reader thread")
     }
 }
 
