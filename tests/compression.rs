@@ -543,7 +543,7 @@ fn chunks_written_again_cost_a_write_only_when_they_change_and_only_so_often() {
         0,
         &msg::Hello {
             version: 1,
-            chunk_size: chunk as u32,
+            chunk_size: u32::try_from(chunk).unwrap(),
             compress_level: 3,
             ..Default::default()
         },
