@@ -1802,7 +1802,7 @@ mod tests {
         .unwrap();
         let up = store.open(&params(3 * u64::from(CHUNK))).unwrap();
         std::thread::sleep(Duration::from_millis(700)); // no renew_leases meanwhile
-        let chunk = vec![5u8; CHUNK as usize];
+        let chunk = vec![5u8; usize::try_from(CHUNK).unwrap()];
         up.write_chunk(0, &chunk, crc32fast::hash(&chunk)).unwrap();
         up.sync().unwrap();
     }

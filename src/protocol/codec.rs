@@ -80,7 +80,7 @@ impl FrameCodec {
     /// (its header when none is pending). A receiver can ask the kernel to wake it only then.
     pub fn wanted(&self, buffered: usize) -> usize {
         let need = match self.pending {
-            Some(h) => h.payload_len as usize,
+            Some(h) => usize::try_from(h.payload_len).expect("a u32 fits usize"),
             None => HEADER_LEN,
         };
         need.saturating_sub(buffered)
@@ -101,7 +101,7 @@ impl FrameCodec {
         let Some(h) = self.pending_data() else {
             return;
         };
-        let len = h.payload_len as usize;
+        let len = usize::try_from(h.payload_len).expect("a u32 fits usize");
         if self.own_buffer || src.len() >= len {
             return;
         }
@@ -208,7 +208,7 @@ impl Decoder for FrameCodec {
                 h
             }
         };
-        let len = header.payload_len as usize;
+        let len = usize::try_from(header.payload_len).expect("a u32 fits usize");
         if src.len() < len {
             // Safe: len was bounded by check_header.
             if header.is_data() && !self.own_buffer {

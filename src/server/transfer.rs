@@ -897,7 +897,10 @@ async fn unpacked(session: &Session, data: Frame, room: u32) -> Result<Frame, Fa
     let slot = session.account.blocking_slot().await;
     let (chunk, crc) = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        compress::decompress(&data.payload, room as usize)
+        compress::decompress(
+            &data.payload,
+            usize::try_from(room).expect("a u32 fits usize"),
+        )
     })
     .await
     .map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?

@@ -133,7 +133,7 @@ pub async fn run(
                     count(sent, buf.len());
                     buf.clear();
                     held.clear();
-                    let len = header.payload_len as usize;
+                    let len = usize::try_from(header.payload_len).expect("a u32 fits usize");
                     send_payload(out, &file, offset, len, copy, &stats, sent).await?;
                     stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
                 }

@@ -817,14 +817,13 @@ impl UpJob {
             });
         }
     }
-}
 
-impl UpJob {
     /// Chunk `i` read from the file again for an endgame copy, if it still has CRC32 `crc`.
     async fn reread(&self, i: u32, cs: u32, crc: u32) -> Option<Bytes> {
         let (file, size) = (self.src.file.clone(), self.src.size);
         tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; chunk_len(size, cs, i) as usize];
+            let len = usize::try_from(chunk_len(size, cs, i)).expect("a u32 fits usize");
+            let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, u64::from(i) * u64::from(cs))
                 .ok()?;
             (crc32fast::hash(&buf) == crc).then(|| Bytes::from(buf))
