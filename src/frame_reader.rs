@@ -9,11 +9,13 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::Decoder;
 
+use crate::payload_pool::PayloadPool;
 use crate::protocol::{CodecError, FrameCodec, Header, HEADER_LEN};
 
 /// Most a reader asks the kernel to queue before waking it.
@@ -29,6 +31,8 @@ pub struct FrameReader<R> {
     /// The socket, when the transport is plain TCP.
     tcp: Option<RawFd>,
     lowat: usize,
+    /// Where large DATA payloads get their buffers (see [`FrameReader::with_pool`]).
+    pool: Option<Arc<PayloadPool>>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -42,7 +46,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(256 * 1024),
             tcp: tcp.filter(|&fd| short_path(fd)),
             lowat: 1,
+            pool: None,
         }
+    }
+
+    /// Large DATA payloads are read into buffers from `pool` (which the consumer gives back
+    /// to it once done with a payload) instead of fresh allocations.
+    pub fn with_pool(mut self, pool: Arc<PayloadPool>) -> FrameReader<R> {
+        self.pool = Some(pool);
+        self
     }
 
     /// A reader that starts with `buffered`, bytes an earlier reader of the same stream read
@@ -105,7 +117,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             }
             // Admitted (or needing no admission): the payload gets its buffer only now.
-            self.codec.own_payload_buffer(&mut self.buf);
+            match &self.pool {
+                Some(pool) => self
+                    .codec
+                    .own_payload_buffer_from(&mut self.buf, |len| pool.take(len)),
+                None => self.codec.own_payload_buffer(&mut self.buf),
+            }
             if let Some(fd) = self.tcp {
                 let want = self.codec.wanted(self.buf.len()).clamp(1, RCVLOWAT_MAX);
                 if want != self.lowat && set_rcvlowat(fd, want).is_ok() {

@@ -6,6 +6,7 @@
 //! - [`fskind`]: local or shared file system, and so which mechanisms are safe on it.
 //! - [`direct`]: O_DIRECT writes of big files' chunks, used by server and client.
 //! - [`frame_reader`]: reading frames off a connection, used by server and client.
+//! - [`payload_pool`]: buffers of large DATA payloads used again, for the frame reader.
 //! - [`net`]: TCP settings for long paths (congestion control, send buffer, pacing) and rate
 //!   limits, used by server and client.
 //! - [`ledbat`]: background transfers that yield to other traffic (a LEDBAT-like pacing
@@ -20,6 +21,7 @@ pub mod fskind;
 pub mod integrity;
 pub mod ledbat;
 pub mod net;
+pub mod payload_pool;
 pub mod protocol;
 pub mod server;
 

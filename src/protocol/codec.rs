@@ -98,6 +98,17 @@ impl FrameCodec {
     /// frames (see `own_buffer`); the reader then reads the rest there. The part moved is the
     /// copy that growing the shared buffer made before. No-op without such a payload.
     pub fn own_payload_buffer(&mut self, src: &mut BytesMut) {
+        self.own_payload_buffer_from(src, BytesMut::with_capacity);
+    }
+
+    /// [`FrameCodec::own_payload_buffer`], with the allocation from `alloc(len)`: an empty
+    /// buffer of capacity exactly `len` (e.g. one used before, from a
+    /// [`crate::payload_pool::PayloadPool`]).
+    pub fn own_payload_buffer_from(
+        &mut self,
+        src: &mut BytesMut,
+        alloc: impl FnOnce(usize) -> BytesMut,
+    ) {
         let Some(h) = self.pending_data() else {
             return;
         };
@@ -105,7 +116,8 @@ impl FrameCodec {
         if self.own_buffer || src.len() >= len {
             return;
         }
-        let mut own = BytesMut::with_capacity(len);
+        let mut own = alloc(len);
+        debug_assert!(own.is_empty() && own.capacity() == len);
         own.extend_from_slice(src);
         *src = own;
         self.own_buffer = true;

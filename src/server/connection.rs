@@ -432,7 +432,8 @@ async fn speak(
                 .connections_handed_over
                 .fetch_add(1, Ordering::Relaxed);
             let writer = spawn_writer(wr, rx, &conn.server, conn.sent.clone());
-            let mut frames = FrameReader::with_buffer(rd, codec, tcp, buffered);
+            let mut frames = FrameReader::with_buffer(rd, codec, tcp, buffered)
+                .with_pool(conn.server.payloads.clone());
             let reason = conn.read_loop(&mut frames, &shutdown).await;
             finish(conn, writer, reason, &shutdown).await
         }

@@ -40,6 +40,7 @@ use crate::fs::root::Root;
 use crate::fs::upload::UploadStore;
 use crate::fs::zcache::ChunkCache;
 use crate::fskind::FsKind;
+use crate::payload_pool::PayloadPool;
 use crate::protocol::{ErrorCode, Frame, MAX_CHUNK_SIZE};
 
 /// Default limits; each has a flag on `fsd`.
@@ -203,7 +204,13 @@ pub struct Server {
     /// Bytes of received DATA all connections may have waiting to be stored
     /// ([`quotas::inbound_budgets`]); each credential has its share too.
     pub inbound: Arc<Semaphore>,
+    /// Buffers of received DATA payloads, used again once stored: a quarter of `inbound`, at
+    /// most [`MAX_POOLED_PAYLOADS`].
+    pub payloads: Arc<PayloadPool>,
 }
+
+/// Most bytes of free payload buffers fsd keeps (crate::payload_pool).
+const MAX_POOLED_PAYLOADS: usize = 32 * 1024 * 1024;
 
 impl Server {
     /// Opens the root and the state directory. Fails if the kernel lacks openat2, or if the
@@ -353,6 +360,7 @@ impl Server {
             max_connections,
             fds: Arc::new(Semaphore::new(fd_budget)),
             accounts,
+            payloads: Arc::new(PayloadPool::new((inbound / 4).min(MAX_POOLED_PAYLOADS))),
             inbound: Arc::new(Semaphore::new(inbound)),
         }))
     }

@@ -846,9 +846,12 @@ pub async fn write(
         let len = data.payload.len() as u64;
         let up = upload.clone();
         let slot = session.account.blocking_slot().await;
+        let pool = session.server.payloads.clone();
         let written = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            up.write_counted(writing, req.chunk, &data.payload, crc)
+            let written = up.write_counted(writing, req.chunk, &data.payload, crc);
+            pool.give_back(data.payload);
+            written
         })
         .await??;
         if written.start_sync {
