@@ -385,6 +385,42 @@ fn unauthenticated_connections_time_out() {
     assert!(r.closed());
 }
 
+/// A connection is closed within a quarter over `--idle-timeout` after the client's last
+/// progress. Before, the idle check ran once per timeout and the reply to the client's last
+/// request counted as progress found at the next check: a connection silent after a STAT was
+/// closed after two timeouts (review E, stop 30: 6.0 s for --idle-timeout 3).
+#[test]
+fn the_idle_timeout_counts_from_the_last_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Fsd::start_on(dir.path(), &["--idle-timeout", "2"]);
+    let mut r = Raw::authed(s.addr);
+    // Half a timeout after AUTH, one request; its reply is the last thing that happens.
+    std::thread::sleep(Duration::from_millis(1000));
+    let stat = r.call(
+        Cmd::STAT,
+        1,
+        &msg::StatRequest {
+            path: ".".into(),
+            ..Default::default()
+        },
+    );
+    assert!(!stat.header.is_error());
+    let asked = Instant::now();
+    let f = r.recv().expect("the idle timeout's error frame");
+    let after = asked.elapsed();
+    assert_eq!(code(&f), ErrorCode::Timeout);
+    assert!(r.closed());
+    println!("closed {after:?} after the last request (--idle-timeout 2)");
+    assert!(
+        after >= Duration::from_millis(1900),
+        "closed before the timeout: {after:?}"
+    );
+    assert!(
+        after < Duration::from_millis(3200),
+        "closed {after:?} after the last progress, timeout 2 s"
+    );
+}
+
 #[test]
 fn stream_and_handle_limits() {
     let dir = tempfile::tempdir().unwrap();

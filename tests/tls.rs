@@ -569,3 +569,28 @@ fn unread_reads_over_tls_hold_bounded_memory() {
     );
     drop(conns);
 }
+
+/// `--auth-timeout` bounds everything before AUTH on a TLS port, the wait for the handshake's
+/// first bytes included: a silent connection is closed after one timeout. Before, the wait for
+/// the first bytes, the handshake and AUTH each had a timeout of their own (review E, stop 30:
+/// 6.0 s for --auth-timeout 3).
+#[test]
+fn a_silent_connection_to_a_tls_port_is_closed_at_the_auth_timeout() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = tls_fsd(dir.path(), &pki, "server", &["--auth-timeout", "2"]);
+    let mut sock = TcpStream::connect(s.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let connected = Instant::now();
+    let mut buf = [0u8; 64];
+    // Nothing comes from a TLS server before the client's hello: the read ends at the close.
+    let got = sock.read(&mut buf);
+    let after = connected.elapsed();
+    println!("closed after {after:?}: {got:?}");
+    assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+    assert!(
+        after >= Duration::from_millis(1900) && after < Duration::from_millis(3200),
+        "a silent connection was closed {after:?} after it connected (--auth-timeout 2)"
+    );
+}

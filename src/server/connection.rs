@@ -318,9 +318,12 @@ struct Conn {
     inbound: Arc<Semaphore>,
     /// Plain TCP: file payloads go by sendfile.
     sendfile: bool,
-    /// Bytes the writer has handed to the transport: the client taking its replies is progress
-    /// that keeps the connection from idling out, as its own frames are.
+    /// Bytes the writer has handed to the transport. The client's progress where there is no
+    /// socket to ask what it acknowledged ([`Conn::client_progress`]).
     sent: Arc<AtomicU64>,
+    /// When the client must have authenticated: `--auth-timeout` after the connection was
+    /// accepted, TLS handshake included.
+    auth_deadline: Instant,
     /// Cancelled when the connection ends: stops every stream.
     done: CancellationToken,
 }
@@ -338,9 +341,12 @@ pub async fn serve(
     let span = tracing::info_span!("conn", %peer);
     async move {
         tracing::debug!("connected");
-        if let Some(t) = transport::establish(stream, &server, startup.evicted()).await {
+        let auth_deadline = Instant::now() + server.config.auth_timeout;
+        let t = transport::establish(stream, &server, startup.evicted(), auth_deadline).await;
+        if let Some(t) = t {
             let mut conn = Conn::new(t.subject, peer, server, startup, handover);
             conn.socket = t.socket;
+            conn.auth_deadline = auth_deadline;
             speak(conn, t.rd, t.wr, t.tcp, shutdown).await;
         }
     }
@@ -527,6 +533,7 @@ impl Conn {
                 INBOUND_BUDGET.max(server.config.max_frame) as usize
             )),
             sent: Arc::default(),
+            auth_deadline: Instant::now() + server.config.auth_timeout,
             sendfile: false,
             done: CancellationToken::new(),
             server,
@@ -540,16 +547,24 @@ impl Conn {
     ) -> &'static str {
         let server = self.server.clone();
         let cfg = &server.config;
+        // Idle is measured by the client's progress, not by what it left open: a request
+        // waiting for the client (its DATA frame, room in the reply budget, the client reading
+        // its socket) does not keep the connection; work fsd itself is doing for it (a long
+        // manifest, a commit) does. Progress is a frame from the client, reply bytes it
+        // acknowledged, or such work, seen at one of the checks every quarter of the timeout:
+        // a silent connection is closed between 1 and 1.25 idle timeouts after its last
+        // progress. (Before stop 30 the check came once per timeout: up to twice the timeout.)
+        let mut progress_seen = self.client_progress();
+        let mut last_progress = Instant::now();
         // A connection handed over from the startup runtime arrives authenticated.
-        let mut deadline = Instant::now()
-            + if self.session.is_some() {
-                cfg.idle_timeout
-            } else {
-                cfg.auth_timeout
-            };
-        let mut sent_seen = self.sent.load(Ordering::Relaxed);
+        let mut deadline = if self.session.is_some() {
+            last_progress + cfg.idle_timeout
+        } else {
+            self.auth_deadline
+        };
         let evicted = self.startup.evicted().clone();
-        // Idle uploads give their descriptors back (transfer::Handles::expire_idle).
+        // Idle uploads give their descriptors back (transfer::Handles::expire_idle), and the
+        // client's progress is looked at.
         let mut sweep = tokio::time::interval(
             (cfg.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
         );
@@ -574,25 +589,23 @@ impl Conn {
                         self.send_error(Cmd::AUTH, 0, ErrorCode::Timeout, "authentication timed out").await;
                         return "auth timeout";
                     }
-                    // Idle is measured by the client's progress, not by what it left open: a
-                    // request waiting for the client (its DATA frame, room in the reply budget,
-                    // the client reading its socket) does not keep the connection. Work fsd
-                    // itself is doing for it (a long manifest, a commit) does.
-                    let sent = self.sent.load(Ordering::Relaxed);
-                    let working = self.session.as_ref().is_some_and(|s| s.working() > 0)
-                        // Waiting for inbound budget: fsd is not reading, the client is not idle.
-                        || (admitted.is_none() && frames.awaiting_data().is_some());
-                    if sent == sent_seen && !working {
+                    if self.progressed(&mut progress_seen, admitted.is_none(), frames) {
+                        last_progress = Instant::now();
+                    }
+                    deadline = last_progress + cfg.idle_timeout;
+                    if deadline <= Instant::now() {
                         // Best effort: the writer may be stuck on a client that does not read.
                         let f = Frame::error(Cmd::PING, 0, &ErrorCode::Timeout.msg("idle timeout"));
                         let _ = self.tx.try_send(Outgoing::Frame(f));
                         return IDLE;
                     }
-                    sent_seen = sent;
-                    deadline = Instant::now() + cfg.idle_timeout;
                     continue;
                 }
                 _ = sweep.tick(), if self.session.is_some() => {
+                    if self.progressed(&mut progress_seen, admitted.is_none(), frames) {
+                        last_progress = Instant::now();
+                        deadline = last_progress + cfg.idle_timeout;
+                    }
                     if let Some(session) = &self.session {
                         let gone = session.handles.lock().unwrap().expire_idle(cfg.idle_timeout);
                         if !gone.is_empty() {
@@ -667,11 +680,34 @@ impl Conn {
                     }
                     // After Auth, any frame restarts the idle clock (the Auth frame included).
                     if self.session.is_some() {
-                        deadline = Instant::now() + cfg.idle_timeout;
+                        last_progress = Instant::now();
+                        deadline = last_progress + cfg.idle_timeout;
                     }
                 }
             }
         }
+    }
+
+    /// How far the client got taking its replies: the bytes it acknowledged (TCP_INFO), or,
+    /// without a socket, the bytes handed to the transport. Bytes that only filled this side's
+    /// send buffer are not progress: the kernel takes megabytes from a client that reads
+    /// nothing (seen: 2.9 MB unsent to a client with a zero window).
+    fn client_progress(&self) -> u64 {
+        match self.socket.map(crate::net::tcp_info) {
+            Some(Ok(info)) => info.tcpi_bytes_acked,
+            _ => self.sent.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the client progressed since `seen` (updated), or fsd is working for it: a job
+    /// runs for it, or (`unadmitted`) a DATA frame waits for inbound budget, so fsd is not
+    /// reading and the client is not idle.
+    fn progressed(&self, seen: &mut u64, unadmitted: bool, frames: &FrameReader<ReadSide>) -> bool {
+        let now = self.client_progress();
+        let acked = std::mem::replace(seen, now) != now;
+        let working = self.session.as_ref().is_some_and(|s| s.working() > 0)
+            || (unadmitted && frames.awaiting_data().is_some());
+        acked || working
     }
 
     async fn send_error(&self, cmd: Cmd, sid: u32, code: ErrorCode, message: impl Into<String>) {

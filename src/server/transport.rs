@@ -161,10 +161,13 @@ pub fn rebind(rd: ReadSide, wr: WriteSide) -> io::Result<(ReadSide, WriteSide)> 
 
 /// Sets up the transport: plain TCP (sendfile path) or TLS (copy path). Returns None when the
 /// connection ends before it can speak the protocol.
+/// `auth_deadline` bounds the TLS handshake (and the wait for its first bytes): it is the
+/// one the client then has to authenticate by, not a timeout of its own.
 pub async fn establish(
     stream: TcpStream,
     server: &Server,
     evicted: &CancellationToken,
+    auth_deadline: tokio::time::Instant,
 ) -> Option<Transport> {
     let _ = stream.set_nodelay(true);
     server.config.tuning.connected(stream.as_raw_fd());
@@ -181,7 +184,7 @@ pub async fn establish(
     };
     // A cleartext fsd client on a TLS port: tell it so in its own protocol, then close.
     let mut first = [0u8; 4];
-    let peeked = tokio::time::timeout(server.config.auth_timeout, stream.peek(&mut first)).await;
+    let peeked = tokio::time::timeout_at(auth_deadline, stream.peek(&mut first)).await;
     if matches!(peeked, Ok(Ok(4))) && u32::from_be_bytes(first) == crate::protocol::MAGIC {
         tracing::warn!("cleartext client on a TLS port");
         let (mut rd, wr) = stream.into_split();
@@ -218,10 +221,7 @@ pub async fn establish(
     }
     let socket = stream.as_raw_fd();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handshake = tokio::time::timeout(
-        server.config.auth_timeout,
-        acceptor.accept(Socket(Some(stream))),
-    );
+    let handshake = tokio::time::timeout_at(auth_deadline, acceptor.accept(Socket(Some(stream))));
     let stream = tokio::select! {
         _ = evicted.cancelled() => {
             tracing::debug!("TLS handshake cut: newer unauthenticated connections need the place");

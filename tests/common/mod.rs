@@ -485,12 +485,22 @@ pub fn rss_growth_mib(pid: u32, base_kib: u64) -> u64 {
 
 /// Sockets process `pid` has open (its listeners and connections).
 pub fn open_sockets(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
-        d.filter_map(Result::ok)
-            .filter_map(|e| std::fs::read_link(e.path()).ok())
-            .filter(|t| t.to_string_lossy().starts_with("socket:"))
-            .count()
-    })
+    socket_inodes(pid).len()
+}
+
+/// The sockets process `pid` has open, by inode (one socket open under several descriptors
+/// counts once): a test can tell the sockets it caused from those that were there before.
+pub fn socket_inodes(pid: u32) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or_else(
+        |_| Default::default(),
+        |d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|t| t.to_string_lossy().into_owned())
+                .filter(|t| t.starts_with("socket:"))
+                .collect()
+        },
+    )
 }
 
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
