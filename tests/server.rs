@@ -396,14 +396,7 @@ fn the_idle_timeout_counts_from_the_last_progress() {
     let mut r = Raw::authed(s.addr);
     // Half a timeout after AUTH, one request; its reply is the last thing that happens.
     std::thread::sleep(Duration::from_millis(1000));
-    let stat = r.call(
-        Cmd::STAT,
-        1,
-        &msg::StatRequest {
-            path: ".".into(),
-            ..Default::default()
-        },
-    );
+    let stat = r.call(Cmd::STAT, 1, &msg::StatRequest { path: ".".into() });
     assert!(!stat.header.is_error());
     let asked = Instant::now();
     let f = r.recv().expect("the idle timeout's error frame");
