@@ -1618,6 +1618,66 @@ fn silent_connections_with_waiting_streams_idle_out() {
     drop((w, l));
 }
 
+/// Refusals the read loop sends itself (here LimitExceeded for streams over --max-streams) to
+/// a client that stopped reading wait for room in the writer's queue, but not for ever: the
+/// connection is closed once one has waited for the idle timeout. Before, the read loop waited
+/// without end, its idle timer with it, and the connection was kept for good
+/// (docs/SECURITY.md §11 listed it as a known gap).
+#[test]
+fn refusals_to_a_client_that_does_not_read_do_not_keep_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    write_random(&root.join("big"), 64 << 20, 3);
+    let fsd = Fsd::start_on(&root, &["--idle-timeout", "2", "--max-streams", "2"]);
+    let before = socket_inodes(fsd.pid());
+    let new_sockets = || socket_inodes(fsd.pid()).difference(&before).count();
+    let mut l = Raw::authed_small_window(fsd.addr);
+    let open = l.call(
+        Cmd::OPEN,
+        1,
+        &msg::OpenRequest {
+            path: "big".into(),
+            ..Default::default()
+        },
+    );
+    let handle = opened(&open, "OPEN").handle;
+    // Two READs of 32 chunks each take both streams and fill the writer's queue (sendfile
+    // frames hold no budget) behind the client's closed window.
+    for sid in [3, 5] {
+        l.send_msg(
+            Cmd::READ,
+            sid,
+            flags::END,
+            &msg::ReadRequest {
+                handle,
+                first_chunk: 0,
+                count: 32,
+                compress_level: 0,
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Each STAT is refused by the read loop: 100 refusals for a queue of 32.
+    for sid in 0..100u32 {
+        l.send_msg(
+            Cmd::STAT,
+            2000 + sid,
+            flags::END,
+            &msg::StatRequest { path: ".".into() },
+        );
+    }
+    assert_eq!(new_sockets(), 1, "the connection is open");
+    let silent = Instant::now();
+    while new_sockets() > 0 && silent.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = new_sockets();
+    println!("connection open: {left} after {:?}", silent.elapsed());
+    assert_eq!(left, 0, "a read loop waiting to refuse kept the connection");
+    drop(l);
+}
+
 /// Received DATA is bounded per credential and server-wide, not only per connection: one
 /// credential opening many connections, each sending PUTs faster than fsd stores them, makes
 /// fsd hold at most its credential's inbound budget; the others wait, their sockets unread

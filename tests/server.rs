@@ -617,6 +617,57 @@ fn sigterm_stops_fsd_even_with_a_closed_stderr() {
     }
 }
 
+/// SIGTERM stops fsd within the shutdown grace (and the writer's last flush) even while a
+/// client that stopped reading holds a full writer queue. Before, the read loop waited for
+/// room in that queue to tell the client "shutting down", and fsd never exited (review E,
+/// stop 30: still running after 120 s).
+#[test]
+fn sigterm_stops_fsd_while_a_client_does_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random(&dir.path().join("big"), 64 << 20, 5);
+    let mut s = Fsd::start_on(dir.path(), &["--shutdown-grace", "1"]);
+    let mut r = Raw::authed_small_window(s.addr);
+    let open = r.call(
+        Cmd::OPEN,
+        1,
+        &msg::OpenRequest {
+            path: "big".into(),
+            ..Default::default()
+        },
+    );
+    assert!(!open.header.is_error(), "{:?}", error_of(&open));
+    let open: msg::OpenResponse = open.decode().unwrap();
+    r.send_msg(
+        Cmd::READ,
+        3,
+        flags::END,
+        &msg::ReadRequest {
+            handle: open.handle,
+            first_chunk: 0,
+            count: 64,
+            compress_level: 0,
+        },
+    );
+    // The client reads nothing more: the writer's queue fills behind its window.
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(s.pid()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let signalled = Instant::now();
+    while s.alive() && signalled.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = signalled.elapsed();
+    println!("fsd exited {took:?} after SIGTERM (--shutdown-grace 1)");
+    assert!(
+        took < Duration::from_secs(8),
+        "fsd still running {took:?} after SIGTERM"
+    );
+    drop(r);
+}
+
 /// The manifests fsd keeps in its state directory are bounded (`--manifest-cache`): serving
 /// more files than fit leaves at most that many bytes of them (in 4 KiB blocks), the least
 /// recently used gone, and every download is still intact (an evicted manifest is recomputed

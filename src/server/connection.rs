@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +41,13 @@ const HANDED_OVER: &str = "authenticated: handed to the main runtime";
 
 /// Why the reader stopped when the client made no progress for the idle timeout.
 const IDLE: &str = "idle timeout";
+
+/// Why the reader stopped at the server's shutdown.
+const SHUTDOWN: &str = "shutdown";
+
+/// Why the reader stopped when a frame of its own found no room in the writer's queue
+/// ([`Conn::send`]).
+const STALLED: &str = "client not reading its replies";
 
 /// Refused WRITE or PUT requests whose DATA frame is still to be dropped, per connection.
 const MAX_DISCARDS: usize = 1024;
@@ -326,6 +333,11 @@ struct Conn {
     auth_deadline: Instant,
     /// Cancelled when the connection ends: stops every stream.
     done: CancellationToken,
+    /// The server's shutdown.
+    shutdown: CancellationToken,
+    /// A frame of the read loop's found no room in the writer's queue within the idle timeout
+    /// (or before shutdown): the client does not read, and the connection is given up.
+    stalled: AtomicBool,
 }
 
 /// Serves one accepted connection. `handover` is the main runtime when this runs on the startup
@@ -344,7 +356,7 @@ pub async fn serve(
         let auth_deadline = Instant::now() + server.config.auth_timeout;
         let t = transport::establish(stream, &server, startup.evicted(), auth_deadline).await;
         if let Some(t) = t {
-            let mut conn = Conn::new(t.subject, peer, server, startup, handover);
+            let mut conn = Conn::new(t.subject, peer, server, startup, handover, &shutdown);
             conn.socket = t.socket;
             conn.auth_deadline = auth_deadline;
             speak(conn, t.rd, t.wr, t.tcp, shutdown).await;
@@ -369,7 +381,7 @@ pub async fn run(
     let Some(startup) = server.startups.admit(peer.ip(), trusted) else {
         return;
     };
-    let conn = Conn::new(subject, peer, server, startup, None);
+    let conn = Conn::new(subject, peer, server, startup, None, &shutdown);
     speak(conn, ReadSide::Stream(Box::new(rd)), wr, None, shutdown).await
 }
 
@@ -470,9 +482,10 @@ async fn finish(
     drop(conn);
     // The last reference to an open upload syncs it on drop: keep that off the reactor.
     tokio::task::spawn_blocking(move || drop(session));
-    // A client that took nothing for the idle timeout will not take the rest either.
+    // A client that took nothing for the idle timeout will not take the rest either; on
+    // shutdown the streams had the grace period already.
     let flush = match reason {
-        IDLE => Duration::from_secs(1),
+        IDLE | STALLED | SHUTDOWN => Duration::from_secs(1),
         _ => Duration::from_secs(10),
     };
     let mut writer = writer;
@@ -510,8 +523,11 @@ impl Conn {
         server: Arc<Server>,
         startup: Startup,
         handover: Option<Handle>,
+        shutdown: &CancellationToken,
     ) -> Conn {
         Conn {
+            shutdown: shutdown.clone(),
+            stalled: AtomicBool::new(false),
             base_chunk_size: server.config.chunk_size,
             client_max_frame: MAX_CHUNK_SIZE,
             compress_level: 0,
@@ -572,11 +588,14 @@ impl Conn {
         // The inbound budget taken for the DATA frame being read, before its payload is.
         let mut admitted: Option<Received> = None;
         loop {
+            if self.stalled.load(Ordering::Relaxed) {
+                return STALLED;
+            }
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
                     self.send_error(Cmd::PING, 0, ErrorCode::ShuttingDown, "server shutting down").await;
-                    return "shutdown";
+                    return SHUTDOWN;
                 }
                 // Only ever cancelled before Auth: an authenticated connection has left the queue.
                 _ = evicted.cancelled(), if self.session.is_none() => {
@@ -711,14 +730,23 @@ impl Conn {
     }
 
     async fn send_error(&self, cmd: Cmd, sid: u32, code: ErrorCode, message: impl Into<String>) {
-        let _ = self
-            .tx
-            .send(Outgoing::Frame(Frame::error(cmd, sid, &code.msg(message))))
-            .await;
+        self.send(Frame::error(cmd, sid, &code.msg(message))).await
     }
 
+    /// Queues a frame of the read loop's own (an error reply, a refusal). The loop waits for
+    /// room in the writer's queue, so a client that does not read its replies is not read from
+    /// either; but not past the idle timeout nor the server's shutdown: then the frame is
+    /// dropped and the connection is [`Conn::stalled`], which ends the read loop. Before, the
+    /// loop waited for ever, its timers with it: a client that stopped reading kept its
+    /// connection, and fsd from exiting on SIGTERM (review E, stop 30).
     async fn send(&self, f: Frame) {
-        let _ = self.tx.send(Outgoing::Frame(f)).await;
+        let give_up = tokio::time::sleep(self.server.config.idle_timeout);
+        tokio::select! {
+            biased;
+            _ = self.tx.send(Outgoing::Frame(f)) => {}
+            _ = self.shutdown.cancelled() => self.stalled.store(true, Ordering::Relaxed),
+            _ = give_up => self.stalled.store(true, Ordering::Relaxed),
+        }
     }
 
     /// Routes one frame. Returns a reason when the connection must close.
