@@ -584,6 +584,57 @@ fn a_corrupt_write_request_ends_its_stream_exactly_once() {
     assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
 }
 
+/// A CANCEL that reaches fsd between a WRITE request and its DATA frame ends the stream with
+/// one final frame, Cancelled: the DATA frame that was on its way is dropped unanswered. Before,
+/// it got a second final frame (BadStream), which a client that reused the stream after
+/// Cancelled (as §6.5 allows) took for the failure of its next request (review E, stop 30).
+#[test]
+fn a_write_cancelled_before_its_data_ends_its_stream_exactly_once() {
+    let s = Fsd::start();
+    let mut r = Raw::authed(s.addr);
+    let open: msg::OpenResponse = r
+        .call(
+            Cmd::OPEN,
+            1,
+            &msg::OpenRequest {
+                path: "u".into(),
+                mode: msg::OpenMode::OpenWrite as i32,
+                size: 10,
+                resume_key: "k".into(),
+                ..Default::default()
+            },
+        )
+        .decode()
+        .unwrap();
+    let write = msg::WriteRequest {
+        handle: open.handle,
+        chunk: 0,
+    };
+    let data = Frame::new(
+        Cmd::WRITE,
+        10,
+        flags::DATA | flags::END,
+        Bytes::from_static(b"0123456789"),
+    );
+    r.send_msg(Cmd::WRITE, 10, 0, &write);
+    r.send(&Frame::new(Cmd::CANCEL, 10, flags::END, Bytes::new()))
+        .unwrap();
+    r.send(&data).unwrap();
+    // The stream reused at once, as after its final frame.
+    r.send_msg(Cmd::WRITE, 10, 0, &write);
+    r.send(&data).unwrap();
+    let first = r.recv().unwrap();
+    assert_eq!(first.stream_id(), 10);
+    assert_eq!(code(&first), ErrorCode::Cancelled);
+    let second = r.recv().unwrap();
+    assert_eq!(second.stream_id(), 10);
+    assert!(
+        !second.header.is_error(),
+        "the reused stream's WRITE got {:?}",
+        error_of(&second)
+    );
+}
+
 /// SIGTERM stops fsd promptly, even when nobody reads its stderr any more (a log line must not
 /// turn into a panic that kills the shutdown path).
 #[test]

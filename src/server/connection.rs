@@ -928,6 +928,9 @@ impl Conn {
                     self.streams.lock().unwrap().remove(&sid);
                     self.send_error(p.cmd(), sid, ErrorCode::Cancelled, "cancelled")
                         .await;
+                    // Its DATA frame may be on the way already: dropped unanswered, as a
+                    // refused WRITE's is, so that the stream gets one final frame only.
+                    return self.discard_next_data(sid);
                 } else if let Some(t) = self.streams.lock().unwrap().get(&sid) {
                     t.cancel();
                 }
