@@ -717,3 +717,92 @@ fn an_upload_reopened_at_a_bigger_base_resumes_with_its_own_chunk_size() {
     );
     assert_eq!(again.bitmap, vec![0b0000_1001]);
 }
+
+/// `restart` means the same whatever the reopening connection's base: an upload begun at a
+/// 64 KiB base (6 chunks) and restarted from a 1 MiB-base connection (one chunk there) is
+/// Busy while its first connection holds it open, and once that one is gone its stored state
+/// is discarded, so a later OPEN at 64 KiB starts empty (PROTOCOL.md §10.2). Before, the
+/// restart got a fresh single-chunk upload under the same id while the other was open (its
+/// COMMIT could publish other content), and the stored chunks were resumed afterwards
+/// (review E, stop 30).
+#[test]
+fn a_restart_from_a_bigger_base_is_busy_while_open_and_discards_the_stored_upload() {
+    const SMALL: u32 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let s = Fsd::start_on(&root, &[]);
+    let data = random_bytes(327_687, 18);
+    let size = u64::try_from(data.len()).unwrap();
+    let open = |r: &mut Raw, sid: u32, restart: bool| -> Frame {
+        r.call(
+            Cmd::OPEN,
+            sid,
+            &msg::OpenRequest {
+                path: "f.bin".into(),
+                mode: msg::OpenMode::OpenWrite as i32,
+                size,
+                resume_key: "k".into(),
+                restart,
+                ..Default::default()
+            },
+        )
+    };
+    let mut first = Raw::authed_as(s.addr, TOKEN, SMALL);
+    let up: msg::OpenResponse = open(&mut first, 3, false).decode().unwrap();
+    assert_eq!((up.chunk_size, up.chunk_count), (SMALL, 6));
+    first.send_msg(
+        Cmd::WRITE,
+        5,
+        0,
+        &msg::WriteRequest {
+            handle: up.handle,
+            chunk: 0,
+        },
+    );
+    first
+        .send(&Frame::new(
+            Cmd::WRITE,
+            5,
+            flags::DATA | flags::END,
+            Bytes::copy_from_slice(&data[..usize::try_from(SMALL).unwrap()]),
+        ))
+        .unwrap();
+    let ack = first.recv().unwrap();
+    assert!(!ack.header.is_error(), "{:?}", error_of(&ack));
+
+    let mut big = Raw::authed_as(s.addr, TOKEN, 1 << 20);
+    let busy = open(&mut big, 3, true);
+    assert!(
+        busy.header.is_error(),
+        "a restart while open elsewhere was accepted"
+    );
+    assert_eq!(
+        ErrorCode::from_u32(error_of(&busy).code),
+        Some(ErrorCode::Busy),
+        "{:?}",
+        error_of(&busy)
+    );
+
+    drop(first);
+    // Its handle closes with its connection; the restart then discards the stored upload.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let restarted = loop {
+        let f = open(&mut big, 5, true);
+        if !(f.header.is_error() && ErrorCode::from_u32(error_of(&f).code) == Some(ErrorCode::Busy))
+            || Instant::now() > deadline
+        {
+            break f;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!restarted.header.is_error(), "{:?}", error_of(&restarted));
+    drop(big);
+    let mut again = Raw::authed_as(s.addr, TOKEN, SMALL);
+    let resumed: msg::OpenResponse = open(&mut again, 3, false).decode().unwrap();
+    assert_eq!(
+        resumed.bitmap,
+        vec![0],
+        "the restarted upload's stored chunks were resumed"
+    );
+}

@@ -54,7 +54,7 @@ pub const REWRITE_SLACK_CHUNKS: u64 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("upload {id} is in use by another server process")]
+    #[error("upload {id} is in use (open on another connection or server process)")]
     Busy { id: String },
     #[error("chunk {chunk} out of range (upload has {count} chunks)")]
     BadChunk { chunk: u32, count: u32 },
@@ -341,16 +341,14 @@ impl UploadStore {
         self.tally.lock().unwrap().usage(owner)
     }
 
-    /// Opens (resuming when possible) or creates the upload for `p`. Blocking.
-    /// Whether OPEN WRITE `p` may find state of upload `id` to resume: a resume key (PUT and
-    /// TREE_WRITE have none), no `restart`, and the upload live in this process or its record
-    /// in the state directory.
-    fn may_resume(&self, p: &UploadParams, id: &str) -> bool {
+    /// Whether resumable upload `id` of OPEN WRITE `p` lives in this process or has its record
+    /// in the state directory (PUT and TREE_WRITE, without a resume key, have none).
+    fn known(&self, p: &UploadParams, id: &str) -> bool {
         !p.resume_key.is_empty()
-            && !p.restart
             && (self.live.lock().unwrap().contains_key(id) || self.path(id, "state").exists())
     }
 
+    /// Opens (resuming when possible) or creates the upload for `p`. Blocking.
     pub fn open(&self, p: &UploadParams) -> Result<Arc<Upload>, UploadError> {
         let id = p.id();
         let io_err = |source| UploadError::Io {
@@ -359,9 +357,10 @@ impl UploadStore {
         };
         let chunk_size = chunk_size_for(p.size, p.base_chunk_size);
         // One chunk at this connection's base: sent whole, without state, unless an upload of
-        // it begun at a smaller base is here to resume (it keeps its chunk size, PROTOCOL.md
-        // §8.1; answering stateless left it orphaned until its TTL, counted in the quota).
-        if chunk_count(p.size, chunk_size) <= 1 && !self.may_resume(p, &id) {
+        // it begun at a smaller base is here, to resume (it keeps its chunk size, PROTOCOL.md
+        // §8.1; answering stateless left it orphaned until its TTL, counted in the quota) or,
+        // with `restart`, to be refused while open elsewhere (Busy) and discarded otherwise.
+        if chunk_count(p.size, chunk_size) <= 1 && !self.known(p, &id) {
             return self.open_stateless(p, id, chunk_size);
         }
         let mut waited = 0;
@@ -424,7 +423,9 @@ impl UploadStore {
         };
         let fresh = record.is_none();
         if fresh && chunk_count(p.size, chunk_size) <= 1 {
-            // What may_resume saw was not resumable after all (damaged, another file's).
+            // Restarted, or what `known` saw was not resumable after all (damaged, another
+            // file's): its files go, under the lease, so that no later OPEN resumes them.
+            self.discard(&id).map_err(io_err)?;
             return self.open_stateless(p, id, chunk_size);
         }
         if fresh {
@@ -522,6 +523,18 @@ impl UploadStore {
     /// New, empty data, log and sums files for a fresh upload; never old ones truncated: a node
     /// whose lease ran out may still write those (fs::lease). O_EXCL: a name that reappears
     /// meanwhile is not shared either.
+    /// Removes upload `id`'s files and its count in the quota. The caller holds its lease.
+    fn discard(&self, id: &str) -> io::Result<()> {
+        for ext in ["state", "data", "log", "sums"] {
+            match std::fs::remove_file(self.path(id, ext)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        self.tally.lock().unwrap().remove(id);
+        Ok(())
+    }
+
     fn create_files(&self, id: &str, size: u64) -> io::Result<(File, File, Sums)> {
         let new = |ext: &str, append: bool| {
             let path = self.path(id, ext);
