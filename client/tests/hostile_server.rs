@@ -397,6 +397,7 @@ impl Fake {
                             ..Default::default()
                         }],
                         more: false,
+                        unlisted: 0,
                     };
                     return msg_reply(&|| r.encode_to_vec());
                 }

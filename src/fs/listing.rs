@@ -79,9 +79,16 @@ pub struct Scan {
     bytes: usize,
     /// Some name after `after` was left out: the directory holds more than the kept names.
     truncated: bool,
+    /// Names the caller could not offer (not UTF-8).
+    unlisted: u32,
 }
 
 impl Scan {
+    /// Counts a name that cannot be listed (the caller leaves it out).
+    pub fn unlisted(&mut self) {
+        self.unlisted = self.unlisted.saturating_add(1);
+    }
+
     /// Offers one name read from the directory (the caller has left out names never listed).
     pub fn offer(&mut self, name: String) {
         if name <= self.after {
@@ -110,6 +117,7 @@ impl Scan {
             after: self.after,
             names: self.heap.into_sorted_vec(),
             truncated: self.truncated,
+            unlisted: self.unlisted,
         }
     }
 }
@@ -123,6 +131,8 @@ pub struct Cursor {
     after: String,
     names: Vec<String>,
     truncated: bool,
+    /// Names of the directory that cannot be listed (not UTF-8), at the scan.
+    unlisted: u32,
     /// Worth keeping: small enough, and the stamp will show the directory's next change.
     keep: bool,
 }
@@ -138,6 +148,11 @@ impl Cursor {
 
     fn start(&self, after: &str) -> usize {
         self.names.partition_point(|n| n.as_str() <= after)
+    }
+
+    /// Names of the directory that cannot be listed (not UTF-8), at the scan.
+    pub fn unlisted(&self) -> u32 {
+        self.unlisted
     }
 
     /// The (at most `limit`) names after `after`, and whether the directory holds more after
@@ -194,6 +209,7 @@ impl ListCursors {
             heap: BinaryHeap::new(),
             bytes: dir.len() + after.len(),
             truncated: false,
+            unlisted: 0,
         }
     }
 

@@ -440,9 +440,10 @@ impl Root {
     }
 
     /// Lists a directory: entries sorted bytewise by name, only names after `after` (the last
-    /// name of the previous page; "" for the first page), at most `limit`. Returns the entries
-    /// and whether more remain. Symlinks are reported as such with their text, never followed;
-    /// the reserved name and non-UTF-8 names (logged) are left out. The page comes from one of
+    /// name of the previous page; "" for the first page), at most `limit`. Returns the entries,
+    /// whether more remain, and how many names were left out because they are not UTF-8.
+    /// Symlinks are reported as such with their text, never followed; the reserved name and
+    /// non-UTF-8 names (logged and counted) are left out. The page comes from one of
     /// `cursors` when one still serves it, else from a scan that leaves a cursor for the next
     /// pages (see [`crate::fs::listing`]).
     pub fn list(
@@ -451,7 +452,7 @@ impl Root {
         after: &str,
         limit: usize,
         cursors: &mut ListCursors,
-    ) -> Result<(Vec<msg::Entry>, bool), FsError> {
+    ) -> Result<(Vec<msg::Entry>, bool, u32), FsError> {
         self.check(path)?;
         let fd = self.open_beneath(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
         // Before any readdir: a change during the scan then shows as a different stamp.
@@ -465,6 +466,7 @@ impl Root {
                     let name = name.map_err(errno(path))?;
                     let Ok(name) = name.into_string() else {
                         tracing::warn!(dir = %shown(path), "skipping a non-UTF-8 name in a listing");
+                        scan.unlisted();
                         continue;
                     };
                     if self.reserved.as_deref() != Some(name.as_str()) {
@@ -475,6 +477,7 @@ impl Root {
             }
         };
         let (names, more) = cursor.page(after, limit);
+        let unlisted = cursor.unlisted();
         let mut entries = Vec::with_capacity(names.len());
         for name in names {
             let child = if is_root(path) {
@@ -493,7 +496,7 @@ impl Root {
         if more {
             cursors.put(cursor);
         }
-        Ok((entries, more))
+        Ok((entries, more, unlisted))
     }
 
     /// Creates a directory (`mode` & 0o777, minus the umask). With `parents`, missing ancestors
@@ -1043,6 +1046,7 @@ mod tests {
         limit: usize,
     ) -> Result<(Vec<msg::Entry>, bool), FsError> {
         root.list(path, after, limit, &mut ListCursors::default())
+            .map(|(entries, more, _)| (entries, more))
     }
 
     fn names(entries: &[msg::Entry]) -> Vec<&str> {
@@ -1548,9 +1552,14 @@ mod tests {
         expected.extend(["sub", "ln"]);
         expected.sort();
 
-        let (all, more) = list(&f.root, "", "", 1000).unwrap();
+        let (all, more, unlisted) = f
+            .root
+            .list("", "", 1000, &mut ListCursors::default())
+            .unwrap();
         assert!(!more);
         assert_eq!(names(&all), expected);
+        // The non-UTF-8 name is left out, and counted for the client to report.
+        assert_eq!(unlisted, 1);
         let sub = all.iter().find(|e| e.name == "sub").unwrap();
         assert_eq!(sub.kind, msg::Kind::Dir as i32);
         let ln = all.iter().find(|e| e.name == "ln").unwrap();
@@ -1608,7 +1617,7 @@ mod tests {
         let mut seen: Vec<String> = Vec::new();
         for _ in 0..max_pages {
             let after = seen.last().cloned().unwrap_or_default();
-            let (page, more) = root.list(dir, &after, limit, cursors).unwrap();
+            let (page, more, _) = root.list(dir, &after, limit, cursors).unwrap();
             for e in page {
                 assert!(e.name > after, "{:?} served after {after:?}", e.name);
                 seen.push(e.name);
@@ -1649,7 +1658,7 @@ mod tests {
         let mut cursors = ListCursors::default();
         let mut after = String::new();
         for expected in &all[..300] {
-            let (page, more) = f.root.list("big", &after, 1, &mut cursors).unwrap();
+            let (page, more, _) = f.root.list("big", &after, 1, &mut cursors).unwrap();
             assert_eq!(names(&page), [expected.as_str()]);
             assert!(more);
             after = page[0].name.clone();
@@ -1678,8 +1687,10 @@ mod tests {
         let f = Fixture::new();
         let mut expected = big_dir(&f, 100);
         let mut cursors = ListCursors::default();
-        let (first, _) = f.root.list("big", "", 10, &mut cursors).unwrap();
-        let (second, _) = f.root.list("big", "f00009", 10, &mut cursors).unwrap();
+        let (first, _, unlisted) = f.root.list("big", "", 10, &mut cursors).unwrap();
+        // A page served from the kept cursor still counts what was left out.
+        let (second, _, unlisted_later) = f.root.list("big", "f00009", 10, &mut cursors).unwrap();
+        assert_eq!((unlisted, unlisted_later), (1, 1));
         assert_eq!(names(&second), expected[10..20]);
         assert_eq!(cursors.scans(), 1);
 
@@ -1691,7 +1702,7 @@ mod tests {
         let mut seen: Vec<String> = first.into_iter().chain(second).map(|e| e.name).collect();
         for _ in 0..100 {
             let after = seen.last().unwrap().clone();
-            let (page, more) = f.root.list("big", &after, 10, &mut cursors).unwrap();
+            let (page, more, _) = f.root.list("big", &after, 10, &mut cursors).unwrap();
             seen.extend(page.into_iter().map(|e| e.name));
             if !more {
                 break;
@@ -1740,7 +1751,7 @@ mod tests {
                     scans += cursors.scans();
                     cursors = ListCursors::default();
                 }
-                let (page, more) = f.root.list("big", &after, 1, &mut cursors).unwrap();
+                let (page, more, _) = f.root.list("big", &after, 1, &mut cursors).unwrap();
                 assert!(more && page.len() == 1);
                 after = page[0].name.clone();
             }

@@ -59,7 +59,8 @@ pub async fn list(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
     let mut cursors = session.lists.clone().lock_owned().await;
     blocking(session, move |s| {
         let p = s.path(&path)?;
-        let (mut entries, mut more) = s.root().list(p, &req.after, limit, &mut cursors)?;
+        let (mut entries, mut more, unlisted) =
+            s.root().list(p, &req.after, limit, &mut cursors)?;
         // Long names and symlink targets could push a page past the control-frame limit: end
         // the page early instead (the client pages on with `after`).
         let mut total = 16;
@@ -71,7 +72,12 @@ pub async fn list(session: &Arc<Session>, payload: Bytes) -> Result<Bytes, Failu
             more = true;
         }
         Ok(Bytes::from(
-            msg::ListResponse { entries, more }.encode_to_vec(),
+            msg::ListResponse {
+                entries,
+                more,
+                unlisted,
+            }
+            .encode_to_vec(),
         ))
     })
     .await
