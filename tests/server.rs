@@ -812,4 +812,45 @@ fn the_hello_chunk_size_fits_the_server_s_max_frame() {
         "{:?}",
         error_of(&too_big)
     );
+    // The same for reading: a (sparse) file over 2^20 chunks of the client's 64 KiB frames
+    // needs 128 KiB chunks. It was BadRequest (review E, stop 30), which a client branching on
+    // the documented code never took for "reconnect with a bigger max_frame".
+    std::fs::File::create(dir.path().join("sparse"))
+        .unwrap()
+        .set_len((1 << 36) + 1)
+        .unwrap();
+    let mut small = Raw::connect(s.addr);
+    small.send_msg(
+        Cmd::HELLO,
+        0,
+        flags::END,
+        &msg::Hello {
+            version: 1,
+            max_frame: 65536,
+            ..Default::default()
+        },
+    );
+    assert_eq!(small.recv().unwrap().cmd(), Cmd::HELLO);
+    let auth = small.call(
+        Cmd::AUTH,
+        1,
+        &msg::Auth {
+            token: TOKEN.into(),
+        },
+    );
+    assert!(!auth.header.is_error());
+    let read = small.call(
+        Cmd::OPEN,
+        7,
+        &msg::OpenRequest {
+            path: "sparse".into(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        code(&read),
+        ErrorCode::LimitExceeded,
+        "{:?}",
+        error_of(&read)
+    );
 }

@@ -250,9 +250,10 @@ async fn open_read(session: &Arc<Session>, req: msg::OpenRequest) -> Result<Open
         let (file, meta) = s.root().open_read(s.path(&req.path)?)?;
         let chunk_size = chunk_size_for(meta.size(), s.base_chunk_size);
         if chunk_size > s.client_max_frame {
-            // A file this big needs chunks over the client's frames: retrying cannot help.
+            // A file this big needs chunks over the client's frames: the client must reconnect
+            // with a bigger max_frame (PROTOCOL.md §7).
             return Err(Failure::new(
-                ErrorCode::BadRequest,
+                ErrorCode::LimitExceeded,
                 format!(
                     "file needs {chunk_size}-byte chunks; client accepts {}",
                     s.client_max_frame
