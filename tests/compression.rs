@@ -362,6 +362,7 @@ fn chunks_compressed_once_are_served_from_the_cache() {
     let z = &s.server.zchunks.stats;
     let data = log_text((6 << 20) - 1000, 5);
     std::fs::write(root.join("mixed.bin"), &data).unwrap();
+    past_racy_window();
     let local = tempfile::tempdir().unwrap();
     let addr = s.addr.to_string();
     let mut wires = Vec::new();
@@ -474,6 +475,7 @@ fn bytes_that_are_not_the_manifest_s_are_neither_compressed_nor_cached() {
     let path = root.join("t.log");
     let data = log_text(3 << 20, 11);
     std::fs::write(&path, &data).unwrap();
+    past_racy_window();
     let mut r = Raw::connect(s.addr);
     assert_eq!(hello(&mut r, 3).compress_level, 3);
     let f = r.call(

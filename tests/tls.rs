@@ -533,6 +533,7 @@ fn unread_reads_over_tls_hold_bounded_memory() {
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
     write_random(&root.join("big"), 16 * MIB, 3);
+    past_racy_window();
     let (s, _) = tls_fsd(&root, &pki, "server", &[]);
     let ca = pki.path("ca.pem");
     let open = msg::OpenRequest {

@@ -115,7 +115,26 @@ pub struct Version {
     pub chunk_size: u32,
 }
 
+/// How long after a change a file's or directory's timestamps may still not show the next
+/// one: they have 1 s granularity on some file systems (ext4 with 128-byte inodes, ext3,
+/// NFSv3), 2 s on FAT, and a change within the same tick leaves them as they were.
+pub const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Version {
+    /// Whether this version changed so recently, by the clock at `now`, that a further change
+    /// might not show in its timestamps: what was learned of its content then (a manifest)
+    /// must not be kept under it. Review D (stop 30): on ext4 with 1 s timestamps a file
+    /// rewritten within the second of its first download kept its manifest; every later
+    /// download failed, and `download -c` and delta downloads exited 0 with the old bytes.
+    pub fn is_racy(&self, now: std::time::SystemTime) -> bool {
+        let Ok(now) = now.duration_since(std::time::UNIX_EPOCH) else {
+            return true;
+        };
+        let changed = i128::from(self.mtime_ns.max(self.ctime_ns));
+        let now = i128::try_from(now.as_nanos()).unwrap_or(i128::MAX);
+        changed.saturating_add(i128::try_from(RACY.as_nanos()).unwrap_or(i128::MAX)) > now
+    }
+
     pub fn of(ids: &RootId, meta: &Metadata, chunk_size: u32) -> Version {
         Version {
             volume: ids.volume(meta.dev()),

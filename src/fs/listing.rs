@@ -16,7 +16,7 @@
 //! No I/O here: [`crate::fs::root::Root::list`] reads the directory and stats the entries.
 
 use std::collections::{BinaryHeap, VecDeque};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::sys::stat::FileStat;
 
@@ -25,10 +25,8 @@ use nix::sys::stat::FileStat;
 pub const CURSOR_BYTES: usize = 256 * 1024;
 /// Cursors kept per connection, one per directory: fsc's tree walk pages several at once.
 pub const MAX_CURSORS: usize = 4;
-/// A directory changed this recently is not trusted to show its next change in its stamp:
-/// timestamps have 1 s granularity on some file systems (ext4 with small inodes, NFSv3), 2 s on
-/// FAT.
-pub const RACY: Duration = Duration::from_secs(2);
+/// A directory changed this recently is not trusted to show its next change in its stamp.
+pub use super::identity::RACY;
 
 /// What a kept name costs in memory.
 fn cost(name: &str) -> usize {

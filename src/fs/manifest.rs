@@ -4,7 +4,7 @@
 //! frames go out by sendfile with their checksum already known; its chaining values let a
 //! client keep the chunks of an old local version that are still equal (chunk delta).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -46,6 +46,9 @@ pub struct Manifest {
     pub blake3: [u8; 32],
     /// Opaque version id sent to clients: changes whenever the content may have changed.
     pub identity: String,
+    /// Computed for a version that changed too recently to be known by its timestamps
+    /// ([`Version::is_racy`]): not cached, and nothing learned from it may be either.
+    pub racy: bool,
 }
 
 /// The cache file of a version's manifest: one per file and chunk size, whichever node
@@ -82,8 +85,16 @@ pub struct ManifestCache {
     mem: Mutex<Memory>,
     /// Versions being read from disk or computed: a second get of one waits for the first
     /// instead of reading the whole file again (several OPENs of a big file not seen before).
-    pending: Mutex<HashSet<Version>>,
+    /// Each with the number of its fetch.
+    pending: Mutex<HashMap<Version, u64>>,
     done: Condvar,
+    /// Numbers fetches.
+    fetches: AtomicU64,
+    /// The manifests of racy versions ([`Manifest::racy`]) just fetched, with the fetch's
+    /// number, for the gets that waited for that fetch only: they asked while it ran, so its
+    /// result is as fresh as their request. Never a cache (a later get computes again); dead
+    /// entries go at each insert.
+    racy: Mutex<HashMap<Version, (u64, Weak<Manifest>)>>,
     disk: LruDir,
     ids: RootId,
     pub stats: ManifestStats,
@@ -95,6 +106,8 @@ impl ManifestCache {
             mem: Mutex::new(Memory::default()),
             pending: Mutex::default(),
             done: Condvar::new(),
+            fetches: AtomicU64::new(0),
+            racy: Mutex::default(),
             disk: LruDir::open(dir, disk_bytes)?,
             ids,
             stats: ManifestStats::default(),
@@ -125,19 +138,47 @@ impl ManifestCache {
         }
         let _turn = turn();
         let mut pending = self.pending.lock().unwrap();
-        loop {
+        // The fetch this get waited for, if any.
+        let mut waited: Option<u64> = None;
+        let fetch = loop {
             if let Some(m) = self.mem.lock().unwrap().get(&v) {
                 self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(m);
             }
-            if pending.insert(v) {
-                break;
+            let running = pending.get(&v).copied();
+            if let Some(w) = waited.filter(|&w| running != Some(w)) {
+                // That fetch ended: its result, if it was racy (else it is in memory above).
+                let racy = self.racy.lock().unwrap();
+                if let Some(m) = racy
+                    .get(&v)
+                    .filter(|(n, _)| *n == w)
+                    .and_then(|e| e.1.upgrade())
+                {
+                    return Ok(m);
+                }
             }
-            pending = self.done.wait(pending).unwrap();
-        }
+            match running {
+                Some(n) => {
+                    waited = Some(n);
+                    pending = self.done.wait(pending).unwrap();
+                }
+                None => {
+                    let n = self.fetches.fetch_add(1, Ordering::Relaxed);
+                    pending.insert(v, n);
+                    break n;
+                }
+            }
+        };
         drop(pending);
-        let _fetching = Fetching { cache: self, v };
-        self.load_or_compute(file, &v)
+        let fetching = Fetching { cache: self, v };
+        let m = self.load_or_compute(file, &v)?;
+        if m.racy {
+            let mut racy = self.racy.lock().unwrap();
+            racy.retain(|_, (_, m)| m.strong_count() > 0);
+            racy.insert(v, (fetch, Arc::downgrade(&m)));
+        }
+        drop(fetching);
+        Ok(m)
     }
 
     /// [`ManifestCache::get`] of a version not in memory, which this caller alone fetches.
@@ -149,10 +190,14 @@ impl ManifestCache {
                 m
             }
             None => {
-                let m = compute(file, &v)?;
+                let started = std::time::SystemTime::now();
+                let mut m = compute(file, &v)?;
                 self.stats.computed.fetch_add(1, Ordering::Relaxed);
-                // Only cache if the file did not change while we read it.
-                if Version::of(&self.ids, &file.metadata()?, chunk_size) != v {
+                // Only cache if the file did not change while we read it, and would show its
+                // next change in its timestamps.
+                if v.is_racy(started) || Version::of(&self.ids, &file.metadata()?, chunk_size) != v
+                {
+                    m.racy = true;
                     return Ok(Arc::new(m));
                 }
                 self.store(&v, &m);
@@ -197,6 +242,7 @@ impl ManifestCache {
                 .collect(),
             blake3: r.blake3.try_into().unwrap(),
             identity: v.identity(),
+            racy: false,
         })
     }
 
@@ -283,13 +329,16 @@ fn compute(file: &File, v: &Version) -> io::Result<Manifest> {
         blake3: root_hash(&cvs, v.chunk_size, v.size),
         cvs,
         identity: v.identity(),
+        racy: false,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs::identity::RACY;
     use crate::integrity::chunk_cv;
+    use std::time::Duration;
 
     #[test]
     fn the_memory_cache_is_bounded_by_bytes() {
@@ -304,6 +353,7 @@ mod tests {
                 cvs: Vec::new(),
                 blake3: [0; 32],
                 identity: String::new(),
+                racy: false,
             })
         };
         let version = |ino| Version {
@@ -357,6 +407,7 @@ mod tests {
                 cvs: vec![[0; 32]; n],
                 blake3: [0; 32],
                 identity: v.identity(),
+                racy: false,
             };
             cache.store(&v, &m);
         }
@@ -407,12 +458,50 @@ mod tests {
         assert!(got.iter().all(|m| Arc::ptr_eq(m, &got[0])));
     }
 
+    /// A version that changed less than RACY ago may change again without its timestamps
+    /// showing it (1 s granularity): its manifest is not kept, in memory or on disk; once it
+    /// is older, it is. Before, it was kept at once (review D, stop 30: on ext4 with 1 s
+    /// timestamps a file rewritten in the second of its first download kept its manifest).
+    #[test]
+    fn a_racy_version_s_manifest_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![5u8; 200_000]).unwrap();
+        let f = File::open(&path).unwrap();
+        let meta = f.metadata().unwrap();
+        let ids = RootId::new([7; 16], std::os::unix::fs::MetadataExt::dev(&meta));
+        let cache = ManifestCache::new(dir.path().join("m"), ids, DISK_BYTES).unwrap();
+        let first = cache.get(&f, &meta, 65536, || ()).unwrap();
+        assert!(first.racy);
+        cache.get(&f, &meta, 65536, || ()).unwrap();
+        assert_eq!(
+            cache.stats.computed.load(Ordering::Relaxed),
+            2,
+            "kept while racy"
+        );
+        assert_eq!(std::fs::read_dir(dir.path().join("m")).unwrap().count(), 0);
+        std::thread::sleep(RACY + Duration::from_millis(100));
+        assert!(!cache.get(&f, &meta, 65536, || ()).unwrap().racy);
+        cache.get(&f, &meta, 65536, || ()).unwrap();
+        assert_eq!(
+            cache.stats.computed.load(Ordering::Relaxed),
+            3,
+            "not kept once settled"
+        );
+    }
+
+    /// A file written more than RACY ago, so that its manifest is kept.
+    fn settled(path: &std::path::Path, data: &[u8]) {
+        std::fs::write(path, data).unwrap();
+        std::thread::sleep(RACY + Duration::from_millis(100));
+    }
+
     #[test]
     fn computes_once_then_hits_memory_then_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
+        settled(&path, &data);
         let f = File::open(&path).unwrap();
         let meta = f.metadata().unwrap();
         let ids = RootId::new([7; 16], std::os::unix::fs::MetadataExt::dev(&meta));

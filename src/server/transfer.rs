@@ -632,7 +632,8 @@ pub async fn read(session: &Arc<Session>, payload: Bytes, st: StreamTx) {
                     level,
                     index: i,
                 };
-                match packed_chunk(session, &file, offset, header, key, &probe).await {
+                let cache = !manifest.racy;
+                match packed_chunk(session, &file, offset, header, key, cache, &probe).await {
                     Ok(item) => item,
                     Err(e) => return st.fail(e).await,
                 }
@@ -662,7 +663,9 @@ thread_local! {
 }
 
 /// One chunk of a READ that asked for compression at `key.level`: from the compressed-chunk
-/// cache, else read and compressed if the probe says to try. The COMPRESSED frame if that
+/// cache (unless `use_cache` is false: a version too recent to be known by its timestamps,
+/// whose key may stand for other bytes in a moment), else read and compressed if the probe
+/// says to try. The COMPRESSED frame if that
 /// pays, else the chunk as it is, by sendfile (a chunk read to compress is not kept: the
 /// copy in the page cache serves it without one). A compressed chunk is held in the
 /// connection's reply budget until written.
@@ -672,6 +675,7 @@ async fn packed_chunk(
     offset: u64,
     header: Header,
     key: ChunkKey<'_>,
+    use_cache: bool,
     probe: &Arc<Probe>,
 ) -> Result<Outgoing, Failure> {
     let len = header.payload_len;
@@ -707,7 +711,7 @@ async fn packed_chunk(
             (h, Some(z))
         };
         // A cached result is what a try would have given: the probe learns from it too.
-        match cache.get(&key) {
+        match use_cache.then(|| cache.get(&key)).flatten() {
             Some(Cached::Packed(z)) => {
                 p.record(true);
                 return Ok(compressed(z));
@@ -737,7 +741,9 @@ async fn packed_chunk(
             return Ok::<_, std::io::Error>((header, None));
         };
         p.record(packed.is_some());
-        cache.put(&key, packed.as_deref());
+        if use_cache {
+            cache.put(&key, packed.as_deref());
+        }
         Ok(match packed {
             Some(z) => compressed(z),
             None => (header, None),

@@ -461,6 +461,13 @@ pub fn error_of(f: &Frame) -> msg::Error {
 /// A `kB` field of /proc/PID/status (VmRSS:, VmHWM:, ...), 0 if unreadable.
 /// Waits up to 10 s for `read()` to equal `want` and returns the last value read. Server
 /// counters are bumped after the bytes they count leave, so a client can finish first.
+/// Waits until the files written before now are older than fsd's racy window
+/// (fsd::fs::identity::RACY): only then does fsd keep what it learns of them (manifests,
+/// compressed chunks), since a change within the same timestamp tick would not show.
+pub fn past_racy_window() {
+    std::thread::sleep(fsd::fs::identity::RACY + Duration::from_millis(100));
+}
+
 pub fn settled(want: u64, read: impl Fn() -> u64) -> u64 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
