@@ -422,6 +422,7 @@ impl Fake {
                     let r = msg::ListResponse {
                         entries,
                         more: true,
+                        unlisted: 0,
                     };
                     return msg_reply(&|| r.encode_to_vec());
                 }
@@ -433,7 +434,11 @@ impl Fake {
                 entries.retain(|e| req.after.is_empty() || e.name > req.after);
                 let more = entries.len() > 1000;
                 entries.truncate(1000);
-                let r = msg::ListResponse { entries, more };
+                let r = msg::ListResponse {
+                    entries,
+                    more,
+                    unlisted: 0,
+                };
                 msg_reply(&|| r.encode_to_vec())
             }
             Cmd::OPEN => {
