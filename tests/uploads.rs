@@ -359,6 +359,24 @@ fn two_uploads_to_one_path_leave_exactly_one_of_them() {
     assert!(std::fs::read(s.root.join("same")).unwrap() == got);
 }
 
+/// The spare name a crash leaves when fsd dies between linking a small file's new version
+/// and renaming it over the old one (`replace.<nonce>.<n>` in the state directory's uploads)
+/// is collected after the upload TTL. Before, nothing ever removed it (review D, stop 30:
+/// still there after a restart and 8 s of collection at a 2 s TTL).
+#[test]
+fn a_spare_name_left_by_a_crash_is_collected() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Fsd::start_on(dir.path(), &["--upload-ttl", "1"]);
+    // What a kill -9 between the link and the rename leaves (Root::publish_anonymous).
+    let spare = s.state.join("uploads").join("replace.c3633f0e.0");
+    std::fs::write(&spare, vec![7u8; 500_000]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spare.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!spare.exists(), "the spare name was never collected");
+}
+
 #[test]
 fn idle_uploads_expire_after_the_ttl() {
     let dir = tempfile::tempdir().unwrap();

@@ -770,6 +770,22 @@ impl UploadStore {
                 }
                 continue;
             }
+            if name.starts_with("replace.") {
+                // The spare name of a small file being published over another
+                // (Root::publish_anonymous), left by a crash between its link and the rename.
+                // Aged by ctime, which the link set: its mtime is the client's. Review D
+                // (stop 30): one was still there after a restart and 8 s of GC at a 2 s TTL.
+                let age = e.metadata().ok().and_then(|m| {
+                    let ctime =
+                        std::time::UNIX_EPOCH + Duration::new(u64::try_from(m.ctime()).ok()?, 0);
+                    ctime.elapsed().ok()
+                });
+                if age.is_some_and(|age| age >= self.ttl) && std::fs::remove_file(e.path()).is_ok()
+                {
+                    removed += 1;
+                }
+                continue;
+            }
             // Chunk sums of an upload that is gone (published by a version that left them).
             let orphan_sums = name
                 .strip_suffix(".sums")
