@@ -179,11 +179,17 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     server::quotas::raise_nofile();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(args.max_blocking_threads.max(1))
-        .build()?
-        .block_on(serve(args))
+        .build()?;
+    let served = runtime.block_on(serve(args));
+    // Dropping the runtime would wait for every blocking thread, and one stuck in a file system
+    // that hangs (a dead FUSE or NFS server) would keep fsd from exiting whatever
+    // --shutdown-grace says (review D, stop 30: alive 60 s after SIGTERM). In-flight work had
+    // the grace period already.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 async fn serve(args: Args) -> Result<()> {
