@@ -82,17 +82,16 @@ impl Error {
     /// handshake failure included), 1 other.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Remote {
-                retryable: false, ..
-            }
-            | Error::UnsafeName(_) => 2,
+            // A retryable remote error that outlasted the retries (the server's disk full,
+            // an upload Busy) is still the server's answer, not a lost connection: it was 4
+            // (review D, stop 30: a full server disk read as "connection failed").
+            Error::Remote { .. } | Error::UnsafeName(_) => 2,
             Error::Integrity { .. } => 3,
             Error::Connect { .. }
             | Error::Tls { .. }
             | Error::ConnectionLost(_)
             | Error::Stalled(_)
-            | Error::Corrupt(_)
-            | Error::Remote { .. } => 4,
+            | Error::Corrupt(_) => 4,
             Error::Protocol(_) | Error::Io { .. } | Error::NoSpace { .. } | Error::Usage(_) => 1,
         }
     }

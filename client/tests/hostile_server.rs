@@ -106,6 +106,8 @@ struct Script {
     reads_answered: Option<u64>,
     /// Takes OPEN(WRITE) in chunks of this size; never acknowledges a WRITE.
     upload_chunk: Option<u32>,
+    /// Answers every OPEN(WRITE) with this error, marked retryable (a full disk, say).
+    refuse_writes: Option<ErrorCode>,
     /// What MANIFEST answers to a request for chaining values.
     cvs: CvsReply,
     /// STAT calls every file a directory: what a STAT sees just before a file takes the place
@@ -443,6 +445,14 @@ impl Fake {
             }
             Cmd::OPEN => {
                 let req: msg::OpenRequest = f.decode().unwrap();
+                if let (Some(code), true) = (
+                    self.script.refuse_writes,
+                    req.mode == msg::OpenMode::OpenWrite as i32,
+                ) {
+                    let mut e = code.msg("no space left on the server");
+                    e.retryable = true;
+                    return Answer::Frames(vec![Frame::error(Cmd::OPEN, sid, &e)]);
+                }
                 if let (Some(cs), true) = (
                     self.script.upload_chunk,
                     req.mode == msg::OpenMode::OpenWrite as i32,
@@ -1487,6 +1497,27 @@ async fn free_space_is_checked_and_never_left_reserved() {
         .unwrap_or_else(|| panic!("the part is kept for a resume: {out}"));
     // 4 MiB received (and a small state file); not the 8 MiB reserved.
     assert!((4096..5000).contains(&kib), "{kib} KiB allocated: {out}");
+}
+
+/// A retryable error the server still gives after fsc's retries (here: its disk is full) is
+/// a remote error, exit 2, not "connection failed" (4), which it was (review D, stop 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retryable_remote_error_that_outlasts_the_retries_exits_2() {
+    let (addr, _) = Fake::new()
+        .script(Script {
+            refuse_writes: Some(ErrorCode::NoSpace),
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("f");
+    std::fs::write(&src, vec![1u8; 3 << 20]).unwrap();
+    let (server, s) = (addr.to_string(), src.display().to_string());
+    let args = ["--retries", "1", "upload", &server, &s, "up"];
+    let m = fsc_measured(&args, Duration::from_secs(60), false).await;
+    assert_eq!(m.code, Some(2), "{}", m.stderr);
+    assert!(m.stderr.contains("no space"), "{}", m.stderr);
 }
 
 /// Item 7: an upload in the largest chunks a server may choose, with `-j 4` and no WRITE ever
