@@ -567,6 +567,17 @@ fn a_commit_whose_answer_was_lost_is_answered_by_id_on_another_node() {
     let bogus = commit(&mut rb, 9, 0, "../../etc/passwd", hash.as_bytes());
     assert_eq!(error_of(&bogus).code, ErrorCode::NotFound as u32);
     assert_eq!(std::fs::read(a.root.join("g.bin")).unwrap(), data);
+    // The destination replaced since: still the identity the COMMIT answered. Before, the
+    // record held the identity from before the rename (whose ctime the rename changed), which
+    // no client was ever told (review E, stop 30).
+    let tmp = a.root.join("g.bin.new");
+    std::fs::write(&tmp, b"another file").unwrap();
+    std::fs::rename(&tmp, a.root.join("g.bin")).unwrap();
+    let replaced: msg::CommitResponse = ok(
+        &commit(&mut rb, 11, 0, &up.upload_id, hash.as_bytes()),
+        "commit by id after the destination was replaced",
+    );
+    assert_eq!(replaced.identity, done.identity);
 }
 
 /// fsc end to end: the connection drops just before the COMMIT's answer arrives. With

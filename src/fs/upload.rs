@@ -1581,7 +1581,7 @@ impl Upload {
                 // Still ours: a node that took the upload over may be writing it (the periodic
                 // renewal would only notice later).
                 self.check_owned()?;
-                self.write_commit_record(&before, ids)?;
+                self.write_commit_record(before.ino(), ids.identity(&before))?;
             }
             // The file this replaces is kept linked until the reply is on its way.
             let replaced = CString::new(format!("{}.replaced", self.id)).unwrap();
@@ -1604,8 +1604,13 @@ impl Upload {
                 }
             };
 
+            let ino = before.ino();
             let done = self.named(before, ids);
             if self.resumable() {
+                // The record again, with the identity the COMMIT answers (the rename changed
+                // the ctime): a COMMIT retried after the name was replaced gets that one. Best
+                // effort: a crash before it leaves the record from before the rename.
+                let _ = self.write_commit_record(ino, done.1.clone());
                 // `data` is gone after a rename; after a link whose unlink failed, this tries
                 // again (the lock goes last: until then no other node can open the upload).
                 for ext in ["data", "state", "log", "sums", "lock"] {
@@ -1661,19 +1666,17 @@ impl Upload {
 
     /// `<id>.done`, synced before the publish: from the rename on, a COMMIT by upload id on
     /// any node is answered from it ([`UploadStore::committed`]).
-    fn write_commit_record(
-        &self,
-        data: &std::fs::Metadata,
-        ids: &RootId,
-    ) -> Result<(), UploadError> {
+    /// The commit record of this upload, whose data file is inode `ino`, published with
+    /// `identity`.
+    fn write_commit_record(&self, ino: u64, identity: String) -> Result<(), UploadError> {
         let record = CommitRecord {
             owner: self.params.owner.clone(),
             dest: self.params.dest.clone(),
             path: self.params.path.clone(),
             size: self.params.size,
             blake3: self.inner.lock().unwrap().verified.to_vec(),
-            ino: data.ino(),
-            identity: ids.identity(data),
+            ino,
+            identity,
         };
         let path = self.dir.join(format!("{}.done", self.id));
         let write = || -> io::Result<()> {
