@@ -7,6 +7,7 @@
 //! - [`direct`]: O_DIRECT writes of big files' chunks, used by server and client.
 //! - [`frame_reader`]: reading frames off a connection, used by server and client.
 //! - [`payload_pool`]: buffers of large DATA payloads used again, for the frame reader.
+//! - [`nofile`]: the open-file limit, raised at start and read, by server and client.
 //! - [`net`]: TCP settings for long paths (congestion control, send buffer, pacing) and rate
 //!   limits, used by server and client.
 //! - [`ledbat`]: background transfers that yield to other traffic (a LEDBAT-like pacing
@@ -21,6 +22,7 @@ pub mod fskind;
 pub mod integrity;
 pub mod ledbat;
 pub mod net;
+pub mod nofile;
 pub mod payload_pool;
 pub mod protocol;
 pub mod server;

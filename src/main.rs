@@ -178,7 +178,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    server::quotas::raise_nofile();
+    fsd::nofile::raise();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(args.max_blocking_threads.max(1))

@@ -331,6 +331,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    fsd::nofile::raise();
     // Parsed through the matches: they keep where each filter rule stood.
     let parsed = Cli::command()
         .try_get_matches()

@@ -326,7 +326,7 @@ impl Server {
         let manifests =
             ManifestCache::new(state_abs.join("manifests"), ids, config.manifest_cache)?;
         let zchunks = ChunkCache::new(state_abs.join("zchunks"), config.compress_cache)?;
-        let nofile = quotas::nofile();
+        let nofile = crate::nofile::limit();
         let fd_budget = nofile.saturating_sub(quotas::FD_RESERVE).max(64);
         // At least half the descriptors stay for the handles of the connections.
         let max_connections = config.max_connections.min(fd_budget / 2).max(1);

@@ -249,25 +249,6 @@ impl Accounts {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit, as servers that hold many sockets
-/// do (the fsd binary, at start).
-pub fn raise_nofile() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
-}
-
-/// The soft limit on open files in force.
-pub fn nofile() -> usize {
-    use nix::sys::resource::{getrlimit, Resource};
-    getrlimit(Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
-        .unwrap_or(1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
