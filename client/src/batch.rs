@@ -625,6 +625,7 @@ fn read_files(root: &Path, names: Vec<String>, max_file: u64) -> Vec<Read1> {
         if !md.is_file() || md.len() > max_file {
             continue;
         }
+        let read_at = std::time::SystemTime::now();
         // At most `max_file` (checked above).
         let mut data = Vec::with_capacity(usize::try_from(md.len()).unwrap_or(0));
         if (&file).take(max_file + 1).read_to_end(&mut data).is_err()
@@ -633,9 +634,17 @@ fn read_files(root: &Path, names: Vec<String>, max_file: u64) -> Vec<Read1> {
             continue;
         }
         let Ok(after) = file.metadata() else { continue };
+        let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+        let (mtime_ns, ctime_ns) = (
+            ns(md.mtime(), md.mtime_nsec()),
+            ns(md.ctime(), md.ctime_nsec()),
+        );
+        // Changed since, or so recently that a change may not show yet: such a file goes by
+        // the per-file path, which checks it again once it settled (upload::settles_at).
         if after.len() != md.len()
-            || after.mtime_nsec() != md.mtime_nsec()
-            || after.mtime() != md.mtime()
+            || ns(after.mtime(), after.mtime_nsec()) != mtime_ns
+            || ns(after.ctime(), after.ctime_nsec()) != ctime_ns
+            || crate::upload::settles_at(mtime_ns, ctime_ns, read_at).is_some()
         {
             continue;
         }

@@ -15,6 +15,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
@@ -106,7 +107,7 @@ impl Client {
                 committing: Mutex::new(None),
                 probe: Arc::default(),
                 replaces,
-                src,
+                src: Arc::new(src),
             };
             job.run().await
         }
@@ -135,6 +136,9 @@ struct Source {
     path: PathBuf,
     size: u64,
     mtime_ns: i64,
+    ctime_ns: i64,
+    /// When it was opened (and its metadata read).
+    opened: SystemTime,
     mode: u32,
     ino: u64,
     dev: u64,
@@ -158,6 +162,8 @@ impl Source {
             path: path.to_path_buf(),
             size: md.len(),
             mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            opened: SystemTime::now(),
             mode: md.mode() & 0o7777,
             ino: md.ino(),
             dev: md.dev(),
@@ -196,14 +202,72 @@ impl Source {
             .metadata()
             .map_err(|e| Error::io(self.path.display(), e))?;
         let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
-        if md.len() != self.size || mtime_ns != self.mtime_ns {
-            return Err(Error::Usage(format!(
-                "{}: changed during the upload",
-                self.path.display()
-            )));
+        let ctime_ns = md.ctime() * 1_000_000_000 + md.ctime_nsec();
+        if md.len() != self.size || mtime_ns != self.mtime_ns || ctime_ns != self.ctime_ns {
+            return Err(self.changed());
         }
         Ok(())
     }
+
+    fn changed(&self) -> Error {
+        Error::Usage(format!(
+            "{}: changed during the upload",
+            self.path.display()
+        ))
+    }
+
+    /// When the file's timestamps will show any further change, if that was still to come when
+    /// it was opened ([`settles_at`]).
+    fn settles_at(&self) -> Option<SystemTime> {
+        settles_at(self.mtime_ns, self.ctime_ns, self.opened)
+    }
+
+    /// For a file opened while it could still change unseen ([`Source::settles_at`]): waits
+    /// until its timestamps would show a change, checks they do not, and hashes it again;
+    /// fails unless that is `sent`, the BLAKE3 of what was uploaded. Blocking; a no-op for
+    /// other files.
+    fn verify_settled(&self, sent: &[u8; 32], chunk_size: u32) -> Result<()> {
+        let Some(settled) = self.settles_at() else {
+            return Ok(());
+        };
+        if let Ok(wait) = settled.duration_since(SystemTime::now()) {
+            std::thread::sleep(wait);
+        }
+        self.check_unchanged()?;
+        let err = |e| Error::io(self.path.display(), e);
+        let count = chunk_count(self.size, chunk_size);
+        let mut buf = vec![0u8; usize::try_from(chunk_size).expect("a chunk fits in memory")];
+        let mut cvs = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+        for i in 0..count {
+            let off = u64::from(i) * u64::from(chunk_size);
+            let len = usize::try_from((self.size - off).min(u64::from(chunk_size)))
+                .expect("at most a chunk");
+            self.file.read_exact_at(&mut buf[..len], off).map_err(err)?;
+            cvs.push(hash_chunk(&buf[..len], i, chunk_size, self.size).1);
+        }
+        if root_hash(&cvs, chunk_size, self.size) != *sent {
+            return Err(self.changed());
+        }
+        Ok(())
+    }
+}
+
+/// When a file last changed at `mtime_ns`/`ctime_ns` will show any further change in its
+/// timestamps, if that is after `at`: until then a rewrite may leave them as they are, and bytes
+/// read at different moments may be of different versions without a check of size and times
+/// seeing it (review D, stop 30: on ext4 with 1 s timestamps, a file rewritten 0.3 s into its
+/// upload was published as a mix of both versions, exit 0, and never sent again). The window is
+/// 2 s where the timestamps look coarse (no nanoseconds: ext4 with 128-byte inodes, ext3,
+/// NFSv3, FAT), else a few kernel ticks.
+pub(crate) fn settles_at(mtime_ns: i64, ctime_ns: i64, at: SystemTime) -> Option<SystemTime> {
+    let window = if mtime_ns % 1_000_000_000 == 0 && ctime_ns % 1_000_000_000 == 0 {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(20)
+    };
+    let changed = UNIX_EPOCH + Duration::from_nanos(u64::try_from(mtime_ns.max(ctime_ns)).ok()?);
+    let settled = changed + window;
+    (settled > at).then_some(settled)
 }
 
 struct UpJob {
@@ -211,7 +275,7 @@ struct UpJob {
     remote: String,
     opts: UploadOptions,
     slots: Slots,
-    src: Source,
+    src: Arc<Source>,
     transferred: AtomicU64,
     /// Chaining value of every chunk hashed so far, kept across attempts.
     cvs: Mutex<Vec<Option<ChainingValue>>>,
@@ -512,6 +576,12 @@ impl UpJob {
         self.src.check_unchanged()?;
         let cvs: Vec<ChainingValue> = cvs.into_iter().map(|c| c.expect("all hashed")).collect();
         let blake3 = root_hash(&cvs, cs, size);
+        if self.src.settles_at().is_some() {
+            let src = self.src.clone();
+            tokio::task::spawn_blocking(move || src.verify_settled(&blake3, cs))
+                .await
+                .expect("verifying thread")?;
+        }
         let req = msg::CommitRequest {
             handle: commit_handle,
             blake3: blake3.to_vec(),
@@ -689,6 +759,14 @@ impl UpJob {
                 .expect("reader thread")?
         };
         self.src.check_unchanged()?;
+        if self.src.settles_at().is_some() {
+            // One chunk whatever its size: any chunk size from the file's up hashes it whole.
+            let whole = u32::try_from(size.max(1).next_power_of_two()).unwrap_or(u32::MAX / 2 + 1);
+            let src = self.src.clone();
+            tokio::task::spawn_blocking(move || src.verify_settled(&blake3, whole))
+                .await
+                .expect("verifying thread")?;
+        }
         self.client.emit(Event::Start {
             path: self.remote.clone(),
             local: self.src.path.display().to_string(),
@@ -896,6 +974,32 @@ fn read_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file opened while a change could still leave its timestamps as they are is hashed
+    /// again once they would show one: what was sent must be what the file then holds.
+    #[test]
+    fn a_file_opened_while_racy_is_verified_once_settled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("f");
+        let data = vec![3u8; 300_000];
+        std::fs::write(&p, &data).unwrap();
+        let src = Source::open(&p).unwrap();
+        assert!(src.settles_at().is_some(), "just written: racy");
+        // What a reader would have sent had the file held other bytes while it was read.
+        let mut other = data.clone();
+        other[200_000] = 4;
+        let other_hash = *blake3::hash(&other).as_bytes();
+        assert!(src.verify_settled(&other_hash, 65536).is_err());
+        src.verify_settled(blake3::hash(&data).as_bytes(), 65536)
+            .unwrap();
+        // An old file is not racy: nothing to wait for or read again.
+        let old = SystemTime::now() - Duration::from_secs(10);
+        let old_ns = i64::try_from(old.duration_since(UNIX_EPOCH).unwrap().as_nanos()).unwrap();
+        assert!(settles_at(old_ns, old_ns, SystemTime::now()).is_none());
+        // Coarse timestamps (whole seconds) keep a file racy for 2 s.
+        let sec = (old_ns / 1_000_000_000 + 9) * 1_000_000_000;
+        assert!(settles_at(sec, sec, SystemTime::now()).is_some());
+    }
 
     #[test]
     fn resume_key_depends_on_the_file_version() {
