@@ -1104,3 +1104,162 @@ fn directories_named_like_the_working_directory_below_the_top_are_data() {
     assert!(!dst.join("sub/.fsc-work.2").exists(), "{ev:?}");
     assert!(dst.join("sub/.fsc-work.1/x").exists());
 }
+
+/// Runs `fsc --json ARGS` with one file in flight at a time (fsc sizes its files in flight by
+/// `RLIMIT_NOFILE`: 71 descriptors leave room for one), calls `meanwhile` once at the first
+/// event for which `at` holds, and returns the exit code (None: still running after `limit`,
+/// then killed) and the events. Bounded in time whatever fsc does.
+fn fsc_one_at_a_time(
+    args: &[&str],
+    at: impl Fn(&serde_json::Value) -> bool,
+    meanwhile: impl FnOnce(),
+    limit: Duration,
+) -> (Option<i32>, Vec<serde_json::Value>) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let mut cmd = fsc(&all);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 71,
+                rlim_max: 71,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let e: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if tx.send(e).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let mut ev = Vec::new();
+    let mut meanwhile = Some(meanwhile);
+    // At most one event per wait, each wait bounded by the deadline.
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(e) => {
+                if meanwhile.is_some() && at(&e) {
+                    meanwhile.take().unwrap()();
+                }
+                ev.push(e);
+            }
+            Err(_) => break,
+        }
+    }
+    // Its output closed: it is ending (or it hung with it open until the deadline).
+    let code = loop {
+        match child.try_wait().unwrap() {
+            Some(status) => break status.code(),
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    // The events written before it ended or was killed.
+    ev.extend(rx.try_iter());
+    (code, ev)
+}
+
+/// A file the walk listed and that is replaced before its turn comes — by a symlink to a file
+/// outside the tree, or by a FIFO — is a failure of that file, never read through the link
+/// nor waited on; both on a plain run (the per-file open) and with `-c` (the hash's open). On
+/// f686835 the link's target was uploaded under the file's name (exit 0), `-c` hashed the
+/// target (and called the file unchanged), and the FIFO hung the run for good.
+#[test]
+fn a_source_file_replaced_after_the_walk_is_not_followed_or_waited_on() {
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    let secret = local.path().join("secret");
+    std::fs::write(&secret, b"OUTSIDE SECRET").unwrap();
+    write_random(&src.join("a"), 3 * CHUNK, 1);
+    write_random(&src.join("b"), 300_000, 2);
+    write_random(&src.join("c"), 300_000, 3);
+    let src_s = src.to_str().unwrap();
+    // In order a, b, c, one at a time, a at 1 MB/s: b and c are replaced once a is under way,
+    // long after the walk and before their turn.
+    let replace = || {
+        std::fs::remove_file(src.join("b")).unwrap();
+        std::os::unix::fs::symlink(&secret, src.join("b")).unwrap();
+        std::fs::remove_file(src.join("c")).unwrap();
+        nix::unistd::mkfifo(
+            &src.join("c"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+    };
+    let a_started = |e: &serde_json::Value| e["event"] == "start" && e["path"] == "up/a";
+    let args = ["--bwlimit", "1M", "upload", "-r", "-j", "1"];
+    let addr = s.addr();
+    let up = |extra: &[&str]| {
+        let mut v = args.to_vec();
+        v.extend_from_slice(extra);
+        v.extend_from_slice(&[&addr, src_s, "up"]);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let limit = Duration::from_secs(40);
+    let check = |code: Option<i32>, ev: &[serde_json::Value]| {
+        assert!(code.is_some(), "fsc hung (killed after {limit:?}): {ev:?}");
+        assert_eq!(code, Some(1), "{ev:?}");
+        let errors = of(ev, "error");
+        let error_of = |p: &str| {
+            errors
+                .iter()
+                .find(|e| e["path"] == p)
+                .unwrap_or_else(|| panic!("no error for {p}: {ev:?}"))["message"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert!(error_of("up/b").contains("symlink"), "{ev:?}");
+        assert!(error_of("up/c").contains("FIFO"), "{ev:?}");
+        assert!(of(ev, "done").iter().all(|e| e["path"] == "up/a"), "{ev:?}");
+    };
+
+    let args = up(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, ev) = fsc_one_at_a_time(&args, a_started, replace, limit);
+    let uploaded = std::fs::read(s.root.join("up/b")).unwrap_or_default();
+    assert_ne!(uploaded, b"OUTSIDE SECRET", "uploaded through the symlink");
+    check(code, &ev);
+    assert!(!s.root.join("up/b").exists() && !s.root.join("up/c").exists());
+
+    // -c: the server has b (its contents those of the link's target, as a trap) and c, of
+    // the sizes the walk sees; a has changed and goes first.
+    for n in ["b", "c"] {
+        std::fs::remove_file(src.join(n)).unwrap();
+    }
+    std::fs::write(src.join("b"), b"OUTSIDE SECRET").unwrap();
+    write_random(&src.join("c"), 300_000, 3);
+    run(&["upload", "-r", &s.addr(), src_s, "up"]);
+    std::fs::write(src.join("b"), b"a local file!!").unwrap();
+    write_random(&src.join("a"), 3 * CHUNK, 4);
+    let args = up(&["-c"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, ev) = fsc_one_at_a_time(&args, a_started, replace, limit);
+    check(code, &ev);
+    assert!(of(&ev, "unchanged").is_empty(), "{ev:?}");
+}

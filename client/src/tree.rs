@@ -21,7 +21,7 @@ use crate::local::sink::{spawn_blocking, Out};
 use crate::local::{is_not_empty, new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
 use crate::sync::{plan, Node, Plan, SyncOptions, Verdict};
-use crate::upload::UploadOptions;
+use crate::upload::{SourcePath, UploadOptions};
 use crate::walk::{rel_split, remote_join, walk_local, Walk, LISTS_IN_FLIGHT, MAX_TREE_DEPTH};
 
 /// What a `-r` transfer did.
@@ -385,14 +385,14 @@ impl Client {
                 };
                 let verdict = match verdict {
                     Ok(v) => v,
-                    Err(e) => return (rpath, Err(e)),
+                    Err(e) => return self.failed_before(rpath, e),
                 };
                 if let Some(o) = self.report(verdict, dry_run, &rpath, &shown(&rel), size) {
                     return (rpath, Ok(o));
                 }
                 let dir = match open_dir() {
                     Ok(d) => d,
-                    Err(e) => return (rpath, Err(e)),
+                    Err(e) => return self.failed_before(rpath, e),
                 };
                 let slots = if size <= SMALL_FILE {
                     Slots::One(self.pick_slot())
@@ -491,10 +491,10 @@ impl Client {
             )));
         }
         let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
-        let filter = sync.filter.clone();
+        let (walked, filter) = (root.clone(), sync.filter.clone());
         let links = sync.links;
         // A source: fsc makes no working directory there, so every entry is the user's.
-        let mut src = spawn_blocking(move || Ok(walk_local(&root, &filter, links, None))).await?;
+        let mut src = spawn_blocking(move || Ok(walk_local(&walked, &filter, links, None))).await?;
         let (mut dst, top_dst) = match self.stat(remote).await {
             Ok(e) if e.kind == Kind::Dir => (
                 self.walk_remote(remote, &sync.filter, sync.links).await?,
@@ -543,7 +543,8 @@ impl Client {
         let (small, files) = self
             .split_small(files, dry_run, |v| clobber_check(v, opts))
             .await;
-        let small = self.upload_small(local, remote, opts, small);
+        let root = &root;
+        let small = self.upload_small(root, remote, opts, small);
         // The size of the remote file each upload replaces, if any: a delta upload then.
         let files: Vec<_> = files
             .into_iter()
@@ -558,16 +559,19 @@ impl Client {
         let results = futures::stream::iter(files)
             .map(|(rel, size, verdict, old)| async move {
                 let rpath = shown(&rel);
-                let path = local.join(&rel);
-                let shown_local = path.display().to_string();
-                let p = path.clone();
+                // Opened as the walk saw it: never through a symlink that replaced it since.
+                let source = SourcePath::InTree {
+                    root: root.clone(),
+                    rel: rel.clone(),
+                };
+                let shown_local = source.shown();
+                let opened = source.clone();
                 let verdict = clobber_check(verdict, opts);
-                let verdict = self.settle_hash(verdict, &rpath, shown_local.clone(), move || {
-                    std::fs::File::open(p)
-                });
+                let verdict =
+                    self.settle_hash(verdict, &rpath, shown_local.clone(), move || opened.open());
                 let verdict = match verdict.await {
                     Ok(v) => v,
-                    Err(e) => return (rpath, Err(e)),
+                    Err(e) => return self.failed_before(rpath, e),
                 };
                 if let Some(o) = self.report(verdict, dry_run, &rpath, &shown_local, size) {
                     return (rpath, Ok(o));
@@ -577,7 +581,7 @@ impl Client {
                 } else {
                     Slots::All
                 };
-                let r = self.upload_file(&path, &rpath, opts, slots, old).await;
+                let r = self.upload_file(&source, &rpath, opts, slots, old).await;
                 (rpath, r.map(Outcome::Sent))
             })
             .buffer_unordered(files_in_flight(
@@ -656,6 +660,15 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+impl Client {
+    /// A file of a tree that failed before its transfer began (comparing it, opening its
+    /// directory): reported as the transfer would have reported it.
+    fn failed_before(&self, path: String, e: Error) -> (String, Result<Outcome>) {
+        self.emit(error_event(&path, &e));
+        (path, Err(e))
     }
 }
 
