@@ -1263,3 +1263,64 @@ fn a_source_file_replaced_after_the_walk_is_not_followed_or_waited_on() {
     check(code, &ev);
     assert!(of(&ev, "unchanged").is_empty(), "{ev:?}");
 }
+
+/// A local name that is not UTF-8 (the protocol carries UTF-8 names) fails the run, named
+/// byte for byte: on an upload nothing of it is sent and everything else is; on a download
+/// with `--delete`, a destination entry of such a name cannot be compared with the source and
+/// is left in place — unless its directory goes whole — and the run says so. On f686835 the
+/// upload skipped them with a note and exited 0, and `--delete` kept them silently (exit 0).
+#[test]
+fn names_that_are_not_utf8_fail_the_run_and_are_named() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = |p: &Path, name: &[u8]| p.join(OsStr::from_bytes(name));
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    write_random(&bytes(&src, b"caf\xe9.txt"), 10, 1);
+    write_random(&bytes(&src, b"dir\xff").join("inner"), 10, 2);
+    write_random(&src.join("d/ok"), 10, 3);
+    let src_s = src.to_str().unwrap();
+    let ev = run_code(&["upload", "-r", &s.addr(), src_s, "up"], 1);
+    let failed = paths(&ev, "error");
+    assert_eq!(
+        failed,
+        [format!("{src_s}/caf\\xe9.txt"), format!("{src_s}/dir\\xff")],
+        "{ev:?}"
+    );
+    assert!(s.root.join("up/d/ok").exists());
+
+    // Down with --delete: keep/ is in the source, gone/ is not.
+    write_random(&s.root.join("t/keep/k"), 10, 4);
+    let dst = local.path().join("dst");
+    let dst_s = dst.to_str().unwrap();
+    let plant = || {
+        write_random(&bytes(&dst.join("keep"), b"old\xe9.txt"), 10, 5);
+        write_random(&bytes(&dst.join("gone"), b"x\xff"), 10, 6);
+        write_random(&dst.join("gone/plain"), 10, 7);
+    };
+    plant();
+    let ev = run_code(&["download", "-r", "--delete", &s.addr(), "t", dst_s], 1);
+    assert_eq!(
+        paths(&ev, "error"),
+        [format!("{dst_s}/keep/old\\xe9.txt")],
+        "{ev:?}"
+    );
+    assert!(bytes(&dst.join("keep"), b"old\xe9.txt").exists());
+    assert!(!dst.join("gone").exists(), "gone/ goes whole: {ev:?}");
+
+    // With a filter every entry goes by itself: gone/ stays, holding its unnamed entry.
+    plant();
+    let args = ["download", "-r", "--delete", "--exclude", "*.tmp"];
+    let ev = run_code(&[&args[..], &[&s.addr(), "t", dst_s]].concat(), 1);
+    assert_eq!(
+        paths(&ev, "error"),
+        [
+            format!("{dst_s}/gone/x\\xff"),
+            format!("{dst_s}/keep/old\\xe9.txt")
+        ],
+        "{ev:?}"
+    );
+    assert!(!dst.join("gone/plain").exists());
+    assert!(bytes(&dst.join("gone"), b"x\xff").exists());
+}

@@ -52,6 +52,13 @@ pub struct TreeSummary {
     failed_more_code: i32,
 }
 
+/// Why a source entry whose name is not UTF-8 fails.
+const NOT_UTF8_SOURCE: &str =
+    "name is not UTF-8: the protocol carries names as UTF-8, so it cannot be transferred";
+/// Why a destination entry whose name is not UTF-8 fails a `--delete` run.
+const NOT_UTF8_DEST: &str = "name is not UTF-8: it cannot be compared with the source's \
+     names (the protocol carries UTF-8), so --delete leaves it in place";
+
 /// Failures a tree run keeps with their error for its summary.
 pub const MAX_KEPT_FAILURES: usize = 1000;
 
@@ -179,6 +186,10 @@ impl Client {
             );
             summary.fail(self, "--delete".into(), e);
         }
+        // Source entries the protocol cannot name were asked for and are not transferred.
+        for (_, path) in src.unnamed.drain(..) {
+            summary.fail(self, path, Error::Usage(NOT_UTF8_SOURCE.into()));
+        }
         let p = plan(
             &src.nodes,
             &dst.nodes,
@@ -186,6 +197,26 @@ impl Client {
             sync.delete && complete,
             sync.checksum,
         );
+        // Destination entries the protocol cannot name cannot be compared with the source:
+        // `--delete` leaves them (the source may hold them under a name the protocol cannot
+        // carry either), and the run says so and fails rather than call the mirror complete.
+        // Those beneath a directory removed whole go with it (the source lacks the directory).
+        if sync.delete && complete {
+            let gone: std::collections::HashSet<&str> =
+                p.delete.iter().map(String::as_str).collect();
+            let whole = sync.filter.is_empty();
+            for (dir, path) in dst.unnamed.drain(..) {
+                let mut up = Some(dir.as_str()).filter(|d| !d.is_empty());
+                let mut removed = false;
+                while let Some(d) = up {
+                    removed |= gone.contains(d);
+                    up = d.rsplit_once('/').map(|(parent, _)| parent);
+                }
+                if !(whole && removed) {
+                    summary.fail(self, path, Error::Usage(NOT_UTF8_DEST.into()));
+                }
+            }
+        }
         for (rel, why) in &p.blocked {
             let e = Error::Usage(format!("{}: {}", shown_dst(rel), why.why()));
             summary.fail(self, shown_dst(rel), e);
