@@ -1324,3 +1324,46 @@ fn names_that_are_not_utf8_fail_the_run_and_are_named() {
     assert!(!dst.join("gone/plain").exists());
     assert!(bytes(&dst.join("gone"), b"x\xff").exists());
 }
+
+/// Without a terminal (no bars) and without `--json`, stderr still says what was skipped, one
+/// line each, and what failed; `-q` silences the skip notes, never the failures. On f686835
+/// nothing was said of skipped entries unless stderr was a terminal.
+#[test]
+fn skips_and_failures_are_reported_without_a_terminal() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    write_random(&src.join("f"), 10, 1);
+    std::os::unix::fs::symlink("f", src.join("link")).unwrap();
+    nix::unistd::mkfifo(
+        &src.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    write_random(&src.join(std::ffi::OsStr::from_bytes(b"bad\xff")), 10, 2);
+    let src_s = src.to_str().unwrap();
+    let addr = s.addr();
+    let stderr = |quiet: bool| {
+        let mut args = vec!["upload", "-r", &addr, src_s, "up"];
+        if quiet {
+            args.insert(0, "-q");
+        }
+        let out = fsc(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let failed = format!("fsc: {src_s}/bad\\xff: name is not UTF-8");
+    let skipped = [
+        format!("fsc: {src_s}/fifo: skipped (special file)"),
+        format!("fsc: {src_s}/link: skipped (symlink)"),
+    ];
+    let text = stderr(false);
+    for line in skipped.iter().chain([&failed]) {
+        assert!(text.lines().any(|l| l.starts_with(line)), "{line}: {text}");
+    }
+    let text = stderr(true);
+    assert!(text.lines().any(|l| l.starts_with(&failed)), "{text}");
+    assert!(!text.contains("skipped"), "{text}");
+    assert!(s.root.join("up/f").exists());
+}

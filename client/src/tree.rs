@@ -42,6 +42,9 @@ pub struct TreeSummary {
     pub kept: u64,
     /// Entries skipped (symlinks, special files).
     pub skipped: u64,
+    /// The first [`MAX_KEPT_FAILURES`] of them, with why (paths as shown, not escaped): for
+    /// a summary where no [`Event::Skip`] is shown.
+    pub skips: Vec<(String, String)>,
     /// Symlinks created or replaced (`-l`).
     pub links: u64,
     /// Files that failed, with the error: the first [`MAX_KEPT_FAILURES`].
@@ -172,6 +175,9 @@ impl Client {
     ) -> Plan {
         for (path, reason) in src.skipped.drain(..) {
             summary.skipped += 1;
+            if summary.skips.len() < MAX_KEPT_FAILURES {
+                summary.skips.push((path.clone(), reason.clone()));
+            }
             self.emit(Event::Skip { path, reason });
         }
         let complete = src.complete() && dst.complete();
