@@ -1367,3 +1367,49 @@ fn skips_and_failures_are_reported_without_a_terminal() {
     assert!(!text.contains("skipped"), "{text}");
     assert!(s.root.join("up/f").exists());
 }
+
+/// A directory the server refuses to create fails, with everything an upload would have put
+/// beneath it, each listed; every other entry is still uploaded. fsd runs in a user namespace
+/// without a mapping (so it lacks root's override of permissions) and `up/ro` is read-only.
+/// On f686835 the first MKDIR refused aborted the whole upload: `a.txt` and `other/b.txt`
+/// never went, and nothing but that directory was reported.
+#[test]
+fn a_directory_that_cannot_be_created_fails_alone_with_what_is_beneath_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("up/ro")).unwrap();
+    std::fs::set_permissions(root.join("up/ro"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let s = Fsd::start_wrapped(&["unshare", "-U"], &root);
+    let src = dir.path().join("src");
+    write_random(&src.join("a.txt"), 10, 1);
+    write_random(&src.join("other/b.txt"), 10, 2);
+    write_random(&src.join("other/big"), 3 * CHUNK, 3);
+    write_random(&src.join("ro/newdir/c.txt"), 10, 4);
+    write_random(&src.join("ro/newdir/deeper/d.txt"), 10, 5);
+    write_random(&src.join("ro/newdir/e"), 3 * CHUNK, 6);
+    std::os::unix::fs::symlink("c.txt", src.join("ro/newdir/l")).unwrap();
+    let src_s = src.to_str().unwrap();
+    let ev = run_code(&["upload", "-r", "-l", &s.addr(), src_s, "up"], 2);
+    assert_eq!(
+        paths(&ev, "error"),
+        [
+            "up/ro/newdir",
+            "up/ro/newdir/c.txt",
+            "up/ro/newdir/deeper/d.txt",
+            "up/ro/newdir/e",
+            "up/ro/newdir/l"
+        ],
+        "{ev:?}"
+    );
+    for rel in ["a.txt", "other/b.txt", "other/big"] {
+        assert_same_file(&src.join(rel), &s.root.join("up").join(rel));
+    }
+    // Without --json, every failure is listed on stderr.
+    let out = fsc(&["upload", "-r", "-l", &s.addr(), src_s, "up"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(text.lines().count(), 5, "{text}");
+}

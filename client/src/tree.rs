@@ -3,6 +3,7 @@
 //! Downloads write only beneath their destination directory, through [`LocalDir`] handles by
 //! checked names (see `local`).
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -548,7 +549,10 @@ impl Client {
         };
         let mut summary = TreeSummary::default();
         let plan = self.plan_tree(&mut summary, &mut src, &mut dst, sync, &shown);
-        let files = self.plan_files(&plan, &src);
+        let mut files = self.plan_files(&plan, &src);
+        // Directories not created (failed, or beneath one that failed): what they would hold
+        // fails with them, and everything else is still uploaded.
+        let mut unmade = BTreeSet::new();
         if sync.dry_run && top_dst.is_none() {
             self.dry_run("mkdir", remote.to_string(), "new directory");
         }
@@ -569,8 +573,18 @@ impl Client {
             let filtered = !sync.filter.is_empty();
             self.delete_planned(&mut summary, &plan, &dst.nodes, filtered, &shown, remove)
                 .await;
-            self.make_dirs(remote, md.mode() & 0o7777, &plan, &src)
-                .await?;
+            unmade = self
+                .make_dirs(&mut summary, remote, md.mode() & 0o7777, &plan, &src)
+                .await;
+            if !unmade.is_empty() {
+                files.retain(|(rel, _, _)| {
+                    let lost = in_unmade(&unmade, rel);
+                    if lost {
+                        summary.fail(self, shown(rel), Error::Usage(NO_DIRECTORY.into()));
+                    }
+                    !lost
+                });
+            }
             self.emit(Event::Plan {
                 files: files.len() as u64,
                 bytes: files.iter().map(|f| f.1).sum(),
@@ -630,6 +644,10 @@ impl Client {
             .await;
         for rel in &plan.links {
             let (path, target) = (shown(rel), &src.links[rel]);
+            if in_unmade(&unmade, rel) {
+                summary.fail(self, path, Error::Usage(NO_DIRECTORY.into()));
+                continue;
+            }
             if let Err(e) = self
                 .link(dry_run, path.clone(), target, self.symlink(&path, target))
                 .await
@@ -644,7 +662,8 @@ impl Client {
                 md.mode() & 0o7777,
                 md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             );
-            let dirs = TreeDir::all(&plan, &src, &dst, top, top_dst);
+            let mut dirs = TreeDir::all(&plan, &src, &dst, top, top_dst);
+            dirs.retain(|d| !unmade.contains(&d.rel));
             let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
             let stamp = dirs.into_iter().filter(|d| !d.keep && (changed || !d.same));
             let stamped = futures::stream::iter(stamp)
@@ -666,9 +685,18 @@ impl Client {
     }
 
     /// Creates `remote` (with parents) and the plan's new directories beneath it: parents
-    /// before children, one level at a time, each level's MKDIRs overlapping.
-    async fn make_dirs(&self, remote: &str, top_mode: u32, plan: &Plan, src: &Walk) -> Result<()> {
-        let mut by_depth: Vec<Vec<(String, u32)>> = vec![vec![(remote.to_string(), top_mode)]];
+    /// before children, one level at a time, each level's MKDIRs overlapping. A directory that
+    /// cannot be created is a failure (recorded in `summary`); nothing beneath it is tried.
+    /// Returns the directories not created, by relative path ("" for `remote` itself).
+    async fn make_dirs(
+        &self,
+        summary: &mut TreeSummary,
+        remote: &str,
+        top_mode: u32,
+        plan: &Plan,
+        src: &Walk,
+    ) -> BTreeSet<String> {
+        let mut by_depth: Vec<Vec<(String, u32)>> = vec![vec![(String::new(), top_mode)]];
         for (rel, _) in plan.dirs.iter().filter(|(_, create)| *create) {
             let Some(Node::Dir { mode, .. }) = src.nodes.get(rel) else {
                 continue;
@@ -677,27 +705,49 @@ impl Client {
             if by_depth.len() <= depth {
                 by_depth.resize(depth + 1, Vec::new());
             }
-            by_depth[depth].push((remote_join(remote, rel), *mode));
+            by_depth[depth].push((rel.clone(), *mode));
         }
+        let mut unmade = BTreeSet::new();
         for level in by_depth {
+            let (lost, level): (Vec<_>, Vec<_>) = level
+                .into_iter()
+                .partition(|(rel, _)| in_unmade(&unmade, rel));
+            unmade.extend(lost.into_iter().map(|(rel, _)| rel));
             let made = futures::stream::iter(level)
-                .map(|(path, mode)| async move {
+                .map(|(rel, mode)| async move {
+                    let path = match rel.as_str() {
+                        "" => remote.to_string(),
+                        rel => remote_join(remote, rel),
+                    };
                     let r = self.mkdir(&path, true, mode).await;
-                    (path, r)
+                    (rel, path, r)
                 })
                 .buffer_unordered(LISTS_IN_FLIGHT)
                 .collect::<Vec<_>>()
                 .await;
-            for (path, r) in made {
+            for (rel, path, r) in made {
                 if let Err(e) = r {
-                    // Without its directory nothing beneath can be uploaded.
-                    self.emit(error_event(&path, &e));
-                    return Err(e);
+                    summary.fail(self, path, e);
+                    unmade.insert(rel);
                 }
             }
         }
-        Ok(())
+        unmade
     }
+}
+
+/// Why an entry beneath a directory that could not be created is not uploaded.
+const NO_DIRECTORY: &str = "not uploaded: its directory could not be created";
+
+/// Whether `rel` lies beneath a directory of `unmade` (relative paths, "" the top).
+fn in_unmade(unmade: &BTreeSet<String>, rel: &str) -> bool {
+    if unmade.is_empty() {
+        return false;
+    }
+    unmade.contains("")
+        || rel
+            .match_indices('/')
+            .any(|(i, _)| unmade.contains(&rel[..i]))
 }
 
 impl Client {
