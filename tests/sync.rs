@@ -1413,3 +1413,81 @@ fn a_directory_that_cannot_be_created_fails_alone_with_what_is_beneath_it() {
     let text = String::from_utf8(out.stderr).unwrap();
     assert_eq!(text.lines().count(), 5, "{text}");
 }
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+/// The umask of this process (fsc inherits it), without changing it.
+fn umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let v = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .unwrap();
+    u32::from_str_radix(v.trim(), 8).unwrap()
+}
+
+/// Directories a download creates get their final mode at once, so a run that is killed
+/// (SIGKILL here; SIGTERM and Ctrl-C end fsc the same way) leaves none at fsc's working
+/// 0700 — which a later run would keep, taking them for the user's. And `-p` brings the
+/// modes of files and directories the destination already has to the source's (as `rsync
+/// -p`): a chmod on the source reaches the mirror. On f686835 the killed run left `docs` and
+/// `img` at 0700 for good, and a chmod on the source never reached a `-p` mirror.
+#[test]
+fn modes_survive_a_killed_download_and_p_brings_existing_ones_to_the_source() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    let s = Fsd::start();
+    let src = s.root.join("pub");
+    for i in 0..5 {
+        write_random(&src.join(format!("docs/d{i}")), 10, i);
+    }
+    write_random(&src.join("img/big"), 8 * CHUNK, 9);
+    for d in ["", "docs", "img"] {
+        chmod(&src.join(d), 0o755);
+    }
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("pub");
+    let dst_s = dst.to_str().unwrap();
+    let args = [
+        "--bwlimit",
+        "2M",
+        "download",
+        "-r",
+        "-j",
+        "1",
+        &s.addr(),
+        "pub",
+        dst_s,
+    ];
+    kill_fsc_at(&args, |e| e["event"] == "progress");
+    assert!(!dst.join("img/big").exists(), "killed before the end");
+    let want = 0o755 & !umask();
+    for d in ["docs", "img"] {
+        assert_eq!(mode_of(&dst.join(d)), want, "{d} after the kill");
+    }
+    run(&["download", "-r", &s.addr(), "pub", dst_s]);
+    for d in ["docs", "img"] {
+        assert_eq!(mode_of(&dst.join(d)), want, "{d} after a rerun");
+    }
+
+    // -p: the source's modes, exactly, on what the destination already has.
+    chmod(&src.join("docs/d1"), 0o600);
+    chmod(&src.join("img/big"), 0o640);
+    chmod(&src.join("docs"), 0o750);
+    chmod(&src.join("img"), 0o700);
+    let ev = run(&["download", "-r", "-p", &s.addr(), "pub", dst_s]);
+    assert_eq!(moved(&ev), 0, "{ev:?}");
+    for (rel, m) in [
+        ("docs/d1", 0o600),
+        ("img/big", 0o640),
+        ("docs", 0o750),
+        ("img", 0o700),
+    ] {
+        assert_eq!(mode_of(&dst.join(rel)), m, "{rel}");
+    }
+    assert_eq!(mode_of(&dst.join("docs/d2")), mode_of(&src.join("docs/d2")));
+    assert_eq!(tree(&src), tree(&dst));
+}

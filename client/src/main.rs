@@ -236,9 +236,10 @@ enum Cmd {
         remote: String,
         /// Local path (default: the remote base name in the current directory; `-`: stdout).
         local: Option<String>,
-        /// Give created files and directories the server's permission bits exactly (never
-        /// setuid, setgid or sticky); without it they get those bits less the umask.
-        /// Directories that existed before keep their mode.
+        /// Give files and directories the server's permission bits exactly (never setuid,
+        /// setgid or sticky), those that were there already too, as rsync -p does; without
+        /// it, created ones get those bits less the umask and existing ones keep their mode.
+        /// The destination directory itself, if it existed, keeps its mode either way.
         #[arg(short, long)]
         preserve: bool,
         #[command(flatten)]

@@ -84,12 +84,14 @@ const FDS_PER_FILE: u64 = 6;
 
 /// A destination directory of a tree transfer, whose metadata is set once everything beneath
 /// it is done (creating entries changes a directory's mtime): the source's mtime, both ways;
-/// on a download also the source's mode, if this run created it.
+/// on a download also the source's mode, if this run created it (or always, `-p`).
 struct TreeDir {
     depth: usize,
     rel: String,
     /// Created by this run (downloads: give it this mode).
     created: Option<u32>,
+    /// `-p` on a download, the directory existed: its mode becomes this one (the source's).
+    chmod: Option<u32>,
     mtime_ns: i64,
     /// The destination had it with this very mtime before the run.
     same: bool,
@@ -100,18 +102,21 @@ struct TreeDir {
 
 impl TreeDir {
     /// The plan's directories, and the top (`top`: source mode and mtime; `top_dst`: the
-    /// destination top's mtime, if it existed), deepest first.
+    /// destination top's mtime, if it existed), deepest first. `preserve`: existing
+    /// directories beneath the top take the source's mode too (a download's `-p`).
     fn all(
         plan: &Plan,
         src: &Walk,
         dst: &Walk,
         top: (u32, i64),
         top_dst: Option<i64>,
+        preserve: bool,
     ) -> Vec<Self> {
         let mut dirs = vec![TreeDir {
             depth: 0,
             rel: String::new(),
             created: top_dst.is_none().then_some(top.0),
+            chmod: None,
             mtime_ns: top.1,
             same: top_dst == Some(top.1),
             keep: top_dst.is_some(),
@@ -121,15 +126,18 @@ impl TreeDir {
                 continue;
             };
             let had = match dst.nodes.get(rel) {
-                Some(Node::Dir { mtime_ns, .. }) if !create => Some(*mtime_ns),
+                Some(Node::Dir { mtime_ns, mode }) if !create => Some((*mtime_ns, *mode)),
                 _ => None,
             };
+            let chmod =
+                (preserve && had.is_some_and(|(_, m)| m != mode & 0o777)).then_some(mode & 0o777);
             dirs.push(TreeDir {
                 depth: depth_of(rel),
                 rel: rel.clone(),
                 created: create.then_some(*mode),
+                chmod,
                 mtime_ns: *mtime_ns,
-                same: had == Some(*mtime_ns),
+                same: had.map(|h| h.0) == Some(*mtime_ns) && chmod.is_none(),
                 keep: false,
             });
         }
@@ -358,7 +366,13 @@ impl Client {
             self.delete_planned(&mut summary, &plan, &dst.nodes, filtered, &shown, remove)
                 .await;
         }
-        let mut dirs = TreeDir::all(&plan, &src, &dst, (top.mode, top.mtime_ns), top_dst);
+        let preserve = self.shared.opts.preserve;
+        if preserve && !dry_run {
+            self.chmod_kept_files(&mut summary, &root, &plan, &src, &dst, &shown)
+                .await;
+        }
+        let top_meta = (top.mode, top.mtime_ns);
+        let mut dirs = TreeDir::all(&plan, &src, &dst, top_meta, top_dst, preserve);
         // Parents before children: the reverse of the order their metadata is set in.
         let mut failed = std::collections::HashSet::new();
         for d in dirs
@@ -370,8 +384,13 @@ impl Client {
                 continue;
             }
             let (parent, name) = rel_split(&d.rel);
-            // Writable by us until the end, whatever the server's mode says.
-            match root.walk(parent).and_then(|p| p.subdir(name, true, 0o700)) {
+            // Created with its final mode when that lets us write into it (the usual case), so
+            // that a run interrupted (Ctrl-C, SIGTERM, SIGKILL) leaves it as a finished run
+            // would; else 0700, writable by us until the end, whatever the server's mode
+            // says. (mkdir applies the umask: with -p the exact mode comes at the end.)
+            let mode = new_mode(d.created.unwrap_or(0), preserve);
+            let first = if mode & 0o700 == 0o700 { mode } else { 0o700 };
+            match root.walk(parent).and_then(|p| p.subdir(name, true, first)) {
                 Ok((_, true)) => {}
                 // Someone else made it meanwhile: not ours to give a mode.
                 Ok((_, false)) => d.created = None,
@@ -474,17 +493,17 @@ impl Client {
         // Directory metadata last, deepest first. Each directory is synced once here (its
         // renames) rather than after every rename in it. A run that changed nothing leaves
         // alone the directories whose mtime is already the source's.
-        let preserve = self.shared.opts.preserve;
         let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
         for d in dirs.into_iter().filter(|d| changed || !d.same) {
             let r = root.walk(&d.rel).and_then(|dir| {
                 if changed {
                     dir.sync()?;
                 }
-                match d.created {
-                    Some(mode) => dir.set_meta(new_mode(mode, preserve), d.mtime_ns),
-                    None if d.keep => Ok(()),
-                    None => dir.set_mtime(d.mtime_ns),
+                match (d.created, d.chmod) {
+                    (Some(mode), _) => dir.set_meta(new_mode(mode, preserve), d.mtime_ns),
+                    (None, Some(mode)) => dir.set_meta(mode, d.mtime_ns),
+                    (None, None) if d.keep => Ok(()),
+                    (None, None) => dir.set_mtime(d.mtime_ns),
                 }
             });
             if let Err(e) = r {
@@ -493,6 +512,55 @@ impl Client {
             }
         }
         Ok(summary)
+    }
+
+    /// `-p`: files the destination keeps (the same, or to be compared by hash) whose mode is
+    /// not the source's get it, as `rsync -p` does: a chmod on the source reaches the mirror.
+    /// Through the file's own descriptor, opened as the walk saw it (never a symlink).
+    async fn chmod_kept_files(
+        &self,
+        summary: &mut TreeSummary,
+        root: &LocalDir,
+        plan: &Plan,
+        src: &Walk,
+        dst: &Walk,
+        shown: &dyn Fn(&str) -> String,
+    ) {
+        let todo: Vec<(String, u32)> = plan
+            .files
+            .iter()
+            .filter(|(_, v)| matches!(v, Verdict::Same(_) | Verdict::Hash))
+            .filter_map(|(rel, _)| match (src.nodes.get(rel), dst.nodes.get(rel)) {
+                (Some(Node::File { mode: want, .. }), Some(Node::File { mode: have, .. }))
+                    if *have != want & 0o777 =>
+                {
+                    Some((rel.clone(), want & 0o777))
+                }
+                _ => None,
+            })
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        let root = root.clone();
+        let failed = spawn_blocking(move || {
+            use std::os::unix::fs::PermissionsExt;
+            let mut failed = Vec::new();
+            for (rel, mode) in todo {
+                let r = root
+                    .open_source(&rel)
+                    .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(mode)));
+                if let Err(e) = r {
+                    failed.push((rel, e));
+                }
+            }
+            Ok(failed)
+        })
+        .await
+        .unwrap_or_default();
+        for (rel, e) in failed {
+            summary.fail(self, shown(&rel), Error::io(shown(&rel), e));
+        }
     }
 
     /// The plan's files with their sizes, in the order they are transferred.
@@ -662,7 +730,7 @@ impl Client {
                 md.mode() & 0o7777,
                 md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             );
-            let mut dirs = TreeDir::all(&plan, &src, &dst, top, top_dst);
+            let mut dirs = TreeDir::all(&plan, &src, &dst, top, top_dst, false);
             dirs.retain(|d| !unmade.contains(&d.rel));
             let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
             let stamp = dirs.into_iter().filter(|d| !d.keep && (changed || !d.same));
