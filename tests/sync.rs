@@ -1491,3 +1491,38 @@ fn modes_survive_a_killed_download_and_p_brings_existing_ones_to_the_source() {
     assert_eq!(mode_of(&dst.join("docs/d2")), mode_of(&src.join("docs/d2")));
     assert_eq!(tree(&src), tree(&dst));
 }
+
+/// mtimes beyond what i64 nanoseconds hold (after 2262, before 1677) saturate, as fsd's do,
+/// instead of overflowing: trees with such files go both ways and a rerun moves nothing. On
+/// f686835 fsc (a debug build) panicked on the multiplication ("attempt to multiply with
+/// overflow") in its local walk.
+#[test]
+fn mtimes_beyond_the_nanosecond_range_saturate_both_ways() {
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    let year = |y: u64| (y - 1970) * 365 * 86_400;
+    write_random(&src.join("f2300"), 10, 1);
+    set_mtime(
+        &src.join("f2300"),
+        SystemTime::UNIX_EPOCH + Duration::from_secs(year(2300)),
+    );
+    write_random(&src.join("f1600"), 10, 2);
+    set_mtime(
+        &src.join("f1600"),
+        SystemTime::UNIX_EPOCH - Duration::from_secs(year(2340)),
+    );
+    write_random(&src.join("f2000"), 10, 3);
+    let src_s = src.to_str().unwrap();
+    run(&["upload", "-r", &s.addr(), src_s, "up"]);
+    let ev = run(&["upload", "-r", &s.addr(), src_s, "up"]);
+    assert_eq!(of(&ev, "unchanged").len(), 3, "{ev:?}");
+    let dst = local.path().join("dst");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", "-r", &s.addr(), "up", dst_s]);
+    let ev = run(&["download", "-r", &s.addr(), "up", dst_s]);
+    assert_eq!(of(&ev, "unchanged").len(), 3, "{ev:?}");
+    for f in ["f2300", "f1600", "f2000"] {
+        assert_same_file(&src.join(f), &dst.join(f));
+    }
+}

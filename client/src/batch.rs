@@ -627,7 +627,7 @@ fn read_files(top: &LocalDir, names: Vec<String>, max_file: u64) -> Vec<Read1> {
         let entry = msg::TreeEntry {
             path: rel,
             size: md.len(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            mtime_ns: crate::sync::mtime_ns(md.mtime(), md.mtime_nsec()),
             mode: md.mode() & 0o7777,
             blake3: blake3::hash(&data).as_bytes().to_vec(),
             data: true,

@@ -49,7 +49,7 @@ pub(crate) enum Outcome {
 /// `(size, mtime_ns)` of a local regular file; `None` if there is none (or something else).
 pub(crate) fn local_file(md: &std::fs::Metadata) -> Option<(u64, i64)> {
     md.is_file()
-        .then(|| (md.len(), md.mtime() * 1_000_000_000 + md.mtime_nsec()))
+        .then(|| (md.len(), crate::sync::mtime_ns(md.mtime(), md.mtime_nsec())))
 }
 
 /// With `--no-clobber` an existing remote file is refused even when it is the same, as it
@@ -213,7 +213,7 @@ impl Client {
             let have = dir.lstat(name).ok().and_then(|st| {
                 (st.st_mode & libc::S_IFMT == libc::S_IFREG).then(|| {
                     let size = u64::try_from(st.st_size).unwrap_or(0);
-                    (size, st.st_mtime * 1_000_000_000 + st.st_mtime_nsec)
+                    (size, crate::sync::mtime_ns(st.st_mtime, st.st_mtime_nsec))
                 })
             });
             let verdict = compare((entry.size, entry.mtime_ns), have, sync.checksum);

@@ -123,6 +123,13 @@ fn read_small(file: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// An mtime in nanoseconds from a stat's seconds and nanoseconds, saturating as fsd does
+/// (`src/fs/root.rs`): a file from beyond the year 2262 (or before 1677) gets the end of the
+/// range rather than overflowing.
+pub(crate) fn mtime_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
 /// What one side holds at a path, as far as syncing cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Node {

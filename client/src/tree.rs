@@ -311,7 +311,7 @@ impl Client {
         let root_is_new = std::fs::symlink_metadata(local).is_err();
         let top_dst = std::fs::metadata(local)
             .ok()
-            .map(|md| md.mtime() * 1_000_000_000 + md.mtime_nsec());
+            .map(|md| crate::sync::mtime_ns(md.mtime(), md.mtime_nsec()));
         let root = if root_is_new && sync.dry_run {
             None
         } else {
@@ -728,7 +728,7 @@ impl Client {
         if !dry_run {
             let top = (
                 md.mode() & 0o7777,
-                md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                crate::sync::mtime_ns(md.mtime(), md.mtime_nsec()),
             );
             let mut dirs = TreeDir::all(&plan, &src, &dst, top, top_dst, false);
             dirs.retain(|d| !unmade.contains(&d.rel));

@@ -275,7 +275,7 @@ pub(crate) fn walk_local(
                 walk.excluded.insert(sub);
                 continue;
             }
-            let mtime_ns = st.st_mtime * 1_000_000_000 + st.st_mtime_nsec;
+            let mtime_ns = crate::sync::mtime_ns(st.st_mtime, st.st_mtime_nsec);
             let mode = st.st_mode & 0o7777;
             let node = match fmt {
                 libc::S_IFDIR if depth >= MAX_TREE_DEPTH => {

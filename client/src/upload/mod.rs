@@ -187,7 +187,7 @@ impl Source {
             file: Arc::new(file),
             path,
             size: md.len(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            mtime_ns: crate::sync::mtime_ns(md.mtime(), md.mtime_nsec()),
             mode: md.mode() & 0o7777,
             ino: md.ino(),
             dev: md.dev(),
@@ -225,7 +225,7 @@ impl Source {
             .file
             .metadata()
             .map_err(|e| Error::io(self.path.display(), e))?;
-        let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        let mtime_ns = crate::sync::mtime_ns(md.mtime(), md.mtime_nsec());
         if md.len() != self.size || mtime_ns != self.mtime_ns {
             return Err(Error::Usage(format!(
                 "{}: changed during the upload",
