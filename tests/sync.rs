@@ -1526,3 +1526,45 @@ fn mtimes_beyond_the_nanosecond_range_saturate_both_ways() {
         assert_same_file(&src.join(f), &dst.join(f));
     }
 }
+
+/// A failure is printed with its path once: `fsc: PATH: what went wrong`, in the list on
+/// stderr and in the events. fsc runs in a user namespace without a mapping, where a
+/// directory of mode 000 cannot be listed even by root. On f686835 the line read
+/// `fsc: /x/noread: /x/noread: Permission denied (os error 13)`.
+#[test]
+fn a_failure_names_its_path_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Fsd::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    write_random(&src.join("ok"), 10, 1);
+    write_random(&src.join("noread/x"), 10, 2);
+    let noread = src.join("noread");
+    std::fs::set_permissions(&noread, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let unmapped = |json: bool| {
+        let mut c = std::process::Command::new("unshare");
+        c.arg("-U").arg(fsc_bin()).env("FSC_TOKEN", TOKEN);
+        if json {
+            c.arg("--json");
+        }
+        let src_s = src.to_str().unwrap();
+        let out = c
+            .args(["upload", "-r", &s.addr(), src_s, "up"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        out
+    };
+    let text = String::from_utf8(unmapped(false).stderr).unwrap();
+    let shown = noread.display().to_string();
+    assert_eq!(
+        text.trim_end(),
+        format!("fsc: {shown}: Permission denied (os error 13)"),
+    );
+    let ev = events(&unmapped(true).stdout);
+    let errors = of(&ev, "error");
+    assert_eq!(errors.len(), 1, "{ev:?}");
+    assert_eq!(errors[0]["path"], shown.as_str());
+    assert_eq!(errors[0]["message"], "Permission denied (os error 13)");
+    std::fs::set_permissions(&noread, std::fs::Permissions::from_mode(0o755)).unwrap();
+}

@@ -186,7 +186,7 @@ impl Client {
                     self.emit(Event::Error {
                         path: rpath.clone(),
                         code: e.exit_code(),
-                        message: e.to_string(),
+                        message: e.message_for(&rpath),
                     });
                     done.push((rpath, Err(e)));
                     continue;
@@ -337,7 +337,7 @@ impl Client {
                     self.emit(Event::Error {
                         path: rpath.clone(),
                         code: e.exit_code(),
-                        message: e.to_string(),
+                        message: e.message_for(&rpath),
                     });
                     done.push((rpath, Err(e)));
                 }
@@ -576,7 +576,7 @@ impl Client {
                     self.emit(Event::Error {
                         path: rpath.clone(),
                         code: e.exit_code(),
-                        message: e.to_string(),
+                        message: e.message_for(&rpath),
                     });
                     done.push((rpath, Err(e)));
                 }

@@ -482,7 +482,7 @@ fn reported(r: fsc::Result<()>, path: &str, quiet: bool) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             if !quiet {
-                eprintln!("fsc: {}: {}", escape(path), escape(&e.to_string()));
+                eprintln!("fsc: {}: {}", escape(path), escape(&e.message_for(path)));
                 hint(&e);
             }
             e.exit_code()
@@ -523,7 +523,7 @@ fn tree_code(s: &TreeSummary, g: &Global, reporter: &Reporter) -> i32 {
     }
     if !g.json {
         for (path, e) in &s.failed {
-            eprintln!("fsc: {}: {}", escape(path), escape(&e.to_string()));
+            eprintln!("fsc: {}: {}", escape(path), escape(&e.message_for(path)));
         }
         if s.failed_more > 0 {
             eprintln!("fsc: ... and {} more failed", s.failed_more);

@@ -233,7 +233,7 @@ impl Client {
             }
         }
         for (rel, why) in &p.blocked {
-            let e = Error::Usage(format!("{}: {}", shown_dst(rel), why.why()));
+            let e = Error::Usage(why.why().into());
             summary.fail(self, shown_dst(rel), e);
         }
         if sync.dry_run {
@@ -831,7 +831,7 @@ fn error_event(path: &str, e: &Error) -> Event {
     Event::Error {
         path: path.to_string(),
         code: e.exit_code(),
-        message: e.to_string(),
+        message: e.message_for(path),
     }
 }
 

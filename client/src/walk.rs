@@ -280,8 +280,7 @@ pub(crate) fn walk_local(
             let node = match fmt {
                 libc::S_IFDIR if depth >= MAX_TREE_DEPTH => {
                     let err = Error::Usage(format!(
-                        "{}: deeper than {MAX_TREE_DEPTH} levels; not descending",
-                        root.display(&sub)
+                        "deeper than {MAX_TREE_DEPTH} levels; not descending"
                     ));
                     walk.failed.push((root.display(&sub), err));
                     continue;
