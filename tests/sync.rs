@@ -1568,3 +1568,59 @@ fn a_failure_names_its_path_once() {
     assert_eq!(errors[0]["message"], "Permission denied (os error 13)");
     std::fs::set_permissions(&noread, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// Cuts the mtimes of every file beneath `top` to whole seconds, as a file system with
+/// 1-second timestamps (ext4 with 128-byte inodes, ext3, HFS+) stores what fsc sets.
+fn to_whole_seconds(top: &Path) {
+    for (rel, kind, mtime, _) in tree(top) {
+        if kind == "file" {
+            let secs = u64::try_from(mtime.div_euclid(1_000_000_000)).unwrap();
+            set_mtime(
+                &top.join(rel),
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            );
+        }
+    }
+}
+
+/// A destination whose mtimes have whole seconds only is up to date when the seconds are the
+/// source's: a rerun moves nothing, both ways. On f686835 the quick check compared
+/// nanoseconds, and every rerun to such a destination sent every file again.
+#[test]
+fn a_destination_with_one_second_mtimes_is_not_sent_again() {
+    let s = Fsd::start();
+    let src = s.root.join("t");
+    make_tree(&src);
+    // Not whole seconds, whatever the clock says.
+    let fine = |top: &Path| {
+        for (i, f) in ["a.txt", "empty", "d/big.bin", "d/e/f.txt"]
+            .iter()
+            .enumerate()
+        {
+            let ns = 123_456_789 + u32::try_from(i).unwrap();
+            set_mtime(
+                &top.join(f),
+                SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, ns),
+            );
+        }
+    };
+    fine(&src);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("t");
+    let dst_s = dst.to_str().unwrap();
+    run(&["download", "-r", &s.addr(), "t", dst_s]);
+    to_whole_seconds(&dst);
+    let ev = run(&["download", "-r", &s.addr(), "t", dst_s]);
+    assert!(of(&ev, "done").is_empty(), "{ev:?}");
+    assert_eq!(of(&ev, "unchanged").len(), 4, "{ev:?}");
+
+    let up = local.path().join("up");
+    make_tree(&up);
+    fine(&up);
+    let up_s = up.to_str().unwrap();
+    run(&["upload", "-r", &s.addr(), up_s, "back"]);
+    to_whole_seconds(&s.root.join("back"));
+    let ev = run(&["upload", "-r", &s.addr(), up_s, "back"]);
+    assert!(of(&ev, "done").is_empty(), "{ev:?}");
+    assert_eq!(of(&ev, "unchanged").len(), 4, "{ev:?}");
+}
