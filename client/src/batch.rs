@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -27,7 +26,7 @@ use crate::local::sink::{spawn_blocking, Out};
 use crate::local::{new_mode, publish, set_meta, LocalDir, Work};
 use crate::progress::Event;
 use crate::sync::Verdict;
-use crate::upload::UploadOptions;
+use crate::upload::{SourcePath, UploadOptions};
 use crate::walk::{rel_split, remote_join};
 
 /// Largest file sent in a batch: what fits inline (and one chunk, checked per connection).
@@ -195,7 +194,13 @@ impl Client {
             let dir = match t.root.walk(dir_rel) {
                 Ok(d) => d,
                 Err(e) => {
-                    done.push((rpath, Err(Error::io(t.root.display(dir_rel), e))));
+                    let e = Error::io(t.root.display(dir_rel), e);
+                    self.emit(Event::Error {
+                        path: rpath.clone(),
+                        code: e.exit_code(),
+                        message: e.message_for(&rpath),
+                    });
+                    done.push((rpath, Err(e)));
                     continue;
                 }
             };
@@ -344,7 +349,7 @@ impl Client {
                     self.emit(Event::Error {
                         path: rpath.clone(),
                         code: e.exit_code(),
-                        message: e.to_string(),
+                        message: e.message_for(&rpath),
                     });
                     done.push((rpath, Err(e)));
                 }
@@ -440,7 +445,7 @@ impl Client {
     /// exists, as do the files' directories), in batches, [`BATCHES_IN_FLIGHT`] at a time.
     pub(crate) fn upload_small<'a>(
         &'a self,
-        local: &'a Path,
+        local: &'a LocalDir,
         remote: &'a str,
         opts: &'a UploadOptions,
         files: Vec<Small>,
@@ -455,7 +460,7 @@ impl Client {
 
     async fn upload_batch(
         &self,
-        local: &Path,
+        local: &LocalDir,
         remote: &str,
         opts: &UploadOptions,
         files: Vec<Small>,
@@ -470,14 +475,13 @@ impl Client {
         }
         for (rel, _) in files.iter().zip(&left).filter_map(|(f, l)| l.then_some(f)) {
             let rpath = remote_join(remote, rel);
+            // Never through a symlink that replaced the walk's file (read_files left it out).
+            let source = SourcePath::InTree {
+                root: local.clone(),
+                rel: rel.clone(),
+            };
             let r = self
-                .upload_file(
-                    &local.join(rel),
-                    &rpath,
-                    opts,
-                    Slots::One(self.pick_slot()),
-                    None,
-                )
+                .upload_file(&source, &rpath, opts, Slots::One(self.pick_slot()), None)
                 .await;
             done.push((rpath, r.map(Outcome::Sent)));
         }
@@ -486,7 +490,7 @@ impl Client {
 
     async fn send_batch(
         &self,
-        local: &Path,
+        local: &LocalDir,
         remote: &str,
         opts: &UploadOptions,
         files: &[Small],
@@ -494,10 +498,7 @@ impl Client {
         left: &mut [bool],
     ) -> Result<()> {
         let conn = self.conn(self.pick_slot()).await?;
-        let (root, names) = (
-            local.to_path_buf(),
-            files.iter().map(|f| f.0.clone()).collect(),
-        );
+        let (root, names) = (local.clone(), files.iter().map(|f| f.0.clone()).collect());
         let max_file = if conn.is_single_chunk(BATCH_MAX_FILE) {
             BATCH_MAX_FILE
         } else {
@@ -526,7 +527,7 @@ impl Client {
         for r in &read {
             self.emit(Event::Start {
                 path: remote_join(remote, &files[r.index].0),
-                local: local.join(&files[r.index].0).display().to_string(),
+                local: local.display(&files[r.index].0),
                 size: r.entry.size,
                 resumed: 0,
             });
@@ -565,7 +566,7 @@ impl Client {
                     blake3.copy_from_slice(&r.entry.blake3);
                     self.emit(Event::Done {
                         path: rpath.clone(),
-                        local: local.join(rel).display().to_string(),
+                        local: local.display(rel),
                         bytes: r.entry.size,
                         transferred: r.entry.size,
                         blake3: hex::encode(blake3),
@@ -588,7 +589,7 @@ impl Client {
                     self.emit(Event::Error {
                         path: rpath.clone(),
                         code: e.exit_code(),
-                        message: e.to_string(),
+                        message: e.message_for(&rpath),
                     });
                     done.push((rpath, Err(e)));
                 }
@@ -606,12 +607,9 @@ fn is_no_space(e: &msg::Error) -> bool {
 /// `max_file` bytes, unchanged while read, opened through directory handles with O_NOFOLLOW
 /// (as the local walk saw them: a symlink planted since is not followed). Files that are not
 /// (or fail) are left out: the per-file path takes them and reports what is wrong. Blocking.
-fn read_files(root: &Path, names: Vec<String>, max_file: u64) -> Vec<Read1> {
+fn read_files(top: &LocalDir, names: Vec<String>, max_file: u64) -> Vec<Read1> {
     let mut out = Vec::with_capacity(names.len());
     let mut bytes = 0usize;
-    let Ok(top) = LocalDir::open(root) else {
-        return out;
-    };
     let mut dirs: HashMap<String, Option<LocalDir>> = HashMap::new();
     for (index, rel) in names.into_iter().enumerate() {
         let (dir_rel, name) = rel_split(&rel);
@@ -634,7 +632,7 @@ fn read_files(root: &Path, names: Vec<String>, max_file: u64) -> Vec<Read1> {
             continue;
         }
         let Ok(after) = file.metadata() else { continue };
-        let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+        let ns = crate::sync::mtime_ns;
         let (mtime_ns, ctime_ns) = (
             ns(md.mtime(), md.mtime_nsec()),
             ns(md.ctime(), md.ctime_nsec()),
@@ -651,7 +649,7 @@ fn read_files(root: &Path, names: Vec<String>, max_file: u64) -> Vec<Read1> {
         let entry = msg::TreeEntry {
             path: rel,
             size: md.len(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            mtime_ns,
             mode: md.mode() & 0o7777,
             blake3: blake3::hash(&data).as_bytes().to_vec(),
             data: true,

@@ -16,7 +16,7 @@ use crate::local::sink::{spawn_blocking, Out};
 use crate::local::LocalDir;
 use crate::progress::Event;
 use crate::sync::{compare, hash_file, SyncOptions, Verdict, SAME_HASH};
-use crate::upload::UploadOptions;
+use crate::upload::{SourcePath, UploadOptions};
 
 /// What fstat says of a file that any write, truncation or utimes changes: size, mtime and
 /// ctime (which only the kernel sets).
@@ -49,7 +49,7 @@ pub(crate) enum Outcome {
 /// `(size, mtime_ns)` of a local regular file; `None` if there is none (or something else).
 pub(crate) fn local_file(md: &std::fs::Metadata) -> Option<(u64, i64)> {
     md.is_file()
-        .then(|| (md.len(), md.mtime() * 1_000_000_000 + md.mtime_nsec()))
+        .then(|| (md.len(), crate::sync::mtime_ns(md.mtime(), md.mtime_nsec())))
 }
 
 /// With `--no-clobber` an existing remote file is refused even when it is the same, as it
@@ -86,7 +86,7 @@ impl Client {
         let (n, s) = (name.to_string(), shown.clone());
         let local = spawn_blocking(move || {
             let hashed = || -> std::io::Result<_> {
-                let f = dir.open_read(&n)?;
+                let f = dir.open_regular(&n)?;
                 let before = FileStamp::of(&f)?;
                 let hash = hash_file(&f)?;
                 Ok((f, before, hash))
@@ -213,7 +213,7 @@ impl Client {
             let have = dir.lstat(name).ok().and_then(|st| {
                 (st.st_mode & libc::S_IFMT == libc::S_IFREG).then(|| {
                     let size = u64::try_from(st.st_size).unwrap_or(0);
-                    (size, st.st_mtime * 1_000_000_000 + st.st_mtime_nsec)
+                    (size, crate::sync::mtime_ns(st.st_mtime, st.st_mtime_nsec))
                 })
             });
             let verdict = compare((entry.size, entry.mtime_ns), have, sync.checksum);
@@ -249,6 +249,7 @@ impl Client {
     ) -> Result<Option<Transfer>> {
         let dry_run = sync.dry_run || self.shared.opts.dry_run;
         let md = std::fs::metadata(local).map_err(|e| Error::io(local.display(), e))?;
+        let source = SourcePath::Named(local.to_path_buf());
         let Some(src) = local_file(&md) else {
             if dry_run {
                 // What the upload would say, without going on to it (a file may have taken
@@ -260,7 +261,7 @@ impl Client {
             }
             // Not a file: the upload says what is wrong with it, and nothing is created.
             return self
-                .upload_file(local, remote, opts, Slots::All, None)
+                .upload_file(&source, remote, opts, Slots::All, None)
                 .await
                 .map(Some);
         };
@@ -276,10 +277,10 @@ impl Client {
             Err(e) => return Err(e),
         };
         let verdict = clobber_check(compare(src, have, sync.checksum), opts);
-        let path = local.to_path_buf();
         let shown = local.display().to_string();
+        let opened = source.clone();
         let verdict = self
-            .settle_hash(verdict, remote, shown.clone(), move || File::open(path))
+            .settle_hash(verdict, remote, shown.clone(), move || opened.open())
             .await?;
         if self
             .report(verdict, dry_run, remote, &shown, src.0)
@@ -288,7 +289,7 @@ impl Client {
             return Ok(None);
         }
         let replaces = have.map(|(size, _)| size);
-        self.upload_file(local, remote, opts, Slots::All, replaces)
+        self.upload_file(&source, remote, opts, Slots::All, replaces)
             .await
             .map(Some)
     }

@@ -121,7 +121,7 @@ impl Client {
             Err(e) => self.emit(Event::Error {
                 path: remote.to_string(),
                 code: e.exit_code(),
-                message: e.to_string(),
+                message: e.message_for(remote),
             }),
         }
         r

@@ -104,6 +104,27 @@ impl Error {
         }
     }
 
+    /// The message for a line that names `path` already ("PATH: MESSAGE"): the error without
+    /// that path again when it carries the very same one (a local error about the entry it is
+    /// reported for, an integrity failure of that file). Every place that prints or emits an
+    /// error for a path uses this, so the path is said once.
+    pub fn message_for(&self, path: &str) -> String {
+        match self {
+            Error::Io { path: p, source } if p == path => source.to_string(),
+            Error::Integrity { path: p, detail } if p == path => {
+                format!("integrity check failed: {detail}")
+            }
+            Error::NoSpace {
+                path: p,
+                needed,
+                free,
+            } if p == path => {
+                format!("not enough free space: {needed} more bytes needed, {free} free")
+            }
+            e => e.to_string(),
+        }
+    }
+
     pub(crate) fn io(path: impl std::fmt::Display, source: std::io::Error) -> Error {
         Error::Io {
             path: path.to_string(),
@@ -136,6 +157,18 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_is_said_once() {
+        let e = Error::io("/x/d", std::io::ErrorKind::PermissionDenied.into());
+        assert_eq!(e.message_for("/x/d"), "permission denied");
+        assert_eq!(e.message_for("up/d"), "/x/d: permission denied");
+        let e = Error::Integrity {
+            path: "a".into(),
+            detail: "hash".into(),
+        };
+        assert_eq!(e.message_for("a"), "integrity check failed: hash");
+    }
 
     #[test]
     fn a_server_message_is_kept_short() {

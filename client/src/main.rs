@@ -60,7 +60,7 @@ struct Global {
     /// Print NDJSON events (one object per line, with an "event" field) instead of bars.
     #[arg(long, global = true)]
     json: bool,
-    /// No progress output.
+    /// No progress output, and no notes of what was skipped (failures are always listed).
     #[arg(short, long, global = true)]
     quiet: bool,
     /// Retries after a lost connection, a stall or a retryable server error.
@@ -236,9 +236,10 @@ enum Cmd {
         remote: String,
         /// Local path (default: the remote base name in the current directory; `-`: stdout).
         local: Option<String>,
-        /// Give created files and directories the server's permission bits exactly (never
-        /// setuid, setgid or sticky); without it they get those bits less the umask.
-        /// Directories that existed before keep their mode.
+        /// Give files and directories the server's permission bits exactly (never setuid,
+        /// setgid or sticky), those that were there already too, as rsync -p does; without
+        /// it, created ones get those bits less the umask and existing ones keep their mode.
+        /// The destination directory itself, if it existed, keeps its mode either way.
         #[arg(short, long)]
         preserve: bool,
         #[command(flatten)]
@@ -377,6 +378,7 @@ async fn run(cli: Cli, matches: ArgMatches) -> i32 {
             to_stderr: data_on_stdout,
         }
     } else if cli.global.quiet || !std::io::stderr().is_terminal() {
+        // No progress; what was skipped or failed is still said at the end (`tree_code`).
         Mode::Quiet
     } else {
         Mode::Bars
@@ -481,7 +483,7 @@ fn reported(r: fsc::Result<()>, path: &str, quiet: bool) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             if !quiet {
-                eprintln!("fsc: {}: {}", escape(path), escape(&e.to_string()));
+                eprintln!("fsc: {}: {}", escape(path), escape(&e.message_for(path)));
                 hint(&e);
             }
             e.exit_code()
@@ -505,10 +507,24 @@ fn hint(e: &fsc::Error) {
     }
 }
 
-fn tree_code(s: &TreeSummary, quiet: bool, reporter: &Reporter) -> i32 {
-    if !quiet {
+/// The end of a tree transfer: what was skipped (unless `-q`, `--json` or bars, which said
+/// it as it happened) and what failed (unless `--json`, whose events said it) to stderr,
+/// whether or not it is a terminal; the summary line with bars; the exit code.
+fn tree_code(s: &TreeSummary, g: &Global, reporter: &Reporter) -> i32 {
+    if reporter.mode() == Mode::Quiet && !g.quiet {
+        for (path, reason) in &s.skips {
+            eprintln!("fsc: {}: skipped ({})", escape(path), escape(reason));
+        }
+        let more = s
+            .skipped
+            .saturating_sub(u64::try_from(s.skips.len()).unwrap_or(u64::MAX));
+        if more > 0 {
+            eprintln!("fsc: ... and {more} more skipped");
+        }
+    }
+    if !g.json {
         for (path, e) in &s.failed {
-            eprintln!("fsc: {}: {}", escape(path), escape(&e.to_string()));
+            eprintln!("fsc: {}: {}", escape(path), escape(&e.message_for(path)));
         }
         if s.failed_more > 0 {
             eprintln!("fsc: ... and {} more failed", s.failed_more);
@@ -581,7 +597,7 @@ async fn dispatch(
                     None => default_local()?,
                 };
                 let s = client.download_tree(&remote, &local, &sync).await?;
-                return Ok(tree_code(&s, quiet, reporter));
+                return Ok(tree_code(&s, g, reporter));
             }
             let dest = match local {
                 Some(l) if l == "-" => Dest::Stdout,
@@ -616,7 +632,7 @@ async fn dispatch(
             let opts = UploadOptions { no_clobber };
             if t.recursive {
                 let s = client.upload_tree(&local, &remote, &opts, &sync).await?;
-                return Ok(tree_code(&s, quiet, reporter));
+                return Ok(tree_code(&s, g, reporter));
             }
             let r = client
                 .upload_sync(&local, &remote, &opts, &sync)

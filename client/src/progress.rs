@@ -41,6 +41,34 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// A name that may not be UTF-8 (a local file name), fit to print: [`escape`] of it if it is
+/// UTF-8; otherwise every byte that is not part of valid UTF-8 as `\xNN`, with the same
+/// escapes as [`escape`] for the rest (control characters, backslashes doubled), so
+/// `caf\xe9.txt` names the file whose name has the byte 0xE9 there. The result holds no
+/// control character: [`escape`] leaves it as it is.
+pub fn escape_bytes(name: &[u8]) -> String {
+    if let Ok(s) = std::str::from_utf8(name) {
+        return escape(s).into_owned();
+    }
+    let mut out = String::with_capacity(name.len() + 8);
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                c if is_unsafe(c) && u32::from(c) < 0x80 => {
+                    out.push_str(&format!("\\x{:02x}", u32::from(c)))
+                }
+                c if is_unsafe(c) => out.push_str(&format!("\\u{{{:04x}}}", u32::from(c))),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
 /// `v` as one line of JSON in which every control character (C1 and bidirectional controls
 /// too, which JSON would allow raw) is a `\uNNNN` escape: the same value to a JSON parser,
 /// harmless on a terminal.
@@ -402,6 +430,14 @@ mod tests {
             message: "nope".into(),
         };
         assert_eq!(serde_json::to_value(&e).unwrap()["event"], "error");
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_shown_byte_for_byte() {
+        assert_eq!(escape_bytes(b"caf\xe9.txt"), "caf\\xe9.txt");
+        assert_eq!(escape_bytes(b"a\\b\xff\x1b"), "a\\\\b\\xff\\x1b");
+        assert_eq!(escape_bytes("naïve".as_bytes()), "naïve");
+        assert_eq!(escape(&escape_bytes(b"d\xff\n")), escape_bytes(b"d\xff\n"));
     }
 
     #[test]

@@ -123,6 +123,13 @@ fn read_small(file: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// An mtime in nanoseconds from a stat's seconds and nanoseconds, saturating as fsd does
+/// (`src/fs/root.rs`): a file from beyond the year 2262 (or before 1677) gets the end of the
+/// range rather than overflowing.
+pub(crate) fn mtime_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
 /// What one side holds at a path, as far as syncing cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Node {
@@ -167,8 +174,8 @@ pub(crate) const SAME_QUICK: &str = "same size and mtime";
 pub(crate) const SAME_HASH: &str = "same BLAKE3";
 
 /// The quick check (or its `--checksum` variant) of a source file against what the destination
-/// has there (`None`: nothing, or not a file). mtimes are compared to the nanosecond: both sides
-/// set them exactly (futimens), and a file system that keeps less only costs a resend.
+/// has there (`None`: nothing, or not a file). mtimes are compared to the destination's
+/// precision ([`same_mtime`]).
 pub(crate) fn compare(src: (u64, i64), dst: Option<(u64, i64)>, checksum: bool) -> Verdict {
     let Some((size, mtime_ns)) = dst else {
         return Verdict::New;
@@ -177,11 +184,23 @@ pub(crate) fn compare(src: (u64, i64), dst: Option<(u64, i64)>, checksum: bool) 
         Verdict::Changed("size differs")
     } else if checksum {
         Verdict::Hash
-    } else if mtime_ns != src.1 {
+    } else if !same_mtime(src.1, mtime_ns) {
         Verdict::Changed("mtime differs")
     } else {
         Verdict::Same(SAME_QUICK)
     }
+}
+
+/// Whether the destination's mtime `dst` is the source's `src` as far as the destination can
+/// keep it: to the nanosecond, or to the second when the destination's has no nanoseconds (a
+/// file system with 1-second mtimes — ext4 with 128-byte inodes, ext3, HFS+, many network
+/// file systems — stores the seconds of what fsc set). Else every run would transfer every
+/// file there again. (Both sides set mtimes exactly; a destination that truly has a whole
+/// second and the same size within that second of the source is taken as the same file, as
+/// `rsync --modify-window` would.)
+pub(crate) fn same_mtime(src: i64, dst: i64) -> bool {
+    const NS: i64 = 1_000_000_000;
+    src == dst || (dst.rem_euclid(NS) == 0 && dst.div_euclid(NS) == src.div_euclid(NS))
 }
 
 /// What a tree transfer does, by relative path ("" is the top, never in here).
@@ -360,6 +379,23 @@ mod tests {
 
     fn tree(entries: &[(&str, Node)]) -> BTreeMap<String, Node> {
         entries.iter().map(|(r, n)| (r.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn mtimes_compare_to_the_destinations_precision() {
+        let s = 1_700_000_000 * 1_000_000_000;
+        assert!(same_mtime(s + 123, s + 123));
+        assert!(same_mtime(s + 123, s), "a destination of whole seconds");
+        assert!(!same_mtime(s + 123, s + 1));
+        assert!(
+            !same_mtime(s, s + 123),
+            "the source's precision is not the question"
+        );
+        assert!(!same_mtime(s + 123, s - 1_000_000_000));
+        assert!(
+            same_mtime(-1_500_000_000, -2_000_000_000),
+            "before 1970 too"
+        );
     }
 
     #[test]

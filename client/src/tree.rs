@@ -3,6 +3,7 @@
 //! Downloads write only beneath their destination directory, through [`LocalDir`] handles by
 //! checked names (see `local`).
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -21,7 +22,7 @@ use crate::local::sink::{spawn_blocking, Out};
 use crate::local::{is_not_empty, new_mode, work_dir_name, LocalDir, Work};
 use crate::progress::Event;
 use crate::sync::{plan, Node, Plan, SyncOptions, Verdict};
-use crate::upload::UploadOptions;
+use crate::upload::{SourcePath, UploadOptions};
 use crate::walk::{rel_split, remote_join, walk_local, Walk, LISTS_IN_FLIGHT, MAX_TREE_DEPTH};
 
 /// What a `-r` transfer did.
@@ -42,6 +43,9 @@ pub struct TreeSummary {
     pub kept: u64,
     /// Entries skipped (symlinks, special files).
     pub skipped: u64,
+    /// The first [`MAX_KEPT_FAILURES`] of them, with why (paths as shown, not escaped): for
+    /// a summary where no [`Event::Skip`] is shown.
+    pub skips: Vec<(String, String)>,
     /// Symlinks created or replaced (`-l`).
     pub links: u64,
     /// Files that failed, with the error: the first [`MAX_KEPT_FAILURES`].
@@ -51,6 +55,13 @@ pub struct TreeSummary {
     /// The highest exit code among the failures only counted.
     failed_more_code: i32,
 }
+
+/// Why a source entry whose name is not UTF-8 fails.
+const NOT_UTF8_SOURCE: &str =
+    "name is not UTF-8: the protocol carries names as UTF-8, so it cannot be transferred";
+/// Why a destination entry whose name is not UTF-8 fails a `--delete` run.
+const NOT_UTF8_DEST: &str = "name is not UTF-8: it cannot be compared with the source's \
+     names (the protocol carries UTF-8), so --delete leaves it in place";
 
 /// Failures a tree run keeps with their error for its summary.
 pub const MAX_KEPT_FAILURES: usize = 1000;
@@ -73,12 +84,14 @@ const FDS_PER_FILE: u64 = 6;
 
 /// A destination directory of a tree transfer, whose metadata is set once everything beneath
 /// it is done (creating entries changes a directory's mtime): the source's mtime, both ways;
-/// on a download also the source's mode, if this run created it.
+/// on a download also the source's mode, if this run created it (or always, `-p`).
 struct TreeDir {
     depth: usize,
     rel: String,
     /// Created by this run (downloads: give it this mode).
     created: Option<u32>,
+    /// `-p` on a download, the directory existed: its mode becomes this one (the source's).
+    chmod: Option<u32>,
     mtime_ns: i64,
     /// The destination had it with this very mtime before the run.
     same: bool,
@@ -89,18 +102,21 @@ struct TreeDir {
 
 impl TreeDir {
     /// The plan's directories, and the top (`top`: source mode and mtime; `top_dst`: the
-    /// destination top's mtime, if it existed), deepest first.
+    /// destination top's mtime, if it existed), deepest first. `preserve`: existing
+    /// directories beneath the top take the source's mode too (a download's `-p`).
     fn all(
         plan: &Plan,
         src: &Walk,
         dst: &Walk,
         top: (u32, i64),
         top_dst: Option<i64>,
+        preserve: bool,
     ) -> Vec<Self> {
         let mut dirs = vec![TreeDir {
             depth: 0,
             rel: String::new(),
             created: top_dst.is_none().then_some(top.0),
+            chmod: None,
             mtime_ns: top.1,
             same: top_dst == Some(top.1),
             keep: top_dst.is_some(),
@@ -110,15 +126,18 @@ impl TreeDir {
                 continue;
             };
             let had = match dst.nodes.get(rel) {
-                Some(Node::Dir { mtime_ns, .. }) if !create => Some(*mtime_ns),
+                Some(Node::Dir { mtime_ns, mode }) if !create => Some((*mtime_ns, *mode)),
                 _ => None,
             };
+            let chmod =
+                (preserve && had.is_some_and(|(_, m)| m != mode & 0o777)).then_some(mode & 0o777);
             dirs.push(TreeDir {
                 depth: depth_of(rel),
                 rel: rel.clone(),
                 created: create.then_some(*mode),
+                chmod,
                 mtime_ns: *mtime_ns,
-                same: had == Some(*mtime_ns),
+                same: had.map(|h| h.0) == Some(*mtime_ns) && chmod.is_none(),
                 keep: false,
             });
         }
@@ -165,6 +184,9 @@ impl Client {
     ) -> Plan {
         for (path, reason) in src.skipped.drain(..) {
             summary.skipped += 1;
+            if summary.skips.len() < MAX_KEPT_FAILURES {
+                summary.skips.push((path.clone(), reason.clone()));
+            }
             self.emit(Event::Skip { path, reason });
         }
         let complete = src.complete() && dst.complete();
@@ -179,6 +201,10 @@ impl Client {
             );
             summary.fail(self, "--delete".into(), e);
         }
+        // Source entries the protocol cannot name were asked for and are not transferred.
+        for (_, path) in src.unnamed.drain(..) {
+            summary.fail(self, path, Error::Usage(NOT_UTF8_SOURCE.into()));
+        }
         let p = plan(
             &src.nodes,
             &dst.nodes,
@@ -186,8 +212,28 @@ impl Client {
             sync.delete && complete,
             sync.checksum,
         );
+        // Destination entries the protocol cannot name cannot be compared with the source:
+        // `--delete` leaves them (the source may hold them under a name the protocol cannot
+        // carry either), and the run says so and fails rather than call the mirror complete.
+        // Those beneath a directory removed whole go with it (the source lacks the directory).
+        if sync.delete && complete {
+            let gone: std::collections::HashSet<&str> =
+                p.delete.iter().map(String::as_str).collect();
+            let whole = sync.filter.is_empty();
+            for (dir, path) in dst.unnamed.drain(..) {
+                let mut up = Some(dir.as_str()).filter(|d| !d.is_empty());
+                let mut removed = false;
+                while let Some(d) = up {
+                    removed |= gone.contains(d);
+                    up = d.rsplit_once('/').map(|(parent, _)| parent);
+                }
+                if !(whole && removed) {
+                    summary.fail(self, path, Error::Usage(NOT_UTF8_DEST.into()));
+                }
+            }
+        }
         for (rel, why) in &p.blocked {
-            let e = Error::Usage(format!("{}: {}", shown_dst(rel), why.why()));
+            let e = Error::Usage(why.why().into());
             summary.fail(self, shown_dst(rel), e);
         }
         if sync.dry_run {
@@ -265,7 +311,7 @@ impl Client {
         let root_is_new = std::fs::symlink_metadata(local).is_err();
         let top_dst = std::fs::metadata(local)
             .ok()
-            .map(|md| md.mtime() * 1_000_000_000 + md.mtime_nsec());
+            .map(|md| crate::sync::mtime_ns(md.mtime(), md.mtime_nsec()));
         let root = if root_is_new && sync.dry_run {
             None
         } else {
@@ -320,7 +366,13 @@ impl Client {
             self.delete_planned(&mut summary, &plan, &dst.nodes, filtered, &shown, remove)
                 .await;
         }
-        let mut dirs = TreeDir::all(&plan, &src, &dst, (top.mode, top.mtime_ns), top_dst);
+        let preserve = self.shared.opts.preserve;
+        if preserve && !dry_run {
+            self.chmod_kept_files(&mut summary, &root, &plan, &src, &dst, &shown)
+                .await;
+        }
+        let top_meta = (top.mode, top.mtime_ns);
+        let mut dirs = TreeDir::all(&plan, &src, &dst, top_meta, top_dst, preserve);
         // Parents before children: the reverse of the order their metadata is set in.
         let mut failed = std::collections::HashSet::new();
         for d in dirs
@@ -332,8 +384,13 @@ impl Client {
                 continue;
             }
             let (parent, name) = rel_split(&d.rel);
-            // Writable by us until the end, whatever the server's mode says.
-            match root.walk(parent).and_then(|p| p.subdir(name, true, 0o700)) {
+            // Created with its final mode when that lets us write into it (the usual case), so
+            // that a run interrupted (Ctrl-C, SIGTERM, SIGKILL) leaves it as a finished run
+            // would; else 0700, writable by us until the end, whatever the server's mode
+            // says. (mkdir applies the umask: with -p the exact mode comes at the end.)
+            let mode = new_mode(d.created.unwrap_or(0), preserve);
+            let first = if mode & 0o700 == 0o700 { mode } else { 0o700 };
+            match root.walk(parent).and_then(|p| p.subdir(name, true, first)) {
                 Ok((_, true)) => {}
                 // Someone else made it meanwhile: not ours to give a mode.
                 Ok((_, false)) => d.created = None,
@@ -385,14 +442,14 @@ impl Client {
                 };
                 let verdict = match verdict {
                     Ok(v) => v,
-                    Err(e) => return (rpath, Err(e)),
+                    Err(e) => return self.failed_before(rpath, e),
                 };
                 if let Some(o) = self.report(verdict, dry_run, &rpath, &shown(&rel), size) {
                     return (rpath, Ok(o));
                 }
                 let dir = match open_dir() {
                     Ok(d) => d,
-                    Err(e) => return (rpath, Err(e)),
+                    Err(e) => return self.failed_before(rpath, e),
                 };
                 let slots = if size <= SMALL_FILE {
                     Slots::One(self.pick_slot())
@@ -436,17 +493,17 @@ impl Client {
         // Directory metadata last, deepest first. Each directory is synced once here (its
         // renames) rather than after every rename in it. A run that changed nothing leaves
         // alone the directories whose mtime is already the source's.
-        let preserve = self.shared.opts.preserve;
         let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
         for d in dirs.into_iter().filter(|d| changed || !d.same) {
             let r = root.walk(&d.rel).and_then(|dir| {
                 if changed {
                     dir.sync()?;
                 }
-                match d.created {
-                    Some(mode) => dir.set_meta(new_mode(mode, preserve), d.mtime_ns),
-                    None if d.keep => Ok(()),
-                    None => dir.set_mtime(d.mtime_ns),
+                match (d.created, d.chmod) {
+                    (Some(mode), _) => dir.set_meta(new_mode(mode, preserve), d.mtime_ns),
+                    (None, Some(mode)) => dir.set_meta(mode, d.mtime_ns),
+                    (None, None) if d.keep => Ok(()),
+                    (None, None) => dir.set_mtime(d.mtime_ns),
                 }
             });
             if let Err(e) = r {
@@ -455,6 +512,55 @@ impl Client {
             }
         }
         Ok(summary)
+    }
+
+    /// `-p`: files the destination keeps (the same, or to be compared by hash) whose mode is
+    /// not the source's get it, as `rsync -p` does: a chmod on the source reaches the mirror.
+    /// Through the file's own descriptor, opened as the walk saw it (never a symlink).
+    async fn chmod_kept_files(
+        &self,
+        summary: &mut TreeSummary,
+        root: &LocalDir,
+        plan: &Plan,
+        src: &Walk,
+        dst: &Walk,
+        shown: &dyn Fn(&str) -> String,
+    ) {
+        let todo: Vec<(String, u32)> = plan
+            .files
+            .iter()
+            .filter(|(_, v)| matches!(v, Verdict::Same(_) | Verdict::Hash))
+            .filter_map(|(rel, _)| match (src.nodes.get(rel), dst.nodes.get(rel)) {
+                (Some(Node::File { mode: want, .. }), Some(Node::File { mode: have, .. }))
+                    if *have != want & 0o777 =>
+                {
+                    Some((rel.clone(), want & 0o777))
+                }
+                _ => None,
+            })
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        let root = root.clone();
+        let failed = spawn_blocking(move || {
+            use std::os::unix::fs::PermissionsExt;
+            let mut failed = Vec::new();
+            for (rel, mode) in todo {
+                let r = root
+                    .open_source(&rel)
+                    .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(mode)));
+                if let Err(e) = r {
+                    failed.push((rel, e));
+                }
+            }
+            Ok(failed)
+        })
+        .await
+        .unwrap_or_default();
+        for (rel, e) in failed {
+            summary.fail(self, shown(&rel), Error::io(shown(&rel), e));
+        }
     }
 
     /// The plan's files with their sizes, in the order they are transferred.
@@ -491,10 +597,10 @@ impl Client {
             )));
         }
         let root = LocalDir::open(local).map_err(|e| Error::io(local.display(), e))?;
-        let filter = sync.filter.clone();
+        let (walked, filter) = (root.clone(), sync.filter.clone());
         let links = sync.links;
         // A source: fsc makes no working directory there, so every entry is the user's.
-        let mut src = spawn_blocking(move || Ok(walk_local(&root, &filter, links, None))).await?;
+        let mut src = spawn_blocking(move || Ok(walk_local(&walked, &filter, links, None))).await?;
         let (mut dst, top_dst) = match self.stat(remote).await {
             Ok(e) if e.kind == Kind::Dir => (
                 self.walk_remote(remote, &sync.filter, sync.links).await?,
@@ -511,7 +617,10 @@ impl Client {
         };
         let mut summary = TreeSummary::default();
         let plan = self.plan_tree(&mut summary, &mut src, &mut dst, sync, &shown);
-        let files = self.plan_files(&plan, &src);
+        let mut files = self.plan_files(&plan, &src);
+        // Directories not created (failed, or beneath one that failed): what they would hold
+        // fails with them, and everything else is still uploaded.
+        let mut unmade = BTreeSet::new();
         if sync.dry_run && top_dst.is_none() {
             self.dry_run("mkdir", remote.to_string(), "new directory");
         }
@@ -532,8 +641,18 @@ impl Client {
             let filtered = !sync.filter.is_empty();
             self.delete_planned(&mut summary, &plan, &dst.nodes, filtered, &shown, remove)
                 .await;
-            self.make_dirs(remote, md.mode() & 0o7777, &plan, &src)
-                .await?;
+            unmade = self
+                .make_dirs(&mut summary, remote, md.mode() & 0o7777, &plan, &src)
+                .await;
+            if !unmade.is_empty() {
+                files.retain(|(rel, _, _)| {
+                    let lost = in_unmade(&unmade, rel);
+                    if lost {
+                        summary.fail(self, shown(rel), Error::Usage(NO_DIRECTORY.into()));
+                    }
+                    !lost
+                });
+            }
             self.emit(Event::Plan {
                 files: files.len() as u64,
                 bytes: files.iter().map(|f| f.1).sum(),
@@ -543,7 +662,8 @@ impl Client {
         let (small, files) = self
             .split_small(files, dry_run, |v| clobber_check(v, opts))
             .await;
-        let small = self.upload_small(local, remote, opts, small);
+        let root = &root;
+        let small = self.upload_small(root, remote, opts, small);
         // The size of the remote file each upload replaces, if any: a delta upload then.
         let files: Vec<_> = files
             .into_iter()
@@ -558,16 +678,19 @@ impl Client {
         let results = futures::stream::iter(files)
             .map(|(rel, size, verdict, old)| async move {
                 let rpath = shown(&rel);
-                let path = local.join(&rel);
-                let shown_local = path.display().to_string();
-                let p = path.clone();
+                // Opened as the walk saw it: never through a symlink that replaced it since.
+                let source = SourcePath::InTree {
+                    root: root.clone(),
+                    rel: rel.clone(),
+                };
+                let shown_local = source.shown();
+                let opened = source.clone();
                 let verdict = clobber_check(verdict, opts);
-                let verdict = self.settle_hash(verdict, &rpath, shown_local.clone(), move || {
-                    std::fs::File::open(p)
-                });
+                let verdict =
+                    self.settle_hash(verdict, &rpath, shown_local.clone(), move || opened.open());
                 let verdict = match verdict.await {
                     Ok(v) => v,
-                    Err(e) => return (rpath, Err(e)),
+                    Err(e) => return self.failed_before(rpath, e),
                 };
                 if let Some(o) = self.report(verdict, dry_run, &rpath, &shown_local, size) {
                     return (rpath, Ok(o));
@@ -577,7 +700,7 @@ impl Client {
                 } else {
                     Slots::All
                 };
-                let r = self.upload_file(&path, &rpath, opts, slots, old).await;
+                let r = self.upload_file(&source, &rpath, opts, slots, old).await;
                 (rpath, r.map(Outcome::Sent))
             })
             .buffer_unordered(files_in_flight(
@@ -589,6 +712,10 @@ impl Client {
             .await;
         for rel in &plan.links {
             let (path, target) = (shown(rel), &src.links[rel]);
+            if in_unmade(&unmade, rel) {
+                summary.fail(self, path, Error::Usage(NO_DIRECTORY.into()));
+                continue;
+            }
             if let Err(e) = self
                 .link(dry_run, path.clone(), target, self.symlink(&path, target))
                 .await
@@ -601,9 +728,10 @@ impl Client {
         if !dry_run {
             let top = (
                 md.mode() & 0o7777,
-                md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                crate::sync::mtime_ns(md.mtime(), md.mtime_nsec()),
             );
-            let dirs = TreeDir::all(&plan, &src, &dst, top, top_dst);
+            let mut dirs = TreeDir::all(&plan, &src, &dst, top, top_dst, false);
+            dirs.retain(|d| !unmade.contains(&d.rel));
             let changed = summary.changed() || dirs.iter().any(|d| d.created.is_some());
             let stamp = dirs.into_iter().filter(|d| !d.keep && (changed || !d.same));
             let stamped = futures::stream::iter(stamp)
@@ -625,9 +753,18 @@ impl Client {
     }
 
     /// Creates `remote` (with parents) and the plan's new directories beneath it: parents
-    /// before children, one level at a time, each level's MKDIRs overlapping.
-    async fn make_dirs(&self, remote: &str, top_mode: u32, plan: &Plan, src: &Walk) -> Result<()> {
-        let mut by_depth: Vec<Vec<(String, u32)>> = vec![vec![(remote.to_string(), top_mode)]];
+    /// before children, one level at a time, each level's MKDIRs overlapping. A directory that
+    /// cannot be created is a failure (recorded in `summary`); nothing beneath it is tried.
+    /// Returns the directories not created, by relative path ("" for `remote` itself).
+    async fn make_dirs(
+        &self,
+        summary: &mut TreeSummary,
+        remote: &str,
+        top_mode: u32,
+        plan: &Plan,
+        src: &Walk,
+    ) -> BTreeSet<String> {
+        let mut by_depth: Vec<Vec<(String, u32)>> = vec![vec![(String::new(), top_mode)]];
         for (rel, _) in plan.dirs.iter().filter(|(_, create)| *create) {
             let Some(Node::Dir { mode, .. }) = src.nodes.get(rel) else {
                 continue;
@@ -636,26 +773,57 @@ impl Client {
             if by_depth.len() <= depth {
                 by_depth.resize(depth + 1, Vec::new());
             }
-            by_depth[depth].push((remote_join(remote, rel), *mode));
+            by_depth[depth].push((rel.clone(), *mode));
         }
+        let mut unmade = BTreeSet::new();
         for level in by_depth {
+            let (lost, level): (Vec<_>, Vec<_>) = level
+                .into_iter()
+                .partition(|(rel, _)| in_unmade(&unmade, rel));
+            unmade.extend(lost.into_iter().map(|(rel, _)| rel));
             let made = futures::stream::iter(level)
-                .map(|(path, mode)| async move {
+                .map(|(rel, mode)| async move {
+                    let path = match rel.as_str() {
+                        "" => remote.to_string(),
+                        rel => remote_join(remote, rel),
+                    };
                     let r = self.mkdir(&path, true, mode).await;
-                    (path, r)
+                    (rel, path, r)
                 })
                 .buffer_unordered(LISTS_IN_FLIGHT)
                 .collect::<Vec<_>>()
                 .await;
-            for (path, r) in made {
+            for (rel, path, r) in made {
                 if let Err(e) = r {
-                    // Without its directory nothing beneath can be uploaded.
-                    self.emit(error_event(&path, &e));
-                    return Err(e);
+                    summary.fail(self, path, e);
+                    unmade.insert(rel);
                 }
             }
         }
-        Ok(())
+        unmade
+    }
+}
+
+/// Why an entry beneath a directory that could not be created is not uploaded.
+const NO_DIRECTORY: &str = "not uploaded: its directory could not be created";
+
+/// Whether `rel` lies beneath a directory of `unmade` (relative paths, "" the top).
+fn in_unmade(unmade: &BTreeSet<String>, rel: &str) -> bool {
+    if unmade.is_empty() {
+        return false;
+    }
+    unmade.contains("")
+        || rel
+            .match_indices('/')
+            .any(|(i, _)| unmade.contains(&rel[..i]))
+}
+
+impl Client {
+    /// A file of a tree that failed before its transfer began (comparing it, opening its
+    /// directory): reported as the transfer would have reported it.
+    fn failed_before(&self, path: String, e: Error) -> (String, Result<Outcome>) {
+        self.emit(error_event(&path, &e));
+        (path, Err(e))
     }
 }
 
@@ -663,7 +831,7 @@ fn error_event(path: &str, e: &Error) -> Event {
     Event::Error {
         path: path.to_string(),
         code: e.exit_code(),
-        message: e.to_string(),
+        message: e.message_for(path),
     }
 }
 

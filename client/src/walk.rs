@@ -12,6 +12,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use crate::client::{entry_cost, Client, Entry, Kind};
 use crate::error::{Error, Result};
 use crate::local::{check_name, LocalDir};
+use crate::progress::escape_bytes;
 use crate::sync::{link_id, Filter, Node};
 
 /// Most entries (files, directories, anything listed) a tree walk takes from a server, and
@@ -48,6 +49,11 @@ pub(crate) struct Walk {
     pub skipped: Vec<(String, String)>,
     /// What could not be listed or is refused: (path as shown, error).
     pub failed: Vec<(String, Error)>,
+    /// Entries whose names are not UTF-8 (local walks): the protocol carries names as UTF-8,
+    /// so they can be neither transferred nor compared with the other side's. (relative path
+    /// of their directory, path as shown, escaped by [`escape_bytes`]). Nothing beneath such a
+    /// directory is listed.
+    pub unnamed: Vec<(String, String)>,
     /// The link text of every [`Node::Link`], by relative path.
     pub links: BTreeMap<String, String>,
     /// Entries the filter left out, by relative path (an excluded directory once: nothing
@@ -223,7 +229,8 @@ impl Client {
 
 /// Walks the local tree beneath `root` through handles opened one component at a time with
 /// `O_NOFOLLOW`: a symlink is an entry of its own, never followed. Names that are not UTF-8
-/// cannot be named on the server and are skipped.
+/// cannot be named on the server: they go to [`Walk::unnamed`] (the caller decides whether
+/// that is a failure).
 ///
 /// `work_dir`: the name of fsc's working directory in `root` when `root` is a download's
 /// destination (the name that run uses, [`crate::local::work_dir_name`]). That one directory,
@@ -251,8 +258,8 @@ pub(crate) fn walk_local(
         };
         for (name, st) in entries {
             let Ok(name) = std::str::from_utf8(name.as_bytes()) else {
-                let shown = root.display(&rel_join(&rel, &name.to_string_lossy()));
-                walk.skipped.push((shown, "name is not UTF-8".into()));
+                let shown = root.display(&rel_join(&rel, &escape_bytes(name.as_bytes())));
+                walk.unnamed.push((rel.clone(), shown));
                 continue;
             };
             let sub = rel_join(&rel, name);
@@ -268,13 +275,12 @@ pub(crate) fn walk_local(
                 walk.excluded.insert(sub);
                 continue;
             }
-            let mtime_ns = st.st_mtime * 1_000_000_000 + st.st_mtime_nsec;
+            let mtime_ns = crate::sync::mtime_ns(st.st_mtime, st.st_mtime_nsec);
             let mode = st.st_mode & 0o7777;
             let node = match fmt {
                 libc::S_IFDIR if depth >= MAX_TREE_DEPTH => {
                     let err = Error::Usage(format!(
-                        "{}: deeper than {MAX_TREE_DEPTH} levels; not descending",
-                        root.display(&sub)
+                        "deeper than {MAX_TREE_DEPTH} levels; not descending"
                     ));
                     walk.failed.push((root.display(&sub), err));
                     continue;

@@ -99,6 +99,11 @@ impl LocalDir {
         self.fd.as_fd()
     }
 
+    /// The path it was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Path for messages.
     pub fn display(&self, name: &str) -> String {
         self.path.join(name).display().to_string()
@@ -183,6 +188,30 @@ impl LocalDir {
         let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
         let fd = openat(self.fd.as_fd(), name, flags, Mode::empty()).map_err(io)?;
         Ok(File::from(fd))
+    }
+
+    /// Opens `name`, an entry a tree walk saw as a regular file, to read it as a source:
+    /// [`LocalDir::open_read`] (a symlink there is refused, a FIFO does not block), and then
+    /// only if it is still a regular file ([`regular`]).
+    pub fn open_regular(&self, name: &str) -> std::io::Result<File> {
+        match self.open_read(name) {
+            Ok(f) => regular(f),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a symlink now (replaced since it was listed?): not followed",
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the source file `rel` ("a/b/f") beneath this directory, through handles opened
+    /// one component at a time with `O_NOFOLLOW` ([`LocalDir::walk`]), the file itself with
+    /// [`LocalDir::open_regular`]: whatever replaced the walk's entry, or a directory above it,
+    /// since it was listed (a symlink, a FIFO, a device), nothing but that regular file is
+    /// read.
+    pub fn open_source(&self, rel: &str) -> std::io::Result<File> {
+        let (parent, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        self.walk(parent)?.open_regular(name)
     }
 
     /// Reads a small file (at most `max` bytes, else InvalidData); `None` if it does not exist.
@@ -349,6 +378,45 @@ impl LocalDir {
             Err(e) => Err(io(e)),
         }
     }
+}
+
+/// `f` if it is a regular file, back in blocking mode (it was opened with `O_NONBLOCK` so that
+/// a FIFO could not hang the open); an error naming what it is otherwise. A source that is
+/// not a regular file is never read: a FIFO or a device has no size to check the data against
+/// and may never end.
+pub(crate) fn regular(f: File) -> std::io::Result<File> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let kind = f.metadata()?.file_type();
+    if !kind.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_block_device() || kind.is_char_device() {
+            "a device"
+        } else {
+            "something else"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file ({what} now): not read"),
+        ));
+    }
+    let flags = OFlag::from_bits_retain(fcntl(&f, FcntlArg::F_GETFL).map_err(io)?);
+    fcntl(&f, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).map_err(io)?;
+    Ok(f)
+}
+
+/// Opens a source file by a path the user named (symlinks on it are followed, as cp and scp
+/// do with the files they are given), without blocking on a FIFO, and only if it is a regular
+/// file ([`regular`]).
+pub(crate) fn open_named_source(path: &Path) -> std::io::Result<File> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = openat(nix::fcntl::AT_FDCWD, path, flags, Mode::empty()).map_err(io)?;
+    regular(File::from(fd))
 }
 
 /// Whether `e` says that a directory is not empty (Linux: ENOTEMPTY; POSIX allows EEXIST).

@@ -34,6 +34,7 @@ use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::grow::grown;
 use crate::local::state::Bitmap;
+use crate::local::{open_named_source, LocalDir};
 use crate::progress::Event;
 use flights::Flights;
 
@@ -78,8 +79,8 @@ impl Client {
         remote: &str,
         opts: &UploadOptions,
     ) -> Result<Transfer> {
-        self.upload_file(local, remote, opts, Slots::All, None)
-            .await
+        let src = SourcePath::Named(local.to_path_buf());
+        self.upload_file(&src, remote, opts, Slots::All, None).await
     }
 
     /// `replaces`: the size of the remote file this upload will replace, when the caller knows
@@ -87,7 +88,7 @@ impl Client {
     /// holds (SEED) and only the others are sent.
     pub(crate) async fn upload_file(
         &self,
-        local: &Path,
+        local: &SourcePath,
         remote: &str,
         opts: &UploadOptions,
         slots: Slots,
@@ -115,7 +116,7 @@ impl Client {
         match &r {
             Ok(t) => self.emit(Event::Done {
                 path: remote.to_string(),
-                local: local.display().to_string(),
+                local: local.shown(),
                 bytes: t.bytes,
                 transferred: t.transferred,
                 blake3: hex::encode(t.blake3),
@@ -123,10 +124,44 @@ impl Client {
             Err(e) => self.emit(Event::Error {
                 path: remote.to_string(),
                 code: e.exit_code(),
-                message: e.to_string(),
+                message: e.message_for(remote),
             }),
         }
         r
+    }
+}
+
+/// Where the local file of an upload is, which says how it is opened. Either way only a
+/// regular file is read, and a FIFO cannot hang the open.
+#[derive(Clone, Debug)]
+pub(crate) enum SourcePath {
+    /// A path the user named: symlinks on it are followed (as cp and scp do).
+    Named(PathBuf),
+    /// An entry a tree walk saw as a regular file: `rel` beneath `root`, opened through
+    /// directory handles without following any symlink ([`LocalDir::open_source`]), so a file
+    /// replaced since the walk by a symlink is refused, never read through it.
+    InTree { root: LocalDir, rel: String },
+}
+
+impl SourcePath {
+    /// Opens the file for reading (see the variants).
+    pub(crate) fn open(&self) -> std::io::Result<File> {
+        match self {
+            SourcePath::Named(p) => open_named_source(p),
+            SourcePath::InTree { root, rel } => root.open_source(rel),
+        }
+    }
+
+    pub(crate) fn path(&self) -> PathBuf {
+        match self {
+            SourcePath::Named(p) => p.clone(),
+            SourcePath::InTree { root, rel } => root.path().join(rel),
+        }
+    }
+
+    /// The path for messages.
+    pub(crate) fn shown(&self) -> String {
+        self.path().display().to_string()
     }
 }
 
@@ -147,22 +182,17 @@ struct Source {
 }
 
 impl Source {
-    fn open(path: &Path) -> Result<Source> {
+    fn open(src: &SourcePath) -> Result<Source> {
+        let path = src.path();
         let err = |e| Error::io(path.display(), e);
-        let file = File::open(path).map_err(err)?;
+        let file = src.open().map_err(err)?;
         let md = file.metadata().map_err(err)?;
-        if !md.is_file() {
-            return Err(Error::Usage(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
-        }
         Ok(Source {
             file: Arc::new(file),
-            path: path.to_path_buf(),
+            path,
             size: md.len(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            mtime_ns: crate::sync::mtime_ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: crate::sync::mtime_ns(md.ctime(), md.ctime_nsec()),
             opened: SystemTime::now(),
             mode: md.mode() & 0o7777,
             ino: md.ino(),
@@ -201,8 +231,8 @@ impl Source {
             .file
             .metadata()
             .map_err(|e| Error::io(self.path.display(), e))?;
-        let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
-        let ctime_ns = md.ctime() * 1_000_000_000 + md.ctime_nsec();
+        let mtime_ns = crate::sync::mtime_ns(md.mtime(), md.mtime_nsec());
+        let ctime_ns = crate::sync::mtime_ns(md.ctime(), md.ctime_nsec());
         if md.len() != self.size || mtime_ns != self.mtime_ns || ctime_ns != self.ctime_ns {
             return Err(self.changed());
         }
@@ -983,7 +1013,7 @@ mod tests {
         let p = tmp.path().join("f");
         let data = vec![3u8; 300_000];
         std::fs::write(&p, &data).unwrap();
-        let src = Source::open(&p).unwrap();
+        let src = Source::open(&SourcePath::Named(p.clone())).unwrap();
         assert!(src.settles_at().is_some(), "just written: racy");
         // What a reader would have sent had the file held other bytes while it was read.
         let mut other = data.clone();
@@ -1006,11 +1036,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("f");
         std::fs::write(&p, b"hello").unwrap();
-        let a = Source::open(&p).unwrap();
-        let b = Source::open(&p).unwrap();
+        let named = SourcePath::Named(p.clone());
+        let a = Source::open(&named).unwrap();
+        let b = Source::open(&named).unwrap();
         assert_eq!(a.resume_key().unwrap(), b.resume_key().unwrap());
         std::fs::write(&p, b"hello, world").unwrap();
-        let c = Source::open(&p).unwrap();
+        let c = Source::open(&named).unwrap();
         assert_ne!(a.resume_key().unwrap(), c.resume_key().unwrap());
         assert!(a.check_unchanged().is_err());
         c.check_unchanged().unwrap();
