@@ -642,7 +642,7 @@ fn read_files(top: &LocalDir, names: Vec<String>, max_file: u64) -> Vec<Read1> {
         if after.len() != md.len()
             || ns(after.mtime(), after.mtime_nsec()) != mtime_ns
             || ns(after.ctime(), after.ctime_nsec()) != ctime_ns
-            || crate::upload::settles_at(mtime_ns, ctime_ns, read_at).is_some()
+            || crate::upload::settles_at(ctime_ns, read_at).is_some()
         {
             continue;
         }

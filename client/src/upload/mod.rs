@@ -249,7 +249,7 @@ impl Source {
     /// When the file's timestamps will show any further change, if that was still to come when
     /// it was opened ([`settles_at`]).
     fn settles_at(&self) -> Option<SystemTime> {
-        settles_at(self.mtime_ns, self.ctime_ns, self.opened)
+        settles_at(self.ctime_ns, self.opened)
     }
 
     /// For a file opened while it could still change unseen ([`Source::settles_at`]): waits
@@ -282,21 +282,23 @@ impl Source {
     }
 }
 
-/// When a file last changed at `mtime_ns`/`ctime_ns` will show any further change in its
+/// When a file whose inode last changed at `ctime_ns` will show any further change in its
 /// timestamps, if that is after `at`: until then a rewrite may leave them as they are, and bytes
 /// read at different moments may be of different versions without a check of size and times
 /// seeing it (review D, stop 30: on ext4 with 1 s timestamps, a file rewritten 0.3 s into its
-/// upload was published as a mix of both versions, exit 0, and never sent again). The window is
-/// 2 s where the timestamps look coarse (no nanoseconds: ext4 with 128-byte inodes, ext3,
-/// NFSv3, FAT), else a few kernel ticks.
-pub(crate) fn settles_at(mtime_ns: i64, ctime_ns: i64, at: SystemTime) -> Option<SystemTime> {
-    let window = if mtime_ns % 1_000_000_000 == 0 && ctime_ns % 1_000_000_000 == 0 {
+/// upload was published as a mix of both versions, exit 0, and never sent again). The ctime,
+/// not the mtime: the kernel sets it to the clock at every change, and no one can set it to
+/// another value (an mtime in 2300 must not make fsc wait). The window is 2 s where the
+/// timestamps look coarse (no nanoseconds: ext4 with 128-byte inodes, ext3, NFSv3, FAT), else a
+/// few kernel ticks; never more than that after `at`, whatever the clocks say.
+pub(crate) fn settles_at(ctime_ns: i64, at: SystemTime) -> Option<SystemTime> {
+    let window = if ctime_ns % 1_000_000_000 == 0 {
         Duration::from_secs(2)
     } else {
         Duration::from_millis(20)
     };
-    let changed = UNIX_EPOCH + Duration::from_nanos(u64::try_from(mtime_ns.max(ctime_ns)).ok()?);
-    let settled = changed + window;
+    let changed = UNIX_EPOCH + Duration::from_nanos(u64::try_from(ctime_ns).ok()?);
+    let settled = (changed + window).min(at + window);
     (settled > at).then_some(settled)
 }
 
@@ -1025,10 +1027,14 @@ mod tests {
         // An old file is not racy: nothing to wait for or read again.
         let old = SystemTime::now() - Duration::from_secs(10);
         let old_ns = i64::try_from(old.duration_since(UNIX_EPOCH).unwrap().as_nanos()).unwrap();
-        assert!(settles_at(old_ns, old_ns, SystemTime::now()).is_none());
+        assert!(settles_at(old_ns, SystemTime::now()).is_none());
         // Coarse timestamps (whole seconds) keep a file racy for 2 s.
         let sec = (old_ns / 1_000_000_000 + 9) * 1_000_000_000;
-        assert!(settles_at(sec, sec, SystemTime::now()).is_some());
+        assert!(settles_at(sec, SystemTime::now()).is_some());
+        // A ctime in the future (another clock) makes it wait one window at most.
+        let now = SystemTime::now();
+        let far = settles_at(i64::MAX, now).unwrap();
+        assert!(far <= now + Duration::from_secs(2));
     }
 
     #[test]
