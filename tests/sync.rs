@@ -1624,3 +1624,33 @@ fn a_destination_with_one_second_mtimes_is_not_sent_again() {
     assert!(of(&ev, "done").is_empty(), "{ev:?}");
     assert_eq!(of(&ev, "unchanged").len(), 4, "{ev:?}");
 }
+
+/// A download of a remote tree holding names that are not UTF-8 (which fsd cannot send and now
+/// counts in LIST's `unlisted`) fails the run and says where; everything else arrives. Before,
+/// fsd left them out without a word and fsc exited 0 with '0 skipped, 0 failed' (review G,
+/// stop 30).
+#[test]
+fn remote_names_that_are_not_utf8_fail_a_download() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let s = Fsd::start();
+    write_random(&s.root.join("t/ok"), 10, 1);
+    write_random(
+        &s.root.join("t/sub").join(OsStr::from_bytes(b"caf\xe9.txt")),
+        10,
+        2,
+    );
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("dst");
+    let ev = run_code(
+        &["download", "-r", &s.addr(), "t", dst.to_str().unwrap()],
+        1,
+    );
+    let failed = paths(&ev, "error");
+    assert_eq!(failed.len(), 1, "{ev:?}");
+    assert!(
+        failed[0].contains("t/sub") && failed[0].contains("not UTF-8"),
+        "{failed:?}"
+    );
+    assert!(dst.join("ok").exists());
+}

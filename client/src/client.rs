@@ -515,17 +515,21 @@ impl Client {
             Ok(())
         })
         .await?;
+        // Names the server cannot send are not in a listing of names.
         Ok(out)
     }
 
     /// Lists a remote directory page by page, calling `f` with each entry in order; memory
-    /// stays one page however long the listing (an error from `f` stops it).
+    /// stays one page however long the listing (an error from `f` stops it). Returns how many
+    /// names the server left out because they are not UTF-8 (ListResponse `unlisted`, the
+    /// most any page said): they exist and cannot be named, let alone copied.
     pub async fn list_each(
         &self,
         path: &str,
         mut f: impl FnMut(Entry) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let mut after = String::new();
+        let mut unlisted = 0;
         loop {
             let req = msg::ListRequest {
                 path: path.to_string(),
@@ -533,6 +537,7 @@ impl Client {
                 limit: 0,
             };
             let page: msg::ListResponse = self.control(Cmd::LIST, &req, path).await?;
+            unlisted = unlisted.max(page.unlisted);
             let n = page.entries.len();
             for e in page.entries {
                 if e.name <= after && !after.is_empty() {
@@ -545,7 +550,7 @@ impl Client {
                 f(Entry::from(e))?;
             }
             if !page.more {
-                return Ok(());
+                return Ok(unlisted);
             }
             if n == 0 {
                 return Err(Error::Protocol(format!(

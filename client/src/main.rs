@@ -644,7 +644,7 @@ async fn dispatch(
             let client = connect(&server, options(g, None, reporter)?).await?;
             // Page by page: a listing that never ends costs time, not memory.
             let mut out = std::io::stdout().lock();
-            client
+            let unlisted = client
                 .list_each(&path, |e| {
                     use std::io::Write;
                     let line = if g.json { json(&e) } else { format_entry(&e) };
@@ -654,6 +654,12 @@ async fn dispatch(
                     })
                 })
                 .await?;
+            if unlisted > 0 {
+                eprintln!(
+                    "fsc: {}: {unlisted} name(s) not listed: not UTF-8",
+                    fsc::progress::escape(&path)
+                );
+            }
             Ok(0)
         }
         Cmd::Stat { server, path } => {

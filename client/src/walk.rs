@@ -149,7 +149,7 @@ impl Client {
                         entries.push(e);
                         Ok(())
                     });
-                    let r = r.await.map(|()| entries);
+                    let r = r.await.map(|unlisted| (entries, unlisted));
                     (path, rel, depth, r)
                 });
             }
@@ -157,7 +157,18 @@ impl Client {
                 break;
             };
             let entries = match listed {
-                Ok(e) => e,
+                Ok((e, 0)) => e,
+                Ok((e, unlisted)) => {
+                    // Names fsd cannot send (not UTF-8, ListResponse `unlisted`): they were
+                    // asked for with their directory and cannot be transferred. Before, they
+                    // were left out without a word and the run exited 0 (review G, stop 30).
+                    let shown = format!(
+                        "{}/<{unlisted} name(s) that are not UTF-8>",
+                        path.trim_end_matches('/')
+                    );
+                    walk.unnamed.push((rel.clone(), shown));
+                    e
+                }
                 Err(e) if budget.lock().unwrap().exceeded() => return Err(e),
                 Err(e) => {
                     walk.failed.push((path, e));
